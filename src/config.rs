@@ -1,0 +1,443 @@
+//! Typed, strict configuration: `config.toml` → [`Config`].
+//!
+//! Every struct denies unknown keys, so a typo fails at start-up with the key and the file
+//! named instead of silently falling back to a default. [`Config::load`] parses and runs the
+//! checks that need nothing but the file itself (durations, references between sections);
+//! turning secrets into keys happens when the [`crate::startup::Application`] is built, so
+//! `check-config` and `serve` run the very same validation.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration problem, always naming the file it came from.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    /// The file the configuration was read from (`<inline>` for in-memory configs).
+    pub file: String,
+    /// What is wrong, naming the key.
+    pub message: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(file: &str, message: impl Into<String>) -> Self {
+        Self {
+            file: file.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listeners and request limits.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Where and how deliveries are recorded.
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// Background handler execution.
+    #[serde(default)]
+    pub dispatch: DispatchConfig,
+    /// The admin API.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Partners, by the name used in `POST /webhooks/{source}`.
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceConfig>,
+    /// Built-in handlers (`log`, `command`, `http`).
+    #[serde(default)]
+    pub handlers: Vec<HandlerConfig>,
+    /// The file this configuration was read from; set by [`Config::load`].
+    #[serde(skip)]
+    pub file: String,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Public listener serving `POST /webhooks/{source}`.
+    pub listen: SocketAddr,
+    /// Admin listener serving `/healthz`.
+    pub admin_listen: SocketAddr,
+    /// Largest accepted body; larger ones get 413 `payload_too_large`.
+    pub max_body_bytes: usize,
+    /// actix-web worker threads; 0 means one per core.
+    pub workers: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            max_body_bytes: 1024 * 1024,
+            workers: 0,
+        }
+    }
+}
+
+/// When an acknowledgement may be sent relative to the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Acknowledge only after the record is fsync'd (survives a power loss).
+    Fsync,
+    /// Acknowledge after the write; sled's background flusher persists it shortly after.
+    Buffered,
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// The sled directory, relative to the working directory.
+    pub path: PathBuf,
+    /// `fsync` or `buffered`.
+    pub durability: Durability,
+    /// How long a delivery id is remembered.
+    #[serde(with = "humantime_duration")]
+    pub retention: Duration,
+    /// sled's page cache, in bytes (sled's own default is 1 GiB).
+    pub cache_capacity: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("data"),
+            durability: Durability::Fsync,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            cache_capacity: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[dispatch]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchConfig {
+    /// Handler runs in flight at once.
+    pub concurrency: usize,
+    /// Attempts per (delivery, handler) before it is dead-lettered.
+    pub max_attempts: u32,
+    /// Delay before the first retry; doubles each attempt.
+    #[serde(with = "humantime_duration")]
+    pub initial_backoff: Duration,
+    /// Upper bound of the retry delay.
+    #[serde(with = "humantime_duration")]
+    pub max_backoff: Duration,
+    /// How long running handlers may take to finish at shutdown.
+    #[serde(with = "humantime_duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            max_attempts: 8,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(600),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Environment variable holding the bearer token of `/admin/`.
+    pub token_env: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            token_env: "WEBHOOK_INBOX_ADMIN_TOKEN".into(),
+        }
+    }
+}
+
+/// How a source's deliveries are signed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SchemeName {
+    /// <https://www.standardwebhooks.com/> (and Svix's header names).
+    #[default]
+    StandardWebhooks,
+}
+
+/// When the sender gets its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AckMode {
+    /// 202 once recorded durably; handlers run in the background.
+    #[default]
+    Durable,
+    /// Handlers run before answering; 200 when all succeeded.
+    Processed,
+}
+
+/// `[sources.<name>]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Signature scheme.
+    #[serde(default)]
+    pub scheme: SchemeName,
+    /// Signing secrets; any of them may match (rotation).
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    /// Environment variable with comma-separated secrets, read at start.
+    pub secrets_env: Option<String>,
+    /// Largest accepted distance between the signed timestamp and now, either way.
+    #[serde(default = "default_tolerance", with = "humantime_duration")]
+    pub tolerance: Duration,
+    /// `durable` or `processed`.
+    #[serde(default)]
+    pub ack: AckMode,
+    /// Override: header carrying the delivery id.
+    pub id_header: Option<String>,
+    /// Override: header carrying the event type.
+    pub event_type_header: Option<String>,
+    /// Override: JSON pointer of the event type in the body.
+    pub event_type_pointer: Option<String>,
+}
+
+fn default_tolerance() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// Which deliveries a handler is bound to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Binding {
+    /// Unique handler name; part of the idempotency key.
+    pub name: String,
+    /// A source name, or absent / `"*"` for every source.
+    pub source: Option<String>,
+    /// Event-type patterns: `*`, `prefix.*` or exact.
+    #[serde(default = "default_events")]
+    pub events: Vec<String>,
+}
+
+fn default_events() -> Vec<String> {
+    vec!["*".into()]
+}
+
+/// `[[handlers]]`: a built-in handler, by `kind`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum HandlerConfig {
+    /// A tracing line per delivery.
+    Log(LogHandlerConfig),
+    /// Runs a program with the body on stdin.
+    Command(CommandHandlerConfig),
+}
+
+impl HandlerConfig {
+    /// The binding common to every kind.
+    pub fn binding(&self) -> Binding {
+        match self {
+            HandlerConfig::Log(c) => c.binding(),
+            HandlerConfig::Command(c) => c.binding(),
+        }
+    }
+}
+
+/// `kind = "log"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogHandlerConfig {
+    /// See [`Binding::name`].
+    pub name: String,
+    /// See [`Binding::source`].
+    pub source: Option<String>,
+    /// See [`Binding::events`].
+    #[serde(default = "default_events")]
+    pub events: Vec<String>,
+}
+
+/// `kind = "command"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandHandlerConfig {
+    /// See [`Binding::name`].
+    pub name: String,
+    /// See [`Binding::source`].
+    pub source: Option<String>,
+    /// See [`Binding::events`].
+    #[serde(default = "default_events")]
+    pub events: Vec<String>,
+    /// Program and arguments; run directly, no shell.
+    pub command: Vec<String>,
+    /// Kill the program and retry after this long.
+    #[serde(default = "default_handler_timeout", with = "humantime_duration")]
+    pub timeout: Duration,
+}
+
+fn default_handler_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+macro_rules! binding_of {
+    ($($t:ty),*) => {$(
+        impl $t {
+            /// The binding part of this handler's config.
+            pub fn binding(&self) -> Binding {
+                Binding {
+                    name: self.name.clone(),
+                    source: self.source.clone(),
+                    events: self.events.clone(),
+                }
+            }
+        }
+    )*};
+}
+binding_of!(LogHandlerConfig, CommandHandlerConfig);
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(&file, format!("cannot read: {e}")))?;
+        Self::parse(&text, &file)
+    }
+
+    /// Parses and validates configuration text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::new(file, e.to_string().trim_end().to_owned()))?;
+        config.file = file.to_owned();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: String| Err(ConfigError::new(&self.file, m));
+        if self.server.max_body_bytes == 0 {
+            return err("server.max_body_bytes must be greater than 0".into());
+        }
+        if self.dispatch.concurrency == 0 {
+            return err("dispatch.concurrency must be at least 1".into());
+        }
+        if self.dispatch.max_attempts == 0 {
+            return err("dispatch.max_attempts must be at least 1".into());
+        }
+        if self.dispatch.initial_backoff > self.dispatch.max_backoff {
+            return err("dispatch.initial_backoff must not exceed dispatch.max_backoff".into());
+        }
+        for (name, source) in &self.sources {
+            if !is_valid_name(name) {
+                return err(format!(
+                    "sources.{name}: a source name may hold only letters, digits, '-' and '_'"
+                ));
+            }
+            if self.storage.retention < source.tolerance {
+                return err(format!(
+                    "storage.retention ({}) is shorter than sources.{name}.tolerance ({}): \
+                     a replay could outlive the memory of its id",
+                    humantime::format_duration(self.storage.retention),
+                    humantime::format_duration(source.tolerance)
+                ));
+            }
+            if source.secrets.is_empty() && source.secrets_env.is_none() {
+                return err(format!(
+                    "sources.{name}.secrets is empty: set `secrets` or `secrets_env`"
+                ));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, handler) in self.handlers.iter().enumerate() {
+            let b = handler.binding();
+            if !is_valid_name(&b.name) {
+                return err(format!(
+                    "handlers[{i}].name `{}`: a handler name may hold only letters, digits, '-' and '_'",
+                    b.name
+                ));
+            }
+            if !seen.insert(b.name.clone()) {
+                return err(format!("handlers[{i}].name `{}` is used twice", b.name));
+            }
+            if let Some(src) = b.source.as_deref()
+                && src != "*"
+                && !self.sources.contains_key(src)
+            {
+                let known: Vec<&str> = self.sources.keys().map(String::as_str).collect();
+                return err(format!(
+                    "handlers[{i}] `{}`: source `{src}` is not configured (sources: {})",
+                    b.name,
+                    known.join(", ")
+                ));
+            }
+            for pattern in &b.events {
+                if let Err(e) = crate::handlers::EventPattern::parse(pattern) {
+                    return err(format!("handlers[{i}] `{}`: events: {e}", b.name));
+                }
+            }
+            if let HandlerConfig::Command(c) = handler
+                && c.command.first().is_none_or(|p| p.is_empty())
+            {
+                return err(format!(
+                    "handlers[{i}] `{}`: command must name a program",
+                    b.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Source and handler names end up in storage keys and URLs; keep them plain.
+pub(crate) fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `serde(with)` for durations written the humantime way: "5m", "7d", "250ms".
+mod humantime_duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration `{text}`: {e} (write it like \"30s\", \"5m\", \"7d\")"
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [sources.acme]
+        secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]
+    "#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = Config::parse(MINIMAL, "t.toml").expect("valid");
+        assert_eq!(c.storage.durability, Durability::Fsync);
+        assert_eq!(c.storage.retention, Duration::from_secs(7 * 86400));
+        assert_eq!(c.sources["acme"].tolerance, Duration::from_secs(300));
+        assert_eq!(c.sources["acme"].ack, AckMode::Durable);
+        assert_eq!(c.dispatch.max_attempts, 8);
+    }
+}

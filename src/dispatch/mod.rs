@@ -1,0 +1,288 @@
+//! Dispatch: runs each (delivery, handler) pair until it succeeds once.
+//!
+//! The queue lives in the store, ordered by due time, written in the same atomic step as
+//! the claim; the [`Dispatcher`] reads only its front. A run is counted durably *before* the
+//! handler starts ([`DeliveryStore::begin_attempt`]) and its queue entry stays until the
+//! outcome is recorded, so a crash mid-run leaves the entry due: on the next start the pair
+//! runs again with `attempt + 1` and the same idempotency key. Start-up therefore costs what
+//! is queued, not what is stored.
+//!
+//! Failures back off exponentially with jitter ([`backoff`]); after `max_attempts`, or a
+//! [`HandlerError::Permanent`], the pair is dead-lettered and kept.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::clock::Clock;
+use crate::config::DispatchConfig;
+use crate::handlers::{Delivery, HandlerContext, HandlerError, HandlerRegistry};
+use crate::store::{AttemptOutcome, DeliveryStore, JobKey, StoreError};
+
+/// The delay before retry number `attempt` (1 after the first failure): doubling from
+/// `initial`, capped at `max`, plus up to half again of random jitter so that a burst of
+/// failures does not retry in lock-step. Each delay is at least the previous one's maximum
+/// until the cap, so delays grow.
+pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
+    let exp = attempt.saturating_sub(1).min(32);
+    let base = initial.saturating_mul(1u32 << exp.min(31)).min(max);
+    let jitter_ms = (base.as_millis() as u64) / 2;
+    let jitter = if jitter_ms == 0 {
+        0
+    } else {
+        rand::random::<u64>() % jitter_ms
+    };
+    (base + Duration::from_millis(jitter)).min(max)
+}
+
+/// How one run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunResult {
+    /// The pair had already succeeded or died, or its delivery expired: nothing ran.
+    Skipped,
+    /// The handler succeeded.
+    Succeeded,
+    /// The handler failed.
+    Failed(HandlerError),
+}
+
+/// Shared by the dispatcher and the `ack = "processed"` path: run one pair once.
+#[derive(Clone)]
+pub struct Runner {
+    /// The store.
+    pub store: Arc<dyn DeliveryStore>,
+    /// The handlers.
+    pub registry: Arc<HandlerRegistry>,
+    /// Retry policy.
+    pub config: DispatchConfig,
+    /// Time.
+    pub clock: Clock,
+    /// Cancelled when running handlers must stop.
+    pub cancel: CancellationToken,
+}
+
+impl Runner {
+    /// Runs `job` once. With `queued`, a failure is rescheduled through the queue (or
+    /// dead-lettered); without, it is only recorded (the sender's retry re-runs it).
+    pub async fn run(&self, job: &JobKey, queued: bool) -> Result<RunResult, StoreError> {
+        let Some(attempt) = self.store.begin_attempt(job, self.clock.now_ms()).await? else {
+            return Ok(RunResult::Skipped);
+        };
+        let record = &attempt.record;
+        let span = tracing::info_span!(
+            "handler",
+            handler = %job.handler,
+            source = %record.source,
+            delivery_id = %record.id,
+            attempt = attempt.attempt,
+            result = tracing::field::Empty,
+        );
+        let result = async {
+            let Some(handler) = self.registry.get(&job.handler) else {
+                return Err(HandlerError::Permanent(format!(
+                    "handler `{}` is no longer configured",
+                    job.handler
+                )));
+            };
+            let delivery = Delivery {
+                source: record.source.clone(),
+                id: record.id.clone(),
+                event_type: record.event_type.clone(),
+                received_at: std::time::UNIX_EPOCH + Duration::from_millis(record.received_at_ms),
+                attempt: attempt.attempt,
+                headers: record.headers.clone(),
+                body: attempt.body.clone(),
+            };
+            let ctx = HandlerContext {
+                idempotency_key: job.idempotency_key(),
+                shutdown: self.cancel.clone(),
+            };
+            AssertUnwindSafe(handler.handle(&delivery, &ctx))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| Err(HandlerError::Retryable("handler panicked".into())))
+        }
+        .instrument(span.clone())
+        .await;
+
+        let now = self.clock.now_ms();
+        let outcome = match &result {
+            Ok(()) => AttemptOutcome::Succeeded,
+            Err(e) if !queued => AttemptOutcome::Failed {
+                error: e.to_string(),
+            },
+            Err(HandlerError::Permanent(m)) => AttemptOutcome::Dead {
+                error: format!("permanent: {m}"),
+            },
+            Err(e @ HandlerError::Retryable(_)) if attempt.attempt >= self.config.max_attempts => {
+                AttemptOutcome::Dead {
+                    error: format!("{e} (gave up after {} attempts)", attempt.attempt),
+                }
+            }
+            Err(e) => {
+                let delay = backoff(
+                    attempt.attempt,
+                    self.config.initial_backoff,
+                    self.config.max_backoff,
+                );
+                AttemptOutcome::RetryAt {
+                    due_ms: now + delay.as_millis() as u64,
+                    error: e.to_string(),
+                }
+            }
+        };
+        let label = match &outcome {
+            AttemptOutcome::Succeeded => "succeeded",
+            AttemptOutcome::RetryAt { .. } | AttemptOutcome::Failed { .. } => "failed",
+            AttemptOutcome::Dead { .. } => "dead",
+        };
+        span.record("result", label);
+        match &outcome {
+            AttemptOutcome::Succeeded => {
+                tracing::debug!(parent: &span, "handler succeeded")
+            }
+            AttemptOutcome::Dead { error } => {
+                tracing::warn!(parent: &span, %error, "handler dead-lettered")
+            }
+            AttemptOutcome::RetryAt { error, due_ms } => {
+                tracing::info!(parent: &span, %error, retry_in_ms = due_ms.saturating_sub(now), "handler failed; will retry")
+            }
+            AttemptOutcome::Failed { error } => {
+                tracing::info!(parent: &span, %error, "handler failed")
+            }
+        }
+        self.store.finish_attempt(job, outcome, now).await?;
+        Ok(match result {
+            Ok(()) => RunResult::Succeeded,
+            Err(e) => RunResult::Failed(e),
+        })
+    }
+}
+
+/// The background worker pool over the durable queue.
+pub struct Dispatcher {
+    runner: Runner,
+    wake: Arc<Notify>,
+}
+
+impl Dispatcher {
+    /// A dispatcher; call [`Dispatcher::run`] to start it.
+    pub fn new(runner: Runner) -> Dispatcher {
+        Dispatcher {
+            runner,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Notify this after queueing new work, so it is picked up without waiting.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Runs until `shutdown` fires; then lets running handlers finish within
+    /// `dispatch.shutdown_grace`, cancels the rest (they resume on the next start) and
+    /// returns.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let concurrency = self.runner.config.concurrency;
+        let mut running: JoinSet<()> = JoinSet::new();
+        let mut in_flight: HashMap<tokio::task::Id, JobKey> = HashMap::new();
+        loop {
+            let free = concurrency.saturating_sub(running.len());
+            let mut store_failed = false;
+            if free > 0 {
+                let busy: Vec<&JobKey> = in_flight.values().collect();
+                let skip = |k: &JobKey| busy.contains(&k);
+                match self
+                    .runner
+                    .store
+                    .due_jobs(self.runner.clock.now_ms(), free, &skip)
+                {
+                    Ok(due) => {
+                        for entry in due {
+                            let runner = self.runner.clone();
+                            let job = entry.job.clone();
+                            let handle = running.spawn(async move {
+                                if let Err(e) = runner.run(&job, true).await {
+                                    tracing::error!(job = %job, error = %e, "recording a handler run failed");
+                                }
+                            });
+                            in_flight.insert(handle.id(), entry.job);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading the queue failed");
+                        store_failed = true;
+                    }
+                }
+            }
+            let wait = if store_failed {
+                Duration::from_secs(1)
+            } else if running.len() >= concurrency {
+                Duration::from_secs(3600)
+            } else {
+                let busy: Vec<&JobKey> = in_flight.values().collect();
+                let skip = |k: &JobKey| busy.contains(&k);
+                match self.runner.store.next_due_ms(&skip) {
+                    Ok(Some(ms)) => self.runner.clock.until_ms(ms),
+                    Ok(None) => Duration::from_secs(3600),
+                    Err(_) => Duration::from_secs(1),
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = self.wake.notified() => {}
+                Some(done) = running.join_next_with_id(), if !running.is_empty() => {
+                    let id = match done { Ok((id, ())) => id, Err(e) => e.id() };
+                    in_flight.remove(&id);
+                }
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        let grace = tokio::time::sleep(self.runner.config.shutdown_grace);
+        tokio::pin!(grace);
+        while !running.is_empty() {
+            tokio::select! {
+                _ = running.join_next() => {}
+                () = &mut grace => {
+                    tracing::warn!(running = running.len(), "shutdown grace period over; cancelling handlers (they resume on the next start)");
+                    self.runner.cancel.cancel();
+                    break;
+                }
+            }
+        }
+        // Handlers saw the cancellation; give them a moment to record it, then stop.
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
+        running.abort_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_within_bounds() {
+        let initial = Duration::from_secs(1);
+        let max = Duration::from_secs(600);
+        for _ in 0..100 {
+            let mut previous = Duration::ZERO;
+            for attempt in 1..=12 {
+                let d = backoff(attempt, initial, max);
+                assert!(d >= initial && d <= max, "attempt {attempt}: {d:?}");
+                assert!(d >= previous || d == max, "attempt {attempt}: {d:?} < {previous:?}");
+                previous = d;
+            }
+        }
+        assert_eq!(backoff(40, initial, max), max);
+    }
+}

@@ -1,0 +1,106 @@
+//! The one table from a failure to an HTTP status and the contract's JSON error body
+//! `{"error":"<code>","message":"<one human sentence>"}`.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+
+/// Every error the public listener answers with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// The `{source}` of the URL is not configured.
+    #[error("no source with this name is configured")]
+    UnknownSource,
+    /// The body is larger than `server.max_body_bytes`.
+    #[error("the body is larger than this endpoint accepts")]
+    PayloadTooLarge,
+    /// The scheme's signature headers are absent.
+    #[error("the signature headers of this source's scheme are missing")]
+    MissingSignature,
+    /// No secret produces the signature, or a header is malformed.
+    #[error("the signature does not match any configured secret, or its header is malformed")]
+    InvalidSignature,
+    /// The signed timestamp is too far from now, in either direction.
+    #[error("the signed timestamp is outside the accepted tolerance")]
+    TimestampOutOfTolerance,
+    /// No usable delivery id (absent, empty, over 255 bytes, control characters).
+    #[error("the delivery id is missing, longer than 255 bytes, or holds control characters")]
+    InvalidDeliveryId,
+    /// The request body could not be read (a broken chunked encoding, a reset).
+    #[error("the request body could not be read")]
+    InvalidBody,
+    /// The body must be JSON to read the id or event type from it, and is not.
+    #[error("the body is not valid JSON")]
+    InvalidJson,
+    /// The delivery id was seen with a different body.
+    #[error("this delivery id was already received with a different body")]
+    DeliveryIdConflict,
+    /// `ack = "processed"`: the first copy is still being processed.
+    #[error("this delivery is still being processed; retry later")]
+    DeliveryInProgress {
+        /// Seconds the sender should wait.
+        retry_after_secs: u64,
+    },
+    /// `ack = "processed"`: a handler failed; nothing final was stored.
+    #[error("a handler failed; the delivery was kept and a retry runs only what has not succeeded")]
+    HandlerFailed,
+    /// The store cannot record the delivery, or the flush failed.
+    #[error("the delivery could not be recorded durably; retry later")]
+    StorageUnavailable,
+}
+
+impl ApiError {
+    /// The machine-readable `error` code of the contract.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::UnknownSource => "unknown_source",
+            ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::MissingSignature => "missing_signature",
+            ApiError::InvalidSignature => "invalid_signature",
+            ApiError::TimestampOutOfTolerance => "timestamp_out_of_tolerance",
+            ApiError::InvalidDeliveryId => "invalid_delivery_id",
+            ApiError::InvalidBody => "invalid_body",
+            ApiError::InvalidJson => "invalid_json",
+            ApiError::DeliveryIdConflict => "delivery_id_conflict",
+            ApiError::DeliveryInProgress { .. } => "delivery_in_progress",
+            ApiError::HandlerFailed => "handler_failed",
+            ApiError::StorageUnavailable => "storage_unavailable",
+        }
+    }
+
+    /// The JSON body of this error.
+    pub fn body(&self) -> String {
+        serde_json::json!({ "error": self.code(), "message": self.to_string() }).to_string()
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::UnknownSource => StatusCode::NOT_FOUND,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::MissingSignature
+            | ApiError::InvalidSignature
+            | ApiError::TimestampOutOfTolerance => StatusCode::UNAUTHORIZED,
+            ApiError::InvalidDeliveryId | ApiError::InvalidBody | ApiError::InvalidJson => StatusCode::BAD_REQUEST,
+            ApiError::DeliveryIdConflict => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::DeliveryInProgress { .. } => StatusCode::CONFLICT,
+            ApiError::HandlerFailed => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::StorageUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        response.content_type("application/json");
+        match self {
+            ApiError::DeliveryInProgress { retry_after_secs } => {
+                response.insert_header(("Retry-After", retry_after_secs.to_string()));
+            }
+            ApiError::StorageUnavailable => {
+                response.insert_header(("Retry-After", "1"));
+            }
+            _ => {}
+        }
+        response.body(self.body())
+    }
+}

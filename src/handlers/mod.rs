@@ -1,0 +1,281 @@
+//! Handlers: what runs once per delivery.
+//!
+//! A [`Handler`] is a tiny async trait (`handle(delivery, ctx)`), dyn-compatible so the
+//! built-ins and a user's own Rust plugins sit in one [`HandlerRegistry`]. The registry is
+//! built once at start-up, so a bad handler config fails before the first request. It routes
+//! by source and by event-type pattern (`*`, `prefix.*`, exact).
+//!
+//! Every run gets a [`HandlerContext`] with the deterministic idempotency key of its
+//! (source, delivery, handler): the same on every retry and after a crash, so work done
+//! downstream with that key cannot happen twice.
+
+mod command;
+mod log;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+pub use command::CommandHandler;
+pub use log::LogHandler;
+
+use crate::config::{Binding, Config, HandlerConfig};
+use crate::verify::Headers;
+
+/// A delivery as a handler sees it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Source name.
+    pub source: String,
+    /// Delivery id.
+    pub id: String,
+    /// Event type, when the delivery names one.
+    pub event_type: Option<String>,
+    /// When the first copy arrived.
+    pub received_at: SystemTime,
+    /// Attempt number of this run, from 1.
+    pub attempt: u32,
+    /// Request headers of the first copy.
+    pub headers: Headers,
+    /// The raw body, byte for byte as the sender signed it.
+    pub body: Bytes,
+}
+
+impl Delivery {
+    /// The body parsed as JSON, if it is JSON.
+    pub fn json(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+}
+
+/// What a run is given besides the delivery.
+#[derive(Debug, Clone)]
+pub struct HandlerContext {
+    /// Deterministic per (source, delivery, handler), at most 64 characters: send it as
+    /// `Idempotency-Key` to anything you call.
+    pub idempotency_key: String,
+    /// Cancelled when the service shuts down and the grace period is over; long work should
+    /// stop (and fail retryably) when it fires.
+    pub shutdown: CancellationToken,
+}
+
+/// How a run failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandlerError {
+    /// Worth another try later (timeouts, 5xx, a crash of the program).
+    #[error("retryable: {0}")]
+    Retryable(String),
+    /// Will never succeed (a 4xx, a rejected payload): dead-letter it now.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+/// A handler: runs once per matching delivery until it succeeds.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Processes one delivery. Called again (with a higher `attempt`, the same key) after a
+    /// retryable error or a crash mid-run, so make the effect idempotent on
+    /// `ctx.idempotency_key`.
+    async fn handle(&self, delivery: &Delivery, ctx: &HandlerContext) -> Result<(), HandlerError>;
+}
+
+/// An event-type pattern: `*`, `prefix.*` or an exact type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventPattern {
+    /// Every delivery, with or without an event type.
+    Any,
+    /// Types starting with `prefix.`.
+    Prefix(String),
+    /// Exactly this type.
+    Exact(String),
+}
+
+impl EventPattern {
+    /// Parses a pattern; `*` is allowed only alone or as the last segment.
+    pub fn parse(raw: &str) -> Result<EventPattern, String> {
+        if raw == "*" {
+            return Ok(EventPattern::Any);
+        }
+        if raw.is_empty() {
+            return Err("an empty pattern matches nothing; use \"*\" for every event".into());
+        }
+        if let Some(prefix) = raw.strip_suffix(".*")
+            && !prefix.is_empty()
+            && !prefix.contains('*')
+        {
+            return Ok(EventPattern::Prefix(format!("{prefix}.")));
+        }
+        if raw.contains('*') {
+            return Err(format!(
+                "pattern `{raw}`: `*` may only stand alone or end a pattern (`application.*`)"
+            ));
+        }
+        Ok(EventPattern::Exact(raw.to_owned()))
+    }
+
+    /// Whether `event_type` matches.
+    pub fn matches(&self, event_type: Option<&str>) -> bool {
+        match (self, event_type) {
+            (EventPattern::Any, _) => true,
+            (EventPattern::Prefix(p), Some(t)) => t.starts_with(p.as_str()),
+            (EventPattern::Exact(e), Some(t)) => e == t,
+            (_, None) => false,
+        }
+    }
+}
+
+/// A handler with its name and binding.
+#[derive(Clone)]
+pub struct Registration {
+    /// Unique name; part of the idempotency key, so renaming a handler re-runs it.
+    pub name: String,
+    /// Bound source, or `None` for all.
+    pub source: Option<String>,
+    /// Event-type patterns; any may match.
+    pub events: Vec<EventPattern>,
+    /// The handler.
+    pub handler: Arc<dyn Handler>,
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("name", &self.name)
+            .field("source", &self.source)
+            .field("events", &self.events)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registration {
+    /// A handler for every source and event; narrow it with [`Registration::source`] and
+    /// [`Registration::events`].
+    pub fn new(name: impl Into<String>, handler: impl Handler) -> Registration {
+        Registration {
+            name: name.into(),
+            source: None,
+            events: vec![EventPattern::Any],
+            handler: Arc::new(handler),
+        }
+    }
+
+    /// Binds to one source.
+    pub fn source(mut self, source: impl Into<String>) -> Registration {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// Binds to event-type patterns (`*`, `prefix.*`, exact).
+    ///
+    /// # Panics
+    /// On an invalid pattern: registrations are written by the programmer, at start-up.
+    pub fn events<S: AsRef<str>>(mut self, patterns: impl IntoIterator<Item = S>) -> Registration {
+        self.events = patterns
+            .into_iter()
+            .map(|p| EventPattern::parse(p.as_ref()).unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        self
+    }
+
+    fn from_binding(binding: Binding, handler: Arc<dyn Handler>) -> Result<Registration, String> {
+        Ok(Registration {
+            name: binding.name,
+            source: binding.source.filter(|s| s != "*"),
+            events: binding
+                .events
+                .iter()
+                .map(|p| EventPattern::parse(p))
+                .collect::<Result<_, _>>()?,
+            handler,
+        })
+    }
+
+    fn matches(&self, source: &str, event_type: Option<&str>) -> bool {
+        self.source.as_deref().is_none_or(|s| s == source)
+            && self.events.iter().any(|p| p.matches(event_type))
+    }
+}
+
+/// Every handler of the service, routed by source and event type.
+#[derive(Debug, Clone, Default)]
+pub struct HandlerRegistry {
+    entries: Vec<Registration>,
+}
+
+impl HandlerRegistry {
+    /// Builds the built-in handlers of `config`, then adds `extra` (a user's plugins).
+    /// Names must be unique and bound sources must exist.
+    pub fn build(config: &Config, extra: Vec<Registration>) -> Result<HandlerRegistry, String> {
+        let mut entries = Vec::new();
+        for handler in &config.handlers {
+            let built: Arc<dyn Handler> = match handler {
+                HandlerConfig::Log(_) => Arc::new(LogHandler),
+                HandlerConfig::Command(c) => Arc::new(CommandHandler::new(c.command.clone(), c.timeout)),
+            };
+            entries.push(Registration::from_binding(handler.binding(), built)?);
+        }
+        for r in extra {
+            if !crate::config::is_valid_name(&r.name) {
+                return Err(format!(
+                    "handler name `{}`: only letters, digits, '-' and '_'",
+                    r.name
+                ));
+            }
+            if let Some(s) = &r.source
+                && !config.sources.contains_key(s)
+            {
+                return Err(format!("handler `{}`: source `{s}` is not configured", r.name));
+            }
+            entries.push(r);
+        }
+        let mut names = std::collections::HashSet::new();
+        for r in &entries {
+            if !names.insert(r.name.as_str()) {
+                return Err(format!("handler name `{}` is used twice", r.name));
+            }
+        }
+        Ok(HandlerRegistry { entries })
+    }
+
+    /// Names of the handlers a delivery of `source` with `event_type` goes to.
+    pub fn matching(&self, source: &str, event_type: Option<&str>) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter(|r| r.matches(source, event_type))
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
+    /// The handler named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Handler>> {
+        self.entries
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| &r.handler)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns() {
+        let any = EventPattern::parse("*").expect("ok");
+        let prefix = EventPattern::parse("application.*").expect("ok");
+        let exact = EventPattern::parse("application.created").expect("ok");
+        assert!(any.matches(None) && any.matches(Some("x")));
+        assert!(prefix.matches(Some("application.created")));
+        assert!(!prefix.matches(Some("applicationx.created")));
+        assert!(!prefix.matches(Some("application")));
+        assert!(exact.matches(Some("application.created")));
+        assert!(!exact.matches(Some("application.created.v2")));
+        assert!(!exact.matches(None));
+        for bad in ["", "a*", "*.created", "a.*.b"] {
+            assert!(EventPattern::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

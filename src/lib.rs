@@ -1,0 +1,38 @@
+//! webhook-inbox: an idempotent webhook receiver.
+//!
+//! A partner sends `POST /webhooks/{source}`; the delivery goes through one pipeline:
+//!
+//! ```text
+//! bytes ─▶ verify (signature, tolerance, id, JSON) ─▶ claim (source, id) atomically in sled
+//!       ─▶ new: record durably, answer 202, dispatch to handlers from the durable queue
+//!       ─▶ seen, same body: replay the stored first answer byte for byte, run nothing
+//!       ─▶ seen, other body: 422, change nothing
+//! ```
+//!
+//! # Layout
+//! - [`config`]: the typed, strict `config.toml`.
+//! - [`verify`]: one [`verify::SignatureScheme`] per provider; only
+//!   [`verify::Source::authenticate`] makes a delivery that can be claimed.
+//! - [`store`]: the [`store::DeliveryStore`] trait, its sled implementation, group commit.
+//! - [`dispatch`]: the worker pool over the durable queue; retries, back-off, dead letters.
+//! - [`handlers`]: the [`handlers::Handler`] trait, the registry, the built-ins.
+//! - [`routes`]: the HTTP endpoints; [`error`]: the one error → HTTP table.
+//! - [`startup`]: builds and runs the service (the same code for `serve` and tests).
+//! - [`fixture`]: fixture files, signed like a sender would.
+//! - [`cli`], [`telemetry`], [`clock`]: the command line, logs, time.
+
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod dispatch;
+pub mod error;
+pub mod fixture;
+pub mod handlers;
+pub mod routes;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+pub mod verify;
+
+pub use handlers::{Delivery, Handler, HandlerContext, HandlerError, Registration};
+pub use startup::{Application, ApplicationBuilder};

@@ -1,0 +1,285 @@
+//! Building and running the service: the one code path that `serve`, `check-config`, a
+//! user's own `main` and the tests all use.
+//!
+//! [`ApplicationBuilder::build`] does everything that can fail before traffic arrives:
+//! decode every secret, build every handler, open the store, bind both listeners (port 0 in
+//! tests). [`Application::run_until_stopped`] serves until the given shutdown future
+//! resolves, then stops accepting, lets in-flight requests and running handlers finish,
+//! flushes and returns.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::dev::Server;
+use actix_web::{App, HttpServer, web};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::config::{Config, ConfigError};
+use crate::dispatch::{Dispatcher, Runner};
+use crate::handlers::{HandlerRegistry, Registration};
+use crate::routes;
+use crate::store::{DeliveryStore, SledStore, StoreError};
+use crate::verify::Source;
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store could not be opened.
+    #[error("opening the store at {path}: {source}")]
+    Store {
+        /// `storage.path`.
+        path: String,
+        /// The cause.
+        source: StoreError,
+    },
+    /// A listener could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// What request handlers share.
+pub struct AppState {
+    /// Configured sources by name.
+    pub sources: HashMap<String, Source>,
+    /// The store.
+    pub store: Arc<dyn DeliveryStore>,
+    /// The handlers.
+    pub registry: Arc<HandlerRegistry>,
+    /// Runs handlers (processed mode uses it inline).
+    pub runner: Runner,
+    /// Wakes the dispatcher after a new delivery is queued.
+    pub dispatch_waker: Arc<Notify>,
+    /// Time.
+    pub clock: Clock,
+    /// `server.max_body_bytes`.
+    pub max_body_bytes: usize,
+}
+
+/// Assembles an [`Application`] from a config, a user's handlers, and optionally a store.
+pub struct ApplicationBuilder {
+    config: Config,
+    handlers: Vec<Registration>,
+    store: Option<Arc<dyn DeliveryStore>>,
+    clock: Clock,
+    env: Box<dyn Fn(&str) -> Option<String>>,
+}
+
+impl ApplicationBuilder {
+    /// Starts from a loaded config.
+    pub fn new(config: Config) -> ApplicationBuilder {
+        ApplicationBuilder {
+            config,
+            handlers: Vec::new(),
+            store: None,
+            clock: Clock::System,
+            env: Box::new(|k| std::env::var(k).ok()),
+        }
+    }
+
+    /// Adds a Rust handler (a plugin) beside the built-ins of the config.
+    pub fn handler(mut self, registration: Registration) -> ApplicationBuilder {
+        self.handlers.push(registration);
+        self
+    }
+
+    /// Uses this store instead of opening sled at `storage.path`.
+    pub fn store(mut self, store: Arc<dyn DeliveryStore>) -> ApplicationBuilder {
+        self.store = Some(store);
+        self
+    }
+
+    /// Uses this clock (tests).
+    pub fn clock(mut self, clock: Clock) -> ApplicationBuilder {
+        self.clock = clock;
+        self
+    }
+
+    /// Reads `secrets_env` variables through `env` instead of the process environment.
+    pub fn env(mut self, env: impl Fn(&str) -> Option<String> + 'static) -> ApplicationBuilder {
+        self.env = Box::new(env);
+        self
+    }
+
+    /// Every start-up check that needs neither the store nor a socket: what `check-config`
+    /// runs.
+    pub fn validate(&self) -> Result<(), StartupError> {
+        self.sources()?;
+        self.registry()?;
+        Ok(())
+    }
+
+    fn sources(&self) -> Result<HashMap<String, Source>, ConfigError> {
+        self.config
+            .sources
+            .iter()
+            .map(|(name, sc)| {
+                Source::from_config(name, sc, &self.config.file, &*self.env)
+                    .map(|s| (name.clone(), s))
+            })
+            .collect()
+    }
+
+    fn registry(&self) -> Result<HandlerRegistry, ConfigError> {
+        HandlerRegistry::build(&self.config, self.handlers.clone())
+            .map_err(|m| ConfigError::new(&self.config.file, m))
+    }
+
+    /// Validates, opens the store and binds both listeners.
+    pub async fn build(self) -> Result<Application, StartupError> {
+        let sources = self.sources()?;
+        let registry = Arc::new(self.registry()?);
+        let config = self.config;
+        let store: Arc<dyn DeliveryStore> = match self.store {
+            Some(s) => s,
+            None => Arc::new(
+                SledStore::open(
+                    &config.storage.path,
+                    config.storage.durability,
+                    config.storage.cache_capacity,
+                )
+                .map_err(|source| StartupError::Store {
+                    path: config.storage.path.display().to_string(),
+                    source,
+                })?,
+            ),
+        };
+        let bind = |addr: std::net::SocketAddr| {
+            TcpListener::bind(addr).map_err(|source| StartupError::Bind {
+                addr: addr.to_string(),
+                source,
+            })
+        };
+        let listener = bind(config.server.listen)?;
+        let admin_listener = bind(config.server.admin_listen)?;
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        let admin_port = admin_listener.local_addr().map(|a| a.port()).unwrap_or(0);
+
+        let cancel_handlers = CancellationToken::new();
+        let runner = Runner {
+            store: store.clone(),
+            registry: registry.clone(),
+            config: config.dispatch.clone(),
+            clock: self.clock,
+            cancel: cancel_handlers.clone(),
+        };
+        let dispatcher = Dispatcher::new(runner.clone());
+        let state = web::Data::new(AppState {
+            sources,
+            store: store.clone(),
+            registry,
+            runner,
+            dispatch_waker: dispatcher.waker(),
+            clock: self.clock,
+            max_body_bytes: config.server.max_body_bytes,
+        });
+
+        let workers = match config.server.workers {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        };
+        let public_state = state.clone();
+        let server = HttpServer::new(move || {
+            App::new().app_data(public_state.clone()).route(
+                "/webhooks/{source}",
+                web::post().to(routes::webhook::receive),
+            )
+        })
+        .workers(workers)
+        .disable_signals()
+        .listen(listener)
+        .map_err(|source| StartupError::Bind {
+            addr: config.server.listen.to_string(),
+            source,
+        })?
+        .run();
+        let admin_state = state.clone();
+        let admin = HttpServer::new(move || {
+            App::new()
+                .app_data(admin_state.clone())
+                .route("/healthz", web::get().to(routes::health::healthz))
+                .route("/readyz", web::get().to(routes::health::readyz))
+        })
+        .workers(1)
+        .disable_signals()
+        .listen(admin_listener)
+        .map_err(|source| StartupError::Bind {
+            addr: config.server.admin_listen.to_string(),
+            source,
+        })?
+        .run();
+
+        Ok(Application {
+            port,
+            admin_port,
+            server,
+            admin,
+            dispatcher,
+            store,
+            cancel_handlers,
+        })
+    }
+}
+
+/// A built service, listening, not yet serving.
+pub struct Application {
+    port: u16,
+    admin_port: u16,
+    server: Server,
+    admin: Server,
+    dispatcher: Dispatcher,
+    store: Arc<dyn DeliveryStore>,
+    cancel_handlers: CancellationToken,
+}
+
+impl Application {
+    /// The public listener's port (useful with port 0).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The admin listener's port.
+    pub fn admin_port(&self) -> u16 {
+        self.admin_port
+    }
+
+    /// Serves until `shutdown` resolves; then stops accepting, finishes in-flight requests,
+    /// gives running handlers `dispatch.shutdown_grace`, flushes the store and returns.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), std::io::Error> {
+        let server_handle = self.server.handle();
+        let admin_handle = self.admin.handle();
+        let server = tokio::spawn(self.server);
+        let admin = tokio::spawn(self.admin);
+        let stop_dispatch = CancellationToken::new();
+        let dispatcher = tokio::spawn(self.dispatcher.run(stop_dispatch.clone()));
+        let _cancel_on_exit = self.cancel_handlers.clone().drop_guard();
+
+        shutdown.await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        server_handle.stop(true).await;
+        let served = server.await;
+        stop_dispatch.cancel();
+        let _ = dispatcher.await;
+        admin_handle.stop(true).await;
+        let _ = admin.await;
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(error = %e, "final flush failed");
+        }
+        tracing::info!("stopped");
+        served.map_err(std::io::Error::other)?
+    }
+}

@@ -1,0 +1,203 @@
+//! Group commit: one thread makes writes durable for every waiting request at once.
+//!
+//! On sled 0.34, `flush_async()` deadlocks under concurrent callers (sled #1308) and
+//! `Db::flush()` only writes and calls `sync_file_range`, which does not survive a power
+//! loss. So a dedicated thread gathers every request waiting for durability, runs the sync
+//! step (`db.flush()` then a real `fsync`, see [`super::SledStore`]) once for all of them,
+//! and wakes them together. Under load, one fsync serves a whole batch of requests.
+//!
+//! A failed sync poisons the committer: what reached the disk is then unknown (the
+//! "fsyncgate" lesson), so it refuses every later write until the process restarts, and the
+//! senders, who got 503, retry against a restarted process.
+//!
+//! Readers use [`GroupCommit::writes_in_flight`]: a record read while a write is in flight
+//! may not be durable yet, so the reader joins the next batch before answering from it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread;
+
+use tokio::sync::oneshot;
+
+use super::StoreError;
+
+type Waiter = oneshot::Sender<Result<(), StoreError>>;
+
+/// The sync step run once per batch.
+pub type SyncFn = Box<dyn FnMut() -> std::io::Result<()> + Send>;
+
+/// Counters of the committer, for tests and metrics.
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    /// Sync steps run.
+    pub batches: AtomicU64,
+    /// Waiters served.
+    pub waiters: AtomicU64,
+}
+
+/// Handle to the group-commit thread.
+pub struct GroupCommit {
+    sender: Mutex<Option<mpsc::Sender<Waiter>>>,
+    in_flight: Arc<AtomicUsize>,
+    poisoned: Arc<AtomicBool>,
+    stats: Arc<CommitStats>,
+    thread: Mutex<Option<thread::JoinHandle<()>>>,
+}
+
+/// Held by a writer from before its write until its write is durable.
+pub struct WriteGuard(Arc<AtomicUsize>);
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl GroupCommit {
+    /// Starts the committer thread around `sync`.
+    pub fn start(mut sync: SyncFn) -> GroupCommit {
+        let (tx, rx) = mpsc::channel::<Waiter>();
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(CommitStats::default());
+        let thread = {
+            let poisoned = poisoned.clone();
+            let stats = stats.clone();
+            thread::Builder::new()
+                .name("group-commit".into())
+                .spawn(move || {
+                    // Ends when every sender is gone (the store was closed).
+                    while let Ok(first) = rx.recv() {
+                        let mut batch = vec![first];
+                        batch.extend(rx.try_iter());
+                        let result = if poisoned.load(Ordering::SeqCst) {
+                            Err(StoreError::Flush("an earlier flush failed".into()))
+                        } else {
+                            sync().map_err(|e| {
+                                poisoned.store(true, Ordering::SeqCst);
+                                tracing::error!(error = %e, "flush to disk failed; refusing writes until restart");
+                                StoreError::Flush(e.to_string())
+                            })
+                        };
+                        stats.batches.fetch_add(1, Ordering::Relaxed);
+                        stats.waiters.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        for waiter in batch {
+                            // The requester may have gone away; nothing to tell then.
+                            let _ = waiter.send(result.clone());
+                        }
+                    }
+                })
+                .expect("spawning the group-commit thread")
+        };
+        GroupCommit {
+            sender: Mutex::new(Some(tx)),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            poisoned,
+            stats,
+            thread: Mutex::new(Some(thread)),
+        }
+    }
+
+    /// Announces a write; hold the guard until [`GroupCommit::wait`] returns.
+    pub fn begin_write(&self) -> Result<WriteGuard, StoreError> {
+        if self.is_poisoned() {
+            return Err(StoreError::Flush(
+                "an earlier flush failed; restart to recover".into(),
+            ));
+        }
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        Ok(WriteGuard(self.in_flight.clone()))
+    }
+
+    /// Whether some write may not be durable yet.
+    pub fn writes_in_flight(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) > 0
+    }
+
+    /// Waits until everything written before this call is on disk.
+    pub async fn wait(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(sender) = sender.as_ref() else {
+                return Err(StoreError::Flush("store is closed".into()));
+            };
+            sender
+                .send(tx)
+                .map_err(|_| StoreError::Flush("group-commit thread is gone".into()))?;
+        }
+        rx.await
+            .map_err(|_| StoreError::Flush("group-commit thread is gone".into()))?
+    }
+
+    /// True after a failed sync.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::SeqCst)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &CommitStats {
+        &self.stats
+    }
+
+    /// Stops the thread after it has served every waiter already queued.
+    pub fn close(&self) {
+        self.sender
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc as std_mpsc;
+
+    /// Waiters that arrive while a sync runs share the next one: a gated sync holds the
+    /// first batch while ten more requests queue up; all ten are served by one more sync.
+    #[tokio::test]
+    async fn concurrent_waiters_share_one_sync() {
+        let (entered_tx, entered_rx) = std_mpsc::channel::<()>();
+        let (release_tx, release_rx) = std_mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let gc = GroupCommit::start(Box::new(move || {
+            let _ = entered_tx.send(());
+            let _ = release_rx.lock().expect("lock").recv();
+            Ok(())
+        }));
+        // A wait enqueues itself on its first poll, before it first awaits.
+        let mut first = Box::pin(gc.wait());
+        assert!(futures_util::poll!(first.as_mut()).is_pending());
+        entered_rx.recv().expect("first sync started");
+        let mut rest: Vec<_> = (0..10).map(|_| Box::pin(gc.wait())).collect();
+        for w in rest.iter_mut() {
+            assert!(futures_util::poll!(w.as_mut()).is_pending());
+        }
+        release_tx.send(()).expect("release first");
+        first.await.expect("first ok");
+        entered_rx.recv().expect("second sync started");
+        release_tx.send(()).expect("release second");
+        for w in rest {
+            w.await.expect("ok");
+        }
+        assert_eq!(gc.stats().waiters.load(Ordering::Relaxed), 11);
+        assert_eq!(gc.stats().batches.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_poisons_every_later_write() {
+        let gc = GroupCommit::start(Box::new(|| Err(std::io::Error::other("disk on fire"))));
+        assert!(gc.wait().await.is_err());
+        assert!(gc.is_poisoned());
+        assert!(gc.begin_write().is_err());
+    }
+}

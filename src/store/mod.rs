@@ -1,0 +1,363 @@
+//! Durable memory of deliveries: the [`DeliveryStore`] trait and its sled implementation.
+//!
+//! What is kept per delivery (keyed by `(source, delivery id)`): the [`DeliveryRecord`]
+//! (body fingerprint, received_at, event type, headers, the first response once final), the
+//! raw body, and one [`JobState`] per matching handler. Two ordered indexes keep every
+//! background task proportional to its own work, never to the size of the store:
+//! - the queue, ordered by due time: dispatch and crash recovery read only what is due;
+//! - the received_at index: retention reads only what has expired.
+//!
+//! The claim of a new delivery writes all of it in one atomic step. With
+//! `durability = "fsync"` every write returns only once it is on disk (see
+//! [`group_commit`]), so an acknowledgement implies a record that survives a power loss.
+
+pub mod group_commit;
+mod sled_store;
+
+use std::fmt;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use sled_store::SledStore;
+
+use crate::verify::Headers;
+
+/// Why the store could not do its part; every variant answers 503 `storage_unavailable`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// sled reported an error.
+    #[error("store error: {0}")]
+    Backend(String),
+    /// Flushing to disk failed; the store refuses writes until restarted.
+    #[error("flush to disk failed: {0}")]
+    Flush(String),
+    /// A stored value could not be decoded.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+/// `(source, delivery id)`, the key every delivery is deduplicated under.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DeliveryKey {
+    /// Source name.
+    pub source: String,
+    /// Delivery id.
+    pub id: String,
+}
+
+impl DeliveryKey {
+    /// Makes a key.
+    pub fn new(source: impl Into<String>, id: impl Into<String>) -> Self {
+        Self {
+            source: source.into(),
+            id: id.into(),
+        }
+    }
+
+    /// `source \0 id`: sources are plain names and ids hold no control characters, so the
+    /// separator is unambiguous and keys of one source sort together.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.source.len() + 1 + self.id.len());
+        k.extend_from_slice(self.source.as_bytes());
+        k.push(0);
+        k.extend_from_slice(self.id.as_bytes());
+        k
+    }
+
+    /// The job of `handler` for this delivery.
+    pub fn job(&self, handler: &str) -> JobKey {
+        JobKey {
+            delivery: self.clone(),
+            handler: handler.to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for DeliveryKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.source, self.id)
+    }
+}
+
+/// `(source, delivery id, handler)`: one unit of dispatch.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct JobKey {
+    /// The delivery.
+    pub delivery: DeliveryKey,
+    /// The handler name.
+    pub handler: String,
+}
+
+impl JobKey {
+    /// `source \0 id \0 handler`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut k = self.delivery.encode();
+        k.push(0);
+        k.extend_from_slice(self.handler.as_bytes());
+        k
+    }
+
+    /// Inverse of [`JobKey::encode`].
+    pub fn decode(bytes: &[u8]) -> Option<JobKey> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut parts = text.splitn(3, '\0');
+        let (source, id, handler) = (parts.next()?, parts.next()?, parts.next()?);
+        Some(DeliveryKey::new(source, id).job(handler))
+    }
+
+    /// The deterministic idempotency key of this (source, delivery, handler): the same for
+    /// every attempt and restart, different for any other triple; 64 hex characters.
+    pub fn idempotency_key(&self) -> String {
+        hex::encode(Sha256::digest(self.encode()))
+    }
+}
+
+impl fmt::Display for JobKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}", self.delivery, self.handler)
+    }
+}
+
+/// The answer given to the first copy, replayed byte for byte to every later one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// JSON body, exactly as sent.
+    pub body: String,
+}
+
+/// Everything kept about one delivery except its body (stored beside it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryRecord {
+    /// Source name.
+    pub source: String,
+    /// Delivery id.
+    pub id: String,
+    /// Lower-case hex SHA-256 of the raw body.
+    pub fingerprint: String,
+    /// When the first copy arrived, ms since the epoch.
+    pub received_at_ms: u64,
+    /// Event type, when the delivery names one.
+    pub event_type: Option<String>,
+    /// Request headers of the first copy.
+    pub headers: Headers,
+    /// The first response, once final. `None` while an `ack = "processed"` delivery has not
+    /// yet succeeded.
+    pub response: Option<StoredResponse>,
+    /// `ack = "processed"`: until when the current claimant holds the delivery.
+    #[serde(default)]
+    pub lease_until_ms: Option<u64>,
+    /// Handlers bound to this delivery when it arrived; each has a [`JobState`].
+    pub handlers: Vec<String>,
+}
+
+impl DeliveryRecord {
+    /// The key of this record.
+    pub fn key(&self) -> DeliveryKey {
+        DeliveryKey::new(&self.source, &self.id)
+    }
+}
+
+/// Lower-case hex SHA-256 of a body: what "same body" means.
+pub fn fingerprint(body: &[u8]) -> String {
+    hex::encode(Sha256::digest(body))
+}
+
+/// Where a (delivery, handler) pair stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Waiting for its first run.
+    Pending,
+    /// A run has started (and, after a crash, was interrupted).
+    Running,
+    /// Ran successfully; never runs again.
+    Succeeded,
+    /// Failed; waits in the queue for `next_attempt_ms`.
+    Failed,
+    /// Gave up (max attempts or a permanent error); kept for inspection and manual retry.
+    Dead,
+}
+
+/// Per-(delivery, handler) state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobState {
+    /// Where it stands.
+    pub status: JobStatus,
+    /// Runs started so far (the attempt number of the latest run).
+    pub attempts: u32,
+    /// The error of the latest failed run.
+    pub last_error: Option<String>,
+    /// Due time of its queue entry, if queued (ms since the epoch).
+    pub queued_at_ms: Option<u64>,
+    /// When it last changed (ms since the epoch).
+    pub updated_ms: u64,
+}
+
+/// How a run ended, as the store records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// Never run again.
+    Succeeded,
+    /// Run again at this time (ms since the epoch).
+    RetryAt {
+        /// When.
+        due_ms: u64,
+        /// Why the run failed.
+        error: String,
+    },
+    /// Give up; keep for inspection.
+    Dead {
+        /// Why.
+        error: String,
+    },
+    /// Not run (processed mode, a failed sibling): nothing recorded but the error.
+    Failed {
+        /// Why the run failed.
+        error: String,
+    },
+}
+
+/// A new delivery, ready to be claimed.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    /// The record to write.
+    pub record: DeliveryRecord,
+    /// The raw body.
+    pub body: Bytes,
+    /// Queue every job for background dispatch now (`ack = "durable"`).
+    pub enqueue: bool,
+}
+
+/// The result of a claim.
+#[derive(Debug, Clone)]
+pub enum Claim {
+    /// The key was free: this request owns the delivery, and it is recorded.
+    New,
+    /// The key was taken: the stored record.
+    Existing(DeliveryRecord),
+}
+
+/// The result of trying to take over an unfinished `ack = "processed"` delivery.
+#[derive(Debug, Clone)]
+pub enum TakeOver {
+    /// The caller now holds the lease; the record as it stands.
+    Acquired(DeliveryRecord),
+    /// Someone else holds it until this time (ms since the epoch).
+    Held {
+        /// Lease end.
+        until_ms: u64,
+    },
+    /// The delivery became final meanwhile.
+    Final(DeliveryRecord),
+}
+
+/// A queue entry: a job due at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedJob {
+    /// When it is due (ms since the epoch).
+    pub due_ms: u64,
+    /// Which job.
+    pub job: JobKey,
+}
+
+/// Everything a handler run needs, read at the start of an attempt.
+#[derive(Debug, Clone)]
+pub struct AttemptContext {
+    /// The delivery record.
+    pub record: DeliveryRecord,
+    /// The raw body.
+    pub body: Bytes,
+    /// The attempt number of this run (1 for the first).
+    pub attempt: u32,
+}
+
+/// The storage contract. sled is the embedded default; a shared backend (PostgreSQL) can
+/// serve several replicas behind the same trait.
+///
+/// Every write method returns once the write is as durable as `storage.durability` says.
+#[async_trait]
+pub trait DeliveryStore: Send + Sync + 'static {
+    /// Atomically claims `(source, id)`: writes the record, body, jobs, queue entries and
+    /// index if the key is free, else returns the existing record. Any number of concurrent
+    /// claims of one key yield exactly one [`Claim::New`]. A returned record is durable.
+    async fn claim(&self, new: NewDelivery) -> Result<Claim, StoreError>;
+
+    /// Reads a record.
+    async fn record(&self, key: &DeliveryKey) -> Result<Option<DeliveryRecord>, StoreError>;
+
+    /// Reads a job's state.
+    async fn job(&self, key: &JobKey) -> Result<Option<JobState>, StoreError>;
+
+    /// Up to `limit` queue entries due at or before `now_ms`, earliest first, skipping jobs
+    /// in `skip` (those already running).
+    fn due_jobs(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        skip: &dyn Fn(&JobKey) -> bool,
+    ) -> Result<Vec<QueuedJob>, StoreError>;
+
+    /// Due time of the earliest queue entry not in `skip`.
+    fn next_due_ms(&self, skip: &dyn Fn(&JobKey) -> bool) -> Result<Option<u64>, StoreError>;
+
+    /// Marks a job running and counts the attempt (durably, so a run interrupted by a crash
+    /// is retried with a higher attempt number). `None` when the job has already
+    /// succeeded or died, or its delivery expired: the stale queue entry is removed.
+    async fn begin_attempt(&self, job: &JobKey, now_ms: u64)
+    -> Result<Option<AttemptContext>, StoreError>;
+
+    /// Records how a run ended, moving or removing its queue entry.
+    async fn finish_attempt(
+        &self,
+        job: &JobKey,
+        outcome: AttemptOutcome,
+        now_ms: u64,
+    ) -> Result<(), StoreError>;
+
+    /// `ack = "processed"`: takes over an unfinished delivery whose lease has expired.
+    async fn take_over(
+        &self,
+        key: &DeliveryKey,
+        now_ms: u64,
+        lease_until_ms: u64,
+    ) -> Result<TakeOver, StoreError>;
+
+    /// `ack = "processed"`: ends the lease, storing the final response if there is one.
+    async fn release(
+        &self,
+        key: &DeliveryKey,
+        response: Option<StoredResponse>,
+    ) -> Result<(), StoreError>;
+
+    /// Removes up to `limit` deliveries received before `cutoff_ms`, oldest first, with
+    /// their bodies, jobs and queue entries. Returns how many were removed.
+    async fn expire(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError>;
+
+    /// Whether the store accepts writes (false after a failed flush).
+    fn is_healthy(&self) -> bool;
+
+    /// Flushes everything to disk (at shutdown).
+    async fn flush(&self) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_keys_round_trip_and_idempotency_keys_are_distinct_and_short() {
+        let a = DeliveryKey::new("credicorp", "msg_1").job("log-all");
+        assert_eq!(JobKey::decode(&a.encode()), Some(a.clone()));
+        let b = DeliveryKey::new("credicorp", "msg_1").job("other");
+        let c = DeliveryKey::new("credicorp", "msg_2").job("log-all");
+        assert_eq!(a.idempotency_key(), a.clone().idempotency_key());
+        assert_ne!(a.idempotency_key(), b.idempotency_key());
+        assert_ne!(a.idempotency_key(), c.idempotency_key());
+        assert!(a.idempotency_key().len() <= 64);
+    }
+}
