@@ -61,15 +61,15 @@ pub async fn run(cli: Cli) -> ExitCode {
             }
             Err(e) => fail(e),
         },
-        Command::Sign { config, fixture } => match load(&config)
-            .and_then(|c| crate::fixture::sign_fixture(&c, &fixture))
-        {
-            Ok(text) => {
-                print!("{text}");
-                ExitCode::SUCCESS
+        Command::Sign { config, fixture } => {
+            match load(&config).and_then(|c| crate::fixture::sign_fixture(&c, &fixture)) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
             }
-            Err(e) => fail(e),
-        },
+        }
     }
 }
 
@@ -87,11 +87,14 @@ async fn serve(path: PathBuf) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let (listen, admin) = (config.server.listen, config.server.admin_listen);
+    let (mut listen, mut admin) = (config.server.listen, config.server.admin_listen);
     let app = match ApplicationBuilder::new(config).build().await {
         Ok(app) => app,
         Err(e) => return fail(e.to_string()),
     };
+    // The bound ports, which differ from the configured ones when those are 0.
+    listen.set_port(app.port());
+    admin.set_port(app.admin_port());
     tracing::info!(%listen, %admin, "webhook-inbox serving");
     match app.run_until_stopped(shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

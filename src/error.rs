@@ -81,7 +81,9 @@ impl ResponseError for ApiError {
             ApiError::MissingSignature
             | ApiError::InvalidSignature
             | ApiError::TimestampOutOfTolerance => StatusCode::UNAUTHORIZED,
-            ApiError::InvalidDeliveryId | ApiError::InvalidBody | ApiError::InvalidJson => StatusCode::BAD_REQUEST,
+            ApiError::InvalidDeliveryId | ApiError::InvalidBody | ApiError::InvalidJson => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::DeliveryIdConflict => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::DeliveryInProgress { .. } => StatusCode::CONFLICT,
             ApiError::HandlerFailed => StatusCode::INTERNAL_SERVER_ERROR,

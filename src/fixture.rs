@@ -73,7 +73,11 @@ impl Fixture {
         let body = self.body_bytes()?;
         let mut headers: Vec<(String, String)> =
             vec![("content-type".into(), "application/json".into())];
-        headers.extend(self.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())));
+        headers.extend(
+            self.headers
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone())),
+        );
         for (k, v) in source.sign(&self.id, &body, now) {
             headers.retain(|(h, _)| !h.eq_ignore_ascii_case(&k));
             headers.push((k, v));

@@ -73,8 +73,11 @@ pub struct ApplicationBuilder {
     handlers: Vec<Registration>,
     store: Option<Arc<dyn DeliveryStore>>,
     clock: Clock,
-    env: Box<dyn Fn(&str) -> Option<String>>,
+    env: EnvLookup,
 }
+
+/// Looks up an environment variable (the process environment unless replaced).
+type EnvLookup = Box<dyn Fn(&str) -> Option<String>>;
 
 impl ApplicationBuilder {
     /// Starts from a loaded config.

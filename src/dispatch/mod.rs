@@ -279,7 +279,10 @@ mod tests {
             for attempt in 1..=12 {
                 let d = backoff(attempt, initial, max);
                 assert!(d >= initial && d <= max, "attempt {attempt}: {d:?}");
-                assert!(d >= previous || d == max, "attempt {attempt}: {d:?} < {previous:?}");
+                assert!(
+                    d >= previous || d == max,
+                    "attempt {attempt}: {d:?} < {previous:?}"
+                );
                 previous = d;
             }
         }

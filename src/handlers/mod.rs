@@ -213,7 +213,9 @@ impl HandlerRegistry {
         for handler in &config.handlers {
             let built: Arc<dyn Handler> = match handler {
                 HandlerConfig::Log(_) => Arc::new(LogHandler),
-                HandlerConfig::Command(c) => Arc::new(CommandHandler::new(c.command.clone(), c.timeout)),
+                HandlerConfig::Command(c) => {
+                    Arc::new(CommandHandler::new(c.command.clone(), c.timeout))
+                }
             };
             entries.push(Registration::from_binding(handler.binding(), built)?);
         }
@@ -227,7 +229,10 @@ impl HandlerRegistry {
             if let Some(s) = &r.source
                 && !config.sources.contains_key(s)
             {
-                return Err(format!("handler `{}`: source `{s}` is not configured", r.name));
+                return Err(format!(
+                    "handler `{}`: source `{s}` is not configured",
+                    r.name
+                ));
             }
             entries.push(r);
         }

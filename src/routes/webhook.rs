@@ -15,11 +15,10 @@ use tracing::Instrument as _;
 
 use crate::config::AckMode;
 use crate::error::ApiError;
-use crate::store::{
-    Claim, DeliveryRecord, JobStatus, NewDelivery, StoredResponse, TakeOver,
-    fingerprint,
-};
 use crate::startup::AppState;
+use crate::store::{
+    Claim, DeliveryRecord, JobStatus, NewDelivery, StoredResponse, TakeOver, fingerprint,
+};
 use crate::verify::{AuthenticatedDelivery, Headers};
 
 /// How long an `ack = "processed"` claimant holds a delivery before another copy may take
@@ -184,7 +183,10 @@ async fn handle(
             AckMode::Durable => {
                 state.dispatch_waker.notify_one();
                 // Built into the record before the claim, so it is on disk with it.
-                let stored = record.response.clone().ok_or(ApiError::StorageUnavailable)?;
+                let stored = record
+                    .response
+                    .clone()
+                    .ok_or(ApiError::StorageUnavailable)?;
                 Ok(Outcome::Accepted(stored))
             }
             AckMode::Processed => process_inline(state, record).await,

@@ -141,10 +141,7 @@ impl GroupCommit {
 
     /// Stops the thread after it has served every waiter already queued.
     pub fn close(&self) {
-        self.sender
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        self.sender.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = t.join();
         }

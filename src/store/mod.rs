@@ -21,7 +21,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use sled_store::SledStore;
+pub use sled_store::{FlushHook, SledStore};
 
 use crate::verify::Headers;
 
@@ -308,8 +308,11 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// Marks a job running and counts the attempt (durably, so a run interrupted by a crash
     /// is retried with a higher attempt number). `None` when the job has already
     /// succeeded or died, or its delivery expired: the stale queue entry is removed.
-    async fn begin_attempt(&self, job: &JobKey, now_ms: u64)
-    -> Result<Option<AttemptContext>, StoreError>;
+    async fn begin_attempt(
+        &self,
+        job: &JobKey,
+        now_ms: u64,
+    ) -> Result<Option<AttemptContext>, StoreError>;
 
     /// Records how a run ended, moving or removing its queue entry.
     async fn finish_attempt(

@@ -213,7 +213,15 @@ impl SledStore {
 
     /// A record read while writes are in flight may not be on disk yet: join the next
     /// group commit before answering from it.
+    ///
+    /// After a failed flush nothing read can be vouched for: what is in memory may never
+    /// reach the disk, so replaying it could acknowledge a delivery that a crash then loses.
     async fn settle_read(&self) -> Result<(), StoreError> {
+        if self.durability == Durability::Fsync && self.commit.is_poisoned() {
+            return Err(StoreError::Flush(
+                "an earlier flush failed; restart to recover".into(),
+            ));
+        }
         if self.durability == Durability::Fsync && self.commit.writes_in_flight() {
             self.commit.wait().await?;
         }

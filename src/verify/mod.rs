@@ -37,7 +37,9 @@ impl Headers {
     }
 
     /// Builds headers from name/value pairs (names are lower-cased).
-    pub fn from_pairs<K: AsRef<str>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
+    pub fn from_pairs<K: AsRef<str>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
         Headers(
             pairs
                 .into_iter()
@@ -124,9 +126,8 @@ impl DeliveryId {
 
     /// Parses an id, rejecting empty, over-long and control-character ids.
     pub fn parse(raw: &str) -> Option<DeliveryId> {
-        let ok = !raw.is_empty()
-            && raw.len() <= Self::MAX_LEN
-            && !raw.chars().any(char::is_control);
+        let ok =
+            !raw.is_empty() && raw.len() <= Self::MAX_LEN && !raw.chars().any(char::is_control);
         ok.then(|| DeliveryId(raw.to_owned()))
     }
 

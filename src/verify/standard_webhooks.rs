@@ -92,10 +92,7 @@ impl SignatureScheme for StandardWebhooks {
         // The id is part of the signed content; an absent id is signed as "" and, if that
         // signature holds, rejected afterwards as `invalid_delivery_id`.
         let id = first_header(headers, &ID).unwrap_or("");
-        let ts: i64 = timestamp
-            .trim()
-            .parse()
-            .map_err(|_| VerifyError::Invalid)?;
+        let ts: i64 = timestamp.trim().parse().map_err(|_| VerifyError::Invalid)?;
 
         let candidates: Vec<Vec<u8>> = signatures
             .split_whitespace()
@@ -134,7 +131,10 @@ impl SignatureScheme for StandardWebhooks {
         vec![
             ("webhook-id".into(), id.to_owned()),
             ("webhook-timestamp".into(), ts),
-            ("webhook-signature".into(), format!("v1,{}", BASE64.encode(tag))),
+            (
+                "webhook-signature".into(),
+                format!("v1,{}", BASE64.encode(tag)),
+            ),
         ]
     }
 
@@ -182,7 +182,10 @@ mod tests {
         let s = scheme(&[SECRET]);
         let signed = s.sign(ID_, BODY, at(TS));
         assert_eq!(signed[2].1, SIG);
-        assert_eq!(s.verify(&headers(SIG, "1614265330"), BODY, at(TS), TOL), Ok(()));
+        assert_eq!(
+            s.verify(&headers(SIG, "1614265330"), BODY, at(TS), TOL),
+            Ok(())
+        );
     }
 
     #[test]
@@ -216,7 +219,10 @@ mod tests {
     #[test]
     fn any_rotated_secret_may_match_and_prefix_is_optional() {
         let s = scheme(&["whsec_c2Vjb25k", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]);
-        assert_eq!(s.verify(&headers(SIG, "1614265330"), BODY, at(TS), TOL), Ok(()));
+        assert_eq!(
+            s.verify(&headers(SIG, "1614265330"), BODY, at(TS), TOL),
+            Ok(())
+        );
         let wrong = scheme(&["whsec_c2Vjb25k"]);
         assert_eq!(
             wrong.verify(&headers(SIG, "1614265330"), BODY, at(TS), TOL),
@@ -244,7 +250,10 @@ mod tests {
     fn missing_and_malformed_headers() {
         let s = scheme(&[SECRET]);
         let none = Headers::default();
-        assert_eq!(s.verify(&none, BODY, at(TS), TOL), Err(VerifyError::Missing));
+        assert_eq!(
+            s.verify(&none, BODY, at(TS), TOL),
+            Err(VerifyError::Missing)
+        );
         for bad in ["", "v1", "v1,", "v1,!!!", "v2,g0hM9SsE", "garbage"] {
             assert_eq!(
                 s.verify(&headers(bad, "1614265330"), BODY, at(TS), TOL),

@@ -1,0 +1,263 @@
+//! design.md "Checks", row by row: each rejection answers the contract's JSON error and
+//! stores nothing, so a valid delivery with the same id is then accepted as new.
+
+use std::time::{Duration, SystemTime};
+
+use crate::helpers::{OTHER_SECRET, Options, SECRET, assert_error, event, spawn_app, spawn_with};
+
+/// After a rejection, the same id must still be new: 202 without `Idempotent-Replayed`.
+async fn assert_accepted_as_new(app: &crate::helpers::TestApp, id: &str) {
+    let response = app.deliver(id, &event("application.created", 1)).await;
+    assert_eq!(
+        response.status().as_u16(),
+        202,
+        "a rejection must store nothing"
+    );
+    assert!(response.headers().get("idempotent-replayed").is_none());
+}
+
+#[tokio::test]
+async fn unknown_source_is_404() {
+    let app = spawn_app().await;
+    let body = event("application.created", 1);
+    let headers = app.sign("msg_unknown_source", body.as_bytes());
+    let response = app.post("nobody", &headers, body.into_bytes()).await;
+    assert_error(response, 404, "unknown_source").await;
+    assert_accepted_as_new(&app, "msg_unknown_source").await;
+}
+
+#[tokio::test]
+async fn body_over_the_limit_is_413_declared_or_streamed() {
+    let app = spawn_with(Options {
+        max_body_bytes: 1024,
+        ..Options::default()
+    })
+    .await;
+    let big = format!(r#"{{"type":"a","pad":"{}"}}"#, "x".repeat(2000));
+    let headers = app.sign("msg_big", big.as_bytes());
+    assert_error(
+        app.post("credicorp", &headers, big.clone().into_bytes())
+            .await,
+        413,
+        "payload_too_large",
+    )
+    .await;
+
+    // Chunked: no Content-Length, the limit applies while streaming.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        big.as_bytes().chunks(300).map(|c| Ok(c.to_vec())).collect();
+    let mut request = app
+        .client
+        .post(format!("{}/webhooks/credicorp", app.address))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )));
+    for (k, v) in &headers {
+        request = request.header(k.as_str(), v.as_str());
+    }
+    assert_error(
+        request.send().await.expect("sent"),
+        413,
+        "payload_too_large",
+    )
+    .await;
+    assert_accepted_as_new(&app, "msg_big").await;
+}
+
+#[tokio::test]
+async fn absent_signature_headers_are_401_missing_signature() {
+    let app = spawn_app().await;
+    let body = event("application.created", 1);
+    let signed = app.sign("msg_missing", body.as_bytes());
+    for dropped in ["webhook-signature", "webhook-timestamp"] {
+        let headers: Vec<_> = signed
+            .iter()
+            .filter(|(k, _)| k != dropped)
+            .cloned()
+            .collect();
+        assert_error(
+            app.post("credicorp", &headers, body.clone().into_bytes())
+                .await,
+            401,
+            "missing_signature",
+        )
+        .await;
+    }
+    assert_accepted_as_new(&app, "msg_missing").await;
+}
+
+#[tokio::test]
+async fn wrong_secret_tampering_and_malformed_headers_are_401_invalid_signature() {
+    let app = spawn_app().await;
+    let body = event("application.created", 1);
+    let foreign = app.sign_with(
+        OTHER_SECRET,
+        "msg_bad_sig",
+        body.as_bytes(),
+        SystemTime::now(),
+    );
+    assert_error(
+        app.post("credicorp", &foreign, body.clone().into_bytes())
+            .await,
+        401,
+        "invalid_signature",
+    )
+    .await;
+
+    let signed = app.sign("msg_bad_sig", body.as_bytes());
+    let tampered = event("application.created", 2);
+    assert_error(
+        app.post("credicorp", &signed, tampered.into_bytes()).await,
+        401,
+        "invalid_signature",
+    )
+    .await;
+
+    for (header, value) in [
+        ("webhook-signature", "v1,not-base64!"),
+        ("webhook-signature", "garbage"),
+        ("webhook-timestamp", "yesterday"),
+    ] {
+        let mut headers = signed.clone();
+        headers.retain(|(k, _)| k != header);
+        headers.push((header.into(), value.into()));
+        assert_error(
+            app.post("credicorp", &headers, body.clone().into_bytes())
+                .await,
+            401,
+            "invalid_signature",
+        )
+        .await;
+    }
+    assert_accepted_as_new(&app, "msg_bad_sig").await;
+}
+
+#[tokio::test]
+async fn signed_timestamps_outside_tolerance_either_way_are_401() {
+    let app = spawn_app().await;
+    let body = event("application.created", 1);
+    for at in [
+        SystemTime::now() - Duration::from_secs(301 + 5),
+        SystemTime::now() + Duration::from_secs(301 + 5),
+    ] {
+        let headers = app.sign_with(SECRET, "msg_old", body.as_bytes(), at);
+        assert_error(
+            app.post("credicorp", &headers, body.clone().into_bytes())
+                .await,
+            401,
+            "timestamp_out_of_tolerance",
+        )
+        .await;
+    }
+    // Just inside the 5 minute tolerance, in both directions.
+    for (i, at) in [
+        SystemTime::now() - Duration::from_secs(290),
+        SystemTime::now() + Duration::from_secs(290),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = format!("msg_inside_{i}");
+        let headers = app.sign_with(SECRET, &id, body.as_bytes(), at);
+        assert_eq!(
+            app.post("credicorp", &headers, body.clone().into_bytes())
+                .await
+                .status(),
+            202
+        );
+    }
+    assert_accepted_as_new(&app, "msg_old").await;
+}
+
+#[tokio::test]
+async fn missing_long_or_control_character_ids_are_400() {
+    let app = spawn_app().await;
+    let body = event("application.created", 1);
+    // Signed over the empty id, with no id header: the signature holds, the id does not.
+    let without_id: Vec<_> = app
+        .sign("", body.as_bytes())
+        .into_iter()
+        .filter(|(k, _)| k != "webhook-id")
+        .collect();
+    assert_error(
+        app.post("credicorp", &without_id, body.clone().into_bytes())
+            .await,
+        400,
+        "invalid_delivery_id",
+    )
+    .await;
+
+    for id in ["a".repeat(256), "msg\tid".to_owned()] {
+        let headers = app.sign(&id, body.as_bytes());
+        assert_error(
+            app.post("credicorp", &headers, body.clone().into_bytes())
+                .await,
+            400,
+            "invalid_delivery_id",
+        )
+        .await;
+    }
+    let longest = "a".repeat(255);
+    assert_eq!(app.deliver(&longest, &body).await.status(), 202);
+}
+
+#[tokio::test]
+async fn a_signed_body_that_is_not_json_is_400_invalid_json() {
+    let app = spawn_app().await;
+    let body = b"type=application.created".to_vec();
+    let headers = app.sign("msg_not_json", &body);
+    assert_error(
+        app.post("credicorp", &headers, body).await,
+        400,
+        "invalid_json",
+    )
+    .await;
+    assert_accepted_as_new(&app, "msg_not_json").await;
+}
+
+#[tokio::test]
+async fn checks_run_in_the_contract_order() {
+    let app = spawn_with(Options {
+        max_body_bytes: 64,
+        ..Options::default()
+    })
+    .await;
+    // Unknown source wins over a too-large unsigned body; too large wins over unsigned.
+    let big = vec![b'x'; 100];
+    assert_error(
+        app.post("nobody", &[], big.clone()).await,
+        404,
+        "unknown_source",
+    )
+    .await;
+    assert_error(
+        app.post("credicorp", &[], big).await,
+        413,
+        "payload_too_large",
+    )
+    .await;
+    // A bad signature wins over a bad id and a bad body.
+    let headers = vec![
+        ("webhook-timestamp".to_owned(), "1".to_owned()),
+        ("webhook-signature".to_owned(), "v1,AAAA".to_owned()),
+    ];
+    assert_error(
+        app.post("credicorp", &headers, b"nope".to_vec()).await,
+        401,
+        "invalid_signature",
+    )
+    .await;
+    // A bad id wins over a bad body.
+    let body = b"nope".to_vec();
+    let no_id: Vec<_> = app
+        .sign("", &body)
+        .into_iter()
+        .filter(|(k, _)| k != "webhook-id")
+        .collect();
+    assert_error(
+        app.post("credicorp", &no_id, body).await,
+        400,
+        "invalid_delivery_id",
+    )
+    .await;
+}

@@ -1,0 +1,169 @@
+//! The `command` handler runs a real program: raw body on stdin, the documented
+//! environment, and the exit-code contract (0 done, 65 dead, anything else retried).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use webhook_inbox::config::Durability;
+use webhook_inbox::store::{DeliveryKey, DeliveryStore, JobStatus};
+
+use crate::helpers::{Options, event, eventually, open_store, spawn_with};
+
+fn command_handler(name: &str, events: &str, script: &str, out: &std::path::Path) -> String {
+    format!(
+        r#"
+[[handlers]]
+name = "{name}"
+kind = "command"
+source = "credicorp"
+events = [{events}]
+command = ["sh", "-c", {script:?}, "sh", "{out}"]
+timeout = "20s"
+"#,
+        out = out.display()
+    )
+}
+
+#[tokio::test]
+async fn a_program_sees_the_raw_body_on_stdin_and_the_documented_environment() {
+    let out = tempfile::TempDir::new().expect("out dir");
+    let script = r#"cat > "$1/$WEBHOOK_ID.body" && env > "$1/$WEBHOOK_ID.tmp" && mv "$1/$WEBHOOK_ID.tmp" "$1/$WEBHOOK_ID.env""#;
+    let app = spawn_with(Options {
+        extra_toml: command_handler("to-disk", r#""application.*""#, script, out.path()),
+        ..Options::default()
+    })
+    .await;
+    // Raw bytes, with spacing a re-serialization would lose.
+    let body = "{ \"type\": \"application.created\",\n  \"data\": {\"amount\": 1.50} }";
+    assert_eq!(app.deliver("msg_cmd_1", body).await.status().as_u16(), 202);
+    // A type the handler is not bound to.
+    assert_eq!(
+        app.deliver("msg_cmd_2", &event("payment_link.paid", 1))
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
+
+    let env_file = out.path().join("msg_cmd_1.env");
+    assert!(
+        eventually(Duration::from_secs(20), || env_file.exists()).await,
+        "the program ran"
+    );
+    let seen_body = std::fs::read(out.path().join("msg_cmd_1.body")).expect("body file");
+    assert_eq!(seen_body, body.as_bytes(), "stdin is the raw body");
+    let env = std::fs::read_to_string(&env_file).expect("env file");
+    let var = |k: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .map(str::to_owned)
+    };
+    assert_eq!(var("WEBHOOK_SOURCE").as_deref(), Some("credicorp"));
+    assert_eq!(var("WEBHOOK_ID").as_deref(), Some("msg_cmd_1"));
+    assert_eq!(
+        var("WEBHOOK_EVENT_TYPE").as_deref(),
+        Some("application.created")
+    );
+    assert_eq!(var("WEBHOOK_ATTEMPT").as_deref(), Some("1"));
+    let key = DeliveryKey::new("credicorp", "msg_cmd_1")
+        .job("to-disk")
+        .idempotency_key();
+    assert_eq!(var("IDEMPOTENCY_KEY"), Some(key));
+
+    // The recorder (bound to every event) saw both; the command only the bound one.
+    assert!(
+        eventually(Duration::from_secs(20), || app
+            .recorder
+            .runs_of("msg_cmd_2")
+            == 1)
+        .await
+    );
+    app.stop().await;
+    assert!(!out.path().join("msg_cmd_2.env").exists());
+}
+
+#[tokio::test]
+async fn exit_65_is_dead_at_once_and_other_failures_are_retried_until_max_attempts() {
+    let out = tempfile::TempDir::new().expect("out dir");
+    let dir = Arc::new(tempfile::TempDir::new().expect("data dir"));
+    let store = open_store(dir.path(), Durability::Fsync, None).await;
+    let mut extra = command_handler(
+        "permanent",
+        r#""*""#,
+        r#"echo "$WEBHOOK_ATTEMPT" >> "$1/permanent"; echo 'bad payload' >&2; exit 65"#,
+        out.path(),
+    );
+    extra += &command_handler(
+        "flaky",
+        r#""*""#,
+        r#"echo "$WEBHOOK_ATTEMPT $IDEMPOTENCY_KEY" >> "$1/flaky"; exit 3"#,
+        out.path(),
+    );
+    let app = spawn_with(Options {
+        extra_toml: extra,
+        dir: Some(dir),
+        store: Some(store.clone()),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(
+        app.deliver("msg_fail", &event("application.created", 1))
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
+
+    let key = DeliveryKey::new("credicorp", "msg_fail");
+    let dead = |name: &'static str| {
+        let store = store.clone();
+        let job = key.job(name);
+        async move {
+            store
+                .job(&job)
+                .await
+                .expect("read")
+                .map(|j| (j.status, j.attempts, j.last_error))
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (p, f) = (dead("permanent").await, dead("flaky").await);
+        if p.as_ref().is_some_and(|j| j.0 == JobStatus::Dead)
+            && f.as_ref().is_some_and(|j| j.0 == JobStatus::Dead)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not dead-lettered: {p:?} {f:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, attempts, error) = dead("permanent").await.expect("job");
+    assert_eq!(attempts, 1, "exit 65 is never retried");
+    assert!(
+        error.unwrap_or_default().contains("bad payload"),
+        "stderr is kept as the error"
+    );
+    let (_, attempts, _) = dead("flaky").await.expect("job");
+    assert_eq!(attempts, 3, "max_attempts = 3");
+
+    let flaky = std::fs::read_to_string(out.path().join("flaky")).expect("flaky log");
+    let lines: Vec<(&str, &str)> = flaky
+        .lines()
+        .map(|l| l.split_once(' ').expect("attempt key"))
+        .collect();
+    assert_eq!(
+        lines.iter().map(|l| l.0).collect::<Vec<_>>(),
+        ["1", "2", "3"]
+    );
+    assert!(
+        lines.iter().all(|l| l.1 == lines[0].1),
+        "one idempotency key for every attempt"
+    );
+    // The recorder of the same delivery succeeded once, untouched by its siblings' retries.
+    app.stop().await;
+    let permanent = std::fs::read_to_string(out.path().join("permanent")).expect("log");
+    assert_eq!(permanent.lines().count(), 1);
+}

@@ -1,0 +1,159 @@
+//! Start-up validation through the real binary: each error names the key and the file.
+
+use std::process::Command;
+
+fn check_config(text: &str) -> (bool, String) {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, text).expect("write config");
+    let out = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env_remove("DEMO_SECRETS")
+        .output()
+        .expect("binary runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("bad.toml"), "names the file: {text}");
+    (out.status.success(), text)
+}
+
+const SOURCE: &str = r#"
+[sources.credicorp]
+secrets = ["whsec_dGVzdC1zZWNyZXQ="]
+"#;
+
+#[test]
+fn the_shipped_config_is_valid() {
+    let out = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
+        .args(["check-config", "--config"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"))
+        .output()
+        .expect("binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn an_unknown_key_is_named() {
+    let (ok, text) = check_config(&format!("[server]\nlissten = \"127.0.0.1:1\"\n{SOURCE}"));
+    assert!(!ok);
+    assert!(text.contains("lissten"), "{text}");
+}
+
+#[test]
+fn an_unknown_key_in_a_handler_is_named() {
+    let (ok, text) = check_config(&format!(
+        "{SOURCE}\n[[handlers]]\nname = \"h\"\nkind = \"log\"\ncommandd = [\"x\"]\n"
+    ));
+    assert!(!ok);
+    assert!(text.contains("commandd"), "{text}");
+}
+
+#[test]
+fn a_bad_duration_is_named() {
+    let (ok, text) = check_config(&format!(
+        "[storage]\nretention = \"7 fortnights\"\n{SOURCE}"
+    ));
+    assert!(!ok);
+    assert!(
+        text.contains("retention") && text.contains("7 fortnights"),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_empty_secret_list_is_named() {
+    let (ok, text) = check_config("[sources.credicorp]\nsecrets = []\n");
+    assert!(!ok);
+    assert!(text.contains("sources.credicorp.secrets"), "{text}");
+}
+
+#[test]
+fn a_secrets_env_that_is_unset_is_named() {
+    let (ok, text) = check_config("[sources.credicorp]\nsecrets_env = \"DEMO_SECRETS\"\n");
+    assert!(!ok);
+    assert!(text.contains("DEMO_SECRETS"), "{text}");
+}
+
+#[test]
+fn secrets_env_supplies_secrets() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let path = dir.path().join("env.toml");
+    std::fs::write(
+        &path,
+        "[sources.credicorp]\nsecrets_env = \"DEMO_SECRETS\"\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env(
+            "DEMO_SECRETS",
+            "whsec_dGVzdC1zZWNyZXQ=, whsec_b2xkLXNlY3JldA==",
+        )
+        .output()
+        .expect("binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_secret_that_is_not_base64_is_named_without_echoing_it() {
+    let (ok, text) = check_config("[sources.credicorp]\nsecrets = [\"whsec_s3cr3t!!\"]\n");
+    assert!(!ok);
+    assert!(text.contains("sources.credicorp.secrets"), "{text}");
+    assert!(
+        !text.contains("s3cr3t!!"),
+        "the secret must not be printed: {text}"
+    );
+}
+
+#[test]
+fn a_handler_bound_to_a_missing_source_is_named() {
+    let (ok, text) = check_config(&format!(
+        "{SOURCE}\n[[handlers]]\nname = \"h\"\nkind = \"log\"\nsource = \"acme\"\n"
+    ));
+    assert!(!ok);
+    assert!(
+        text.contains("acme") && text.contains("handlers[0]"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_retention_shorter_than_a_tolerance_is_named() {
+    let (ok, text) = check_config(&format!("[storage]\nretention = \"1m\"\n{SOURCE}"));
+    assert!(!ok);
+    assert!(
+        text.contains("storage.retention") && text.contains("tolerance"),
+        "{text}"
+    );
+}
+
+#[test]
+fn serve_refuses_a_bad_config_with_the_same_message() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[sources.credicorp]\nsecrets = []\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .expect("binary runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("sources.credicorp.secrets"),
+        "{err}"
+    );
+}

@@ -1,0 +1,292 @@
+//! Spawns the real application on port 0 with a temporary data directory.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
+use webhook_inbox::config::Config;
+use webhook_inbox::config::Durability;
+use webhook_inbox::store::{DeliveryStore, FlushHook, SledStore};
+use webhook_inbox::verify::Source;
+use webhook_inbox::{
+    ApplicationBuilder, Delivery, Handler, HandlerContext, HandlerError, Registration,
+};
+
+/// The test source's secret (base64 of "test-secret-for-the-credicorp-source").
+pub const SECRET: &str = "whsec_dGVzdC1zZWNyZXQtZm9yLXRoZS1jcmVkaWNvcnAtc291cmNl";
+/// A secret the service does not know.
+pub const OTHER_SECRET: &str = "whsec_b3RoZXItc2VjcmV0LW5vdC1jb25maWd1cmVk";
+
+/// One recorded handler run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    pub source: String,
+    pub id: String,
+    pub event_type: Option<String>,
+    pub attempt: u32,
+    pub idempotency_key: String,
+    pub body: Vec<u8>,
+}
+
+/// A handler that records every run, failing the first `fail_first` runs of each delivery.
+#[derive(Clone, Default)]
+pub struct Recorder {
+    pub runs: Arc<Mutex<Vec<Run>>>,
+    pub fail_first: u32,
+}
+
+impl Recorder {
+    pub fn runs(&self) -> Vec<Run> {
+        self.runs.lock().expect("lock").clone()
+    }
+
+    pub fn runs_of(&self, id: &str) -> usize {
+        self.runs().iter().filter(|r| r.id == id).count()
+    }
+}
+
+#[async_trait]
+impl Handler for Recorder {
+    async fn handle(&self, d: &Delivery, ctx: &HandlerContext) -> Result<(), HandlerError> {
+        self.runs.lock().expect("lock").push(Run {
+            source: d.source.clone(),
+            id: d.id.clone(),
+            event_type: d.event_type.clone(),
+            attempt: d.attempt,
+            idempotency_key: ctx.idempotency_key.clone(),
+            body: d.body.to_vec(),
+        });
+        if d.attempt <= self.fail_first {
+            return Err(HandlerError::Retryable(format!(
+                "failing attempt {}",
+                d.attempt
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What to vary between tests.
+pub struct Options {
+    pub durability: &'static str,
+    pub ack: &'static str,
+    pub max_body_bytes: usize,
+    /// TOML appended to the generated config (more sources, handlers…).
+    pub extra_toml: String,
+    /// Reuse a data directory (restart tests).
+    pub dir: Option<Arc<TempDir>>,
+    /// Use this store instead of opening one.
+    pub store: Option<Arc<dyn DeliveryStore>>,
+    pub recorder: Recorder,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            durability: "fsync",
+            ack: "durable",
+            max_body_bytes: 64 * 1024,
+            extra_toml: String::new(),
+            dir: None,
+            store: None,
+            recorder: Recorder::default(),
+        }
+    }
+}
+
+pub struct TestApp {
+    pub address: String,
+    pub admin_address: String,
+    pub client: reqwest::Client,
+    pub dir: Arc<TempDir>,
+    pub config: Config,
+    pub recorder: Recorder,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+pub fn init_logs() {
+    if std::env::var("TEST_LOG").is_ok() {
+        webhook_inbox::telemetry::init(webhook_inbox::telemetry::LogFormat::Pretty);
+    }
+}
+
+pub fn config_text(dir: &std::path::Path, o: &Options) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+max_body_bytes = {max}
+workers = 2
+
+[storage]
+path = "{path}"
+durability = "{durability}"
+retention = "7d"
+
+[dispatch]
+concurrency = 4
+max_attempts = 3
+initial_backoff = "20ms"
+max_backoff = "100ms"
+
+[sources.credicorp]
+scheme = "standard-webhooks"
+secrets = ["{SECRET}"]
+tolerance = "5m"
+ack = "{ack}"
+{extra}
+"#,
+        max = o.max_body_bytes,
+        path = dir.join("data").display(),
+        durability = o.durability,
+        ack = o.ack,
+        extra = o.extra_toml,
+    )
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_with(Options::default()).await
+}
+
+pub async fn spawn_with(o: Options) -> TestApp {
+    init_logs();
+    let dir = o
+        .dir
+        .clone()
+        .unwrap_or_else(|| Arc::new(TempDir::new().expect("temp dir")));
+    let text = config_text(dir.path(), &o);
+    let config = Config::parse(&text, "test.toml").expect("test config is valid");
+    let mut builder = ApplicationBuilder::new(config.clone())
+        .handler(Registration::new("recorder", o.recorder.clone()).source("credicorp"));
+    let store: Arc<dyn DeliveryStore> = match o.store {
+        Some(store) => store,
+        None => open_store(dir.path(), config.storage.durability, None).await,
+    };
+    builder = builder.store(store);
+    let app = builder.build().await.expect("app builds");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let admin_address = format!("http://127.0.0.1:{}", app.admin_port());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
+    TestApp {
+        address,
+        admin_address,
+        client: reqwest::Client::new(),
+        dir,
+        config,
+        recorder: o.recorder,
+        stop,
+        task,
+    }
+}
+
+/// Opens the sled store at `dir/data`. sled releases its file lock when the previous
+/// app of a restart test has dropped its last handle, which can be a moment after it
+/// stopped: retry until a deadline.
+pub async fn open_store(
+    dir: &std::path::Path,
+    durability: Durability,
+    hook: Option<FlushHook>,
+) -> Arc<SledStore> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut hook = hook;
+    loop {
+        match SledStore::open_with_hook(&dir.join("data"), durability, 16 << 20, hook.take()) {
+            Ok(store) => return Arc::new(store),
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("store does not open: {e}"),
+        }
+    }
+}
+
+impl TestApp {
+    /// Headers a sender signing with `secret` would attach.
+    pub fn sign_with(
+        &self,
+        secret: &str,
+        id: &str,
+        body: &[u8],
+        at: SystemTime,
+    ) -> Vec<(String, String)> {
+        let mut sc = self.config.sources["credicorp"].clone();
+        sc.secrets = vec![secret.to_owned()];
+        let source = Source::from_config("credicorp", &sc, "test.toml", &|_| None).expect("source");
+        source.sign(id, body, at)
+    }
+
+    pub fn sign(&self, id: &str, body: &[u8]) -> Vec<(String, String)> {
+        self.sign_with(SECRET, id, body, SystemTime::now())
+    }
+
+    pub async fn post(
+        &self,
+        source: &str,
+        headers: &[(String, String)],
+        body: Vec<u8>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(format!("{}/webhooks/{source}", self.address))
+            .header("content-type", "application/json")
+            .body(body);
+        for (k, v) in headers {
+            request = request.header(k.as_str(), v.as_str());
+        }
+        request.send().await.expect("request sent")
+    }
+
+    /// A correctly signed delivery to `credicorp`.
+    pub async fn deliver(&self, id: &str, body: &str) -> reqwest::Response {
+        let headers = self.sign(id, body.as_bytes());
+        self.post("credicorp", &headers, body.as_bytes().to_vec())
+            .await
+    }
+
+    /// Stops gracefully and returns the data directory.
+    pub async fn stop(self) -> Arc<TempDir> {
+        self.stop.cancel();
+        self.task.await.expect("join").expect("clean stop");
+        self.dir
+    }
+}
+
+/// A body of event type `t`.
+pub fn event(t: &str, n: u32) -> String {
+    format!(r#"{{"type":"{t}","data":{{"n":{n}}}}}"#)
+}
+
+/// Polls `check` until it holds or `timeout` passes; returns whether it held.
+pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Asserts a contract error: status and `{"error": code, "message": …}`.
+pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) {
+    assert_eq!(
+        response.status().as_u16(),
+        status,
+        "expected {status} {code}"
+    );
+    let body: serde_json::Value = response.json().await.expect("JSON error body");
+    assert_eq!(body["error"], code, "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}

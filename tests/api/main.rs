@@ -1,0 +1,11 @@
+//! Integration tests against the real application: port 0, a temporary data directory.
+//! `TEST_LOG=1 cargo test` shows the service's logs.
+
+mod helpers;
+
+mod checks;
+mod claim;
+mod command;
+mod config;
+mod robustness;
+mod shutdown;
