@@ -242,6 +242,8 @@ pub enum HandlerConfig {
     Log(LogHandlerConfig),
     /// Runs a program with the body on stdin.
     Command(CommandHandlerConfig),
+    /// POSTs the body to a URL with an `Idempotency-Key`.
+    Http(HttpHandlerConfig),
 }
 
 impl HandlerConfig {
@@ -250,6 +252,7 @@ impl HandlerConfig {
         match self {
             HandlerConfig::Log(c) => c.binding(),
             HandlerConfig::Command(c) => c.binding(),
+            HandlerConfig::Http(c) => c.binding(),
         }
     }
 }
@@ -285,6 +288,24 @@ pub struct CommandHandlerConfig {
     pub timeout: Duration,
 }
 
+/// `kind = "http"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpHandlerConfig {
+    /// See [`Binding::name`].
+    pub name: String,
+    /// See [`Binding::source`].
+    pub source: Option<String>,
+    /// See [`Binding::events`].
+    #[serde(default = "default_events")]
+    pub events: Vec<String>,
+    /// Where to POST the raw body.
+    pub url: String,
+    /// Give up on one request (and retry) after this long.
+    #[serde(default = "default_handler_timeout", with = "humantime_duration")]
+    pub timeout: Duration,
+}
+
 fn default_handler_timeout() -> Duration {
     Duration::from_secs(30)
 }
@@ -303,7 +324,7 @@ macro_rules! binding_of {
         }
     )*};
 }
-binding_of!(LogHandlerConfig, CommandHandlerConfig);
+binding_of!(LogHandlerConfig, CommandHandlerConfig, HttpHandlerConfig);
 
 impl Config {
     /// Reads, parses and validates a configuration file.

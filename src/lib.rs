@@ -15,6 +15,7 @@
 //!   [`verify::Source::authenticate`] makes a delivery that can be claimed.
 //! - [`store`]: the [`store::DeliveryStore`] trait, its sled implementation, group commit.
 //! - [`dispatch`]: the worker pool over the durable queue; retries, back-off, dead letters.
+//! - [`retention`]: forgets deliveries older than `storage.retention`.
 //! - [`handlers`]: the [`handlers::Handler`] trait, the registry, the built-ins.
 //! - [`routes`]: the HTTP endpoints; [`error`]: the one error → HTTP table.
 //! - [`startup`]: builds and runs the service (the same code for `serve` and tests).
@@ -28,6 +29,7 @@ pub mod dispatch;
 pub mod error;
 pub mod fixture;
 pub mod handlers;
+pub mod retention;
 pub mod routes;
 pub mod startup;
 pub mod store;

@@ -231,6 +231,8 @@ impl ApplicationBuilder {
             dispatcher,
             store,
             cancel_handlers,
+            retention: config.storage.retention,
+            clock: self.clock,
         })
     }
 }
@@ -244,6 +246,8 @@ pub struct Application {
     dispatcher: Dispatcher,
     store: Arc<dyn DeliveryStore>,
     cancel_handlers: CancellationToken,
+    retention: std::time::Duration,
+    clock: Clock,
 }
 
 impl Application {
@@ -269,6 +273,12 @@ impl Application {
         let admin = tokio::spawn(self.admin);
         let stop_dispatch = CancellationToken::new();
         let dispatcher = tokio::spawn(self.dispatcher.run(stop_dispatch.clone()));
+        let sweeper = tokio::spawn(crate::retention::run(
+            self.store.clone(),
+            self.retention,
+            self.clock,
+            stop_dispatch.clone(),
+        ));
         let _cancel_on_exit = self.cancel_handlers.clone().drop_guard();
 
         shutdown.await;
@@ -277,6 +287,7 @@ impl Application {
         let served = server.await;
         stop_dispatch.cancel();
         let _ = dispatcher.await;
+        let _ = sweeper.await;
         admin_handle.stop(true).await;
         let _ = admin.await;
         if let Err(e) = self.store.flush().await {

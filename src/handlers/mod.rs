@@ -10,6 +10,7 @@
 //! downstream with that key cannot happen twice.
 
 mod command;
+mod http;
 mod log;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 pub use command::CommandHandler;
+pub use http::HttpHandler;
 pub use log::LogHandler;
 
 use crate::config::{Binding, Config, HandlerConfig};
@@ -216,6 +218,10 @@ impl HandlerRegistry {
                 HandlerConfig::Command(c) => {
                     Arc::new(CommandHandler::new(c.command.clone(), c.timeout))
                 }
+                HandlerConfig::Http(c) => Arc::new(
+                    HttpHandler::new(&c.url, c.timeout)
+                        .map_err(|e| format!("handler `{}`: {e}", c.name))?,
+                ),
             };
             entries.push(Registration::from_binding(handler.binding(), built)?);
         }

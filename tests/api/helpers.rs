@@ -80,6 +80,10 @@ pub struct Options {
     /// Use this store instead of opening one.
     pub store: Option<Arc<dyn DeliveryStore>>,
     pub recorder: Recorder,
+    /// More Rust handlers, beside the recorder.
+    pub handlers: Vec<Registration>,
+    pub retention: &'static str,
+    pub tolerance: &'static str,
 }
 
 impl Default for Options {
@@ -92,6 +96,9 @@ impl Default for Options {
             dir: None,
             store: None,
             recorder: Recorder::default(),
+            handlers: Vec::new(),
+            retention: "7d",
+            tolerance: "5m",
         }
     }
 }
@@ -125,7 +132,7 @@ workers = 2
 [storage]
 path = "{path}"
 durability = "{durability}"
-retention = "7d"
+retention = "{retention}"
 
 [dispatch]
 concurrency = 4
@@ -136,7 +143,7 @@ max_backoff = "100ms"
 [sources.credicorp]
 scheme = "standard-webhooks"
 secrets = ["{SECRET}"]
-tolerance = "5m"
+tolerance = "{tolerance}"
 ack = "{ack}"
 {extra}
 "#,
@@ -145,6 +152,8 @@ ack = "{ack}"
         durability = o.durability,
         ack = o.ack,
         extra = o.extra_toml,
+        retention = o.retention,
+        tolerance = o.tolerance,
     )
 }
 
@@ -162,6 +171,9 @@ pub async fn spawn_with(o: Options) -> TestApp {
     let config = Config::parse(&text, "test.toml").expect("test config is valid");
     let mut builder = ApplicationBuilder::new(config.clone())
         .handler(Registration::new("recorder", o.recorder.clone()).source("credicorp"));
+    for h in o.handlers {
+        builder = builder.handler(h);
+    }
     let store: Arc<dyn DeliveryStore> = match o.store {
         Some(store) => store,
         None => open_store(dir.path(), config.storage.durability, None).await,

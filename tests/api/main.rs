@@ -7,5 +7,8 @@ mod checks;
 mod claim;
 mod command;
 mod config;
+mod dispatch;
+mod http_handler;
+mod processed;
 mod robustness;
 mod shutdown;

@@ -1,0 +1,90 @@
+//! `kind = "http"`: POSTs the raw body to a URL, for handlers written as web services.
+//!
+//! Headers: `Idempotency-Key`, `Webhook-Source`, `Webhook-Id`, `Webhook-Event-Type`, and
+//! the delivery's `Content-Type`. 2xx succeeded; a 4xx other than 408, 409, 425 and 429
+//! failed for good (the request itself is wrong); everything else — 408/409/425/429, 5xx,
+//! timeouts, refused connections — is retried.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{Delivery, Handler, HandlerContext, HandlerError};
+
+/// How much of an error response body is kept as the error.
+const BODY_KEPT: usize = 512;
+
+/// POSTs each delivery to `url`.
+#[derive(Debug, Clone)]
+pub struct HttpHandler {
+    url: reqwest::Url,
+    client: reqwest::Client,
+}
+
+impl HttpHandler {
+    /// A handler posting to `url`, giving up on a request after `timeout`.
+    pub fn new(url: &str, timeout: Duration) -> Result<HttpHandler, String> {
+        let url = reqwest::Url::parse(url).map_err(|e| format!("url `{url}`: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("url `{url}`: only http and https are supported"));
+        }
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| format!("building the HTTP client: {e}"))?;
+        Ok(HttpHandler { url, client })
+    }
+}
+
+/// Whether a status means "never retry".
+pub fn is_permanent(status: u16) -> bool {
+    (400..500).contains(&status) && !matches!(status, 408 | 409 | 425 | 429)
+}
+
+#[async_trait]
+impl Handler for HttpHandler {
+    async fn handle(&self, d: &Delivery, ctx: &HandlerContext) -> Result<(), HandlerError> {
+        let content_type = d.headers.get("content-type").unwrap_or("application/json");
+        let request = self
+            .client
+            .post(self.url.clone())
+            .header("Idempotency-Key", &ctx.idempotency_key)
+            .header("Webhook-Source", &d.source)
+            .header("Webhook-Id", &d.id)
+            .header("Webhook-Event-Type", d.event_type.as_deref().unwrap_or(""))
+            .header("Content-Type", content_type)
+            .body(d.body.clone())
+            .send();
+        let response = tokio::select! {
+            r = request => r.map_err(|e| HandlerError::Retryable(format!("POST {}: {e}", self.url)))?,
+            () = ctx.shutdown.cancelled() => return Err(HandlerError::Retryable("stopped by shutdown".into())),
+        };
+        let status = response.status().as_u16();
+        if response.status().is_success() {
+            return Ok(());
+        }
+        let text = response.text().await.unwrap_or_default();
+        let excerpt: String = text.chars().take(BODY_KEPT).collect();
+        let message = format!("POST {} answered {status}: {excerpt}", self.url);
+        if is_permanent(status) {
+            Err(HandlerError::Permanent(message))
+        } else {
+            Err(HandlerError::Retryable(message))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_split_by_status() {
+        for s in [400, 401, 403, 404, 410, 413, 422] {
+            assert!(is_permanent(s), "{s}");
+        }
+        for s in [408, 409, 425, 429, 500, 502, 503, 504, 302] {
+            assert!(!is_permanent(s), "{s}");
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! The dispatcher over the durable queue, driven by tokio's paused clock: back-off,
+//! dead letters, siblings untouched, crash recovery, retention. Real sled store, real
+//! dispatcher; only time is simulated.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use webhook_inbox::clock::Clock;
+use webhook_inbox::config::{Config, DispatchConfig, Durability};
+use webhook_inbox::dispatch::{Dispatcher, Runner};
+use webhook_inbox::handlers::HandlerRegistry;
+use webhook_inbox::store::{
+    Claim, DeliveryKey, DeliveryRecord, DeliveryStore, JobStatus, NewDelivery, SledStore,
+    fingerprint,
+};
+use webhook_inbox::{Delivery, Handler, HandlerContext, HandlerError, Registration};
+
+/// Records (attempt, idempotency key, virtual time) and fails the first `fail_first` runs
+/// (`u32::MAX`: always; `permanent`: with a permanent error).
+#[derive(Clone)]
+struct Timed {
+    clock: Clock,
+    runs: Arc<Mutex<Vec<(u32, String, u64)>>>,
+    fail_first: u32,
+    permanent: bool,
+}
+
+impl Timed {
+    fn new(clock: Clock, fail_first: u32) -> Timed {
+        Timed {
+            clock,
+            runs: Arc::default(),
+            fail_first,
+            permanent: false,
+        }
+    }
+    fn runs(&self) -> Vec<(u32, String, u64)> {
+        self.runs.lock().expect("lock").clone()
+    }
+}
+
+#[async_trait]
+impl Handler for Timed {
+    async fn handle(&self, d: &Delivery, ctx: &HandlerContext) -> Result<(), HandlerError> {
+        self.runs.lock().expect("lock").push((
+            d.attempt,
+            ctx.idempotency_key.clone(),
+            self.clock.now_ms(),
+        ));
+        if d.attempt <= self.fail_first {
+            return Err(if self.permanent {
+                HandlerError::Permanent("no".into())
+            } else {
+                HandlerError::Retryable("not yet".into())
+            });
+        }
+        Ok(())
+    }
+}
+
+fn config() -> Config {
+    Config::parse(
+        "[sources.credicorp]\nsecrets = [\"whsec_dGVzdA==\"]\n",
+        "t.toml",
+    )
+    .expect("config")
+}
+
+fn dispatch_config() -> DispatchConfig {
+    DispatchConfig {
+        concurrency: 4,
+        max_attempts: 4,
+        initial_backoff: Duration::from_secs(1),
+        max_backoff: Duration::from_secs(3600),
+        shutdown_grace: Duration::from_secs(5),
+    }
+}
+
+fn open(dir: &std::path::Path) -> Arc<SledStore> {
+    Arc::new(SledStore::open(&dir.join("data"), Durability::Buffered, 8 << 20).expect("store"))
+}
+
+async fn claim(store: &dyn DeliveryStore, id: &str, handlers: &[&str], at_ms: u64) {
+    let body = Bytes::from(format!(r#"{{"type":"application.created","id":"{id}"}}"#));
+    let record = DeliveryRecord {
+        source: "credicorp".into(),
+        id: id.into(),
+        fingerprint: fingerprint(&body),
+        received_at_ms: at_ms,
+        event_type: Some("application.created".into()),
+        headers: Default::default(),
+        response: None,
+        lease_until_ms: None,
+        handlers: handlers.iter().map(|h| h.to_string()).collect(),
+    };
+    let claimed = store
+        .claim(NewDelivery {
+            record,
+            body,
+            enqueue: true,
+        })
+        .await
+        .expect("claim");
+    assert!(matches!(claimed, Claim::New));
+}
+
+async fn status(store: &dyn DeliveryStore, id: &str, handler: &str) -> Option<(JobStatus, u32)> {
+    store
+        .job(&DeliveryKey::new("credicorp", id).job(handler))
+        .await
+        .expect("read")
+        .map(|j| (j.status, j.attempts))
+}
+
+fn start(
+    store: Arc<dyn DeliveryStore>,
+    clock: Clock,
+    handlers: Vec<Registration>,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let registry = HandlerRegistry::build(&config(), handlers).expect("registry");
+    let dispatcher = Dispatcher::new(Runner {
+        store,
+        registry: Arc::new(registry),
+        config: dispatch_config(),
+        clock,
+        cancel: CancellationToken::new(),
+    });
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(dispatcher.run(stop.clone()));
+    (stop, task)
+}
+
+/// Polls in virtual time (each sleep lets the paused clock jump ahead).
+async fn until(mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..100_000 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("condition never held");
+}
+
+#[tokio::test(start_paused = true)]
+async fn fails_twice_then_succeeds_runs_three_times_with_growing_delays_and_one_key() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let store = open(dir.path());
+    let clock = Clock::tokio();
+    let flaky = Timed::new(clock, 2);
+    let steady = Timed::new(clock, 0);
+    let hopeless = Timed::new(clock, u32::MAX);
+    claim(
+        &*store,
+        "msg_1",
+        &["flaky", "steady", "hopeless"],
+        clock.now_ms(),
+    )
+    .await;
+    let (stop, task) = start(
+        store.clone(),
+        clock,
+        vec![
+            Registration::new("flaky", flaky.clone()),
+            Registration::new("steady", steady.clone()),
+            Registration::new("hopeless", hopeless.clone()),
+        ],
+    );
+    until(async || {
+        status(&*store, "msg_1", "hopeless")
+            .await
+            .is_some_and(|s| s.0 == JobStatus::Dead)
+    })
+    .await;
+    until(async || {
+        status(&*store, "msg_1", "flaky")
+            .await
+            .is_some_and(|s| s.0 == JobStatus::Succeeded)
+    })
+    .await;
+    // Far beyond every back-off: nothing else may run.
+    tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
+    stop.cancel();
+    task.await.expect("dispatcher stops");
+
+    let runs = flaky.runs();
+    assert_eq!(runs.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(runs.iter().all(|r| r.1 == runs[0].1), "one idempotency key");
+    let (d1, d2) = (runs[1].2 - runs[0].2, runs[2].2 - runs[1].2);
+    assert!(d1 >= 1000, "first retry waits initial_backoff: {d1} ms");
+    assert!(d2 > d1, "delays grow: {d1} ms then {d2} ms");
+
+    assert_eq!(
+        steady.runs().len(),
+        1,
+        "a sibling that succeeded never runs again"
+    );
+    assert_eq!(hopeless.runs().len(), 4, "max_attempts = 4");
+    assert_eq!(
+        status(&*store, "msg_1", "hopeless").await,
+        Some((JobStatus::Dead, 4))
+    );
+    assert_eq!(
+        status(&*store, "msg_1", "steady").await,
+        Some((JobStatus::Succeeded, 1))
+    );
+    let keys: std::collections::HashSet<_> = [&flaky, &steady, &hopeless]
+        .iter()
+        .map(|h| h.runs()[0].1.clone())
+        .collect();
+    assert_eq!(keys.len(), 3, "each handler has its own key");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_permanent_error_is_dead_at_once() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let store = open(dir.path());
+    let clock = Clock::tokio();
+    let mut refuses = Timed::new(clock, u32::MAX);
+    refuses.permanent = true;
+    claim(&*store, "msg_p", &["refuses"], clock.now_ms()).await;
+    let (stop, task) = start(
+        store.clone(),
+        clock,
+        vec![Registration::new("refuses", refuses.clone())],
+    );
+    until(async || {
+        status(&*store, "msg_p", "refuses")
+            .await
+            .is_some_and(|s| s.0 == JobStatus::Dead)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    stop.cancel();
+    task.await.expect("stops");
+    assert_eq!(refuses.runs().len(), 1);
+}
+
+/// A run that started but never recorded its end (the process died) runs again on the
+/// next start with attempt + 1 and the same key; a finished sibling does not.
+#[tokio::test(start_paused = true)]
+async fn a_run_interrupted_by_a_crash_resumes_with_the_next_attempt_and_the_same_key() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let clock = Clock::tokio();
+    let interrupted_key;
+    {
+        let store = open(dir.path());
+        claim(&*store, "msg_c", &["worker", "done"], clock.now_ms()).await;
+        let job = DeliveryKey::new("credicorp", "msg_c").job("worker");
+        interrupted_key = job.idempotency_key();
+        let started = store
+            .begin_attempt(&job, clock.now_ms())
+            .await
+            .expect("begin")
+            .expect("runnable");
+        assert_eq!(started.attempt, 1);
+        let done = DeliveryKey::new("credicorp", "msg_c").job("done");
+        store
+            .begin_attempt(&done, clock.now_ms())
+            .await
+            .expect("begin");
+        store
+            .finish_attempt(
+                &done,
+                webhook_inbox::store::AttemptOutcome::Succeeded,
+                clock.now_ms(),
+            )
+            .await
+            .expect("finish");
+        store.flush().await.expect("flush");
+        // The process dies here: no finish_attempt for `worker`.
+    }
+    let store = open(dir.path());
+    let worker = Timed::new(clock, 0);
+    let done = Timed::new(clock, 0);
+    let (stop, task) = start(
+        store.clone(),
+        clock,
+        vec![
+            Registration::new("worker", worker.clone()),
+            Registration::new("done", done.clone()),
+        ],
+    );
+    until(async || {
+        status(&*store, "msg_c", "worker")
+            .await
+            .is_some_and(|s| s.0 == JobStatus::Succeeded)
+    })
+    .await;
+    stop.cancel();
+    task.await.expect("stops");
+    assert_eq!(worker.runs().len(), 1);
+    assert_eq!(worker.runs()[0].0, 2, "attempt + 1");
+    assert_eq!(
+        worker.runs()[0].1,
+        interrupted_key,
+        "the same idempotency key"
+    );
+    assert!(
+        done.runs().is_empty(),
+        "a handler that succeeded never runs again"
+    );
+}
+
+/// Retention walks the received_at index: what is older than the retention goes (with its
+/// jobs and queue entries) and its id counts as new; what is younger stays.
+#[tokio::test(start_paused = true)]
+async fn retention_forgets_expired_ids_and_keeps_the_rest() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let store = open(dir.path());
+    let clock = Clock::tokio();
+    let retention = Duration::from_secs(7 * 24 * 3600);
+    claim(&*store, "msg_old", &["never"], clock.now_ms()).await; // queued, never run
+    tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
+    claim(&*store, "msg_young", &[], clock.now_ms()).await;
+    tokio::time::sleep(retention - Duration::from_secs(3600)).await;
+
+    let removed = webhook_inbox::retention::sweep_once(&*store, retention, &clock)
+        .await
+        .expect("sweep");
+    assert_eq!(removed, 1);
+    assert!(
+        store
+            .record(&DeliveryKey::new("credicorp", "msg_old"))
+            .await
+            .expect("read")
+            .is_none()
+    );
+    assert!(
+        status(&*store, "msg_old", "never").await.is_none(),
+        "its job went too"
+    );
+    assert_eq!(
+        store.next_due_ms(&|_| false).expect("queue"),
+        None,
+        "and its queue entry"
+    );
+    assert!(
+        store
+            .record(&DeliveryKey::new("credicorp", "msg_young"))
+            .await
+            .expect("read")
+            .is_some()
+    );
+    claim(&*store, "msg_old", &[], clock.now_ms()).await; // asserts Claim::New
+    assert_eq!(
+        webhook_inbox::retention::sweep_once(&*store, retention, &clock)
+            .await
+            .expect("sweep"),
+        0
+    );
+}

@@ -1,0 +1,210 @@
+//! The `http` handler against a real local HTTP server: the headers it sends, and the
+//! retry / give-up split by status code.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use webhook_inbox::config::Durability;
+use webhook_inbox::store::{DeliveryKey, DeliveryStore, JobStatus};
+
+use crate::helpers::{Options, event, open_store, spawn_with};
+
+#[derive(Clone, Debug)]
+struct Seen {
+    path: String,
+    headers: HashMap<String, String>,
+    body: Vec<u8>,
+}
+
+/// A downstream API: `/status/{a}/{b}/…` answers a, then b, … then 200 forever.
+#[derive(Clone, Default)]
+struct Downstream {
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+async fn downstream(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<Downstream>,
+) -> HttpResponse {
+    let path = req.path().to_owned();
+    let mut seen = state.seen.lock().expect("lock");
+    let nth = seen.iter().filter(|s| s.path == path).count();
+    seen.push(Seen {
+        path: path.clone(),
+        headers: req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+            .collect(),
+        body: body.to_vec(),
+    });
+    let script: Vec<u16> = path
+        .trim_start_matches("/status/")
+        .split('/')
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let status = script.get(nth).copied().unwrap_or(200);
+    HttpResponse::build(actix_web::http::StatusCode::from_u16(status).expect("status"))
+        .body("downstream says hi")
+}
+
+fn start_downstream() -> (Downstream, u16, actix_web::dev::ServerHandle) {
+    let state = Downstream::default();
+    let data = web::Data::new(state.clone());
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .default_service(web::to(downstream))
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(("127.0.0.1", 0))
+    .expect("bind");
+    let port = server.addrs()[0].port();
+    let server = server.run();
+    let handle = server.handle();
+    tokio::spawn(server);
+    (state, port, handle)
+}
+
+fn http_handler(name: &str, port: u16, path: &str) -> String {
+    format!(
+        "\n[[handlers]]\nname = \"{name}\"\nkind = \"http\"\nsource = \"credicorp\"\nurl = \"http://127.0.0.1:{port}{path}\"\ntimeout = \"10s\"\n"
+    )
+}
+
+#[tokio::test]
+async fn sends_the_documented_headers_and_splits_retry_from_give_up_by_status() {
+    let (downstream, port, server) = start_downstream();
+    let dir = Arc::new(tempfile::TempDir::new().expect("dir"));
+    let store = open_store(dir.path(), Durability::Fsync, None).await;
+    let cases = [
+        ("ok", "/status/200", JobStatus::Succeeded, 1),
+        (
+            "unavailable-then-ok",
+            "/status/503",
+            JobStatus::Succeeded,
+            2,
+        ),
+        (
+            "throttled-then-ok",
+            "/status/429/408",
+            JobStatus::Succeeded,
+            3,
+        ),
+        (
+            "conflict-then-ok",
+            "/status/409/425",
+            JobStatus::Succeeded,
+            3,
+        ),
+        ("rejected", "/status/422", JobStatus::Dead, 1),
+        ("gone", "/status/404", JobStatus::Dead, 1),
+        ("always-5xx", "/status/500/502/500/500", JobStatus::Dead, 3),
+    ];
+    let extra: String = cases
+        .iter()
+        .map(|(name, path, ..)| http_handler(name, port, path))
+        .collect();
+    let app = spawn_with(Options {
+        extra_toml: extra,
+        dir: Some(dir),
+        store: Some(store.clone()),
+        ..Options::default()
+    })
+    .await;
+    let body = "{\"type\": \"payment_link.paid\",  \"amount\": 10}";
+    assert_eq!(app.deliver("msg_http", body).await.status().as_u16(), 202);
+
+    let key = DeliveryKey::new("credicorp", "msg_http");
+    for (name, _, expected, attempts) in cases {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let job = store.job(&key.job(name)).await.expect("read").expect("job");
+            if job.status == expected && job.attempts == attempts {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline
+                    && !(job.status == JobStatus::Dead && expected != JobStatus::Dead),
+                "{name}: {job:?}, expected {expected:?} after {attempts}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    app.stop().await;
+    server.stop(true).await;
+
+    let seen = downstream.seen.lock().expect("lock").clone();
+    let first = seen
+        .iter()
+        .find(|s| s.path == "/status/200")
+        .expect("called");
+    assert_eq!(first.body, body.as_bytes(), "the raw body");
+    assert_eq!(
+        first.headers["idempotency-key"],
+        key.job("ok").idempotency_key()
+    );
+    assert_eq!(first.headers["webhook-source"], "credicorp");
+    assert_eq!(first.headers["webhook-id"], "msg_http");
+    assert_eq!(first.headers["webhook-event-type"], "payment_link.paid");
+    assert_eq!(first.headers["content-type"], "application/json");
+    let retried: Vec<_> = seen
+        .iter()
+        .filter(|s| s.path == "/status/429/408")
+        .collect();
+    assert_eq!(retried.len(), 3);
+    assert!(
+        retried
+            .iter()
+            .all(|s| s.headers["idempotency-key"] == retried[0].headers["idempotency-key"])
+    );
+    let error = store
+        .job(&key.job("rejected"))
+        .await
+        .expect("read")
+        .expect("job")
+        .last_error
+        .unwrap_or_default();
+    assert!(error.contains("422"), "{error}");
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_retried() {
+    // Bind then drop: nothing listens on this port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let dir = Arc::new(tempfile::TempDir::new().expect("dir"));
+    let store = open_store(dir.path(), Durability::Fsync, None).await;
+    let app = spawn_with(Options {
+        extra_toml: http_handler("nobody-home", port, "/"),
+        dir: Some(dir),
+        store: Some(store.clone()),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(
+        app.deliver("msg_refused", &event("payment_link.paid", 1))
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
+    let job = DeliveryKey::new("credicorp", "msg_refused").job("nobody-home");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let state = store.job(&job).await.expect("read").expect("job");
+        if state.status == JobStatus::Dead {
+            assert_eq!(state.attempts, 3, "retried up to max_attempts");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{state:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
