@@ -7,6 +7,7 @@ mod checks;
 mod claim;
 mod command;
 mod config;
+mod crash;
 mod dispatch;
 mod http_handler;
 mod processed;

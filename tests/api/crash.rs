@@ -1,0 +1,245 @@
+//! Crash test against the real binary: deliveries (with duplicates) under load while the
+//! process is killed with SIGKILL at random moments and restarted; the senders retry until
+//! acknowledged. Afterwards every acknowledged delivery's `command` handler has run, and it
+//! ran more than once only where a crash interrupted that very run: then in a later process,
+//! with the same idempotency key and a higher attempt number.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::{Rng, SeedableRng};
+use webhook_inbox::config::Config;
+use webhook_inbox::verify::Source;
+
+use crate::helpers::{Options, config_text};
+
+const DELIVERIES: usize = 150;
+const COPIES: usize = 2;
+const KILLS: usize = 6;
+const SENDERS: usize = 8;
+
+/// Starts the binary and returns it with its public port.
+fn start(config: &std::path::Path) -> (Child, u16) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v["fields"]["message"] == "webhook-inbox serving"
+                && let Some(port) = v["fields"]["listen"]
+                    .as_str()
+                    .and_then(|a| a.rsplit(':').next())
+                    .and_then(|p| p.parse::<u16>().ok())
+            {
+                let _ = tx.send(port);
+            }
+        }
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("serving line with the port");
+    (child, port)
+}
+
+#[derive(Debug, Clone)]
+struct RunLine {
+    phase: String,
+    attempt: u32,
+    key: String,
+    pid: String,
+}
+
+#[test]
+fn sigkill_at_random_moments_loses_no_acked_delivery_and_reruns_only_interrupted_runs() {
+    let seed: u64 = rand::random();
+    eprintln!("crash test seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dir = tempfile::TempDir::new().expect("dir");
+    let log = dir.path().join("runs.log");
+    let script = r#"echo "start $WEBHOOK_ID $WEBHOOK_ATTEMPT $IDEMPOTENCY_KEY $PPID" >> "$1"; cat > /dev/null; sleep 0.02; echo "end $WEBHOOK_ID $WEBHOOK_ATTEMPT $IDEMPOTENCY_KEY $PPID" >> "$1""#;
+    let extra = format!(
+        "\n[[handlers]]\nname = \"effect\"\nkind = \"command\"\nsource = \"credicorp\"\ncommand = [\"sh\", \"-c\", {script:?}, \"sh\", \"{}\"]\n",
+        log.display()
+    );
+    let text = config_text(
+        dir.path(),
+        &Options {
+            extra_toml: extra,
+            ..Options::default()
+        },
+    );
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, &text).expect("write config");
+    let config = Config::parse(&text, "t.toml").expect("config");
+    let source = Source::from_config("credicorp", &config.sources["credicorp"], "t.toml", &|_| {
+        None
+    })
+    .expect("source");
+
+    let (mut child, port) = start(&config_path);
+    let current_port = Arc::new(AtomicU16::new(port));
+    let acked = Arc::new(AtomicUsize::new(0));
+
+    // Every copy of every delivery, shuffled, shared by the senders.
+    let mut work: Vec<usize> = (0..DELIVERIES)
+        .flat_map(|i| std::iter::repeat_n(i, COPIES))
+        .collect();
+    for i in (1..work.len()).rev() {
+        work.swap(i, rng.gen_range(0..=i));
+    }
+    let work = Arc::new(std::sync::Mutex::new(work));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|_| {
+            let work = work.clone();
+            let port = current_port.clone();
+            let acked = acked.clone();
+            let source_sign = {
+                let cfg = config.sources["credicorp"].clone();
+                move |id: &str, body: &[u8]| {
+                    Source::from_config("credicorp", &cfg, "t.toml", &|_| None)
+                        .expect("source")
+                        .sign(id, body, SystemTime::now())
+                }
+            };
+            runtime.spawn(async move {
+                let client = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .expect("client");
+                loop {
+                    let Some(i) = work.lock().expect("lock").pop() else {
+                        return;
+                    };
+                    let id = format!("msg_crash_{i:04}");
+                    let body = format!(r#"{{"type":"application.created","data":{{"n":{i}}}}}"#);
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    loop {
+                        assert!(Instant::now() < deadline, "{id} never acknowledged");
+                        let mut request = client
+                            .post(format!(
+                                "http://127.0.0.1:{}/webhooks/credicorp",
+                                port.load(Ordering::SeqCst)
+                            ))
+                            .body(body.clone());
+                        // A real sender re-signs every attempt.
+                        for (k, v) in source_sign(&id, body.as_bytes()) {
+                            request = request.header(k, v);
+                        }
+                        match request.send().await {
+                            Ok(r) if r.status().as_u16() == 202 => {
+                                acked.fetch_add(1, Ordering::SeqCst);
+                                break;
+                            }
+                            Ok(r) => assert!(r.status().is_server_error(), "{id}: {}", r.status()),
+                            Err(_) => {} // the process is down: retry
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(source);
+
+    let mut kills = 0;
+    while kills < KILLS {
+        std::thread::sleep(Duration::from_millis(rng.gen_range(30..300)));
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaped");
+        kills += 1;
+        let (next, port) = start(&config_path);
+        child = next;
+        current_port.store(port, Ordering::SeqCst);
+    }
+    for s in senders {
+        runtime.block_on(s).expect("sender finished");
+    }
+    assert_eq!(
+        acked.load(Ordering::SeqCst),
+        DELIVERIES * COPIES,
+        "every copy acknowledged"
+    );
+
+    // Wait for the surviving process to finish every handler run.
+    let read_runs = || -> BTreeMap<String, Vec<RunLine>> {
+        let mut runs: BTreeMap<String, Vec<RunLine>> = BTreeMap::new();
+        for line in std::fs::read_to_string(&log).unwrap_or_default().lines() {
+            let parts: Vec<&str> = line.split(' ').collect();
+            if let [phase, id, attempt, key, pid] = parts[..] {
+                runs.entry(id.to_owned()).or_default().push(RunLine {
+                    phase: phase.to_owned(),
+                    attempt: attempt.parse().expect("attempt"),
+                    key: key.to_owned(),
+                    pid: pid.to_owned(),
+                });
+            }
+        }
+        runs
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let runs = read_runs();
+        let finished = runs
+            .values()
+            .filter(|r| r.iter().any(|l| l.phase == "end"))
+            .count();
+        if finished == DELIVERIES {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {finished} of {DELIVERIES} deliveries were handled"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().expect("exit");
+    assert!(
+        status.success(),
+        "graceful exit after the crash cycles: {status:?}"
+    );
+
+    let runs = read_runs();
+    let mut reruns = 0;
+    for (id, lines) in &runs {
+        let starts: Vec<&RunLine> = lines.iter().filter(|l| l.phase == "start").collect();
+        assert!(!starts.is_empty(), "{id}");
+        assert!(
+            starts.iter().all(|s| s.key == starts[0].key),
+            "{id}: one idempotency key: {starts:?}"
+        );
+        for pair in starts.windows(2) {
+            reruns += 1;
+            assert!(
+                pair[1].attempt > pair[0].attempt,
+                "{id}: a rerun has a higher attempt: {starts:?}"
+            );
+            assert_ne!(
+                pair[1].pid, pair[0].pid,
+                "{id}: reran only in a later process, after a crash: {starts:?}"
+            );
+        }
+    }
+    // Each kill can interrupt at most `dispatch.concurrency` (4) runs in flight.
+    assert!(reruns <= KILLS * 4, "{reruns} reruns for {KILLS} kills");
+    let pids: HashSet<&str> = runs.values().flatten().map(|l| l.pid.as_str()).collect();
+    eprintln!(
+        "crash test: {KILLS} SIGKILL cycles, {DELIVERIES} deliveries x {COPIES} copies, {} processes ran handlers, {reruns} runs repeated after a crash",
+        pids.len()
+    );
+}
