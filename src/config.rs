@@ -174,6 +174,16 @@ pub enum SchemeName {
     /// <https://www.standardwebhooks.com/> (and Svix's header names).
     #[default]
     StandardWebhooks,
+    /// `Stripe-Signature: t=…,v1=…`.
+    Stripe,
+    /// `X-Hub-Signature-256`.
+    Github,
+    /// `X-Slack-Signature` over `v0:{ts}:{body}`.
+    Slack,
+    /// `X-Shopify-Hmac-Sha256`.
+    Shopify,
+    /// Generic HMAC-SHA256, configured per source.
+    HmacSha256,
 }
 
 /// When the sender gets its answer.
@@ -205,8 +215,26 @@ pub struct SourceConfig {
     /// `durable` or `processed`.
     #[serde(default)]
     pub ack: AckMode,
+    /// `standard-webhooks` `v1a`: ed25519 public keys, `whpk_<base64>`.
+    #[serde(default)]
+    pub public_keys: Vec<String>,
     /// Override: header carrying the delivery id.
     pub id_header: Option<String>,
+    /// Override: JSON pointer of the delivery id in the body.
+    pub id_pointer: Option<String>,
+    /// Treat a signed body already seen under another id as a replay of the first. Default:
+    /// on where the id is not covered by the signature.
+    pub body_dedup: Option<bool>,
+    /// `hmac-sha256`: header carrying the signature.
+    pub signature_header: Option<String>,
+    /// `hmac-sha256`: text before the encoded signature, e.g. `sha256=`.
+    pub prefix: Option<String>,
+    /// `hmac-sha256`: `hex` (default) or `base64`.
+    pub encoding: Option<crate::verify::hmac_generic::Encoding>,
+    /// `hmac-sha256`: header carrying the signed Unix timestamp.
+    pub timestamp_header: Option<String>,
+    /// `hmac-sha256`: signed content over `{id}`, `{timestamp}`, `{body}`.
+    pub signed_content: Option<String>,
     /// Override: header carrying the event type.
     pub event_type_header: Option<String>,
     /// Override: JSON pointer of the event type in the body.
@@ -372,7 +400,10 @@ impl Config {
                     humantime::format_duration(source.tolerance)
                 ));
             }
-            if source.secrets.is_empty() && source.secrets_env.is_none() {
+            if source.secrets.is_empty()
+                && source.secrets_env.is_none()
+                && source.public_keys.is_empty()
+            {
                 return err(format!(
                     "sources.{name}.secrets is empty: set `secrets` or `secrets_env`"
                 ));

@@ -19,7 +19,7 @@ use crate::startup::AppState;
 use crate::store::{
     Claim, DeliveryRecord, JobStatus, NewDelivery, StoredResponse, TakeOver, fingerprint,
 };
-use crate::verify::{AuthenticatedDelivery, Headers};
+use crate::verify::{Authenticated, AuthenticatedDelivery, Headers, Source};
 
 /// How long an `ack = "processed"` claimant holds a delivery before another copy may take
 /// it over (a crash must not lock an id forever).
@@ -128,6 +128,7 @@ pub async fn receive(
         Ok(Outcome::Accepted(_)) => "accepted",
         Ok(Outcome::Processed(_)) => "processed",
         Ok(Outcome::Replayed(_)) => "replayed",
+        Ok(Outcome::Handshake(_)) => "handshake",
         Err(e) => e.code(),
     };
     span.record("outcome", outcome);
@@ -146,6 +147,8 @@ enum Outcome {
     Accepted(StoredResponse),
     Processed(StoredResponse),
     Replayed(StoredResponse),
+    /// A provider handshake (Slack's `url_verification`), answered and not recorded.
+    Handshake(String),
 }
 
 impl Outcome {
@@ -153,6 +156,9 @@ impl Outcome {
         match self {
             Outcome::Accepted(r) | Outcome::Processed(r) => answer(&r, false),
             Outcome::Replayed(r) => answer(&r, true),
+            Outcome::Handshake(body) => HttpResponse::Ok()
+                .content_type("application/json")
+                .body(body),
         }
     }
 }
@@ -169,14 +175,17 @@ async fn handle(
         .get(source_name)
         .ok_or(ApiError::UnknownSource)?;
     let body = read_body(req, payload, state.max_body_bytes).await?;
-    let delivery = source.authenticate(headers_of(req), body, state.clock.now())?;
+    let delivery = match source.authenticate(headers_of(req), body, state.clock.now())? {
+        Authenticated::Delivery(d) => d,
+        Authenticated::Handshake(answer) => return Ok(Outcome::Handshake(answer)),
+    };
     span.record("delivery_id", delivery.id.as_str());
     if let Some(t) = &delivery.event_type {
         span.record("event_type", t.as_str());
     }
 
     let received_at_ms = state.clock.now_ms();
-    let new = new_record(state, source.ack, delivery, received_at_ms);
+    let new = new_record(state, source, delivery, received_at_ms);
     let record = new.record.clone();
     match state.store.claim(new).await.map_err(storage)? {
         Claim::New => match source.ack {
@@ -221,10 +230,11 @@ async fn handle(
 
 fn new_record(
     state: &AppState,
-    ack: AckMode,
+    source: &Source,
     d: AuthenticatedDelivery,
     received_at_ms: u64,
 ) -> NewDelivery {
+    let ack = source.ack;
     let handlers = state.registry.matching(&d.source, d.event_type.as_deref());
     let mut record = DeliveryRecord {
         source: d.source,
@@ -245,6 +255,7 @@ fn new_record(
         record,
         body: d.body,
         enqueue: ack == AckMode::Durable,
+        body_dedup: source.body_dedup,
     }
 }
 

@@ -231,6 +231,9 @@ pub struct NewDelivery {
     pub body: Bytes,
     /// Queue every job for background dispatch now (`ack = "durable"`).
     pub enqueue: bool,
+    /// Also claim the body's fingerprint within the source: a body already recorded under
+    /// another id makes this claim return that delivery ([`Claim::Existing`]).
+    pub body_dedup: bool,
 }
 
 /// The result of a claim.

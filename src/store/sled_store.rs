@@ -9,6 +9,7 @@
 //! | `jobs`       | `source \0 id \0 handler`        | [`JobState`], JSON       |
 //! | `queue`      | due ms (u64 BE) ++ job key       | empty                    |
 //! | `received`   | received ms (u64 BE) ++ `source \0 id` | empty              |
+//! | `body_index` | `source \0 fingerprint`         | delivery id (body dedup) |
 //!
 //! Big-endian times make sled's key order the time order, so "what is due" and "what has
 //! expired" are range scans from the front. JSON keeps records readable and lets later
@@ -42,6 +43,7 @@ pub struct SledStore {
     jobs: sled::Tree,
     queue: sled::Tree,
     received: sled::Tree,
+    body_index: sled::Tree,
     durability: Durability,
     commit: GroupCommit,
 }
@@ -76,6 +78,10 @@ fn queue_key(due_ms: u64, job: &[u8]) -> Vec<u8> {
 fn split_time_key(k: &[u8]) -> Option<(u64, &[u8])> {
     let (t, rest) = k.split_first_chunk::<8>()?;
     Some((u64::from_be_bytes(*t), rest))
+}
+
+fn body_index_key(source: &str, fingerprint: &str) -> Vec<u8> {
+    DeliveryKey::new(source, fingerprint).encode()
 }
 
 fn decode_delivery_key(bytes: &[u8]) -> Option<DeliveryKey> {
@@ -158,12 +164,13 @@ impl SledStore {
             .open()
             .map_err(backend)?;
         let tree = |name: &str| db.open_tree(name).map_err(backend);
-        let (deliveries, bodies, jobs, queue, received) = (
+        let (deliveries, bodies, jobs, queue, received, body_index) = (
             tree("deliveries")?,
             tree("bodies")?,
             tree("jobs")?,
             tree("queue")?,
             tree("received")?,
+            tree("body_index")?,
         );
         let data_file = File::open(path.join("db"))
             .map_err(|e| StoreError::Backend(format!("opening sled's data file: {e}")))?;
@@ -186,6 +193,7 @@ impl SledStore {
             jobs,
             queue,
             received,
+            body_index,
             durability,
             commit: GroupCommit::start(sync),
         })
@@ -266,10 +274,20 @@ impl SledStore {
 impl DeliveryStore for SledStore {
     async fn claim(&self, new: NewDelivery) -> Result<Claim, StoreError> {
         let key = new.record.key().encode();
+        let fp_key = body_index_key(&new.record.source, &new.record.fingerprint);
         // Fast path for redeliveries: no transaction, no write.
         if let Some(existing) = self.read_record(&key)? {
             self.settle_read().await?;
             return Ok(Claim::Existing(existing));
+        }
+        if new.body_dedup
+            && let Some(first_id) = self.body_index.get(&fp_key).map_err(backend)?
+            && let Some(first) = self.read_record(
+                &DeliveryKey::new(&new.record.source, String::from_utf8_lossy(&first_id)).encode(),
+            )?
+        {
+            self.settle_read().await?;
+            return Ok(Claim::Existing(first));
         }
         let record_json = to_json(&new.record);
         let received_key = queue_key(new.record.received_at_ms, &key);
@@ -291,16 +309,29 @@ impl DeliveryStore for SledStore {
             .collect();
         let outcome = self
             .durable(|| {
+                let source = new.record.source.as_str();
                 let result = (
                     &self.deliveries,
                     &self.bodies,
                     &self.jobs,
                     &self.queue,
                     &self.received,
+                    &self.body_index,
                 )
-                    .transaction(|(d, b, j, q, r)| {
+                    .transaction(|(d, b, j, q, r, bi)| {
                         if let Some(existing) = d.get(&key)? {
                             return Err(ConflictableTransactionError::Abort(existing));
+                        }
+                        if new.body_dedup {
+                            if let Some(first_id) = bi.get(&fp_key)?
+                                && let Some(first) = d.get(
+                                    DeliveryKey::new(source, String::from_utf8_lossy(&first_id))
+                                        .encode(),
+                                )?
+                            {
+                                return Err(ConflictableTransactionError::Abort(first));
+                            }
+                            bi.insert(fp_key.as_slice(), new.record.id.as_bytes())?;
                         }
                         d.insert(key.as_slice(), record_json.as_slice())?;
                         b.insert(key.as_slice(), new.body.as_ref())?;
@@ -542,14 +573,24 @@ impl DeliveryStore for SledStore {
                     .iter()
                     .flat_map(|r| r.handlers.iter().map(|h| key.job(h).encode()))
                     .collect();
+                let fp_key = record
+                    .as_ref()
+                    .map(|r| body_index_key(&r.source, &r.fingerprint));
                 let result = (
                     &self.deliveries,
                     &self.bodies,
                     &self.jobs,
                     &self.queue,
                     &self.received,
+                    &self.body_index,
                 )
-                    .transaction(|(d, b, j, q, r)| {
+                    .transaction(|(d, b, j, q, r, bi)| {
+                        // The body index entry goes only if it still names this delivery.
+                        if let Some(fp_key) = &fp_key
+                            && bi.get(fp_key)?.is_some_and(|id| id == key.id.as_bytes())
+                        {
+                            bi.remove(fp_key.as_slice())?;
+                        }
                         for jk in &job_keys {
                             if let Some(bytes) = j.remove(jk.as_slice())?
                                 && let Ok(state) = serde_json::from_slice::<JobState>(&bytes)

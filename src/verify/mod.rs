@@ -9,13 +9,26 @@
 //! Secrets live in [`Secret`], whose `Debug` is redacted; no error carries the expected
 //! signature, only which check failed.
 
+pub mod hmac_generic;
+mod mac;
+pub mod presets;
 mod standard_webhooks;
+pub mod stripe;
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
 pub use standard_webhooks::StandardWebhooks;
+
+/// Seconds between `ts` and `now`, in whichever direction.
+pub(crate) fn skew(ts: i64, now: SystemTime) -> Duration {
+    let now_s = match now.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    };
+    Duration::from_secs(now_s.abs_diff(ts))
+}
 
 use crate::config::{AckMode, ConfigError, SchemeName, SourceConfig};
 use crate::error::ApiError;
@@ -105,15 +118,36 @@ pub trait SignatureScheme: Send + Sync + std::fmt::Debug {
 
     /// Where this scheme takes the event type from by default.
     fn default_event_type_field(&self) -> Field;
+
+    /// Whether the header `name` is covered by the signature (then an id read from it
+    /// cannot be swapped by a replayer, and body dedup is not needed).
+    fn signs_header(&self, _name: &str) -> bool {
+        false
+    }
+
+    /// A provider handshake to answer directly instead of recording a delivery (Slack's
+    /// `url_verification`): the JSON body to answer 200 with.
+    fn handshake(&self, _body: &[u8]) -> Option<String> {
+        None
+    }
+}
+
+/// Why a derived field could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldError {
+    /// The body had to be JSON and is not.
+    NotJson,
 }
 
 /// Where a value is read from in a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Field {
     /// A header, by name.
     Header(String),
     /// A JSON pointer into the body (RFC 6901).
     Pointer(String),
+    /// Computed from the body by the scheme (Slack's JSON-or-form bodies).
+    Derived(fn(&[u8]) -> Result<Option<String>, FieldError>),
 }
 
 /// A delivery id: 1 to 255 bytes, no control characters.
@@ -150,6 +184,8 @@ pub struct Source {
     pub name: String,
     /// When the sender gets its answer.
     pub ack: AckMode,
+    /// Index the body's fingerprint so a signed body resent under a fresh id is a replay.
+    pub body_dedup: bool,
     scheme: Box<dyn SignatureScheme>,
     tolerance: Duration,
     id_field: Field,
@@ -172,6 +208,40 @@ pub struct AuthenticatedDelivery {
     pub body: Bytes,
 }
 
+/// What an authenticated request is.
+#[derive(Debug, Clone)]
+pub enum Authenticated {
+    /// A delivery to claim.
+    Delivery(AuthenticatedDelivery),
+    /// A provider handshake, answered 200 with this JSON and not recorded.
+    Handshake(String),
+}
+
+fn config_error(file: &str, name: &str, message: impl std::fmt::Display) -> ConfigError {
+    ConfigError::new(file, format!("sources.{name}: {message}"))
+}
+
+/// Keys that only the generic `hmac-sha256` scheme reads.
+fn generic_only_keys(config: &SourceConfig) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    if config.signature_header.is_some() {
+        keys.push("signature_header");
+    }
+    if config.prefix.is_some() {
+        keys.push("prefix");
+    }
+    if config.encoding.is_some() {
+        keys.push("encoding");
+    }
+    if config.timestamp_header.is_some() {
+        keys.push("timestamp_header");
+    }
+    if config.signed_content.is_some() {
+        keys.push("signed_content");
+    }
+    keys
+}
+
 impl Source {
     /// Builds a source from its config, decoding every secret; `env` looks up `secrets_env`.
     pub fn from_config(
@@ -183,9 +253,10 @@ impl Source {
         let mut raw_secrets = config.secrets.clone();
         if let Some(var) = &config.secrets_env {
             let value = env(var).ok_or_else(|| {
-                ConfigError::new(
+                config_error(
                     file,
-                    format!("sources.{name}.secrets_env: environment variable {var} is not set"),
+                    name,
+                    format!("secrets_env: environment variable {var} is not set"),
                 )
             })?;
             raw_secrets.extend(
@@ -196,46 +267,121 @@ impl Source {
                     .map(String::from),
             );
         }
-        if raw_secrets.is_empty() {
+        if raw_secrets.is_empty() && config.public_keys.is_empty() {
             return Err(ConfigError::new(
                 file,
                 format!("sources.{name}.secrets is empty: set `secrets` or `secrets_env`"),
             ));
         }
+        if config.scheme != SchemeName::StandardWebhooks && !config.public_keys.is_empty() {
+            return Err(config_error(
+                file,
+                name,
+                "public_keys is only for scheme standard-webhooks",
+            ));
+        }
+        if config.scheme != SchemeName::HmacSha256
+            && let Some(key) = generic_only_keys(config).first()
+        {
+            return Err(config_error(
+                file,
+                name,
+                format!("{key} is only for scheme hmac-sha256"),
+            ));
+        }
+        if config.id_header.is_some() && config.id_pointer.is_some() {
+            return Err(config_error(
+                file,
+                name,
+                "set id_header or id_pointer, not both",
+            ));
+        }
+        let secrets_error = |e: String| config_error(file, name, format!("secrets: {e}"));
         let scheme: Box<dyn SignatureScheme> = match config.scheme {
             SchemeName::StandardWebhooks => Box::new(
-                StandardWebhooks::new(&raw_secrets)
-                    .map_err(|e| ConfigError::new(file, format!("sources.{name}.secrets: {e}")))?,
+                StandardWebhooks::with_public_keys(&raw_secrets, &config.public_keys)
+                    .map_err(secrets_error)?,
             ),
+            SchemeName::Stripe => {
+                Box::new(stripe::Stripe::new(&raw_secrets).map_err(secrets_error)?)
+            }
+            SchemeName::Github => Box::new(presets::github(&raw_secrets).map_err(secrets_error)?),
+            SchemeName::Shopify => Box::new(presets::shopify(&raw_secrets).map_err(secrets_error)?),
+            SchemeName::Slack => Box::new(presets::slack(&raw_secrets).map_err(secrets_error)?),
+            SchemeName::HmacSha256 => {
+                let signature_header = config.signature_header.clone().ok_or_else(|| {
+                    config_error(
+                        file,
+                        name,
+                        "signature_header is required for scheme hmac-sha256",
+                    )
+                })?;
+                Box::new(
+                    hmac_generic::HmacScheme::new(
+                        &raw_secrets,
+                        hmac_generic::HmacSettings {
+                            signature_header,
+                            prefix: config.prefix.clone().unwrap_or_default(),
+                            encoding: config.encoding.unwrap_or_default(),
+                            timestamp_header: config.timestamp_header.clone(),
+                            signed_content: config.signed_content.clone(),
+                            id_header: config.id_header.clone(),
+                            id_field: match (&config.id_header, &config.id_pointer) {
+                                (Some(h), _) => Field::Header(h.clone()),
+                                (None, Some(p)) => Field::Pointer(p.clone()),
+                                (None, None) => {
+                                    return Err(config_error(
+                                        file,
+                                        name,
+                                        "scheme hmac-sha256 needs id_header or id_pointer",
+                                    ));
+                                }
+                            },
+                            event_type_field: Field::Pointer("/type".into()),
+                            handshake: None,
+                        },
+                    )
+                    .map_err(|e| config_error(file, name, e))?,
+                )
+            }
         };
-        let id_field = match &config.id_header {
-            Some(h) => Field::Header(h.clone()),
-            None => scheme.default_id_field(),
+        let pointer = |key: &str, p: &str| {
+            if p.is_empty() || p.starts_with('/') {
+                Ok(Field::Pointer(p.to_owned()))
+            } else {
+                Err(config_error(
+                    file,
+                    name,
+                    format!("{key} `{p}` must start with '/'"),
+                ))
+            }
+        };
+        let id_field = match (&config.id_header, &config.id_pointer) {
+            (Some(h), _) => Field::Header(h.clone()),
+            (None, Some(p)) => pointer("id_pointer", p)?,
+            (None, None) => scheme.default_id_field(),
         };
         let event_type_field = match (&config.event_type_header, &config.event_type_pointer) {
             (Some(_), Some(_)) => {
-                return Err(ConfigError::new(
+                return Err(config_error(
                     file,
-                    format!(
-                        "sources.{name}: set event_type_header or event_type_pointer, not both"
-                    ),
+                    name,
+                    "set event_type_header or event_type_pointer, not both",
                 ));
             }
             (Some(h), None) => Field::Header(h.clone()),
-            (None, Some(p)) => {
-                if !(p.is_empty() || p.starts_with('/')) {
-                    return Err(ConfigError::new(
-                        file,
-                        format!("sources.{name}.event_type_pointer `{p}` must start with '/'"),
-                    ));
-                }
-                Field::Pointer(p.clone())
-            }
+            (None, Some(p)) => pointer("event_type_pointer", p)?,
             (None, None) => scheme.default_event_type_field(),
+        };
+        // An id read from the (signed) body, or from a signed header, cannot be swapped.
+        let id_signed = match &id_field {
+            Field::Header(h) => scheme.signs_header(h),
+            Field::Pointer(_) | Field::Derived(_) => true,
         };
         Ok(Source {
             name: name.to_owned(),
             ack: config.ack,
+            body_dedup: config.body_dedup.unwrap_or(!id_signed),
             scheme,
             tolerance: config.tolerance,
             id_field,
@@ -249,7 +395,7 @@ impl Source {
         headers: Headers,
         body: Bytes,
         now: SystemTime,
-    ) -> Result<AuthenticatedDelivery, ApiError> {
+    ) -> Result<Authenticated, ApiError> {
         self.scheme
             .verify(&headers, &body, now, self.tolerance)
             .map_err(|e| match e {
@@ -257,45 +403,42 @@ impl Source {
                 VerifyError::Invalid => ApiError::InvalidSignature,
                 VerifyError::OutOfTolerance => ApiError::TimestampOutOfTolerance,
             })?;
+        if let Some(answer) = self.scheme.handshake(&body) {
+            return Ok(Authenticated::Handshake(answer));
+        }
 
         let mut json: Option<serde_json::Value> = None;
-        let mut parse_json = || -> Result<serde_json::Value, ApiError> {
-            if let Some(v) = &json {
-                return Ok(v.clone());
+        let mut read = |field: &Field| -> Result<Option<String>, ApiError> {
+            match field {
+                Field::Header(h) => Ok(headers.get(h).map(str::to_owned)),
+                Field::Derived(f) => f(&body).map_err(|FieldError::NotJson| ApiError::InvalidJson),
+                Field::Pointer(p) => {
+                    if json.is_none() {
+                        json =
+                            Some(serde_json::from_slice(&body).map_err(|_| ApiError::InvalidJson)?);
+                    }
+                    Ok(json
+                        .as_ref()
+                        .and_then(|j| j.pointer(p))
+                        .and_then(|v| v.as_str())
+                        .map(str::to_owned))
+                }
             }
-            let v: serde_json::Value =
-                serde_json::from_slice(&body).map_err(|_| ApiError::InvalidJson)?;
-            json = Some(v.clone());
-            Ok(v)
         };
-
-        let raw_id = match &self.id_field {
-            Field::Header(h) => headers.get(h).map(str::to_owned),
-            Field::Pointer(p) => parse_json()?
-                .pointer(p)
-                .and_then(|v| v.as_str())
-                .map(str::to_owned),
-        };
+        let raw_id = read(&self.id_field)?;
         let id = raw_id
             .as_deref()
             .and_then(DeliveryId::parse)
             .ok_or(ApiError::InvalidDeliveryId)?;
+        let event_type = read(&self.event_type_field)?;
 
-        let event_type = match &self.event_type_field {
-            Field::Header(h) => headers.get(h).map(str::to_owned),
-            Field::Pointer(p) => parse_json()?
-                .pointer(p)
-                .and_then(|v| v.as_str())
-                .map(str::to_owned),
-        };
-
-        Ok(AuthenticatedDelivery {
+        Ok(Authenticated::Delivery(AuthenticatedDelivery {
             source: self.name.clone(),
             id,
             event_type,
             headers,
             body,
-        })
+        }))
     }
 
     /// Headers a sender would attach; see [`SignatureScheme::sign`].
@@ -307,6 +450,11 @@ impl Source {
             headers.push((h.clone(), id.to_owned()));
         }
         headers
+    }
+
+    /// Where this source reads the delivery id (where `replay` must put a fixture's id).
+    pub fn id_field(&self) -> &Field {
+        &self.id_field
     }
 }
 
@@ -322,6 +470,54 @@ mod tests {
         assert!(DeliveryId::parse(&"a".repeat(256)).is_none());
         assert!(DeliveryId::parse("a\nb").is_none());
         assert!(DeliveryId::parse("a\u{7f}").is_none());
+    }
+
+    mod parsers_never_panic {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn at() -> SystemTime {
+            UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+        }
+
+        proptest! {
+            #[test]
+            fn stripe_header(value in ".{0,200}") {
+                let _ = stripe::parse_header(&value);
+            }
+
+            #[test]
+            fn signature_lists(value in ".{0,200}", prefix in "[a-z0-9=]{0,8}") {
+                let _ = hmac_generic::parse_signature_list(&value, &prefix, |t| hex::decode(t).ok());
+            }
+
+            #[test]
+            fn every_scheme_on_arbitrary_headers(
+                sig in ".{0,160}",
+                ts in ".{0,24}",
+                id in ".{0,40}",
+                body in proptest::collection::vec(any::<u8>(), 0..256),
+            ) {
+                let secrets = vec!["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned()];
+                let schemes: Vec<Box<dyn SignatureScheme>> = vec![
+                    Box::new(StandardWebhooks::new(&secrets).expect("ok")),
+                    Box::new(stripe::Stripe::new(&secrets).expect("ok")),
+                    Box::new(presets::github(&secrets).expect("ok")),
+                    Box::new(presets::slack(&secrets).expect("ok")),
+                    Box::new(presets::shopify(&secrets).expect("ok")),
+                ];
+                let headers = Headers::from_pairs([
+                    ("webhook-signature", sig.as_str()), ("webhook-timestamp", ts.as_str()),
+                    ("webhook-id", id.as_str()), ("stripe-signature", sig.as_str()),
+                    ("x-hub-signature-256", sig.as_str()), ("x-slack-signature", sig.as_str()),
+                    ("x-slack-request-timestamp", ts.as_str()), ("x-shopify-hmac-sha256", sig.as_str()),
+                ]);
+                for scheme in &schemes {
+                    // Random input is never a valid signature.
+                    prop_assert!(scheme.verify(&headers, &body, at(), Duration::from_secs(300)).is_err());
+                }
+            }
+        }
     }
 
     #[test]

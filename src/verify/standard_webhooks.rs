@@ -9,26 +9,32 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use hmac::{Mac, digest::KeyInit};
+use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
 
-use super::{Field, Headers, Secret, SignatureScheme, VerifyError};
-
-type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+use super::mac::{HmacSha256, hmac_sha256, matches_any, tag};
+use super::{Field, Headers, Secret, SignatureScheme, VerifyError, skew};
 
 /// Header names: the standard ones first, Svix's as a fallback.
 const ID: [&str; 2] = ["webhook-id", "svix-id"];
 const TIMESTAMP: [&str; 2] = ["webhook-timestamp", "svix-timestamp"];
 const SIGNATURE: [&str; 2] = ["webhook-signature", "svix-signature"];
 
-/// The `standard-webhooks` scheme with its decoded secrets.
+/// The `standard-webhooks` scheme with its decoded secrets (`v1`, HMAC) and public keys
+/// (`v1a`, ed25519).
 #[derive(Debug)]
 pub struct StandardWebhooks {
     secrets: Vec<Secret>,
+    public_keys: Vec<VerifyingKey>,
 }
 
 impl StandardWebhooks {
     /// Decodes `whsec_<base64>` (or bare base64) secrets. The error never shows a secret.
     pub fn new(raw: &[String]) -> Result<Self, String> {
+        Self::with_public_keys(raw, &[])
+    }
+
+    /// Secrets and `whpk_<base64>` ed25519 public keys; at least one of either.
+    pub fn with_public_keys(raw: &[String], public_keys: &[String]) -> Result<Self, String> {
         let secrets = raw
             .iter()
             .enumerate()
@@ -43,36 +49,43 @@ impl StandardWebhooks {
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if secrets.is_empty() {
-            return Err("no secrets".into());
+        let public_keys = public_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let b64 = k.strip_prefix("whpk_").unwrap_or(k);
+                BASE64
+                    .decode(b64)
+                    .ok()
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .and_then(|b| VerifyingKey::from_bytes(&b).ok())
+                    .ok_or_else(|| {
+                        format!(
+                            "public key #{} is not `whpk_` followed by a base64 ed25519 key",
+                            i + 1
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if secrets.is_empty() && public_keys.is_empty() {
+            return Err("no secrets and no public keys".into());
         }
-        Ok(Self { secrets })
+        Ok(Self {
+            secrets,
+            public_keys,
+        })
     }
 
     fn mac(secret: &Secret, id: &str, timestamp: &str, body: &[u8]) -> HmacSha256 {
-        // HMAC accepts keys of any length, so this cannot fail.
-        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(secret.expose())
-            .expect("HMAC takes keys of any length");
-        mac.update(id.as_bytes());
-        mac.update(b".");
-        mac.update(timestamp.as_bytes());
-        mac.update(b".");
-        mac.update(body);
-        mac
+        hmac_sha256(
+            secret.expose(),
+            &[id.as_bytes(), b".", timestamp.as_bytes(), b".", body],
+        )
     }
 }
 
 fn first_header<'h>(headers: &'h Headers, names: &[&str]) -> Option<&'h str> {
     names.iter().find_map(|n| headers.get(n))
-}
-
-/// Seconds between `ts` and `now`, in whichever direction.
-pub(crate) fn skew(ts: i64, now: SystemTime) -> Duration {
-    let now_s = match now.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs() as i64),
-    };
-    Duration::from_secs(now_s.abs_diff(ts))
 }
 
 impl SignatureScheme for StandardWebhooks {
@@ -94,23 +107,38 @@ impl SignatureScheme for StandardWebhooks {
         let id = first_header(headers, &ID).unwrap_or("");
         let ts: i64 = timestamp.trim().parse().map_err(|_| VerifyError::Invalid)?;
 
-        let candidates: Vec<Vec<u8>> = signatures
-            .split_whitespace()
-            .filter_map(|part| part.strip_prefix("v1,"))
-            .filter_map(|b64| BASE64.decode(b64).ok())
-            .collect();
-        if candidates.is_empty() {
+        let decoded = |version: &str| -> Vec<Vec<u8>> {
+            signatures
+                .split_whitespace()
+                .filter_map(|part| part.split_once(','))
+                .filter(|(v, _)| *v == version)
+                .filter_map(|(_, b64)| BASE64.decode(b64).ok())
+                .collect()
+        };
+        let (v1, v1a) = (decoded("v1"), decoded("v1a"));
+        if v1.is_empty() && v1a.is_empty() {
             return Err(VerifyError::Invalid);
         }
-        let matched = self.secrets.iter().any(|secret| {
-            let mac = Self::mac(secret, id, timestamp, body);
-            // `verify_slice` compares in constant time; every candidate is tried so the
-            // time taken does not reveal which one matched.
-            candidates
-                .iter()
-                .fold(false, |ok, c| mac.clone().verify_slice(c).is_ok() | ok)
-        });
-        if !matched {
+        let hmac_ok = !v1.is_empty()
+            && self.secrets.iter().fold(false, |ok, s| {
+                matches_any(&Self::mac(s, id, timestamp, body), &v1) | ok
+            });
+        let ed25519_ok = !v1a.is_empty() && {
+            let mut content = Vec::with_capacity(id.len() + timestamp.len() + body.len() + 2);
+            content.extend_from_slice(id.as_bytes());
+            content.push(b'.');
+            content.extend_from_slice(timestamp.as_bytes());
+            content.push(b'.');
+            content.extend_from_slice(body);
+            v1a.iter()
+                .filter_map(|sig| Signature::from_slice(sig).ok())
+                .any(|sig| {
+                    self.public_keys
+                        .iter()
+                        .any(|k| k.verify(&content, &sig).is_ok())
+                })
+        };
+        if !(hmac_ok || ed25519_ok) {
             return Err(VerifyError::Invalid);
         }
         if skew(ts, now) > tolerance {
@@ -125,16 +153,16 @@ impl SignatureScheme for StandardWebhooks {
             .map(|d| d.as_secs())
             .unwrap_or(0)
             .to_string();
-        let tag = Self::mac(&self.secrets[0], id, &ts, body)
-            .finalize()
-            .into_bytes();
+        // With only public keys configured there is nothing to sign with.
+        let signature = self
+            .secrets
+            .first()
+            .map(|s| format!("v1,{}", BASE64.encode(tag(Self::mac(s, id, &ts, body)))))
+            .unwrap_or_default();
         vec![
             ("webhook-id".into(), id.to_owned()),
             ("webhook-timestamp".into(), ts),
-            (
-                "webhook-signature".into(),
-                format!("v1,{}", BASE64.encode(tag)),
-            ),
+            ("webhook-signature".into(), signature),
         ]
     }
 
@@ -144,6 +172,10 @@ impl SignatureScheme for StandardWebhooks {
 
     fn default_event_type_field(&self) -> Field {
         Field::Pointer("/type".into())
+    }
+
+    fn signs_header(&self, name: &str) -> bool {
+        ID.iter().any(|h| h.eq_ignore_ascii_case(name))
     }
 }
 
@@ -265,6 +297,41 @@ mod tests {
             s.verify(&headers(SIG, "soon"), BODY, at(TS), TOL),
             Err(VerifyError::Invalid)
         );
+    }
+
+    // No published v1a vector exists; this one was made independently with OpenSSL:
+    // `openssl genpkey -algorithm ed25519`, then `openssl pkeyutl -sign -rawin` over
+    // `msg_p5jXN8AQM9LWM0D4loKWxJek.1614265330.{"test": 2432232314}`.
+    const V1A_KEY: &str = "whpk_FHYdymzpKFNrmHnGjemY9+RBsjCgX1Gfms8jLQ8lBbM=";
+    const V1A_SIG: &str = "v1a,I5YMiddSpJ4cX/1j4aPfW8DiHUQukd+YluL5Y7DtlY8aLnAhcRys/K9/yEhk2gzW4tf4s00VGQOowaeuS0EIAg==";
+
+    #[test]
+    fn v1a_ed25519_signatures_verify_against_public_keys() {
+        let s = StandardWebhooks::with_public_keys(&[], &[V1A_KEY.into()]).expect("key");
+        assert_eq!(
+            s.verify(&headers(V1A_SIG, "1614265330"), BODY, at(TS), TOL),
+            Ok(())
+        );
+        // Next to a v1 it cannot check (no secret), and with the body tampered.
+        let both = format!("{SIG} {V1A_SIG}");
+        assert_eq!(
+            s.verify(&headers(&both, "1614265330"), BODY, at(TS), TOL),
+            Ok(())
+        );
+        assert_eq!(
+            s.verify(&headers(V1A_SIG, "1614265330"), b"{}", at(TS), TOL),
+            Err(VerifyError::Invalid)
+        );
+        assert_eq!(
+            s.verify(&headers(V1A_SIG, "1614265330"), BODY, at(TS + 301), TOL),
+            Err(VerifyError::OutOfTolerance)
+        );
+        // A v1a signature is not accepted by a source that only has HMAC secrets.
+        assert_eq!(
+            scheme(&[SECRET]).verify(&headers(V1A_SIG, "1614265330"), BODY, at(TS), TOL),
+            Err(VerifyError::Invalid)
+        );
+        assert!(StandardWebhooks::with_public_keys(&[], &["whpk_AAAA".into()]).is_err());
     }
 
     #[test]

@@ -101,6 +101,7 @@ async fn claim(store: &dyn DeliveryStore, id: &str, handlers: &[&str], at_ms: u6
             record,
             body,
             enqueue: true,
+            body_dedup: false,
         })
         .await
         .expect("claim");

@@ -233,6 +233,13 @@ impl TestApp {
         source.sign(id, body, at)
     }
 
+    /// Headers for `source` of this app's config, signed now with its first secret.
+    pub fn sign_for(&self, source: &str, id: &str, body: &[u8]) -> Vec<(String, String)> {
+        Source::from_config(source, &self.config.sources[source], "test.toml", &|_| None)
+            .expect("source")
+            .sign(id, body, SystemTime::now())
+    }
+
     pub fn sign(&self, id: &str, body: &[u8]) -> Vec<(String, String)> {
         self.sign_with(SECRET, id, body, SystemTime::now())
     }

@@ -12,4 +12,5 @@ mod dispatch;
 mod http_handler;
 mod processed;
 mod robustness;
+mod schemes;
 mod shutdown;
