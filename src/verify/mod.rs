@@ -296,7 +296,8 @@ impl Source {
                 "set id_header or id_pointer, not both",
             ));
         }
-        let secrets_error = |e: String| config_error(file, name, format!("secrets: {e}"));
+        let secrets_error =
+            |e: String| ConfigError::new(file, format!("sources.{name}.secrets: {e}"));
         let scheme: Box<dyn SignatureScheme> = match config.scheme {
             SchemeName::StandardWebhooks => Box::new(
                 StandardWebhooks::with_public_keys(&raw_secrets, &config.public_keys)

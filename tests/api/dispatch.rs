@@ -79,8 +79,18 @@ fn dispatch_config() -> DispatchConfig {
     }
 }
 
+/// Opens the store; after a previous instance in this process was dropped, sled may hold
+/// its file lock a moment longer (its IO threads finish on their own), so retry on a real
+/// clock until a deadline.
 fn open(dir: &std::path::Path) -> Arc<SledStore> {
-    Arc::new(SledStore::open(&dir.join("data"), Durability::Buffered, 8 << 20).expect("store"))
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match SledStore::open(&dir.join("data"), Durability::Buffered, 8 << 20) {
+            Ok(store) => return Arc::new(store),
+            Err(e) if std::time::Instant::now() > deadline => panic!("store does not open: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
 }
 
 async fn claim(store: &dyn DeliveryStore, id: &str, handlers: &[&str], at_ms: u64) {

@@ -1,7 +1,6 @@
 //! SIGTERM against the real binary: stop accepting, finish the request in flight, exit 0.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -13,7 +12,22 @@ use crate::helpers::{Options, config_text};
 #[test]
 fn sigterm_finishes_the_request_in_flight_and_exits_zero() {
     let dir = tempfile::TempDir::new().expect("dir");
-    let text = config_text(dir.path(), &Options::default());
+    // `ack = "processed"` with a handler that waits for a file: the request is provably in
+    // flight (the handler has started) when the signal arrives.
+    let script =
+        r#"touch "$1/started"; while [ ! -e "$1/release" ]; do sleep 0.01; done; cat > /dev/null"#;
+    let extra = format!(
+        "\n[[handlers]]\nname = \"slow\"\nkind = \"command\"\nsource = \"credicorp\"\ncommand = [\"sh\", \"-c\", {script:?}, \"sh\", \"{}\"]\n",
+        dir.path().display()
+    );
+    let text = config_text(
+        dir.path(),
+        &Options {
+            ack: "processed",
+            extra_toml: extra,
+            ..Options::default()
+        },
+    );
     let config_path = dir.path().join("config.toml");
     std::fs::write(&config_path, &text).expect("write config");
     let mut child = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
@@ -51,18 +65,30 @@ fn sigterm_finishes_the_request_in_flight_and_exits_zero() {
         None
     })
     .expect("source");
-    let body = br#"{"type":"application.created","data":{"n":1}}"#;
-    let mut request = format!(
-        "POST /webhooks/credicorp HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in source.sign("msg_in_flight", body, SystemTime::now()) {
-        request.push_str(&format!("{k}: {v}\r\n"));
+    let body = br#"{"type":"application.created","data":{"n":1}}"#.to_vec();
+    let headers = source.sign("msg_in_flight", &body, SystemTime::now());
+    let request = std::thread::spawn(move || {
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("client");
+        let mut request = client
+            .post(format!("http://127.0.0.1:{port}/webhooks/credicorp"))
+            .body(body);
+        for (k, v) in headers {
+            request = request.header(k, v);
+        }
+        let response = request.send().expect("answered");
+        (
+            response.status().as_u16(),
+            response.text().unwrap_or_default(),
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dir.path().join("started").exists() {
+        assert!(Instant::now() < deadline, "the handler never started");
+        std::thread::sleep(Duration::from_millis(10));
     }
-    request.push_str("\r\n");
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream.write_all(request.as_bytes()).expect("headers");
-    stream.write_all(&body[..10]).expect("half the body");
 
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -71,20 +97,17 @@ fn sigterm_finishes_the_request_in_flight_and_exits_zero() {
     assert!(killed.success());
     // Wait until the listener is closed: the signal has been handled.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_ok() {
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
         assert!(Instant::now() < deadline, "still accepting after SIGTERM");
         std::thread::sleep(Duration::from_millis(10));
     }
-    stream.write_all(&body[10..]).expect("rest of the body");
-    let mut response = String::new();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    let _ = stream.read_to_string(&mut response);
     assert!(
-        response.starts_with("HTTP/1.1 202"),
-        "in-flight request finished: {response}"
+        child.try_wait().expect("wait").is_none(),
+        "exited with a request in flight"
     );
+    std::fs::write(dir.path().join("release"), b"").expect("release");
+    let (status, text) = request.join().expect("request thread");
+    assert_eq!(status, 200, "the in-flight request finished: {text}");
 
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
