@@ -36,6 +36,36 @@ pub enum Command {
         #[arg(long, default_value = "config.toml")]
         config: PathBuf,
     },
+    /// Sign fixtures like their sender would and send them.
+    Replay {
+        /// Configuration file (sources and secrets to sign with).
+        #[arg(long, default_value = "config.toml")]
+        config: PathBuf,
+        /// Base URL of the service (default: `server.listen` of the config).
+        #[arg(long)]
+        target: Option<String>,
+        /// Send each fixture this many times.
+        #[arg(long, default_value_t = 1)]
+        times: usize,
+        /// Requests in flight at once (copies of one fixture race each other).
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Send a bad signature; every answer must be 401.
+        #[arg(long)]
+        tamper: bool,
+        /// Give every copy a fresh delivery id.
+        #[arg(long)]
+        new_ids: bool,
+        /// Fixture files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Stored deliveries.
+    Deliveries {
+        /// What to do with them.
+        #[command(subcommand)]
+        command: DeliveriesCommand,
+    },
     /// Print the headers and body a sender would send for a fixture, signed now.
     Sign {
         /// Configuration file.
@@ -43,6 +73,24 @@ pub enum Command {
         config: PathBuf,
         /// Fixture file (`fixtures/<source>/<name>.json`).
         fixture: PathBuf,
+    },
+}
+
+/// `deliveries …`
+#[derive(Debug, Subcommand)]
+pub enum DeliveriesCommand {
+    /// Write a stored delivery as a fixture (reads the data directory of a stopped server).
+    Export {
+        /// Configuration file (`storage.path`).
+        #[arg(long, default_value = "config.toml")]
+        config: PathBuf,
+        /// Source name.
+        source: String,
+        /// Delivery id.
+        id: String,
+        /// Write here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -61,6 +109,38 @@ pub async fn run(cli: Cli) -> ExitCode {
             }
             Err(e) => fail(e),
         },
+        Command::Replay {
+            config,
+            target,
+            times,
+            concurrency,
+            tamper,
+            new_ids,
+            paths,
+        } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(e) => return fail(e),
+            };
+            let options = crate::replay::ReplayOptions {
+                target: target.unwrap_or_else(|| format!("http://{}", config.server.listen)),
+                times,
+                concurrency,
+                tamper,
+                new_ids,
+                verbose: true,
+            };
+            replay(&config, &paths, &options).await
+        }
+        Command::Deliveries {
+            command:
+                DeliveriesCommand::Export {
+                    config,
+                    source,
+                    id,
+                    out,
+                },
+        } => export(&config, &source, &id, out).await,
         Command::Sign { config, fixture } => {
             match load(&config).and_then(|c| crate::fixture::sign_fixture(&c, &fixture)) {
                 Ok(text) => {
@@ -69,6 +149,50 @@ pub async fn run(cli: Cli) -> ExitCode {
                 }
                 Err(e) => fail(e),
             }
+        }
+    }
+}
+
+async fn replay(
+    config: &Config,
+    paths: &[PathBuf],
+    options: &crate::replay::ReplayOptions,
+) -> ExitCode {
+    match crate::replay::run(config, paths, options).await {
+        Ok(summary) => {
+            println!("{}", summary.report());
+            if summary.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => fail(e),
+    }
+}
+
+async fn export(
+    config: &std::path::Path,
+    source: &str,
+    id: &str,
+    out: Option<PathBuf>,
+) -> ExitCode {
+    let config = match load(config) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let text = match crate::export::export_from_data_dir(&config, source, id).await {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    match out {
+        Some(path) => match std::fs::write(&path, format!("{text}\n")) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(format!("{}: {e}", path.display())),
+        },
+        None => {
+            println!("{text}");
+            ExitCode::SUCCESS
         }
     }
 }

@@ -4,31 +4,36 @@
 //! { "source": "credicorp", "id": "msg_…", "headers": { }, "body": { "type": "…" } }
 //! ```
 //! `body` is JSON (sent compact) or `body_raw` a string sent byte for byte; `id` goes where
-//! the source's scheme takes it.
+//! the source's scheme takes it (a header, or the body's id field). `deliveries export`
+//! writes a stored delivery in this form, so a real delivery captured in production can be
+//! replayed on a laptop.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
+use crate::store::DeliveryRecord;
 use crate::verify::Source;
 
 /// A fixture file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fixture {
     /// Source name.
     pub source: String,
     /// Delivery id.
     pub id: String,
-    /// Extra headers to send.
-    #[serde(default)]
+    /// Extra headers to send (provider headers such as `X-GitHub-Event`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
     /// A JSON body, sent compact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<serde_json::Value>,
     /// A body sent byte for byte.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body_raw: Option<String>,
 }
 
@@ -43,6 +48,28 @@ pub struct SignedRequest {
     pub body: Vec<u8>,
 }
 
+/// Headers a sender sets per request, never part of a fixture: signatures, timestamps, and
+/// what the HTTP layer recomputes.
+const TRANSPORT_HEADERS: [&str; 17] = [
+    "host",
+    "content-length",
+    "connection",
+    "accept-encoding",
+    "transfer-encoding",
+    "user-agent",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "svix-id",
+    "svix-timestamp",
+    "svix-signature",
+    "stripe-signature",
+    "x-hub-signature-256",
+    "x-hub-signature",
+    "x-slack-signature",
+    "x-slack-request-timestamp",
+];
+
 impl Fixture {
     /// Reads a fixture file.
     pub fn load(path: &Path) -> Result<Fixture, String> {
@@ -51,17 +78,62 @@ impl Fixture {
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    /// The body bytes as they are sent.
-    pub fn body_bytes(&self) -> Result<Vec<u8>, String> {
-        match (&self.body, &self.body_raw) {
-            (Some(v), None) => Ok(v.to_string().into_bytes()),
-            (None, Some(raw)) => Ok(raw.clone().into_bytes()),
-            _ => Err("a fixture has exactly one of `body` and `body_raw`".into()),
+    /// The fixture of a stored delivery. The body stays `body` (JSON) when sending it compact
+    /// gives back the very bytes received, else it is kept byte for byte in `body_raw`.
+    pub fn from_record(record: &DeliveryRecord, body: &[u8], id_header: Option<&str>) -> Fixture {
+        let json = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .filter(|v| v.to_string().as_bytes() == body);
+        let headers = record
+            .headers
+            .0
+            .iter()
+            .filter(|(k, _)| {
+                !TRANSPORT_HEADERS.contains(&k.as_str())
+                    && !k.eq_ignore_ascii_case("x-shopify-hmac-sha256")
+                    && id_header.is_none_or(|h| !h.eq_ignore_ascii_case(k))
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Fixture {
+            source: record.source.clone(),
+            id: record.id.clone(),
+            headers,
+            body_raw: json
+                .is_none()
+                .then(|| String::from_utf8_lossy(body).into_owned()),
+            body: json,
         }
     }
 
-    /// Signs this fixture with its source's scheme and first secret at `now`.
-    pub fn sign(&self, config: &Config, now: SystemTime) -> Result<SignedRequest, String> {
+    /// The body bytes as they are sent, with `id` written at `id_pointer` when the source
+    /// reads the id from a JSON body.
+    pub fn body_bytes(&self, id: &str, id_pointer: Option<&str>) -> Result<Vec<u8>, String> {
+        match (&self.body, &self.body_raw) {
+            (Some(v), None) => {
+                let mut v = v.clone();
+                if let Some(slot) = id_pointer.and_then(|p| v.pointer_mut(p)) {
+                    *slot = serde_json::Value::String(id.to_owned());
+                }
+                Ok(v.to_string().into_bytes())
+            }
+            (None, Some(raw)) => Ok(raw.clone().into_bytes()),
+            _ => Err(format!(
+                "fixture `{}`: give exactly one of `body` and `body_raw`",
+                self.id
+            )),
+        }
+    }
+
+    /// Signs this fixture as delivery `id` with its source's scheme and first secret at
+    /// `now`; `tamper` flips the signature so the service must answer 401.
+    pub fn sign_as(
+        &self,
+        config: &Config,
+        id: &str,
+        now: SystemTime,
+        tamper: bool,
+    ) -> Result<SignedRequest, String> {
         let source_config = config
             .sources
             .get(&self.source)
@@ -70,17 +142,21 @@ impl Fixture {
             std::env::var(k).ok()
         })
         .map_err(|e| e.to_string())?;
-        let body = self.body_bytes()?;
+        let body = self.body_bytes(id, source.id_pointer())?;
         let mut headers: Vec<(String, String)> =
             vec![("content-type".into(), "application/json".into())];
-        headers.extend(
-            self.headers
-                .iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone())),
-        );
-        for (k, v) in source.sign(&self.id, &body, now) {
+        for (k, v) in &self.headers {
+            headers.retain(|(h, _)| !h.eq_ignore_ascii_case(k));
+            headers.push((k.to_ascii_lowercase(), v.clone()));
+        }
+        // Signed over the real body; a tampered request then sends other bytes.
+        for (k, v) in source.sign(id, &body, now) {
             headers.retain(|(h, _)| !h.eq_ignore_ascii_case(&k));
             headers.push((k, v));
+        }
+        let mut body = body;
+        if tamper {
+            body.push(b' ');
         }
         Ok(SignedRequest {
             path: format!("/webhooks/{}", self.source),
@@ -88,6 +164,38 @@ impl Fixture {
             body,
         })
     }
+
+    /// Signs this fixture under its own id, now.
+    pub fn sign(&self, config: &Config, now: SystemTime) -> Result<SignedRequest, String> {
+        self.sign_as(config, &self.id, now, false)
+    }
+}
+
+/// Every `*.json` file under `paths` (files as given, directories recursively), sorted.
+pub fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
+        let entries =
+            std::fs::read_dir(dir).map_err(|e| format!("{}: cannot list: {e}", dir.display()))?;
+        for entry in entries {
+            let path = entry.map_err(|e| e.to_string())?.path();
+            if path.is_dir() {
+                walk(&path, out)?;
+            } else if path.extension().is_some_and(|e| e == "json") {
+                out.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            walk(path, &mut out)?;
+        } else {
+            out.push(path.clone());
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// `webhook-inbox sign`: the request as text, headers then a blank line then the body.

@@ -27,14 +27,19 @@ pub mod clock;
 pub mod config;
 pub mod dispatch;
 pub mod error;
+pub mod export;
 pub mod fixture;
 pub mod handlers;
+pub mod replay;
 pub mod retention;
 pub mod routes;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod testing;
 pub mod verify;
 
+/// Re-exported so a plugin can write `#[webhook_inbox::async_trait]` on its `impl Handler`.
+pub use async_trait::async_trait;
 pub use handlers::{Delivery, Handler, HandlerContext, HandlerError, Registration};
 pub use startup::{Application, ApplicationBuilder};

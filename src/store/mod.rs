@@ -293,6 +293,9 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// Reads a record.
     async fn record(&self, key: &DeliveryKey) -> Result<Option<DeliveryRecord>, StoreError>;
 
+    /// Reads a delivery's raw body.
+    async fn body(&self, key: &DeliveryKey) -> Result<Option<Bytes>, StoreError>;
+
     /// Reads a job's state.
     async fn job(&self, key: &JobKey) -> Result<Option<JobState>, StoreError>;
 

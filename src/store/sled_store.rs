@@ -366,6 +366,14 @@ impl DeliveryStore for SledStore {
         self.read_record(&key.encode())
     }
 
+    async fn body(&self, key: &DeliveryKey) -> Result<Option<Bytes>, StoreError> {
+        Ok(self
+            .bodies
+            .get(key.encode())
+            .map_err(backend)?
+            .map(|b| Bytes::copy_from_slice(&b)))
+    }
+
     async fn job(&self, key: &JobKey) -> Result<Option<JobState>, StoreError> {
         self.read_job(&key.encode())
     }

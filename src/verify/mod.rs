@@ -132,6 +132,9 @@ pub trait SignatureScheme: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// Computes a field from the body.
+pub type DeriveFn = fn(&[u8]) -> Result<Option<String>, FieldError>;
+
 /// Why a derived field could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FieldError {
@@ -146,8 +149,9 @@ pub enum Field {
     Header(String),
     /// A JSON pointer into the body (RFC 6901).
     Pointer(String),
-    /// Computed from the body by the scheme (Slack's JSON-or-form bodies).
-    Derived(fn(&[u8]) -> Result<Option<String>, FieldError>),
+    /// Computed from the body by the scheme (Slack's JSON-or-form bodies), with the JSON
+    /// pointer it reads when the body is JSON (where a fixture's id is written).
+    Derived(DeriveFn, Option<&'static str>),
 }
 
 /// A delivery id: 1 to 255 bytes, no control characters.
@@ -377,7 +381,7 @@ impl Source {
         // An id read from the (signed) body, or from a signed header, cannot be swapped.
         let id_signed = match &id_field {
             Field::Header(h) => scheme.signs_header(h),
-            Field::Pointer(_) | Field::Derived(_) => true,
+            Field::Pointer(_) | Field::Derived(..) => true,
         };
         Ok(Source {
             name: name.to_owned(),
@@ -412,7 +416,9 @@ impl Source {
         let mut read = |field: &Field| -> Result<Option<String>, ApiError> {
             match field {
                 Field::Header(h) => Ok(headers.get(h).map(str::to_owned)),
-                Field::Derived(f) => f(&body).map_err(|FieldError::NotJson| ApiError::InvalidJson),
+                Field::Derived(f, _) => {
+                    f(&body).map_err(|FieldError::NotJson| ApiError::InvalidJson)
+                }
                 Field::Pointer(p) => {
                     if json.is_none() {
                         json =
@@ -453,9 +459,22 @@ impl Source {
         headers
     }
 
-    /// Where this source reads the delivery id (where `replay` must put a fixture's id).
-    pub fn id_field(&self) -> &Field {
-        &self.id_field
+    /// The header carrying the delivery id, when the id is read from a header.
+    pub fn id_header(&self) -> Option<&str> {
+        match &self.id_field {
+            Field::Header(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// The JSON pointer of the delivery id in the body, when the id is read from the body
+    /// (where `replay` writes a fixture's id).
+    pub fn id_pointer(&self) -> Option<&str> {
+        match &self.id_field {
+            Field::Pointer(p) => Some(p),
+            Field::Derived(_, p) => *p,
+            Field::Header(_) => None,
+        }
     }
 }
 

@@ -59,8 +59,8 @@ pub fn slack(secrets: &[String]) -> Result<HmacScheme, String> {
             timestamp_header: Some("X-Slack-Request-Timestamp".into()),
             signed_content: Some("v0:{timestamp}:{body}".into()),
             id_header: None,
-            id_field: Field::Derived(slack_id),
-            event_type_field: Field::Derived(slack_event_type),
+            id_field: Field::Derived(slack_id, Some("/event_id")),
+            event_type_field: Field::Derived(slack_event_type, None),
             handshake: Some(slack_url_verification),
         },
     )

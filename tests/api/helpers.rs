@@ -162,21 +162,35 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_with(o: Options) -> TestApp {
-    init_logs();
     let dir = o
         .dir
         .clone()
         .unwrap_or_else(|| Arc::new(TempDir::new().expect("temp dir")));
     let text = config_text(dir.path(), &o);
     let config = Config::parse(&text, "test.toml").expect("test config is valid");
-    let mut builder = ApplicationBuilder::new(config.clone())
-        .handler(Registration::new("recorder", o.recorder.clone()).source("credicorp"));
-    for h in o.handlers {
+    let recorder = Registration::new("recorder", o.recorder.clone()).source("credicorp");
+    let mut handlers = vec![recorder];
+    handlers.extend(o.handlers);
+    spawn_config(config, dir, o.store, handlers, o.recorder).await
+}
+
+/// Spawns the app on an already-built config (its listen addresses and storage path are
+/// used as they are).
+pub async fn spawn_config(
+    config: Config,
+    dir: Arc<TempDir>,
+    store: Option<Arc<dyn DeliveryStore>>,
+    handlers: Vec<Registration>,
+    recorder: Recorder,
+) -> TestApp {
+    init_logs();
+    let mut builder = ApplicationBuilder::new(config.clone());
+    for h in handlers {
         builder = builder.handler(h);
     }
-    let store: Arc<dyn DeliveryStore> = match o.store {
+    let store: Arc<dyn DeliveryStore> = match store {
         Some(store) => store,
-        None => open_store(dir.path(), config.storage.durability, None).await,
+        None => open_store_at(&config.storage.path, config.storage.durability, None).await,
     };
     builder = builder.store(store);
     let app = builder.build().await.expect("app builds");
@@ -190,10 +204,21 @@ pub async fn spawn_with(o: Options) -> TestApp {
         client: reqwest::Client::new(),
         dir,
         config,
-        recorder: o.recorder,
+        recorder,
         stop,
         task,
     }
+}
+
+/// The repository's own config.toml, on port 0 with its data in `dir`.
+pub fn shipped_config(dir: &std::path::Path) -> Config {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
+    let mut config = Config::load(path.as_ref()).expect("config.toml is valid");
+    config.server.listen = "127.0.0.1:0".parse().expect("addr");
+    config.server.admin_listen = "127.0.0.1:0".parse().expect("addr");
+    config.server.workers = 2;
+    config.storage.path = dir.join("data");
+    config
 }
 
 /// Opens the sled store at `dir/data`. sled releases its file lock when the previous
@@ -204,10 +229,19 @@ pub async fn open_store(
     durability: Durability,
     hook: Option<FlushHook>,
 ) -> Arc<SledStore> {
+    open_store_at(&dir.join("data"), durability, hook).await
+}
+
+/// [`open_store`] at an exact path.
+pub async fn open_store_at(
+    path: &std::path::Path,
+    durability: Durability,
+    hook: Option<FlushHook>,
+) -> Arc<SledStore> {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut hook = hook;
     loop {
-        match SledStore::open_with_hook(&dir.join("data"), durability, 16 << 20, hook.take()) {
+        match SledStore::open_with_hook(path, durability, 16 << 20, hook.take()) {
             Ok(store) => return Arc::new(store),
             Err(e) if Instant::now() < deadline => {
                 let _ = e;

@@ -9,6 +9,7 @@ mod command;
 mod config;
 mod crash;
 mod dispatch;
+mod fixtures;
 mod http_handler;
 mod processed;
 mod robustness;

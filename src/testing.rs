@@ -1,0 +1,183 @@
+//! A small test kit for handler authors: run a fixture through one handler in-process, the
+//! way the service would, and check that a second run with the same key has no second
+//! effect.
+//!
+//! ```
+//! use webhook_inbox::testing;
+//! use webhook_inbox::{Delivery, Handler, HandlerContext, HandlerError};
+//! use std::sync::Mutex;
+//! use std::collections::HashSet;
+//!
+//! /// Remembers which keys it acted on: a second run with the same key does nothing.
+//! #[derive(Default)]
+//! struct OpenCase { opened: Mutex<HashSet<String>> }
+//!
+//! #[webhook_inbox::async_trait]
+//! impl Handler for OpenCase {
+//!     async fn handle(&self, _: &Delivery, ctx: &HandlerContext) -> Result<(), HandlerError> {
+//!         self.opened.lock().unwrap().insert(ctx.idempotency_key.clone());
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # tokio_test_block_on(async {
+//! let handler = OpenCase::default();
+//! let delivery = testing::delivery("credicorp", "msg_1", Some("application.created"), r#"{"type":"application.created"}"#);
+//! testing::assert_one_effect(&handler, "open-case", &delivery, || handler.opened.lock().unwrap().len()).await;
+//! # });
+//! # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+//! #     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+//! # }
+//! ```
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::fixture::Fixture;
+use crate::handlers::{Delivery, Handler, HandlerContext, HandlerError};
+use crate::store::DeliveryKey;
+use crate::verify::{Authenticated, Headers, Source};
+
+/// A delivery with the given fields, received now, attempt 1.
+pub fn delivery(source: &str, id: &str, event_type: Option<&str>, body: &str) -> Delivery {
+    Delivery {
+        source: source.to_owned(),
+        id: id.to_owned(),
+        event_type: event_type.map(str::to_owned),
+        received_at: SystemTime::now(),
+        attempt: 1,
+        headers: Headers::from_pairs([("content-type", "application/json")]),
+        body: Bytes::copy_from_slice(body.as_bytes()),
+    }
+}
+
+/// The delivery a fixture becomes once signed by its sender and checked by the service
+/// (`config` provides the source's scheme and secrets): the real authentication path, so
+/// the event type and id are read exactly as in production.
+pub fn delivery_from_fixture(config: &Config, path: &Path) -> Result<Delivery, String> {
+    let fixture = Fixture::load(path)?;
+    let request = fixture.sign(config, SystemTime::now())?;
+    let source_config = config
+        .sources
+        .get(&fixture.source)
+        .ok_or_else(|| format!("source `{}` is not configured", fixture.source))?;
+    let source = Source::from_config(&fixture.source, source_config, &config.file, &|k| {
+        std::env::var(k).ok()
+    })
+    .map_err(|e| e.to_string())?;
+    match source
+        .authenticate(
+            Headers::from_pairs(request.headers),
+            Bytes::from(request.body),
+            SystemTime::now(),
+        )
+        .map_err(|e| e.to_string())?
+    {
+        Authenticated::Delivery(d) => Ok(Delivery {
+            source: d.source,
+            id: d.id.as_str().to_owned(),
+            event_type: d.event_type,
+            received_at: SystemTime::now(),
+            attempt: 1,
+            headers: d.headers,
+            body: d.body,
+        }),
+        Authenticated::Handshake(_) => Err("the fixture is a provider handshake".into()),
+    }
+}
+
+/// The context the service gives handler `handler_name` for `delivery`: its production
+/// idempotency key and a shutdown signal that never fires.
+pub fn context(handler_name: &str, delivery: &Delivery) -> HandlerContext {
+    HandlerContext {
+        idempotency_key: DeliveryKey::new(&delivery.source, &delivery.id)
+            .job(handler_name)
+            .idempotency_key(),
+        shutdown: CancellationToken::new(),
+    }
+}
+
+/// Runs `handler` once on `delivery` as handler `handler_name`.
+pub async fn run_once(
+    handler: &dyn Handler,
+    handler_name: &str,
+    delivery: &Delivery,
+) -> Result<(), HandlerError> {
+    handler
+        .handle(delivery, &context(handler_name, delivery))
+        .await
+}
+
+/// Runs `handler` twice on `delivery` with the same key (attempts 1 and 2), as a retry after
+/// a crash would.
+pub async fn run_twice(
+    handler: &dyn Handler,
+    handler_name: &str,
+    delivery: &Delivery,
+) -> (Result<(), HandlerError>, Result<(), HandlerError>) {
+    let ctx = context(handler_name, delivery);
+    let first = handler.handle(delivery, &ctx).await;
+    let mut again = delivery.clone();
+    again.attempt += 1;
+    let second = handler.handle(&again, &ctx).await;
+    (first, second)
+}
+
+/// Asserts that two runs with the same key both succeed and leave exactly one effect, as
+/// counted by `effects`.
+///
+/// # Panics
+/// When a run fails or the count after either run is not 1.
+pub async fn assert_one_effect(
+    handler: &dyn Handler,
+    handler_name: &str,
+    delivery: &Delivery,
+    effects: impl Fn() -> usize,
+) {
+    let ctx = context(handler_name, delivery);
+    handler
+        .handle(delivery, &ctx)
+        .await
+        .unwrap_or_else(|e| panic!("first run failed: {e}"));
+    assert_eq!(effects(), 1, "the first run must have exactly one effect");
+    let mut again = delivery.clone();
+    again.attempt += 1;
+    handler
+        .handle(&again, &ctx)
+        .await
+        .unwrap_or_else(|e| panic!("second run failed: {e}"));
+    assert_eq!(
+        effects(),
+        1,
+        "a second run with the same key must not act again"
+    );
+}
+
+/// The contract every handler must meet, built-in or plugin: it succeeds on a valid
+/// delivery, succeeds again when re-run with the same key (a retry after a crash), and
+/// returns promptly once the shutdown signal has fired.
+pub async fn check_conformance(
+    handler: &dyn Handler,
+    handler_name: &str,
+    delivery: &Delivery,
+) -> Result<(), String> {
+    let (first, second) = run_twice(handler, handler_name, delivery).await;
+    first.map_err(|e| format!("a valid delivery failed: {e}"))?;
+    second.map_err(|e| format!("a re-run with the same key failed: {e}"))?;
+    let ctx = context(handler_name, delivery);
+    ctx.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), handler.handle(delivery, &ctx))
+        .await
+        .map_err(|_| "ignored the shutdown signal for 10 s".to_owned())?
+        .map(|_| ())
+        .or_else(|e| match e {
+            HandlerError::Retryable(_) => Ok(()),
+            HandlerError::Permanent(m) => {
+                Err(format!("shutdown turned into a permanent failure: {m}"))
+            }
+        })
+}
