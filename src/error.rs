@@ -43,6 +43,20 @@ pub enum ApiError {
     /// `ack = "processed"`: a handler failed; nothing final was stored.
     #[error("a handler failed; the delivery was kept and a retry runs only what has not succeeded")]
     HandlerFailed,
+    /// Admin API: no or a wrong bearer token.
+    #[error("a valid `Authorization: Bearer <token>` header is required")]
+    Unauthorized,
+    /// Admin API: no token is configured, so the admin API is off.
+    #[error("the admin API is disabled: set the environment variable named by admin.token_env")]
+    AdminDisabled,
+    /// Admin API: no such delivery.
+    #[error("no such delivery is stored")]
+    NotFound,
+    /// Admin API: a query parameter is invalid.
+    #[error(
+        "a query parameter is invalid (status: pending, running, failed, dead, succeeded, in_progress; limit: 1 to 1000)"
+    )]
+    InvalidQuery,
     /// The store cannot record the delivery, or the flush failed.
     #[error("the delivery could not be recorded durably; retry later")]
     StorageUnavailable,
@@ -64,6 +78,10 @@ impl ApiError {
             ApiError::DeliveryInProgress { .. } => "delivery_in_progress",
             ApiError::HandlerFailed => "handler_failed",
             ApiError::StorageUnavailable => "storage_unavailable",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::AdminDisabled => "admin_disabled",
+            ApiError::NotFound => "not_found",
+            ApiError::InvalidQuery => "invalid_query",
         }
     }
 
@@ -88,6 +106,10 @@ impl ResponseError for ApiError {
             ApiError::DeliveryInProgress { .. } => StatusCode::CONFLICT,
             ApiError::HandlerFailed => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::StorageUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::AdminDisabled => StatusCode::FORBIDDEN,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::InvalidQuery => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -100,6 +122,9 @@ impl ResponseError for ApiError {
             }
             ApiError::StorageUnavailable => {
                 response.insert_header(("Retry-After", "1"));
+            }
+            ApiError::Unauthorized => {
+                response.insert_header(("WWW-Authenticate", "Bearer"));
             }
             _ => {}
         }

@@ -20,6 +20,7 @@
 //! - [`routes`]: the HTTP endpoints; [`error`]: the one error → HTTP table.
 //! - [`startup`]: builds and runs the service (the same code for `serve` and tests).
 //! - [`fixture`]: fixture files, signed like a sender would.
+//! - [`metrics`]: Prometheus metrics; [`testing`]: the kit for handler authors.
 //! - [`cli`], [`telemetry`], [`clock`]: the command line, logs, time.
 
 pub mod cli;
@@ -30,6 +31,7 @@ pub mod error;
 pub mod export;
 pub mod fixture;
 pub mod handlers;
+pub mod metrics;
 pub mod replay;
 pub mod retention;
 pub mod routes;

@@ -65,6 +65,14 @@ pub struct AppState {
     pub clock: Clock,
     /// `server.max_body_bytes`.
     pub max_body_bytes: usize,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// The admin bearer token, when one is configured. Never logged.
+    pub admin_token: Option<String>,
+    /// True while the dispatcher runs.
+    pub dispatcher_running: Arc<std::sync::atomic::AtomicBool>,
+    /// The configuration (the admin API's export needs the sources).
+    pub config: Config,
 }
 
 /// Assembles an [`Application`] from a config, a user's handlers, and optionally a store.
@@ -169,6 +177,8 @@ impl ApplicationBuilder {
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
         let admin_port = admin_listener.local_addr().map(|a| a.port()).unwrap_or(0);
 
+        let metrics = Arc::new(crate::metrics::Metrics::new(&*store));
+        let admin_token = (self.env)(&config.admin.token_env).filter(|t| !t.is_empty());
         let cancel_handlers = CancellationToken::new();
         let runner = Runner {
             store: store.clone(),
@@ -176,6 +186,7 @@ impl ApplicationBuilder {
             config: config.dispatch.clone(),
             clock: self.clock,
             cancel: cancel_handlers.clone(),
+            metrics: metrics.clone(),
         };
         let dispatcher = Dispatcher::new(runner.clone());
         let state = web::Data::new(AppState {
@@ -186,6 +197,10 @@ impl ApplicationBuilder {
             dispatch_waker: dispatcher.waker(),
             clock: self.clock,
             max_body_bytes: config.server.max_body_bytes,
+            metrics,
+            admin_token,
+            dispatcher_running: dispatcher.running_flag(),
+            config: config.clone(),
         });
 
         let workers = match config.server.workers {
@@ -213,6 +228,20 @@ impl ApplicationBuilder {
                 .app_data(admin_state.clone())
                 .route("/healthz", web::get().to(routes::health::healthz))
                 .route("/readyz", web::get().to(routes::health::readyz))
+                .route("/metrics", web::get().to(routes::admin::metrics))
+                .route("/admin/deliveries", web::get().to(routes::admin::list))
+                .route(
+                    "/admin/deliveries/{source}/{id}",
+                    web::get().to(routes::admin::show),
+                )
+                .route(
+                    "/admin/deliveries/{source}/{id}/retry",
+                    web::post().to(routes::admin::retry),
+                )
+                .route(
+                    "/admin/deliveries/{source}/{id}/fixture",
+                    web::get().to(routes::admin::fixture),
+                )
         })
         .workers(1)
         .disable_signals()

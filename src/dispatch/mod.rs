@@ -24,6 +24,7 @@ use tracing::Instrument as _;
 use crate::clock::Clock;
 use crate::config::DispatchConfig;
 use crate::handlers::{Delivery, HandlerContext, HandlerError, HandlerRegistry};
+use crate::metrics::Metrics;
 use crate::store::{AttemptOutcome, DeliveryStore, JobKey, StoreError};
 
 /// The delay before retry number `attempt` (1 after the first failure): doubling from
@@ -66,6 +67,8 @@ pub struct Runner {
     pub clock: Clock,
     /// Cancelled when running handlers must stop.
     pub cancel: CancellationToken,
+    /// Where runs are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Runner {
@@ -84,6 +87,7 @@ impl Runner {
             attempt = attempt.attempt,
             result = tracing::field::Empty,
         );
+        let started = std::time::Instant::now();
         let result = async {
             let Some(handler) = self.registry.get(&job.handler) else {
                 return Err(HandlerError::Permanent(format!(
@@ -121,7 +125,9 @@ impl Runner {
             Err(HandlerError::Permanent(m)) => AttemptOutcome::Dead {
                 error: format!("permanent: {m}"),
             },
-            Err(e @ HandlerError::Retryable(_)) if attempt.attempt >= self.config.max_attempts => {
+            Err(e @ HandlerError::Retryable(_))
+                if attempt.attempts_in_round >= self.config.max_attempts =>
+            {
                 AttemptOutcome::Dead {
                     error: format!("{e} (gave up after {} attempts)", attempt.attempt),
                 }
@@ -144,6 +150,8 @@ impl Runner {
             AttemptOutcome::Dead { .. } => "dead",
         };
         span.record("result", label);
+        self.metrics
+            .handler_run(&job.handler, label, started.elapsed().as_secs_f64());
         match &outcome {
             AttemptOutcome::Succeeded => {
                 tracing::debug!(parent: &span, "handler succeeded")
@@ -170,6 +178,7 @@ impl Runner {
 pub struct Dispatcher {
     runner: Runner,
     wake: Arc<Notify>,
+    running: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Dispatcher {
@@ -178,7 +187,13 @@ impl Dispatcher {
         Dispatcher {
             runner,
             wake: Arc::new(Notify::new()),
+            running: Arc::default(),
         }
+    }
+
+    /// True while [`Dispatcher::run`] is picking up work (for `/readyz`).
+    pub fn running_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.running.clone()
     }
 
     /// Notify this after queueing new work, so it is picked up without waiting.
@@ -191,6 +206,8 @@ impl Dispatcher {
     /// returns.
     pub async fn run(self, shutdown: CancellationToken) {
         let concurrency = self.runner.config.concurrency;
+        self.running
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let mut running: JoinSet<()> = JoinSet::new();
         let mut in_flight: HashMap<tokio::task::Id, JobKey> = HashMap::new();
         loop {
@@ -245,6 +262,8 @@ impl Dispatcher {
                 () = tokio::time::sleep(wait) => {}
             }
         }
+        self.running
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         let grace = tokio::time::sleep(self.runner.config.shutdown_grace);
         tokio::pin!(grace);
         while !running.is_empty() {

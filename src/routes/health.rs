@@ -11,8 +11,17 @@ pub async fn healthz() -> HttpResponse {
         .body(r#"{"status":"ok"}"#)
 }
 
-/// Readiness: the store is open and accepts writes (false after a failed flush).
+/// Readiness: the store is open and accepts writes (false after a failed flush), and the
+/// dispatcher is running.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    if !state
+        .dispatcher_running
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        return HttpResponse::ServiceUnavailable()
+            .content_type("application/json")
+            .body(r#"{"status":"dispatcher_stopped"}"#);
+    }
     if state.store.is_healthy() {
         HttpResponse::Ok()
             .content_type("application/json")

@@ -124,14 +124,24 @@ pub async fn receive(
     let result = handle(&req, &source, payload, &state, &span)
         .instrument(span.clone())
         .await;
-    let outcome = match &result {
-        Ok(Outcome::Accepted(_)) => "accepted",
-        Ok(Outcome::Processed(_)) => "processed",
-        Ok(Outcome::Replayed(_)) => "replayed",
-        Ok(Outcome::Handshake(_)) => "handshake",
-        Err(e) => e.code(),
+    let (outcome, reason) = match &result {
+        Ok(Outcome::Accepted(_)) => ("accepted", ""),
+        Ok(Outcome::Processed(_)) => ("processed", ""),
+        Ok(Outcome::Replayed(_)) => ("replayed", ""),
+        Ok(Outcome::Handshake(_)) => ("handshake", ""),
+        Err(ApiError::DeliveryIdConflict) => ("conflict", ""),
+        Err(ApiError::DeliveryInProgress { .. }) => ("in_progress", ""),
+        Err(ApiError::StorageUnavailable) => ("unavailable", ""),
+        Err(ApiError::HandlerFailed) => ("handler_failed", ""),
+        Err(e) => ("rejected", e.code()),
     };
-    span.record("outcome", outcome);
+    span.record("outcome", if reason.is_empty() { outcome } else { reason });
+    let source_label = if state.sources.contains_key(source.as_str()) {
+        source.as_str()
+    } else {
+        "_unknown"
+    };
+    state.metrics.delivery(source_label, outcome, reason);
     let _entered = span.enter();
     match &result {
         Err(ApiError::StorageUnavailable | ApiError::HandlerFailed) => {

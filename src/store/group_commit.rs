@@ -27,12 +27,26 @@ type Waiter = oneshot::Sender<Result<(), StoreError>>;
 pub type SyncFn = Box<dyn FnMut() -> std::io::Result<()> + Send>;
 
 /// Counters of the committer, for tests and metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CommitStats {
     /// Sync steps run.
     pub batches: AtomicU64,
     /// Waiters served.
     pub waiters: AtomicU64,
+    /// Duration of each sync step, in seconds.
+    pub sync_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for CommitStats {
+    fn default() -> Self {
+        CommitStats {
+            batches: AtomicU64::new(0),
+            waiters: AtomicU64::new(0),
+            sync_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.0, 16),
+            ),
+        }
+    }
 }
 
 /// Handle to the group-commit thread.
@@ -69,6 +83,7 @@ impl GroupCommit {
                     while let Ok(first) = rx.recv() {
                         let mut batch = vec![first];
                         batch.extend(rx.try_iter());
+                        let started = std::time::Instant::now();
                         let result = if poisoned.load(Ordering::SeqCst) {
                             Err(StoreError::Flush("an earlier flush failed".into()))
                         } else {
@@ -78,6 +93,7 @@ impl GroupCommit {
                                 StoreError::Flush(e.to_string())
                             })
                         };
+                        stats.sync_seconds.observe(started.elapsed().as_secs_f64());
                         stats.batches.fetch_add(1, Ordering::Relaxed);
                         stats.waiters.fetch_add(batch.len() as u64, Ordering::Relaxed);
                         for waiter in batch {

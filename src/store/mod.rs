@@ -196,6 +196,9 @@ pub struct JobState {
     pub queued_at_ms: Option<u64>,
     /// When it last changed (ms since the epoch).
     pub updated_ms: u64,
+    /// `attempts` when an operator last retried it: it gets `max_attempts` more from there.
+    #[serde(default)]
+    pub retry_base: u32,
 }
 
 /// How a run ended, as the store records it.
@@ -277,6 +280,73 @@ pub struct AttemptContext {
     pub body: Bytes,
     /// The attempt number of this run (1 for the first).
     pub attempt: u32,
+    /// Attempts since the pair was last retried by an operator (or since it arrived).
+    pub attempts_in_round: u32,
+}
+
+/// Where a delivery stands, from its handlers' states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryStatus {
+    /// Some handler has not run yet.
+    Pending,
+    /// Some handler is running (or was, when the process stopped).
+    Running,
+    /// Some handler failed and waits for a retry.
+    Failed,
+    /// Some handler is dead-lettered.
+    Dead,
+    /// Every handler succeeded (or none matched).
+    Succeeded,
+    /// `ack = "processed"` and not final yet.
+    InProgress,
+}
+
+impl DeliveryStatus {
+    /// Parses the `status` filter of the admin API.
+    pub fn parse(text: &str) -> Option<DeliveryStatus> {
+        serde_json::from_value(serde_json::Value::String(text.to_owned())).ok()
+    }
+
+    /// The status of a delivery from its record and its jobs' states (worst first).
+    pub fn of(record: &DeliveryRecord, jobs: &[Option<JobState>]) -> DeliveryStatus {
+        let has = |s: JobStatus| jobs.iter().flatten().any(|j| j.status == s);
+        if has(JobStatus::Dead) {
+            DeliveryStatus::Dead
+        } else if has(JobStatus::Failed) {
+            if record.response.is_none() {
+                DeliveryStatus::InProgress
+            } else {
+                DeliveryStatus::Failed
+            }
+        } else if has(JobStatus::Running) {
+            DeliveryStatus::Running
+        } else if has(JobStatus::Pending) {
+            DeliveryStatus::Pending
+        } else if record.response.is_none() {
+            DeliveryStatus::InProgress
+        } else {
+            DeliveryStatus::Succeeded
+        }
+    }
+}
+
+/// One delivery of a listing.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliverySummary {
+    /// The record.
+    pub record: DeliveryRecord,
+    /// Its status.
+    pub status: DeliveryStatus,
+}
+
+/// A page of deliveries, newest first.
+#[derive(Debug, Clone, Serialize)]
+pub struct Page {
+    /// The deliveries.
+    pub deliveries: Vec<DeliverySummary>,
+    /// Pass as `cursor` for the next page; `None` on the last.
+    pub next_cursor: Option<String>,
 }
 
 /// The storage contract. sled is the embedded default; a shared backend (PostgreSQL) can
@@ -346,6 +416,29 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// Removes up to `limit` deliveries received before `cutoff_ms`, oldest first, with
     /// their bodies, jobs and queue entries. Returns how many were removed.
     async fn expire(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError>;
+
+    /// Deliveries newest first, optionally of one source and one status, `limit` at most,
+    /// starting after `cursor` (from the previous page).
+    async fn list(
+        &self,
+        source: Option<&str>,
+        status: Option<DeliveryStatus>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page, StoreError>;
+
+    /// Puts the failed and dead handlers of a delivery back in the queue, due now, each
+    /// with a fresh `max_attempts`; succeeded handlers are untouched. Returns their names.
+    async fn retry(&self, key: &DeliveryKey, now_ms: u64) -> Result<Vec<String>, StoreError>;
+
+    /// Jobs waiting in the queue (due or not).
+    fn queue_depth(&self) -> usize;
+
+    /// Dead-lettered (delivery, handler) pairs.
+    fn dead_letters(&self) -> usize;
+
+    /// Registers the store's own metrics (flush latency…).
+    fn register_metrics(&self, _registry: &mut prometheus_client::registry::Registry) {}
 
     /// Whether the store accepts writes (false after a failed flush).
     fn is_healthy(&self) -> bool;

@@ -10,6 +10,7 @@
 //! | `queue`      | due ms (u64 BE) ++ job key       | empty                    |
 //! | `received`   | received ms (u64 BE) ++ `source \0 id` | empty              |
 //! | `body_index` | `source \0 fingerprint`         | delivery id (body dedup) |
+//! | `dead`       | job key                          | empty (dead letters)     |
 //!
 //! Big-endian times make sled's key order the time order, so "what is due" and "what has
 //! expired" are range scans from the front. JSON keeps records readable and lets later
@@ -27,8 +28,9 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::group_commit::{GroupCommit, SyncFn};
 use super::{
-    AttemptContext, AttemptOutcome, Claim, DeliveryKey, DeliveryRecord, DeliveryStore, JobKey,
-    JobState, JobStatus, NewDelivery, QueuedJob, StoreError, StoredResponse, TakeOver,
+    AttemptContext, AttemptOutcome, Claim, DeliveryKey, DeliveryRecord, DeliveryStatus,
+    DeliveryStore, DeliverySummary, JobKey, JobState, JobStatus, NewDelivery, Page, QueuedJob,
+    StoreError, StoredResponse, TakeOver,
 };
 use crate::config::Durability;
 
@@ -44,6 +46,7 @@ pub struct SledStore {
     queue: sled::Tree,
     received: sled::Tree,
     body_index: sled::Tree,
+    dead: sled::Tree,
     durability: Durability,
     commit: GroupCommit,
 }
@@ -172,6 +175,7 @@ impl SledStore {
             tree("received")?,
             tree("body_index")?,
         );
+        let dead = tree("dead")?;
         let data_file = File::open(path.join("db"))
             .map_err(|e| StoreError::Backend(format!("opening sled's data file: {e}")))?;
         // Make the directory entries of a new store durable too.
@@ -194,6 +198,7 @@ impl SledStore {
             queue,
             received,
             body_index,
+            dead,
             durability,
             commit: GroupCommit::start(sync),
         })
@@ -303,6 +308,7 @@ impl DeliveryStore for SledStore {
                     last_error: None,
                     queued_at_ms: new.enqueue.then_some(due),
                     updated_ms: due,
+                    retry_base: 0,
                 };
                 (new.record.key().job(h).encode(), to_json(&state))
             })
@@ -430,7 +436,10 @@ impl DeliveryStore for SledStore {
                     state.attempts += 1;
                     state.updated_ms = now_ms;
                     j.insert(job_key.as_slice(), to_json(&state))?;
-                    Ok(Some(state.attempts))
+                    Ok(Some((
+                        state.attempts,
+                        state.attempts.saturating_sub(state.retry_base),
+                    )))
                 });
                 result.map_err(|e| match e {
                     TransactionError::Abort(e) => e,
@@ -438,10 +447,11 @@ impl DeliveryStore for SledStore {
                 })
             })
             .await?;
-        Ok(attempt.map(|attempt| AttemptContext {
+        Ok(attempt.map(|(attempt, attempts_in_round)| AttemptContext {
             record,
             body: Bytes::copy_from_slice(&body),
             attempt,
+            attempts_in_round,
         }))
     }
 
@@ -453,7 +463,7 @@ impl DeliveryStore for SledStore {
     ) -> Result<(), StoreError> {
         let job_key = job.encode();
         self.durable(|| {
-            let result = (&self.jobs, &self.queue).transaction(|(j, q)| {
+            let result = (&self.jobs, &self.queue, &self.dead).transaction(|(j, q, dl)| {
                 let Some(bytes) = j.get(&job_key)? else {
                     return Ok(());
                 };
@@ -476,6 +486,7 @@ impl DeliveryStore for SledStore {
                     AttemptOutcome::Dead { error } => {
                         state.status = JobStatus::Dead;
                         state.last_error = Some(error.clone());
+                        dl.insert(job_key.as_slice(), &[])?;
                     }
                     AttemptOutcome::Failed { error } => {
                         state.status = JobStatus::Failed;
@@ -591,8 +602,9 @@ impl DeliveryStore for SledStore {
                     &self.queue,
                     &self.received,
                     &self.body_index,
+                    &self.dead,
                 )
-                    .transaction(|(d, b, j, q, r, bi)| {
+                    .transaction(|(d, b, j, q, r, bi, dl)| {
                         // The body index entry goes only if it still names this delivery.
                         if let Some(fp_key) = &fp_key
                             && bi.get(fp_key)?.is_some_and(|id| id == key.id.as_bytes())
@@ -600,6 +612,7 @@ impl DeliveryStore for SledStore {
                             bi.remove(fp_key.as_slice())?;
                         }
                         for jk in &job_keys {
+                            dl.remove(jk.as_slice())?;
                             if let Some(bytes) = j.remove(jk.as_slice())?
                                 && let Ok(state) = serde_json::from_slice::<JobState>(&bytes)
                                 && let Some(due) = state.queued_at_ms
@@ -617,6 +630,120 @@ impl DeliveryStore for SledStore {
             Ok(expired.len())
         })
         .await
+    }
+
+    async fn list(
+        &self,
+        source: Option<&str>,
+        status: Option<DeliveryStatus>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page, StoreError> {
+        let end = match cursor {
+            Some(c) => hex::decode(c).map_err(|_| StoreError::Corrupt("bad cursor".into()))?,
+            None => vec![0xFF; 9],
+        };
+        let mut deliveries = Vec::new();
+        let mut next_cursor = None;
+        for index_key in self.received.range(..end).keys().rev() {
+            let index_key = index_key.map_err(backend)?;
+            let Some(key) = split_time_key(&index_key).and_then(|(_, k)| decode_delivery_key(k))
+            else {
+                continue;
+            };
+            if source.is_some_and(|s| s != key.source) {
+                continue;
+            }
+            let Some(record) = self.read_record(&key.encode())? else {
+                continue;
+            };
+            let jobs = record
+                .handlers
+                .iter()
+                .map(|h| self.read_job(&key.job(h).encode()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let delivery_status = DeliveryStatus::of(&record, &jobs);
+            if status.is_some_and(|s| s != delivery_status) {
+                continue;
+            }
+            if deliveries.len() == limit {
+                next_cursor = Some(hex::encode(&index_key));
+                break;
+            }
+            deliveries.push(DeliverySummary {
+                record,
+                status: delivery_status,
+            });
+        }
+        // The cursor names the first item *not* returned: the next page starts there.
+        if let Some(c) = &mut next_cursor {
+            let mut bytes = hex::decode(&*c).unwrap_or_default();
+            bytes.push(0);
+            *c = hex::encode(bytes);
+        }
+        Ok(Page {
+            deliveries,
+            next_cursor,
+        })
+    }
+
+    async fn retry(&self, key: &DeliveryKey, now_ms: u64) -> Result<Vec<String>, StoreError> {
+        let Some(record) = self.read_record(&key.encode())? else {
+            return Ok(Vec::new());
+        };
+        let job_keys: Vec<(String, Vec<u8>)> = record
+            .handlers
+            .iter()
+            .map(|h| (h.clone(), key.job(h).encode()))
+            .collect();
+        self.durable(|| {
+            let result = (&self.jobs, &self.queue, &self.dead).transaction(|(j, q, dl)| {
+                let mut requeued = Vec::new();
+                for (handler, job_key) in &job_keys {
+                    let Some(bytes) = j.get(job_key)? else {
+                        continue;
+                    };
+                    let mut state: JobState = serde_json::from_slice(&bytes)
+                        .map_err(|e| ConflictableTransactionError::Abort(corrupt(e)))?;
+                    if !matches!(state.status, JobStatus::Dead | JobStatus::Failed) {
+                        continue;
+                    }
+                    if let Some(due) = state.queued_at_ms.take() {
+                        q.remove(queue_key(due, job_key))?;
+                    }
+                    state.status = JobStatus::Failed;
+                    state.retry_base = state.attempts;
+                    state.queued_at_ms = Some(now_ms);
+                    state.updated_ms = now_ms;
+                    q.insert(queue_key(now_ms, job_key), &[])?;
+                    dl.remove(job_key.as_slice())?;
+                    j.insert(job_key.as_slice(), to_json(&state))?;
+                    requeued.push(handler.clone());
+                }
+                Ok(requeued)
+            });
+            result.map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => backend(e),
+            })
+        })
+        .await
+    }
+
+    fn queue_depth(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn dead_letters(&self) -> usize {
+        self.dead.len()
+    }
+
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "store_flush_seconds",
+            "Duration of one group commit (db.flush and fsync)",
+            self.commit.stats().sync_seconds.clone(),
+        );
     }
 
     fn is_healthy(&self) -> bool {

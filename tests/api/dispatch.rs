@@ -132,7 +132,9 @@ fn start(
     handlers: Vec<Registration>,
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let registry = HandlerRegistry::build(&config(), handlers).expect("registry");
+    let metrics = Arc::new(webhook_inbox::metrics::Metrics::new(&*store));
     let dispatcher = Dispatcher::new(Runner {
+        metrics,
         store,
         registry: Arc::new(registry),
         config: dispatch_config(),

@@ -1,0 +1,154 @@
+//! Prometheus metrics, all prefixed `webhook_inbox_`, served at `GET /metrics` on the admin
+//! listener.
+//!
+//! - `deliveries_total{source,outcome,reason}`: outcome `accepted`, `processed`,
+//!   `replayed`, `conflict`, `in_progress`, `rejected` (with the error code as `reason`),
+//!   `unavailable`. Unknown sources count under `source="_unknown"` so a scanner cannot
+//!   grow the label set.
+//! - `handler_runs_total{handler,result}` (`succeeded`, `failed`, `dead`) and
+//!   `handler_duration_seconds{handler}`.
+//! - `queue_depth`, `dead_letters`: read from the store at scrape time.
+//! - `store_flush_seconds`: one group commit (registered by the store).
+
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::store::DeliveryStore;
+
+/// Labels of `deliveries_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    /// Source name (or `_unknown`).
+    pub source: String,
+    /// What happened.
+    pub outcome: String,
+    /// The error code of a rejection; empty otherwise.
+    pub reason: String,
+}
+
+/// Labels of `handler_runs_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RunLabels {
+    /// Handler name.
+    pub handler: String,
+    /// `succeeded`, `failed` or `dead`.
+    pub result: String,
+}
+
+/// Labels of `handler_duration_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandlerLabels {
+    /// Handler name.
+    pub handler: String,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// Every metric of the service.
+pub struct Metrics {
+    registry: Registry,
+    deliveries: Family<DeliveryLabels, Counter>,
+    handler_runs: Family<RunLabels, Counter>,
+    handler_duration: Family<HandlerLabels, Histogram, fn() -> Histogram>,
+    queue_depth: Gauge<i64, AtomicI64>,
+    dead_letters: Gauge<i64, AtomicI64>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// Registers every metric, including the store's own.
+    pub fn new(store: &dyn DeliveryStore) -> Metrics {
+        let mut registry = Registry::with_prefix("webhook_inbox");
+        let deliveries = Family::<DeliveryLabels, Counter>::default();
+        registry.register(
+            "deliveries",
+            "Deliveries by source and outcome",
+            deliveries.clone(),
+        );
+        let handler_runs = Family::<RunLabels, Counter>::default();
+        registry.register(
+            "handler_runs",
+            "Handler runs by handler and result",
+            handler_runs.clone(),
+        );
+        let handler_duration =
+            Family::<HandlerLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                duration_histogram,
+            );
+        registry.register(
+            "handler_duration_seconds",
+            "Duration of handler runs",
+            handler_duration.clone(),
+        );
+        let queue_depth = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "queue_depth",
+            "Jobs waiting in the dispatch queue",
+            queue_depth.clone(),
+        );
+        let dead_letters = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "dead_letters",
+            "Dead-lettered (delivery, handler) pairs",
+            dead_letters.clone(),
+        );
+        store.register_metrics(&mut registry);
+        Metrics {
+            registry,
+            deliveries,
+            handler_runs,
+            handler_duration,
+            queue_depth,
+            dead_letters,
+        }
+    }
+
+    /// Counts one answered delivery.
+    pub fn delivery(&self, source: &str, outcome: &str, reason: &str) {
+        self.deliveries
+            .get_or_create(&DeliveryLabels {
+                source: source.to_owned(),
+                outcome: outcome.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one handler run and its duration.
+    pub fn handler_run(&self, handler: &str, result: &str, seconds: f64) {
+        self.handler_runs
+            .get_or_create(&RunLabels {
+                handler: handler.to_owned(),
+                result: result.to_owned(),
+            })
+            .inc();
+        self.handler_duration
+            .get_or_create(&HandlerLabels {
+                handler: handler.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// The exposition text, with the store's gauges read now.
+    pub fn render(&self, store: &dyn DeliveryStore) -> String {
+        self.queue_depth.set(store.queue_depth() as i64);
+        self.dead_letters.set(store.dead_letters() as i64);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

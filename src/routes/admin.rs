@@ -1,0 +1,192 @@
+//! The admin API under `/admin/`, behind `Authorization: Bearer <token>` (the token is read
+//! at start from the variable `admin.token_env` names, and compared in constant time):
+//! 401 without or with a wrong token, 403 when no token is configured.
+//!
+//! - `GET /admin/deliveries?source=&status=&limit=&cursor=`: newest first, paged.
+//! - `GET /admin/deliveries/{source}/{id}`: the record, its handlers' states, the body.
+//! - `POST /admin/deliveries/{source}/{id}/retry`: failed and dead handlers due now.
+//! - `GET /admin/deliveries/{source}/{id}/fixture`: the delivery as a fixture.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq as _;
+
+use crate::error::ApiError;
+use crate::startup::AppState;
+use crate::store::{DeliveryKey, DeliveryStatus, JobState};
+
+fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+    let Some(expected) = state.admin_token.as_deref() else {
+        return Err(ApiError::AdminDisabled);
+    };
+    let given = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(ApiError::Unauthorized)?;
+    // `ct_eq` on slices of different lengths is false without looking at the contents.
+    if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+fn storage(e: crate::store::StoreError) -> ApiError {
+    tracing::error!(error = %e, "store failure in the admin API");
+    ApiError::StorageUnavailable
+}
+
+fn json<T: Serialize>(value: &T) -> HttpResponse {
+    HttpResponse::Ok().json(value)
+}
+
+/// Query of `GET /admin/deliveries`.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    source: Option<String>,
+    status: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// `GET /admin/deliveries`
+pub async fn list(
+    req: HttpRequest,
+    query: web::Query<ListQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let status = match query.status.as_deref() {
+        Some(s) => Some(DeliveryStatus::parse(s).ok_or(ApiError::InvalidQuery)?),
+        None => None,
+    };
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::InvalidQuery);
+    }
+    if query
+        .cursor
+        .as_deref()
+        .is_some_and(|c| hex::decode(c).is_err())
+    {
+        return Err(ApiError::InvalidQuery);
+    }
+    let page = state
+        .store
+        .list(
+            query.source.as_deref(),
+            status,
+            limit,
+            query.cursor.as_deref(),
+        )
+        .await
+        .map_err(storage)?;
+    Ok(json(&page))
+}
+
+/// One handler's state in `show`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HandlerView {
+    /// Handler name.
+    pub name: String,
+    /// Its state (absent only for a record written by another version).
+    pub state: Option<JobState>,
+    /// The idempotency key it runs with.
+    pub idempotency_key: String,
+}
+
+/// `GET /admin/deliveries/{source}/{id}`
+pub async fn show(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let key = DeliveryKey::new(&path.0, &path.1);
+    let record = state
+        .store
+        .record(&key)
+        .await
+        .map_err(storage)?
+        .ok_or(ApiError::NotFound)?;
+    let body = state
+        .store
+        .body(&key)
+        .await
+        .map_err(storage)?
+        .unwrap_or_default();
+    let mut handlers = Vec::new();
+    for name in &record.handlers {
+        let job = key.job(name);
+        handlers.push(HandlerView {
+            name: name.clone(),
+            state: state.store.job(&job).await.map_err(storage)?,
+            idempotency_key: job.idempotency_key(),
+        });
+    }
+    let jobs: Vec<Option<JobState>> = handlers.iter().map(|h| h.state.clone()).collect();
+    let status = DeliveryStatus::of(&record, &jobs);
+    let (body_text, body_base64) = match std::str::from_utf8(&body) {
+        Ok(text) => (Some(text.to_owned()), None),
+        Err(_) => (
+            None,
+            Some(base64::engine::general_purpose::STANDARD.encode(&body)),
+        ),
+    };
+    Ok(json(&serde_json::json!({
+        "record": record,
+        "status": status,
+        "received_at": crate::clock::rfc3339_ms(record.received_at_ms),
+        "handlers": handlers,
+        "body": body_text,
+        "body_base64": body_base64,
+    })))
+}
+
+/// `POST /admin/deliveries/{source}/{id}/retry`
+pub async fn retry(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let key = DeliveryKey::new(&path.0, &path.1);
+    if state.store.record(&key).await.map_err(storage)?.is_none() {
+        return Err(ApiError::NotFound);
+    }
+    let requeued = state
+        .store
+        .retry(&key, state.clock.now_ms())
+        .await
+        .map_err(storage)?;
+    state.dispatch_waker.notify_one();
+    tracing::info!(source = %key.source, delivery_id = %key.id, ?requeued, "retry requested");
+    Ok(json(&serde_json::json!({ "requeued": requeued })))
+}
+
+/// `GET /admin/deliveries/{source}/{id}/fixture`
+pub async fn fixture(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let fixture = crate::export::fixture_of(&*state.store, &state.config, &path.0, &path.1)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "export failed");
+            ApiError::StorageUnavailable
+        })?
+        .ok_or(ApiError::NotFound)?;
+    Ok(json(&fixture))
+}
+
+/// `GET /metrics`: Prometheus text exposition.
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
+        .body(state.metrics.render(&*state.store))
+}
