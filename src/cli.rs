@@ -76,14 +76,70 @@ pub enum Command {
     },
 }
 
-/// `deliveries …`
+/// Options shared by the `deliveries` commands.
+#[derive(Debug, clap::Args)]
+pub struct AdminArgs {
+    /// Configuration file (admin address, token variable, sources).
+    #[arg(long, default_value = "config.toml")]
+    pub config: PathBuf,
+    /// Admin API base URL (default: `http://{server.admin_listen}`).
+    #[arg(long)]
+    pub admin: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `deliveries …`, through the admin API.
 #[derive(Debug, Subcommand)]
 pub enum DeliveriesCommand {
-    /// Write a stored delivery as a fixture (reads the data directory of a stopped server).
+    /// Stored deliveries, newest first.
+    List {
+        #[command(flatten)]
+        /// Common options.
+        common: AdminArgs,
+        /// Only this source.
+        #[arg(long)]
+        source: Option<String>,
+        /// Only this status: pending, running, failed, dead, succeeded, in_progress.
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Continue after a previous page.
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// One delivery: record, handler states, attempts, last errors.
+    Show {
+        #[command(flatten)]
+        /// Common options.
+        common: AdminArgs,
+        /// Source name.
+        source: String,
+        /// Delivery id.
+        id: String,
+    },
+    /// Put its failed and dead handlers back in line (succeeded ones never run again).
+    Retry {
+        #[command(flatten)]
+        /// Common options.
+        common: AdminArgs,
+        /// Source name.
+        source: String,
+        /// Delivery id.
+        id: String,
+    },
+    /// Write a stored delivery as a fixture. Asks the admin API; with `--data-dir`, reads
+    /// the data directory of a stopped server instead.
     Export {
-        /// Configuration file (`storage.path`).
-        #[arg(long, default_value = "config.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        /// Common options.
+        common: AdminArgs,
+        /// Read `storage.path` directly (the server must be stopped).
+        #[arg(long)]
+        data_dir: bool,
         /// Source name.
         source: String,
         /// Delivery id.
@@ -132,15 +188,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             };
             replay(&config, &paths, &options).await
         }
-        Command::Deliveries {
-            command:
-                DeliveriesCommand::Export {
-                    config,
-                    source,
-                    id,
-                    out,
-                },
-        } => export(&config, &source, &id, out).await,
+        Command::Deliveries { command } => deliveries(command).await,
         Command::Sign { config, fixture } => {
             match load(&config).and_then(|c| crate::fixture::sign_fixture(&c, &fixture)) {
                 Ok(text) => {
@@ -171,29 +219,90 @@ async fn replay(
     }
 }
 
-async fn export(
-    config: &std::path::Path,
-    source: &str,
-    id: &str,
-    out: Option<PathBuf>,
-) -> ExitCode {
-    let config = match load(config) {
-        Ok(c) => c,
-        Err(e) => return fail(e),
-    };
-    let text = match crate::export::export_from_data_dir(&config, source, id).await {
-        Ok(t) => t,
-        Err(e) => return fail(e),
-    };
-    match out {
-        Some(path) => match std::fs::write(&path, format!("{text}\n")) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(format!("{}: {e}", path.display())),
-        },
-        None => {
-            println!("{text}");
-            ExitCode::SUCCESS
+async fn deliveries(command: DeliveriesCommand) -> ExitCode {
+    let result = async {
+        let common = match &command {
+            DeliveriesCommand::List { common, .. }
+            | DeliveriesCommand::Show { common, .. }
+            | DeliveriesCommand::Retry { common, .. }
+            | DeliveriesCommand::Export { common, .. } => common,
+        };
+        let config = load(&common.config)?;
+        let client = crate::admin_client::AdminClient::new(&config, common.admin.as_deref())?;
+        let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
+        match &command {
+            DeliveriesCommand::List {
+                source,
+                status,
+                limit,
+                cursor,
+                ..
+            } => {
+                let page = client
+                    .list(
+                        source.as_deref(),
+                        status.as_deref(),
+                        *limit,
+                        cursor.as_deref(),
+                    )
+                    .await?;
+                let text = if common.json {
+                    pretty(&page)
+                } else {
+                    crate::admin_client::render_list(&page)
+                };
+                crate::admin_client::emit(&text, None)
+            }
+            DeliveriesCommand::Show { source, id, .. } => {
+                let d = client.show(source, id).await?;
+                let text = if common.json {
+                    pretty(&d)
+                } else {
+                    crate::admin_client::render_show(&d)
+                };
+                crate::admin_client::emit(&text, None)
+            }
+            DeliveriesCommand::Retry { source, id, .. } => {
+                let r = client.retry(source, id).await?;
+                let text = if common.json {
+                    pretty(&r)
+                } else {
+                    let names: Vec<String> = r["requeued"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|v| v.as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if names.is_empty() {
+                        "nothing to retry: no failed or dead handler".to_owned()
+                    } else {
+                        format!("requeued: {}", names.join(", "))
+                    }
+                };
+                crate::admin_client::emit(&text, None)
+            }
+            DeliveriesCommand::Export {
+                data_dir,
+                source,
+                id,
+                out,
+                ..
+            } => {
+                let text = if *data_dir {
+                    crate::export::export_from_data_dir(&config, source, id).await?
+                } else {
+                    pretty(&client.fixture(source, id).await?)
+                };
+                crate::admin_client::emit(&text, out.as_deref())
+            }
         }
+    }
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
     }
 }
 

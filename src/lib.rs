@@ -23,6 +23,7 @@
 //! - [`metrics`]: Prometheus metrics; [`testing`]: the kit for handler authors.
 //! - [`cli`], [`telemetry`], [`clock`]: the command line, logs, time.
 
+pub mod admin_client;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -84,6 +84,8 @@ pub struct Options {
     pub handlers: Vec<Registration>,
     pub retention: &'static str,
     pub tolerance: &'static str,
+    /// The admin bearer token (None: admin API disabled).
+    pub admin_token: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -99,6 +101,7 @@ impl Default for Options {
             handlers: Vec::new(),
             retention: "7d",
             tolerance: "5m",
+            admin_token: None,
         }
     }
 }
@@ -171,7 +174,7 @@ pub async fn spawn_with(o: Options) -> TestApp {
     let recorder = Registration::new("recorder", o.recorder.clone()).source("credicorp");
     let mut handlers = vec![recorder];
     handlers.extend(o.handlers);
-    spawn_config(config, dir, o.store, handlers, o.recorder).await
+    spawn_config_with_token(config, dir, o.store, handlers, o.recorder, o.admin_token).await
 }
 
 /// Spawns the app on an already-built config (its listen addresses and storage path are
@@ -183,8 +186,24 @@ pub async fn spawn_config(
     handlers: Vec<Registration>,
     recorder: Recorder,
 ) -> TestApp {
+    spawn_config_with_token(config, dir, store, handlers, recorder, None).await
+}
+
+async fn spawn_config_with_token(
+    config: Config,
+    dir: Arc<TempDir>,
+    store: Option<Arc<dyn DeliveryStore>>,
+    handlers: Vec<Registration>,
+    recorder: Recorder,
+    admin_token: Option<&'static str>,
+) -> TestApp {
     init_logs();
-    let mut builder = ApplicationBuilder::new(config.clone());
+    let token_env = config.admin.token_env.clone();
+    let mut builder = ApplicationBuilder::new(config.clone()).env(move |k| {
+        (k == token_env)
+            .then(|| admin_token.map(String::from))
+            .flatten()
+    });
     for h in handlers {
         builder = builder.handler(h);
     }

@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod admin;
 mod checks;
 mod claim;
 mod command;

@@ -1,0 +1,214 @@
+//! `webhook-inbox deliveries list|show|retry|export`: the admin API from the command line,
+//! as readable tables or, with `--json`, the API's own JSON.
+
+use std::path::Path;
+
+use crate::config::Config;
+
+/// Where the admin API is and how to authenticate.
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    base: reqwest::Url,
+    token: Option<String>,
+    client: reqwest::Client,
+}
+
+impl AdminClient {
+    /// From the config: `http://{server.admin_listen}` unless `url` is given, the token from
+    /// the variable `admin.token_env` names.
+    pub fn new(config: &Config, url: Option<&str>) -> Result<AdminClient, String> {
+        let base = url
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("http://{}", config.server.admin_listen));
+        let base = reqwest::Url::parse(&base).map_err(|e| format!("admin url `{base}`: {e}"))?;
+        Ok(AdminClient {
+            base,
+            token: std::env::var(&config.admin.token_env).ok(),
+            client: reqwest::Client::new(),
+        })
+    }
+
+    fn url(&self, segments: &[&str]) -> Result<reqwest::Url, String> {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .map_err(|_| "the admin url cannot take a path".to_owned())?
+            .pop_if_empty()
+            .extend(segments);
+        Ok(url)
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        url: reqwest::Url,
+    ) -> Result<serde_json::Value, String> {
+        let mut request = self.client.request(method, url.clone());
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.map_err(|e| format!("{url}: {e}"))?;
+        let status = response.status();
+        let body: serde_json::Value = response
+            .json()
+            .await
+            .map_err(|e| format!("{url}: answered {status} without JSON: {e}"))?;
+        if !status.is_success() {
+            return Err(format!(
+                "{status}: {}",
+                body["message"].as_str().unwrap_or("no message")
+            ));
+        }
+        Ok(body)
+    }
+
+    /// `GET /admin/deliveries`.
+    pub async fn list(
+        &self,
+        source: Option<&str>,
+        status: Option<&str>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<serde_json::Value, String> {
+        let mut url = self.url(&["admin", "deliveries"])?;
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("limit", &limit.to_string());
+            if let Some(s) = source {
+                q.append_pair("source", s);
+            }
+            if let Some(s) = status {
+                q.append_pair("status", s);
+            }
+            if let Some(c) = cursor {
+                q.append_pair("cursor", c);
+            }
+        }
+        self.call(reqwest::Method::GET, url).await
+    }
+
+    /// `GET /admin/deliveries/{source}/{id}`.
+    pub async fn show(&self, source: &str, id: &str) -> Result<serde_json::Value, String> {
+        let url = self.url(&["admin", "deliveries", source, id])?;
+        self.call(reqwest::Method::GET, url).await
+    }
+
+    /// `POST /admin/deliveries/{source}/{id}/retry`.
+    pub async fn retry(&self, source: &str, id: &str) -> Result<serde_json::Value, String> {
+        let url = self.url(&["admin", "deliveries", source, id, "retry"])?;
+        self.call(reqwest::Method::POST, url).await
+    }
+
+    /// `GET /admin/deliveries/{source}/{id}/fixture`.
+    pub async fn fixture(&self, source: &str, id: &str) -> Result<serde_json::Value, String> {
+        let url = self.url(&["admin", "deliveries", source, id, "fixture"])?;
+        self.call(reqwest::Method::GET, url).await
+    }
+}
+
+/// Renders rows as a table with aligned columns.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    let mut out = line(header.iter().map(|h| h.to_uppercase()).collect());
+    for row in rows {
+        out.push('\n');
+        out.push_str(&line(row.clone()));
+    }
+    out
+}
+
+fn text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The listing as a table.
+pub fn render_list(page: &serde_json::Value) -> String {
+    let rows: Vec<Vec<String>> = page["deliveries"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|d| {
+            let r = &d["record"];
+            vec![
+                crate::clock::rfc3339_ms(r["received_at_ms"].as_u64().unwrap_or(0)),
+                text(&r["source"]),
+                text(&r["id"]),
+                text(&r["event_type"]),
+                text(&d["status"]),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &["received_at", "source", "id", "event_type", "status"],
+        &rows,
+    );
+    if let Some(c) = page["next_cursor"].as_str() {
+        out.push_str(&format!("\nmore: --cursor {c}"));
+    }
+    out
+}
+
+/// One delivery with its handlers, as text.
+pub fn render_show(d: &serde_json::Value) -> String {
+    let r = &d["record"];
+    let mut out = format!(
+        "source       {}\nid           {}\nevent_type   {}\nreceived_at  {}\nstatus       {}\nfingerprint  {}\n\n",
+        text(&r["source"]),
+        text(&r["id"]),
+        text(&r["event_type"]),
+        text(&d["received_at"]),
+        text(&d["status"]),
+        text(&r["fingerprint"]),
+    );
+    let rows: Vec<Vec<String>> = d["handlers"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|h| {
+            let s = &h["state"];
+            vec![
+                text(&h["name"]),
+                text(&s["status"]),
+                text(&s["attempts"]),
+                text(&s["last_error"]),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["handler", "status", "attempts", "last_error"],
+        &rows,
+    ));
+    out
+}
+
+/// Writes `value` pretty to `out` (a file) or stdout.
+pub fn emit(value: &str, out: Option<&Path>) -> Result<(), String> {
+    match out {
+        Some(path) => std::fs::write(path, format!("{value}\n"))
+            .map_err(|e| format!("{}: {e}", path.display())),
+        None => {
+            println!("{value}");
+            Ok(())
+        }
+    }
+}
