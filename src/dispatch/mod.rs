@@ -72,10 +72,20 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// Runs `job` once. With `queued`, a failure is rescheduled through the queue (or
-    /// dead-lettered); without, it is only recorded (the sender's retry re-runs it).
-    pub async fn run(&self, job: &JobKey, queued: bool) -> Result<RunResult, StoreError> {
-        let Some(attempt) = self.store.begin_attempt(job, self.clock.now_ms()).await? else {
+    /// Runs `job` once. Taken from the queue entry due at `queued_due`, a failure is
+    /// rescheduled through the queue (or dead-lettered); run inline (`None`), it is only
+    /// recorded (the sender's retry re-runs it).
+    pub async fn run(
+        &self,
+        job: &JobKey,
+        queued_due: Option<u64>,
+    ) -> Result<RunResult, StoreError> {
+        let queued = queued_due.is_some();
+        let Some(attempt) = self
+            .store
+            .begin_attempt(job, queued_due, self.clock.now_ms())
+            .await?
+        else {
             return Ok(RunResult::Skipped);
         };
         let record = &attempt.record;
@@ -225,8 +235,9 @@ impl Dispatcher {
                         for entry in due {
                             let runner = self.runner.clone();
                             let job = entry.job.clone();
+                            let due = entry.due_ms;
                             let handle = running.spawn(async move {
-                                if let Err(e) = runner.run(&job, true).await {
+                                if let Err(e) = runner.run(&job, Some(due)).await {
                                     tracing::error!(job = %job, error = %e, "recording a handler run failed");
                                 }
                             });

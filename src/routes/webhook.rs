@@ -279,7 +279,7 @@ async fn process_inline(state: &AppState, record: DeliveryRecord) -> Result<Outc
         let mut all_succeeded = true;
         for handler in &record.handlers {
             let job = key.job(handler);
-            runner.run(&job, false).await?;
+            runner.run(&job, None).await?;
             let done = runner
                 .store
                 .job(&job)

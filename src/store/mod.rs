@@ -310,7 +310,11 @@ impl DeliveryStatus {
 
     /// The status of a delivery from its record and its jobs' states (worst first).
     pub fn of(record: &DeliveryRecord, jobs: &[Option<JobState>]) -> DeliveryStatus {
-        let has = |s: JobStatus| jobs.iter().flatten().any(|j| j.status == s);
+        // A job without a state has not run yet: pending.
+        let has = |s: JobStatus| {
+            jobs.iter()
+                .any(|j| j.as_ref().map_or(JobStatus::Pending, |j| j.status) == s)
+        };
         if has(JobStatus::Dead) {
             DeliveryStatus::Dead
         } else if has(JobStatus::Failed) {
@@ -382,11 +386,13 @@ pub trait DeliveryStore: Send + Sync + 'static {
     fn next_due_ms(&self, skip: &dyn Fn(&JobKey) -> bool) -> Result<Option<u64>, StoreError>;
 
     /// Marks a job running and counts the attempt (durably, so a run interrupted by a crash
-    /// is retried with a higher attempt number). `None` when the job has already
-    /// succeeded or died, or its delivery expired: the stale queue entry is removed.
+    /// is retried with a higher attempt number). `queued_due` is the queue entry it was
+    /// taken from, if any. `None` when the job has already succeeded or died, or its
+    /// delivery expired or never landed: that stale queue entry is removed.
     async fn begin_attempt(
         &self,
         job: &JobKey,
+        queued_due: Option<u64>,
         now_ms: u64,
     ) -> Result<Option<AttemptContext>, StoreError>;
 

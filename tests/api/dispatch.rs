@@ -260,18 +260,19 @@ async fn a_run_interrupted_by_a_crash_resumes_with_the_next_attempt_and_the_same
     let interrupted_key;
     {
         let store = open(dir.path());
-        claim(&*store, "msg_c", &["worker", "done"], clock.now_ms()).await;
+        let arrived = clock.now_ms();
+        claim(&*store, "msg_c", &["worker", "done"], arrived).await;
         let job = DeliveryKey::new("credicorp", "msg_c").job("worker");
         interrupted_key = job.idempotency_key();
         let started = store
-            .begin_attempt(&job, clock.now_ms())
+            .begin_attempt(&job, Some(arrived), clock.now_ms())
             .await
             .expect("begin")
             .expect("runnable");
         assert_eq!(started.attempt, 1);
         let done = DeliveryKey::new("credicorp", "msg_c").job("done");
         store
-            .begin_attempt(&done, clock.now_ms())
+            .begin_attempt(&done, Some(arrived), clock.now_ms())
             .await
             .expect("begin");
         store

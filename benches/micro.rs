@@ -1,0 +1,117 @@
+#![allow(missing_docs)] // criterion_group! generates an undocumented public function
+//! Micro-benchmarks: signature verification per scheme on a 1 KiB body, and the claim of a
+//! new and of a duplicate delivery id in the sled store.
+//!
+//! `cargo bench --bench micro`
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use criterion::{Criterion, criterion_group, criterion_main};
+use webhook_inbox::config::{Config, Durability};
+use webhook_inbox::store::{DeliveryRecord, DeliveryStore, NewDelivery, SledStore, fingerprint};
+use webhook_inbox::verify::{Headers, Source};
+
+const CONFIG: &str = r#"
+[sources.standard-webhooks]
+secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]
+[sources.stripe]
+scheme = "stripe"
+secrets = ["whsec_stripe"]
+[sources.github]
+scheme = "github"
+secrets = ["github"]
+[sources.slack]
+scheme = "slack"
+secrets = ["slack"]
+[sources.shopify]
+scheme = "shopify"
+secrets = ["shopify"]
+[sources.hmac-sha256]
+scheme = "hmac-sha256"
+secrets = ["partner"]
+signature_header = "X-Signature"
+timestamp_header = "X-Timestamp"
+id_header = "X-Id"
+"#;
+
+fn body() -> Bytes {
+    let head = r#"{"type":"application.created","id":"evt_1","event_id":"Ev1","pad":""#;
+    Bytes::from(format!("{head}{}\"}}", "x".repeat(1024 - head.len() - 2)))
+}
+
+fn verification(c: &mut Criterion) {
+    let config = Config::parse(CONFIG, "bench.toml").expect("config");
+    let body = body();
+    let mut group = c.benchmark_group("verify 1 KiB");
+    for name in config.sources.keys() {
+        let source = Source::from_config(name, &config.sources[name], "bench.toml", &|_| None)
+            .expect("source");
+        let headers = Headers::from_pairs(source.sign("evt_1", &body, SystemTime::now()));
+        group.bench_function(name.as_str(), |b| {
+            b.iter(|| {
+                source
+                    .authenticate(headers.clone(), body.clone(), SystemTime::now())
+                    .expect("valid")
+            })
+        });
+    }
+    group.finish();
+}
+
+fn record(id: &str, body: &Bytes) -> NewDelivery {
+    NewDelivery {
+        record: DeliveryRecord {
+            source: "bench".into(),
+            id: id.into(),
+            fingerprint: fingerprint(body),
+            received_at_ms: 1_795_830_000_000,
+            event_type: Some("application.created".into()),
+            headers: Headers::from_pairs([("content-type", "application/json")]),
+            response: Some(webhook_inbox::store::StoredResponse {
+                status: 202,
+                body: "{}".into(),
+            }),
+            lease_until_ms: None,
+            handlers: vec!["noop".into()],
+        },
+        body: body.clone(),
+        enqueue: true,
+        body_dedup: false,
+    }
+}
+
+fn claims(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::TempDir::new().expect("dir");
+    // Buffered: the CPU cost of the claim itself; fsync cost is the disk's (see BENCHMARKS.md).
+    let store =
+        SledStore::open(&dir.path().join("data"), Durability::Buffered, 64 << 20).expect("store");
+    let body = body();
+    let mut n = 0u64;
+    c.bench_function("claim new id (buffered)", |b| {
+        b.iter(|| {
+            n += 1;
+            runtime
+                .block_on(store.claim(record(&format!("msg_{n}"), &body)))
+                .expect("claim")
+        })
+    });
+    runtime
+        .block_on(store.claim(record("msg_dup", &body)))
+        .expect("claim");
+    c.bench_function("claim duplicate id", |b| {
+        b.iter(|| {
+            runtime
+                .block_on(store.claim(record("msg_dup", &body)))
+                .expect("claim")
+        })
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = verification, claims
+}
+criterion_main!(benches);
