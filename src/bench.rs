@@ -145,7 +145,10 @@ async fn wait_queue_drained(admin: u16, deadline: Duration) -> Result<(), String
             .text()
             .await
             .map_err(|e| e.to_string())?;
-        if text.lines().any(|l| l.trim() == "webhook_inbox_queue_depth 0") {
+        if text
+            .lines()
+            .any(|l| l.trim() == "webhook_inbox_queue_depth 0")
+        {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
