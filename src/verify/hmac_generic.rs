@@ -6,13 +6,13 @@
 //! `{timestamp}` and `{body}` (default `{body}`, or `{timestamp}.{body}` with a timestamp).
 //! Secrets are used as their UTF-8 bytes, as these providers do.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
 use super::mac::{hmac_sha256, matches_any, tag};
-use super::{Field, Headers, Secret, SignatureScheme, VerifyError, skew};
+use super::{Field, Headers, Secret, SignatureScheme, VerifyError, skew, unix_seconds};
 
 /// How the tag is written in the header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
@@ -222,11 +222,7 @@ impl SignatureScheme for HmacScheme {
 
     fn sign(&self, id: &str, body: &[u8], now: SystemTime) -> Vec<(String, String)> {
         let s = &self.settings;
-        let ts = now
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-            .to_string();
+        let ts = unix_seconds(now);
         let mac = hmac_sha256(self.secrets[0].expose(), &self.content(id, &ts, body));
         let mut headers = vec![(
             s.signature_header.clone(),
@@ -266,6 +262,7 @@ impl SignatureScheme for HmacScheme {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     fn scheme(template: Option<&str>, ts: bool) -> HmacScheme {
         HmacScheme::new(

@@ -21,6 +21,14 @@ use bytes::Bytes;
 
 pub use standard_webhooks::StandardWebhooks;
 
+/// `now` as Unix seconds, the way every scheme writes its signed timestamp.
+pub(crate) fn unix_seconds(now: SystemTime) -> String {
+    now.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        .to_string()
+}
+
 /// Seconds between `ts` and `now`, in whichever direction.
 pub(crate) fn skew(ts: i64, now: SystemTime) -> Duration {
     let now_s = match now.duration_since(UNIX_EPOCH) {

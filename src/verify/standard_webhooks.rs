@@ -5,14 +5,14 @@
 //! accepted too. Secrets are `whsec_<base64>`; like the reference libraries, the prefix is
 //! optional.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
 
 use super::mac::{HmacSha256, hmac_sha256, matches_any, tag};
-use super::{Field, Headers, Secret, SignatureScheme, VerifyError, skew};
+use super::{Field, Headers, Secret, SignatureScheme, VerifyError, skew, unix_seconds};
 
 /// Header names: the standard ones first, Svix's as a fallback.
 const ID: [&str; 2] = ["webhook-id", "svix-id"];
@@ -148,11 +148,7 @@ impl SignatureScheme for StandardWebhooks {
     }
 
     fn sign(&self, id: &str, body: &[u8], now: SystemTime) -> Vec<(String, String)> {
-        let ts = now
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-            .to_string();
+        let ts = unix_seconds(now);
         // With only public keys configured there is nothing to sign with.
         let signature = self
             .secrets
@@ -182,6 +178,7 @@ impl SignatureScheme for StandardWebhooks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     // The published test vector of the Standard Webhooks / Svix libraries
     // (svix-webhooks, php/tests/WebhookTest.php `testSignFunctionWorks`).

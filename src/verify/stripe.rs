@@ -5,10 +5,10 @@
 //! unknown parts are ignored, never a reason to reject. The id and type come from the
 //! signed body (`/id`, `/type`).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use super::mac::{hmac_sha256, matches_any, tag};
-use super::{Field, Headers, Secret, SignatureScheme, VerifyError, skew};
+use super::{Field, Headers, Secret, SignatureScheme, VerifyError, skew, unix_seconds};
 
 const HEADER: &str = "stripe-signature";
 
@@ -90,11 +90,7 @@ impl SignatureScheme for Stripe {
     }
 
     fn sign(&self, _id: &str, body: &[u8], now: SystemTime) -> Vec<(String, String)> {
-        let ts = now
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-            .to_string();
+        let ts = unix_seconds(now);
         let mac = hmac_sha256(self.secrets[0].expose(), &[ts.as_bytes(), b".", body]);
         vec![(
             "Stripe-Signature".into(),
@@ -114,6 +110,7 @@ impl SignatureScheme for Stripe {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     // stripe-dotnet's test fixture: src/StripeTests/Resources/event_test_signature.json,
     // secret "webhook_secret", t=1533204620, and the header of

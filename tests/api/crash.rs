@@ -5,8 +5,7 @@
 //! with the same idempotency key and a higher attempt number.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -22,34 +21,8 @@ const COPIES: usize = 2;
 const KILLS: usize = 6;
 const SENDERS: usize = 8;
 
-/// Starts the binary and returns it with its public port.
 fn start(config: &std::path::Path) -> (Child, u16) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("binary starts");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                && v["fields"]["message"] == "webhook-inbox serving"
-                && let Some(port) = v["fields"]["listen"]
-                    .as_str()
-                    .and_then(|a| a.rsplit(':').next())
-                    .and_then(|p| p.parse::<u16>().ok())
-            {
-                let _ = tx.send(port);
-            }
-        }
-    });
-    let port = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("serving line with the port");
+    let (child, port, _logs) = crate::helpers::spawn_binary(config);
     (child, port)
 }
 

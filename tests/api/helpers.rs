@@ -362,3 +362,46 @@ pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) 
         "{body}"
     );
 }
+
+/// Starts the real binary on `config` (JSON logs at `RUST_LOG=info`) and waits for its
+/// "serving" line. Returns the child, its public port, and a thread collecting the rest of
+/// its logs (so the child never blocks on a full pipe) that ends when the child does.
+pub fn spawn_binary(
+    config: &std::path::Path,
+) -> (std::process::Child, u16, std::thread::JoinHandle<String>) {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let logs = std::thread::spawn(move || {
+        let mut rest = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v["fields"]["message"] == "webhook-inbox serving"
+                && let Some(port) = v["fields"]["listen"]
+                    .as_str()
+                    .and_then(|a| a.rsplit(':').next())
+                    .and_then(|p| p.parse::<u16>().ok())
+            {
+                let _ = tx.send(port);
+            }
+            rest.push_str(&line);
+            rest.push('\n');
+        }
+        rest
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the serving line names the bound port");
+    (child, port, logs)
+}

@@ -1,7 +1,6 @@
 //! SIGTERM against the real binary: stop accepting, finish the request in flight, exit 0.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use webhook_inbox::config::Config;
@@ -30,35 +29,7 @@ fn sigterm_finishes_the_request_in_flight_and_exits_zero() {
     );
     let config_path = dir.path().join("config.toml");
     std::fs::write(&config_path, &text).expect("write config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(&config_path)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("binary starts");
-    let mut logs = BufReader::new(child.stderr.take().expect("stderr"));
-    let mut port = None;
-    let mut line = String::new();
-    while port.is_none() && logs.read_line(&mut line).expect("read log") > 0 {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-            && v["fields"]["message"] == "webhook-inbox serving"
-        {
-            port = v["fields"]["listen"]
-                .as_str()
-                .and_then(|a| a.rsplit(':').next())
-                .and_then(|p| p.parse::<u16>().ok());
-        }
-        line.clear();
-    }
-    let port = port.expect("the serving line names the bound port");
-    // Keep draining the logs so the child never blocks on a full pipe.
-    let drain = std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = logs.read_to_string(&mut rest);
-        rest
-    });
+    let (mut child, port, drain) = crate::helpers::spawn_binary(&config_path);
 
     let config = Config::parse(&text, "t.toml").expect("config");
     let source = Source::from_config("credicorp", &config.sources["credicorp"], "t.toml", &|_| {
