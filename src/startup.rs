@@ -75,7 +75,25 @@ pub struct AppState {
     pub config: Config,
 }
 
-/// Assembles an [`Application`] from a config, a user's handlers, and optionally a store.
+/// Assembles an [`Application`] from a config, a user's handlers, and optionally a store:
+/// the very service `webhook-inbox serve` runs, with your plugins in it.
+///
+/// ```no_run
+/// use webhook_inbox::config::Config;
+/// use webhook_inbox::handlers::LogHandler;
+/// use webhook_inbox::{ApplicationBuilder, Registration};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = Config::load("config.toml".as_ref())?;
+/// let app = ApplicationBuilder::new(config)
+///     .handler(Registration::new("audit", LogHandler).events(["application.*"]))
+///     .build()
+///     .await?; // validates, opens the store, binds both listeners
+/// println!("webhooks on port {}", app.port());
+/// app.run_until_stopped(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+/// # Ok(())
+/// # }
+/// ```
 pub struct ApplicationBuilder {
     config: Config,
     handlers: Vec<Registration>,

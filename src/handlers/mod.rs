@@ -27,7 +27,19 @@ pub use log::LogHandler;
 use crate::config::{Binding, Config, HandlerConfig};
 use crate::verify::Headers;
 
-/// A delivery as a handler sees it.
+/// A delivery as a handler sees it: authenticated, recorded, and the same on every attempt
+/// except `attempt`.
+///
+/// ```
+/// let d = webhook_inbox::testing::delivery(
+///     "credicorp", "msg_1", Some("application.created"),
+///     r#"{"type":"application.created","data":{"application_id":"app_1"}}"#,
+/// );
+/// assert_eq!(d.attempt, 1);
+/// let json = d.json().expect("a JSON body");
+/// assert_eq!(json["data"]["application_id"], "app_1");
+/// assert_eq!(d.headers.get("Content-Type"), Some("application/json"));
+/// ```
 #[derive(Debug, Clone)]
 pub struct Delivery {
     /// Source name.
@@ -54,6 +66,16 @@ impl Delivery {
 }
 
 /// What a run is given besides the delivery.
+///
+/// ```
+/// let d = webhook_inbox::testing::delivery("credicorp", "msg_1", None, "{}");
+/// let ctx = webhook_inbox::testing::context("open-case", &d);
+/// // Deterministic: the same (source, delivery, handler) always gets the same key.
+/// assert_eq!(ctx.idempotency_key, webhook_inbox::testing::context("open-case", &d).idempotency_key);
+/// assert_ne!(ctx.idempotency_key, webhook_inbox::testing::context("notify", &d).idempotency_key);
+/// assert_eq!(ctx.idempotency_key.len(), 64);
+/// assert!(!ctx.shutdown.is_cancelled());
+/// ```
 #[derive(Debug, Clone)]
 pub struct HandlerContext {
     /// Deterministic per (source, delivery, handler), at most 64 characters: send it as
@@ -64,7 +86,22 @@ pub struct HandlerContext {
     pub shutdown: CancellationToken,
 }
 
-/// How a run failed.
+/// How a run failed: [`HandlerError::Retryable`] is run again after a back-off (up to
+/// `dispatch.max_attempts`), [`HandlerError::Permanent`] is dead-lettered at once.
+///
+/// ```
+/// use webhook_inbox::HandlerError;
+///
+/// fn classify(status: u16) -> Result<(), HandlerError> {
+///     match status {
+///         200..=299 => Ok(()),
+///         400 | 422 => Err(HandlerError::Permanent(format!("downstream refused: {status}"))),
+///         _ => Err(HandlerError::Retryable(format!("downstream answered {status}"))),
+///     }
+/// }
+/// assert!(matches!(classify(503), Err(HandlerError::Retryable(_))));
+/// assert!(matches!(classify(422), Err(HandlerError::Permanent(_))));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandlerError {
     /// Worth another try later (timeouts, 5xx, a crash of the program).
@@ -76,6 +113,31 @@ pub enum HandlerError {
 }
 
 /// A handler: runs once per matching delivery until it succeeds.
+///
+/// Implement it with [`macro@crate::async_trait`] and register it with
+/// [`Registration`] on [`crate::ApplicationBuilder`]. The trait is dyn-compatible: the
+/// service keeps every handler as `Arc<dyn Handler>`.
+///
+/// ```
+/// use webhook_inbox::{Delivery, Handler, HandlerContext, HandlerError};
+///
+/// /// Forwards `application.created` to a case system, keyed for idempotency.
+/// struct OpenCase;
+///
+/// #[webhook_inbox::async_trait]
+/// impl Handler for OpenCase {
+///     async fn handle(&self, d: &Delivery, ctx: &HandlerContext) -> Result<(), HandlerError> {
+///         let json = d.json().ok_or_else(|| HandlerError::Permanent("not JSON".into()))?;
+///         let _application = json["data"]["application_id"].as_str().unwrap_or_default();
+///         // Call the case API with `Idempotency-Key: ctx.idempotency_key` here; a retry of
+///         // this delivery sends the same key, so the API can deduplicate it.
+///         let _key = &ctx.idempotency_key;
+///         Ok(())
+///     }
+/// }
+///
+/// let _: std::sync::Arc<dyn Handler> = std::sync::Arc::new(OpenCase);
+/// ```
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
     /// Processes one delivery. Called again (with a higher `attempt`, the same key) after a
@@ -130,6 +192,16 @@ impl EventPattern {
 }
 
 /// A handler with its name and binding.
+///
+/// ```
+/// use webhook_inbox::{Registration, handlers::LogHandler};
+///
+/// let r = Registration::new("audit", LogHandler)
+///     .source("credicorp")
+///     .events(["application.*", "payment_link.paid"]);
+/// assert_eq!(r.name, "audit");
+/// assert_eq!(r.source.as_deref(), Some("credicorp"));
+/// ```
 #[derive(Clone)]
 pub struct Registration {
     /// Unique name; part of the idempotency key, so renaming a handler re-runs it.
