@@ -358,7 +358,11 @@ async fn deliveries(command: DeliveriesCommand) -> ExitCode {
 }
 
 fn load(path: &std::path::Path) -> Result<Config, String> {
-    Config::load(path).map_err(|e| e.to_string())
+    let mut config = Config::load(path).map_err(|e| e.to_string())?;
+    config
+        .apply_env_overrides(&|k| std::env::var(k).ok())
+        .map_err(|e| e.to_string())?;
+    Ok(config)
 }
 
 fn fail(message: String) -> ExitCode {

@@ -372,6 +372,35 @@ impl Config {
         Ok(config)
     }
 
+    /// Applies the named environment overrides, for deployments that template the
+    /// addresses and data directory but not the file: `WEBHOOK_INBOX_LISTEN`,
+    /// `WEBHOOK_INBOX_ADMIN_LISTEN`, `WEBHOOK_INBOX_DATA_DIR`. Nothing else is read from the
+    /// environment (secrets come from each source's `secrets_env`).
+    pub fn apply_env_overrides(
+        &mut self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let address = |var: &str| -> Result<Option<SocketAddr>, ConfigError> {
+            env(var)
+                .map(|v| {
+                    v.parse().map_err(|e| {
+                        ConfigError::new(&self.file, format!("{var}=`{v}` is not an address: {e}"))
+                    })
+                })
+                .transpose()
+        };
+        if let Some(a) = address("WEBHOOK_INBOX_LISTEN")? {
+            self.server.listen = a;
+        }
+        if let Some(a) = address("WEBHOOK_INBOX_ADMIN_LISTEN")? {
+            self.server.admin_listen = a;
+        }
+        if let Some(dir) = env("WEBHOOK_INBOX_DATA_DIR").filter(|d| !d.is_empty()) {
+            self.storage.path = PathBuf::from(dir);
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let err = |m: String| Err(ConfigError::new(&self.file, m));
         if self.server.max_body_bytes == 0 {
@@ -482,6 +511,29 @@ mod tests {
         [sources.acme]
         secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]
     "#;
+
+    #[test]
+    fn only_the_named_environment_overrides_apply() {
+        let mut c = Config::parse(MINIMAL, "t.toml").expect("valid");
+        let env = |k: &str| match k {
+            "WEBHOOK_INBOX_LISTEN" => Some("0.0.0.0:9000".to_owned()),
+            "WEBHOOK_INBOX_DATA_DIR" => Some("/var/lib/inbox".to_owned()),
+            "WEBHOOK_INBOX_STORAGE_DURABILITY" => Some("buffered".to_owned()),
+            _ => None,
+        };
+        c.apply_env_overrides(&env).expect("ok");
+        assert_eq!(c.server.listen.to_string(), "0.0.0.0:9000");
+        assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:8081");
+        assert_eq!(c.storage.path, PathBuf::from("/var/lib/inbox"));
+        assert_eq!(
+            c.storage.durability,
+            Durability::Fsync,
+            "no catch-all prefix"
+        );
+        let bad = |k: &str| (k == "WEBHOOK_INBOX_ADMIN_LISTEN").then(|| "nowhere".to_owned());
+        let e = c.apply_env_overrides(&bad).expect_err("bad address");
+        assert!(e.to_string().contains("WEBHOOK_INBOX_ADMIN_LISTEN"), "{e}");
+    }
 
     #[test]
     fn minimal_config_gets_documented_defaults() {
