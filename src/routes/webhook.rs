@@ -274,23 +274,27 @@ fn new_record(
 /// the failures). Runs as its own task so a sender hanging up does not cut a handler short.
 async fn process_inline(state: &AppState, record: DeliveryRecord) -> Result<Outcome, ApiError> {
     let runner = state.runner.clone();
-    let task = tokio::spawn(async move {
-        let key = record.key();
-        let mut all_succeeded = true;
-        for handler in &record.handlers {
-            let job = key.job(handler);
-            runner.run(&job, None).await?;
-            let done = runner
-                .store
-                .job(&job)
-                .await?
-                .is_some_and(|j| j.status == JobStatus::Succeeded);
-            all_succeeded &= done;
+    // Instrumented with the delivery's span, so each handler run logs as its child.
+    let task = tokio::spawn(
+        async move {
+            let key = record.key();
+            let mut all_succeeded = true;
+            for handler in &record.handlers {
+                let job = key.job(handler);
+                runner.run(&job, None).await?;
+                let done = runner
+                    .store
+                    .job(&job)
+                    .await?
+                    .is_some_and(|j| j.status == JobStatus::Succeeded);
+                all_succeeded &= done;
+            }
+            let response = all_succeeded.then(|| first_response(&record, StatusCode::OK));
+            runner.store.release(&key, response.clone()).await?;
+            Ok::<_, crate::store::StoreError>(response)
         }
-        let response = all_succeeded.then(|| first_response(&record, StatusCode::OK));
-        runner.store.release(&key, response.clone()).await?;
-        Ok::<_, crate::store::StoreError>(response)
-    });
+        .instrument(tracing::Span::current()),
+    );
     match task.await {
         Ok(Ok(Some(response))) => Ok(Outcome::Processed(response)),
         Ok(Ok(None)) => Err(ApiError::HandlerFailed),
