@@ -380,35 +380,45 @@ async fn serve(path: PathBuf) -> ExitCode {
         Ok(app) => app,
         Err(e) => return fail(e.to_string()),
     };
+    let shutdown = shutdown_signal();
     // The bound ports, which differ from the configured ones when those are 0.
     listen.set_port(app.port());
     admin.set_port(app.admin_port());
     tracing::info!(%listen, %admin, "webhook-inbox serving");
-    match app.run_until_stopped(shutdown_signal()).await {
+    match app.run_until_stopped(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e.to_string()),
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is *called*, not
+/// when the future is first polled: `serve` calls it before announcing that it serves, so a
+/// signal that arrives right after that line still shuts down gracefully.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).ok();
+        let mut int = signal(SignalKind::interrupt()).ok();
+        async move {
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = wait(term.take()) => {}
+                () = wait(int.take()) => {}
             }
-            Err(_) => std::future::pending().await,
+            tracing::info!("shutdown signal received");
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
     }
-    tracing::info!("shutdown signal received");
+    #[cfg(not(unix))]
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutdown signal received");
+    }
 }

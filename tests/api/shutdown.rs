@@ -91,3 +91,24 @@ fn sigterm_finishes_the_request_in_flight_and_exits_zero() {
     let rest = drain.join().expect("logs");
     assert!(status.success(), "exit status {status:?}\n{rest}");
 }
+
+/// The signal handlers are in place before the "serving" line: a SIGTERM right after it is
+/// a graceful stop (exit 0), not the default action (killed by signal 15). Found by the
+/// crash test, whose last restart is sometimes stopped at once.
+#[test]
+fn sigterm_right_after_the_serving_line_is_a_clean_exit() {
+    for _ in 0..3 {
+        let dir = tempfile::TempDir::new().expect("dir");
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, config_text(dir.path(), &Options::default())).expect("write");
+        let (mut child, _port, logs) = crate::helpers::spawn_binary(&config_path);
+        let killed = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        let status = child.wait().expect("exit");
+        let logs = logs.join().expect("logs");
+        assert!(status.success(), "{status:?}\n{logs}");
+    }
+}
