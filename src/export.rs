@@ -21,12 +21,8 @@ pub async fn fixture_of(
         return Ok(None);
     };
     // The id header is where `replay` puts the id; keep it out of the fixture's headers.
-    let id_header = config
-        .sources
-        .get(source)
-        .and_then(|sc| {
-            Source::from_config(source, sc, &config.file, &|k| std::env::var(k).ok()).ok()
-        })
+    let id_header = Source::named(config, source)
+        .ok()
         .and_then(|s| s.id_header().map(str::to_owned));
     Ok(Some(Fixture::from_record(
         &record,

@@ -125,23 +125,15 @@ impl Fixture {
         }
     }
 
-    /// Signs this fixture as delivery `id` with its source's scheme and first secret at
+    /// Signs this fixture as delivery `id` with `source` (its scheme and first secret) at
     /// `now`; `tamper` flips the signature so the service must answer 401.
     pub fn sign_as(
         &self,
-        config: &Config,
+        source: &Source,
         id: &str,
         now: SystemTime,
         tamper: bool,
     ) -> Result<SignedRequest, String> {
-        let source_config = config
-            .sources
-            .get(&self.source)
-            .ok_or_else(|| format!("source `{}` is not in {}", self.source, config.file))?;
-        let source = Source::from_config(&self.source, source_config, &config.file, &|k| {
-            std::env::var(k).ok()
-        })
-        .map_err(|e| e.to_string())?;
         let body = self.body_bytes(id, source.id_pointer())?;
         let mut headers: Vec<(String, String)> =
             vec![("content-type".into(), "application/json".into())];
@@ -167,7 +159,7 @@ impl Fixture {
 
     /// Signs this fixture under its own id, now.
     pub fn sign(&self, config: &Config, now: SystemTime) -> Result<SignedRequest, String> {
-        self.sign_as(config, &self.id, now, false)
+        self.sign_as(&Source::named(config, &self.source)?, &self.id, now, false)
     }
 }
 

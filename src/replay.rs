@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::Config;
 use crate::fixture::{Fixture, collect};
+use crate::verify::Source;
 
 /// What to send, and where.
 #[derive(Debug, Clone)]
@@ -93,6 +94,7 @@ impl Summary {
 }
 
 struct Job {
+    source: Arc<Source>,
     fixture: Arc<Fixture>,
     name: String,
     copy: usize,
@@ -109,12 +111,23 @@ pub async fn run(
         return Err("no fixture files found".into());
     }
     let mut jobs = Vec::new();
+    // Each source's secrets are decoded once, not per request.
+    let mut sources: std::collections::HashMap<String, Arc<Source>> = Default::default();
     for file in &files {
         let fixture = Arc::new(Fixture::load(file)?);
+        let source = match sources.get(&fixture.source) {
+            Some(s) => s.clone(),
+            None => {
+                let s = Arc::new(Source::named(config, &fixture.source)?);
+                sources.insert(fixture.source.clone(), s.clone());
+                s
+            }
+        };
         // Fail before sending anything if a fixture cannot be signed.
-        fixture.sign(config, SystemTime::now())?;
+        fixture.sign_as(&source, &fixture.id, SystemTime::now(), false)?;
         for copy in 0..options.times.max(1) {
             jobs.push(Job {
+                source: source.clone(),
                 fixture: fixture.clone(),
                 name: file.display().to_string(),
                 copy,
@@ -138,7 +151,7 @@ pub async fn run(
     let workers: Vec<_> = (0..options.concurrency.max(1))
         .map(|_| {
             let (queue, summary, client) = (queue.clone(), summary.clone(), client.clone());
-            let (config, options) = (config.clone(), options.clone());
+            let options = options.clone();
             tokio::spawn(async move {
                 loop {
                     let Some(job) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop() else {
@@ -149,7 +162,7 @@ pub async fn run(
                     } else {
                         job.fixture.id.clone()
                     };
-                    let line = send(&client, &config, &options, &job, &id, &summary).await;
+                    let line = send(&client, &options, &job, &id, &summary).await;
                     let s = summary.lock().unwrap_or_else(|p| p.into_inner());
                     if options.verbose {
                         println!("{line}");
@@ -173,7 +186,6 @@ pub async fn run(
 
 async fn send(
     client: &reqwest::Client,
-    config: &Config,
     options: &ReplayOptions,
     job: &Job,
     id: &str,
@@ -181,7 +193,7 @@ async fn send(
 ) -> String {
     let request = match job
         .fixture
-        .sign_as(config, id, SystemTime::now(), options.tamper)
+        .sign_as(&job.source, id, SystemTime::now(), options.tamper)
     {
         Ok(r) => r,
         Err(e) => {

@@ -60,15 +60,8 @@ pub fn delivery(source: &str, id: &str, event_type: Option<&str>, body: &str) ->
 /// the event type and id are read exactly as in production.
 pub fn delivery_from_fixture(config: &Config, path: &Path) -> Result<Delivery, String> {
     let fixture = Fixture::load(path)?;
-    let request = fixture.sign(config, SystemTime::now())?;
-    let source_config = config
-        .sources
-        .get(&fixture.source)
-        .ok_or_else(|| format!("source `{}` is not configured", fixture.source))?;
-    let source = Source::from_config(&fixture.source, source_config, &config.file, &|k| {
-        std::env::var(k).ok()
-    })
-    .map_err(|e| e.to_string())?;
+    let source = Source::named(config, &fixture.source)?;
+    let request = fixture.sign_as(&source, &fixture.id, SystemTime::now(), false)?;
     match source
         .authenticate(
             Headers::from_pairs(request.headers),

@@ -1,7 +1,7 @@
 //! Dispatch: runs each (delivery, handler) pair until it succeeds once.
 //!
-//! The queue lives in the store, ordered by due time, written in the same atomic step as
-//! the claim; the [`Dispatcher`] reads only its front. A run is counted durably *before* the
+//! The queue lives in the store, ordered by due time, and its entries are written with the
+//! claim, before the acknowledgement; the [`Dispatcher`] reads only its front. A run is counted durably *before* the
 //! handler starts ([`DeliveryStore::begin_attempt`]) and its queue entry stays until the
 //! outcome is recorded, so a crash mid-run leaves the entry due: on the next start the pair
 //! runs again with `attempt + 1` and the same idempotency key. Start-up therefore costs what

@@ -2,12 +2,14 @@
 //!
 //! What is kept per delivery (keyed by `(source, delivery id)`): the [`DeliveryRecord`]
 //! (body fingerprint, received_at, event type, headers, the first response once final), the
-//! raw body, and one [`JobState`] per matching handler. Two ordered indexes keep every
+//! raw body, and one [`JobState`] per matching handler once it has first run (absent means
+//! pending). Two ordered indexes keep every
 //! background task proportional to its own work, never to the size of the store:
 //! - the queue, ordered by due time: dispatch and crash recovery read only what is due;
 //! - the received_at index: retention reads only what has expired.
 //!
-//! The claim of a new delivery writes all of it in one atomic step. With
+//! The claim of a new delivery is one atomic compare-and-swap of the record and body, after
+//! its index entries (see [`SledStore`] for why and what a crash in between leaves). With
 //! `durability = "fsync"` every write returns only once it is on disk (see
 //! [`group_commit`]), so an acknowledgement implies a record that survives a power loss.
 
@@ -359,8 +361,8 @@ pub struct Page {
 /// Every write method returns once the write is as durable as `storage.durability` says.
 #[async_trait]
 pub trait DeliveryStore: Send + Sync + 'static {
-    /// Atomically claims `(source, id)`: writes the record, body, jobs, queue entries and
-    /// index if the key is free, else returns the existing record. Any number of concurrent
+    /// Atomically claims `(source, id)`: writes the record, body, queue entries and indexes
+    /// if the key is free, else returns the existing record. Any number of concurrent
     /// claims of one key yield exactly one [`Claim::New`]. A returned record is durable.
     async fn claim(&self, new: NewDelivery) -> Result<Claim, StoreError>;
 

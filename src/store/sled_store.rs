@@ -688,19 +688,17 @@ impl DeliveryStore for SledStore {
                 continue;
             }
             if deliveries.len() == limit {
-                next_cursor = Some(hex::encode(&index_key));
+                // The cursor is the first key *not* returned, plus a zero byte: the next
+                // page's range `..cursor` then starts with it.
+                let mut first_not_returned = index_key.to_vec();
+                first_not_returned.push(0);
+                next_cursor = Some(hex::encode(first_not_returned));
                 break;
             }
             deliveries.push(DeliverySummary {
                 record,
                 status: delivery_status,
             });
-        }
-        // The cursor names the first item *not* returned: the next page starts there.
-        if let Some(c) = &mut next_cursor {
-            let mut bytes = hex::decode(&*c).unwrap_or_default();
-            bytes.push(0);
-            *c = hex::encode(bytes);
         }
         Ok(Page {
             deliveries,

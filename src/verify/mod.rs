@@ -402,6 +402,19 @@ impl Source {
         })
     }
 
+    /// The source `name` of `config`, secrets read from the process environment: how the
+    /// client-side tools (`sign`, `replay`, `export`, the test kit) see a source.
+    pub fn named(config: &crate::config::Config, name: &str) -> Result<Source, String> {
+        let source_config = config
+            .sources
+            .get(name)
+            .ok_or_else(|| format!("source `{name}` is not in {}", config.file))?;
+        Source::from_config(name, source_config, &config.file, &|k| {
+            std::env::var(k).ok()
+        })
+        .map_err(|e| e.to_string())
+    }
+
     /// Runs the signature, id and JSON checks of design.md, in the contract's order.
     pub fn authenticate(
         &self,

@@ -11,7 +11,7 @@ use webhook_inbox::store::{DeliveryKey, DeliveryStore, JobStatus};
 
 use crate::helpers::{
     Options, Recorder, SECRET, TestApp, assert_error, event, eventually, open_store, spawn_app,
-    spawn_with,
+    spawn_with, wait_for_job,
 };
 
 const TOKEN: &str = "admin-token-for-tests-3f9a";
@@ -273,16 +273,7 @@ async fn a_dead_lettered_delivery_retried_through_the_cli_runs_only_the_dead_han
         202
     );
     let job = DeliveryKey::new("credicorp", "msg_dead").job("stubborn");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while store
-        .job(&job)
-        .await
-        .expect("read")
-        .is_none_or(|j| j.status != JobStatus::Dead)
-    {
-        assert!(std::time::Instant::now() < deadline, "never dead");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_job(&*store, &job, JobStatus::Dead).await;
     assert_eq!(store.dead_letters(), 1);
 
     let config_path = dir.path().join("cli.toml");
@@ -343,19 +334,7 @@ async fn a_dead_lettered_delivery_retried_through_the_cli_runs_only_the_dead_han
         "only the dead handler"
     );
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while store
-        .job(&job)
-        .await
-        .expect("read")
-        .is_none_or(|j| j.status != JobStatus::Succeeded)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "retry never succeeded"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_job(&*store, &job, JobStatus::Succeeded).await;
     app.stop().await;
     assert_eq!(
         app_runs(&stubborn),

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use webhook_inbox::config::Durability;
 
-use crate::helpers::{Options, assert_error, event, eventually, open_store, spawn_app, spawn_with};
+use crate::helpers::{
+    Options, assert_error, assert_replayed, event, eventually, open_store, spawn_app, spawn_with,
+};
 
 #[tokio::test]
 async fn a_new_delivery_is_202_with_the_contract_body_and_runs_its_handler_once() {
@@ -55,13 +57,7 @@ async fn a_redelivery_gets_the_first_answer_byte_for_byte_and_runs_nothing() {
     for _ in 0..3 {
         let again = app.deliver("msg_replay", &body).await;
         assert_eq!(again.status(), first_status);
-        assert_eq!(
-            again
-                .headers()
-                .get("idempotent-replayed")
-                .map(|v| v.as_bytes()),
-            Some(&b"true"[..])
-        );
+        assert_replayed(&again);
         assert_eq!(again.bytes().await.expect("body"), first_body);
     }
     // Let the dispatcher go idle, then check nothing ran again.
@@ -96,13 +92,7 @@ async fn a_known_id_with_another_body_is_422_and_changes_nothing() {
     .await;
 
     let again = app.deliver("msg_conflict", &original).await;
-    assert_eq!(
-        again
-            .headers()
-            .get("idempotent-replayed")
-            .map(|v| v.as_bytes()),
-        Some(&b"true"[..])
-    );
+    assert_replayed(&again);
     assert_eq!(again.bytes().await.expect("body"), first);
     let recorder = app.recorder.clone();
     app.stop().await;
@@ -185,13 +175,7 @@ async fn after_a_restart_the_delivery_is_still_replayed_and_runs_nothing() {
     .await;
     let again = app.deliver("msg_restart", &body).await;
     assert_eq!(again.status().as_u16(), 202);
-    assert_eq!(
-        again
-            .headers()
-            .get("idempotent-replayed")
-            .map(|v| v.as_bytes()),
-        Some(&b"true"[..])
-    );
+    assert_replayed(&again);
     assert_eq!(again.bytes().await.expect("body"), first);
     assert_error(
         app.deliver("msg_restart", &event("application.updated", 4))

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use webhook_inbox::config::Durability;
-use webhook_inbox::store::{DeliveryKey, DeliveryStore, JobStatus};
+use webhook_inbox::store::{DeliveryKey, JobStatus};
 
-use crate::helpers::{Options, event, eventually, open_store, spawn_with};
+use crate::helpers::{Options, event, eventually, open_store, spawn_with, wait_for_job};
 
 fn command_handler(name: &str, events: &str, script: &str, out: &std::path::Path) -> String {
     format!(
@@ -115,39 +115,17 @@ async fn exit_65_is_dead_at_once_and_other_failures_are_retried_until_max_attemp
     );
 
     let key = DeliveryKey::new("credicorp", "msg_fail");
-    let dead = |name: &'static str| {
-        let store = store.clone();
-        let job = key.job(name);
-        async move {
-            store
-                .job(&job)
-                .await
-                .expect("read")
-                .map(|j| (j.status, j.attempts, j.last_error))
-        }
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (p, f) = (dead("permanent").await, dead("flaky").await);
-        if p.as_ref().is_some_and(|j| j.0 == JobStatus::Dead)
-            && f.as_ref().is_some_and(|j| j.0 == JobStatus::Dead)
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not dead-lettered: {p:?} {f:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let (_, attempts, error) = dead("permanent").await.expect("job");
-    assert_eq!(attempts, 1, "exit 65 is never retried");
+    let permanent = wait_for_job(&*store, &key.job("permanent"), JobStatus::Dead).await;
+    let flaky = wait_for_job(&*store, &key.job("flaky"), JobStatus::Dead).await;
+    assert_eq!(permanent.attempts, 1, "exit 65 is never retried");
     assert!(
-        error.unwrap_or_default().contains("bad payload"),
+        permanent
+            .last_error
+            .unwrap_or_default()
+            .contains("bad payload"),
         "stderr is kept as the error"
     );
-    let (_, attempts, _) = dead("flaky").await.expect("job");
-    assert_eq!(attempts, 3, "max_attempts = 3");
+    assert_eq!(flaky.attempts, 3, "max_attempts = 3");
 
     let flaky = std::fs::read_to_string(out.path().join("flaky")).expect("flaky log");
     let lines: Vec<(&str, &str)> = flaky

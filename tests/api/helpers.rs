@@ -329,6 +329,26 @@ impl TestApp {
     }
 }
 
+/// Polls a job's state until it reaches `status` (30 s deadline) and returns it.
+pub async fn wait_for_job(
+    store: &dyn DeliveryStore,
+    job: &webhook_inbox::store::JobKey,
+    status: webhook_inbox::store::JobStatus,
+) -> webhook_inbox::store::JobState {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let state = store.job(job).await.expect("read job state");
+        match state {
+            Some(s) if s.status == status => return s,
+            _ => assert!(
+                Instant::now() < deadline,
+                "{job}: {state:?}, expected {status:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A body of event type `t`.
 pub fn event(t: &str, n: u32) -> String {
     format!(r#"{{"type":"{t}","data":{{"n":{n}}}}}"#)
@@ -346,6 +366,24 @@ pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> b
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Whether the answer is a replay of the first one (`Idempotent-Replayed: true`).
+pub fn is_replayed(response: &reqwest::Response) -> bool {
+    response
+        .headers()
+        .get("idempotent-replayed")
+        .is_some_and(|v| v.as_bytes() == b"true")
+}
+
+/// Asserts the answer is a replay of the first one.
+#[track_caller]
+pub fn assert_replayed(response: &reqwest::Response) {
+    assert!(
+        is_replayed(response),
+        "expected Idempotent-Replayed: true, got {:?}",
+        response.headers()
+    );
 }
 
 /// Asserts a contract error: status and `{"error": code, "message": …}`.

@@ -3,13 +3,12 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use webhook_inbox::config::Durability;
 use webhook_inbox::store::{DeliveryKey, DeliveryStore, JobStatus};
 
-use crate::helpers::{Options, event, open_store, spawn_with};
+use crate::helpers::{Options, event, open_store, spawn_with, wait_for_job};
 
 #[derive(Clone, Debug)]
 struct Seen {
@@ -121,19 +120,9 @@ async fn sends_the_documented_headers_and_splits_retry_from_give_up_by_status() 
 
     let key = DeliveryKey::new("credicorp", "msg_http");
     for (name, _, expected, attempts) in cases {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let job = store.job(&key.job(name)).await.expect("read").expect("job");
-            if job.status == expected && job.attempts == attempts {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline
-                    && !(job.status == JobStatus::Dead && expected != JobStatus::Dead),
-                "{name}: {job:?}, expected {expected:?} after {attempts}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // Succeeded and dead are final: the state is checked once it is reached.
+        let job = wait_for_job(&*store, &key.job(name), expected).await;
+        assert_eq!(job.attempts, attempts, "{name}: {job:?}");
     }
     app.stop().await;
     server.stop(true).await;
@@ -197,14 +186,6 @@ async fn a_refused_connection_is_retried() {
         202
     );
     let job = DeliveryKey::new("credicorp", "msg_refused").job("nobody-home");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let state = store.job(&job).await.expect("read").expect("job");
-        if state.status == JobStatus::Dead {
-            assert_eq!(state.attempts, 3, "retried up to max_attempts");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{state:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let state = wait_for_job(&*store, &job, JobStatus::Dead).await;
+    assert_eq!(state.attempts, 3, "retried up to max_attempts");
 }

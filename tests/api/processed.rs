@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use tokio::sync::{Semaphore, mpsc};
 use webhook_inbox::{Delivery, Handler, HandlerContext, HandlerError, Registration};
 
-use crate::helpers::{Options, Recorder, assert_error, event, spawn_with};
+use crate::helpers::{Options, Recorder, assert_error, assert_replayed, event, spawn_with};
 
 fn processed() -> Options {
     Options {
@@ -31,13 +31,7 @@ async fn all_handlers_succeed_then_200_is_stored_and_replayed_byte_for_byte() {
 
     let again = app.deliver("msg_proc", &body).await;
     assert_eq!(again.status().as_u16(), 200);
-    assert_eq!(
-        again
-            .headers()
-            .get("idempotent-replayed")
-            .map(|v| v.as_bytes()),
-        Some(&b"true"[..])
-    );
+    assert_replayed(&again);
     assert_eq!(again.bytes().await.expect("body"), first);
     assert_error(
         app.deliver("msg_proc", &event("application.decision_made", 2))
@@ -149,13 +143,7 @@ async fn a_failed_handler_answers_500_and_the_retry_reruns_only_the_failure() {
     assert_eq!(runs[0].idempotency_key, runs[1].idempotency_key);
 
     let replay = app.deliver("msg_half", &body).await;
-    assert_eq!(
-        replay
-            .headers()
-            .get("idempotent-replayed")
-            .map(|v| v.as_bytes()),
-        Some(&b"true"[..])
-    );
+    assert_replayed(&replay);
     assert_eq!(flaky.runs_of("msg_half"), 2);
 }
 
