@@ -261,3 +261,33 @@ async fn checks_run_in_the_contract_order() {
     )
     .await;
 }
+
+/// A body the HTTP layer cannot read (a broken chunked encoding) is 400 `invalid_body`.
+#[tokio::test]
+async fn an_unreadable_body_is_400_invalid_body() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let app = spawn_app().await;
+    let body = event("application.created", 1);
+    let mut request = String::from(
+        "POST /webhooks/credicorp HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n",
+    );
+    for (k, v) in app.sign("msg_broken", body.as_bytes()) {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    // "zz" is not a hexadecimal chunk size.
+    request.push_str("\r\nzz\r\n");
+    let port = app.address.rsplit(':').next().expect("port").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        stream.read_to_string(&mut response),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    assert!(response.contains(r#""error":"invalid_body""#), "{response}");
+    assert_accepted_as_new(&app, "msg_broken").await;
+}
