@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 
 use crate::config::{Config, Durability};
-use crate::store::{DeliveryRecord, DeliveryStore, NewDelivery, SledStore, fingerprint};
+use crate::store::{DeliveryStore, NewDelivery, SledStore};
 use crate::verify::Source;
 
 const SECRET: &str = "whsec_YmVuY2htYXJrLXNlY3JldC1ub3QtZm9yLXByb2R1Y3Rpb24=";
@@ -481,29 +481,19 @@ async fn large_store(
         let now = crate::clock::to_ms(SystemTime::now());
         for n in 0..options.prefill as u64 {
             let b = Bytes::from(body(n + 10_000_000, 1024));
-            let record = DeliveryRecord {
-                source: "bench".into(),
-                id: format!("msg_prefill_{n}"),
-                fingerprint: fingerprint(&b),
-                received_at_ms: now,
-                event_type: Some("application.created".into()),
-                headers: Default::default(),
-                response: Some(crate::store::StoredResponse {
+            let delivery = crate::testing::authenticated(
+                &source,
+                &format!("msg_prefill_{n}"),
+                &b,
+                SystemTime::now(),
+            )?;
+            let new = NewDelivery::new(delivery, now, vec!["noop".into()], false).acknowledged(
+                crate::store::StoredResponse {
                     status: 202,
                     body: "{}".into(),
-                }),
-                lease_until_ms: None,
-                handlers: vec!["noop".into()],
-            };
-            store
-                .claim(NewDelivery {
-                    record,
-                    body: b,
-                    enqueue: false,
-                    body_dedup: false,
-                })
-                .await
-                .map_err(|e| e.to_string())?;
+                },
+            );
+            store.claim(new).await.map_err(|e| e.to_string())?;
         }
         store.flush().await.map_err(|e| e.to_string())?;
         eprintln!(

@@ -215,6 +215,10 @@ pub struct SourceConfig {
     /// `durable` or `processed`.
     #[serde(default)]
     pub ack: AckMode,
+    /// `ack = "processed"`: how long a claimant holds a delivery before a sender's retry
+    /// may take it over; renewed while its handlers run, so only a crash lets it lapse.
+    #[serde(default = "default_processed_lease", with = "humantime_duration")]
+    pub processed_lease: Duration,
     /// `standard-webhooks` `v1a`: ed25519 public keys, `whpk_<base64>`.
     #[serde(default)]
     pub public_keys: Vec<String>,
@@ -239,6 +243,10 @@ pub struct SourceConfig {
     pub event_type_header: Option<String>,
     /// Override: JSON pointer of the event type in the body.
     pub event_type_pointer: Option<String>,
+}
+
+fn default_processed_lease() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_tolerance() -> Duration {

@@ -3,7 +3,10 @@
 //!
 //! The sweep walks the received_at index from its oldest end and stops at the first entry
 //! that has not expired, so each pass costs what expires, not what is stored. Dead-lettered
-//! deliveries follow the same rule.
+//! deliveries follow the same rule. A delivery with a handler still due or running is kept
+//! until that handler is final (design.md, invariant 2): the pass moves past it and a later
+//! pass comes back to it. Config refuses a retention shorter than the longest retry
+//! schedule, so in practice only a backlog or a stuck handler keeps one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,9 +33,9 @@ pub async fn sweep_once(
     let cutoff = clock.now_ms().saturating_sub(retention.as_millis() as u64);
     let mut removed = 0;
     loop {
-        let n = store.expire(cutoff, BATCH).await?;
-        removed += n;
-        if n < BATCH {
+        let pass = store.expire(cutoff, BATCH).await?;
+        removed += pass.removed;
+        if pass.examined < BATCH {
             return Ok(removed);
         }
     }

@@ -40,7 +40,7 @@ use crate::config::Config;
 use crate::fixture::Fixture;
 use crate::handlers::{Delivery, Handler, HandlerContext, HandlerError};
 use crate::store::DeliveryKey;
-use crate::verify::{Authenticated, Headers, Source};
+use crate::verify::{Authenticated, AuthenticatedDelivery, Headers, Source};
 
 /// A delivery with the given fields, received now, attempt 1.
 pub fn delivery(source: &str, id: &str, event_type: Option<&str>, body: &str) -> Delivery {
@@ -70,16 +70,38 @@ pub fn delivery_from_fixture(config: &Config, path: &Path) -> Result<Delivery, S
         )
         .map_err(|e| e.to_string())?
     {
-        Authenticated::Delivery(d) => Ok(Delivery {
-            source: d.source,
-            id: d.id.as_str().to_owned(),
-            event_type: d.event_type,
-            received_at: SystemTime::now(),
-            attempt: 1,
-            headers: d.headers,
-            body: d.body,
-        }),
+        Authenticated::Delivery(d) => {
+            let (source, id, event_type, headers, body) = d.into_parts();
+            Ok(Delivery {
+                source,
+                id: id.as_str().to_owned(),
+                event_type,
+                received_at: SystemTime::now(),
+                attempt: 1,
+                headers,
+                body,
+            })
+        }
         Authenticated::Handshake(_) => Err("the fixture is a provider handshake".into()),
+    }
+}
+
+/// `body` sent as delivery `id` by `source`'s sender at `now`, through the real signing and
+/// verification: the only way outside a request to get an [`AuthenticatedDelivery`], and so
+/// a [`crate::store::NewDelivery`] (store tests, benchmarks).
+pub fn authenticated(
+    source: &Source,
+    id: &str,
+    body: &[u8],
+    now: SystemTime,
+) -> Result<AuthenticatedDelivery, String> {
+    let headers = Headers::from_pairs(source.sign(id, body, now));
+    match source
+        .authenticate(headers, Bytes::copy_from_slice(body), now)
+        .map_err(|e| e.to_string())?
+    {
+        Authenticated::Delivery(d) => Ok(d),
+        Authenticated::Handshake(_) => Err("the body is a provider handshake".into()),
     }
 }
 

@@ -10,7 +10,7 @@
 //! Failures back off exponentially with jitter ([`backoff`]); after `max_attempts`, or a
 //! [`HandlerError::Permanent`], the pair is dead-lettered and kept.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +25,7 @@ use crate::clock::Clock;
 use crate::config::DispatchConfig;
 use crate::handlers::{Delivery, HandlerContext, HandlerError, HandlerRegistry};
 use crate::metrics::Metrics;
-use crate::store::{AttemptOutcome, DeliveryStore, JobKey, StoreError};
+use crate::store::{AttemptOutcome, Begin, DeliveryStore, JobKey, StoreError};
 
 /// The delay before retry number `attempt` (1 after the first failure): doubling from
 /// `initial`, capped at `max`, plus up to half again of random jitter so that a burst of
@@ -43,11 +43,17 @@ pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
     (base + Duration::from_millis(jitter)).min(max)
 }
 
+/// How long a run holds its pair before another runner may take it; renewed every third
+/// of it while the handler runs, so a long handler keeps it.
+pub const RUN_LEASE: Duration = Duration::from_secs(30);
+
 /// How one run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunResult {
     /// The pair had already succeeded or died, or its delivery expired: nothing ran.
     Skipped,
+    /// Another runner holds the pair until this time (ms since the epoch): nothing ran.
+    Busy(u64),
     /// The handler succeeded.
     Succeeded,
     /// The handler failed.
@@ -81,12 +87,15 @@ impl Runner {
         queued_due: Option<u64>,
     ) -> Result<RunResult, StoreError> {
         let queued = queued_due.is_some();
-        let Some(attempt) = self
+        let now = self.clock.now_ms();
+        let attempt = match self
             .store
-            .begin_attempt(job, queued_due, self.clock.now_ms())
+            .begin_attempt(job, queued_due, now, now + RUN_LEASE.as_millis() as u64)
             .await?
-        else {
-            return Ok(RunResult::Skipped);
+        {
+            Begin::Started(attempt) => attempt,
+            Begin::Busy { until_ms } => return Ok(RunResult::Busy(until_ms)),
+            Begin::Skipped => return Ok(RunResult::Skipped),
         };
         let record = &attempt.record;
         let span = tracing::info_span!(
@@ -118,10 +127,28 @@ impl Runner {
                 idempotency_key: job.idempotency_key(),
                 shutdown: self.cancel.clone(),
             };
-            AssertUnwindSafe(handler.handle(&delivery, &ctx))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|_| Err(HandlerError::Retryable("handler panicked".into())))
+            let run = AssertUnwindSafe(handler.handle(&delivery, &ctx)).catch_unwind();
+            tokio::pin!(run);
+            // Keep the lease while the handler runs, however long it takes.
+            let mut renew = tokio::time::interval(RUN_LEASE / 3);
+            renew.tick().await;
+            loop {
+                tokio::select! {
+                    result = &mut run => {
+                        break result.unwrap_or_else(|_| {
+                            Err(HandlerError::Retryable("handler panicked".into()))
+                        });
+                    }
+                    _ = renew.tick() => {
+                        let until = self.clock.now_ms() + RUN_LEASE.as_millis() as u64;
+                        match self.store.renew_job_lease(job, attempt.attempt, until).await {
+                            Ok(true) => {}
+                            Ok(false) => tracing::warn!("the run's lease was lost; its outcome may be ignored"),
+                            Err(e) => tracing::warn!(error = %e, "renewing the run's lease failed"),
+                        }
+                    }
+                }
+            }
         }
         .instrument(span.clone())
         .await;
@@ -176,7 +203,9 @@ impl Runner {
                 tracing::info!(parent: &span, %error, "handler failed")
             }
         }
-        self.store.finish_attempt(job, outcome, now).await?;
+        self.store
+            .finish_attempt(job, attempt.attempt, outcome, now)
+            .await?;
         Ok(match result {
             Ok(()) => RunResult::Succeeded,
             Err(e) => RunResult::Failed(e),
@@ -218,27 +247,33 @@ impl Dispatcher {
         let concurrency = self.runner.config.concurrency;
         self.running
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let mut running: JoinSet<()> = JoinSet::new();
+        let mut running: JoinSet<Option<(JobKey, u64)>> = JoinSet::new();
         let mut in_flight: HashMap<tokio::task::Id, JobKey> = HashMap::new();
+        // Pairs another runner holds (an inline processed-mode run), left alone until
+        // their lease ends: their queue entry stays, so nothing is lost by waiting.
+        let mut deferred: HashMap<JobKey, u64> = HashMap::new();
         loop {
+            let now = self.runner.clock.now_ms();
+            deferred.retain(|_, until| *until > now);
             let free = concurrency.saturating_sub(running.len());
             let mut store_failed = false;
+            let busy: HashSet<&JobKey> = in_flight.values().chain(deferred.keys()).collect();
+            let skip = |k: &JobKey| busy.contains(k);
             if free > 0 {
-                let busy: Vec<&JobKey> = in_flight.values().collect();
-                let skip = |k: &JobKey| busy.contains(&k);
-                match self
-                    .runner
-                    .store
-                    .due_jobs(self.runner.clock.now_ms(), free, &skip)
-                {
+                match self.runner.store.due_jobs(now, free, &skip) {
                     Ok(due) => {
                         for entry in due {
                             let runner = self.runner.clone();
                             let job = entry.job.clone();
                             let due = entry.due_ms;
                             let handle = running.spawn(async move {
-                                if let Err(e) = runner.run(&job, Some(due)).await {
-                                    tracing::error!(job = %job, error = %e, "recording a handler run failed");
+                                match runner.run(&job, Some(due)).await {
+                                    Ok(RunResult::Busy(until)) => Some((job, until)),
+                                    Ok(_) => None,
+                                    Err(e) => {
+                                        tracing::error!(job = %job, error = %e, "recording a handler run failed");
+                                        None
+                                    }
                                 }
                             });
                             in_flight.insert(handle.id(), entry.job);
@@ -250,24 +285,36 @@ impl Dispatcher {
                     }
                 }
             }
+            let busy: HashSet<&JobKey> = in_flight.values().chain(deferred.keys()).collect();
+            let skip = |k: &JobKey| busy.contains(k);
+            let first_deferred = deferred.values().min().copied();
             let wait = if store_failed {
                 Duration::from_secs(1)
             } else if running.len() >= concurrency {
                 Duration::from_secs(3600)
             } else {
-                let busy: Vec<&JobKey> = in_flight.values().collect();
-                let skip = |k: &JobKey| busy.contains(&k);
-                match self.runner.store.next_due_ms(&skip) {
-                    Ok(Some(ms)) => self.runner.clock.until_ms(ms),
-                    Ok(None) => Duration::from_secs(3600),
-                    Err(_) => Duration::from_secs(1),
+                let next = match self.runner.store.next_due_ms(&skip) {
+                    Ok(next) => next,
+                    Err(_) => Some(now + 1000),
+                };
+                match next.into_iter().chain(first_deferred).min() {
+                    Some(ms) => self.runner.clock.until_ms(ms),
+                    None => Duration::from_secs(3600),
                 }
             };
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = self.wake.notified() => {}
                 Some(done) = running.join_next_with_id(), if !running.is_empty() => {
-                    let id = match done { Ok((id, ())) => id, Err(e) => e.id() };
+                    let id = match done {
+                        Ok((id, busy)) => {
+                            if let Some((job, until)) = busy {
+                                deferred.insert(job, until);
+                            }
+                            id
+                        }
+                        Err(e) => e.id(),
+                    };
                     in_flight.remove(&id);
                 }
                 () = tokio::time::sleep(wait) => {}

@@ -14,16 +14,11 @@ use serde::Serialize;
 use tracing::Instrument as _;
 
 use crate::config::AckMode;
+use crate::dispatch::RunResult;
 use crate::error::ApiError;
 use crate::startup::AppState;
-use crate::store::{
-    Claim, DeliveryRecord, JobStatus, NewDelivery, StoredResponse, TakeOver, fingerprint,
-};
+use crate::store::{Claim, DeliveryRecord, JobStatus, NewDelivery, StoredResponse, TakeOver};
 use crate::verify::{Authenticated, AuthenticatedDelivery, Headers, Source};
-
-/// How long an `ack = "processed"` claimant holds a delivery before another copy may take
-/// it over (a crash must not lock an id forever).
-pub const PROCESSING_LEASE_MS: u64 = 60_000;
 
 /// Body of the first answer.
 #[derive(Serialize)]
@@ -128,6 +123,7 @@ pub async fn receive(
         Ok(Outcome::Accepted(_)) => ("accepted", ""),
         Ok(Outcome::Processed(_)) => ("processed", ""),
         Ok(Outcome::Replayed(_)) => ("replayed", ""),
+        Ok(Outcome::BodyDuplicate(_)) => ("body_duplicate", ""),
         Ok(Outcome::Handshake(_)) => ("handshake", ""),
         Err(ApiError::DeliveryIdConflict) => ("conflict", ""),
         Err(ApiError::DeliveryInProgress { .. }) => ("in_progress", ""),
@@ -157,6 +153,9 @@ enum Outcome {
     Accepted(StoredResponse),
     Processed(StoredResponse),
     Replayed(StoredResponse),
+    /// A new id whose body was already recorded under another (body dedup): answered as
+    /// that first delivery, recorded as its alias, nothing run.
+    BodyDuplicate(StoredResponse),
     /// A provider handshake (Slack's `url_verification`), answered and not recorded.
     Handshake(String),
 }
@@ -165,7 +164,7 @@ impl Outcome {
     fn into_response(self) -> HttpResponse {
         match self {
             Outcome::Accepted(r) | Outcome::Processed(r) => answer(&r, false),
-            Outcome::Replayed(r) => answer(&r, true),
+            Outcome::Replayed(r) | Outcome::BodyDuplicate(r) => answer(&r, true),
             Outcome::Handshake(body) => HttpResponse::Ok()
                 .content_type("application/json")
                 .body(body),
@@ -189,14 +188,14 @@ async fn handle(
         Authenticated::Delivery(d) => d,
         Authenticated::Handshake(answer) => return Ok(Outcome::Handshake(answer)),
     };
-    span.record("delivery_id", delivery.id.as_str());
-    if let Some(t) = &delivery.event_type {
-        span.record("event_type", t.as_str());
+    span.record("delivery_id", delivery.id().as_str());
+    if let Some(t) = delivery.event_type() {
+        span.record("event_type", t);
     }
 
     let received_at_ms = state.clock.now_ms();
-    let new = new_record(state, source, delivery, received_at_ms);
-    let record = new.record.clone();
+    let new = new_delivery(state, source, delivery, received_at_ms);
+    let record = new.record().clone();
     match state.store.claim(new).await.map_err(storage)? {
         Claim::New => match source.ack {
             AckMode::Durable => {
@@ -208,96 +207,166 @@ async fn handle(
                     .ok_or(ApiError::StorageUnavailable)?;
                 Ok(Outcome::Accepted(stored))
             }
-            AckMode::Processed => process_inline(state, record).await,
+            AckMode::Processed => process_inline(state, source, record).await,
         },
         Claim::Existing(existing) => {
             if existing.fingerprint != record.fingerprint {
                 return Err(ApiError::DeliveryIdConflict);
             }
-            if let Some(stored) = existing.response {
-                return Ok(Outcome::Replayed(stored));
-            }
-            // Processed mode, not final yet: take it over unless someone holds it.
-            let now = state.clock.now_ms();
-            match state
-                .store
-                .take_over(&existing.key(), now, now + PROCESSING_LEASE_MS)
+            answer_existing(state, source, existing)
                 .await
-                .map_err(storage)?
-            {
-                TakeOver::Final(r) => r
-                    .response
-                    .map(Outcome::Replayed)
-                    .ok_or(ApiError::StorageUnavailable),
-                TakeOver::Held { until_ms } => Err(ApiError::DeliveryInProgress {
-                    retry_after_secs: until_ms.saturating_sub(now).div_ceil(1000).max(1),
-                }),
-                TakeOver::Acquired(r) => process_inline(state, r).await,
-            }
+                .map(|(response, _)| response)
+        }
+        Claim::BodyDuplicate(first) => {
+            answer_existing(state, source, first)
+                .await
+                .map(|(response, replayed)| {
+                    if replayed {
+                        Outcome::BodyDuplicate(response.into_stored())
+                    } else {
+                        response
+                    }
+                })
         }
     }
 }
 
-fn new_record(
+/// A delivery seen before: its stored first response; or, in processed mode while it is not
+/// final, a take-over once its lease has lapsed. `.1` is whether the answer is a replay.
+async fn answer_existing(
+    state: &AppState,
+    source: &Source,
+    existing: DeliveryRecord,
+) -> Result<(Outcome, bool), ApiError> {
+    if let Some(stored) = existing.response {
+        return Ok((Outcome::Replayed(stored), true));
+    }
+    // Processed mode, not final yet: take it over unless someone holds it.
+    let now = state.clock.now_ms();
+    match state
+        .store
+        .take_over(&existing.key(), now, now + lease_ms(source))
+        .await
+        .map_err(storage)?
+    {
+        TakeOver::Final(r) => r
+            .response
+            .map(|r| (Outcome::Replayed(r), true))
+            .ok_or(ApiError::StorageUnavailable),
+        TakeOver::Held { until_ms } => Err(in_progress(until_ms, now)),
+        TakeOver::Acquired(r) => Ok((process_inline(state, source, r).await?, false)),
+    }
+}
+
+fn in_progress(until_ms: u64, now_ms: u64) -> ApiError {
+    ApiError::DeliveryInProgress {
+        retry_after_secs: until_ms.saturating_sub(now_ms).div_ceil(1000).max(1),
+    }
+}
+
+fn lease_ms(source: &Source) -> u64 {
+    source.processed_lease.as_millis() as u64
+}
+
+impl Outcome {
+    fn into_stored(self) -> StoredResponse {
+        match self {
+            Outcome::Accepted(r)
+            | Outcome::Processed(r)
+            | Outcome::Replayed(r)
+            | Outcome::BodyDuplicate(r) => r,
+            Outcome::Handshake(body) => StoredResponse { status: 200, body },
+        }
+    }
+}
+
+fn new_delivery(
     state: &AppState,
     source: &Source,
     d: AuthenticatedDelivery,
     received_at_ms: u64,
 ) -> NewDelivery {
-    let ack = source.ack;
-    let handlers = state.registry.matching(&d.source, d.event_type.as_deref());
-    let mut record = DeliveryRecord {
-        source: d.source,
-        id: d.id.as_str().to_owned(),
-        fingerprint: fingerprint(&d.body),
-        received_at_ms,
-        event_type: d.event_type,
-        headers: d.headers,
-        response: None,
-        lease_until_ms: None,
-        handlers,
-    };
-    match ack {
-        AckMode::Durable => record.response = Some(first_response(&record, StatusCode::ACCEPTED)),
-        AckMode::Processed => record.lease_until_ms = Some(received_at_ms + PROCESSING_LEASE_MS),
-    }
-    NewDelivery {
-        record,
-        body: d.body,
-        enqueue: ack == AckMode::Durable,
-        body_dedup: source.body_dedup,
+    let handlers = state.registry.matching(d.source(), d.event_type());
+    let new = NewDelivery::new(d, received_at_ms, handlers, source.body_dedup);
+    match source.ack {
+        AckMode::Durable => {
+            let response = first_response(new.record(), StatusCode::ACCEPTED);
+            new.acknowledged(response)
+        }
+        AckMode::Processed => new.leased_until(received_at_ms + lease_ms(source)),
     }
 }
 
 /// `ack = "processed"`: run every handler that has not yet succeeded, then store the 200
 /// (all succeeded) or release the lease and answer 500 (the sender's retry re-runs only
-/// the failures). Runs as its own task so a sender hanging up does not cut a handler short.
-async fn process_inline(state: &AppState, record: DeliveryRecord) -> Result<Outcome, ApiError> {
+/// the failures). The lease is renewed while the handlers run, so a slow handler never lets
+/// a second copy take over beside it; a handler that another runner holds (an operator
+/// retry running in the background) makes it 409. Runs as its own task so a sender hanging
+/// up does not cut a handler short.
+async fn process_inline(
+    state: &AppState,
+    source: &Source,
+    record: DeliveryRecord,
+) -> Result<Outcome, ApiError> {
     let runner = state.runner.clone();
+    let lease = source.processed_lease;
     // Instrumented with the delivery's span, so each handler run logs as its child.
     let task = tokio::spawn(
         async move {
             let key = record.key();
-            let mut all_succeeded = true;
-            for handler in &record.handlers {
-                let job = key.job(handler);
-                runner.run(&job, None).await?;
-                let done = runner
-                    .store
-                    .job(&job)
-                    .await?
-                    .is_some_and(|j| j.status == JobStatus::Succeeded);
-                all_succeeded &= done;
-            }
-            let response = all_succeeded.then(|| first_response(&record, StatusCode::OK));
+            let work = async {
+                let mut all_succeeded = true;
+                for handler in &record.handlers {
+                    let job = key.job(handler);
+                    if let RunResult::Busy(until) = runner.run(&job, None).await? {
+                        return Ok(Err(until));
+                    }
+                    let done = runner
+                        .store
+                        .job(&job)
+                        .await?
+                        .is_some_and(|j| j.status == JobStatus::Succeeded);
+                    all_succeeded &= done;
+                }
+                Ok::<_, crate::store::StoreError>(Ok(all_succeeded))
+            };
+            tokio::pin!(work);
+            let mut renew = tokio::time::interval(lease / 3);
+            renew.tick().await;
+            let outcome = loop {
+                tokio::select! {
+                    outcome = &mut work => break outcome,
+                    _ = renew.tick() => {
+                        let until = runner.clock.now_ms() + lease.as_millis() as u64;
+                        if let Err(e) = runner.store.renew_lease(&key, until).await {
+                            tracing::warn!(error = %e, "renewing the processing lease failed");
+                        }
+                    }
+                }
+            };
+            let response = match outcome {
+                Ok(Ok(all_succeeded)) => {
+                    all_succeeded.then(|| first_response(&record, StatusCode::OK))
+                }
+                Ok(Err(busy_until)) => {
+                    runner.store.release(&key, None).await?;
+                    return Ok(Err(busy_until));
+                }
+                Err(e) => {
+                    // Best effort: let the sender's retry take over without waiting.
+                    let _ = runner.store.release(&key, None).await;
+                    return Err(e);
+                }
+            };
             runner.store.release(&key, response.clone()).await?;
-            Ok::<_, crate::store::StoreError>(response)
+            Ok::<_, crate::store::StoreError>(Ok(response))
         }
         .instrument(tracing::Span::current()),
     );
     match task.await {
-        Ok(Ok(Some(response))) => Ok(Outcome::Processed(response)),
-        Ok(Ok(None)) => Err(ApiError::HandlerFailed),
+        Ok(Ok(Ok(Some(response)))) => Ok(Outcome::Processed(response)),
+        Ok(Ok(Ok(None))) => Err(ApiError::HandlerFailed),
+        Ok(Ok(Err(busy_until))) => Err(in_progress(busy_until, state.clock.now_ms())),
         Ok(Err(e)) => Err(storage(e)),
         Err(_) => Err(ApiError::HandlerFailed),
     }

@@ -23,9 +23,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use sled_store::{FlushHook, SledStore};
+pub use sled_store::{FlushHook, Op, SledOptions, SledStore, StoreProbe};
 
-use crate::verify::Headers;
+use crate::verify::{AuthenticatedDelivery, Headers};
 
 /// Why the store could not do its part; every variant answers 503 `storage_unavailable`.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -155,6 +155,15 @@ pub struct DeliveryRecord {
     pub lease_until_ms: Option<u64>,
     /// Handlers bound to this delivery when it arrived; each has a [`JobState`].
     pub handlers: Vec<String>,
+    /// Whether the source deduplicates bodies across ids (invariant 4 is checked for
+    /// these records).
+    #[serde(default)]
+    pub body_dedup: bool,
+    /// Set on a delivery that arrived under this id with a body already recorded under
+    /// `alias_of` (body dedup): it ran nothing, and its redeliveries are answered as the
+    /// first delivery's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias_of: Option<String>,
 }
 
 impl DeliveryRecord {
@@ -201,6 +210,27 @@ pub struct JobState {
     /// `attempts` when an operator last retried it: it gets `max_attempts` more from there.
     #[serde(default)]
     pub retry_base: u32,
+    /// While `Running`: who runs it and until when (renewed while the handler runs). A
+    /// pair is started only when it has no live lease, so it has one runner at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
+}
+
+impl JobState {
+    /// Succeeded or dead: never runs again unless an operator retries it.
+    pub fn is_final(&self) -> bool {
+        matches!(self.status, JobStatus::Succeeded | JobStatus::Dead)
+    }
+}
+
+/// A runner's hold on a running pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The store instance (process) that runs it. sled is opened by one process at a time,
+    /// so a lease of another instance belongs to a process that has died.
+    pub owner: u64,
+    /// Until when it holds, ms since the epoch.
+    pub until_ms: u64,
 }
 
 /// How a run ended, as the store records it.
@@ -227,18 +257,75 @@ pub enum AttemptOutcome {
     },
 }
 
-/// A new delivery, ready to be claimed.
+/// A new delivery, ready to be claimed: made only from an [`AuthenticatedDelivery`], so
+/// the id claimed is the id the signature covered (invariant 3).
 #[derive(Debug, Clone)]
 pub struct NewDelivery {
-    /// The record to write.
-    pub record: DeliveryRecord,
+    record: DeliveryRecord,
+    body: Bytes,
+    enqueue: bool,
+}
+
+impl NewDelivery {
+    /// A delivery received at `received_at_ms`, bound to `handlers`, not yet answered (see
+    /// [`NewDelivery::acknowledged`] and [`NewDelivery::leased_until`]). With `body_dedup`,
+    /// the claim also takes the body's fingerprint within the source: a body already
+    /// recorded under another id makes the claim [`Claim::BodyDuplicate`].
+    pub fn new(
+        delivery: AuthenticatedDelivery,
+        received_at_ms: u64,
+        handlers: Vec<String>,
+        body_dedup: bool,
+    ) -> NewDelivery {
+        let (source, id, event_type, headers, body) = delivery.into_parts();
+        NewDelivery {
+            record: DeliveryRecord {
+                source,
+                id: id.as_str().to_owned(),
+                fingerprint: fingerprint(&body),
+                received_at_ms,
+                event_type,
+                headers,
+                response: None,
+                lease_until_ms: None,
+                handlers,
+                body_dedup,
+                alias_of: None,
+            },
+            body,
+            enqueue: false,
+        }
+    }
+
+    /// `ack = "durable"`: the first response is stored with the claim, and every handler is
+    /// queued for background dispatch.
+    pub fn acknowledged(mut self, response: StoredResponse) -> NewDelivery {
+        self.record.response = Some(response);
+        self.enqueue = true;
+        self
+    }
+
+    /// `ack = "processed"`: the claimant holds the delivery until `lease_until_ms`.
+    pub fn leased_until(mut self, lease_until_ms: u64) -> NewDelivery {
+        self.record.lease_until_ms = Some(lease_until_ms);
+        self.enqueue = false;
+        self
+    }
+
+    /// The record the claim writes.
+    pub fn record(&self) -> &DeliveryRecord {
+        &self.record
+    }
+
     /// The raw body.
-    pub body: Bytes,
-    /// Queue every job for background dispatch now (`ack = "durable"`).
-    pub enqueue: bool,
-    /// Also claim the body's fingerprint within the source: a body already recorded under
-    /// another id makes this claim return that delivery ([`Claim::Existing`]).
-    pub body_dedup: bool,
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// Whether the claim queues every handler (`ack = "durable"`).
+    pub fn enqueue(&self) -> bool {
+        self.enqueue
+    }
 }
 
 /// The result of a claim.
@@ -246,8 +333,51 @@ pub struct NewDelivery {
 pub enum Claim {
     /// The key was free: this request owns the delivery, and it is recorded.
     New,
-    /// The key was taken: the stored record.
+    /// The key was taken: the stored record (the first delivery's, where the key is an
+    /// alias made by body dedup).
     Existing(DeliveryRecord),
+    /// The key was free but the body was already recorded under another id (body dedup):
+    /// the new id is recorded as an alias of that delivery, which is returned; nothing runs.
+    BodyDuplicate(DeliveryRecord),
+}
+
+/// The result of trying to start a run.
+#[derive(Debug, Clone)]
+pub enum Begin {
+    /// The attempt is counted and leased to the caller: run the handler.
+    Started(AttemptContext),
+    /// Another runner holds a live lease on the pair until this time: do not run it now.
+    Busy {
+        /// Lease end, ms since the epoch.
+        until_ms: u64,
+    },
+    /// Nothing to run: the pair is final, its delivery expired or never landed, or the
+    /// queue entry it was taken from has been moved (an operator retry) or removed.
+    Skipped,
+}
+
+/// What one retention call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// Deliveries removed.
+    pub removed: usize,
+    /// Expired deliveries kept because a handler of theirs is still due or running.
+    pub kept: usize,
+    /// Index entries looked at; fewer than the limit means the sweep reached its end.
+    pub examined: usize,
+}
+
+/// What [`SledStore::check`] found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CheckReport {
+    /// Breaches of design.md's invariants 1, 2 and 4, one line each.
+    pub violations: Vec<String>,
+    /// Harmless leftovers of a crash (index entries that point at nothing…), one line each.
+    pub leftovers: Vec<String>,
+    /// Deliveries looked at.
+    pub deliveries: usize,
+    /// Whether the violations and leftovers were repaired (`--repair`).
+    pub repaired: bool,
 }
 
 /// The result of trying to take over an unfinished `ack = "processed"` delivery.
@@ -387,21 +517,39 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// Due time of the earliest queue entry not in `skip`.
     fn next_due_ms(&self, skip: &dyn Fn(&JobKey) -> bool) -> Result<Option<u64>, StoreError>;
 
-    /// Marks a job running and counts the attempt (durably, so a run interrupted by a crash
-    /// is retried with a higher attempt number). `queued_due` is the queue entry it was
-    /// taken from, if any. `None` when the job has already succeeded or died, or its
-    /// delivery expired or never landed: that stale queue entry is removed.
+    /// Starts a run of `job`: marks it running under a lease until `lease_until_ms` and
+    /// counts the attempt, durably, so a run interrupted by a crash is retried with a
+    /// higher attempt number. `queued_due` is the queue entry it was taken from (`None`
+    /// for an inline run in `ack = "processed"` mode).
+    ///
+    /// One check-and-set under the delivery's lock: a pair running under a live lease is
+    /// [`Begin::Busy`], never started twice; a pair that is final, whose delivery is gone,
+    /// or whose queue entry was moved meanwhile is [`Begin::Skipped`] (a stale entry is
+    /// removed).
     async fn begin_attempt(
         &self,
         job: &JobKey,
         queued_due: Option<u64>,
         now_ms: u64,
-    ) -> Result<Option<AttemptContext>, StoreError>;
+        lease_until_ms: u64,
+    ) -> Result<Begin, StoreError>;
 
-    /// Records how a run ended, moving or removing its queue entry.
+    /// Extends the lease of a running attempt; false when the attempt is no longer the
+    /// current one (nothing changed).
+    async fn renew_job_lease(
+        &self,
+        job: &JobKey,
+        attempt: u32,
+        lease_until_ms: u64,
+    ) -> Result<bool, StoreError>;
+
+    /// Records how attempt `attempt` ended, moving or removing its queue entry. The outcome
+    /// of an attempt that is no longer the current one is ignored, except a success; a pair
+    /// that succeeded stays succeeded.
     async fn finish_attempt(
         &self,
         job: &JobKey,
+        attempt: u32,
         outcome: AttemptOutcome,
         now_ms: u64,
     ) -> Result<(), StoreError>;
@@ -414,6 +562,11 @@ pub trait DeliveryStore: Send + Sync + 'static {
         lease_until_ms: u64,
     ) -> Result<TakeOver, StoreError>;
 
+    /// `ack = "processed"`: extends the claimant's lease while its handlers run; false
+    /// when the delivery is final or gone.
+    async fn renew_lease(&self, key: &DeliveryKey, lease_until_ms: u64)
+    -> Result<bool, StoreError>;
+
     /// `ack = "processed"`: ends the lease, storing the final response if there is one.
     async fn release(
         &self,
@@ -421,9 +574,11 @@ pub trait DeliveryStore: Send + Sync + 'static {
         response: Option<StoredResponse>,
     ) -> Result<(), StoreError>;
 
-    /// Removes up to `limit` deliveries received before `cutoff_ms`, oldest first, with
-    /// their bodies, jobs and queue entries. Returns how many were removed.
-    async fn expire(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError>;
+    /// Removes up to `limit` deliveries received before `cutoff_ms` with their bodies, jobs
+    /// and queue entries, oldest first. A delivery with a handler still due or running is
+    /// kept until that handler is final (invariant 2); the sweep moves past it and comes
+    /// back to it on a later pass.
+    async fn expire(&self, cutoff_ms: u64, limit: usize) -> Result<Expired, StoreError>;
 
     /// Deliveries newest first, optionally of one source and one status, `limit` at most,
     /// starting after `cursor` (from the previous page).
@@ -435,8 +590,11 @@ pub trait DeliveryStore: Send + Sync + 'static {
         cursor: Option<&str>,
     ) -> Result<Page, StoreError>;
 
-    /// Puts the failed and dead handlers of a delivery back in the queue, due now, each
-    /// with a fresh `max_attempts`; succeeded handlers are untouched. Returns their names.
+    /// Makes every handler of a delivery that is not succeeded due now: pending ones
+    /// (with or without a state), failed ones and dead ones (with a fresh `max_attempts`).
+    /// A pair running under a live lease and succeeded pairs are untouched. The queue
+    /// entry a dispatcher may already have read is moved, so a scheduled retry racing
+    /// this one runs the pair once (invariant 5). Returns the handlers now due.
     async fn retry(&self, key: &DeliveryKey, now_ms: u64) -> Result<Vec<String>, StoreError>;
 
     /// Jobs waiting in the queue (due or not).

@@ -8,40 +8,114 @@
 //! | `received`   | received ms (u64 BE) ++ `source \0 id` | empty                            |
 //! | `body_index` | `source \0 fingerprint`          | delivery id (body dedup)                |
 //! | `dead`       | job key                          | empty (dead letters)                    |
+//! | `meta`       | name                             | the start-up repair's watermark         |
 //!
 //! Big-endian times make sled's key order the time order, so "what is due" and "what has
 //! expired" are range scans from the front. JSON keeps records readable and lets later
 //! fields arrive with `#[serde(default)]` instead of a migration.
 //!
-//! **Why no multi-tree transaction on the claim.** On sled 0.34 a transaction across the
-//! trees a claim touches costs ~180 µs against ~26 µs for one `compare_and_swap` (measured,
-//! see BENCHMARKS.md), and the claim is the hot path. So the claim is one CAS of the whole
-//! delivery (record and body in one value, jobs implicit until they first run), preceded by
-//! plain inserts of its index entries (queue, received_at, body fingerprint). A crash
-//! between the two leaves index entries that point at nothing; dispatch and retention
-//! check the record and drop such entries when they meet them. With
-//! `durability = "fsync"` nothing is acknowledged before the group commit, so what an ack
-//! promises is on disk whole.
+//! # Why the writes of one operation cannot be seen half done
+//!
+//! Every operation that writes what belongs to one delivery (the claim, the start and end
+//! of a run, an operator retry, take-over, retention) does its reads and writes under that
+//! delivery's lock, one of [`STRIPES`] mutexes picked by a hash of the key; a claim with
+//! body dedup also holds the lock of its `(source, fingerprint)`, so two ids with one body
+//! are decided one after the other (invariant 4). Locks are taken in stripe order and held
+//! only for the in-memory writes, never across the wait for the disk. So a concurrent
+//! reader that takes the lock sees all of another operation's writes or none of them —
+//! this is what the first version got wrong: its dispatcher read a queue entry between the
+//! claim's index writes and its record, dropped the entry as stale, and the delivery was
+//! acknowledged with nothing left to run it. The lock-free reads that remain are the
+//! redelivery fast path (a record is written last, so once it is visible its queue entries
+//! are too) and the queue scan (whose entries [`DeliveryStore::begin_attempt`] re-checks
+//! under the lock).
+//!
+//! # Why the order of those writes still matters: crashes
+//!
+//! sled recovers a prefix of its log, so within an operation the order of writes is the
+//! order a crash can cut. Each operation writes the ways in before what they lead to and
+//! removes old ways in last:
+//! - claim: received_at index, queue entries, body index, then the record (a crash before
+//!   the record leaves entries that point at nothing: dispatch and retention drop them);
+//! - end of a run, operator retry: the new queue entry, then the job state, then removal of
+//!   the old entry (a crash in between leaves an extra entry: at most one more run, with the
+//!   same idempotency key);
+//! - retention: queue entries, jobs, body index, record, and the received_at entry last (a
+//!   sweep cut short finds the rest next time).
+//!
+//! With `durability = "fsync"` nothing is acknowledged before the group commit
+//! ([`super::group_commit`]), so what an ack promises is on disk whole. On start the store
+//! re-checks the deliveries received since its last watermark and puts back any queue
+//! entry an acknowledged, unfinished handler lacks ([`SledStore::open_with`]): the cost
+//! follows what arrived since the watermark, not what is stored.
+//!
+//! # Testing the gaps
+//!
+//! A [`StoreProbe`] given at open is told of every step between two writes ([`Op`] and a
+//! step name) and of every wait for a delivery's lock. The interleaving tests stop an
+//! operation at each step, run every other operation there, and check the invariants.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
+use std::hash::{Hash as _, Hasher as _};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::{CompareAndSwapError, Transactional};
 
 use super::group_commit::{GroupCommit, SyncFn};
 use super::{
-    AttemptContext, AttemptOutcome, Claim, DeliveryKey, DeliveryRecord, DeliveryStatus,
-    DeliveryStore, DeliverySummary, JobKey, JobState, JobStatus, NewDelivery, Page, QueuedJob,
-    StoreError, StoredResponse, TakeOver,
+    AttemptContext, AttemptOutcome, Begin, CheckReport, Claim, DeliveryKey, DeliveryRecord,
+    DeliveryStatus, DeliveryStore, DeliverySummary, Expired, JobKey, JobState, JobStatus, Lease,
+    NewDelivery, Page, QueuedJob, StoreError, StoredResponse, TakeOver,
 };
 use crate::config::Durability;
 
 /// A hook run before each fsync, to inject disk failures in tests.
 pub type FlushHook = Box<dyn Fn() -> std::io::Result<()> + Send>;
+
+/// Mutexes the delivery locks are spread over: enough that unrelated deliveries rarely
+/// share one, few enough to allocate once.
+pub const STRIPES: usize = 256;
+
+/// The store operations whose steps a [`StoreProbe`] sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// [`DeliveryStore::claim`].
+    Claim,
+    /// [`DeliveryStore::begin_attempt`].
+    BeginAttempt,
+    /// [`DeliveryStore::finish_attempt`].
+    FinishAttempt,
+    /// [`DeliveryStore::retry`].
+    Retry,
+    /// [`DeliveryStore::expire`].
+    Expire,
+    /// [`DeliveryStore::take_over`].
+    TakeOver,
+    /// [`DeliveryStore::release`].
+    Release,
+}
+
+/// Observes the store between its writes, for the interleaving tests.
+pub trait StoreProbe: Send + Sync {
+    /// `op` has reached `step` (a point between two of its reads or writes; "start" is
+    /// before it takes any lock).
+    fn at(&self, op: Op, step: &'static str);
+
+    /// `op` is about to wait for a delivery lock that another operation holds.
+    fn contended(&self, _op: Op) {}
+}
+
+/// How to open a [`SledStore`] beyond the config: test hooks.
+#[derive(Default)]
+pub struct SledOptions {
+    /// Run before every fsync; an error fails the flush as a failing disk would.
+    pub flush_hook: Option<FlushHook>,
+    /// Told of every step of every operation.
+    pub probe: Option<Arc<dyn StoreProbe>>,
+}
 
 /// Deliveries in an embedded sled database.
 pub struct SledStore {
@@ -52,9 +126,21 @@ pub struct SledStore {
     received: sled::Tree,
     body_index: sled::Tree,
     dead: sled::Tree,
+    meta: sled::Tree,
     durability: Durability,
     commit: GroupCommit,
+    stripes: Box<[Mutex<()>]>,
+    probe: Option<Arc<dyn StoreProbe>>,
+    /// This process's lease owner id.
+    instance: u64,
+    /// Where the retention sweep goes on from (past deliveries it had to keep).
+    sweep_from: Mutex<Option<Vec<u8>>>,
 }
+
+/// The start-up repair's watermark: every delivery received before it has been checked.
+const WATERMARK: &[u8] = b"checked_through_ms";
+/// How far behind "now" the watermark is kept: longer than any claim takes.
+const WATERMARK_LAG_MS: u64 = 60_000;
 
 fn backend(e: sled::Error) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -116,6 +202,7 @@ fn pending_job() -> JobState {
         queued_at_ms: None,
         updated_ms: 0,
         retry_base: 0,
+        lease: None,
     }
 }
 
@@ -127,6 +214,12 @@ fn decode_delivery_key(bytes: &[u8]) -> Option<DeliveryKey> {
     let text = std::str::from_utf8(bytes).ok()?;
     let (source, id) = text.split_once('\0')?;
     Some(DeliveryKey::new(source, id))
+}
+
+fn stripe_of(key: &[u8]) -> usize {
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() % STRIPES as u64) as usize
 }
 
 /// `db.flush()` then a real fsync of what sled wrote: its log file `db` and any blob files
@@ -179,6 +272,38 @@ impl DiskSync {
     }
 }
 
+/// The locks of one operation, released together when dropped.
+struct Locked<'a>(#[allow(dead_code)] Vec<MutexGuard<'a, ()>>);
+
+/// Whether a job still has a way to run: a queue entry that leads to it (the initial one
+/// while it has no state), or a live lease of this process.
+fn still_due(
+    queue: &sled::Tree,
+    record: &DeliveryRecord,
+    job_key: &[u8],
+    state: Option<&JobState>,
+    instance: u64,
+    now_ms: u64,
+) -> Result<bool, StoreError> {
+    let entry = match state {
+        None => Some(record.received_at_ms),
+        Some(s) if s.is_final() => return Ok(false),
+        Some(s) => {
+            if s.status == JobStatus::Running
+                && s.lease
+                    .is_some_and(|l| l.owner == instance && l.until_ms > now_ms)
+            {
+                return Ok(true);
+            }
+            s.queued_at_ms
+        }
+    };
+    match entry {
+        Some(due) => queue.contains_key(queue_key(due, job_key)).map_err(backend),
+        None => Ok(false),
+    }
+}
+
 impl SledStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(
@@ -186,7 +311,7 @@ impl SledStore {
         durability: Durability,
         cache_capacity: u64,
     ) -> Result<SledStore, StoreError> {
-        Self::open_with_hook(path, durability, cache_capacity, None)
+        Self::open_with(path, durability, cache_capacity, SledOptions::default())
     }
 
     /// Like [`SledStore::open`], with a hook run before every fsync; a hook that fails
@@ -197,11 +322,47 @@ impl SledStore {
         cache_capacity: u64,
         hook: Option<FlushHook>,
     ) -> Result<SledStore, StoreError> {
+        let options = SledOptions {
+            flush_hook: hook,
+            probe: None,
+        };
+        Self::open_with(path, durability, cache_capacity, options)
+    }
+
+    /// Opens the store with test hooks, then repairs what a crash can have left among the
+    /// deliveries received since the last watermark (see the module docs).
+    ///
+    /// A directory that another process holds open is refused with an error that says so.
+    pub fn open_with(
+        path: &Path,
+        durability: Durability,
+        cache_capacity: u64,
+        options: SledOptions,
+    ) -> Result<SledStore, StoreError> {
+        let store = Self::open_raw(path, durability, cache_capacity, options)?;
+        store.repair_recent()?;
+        Ok(store)
+    }
+
+    fn open_raw(
+        path: &Path,
+        durability: Durability,
+        cache_capacity: u64,
+        options: SledOptions,
+    ) -> Result<SledStore, StoreError> {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_capacity)
             .open()
-            .map_err(backend)?;
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    StoreError::Backend(format!(
+                        "{} is in use by another process (a running server?): stop it first",
+                        path.display()
+                    ))
+                }
+                other => backend(other),
+            })?;
         let tree = |name: &str| db.open_tree(name).map_err(backend);
         let (deliveries, jobs, queue, received, body_index) = (
             tree("deliveries")?,
@@ -210,7 +371,7 @@ impl SledStore {
             tree("received")?,
             tree("body_index")?,
         );
-        let dead = tree("dead")?;
+        let (dead, meta) = (tree("dead")?, tree("meta")?);
         let data_file = File::open(path.join("db"))
             .map_err(|e| StoreError::Backend(format!("opening sled's data file: {e}")))?;
         // Make the directory entries of a new store durable too.
@@ -222,7 +383,7 @@ impl SledStore {
             data_file,
             blobs_dir: path.join("blobs"),
             synced_blobs: HashSet::new(),
-            hook,
+            hook: options.flush_hook,
         };
         let sync: SyncFn = Box::new(move || disk.sync());
         Ok(SledStore {
@@ -233,8 +394,13 @@ impl SledStore {
             received,
             body_index,
             dead,
+            meta,
             durability,
             commit: GroupCommit::start(sync),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            probe: options.probe,
+            instance: rand::random(),
+            sweep_from: Mutex::new(None),
         })
     }
 
@@ -243,17 +409,61 @@ impl SledStore {
         &self.commit
     }
 
-    /// Runs a write and returns once it is as durable as configured.
-    async fn durable<T>(
-        &self,
-        write: impl FnOnce() -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        if self.durability == Durability::Buffered {
-            return write();
+    fn step(&self, op: Op, step: &'static str) {
+        if let Some(p) = &self.probe {
+            p.at(op, step);
         }
-        let guard = self.commit.begin_write()?;
-        let out = write()?;
-        self.commit.wait().await?;
+    }
+
+    /// Takes the locks of `keys` (deduplicated, in stripe order, so two operations never
+    /// wait on each other in a cycle).
+    fn lock(&self, op: Op, keys: &[&[u8]]) -> Locked<'_> {
+        let mut stripes: Vec<usize> = keys.iter().map(|k| stripe_of(k)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let guards = stripes
+            .into_iter()
+            .map(|i| {
+                let m = &self.stripes[i];
+                match m.try_lock() {
+                    Ok(g) => g,
+                    Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(TryLockError::WouldBlock) => {
+                        if let Some(p) = &self.probe {
+                            p.contended(op);
+                        }
+                        // The guarded data is `()`: a panic elsewhere cannot leave it torn.
+                        m.lock().unwrap_or_else(|p| p.into_inner())
+                    }
+                }
+            })
+            .collect();
+        Locked(guards)
+    }
+
+    /// Runs `write` under the locks of `keys`, then, if it wrote (`.1`), returns once the
+    /// writes are as durable as configured. The locks are released before the wait.
+    async fn locked_write<T>(
+        &self,
+        op: Op,
+        keys: &[&[u8]],
+        write: impl FnOnce() -> Result<(T, bool), StoreError>,
+    ) -> Result<T, StoreError> {
+        self.step(op, "start");
+        let fsync = self.durability == Durability::Fsync;
+        let guard = if fsync {
+            Some(self.commit.begin_write()?)
+        } else {
+            None
+        };
+        let (out, wrote) = {
+            let _locks = self.lock(op, keys);
+            self.step(op, "locked");
+            write()?
+        };
+        if fsync && wrote {
+            self.commit.wait().await?;
+        }
         drop(guard);
         Ok(out)
     }
@@ -283,6 +493,21 @@ impl SledStore {
             .transpose()
     }
 
+    /// The record under `key`, or, for an alias made by body dedup, the first delivery's
+    /// while it is still stored.
+    fn read_resolved(&self, key: &[u8]) -> Result<Option<DeliveryRecord>, StoreError> {
+        let Some(record) = self.read_record(key)? else {
+            return Ok(None);
+        };
+        if let Some(first) = &record.alias_of
+            && let Some(first) =
+                self.read_record(&DeliveryKey::new(&record.source, first).encode())?
+        {
+            return Ok(Some(first));
+        }
+        Ok(Some(record))
+    }
+
     fn read_delivery(&self, key: &[u8]) -> Result<Option<(DeliveryRecord, Bytes)>, StoreError> {
         let Some(value) = self.deliveries.get(key).map_err(backend)? else {
             return Ok(None);
@@ -292,6 +517,17 @@ impl SledStore {
             serde_json::from_slice(meta).map_err(corrupt)?,
             Bytes::copy_from_slice(body),
         )))
+    }
+
+    fn write_record(&self, key: &[u8], record: &DeliveryRecord) -> Result<(), StoreError> {
+        let Some(value) = self.deliveries.get(key).map_err(backend)? else {
+            return Ok(());
+        };
+        let (_, body) = split_delivery(&value)?;
+        self.deliveries
+            .insert(key, encode_delivery(record, body))
+            .map_err(backend)?;
+        Ok(())
     }
 
     /// Removes a queue entry that no longer leads anywhere (its job finished, or its
@@ -313,6 +549,11 @@ impl SledStore {
             .transpose()
     }
 
+    fn write_job(&self, key: &[u8], state: &JobState) -> Result<(), StoreError> {
+        self.jobs.insert(key, to_json(state)).map_err(backend)?;
+        Ok(())
+    }
+
     fn queue_scan(
         &self,
         skip: &dyn Fn(&JobKey) -> bool,
@@ -329,82 +570,380 @@ impl SledStore {
             (!skip(&job)).then_some(Ok(QueuedJob { due_ms, job }))
         })
     }
+
+    /// Moves a job's queue entry to `due_ms`: the new entry, then the state that names it,
+    /// then removal of the old one (a crash in between leaves an extra entry).
+    fn requeue(
+        &self,
+        op: Op,
+        job_key: &[u8],
+        state: &mut JobState,
+        due_ms: u64,
+    ) -> Result<(), StoreError> {
+        let old = state.queued_at_ms.replace(due_ms);
+        self.queue
+            .insert(queue_key(due_ms, job_key), &[])
+            .map_err(backend)?;
+        self.step(op, "after-new-queue-entry");
+        self.write_job(job_key, state)?;
+        self.step(op, "after-job-state");
+        if let Some(old) = old
+            && old != due_ms
+        {
+            self.queue
+                .remove(queue_key(old, job_key))
+                .map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    /// The invariant check of one delivery (1 and 2: every handler of an answered
+    /// delivery is final or has a way to run); with `repair`, puts back the missing entry.
+    fn check_delivery(
+        &self,
+        record: &DeliveryRecord,
+        repair: bool,
+        now_ms: u64,
+        report: &mut CheckReport,
+    ) -> Result<(), StoreError> {
+        if record.alias_of.is_some() || record.response.is_none() {
+            // Aliases run nothing; an unanswered processed-mode delivery promised nothing.
+            return Ok(());
+        }
+        let key = record.key();
+        for handler in &record.handlers {
+            let job = key.job(handler);
+            let jk = job.encode();
+            let state = self.read_job(&jk)?;
+            if let Some(s) = &state
+                && s.status == JobStatus::Dead
+                && !self.dead.contains_key(&jk).map_err(backend)?
+            {
+                report
+                    .leftovers
+                    .push(format!("{job}: dead but missing from the dead letters"));
+                if repair {
+                    self.dead.insert(jk.as_slice(), &[]).map_err(backend)?;
+                }
+            }
+            if still_due(
+                &self.queue,
+                record,
+                &jk,
+                state.as_ref(),
+                self.instance,
+                now_ms,
+            )? {
+                continue;
+            }
+            if state.as_ref().is_some_and(JobState::is_final) {
+                continue;
+            }
+            let what = state
+                .as_ref()
+                .map_or("pending (no state)", |s| match s.status {
+                    JobStatus::Running => "running",
+                    JobStatus::Failed => "failed",
+                    _ => "pending",
+                });
+            report.violations.push(format!(
+                "{job}: {what} with nothing queued to run it (invariants 1, 2)"
+            ));
+            if repair {
+                let mut s = state.unwrap_or_else(pending_job);
+                if s.status == JobStatus::Running {
+                    // Interrupted by a crash: it runs again with attempt + 1.
+                    s.status = JobStatus::Failed;
+                    s.lease = None;
+                }
+                s.updated_ms = now_ms;
+                self.requeue(Op::Retry, &jk, &mut s, now_ms)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-checks the deliveries received since the watermark (all of them on a store that
+    /// has none: a store written before the watermark existed), repairs what a crash left,
+    /// and moves the watermark to now less [`WATERMARK_LAG_MS`].
+    fn repair_recent(&self) -> Result<(), StoreError> {
+        let now = crate::clock::Clock::System.now_ms();
+        let since = self
+            .meta
+            .get(WATERMARK)
+            .map_err(backend)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        let mut report = CheckReport::default();
+        for index_key in self.received.range(since.to_be_bytes().to_vec()..).keys() {
+            let index_key = index_key.map_err(backend)?;
+            let Some(key) = split_time_key(&index_key).and_then(|(_, k)| decode_delivery_key(k))
+            else {
+                continue;
+            };
+            let _locks = self.lock(Op::Retry, &[&key.encode()]);
+            if let Some(record) = self.read_record(&key.encode())? {
+                report.deliveries += 1;
+                self.check_delivery(&record, true, now, &mut report)?;
+            }
+        }
+        for line in &report.violations {
+            tracing::warn!(repair = %line, "repaired on start");
+        }
+        self.advance_watermark(now)
+    }
+
+    /// Records that every delivery received before `now - lag` has been checked. Called
+    /// on start and by the retention sweep.
+    fn advance_watermark(&self, now_ms: u64) -> Result<(), StoreError> {
+        let mark = now_ms.saturating_sub(WATERMARK_LAG_MS);
+        self.meta
+            .insert(WATERMARK, &mark.to_be_bytes())
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    /// `store check`: reads the whole store (stopped server) and lists every breach of
+    /// invariants 1, 2 and 4 and every leftover a crash can leave; with `repair`, puts
+    /// back what can be put back (a missing queue entry; leftovers are removed). Two
+    /// deliveries that ran for one body (invariant 4) cannot be undone: listed only.
+    pub fn check(&self, repair: bool, now_ms: u64) -> Result<CheckReport, StoreError> {
+        let mut report = CheckReport {
+            repaired: repair,
+            ..CheckReport::default()
+        };
+        let mut by_body: HashMap<(String, String), Vec<String>> = HashMap::new();
+        let mut indexed: HashSet<Vec<u8>> = HashSet::new();
+        for entry in self.received.iter().keys() {
+            let k = entry.map_err(backend)?;
+            if let Some((t, dk)) = split_time_key(&k) {
+                let dk = dk.to_vec();
+                match self.read_record(&dk)? {
+                    Some(r) if r.received_at_ms == t => {
+                        indexed.insert(dk);
+                    }
+                    _ => {
+                        report.leftovers.push(format!(
+                            "received_at index entry for {} points at nothing",
+                            String::from_utf8_lossy(&dk).replace('\0', "/")
+                        ));
+                        if repair {
+                            self.received.remove(&k).map_err(backend)?;
+                        }
+                    }
+                }
+            }
+        }
+        for entry in self.deliveries.iter() {
+            let (k, v) = entry.map_err(backend)?;
+            let record = decode_record(&v)?;
+            report.deliveries += 1;
+            if !indexed.contains(k.as_ref()) {
+                report.leftovers.push(format!(
+                    "{}: missing from the received_at index (would never expire)",
+                    record.key()
+                ));
+                if repair {
+                    self.received
+                        .insert(queue_key(record.received_at_ms, &k), &[])
+                        .map_err(backend)?;
+                }
+            }
+            self.check_delivery(&record, repair, now_ms, &mut report)?;
+            if record.body_dedup && record.alias_of.is_none() {
+                by_body
+                    .entry((record.source.clone(), record.fingerprint.clone()))
+                    .or_default()
+                    .push(record.id.clone());
+            }
+        }
+        for ((source, fp), mut ids) in by_body {
+            if ids.len() > 1 {
+                ids.sort();
+                report.violations.push(format!(
+                    "{source}: one body ({}…) recorded under {} ids that each ran their handlers: {} (invariant 4)",
+                    &fp[..fp.len().min(12)],
+                    ids.len(),
+                    ids.join(", ")
+                ));
+            }
+        }
+        for entry in self.queue.iter().keys() {
+            let k = entry.map_err(backend)?;
+            let Some(job) = split_time_key(&k).and_then(|(_, j)| JobKey::decode(j)) else {
+                continue;
+            };
+            let gone = !self
+                .deliveries
+                .contains_key(job.delivery.encode())
+                .map_err(backend)?;
+            let done = self.read_job(&job.encode())?.is_some_and(|s| s.is_final());
+            if gone || done {
+                report.leftovers.push(format!(
+                    "queue entry for {job} leads nowhere ({})",
+                    if gone { "no delivery" } else { "already final" }
+                ));
+                if repair {
+                    self.queue.remove(&k).map_err(backend)?;
+                }
+            }
+        }
+        for entry in self.jobs.iter().keys() {
+            let k = entry.map_err(backend)?;
+            let Some(job) = JobKey::decode(&k) else {
+                continue;
+            };
+            if !self
+                .deliveries
+                .contains_key(job.delivery.encode())
+                .map_err(backend)?
+            {
+                report
+                    .leftovers
+                    .push(format!("job state for {job} without its delivery"));
+                if repair {
+                    self.jobs.remove(&k).map_err(backend)?;
+                    self.dead.remove(&k).map_err(backend)?;
+                }
+            }
+        }
+        if repair {
+            self.advance_watermark(now_ms)?;
+            self.db.flush().map_err(backend)?;
+        }
+        Ok(report)
+    }
+
+    /// Removes one expired delivery unless a handler of it is still due; returns whether it
+    /// was removed. The caller holds the delivery's (and its body's) lock.
+    fn expire_one(
+        &self,
+        key: &DeliveryKey,
+        record: &DeliveryRecord,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let dk = key.encode();
+        let mut states = Vec::with_capacity(record.handlers.len());
+        for handler in &record.handlers {
+            let jk = key.job(handler).encode();
+            let state = self.read_job(&jk)?;
+            if still_due(
+                &self.queue,
+                record,
+                &jk,
+                state.as_ref(),
+                self.instance,
+                now_ms,
+            )? {
+                return Ok(false);
+            }
+            states.push((jk, state));
+        }
+        for (jk, state) in &states {
+            // Its first queue entry (due on arrival) and its current one.
+            self.queue
+                .remove(queue_key(record.received_at_ms, jk))
+                .map_err(backend)?;
+            if let Some(due) = state.as_ref().and_then(|s| s.queued_at_ms) {
+                self.queue.remove(queue_key(due, jk)).map_err(backend)?;
+            }
+            self.jobs.remove(jk.as_slice()).map_err(backend)?;
+            self.dead.remove(jk.as_slice()).map_err(backend)?;
+        }
+        self.step(Op::Expire, "after-jobs");
+        let fp_key = body_index_key(&record.source, &record.fingerprint);
+        if self
+            .body_index
+            .get(&fp_key)
+            .map_err(backend)?
+            .is_some_and(|id| id == record.id.as_bytes())
+        {
+            self.body_index.remove(&fp_key).map_err(backend)?;
+        }
+        self.step(Op::Expire, "after-body-index");
+        self.deliveries.remove(&dk).map_err(backend)?;
+        self.step(Op::Expire, "after-record");
+        Ok(true)
+    }
 }
 
 #[async_trait]
 impl DeliveryStore for SledStore {
     async fn claim(&self, new: NewDelivery) -> Result<Claim, StoreError> {
-        let key = new.record.key().encode();
-        // Fast path for redeliveries: one read, no write.
-        if let Some(existing) = self.read_record(&key)? {
+        let record = new.record();
+        let key = record.key().encode();
+        // Fast path for redeliveries, without the lock: a record is written last, so once
+        // it is visible, everything its claim wrote is too.
+        if let Some(existing) = self.read_resolved(&key)? {
             self.settle_read().await?;
             return Ok(Claim::Existing(existing));
         }
-        let fp_key = body_index_key(&new.record.source, &new.record.fingerprint);
-        if new.body_dedup
-            && let Some(first_id) = self.body_index.get(&fp_key).map_err(backend)?
-            && first_id != new.record.id.as_bytes()
-            && let Some(first) = self.read_record(
-                &DeliveryKey::new(&new.record.source, String::from_utf8_lossy(&first_id)).encode(),
-            )?
-        {
-            self.settle_read().await?;
-            return Ok(Claim::Existing(first));
+        let fp_key = body_index_key(&record.source, &record.fingerprint);
+        let mut lock_keys: Vec<&[u8]> = vec![&key];
+        if record.body_dedup {
+            lock_keys.push(&fp_key);
         }
-        let received_at = new.record.received_at_ms;
+        let received_at = record.received_at_ms;
         let received_key = queue_key(received_at, &key);
-        let queue_keys: Vec<Vec<u8>> = if new.enqueue {
-            new.record
+        let queue_keys: Vec<Vec<u8>> = if new.enqueue() {
+            record
                 .handlers
                 .iter()
-                .map(|h| queue_key(received_at, &new.record.key().job(h).encode()))
+                .map(|h| queue_key(received_at, &record.key().job(h).encode()))
                 .collect()
         } else {
             Vec::new()
         };
-        let value = encode_delivery(&new.record, &new.body);
-        let lost_to = self
-            .durable(|| {
-                // Index entries first: should the process die before the record lands, they
-                // point at nothing and are dropped when dispatch or retention meet them.
+        let claim = self
+            .locked_write(Op::Claim, &lock_keys, || {
+                if let Some(existing) = self.read_resolved(&key)? {
+                    // Lost the race to a concurrent copy; its writes are complete (we
+                    // hold the lock) but maybe not durable: wait for them (`true`).
+                    return Ok((Claim::Existing(existing), true));
+                }
+                if record.body_dedup
+                    && let Some(first_id) = self.body_index.get(&fp_key).map_err(backend)?
+                    && first_id != record.id.as_bytes()
+                    && let Some(first) = self.read_record(
+                        &DeliveryKey::new(&record.source, String::from_utf8_lossy(&first_id))
+                            .encode(),
+                    )?
+                {
+                    // The same body under a new id: recorded as an alias of the first
+                    // (visible to operators, replayed to its own redeliveries), no jobs.
+                    let mut alias = record.clone();
+                    alias.alias_of = Some(first.id.clone());
+                    alias.handlers = Vec::new();
+                    alias.response = first.response.clone();
+                    alias.lease_until_ms = None;
+                    self.received.insert(&received_key, &[]).map_err(backend)?;
+                    self.step(Op::Claim, "after-alias-index");
+                    self.deliveries
+                        .insert(&key, encode_delivery(&alias, &[]))
+                        .map_err(backend)?;
+                    return Ok((Claim::BodyDuplicate(first), true));
+                }
+                // Index entries first: should the process die before the record lands,
+                // they point at nothing and are dropped when dispatch or retention meet them.
                 self.received.insert(&received_key, &[]).map_err(backend)?;
+                self.step(Op::Claim, "after-received-index");
                 for q in &queue_keys {
                     self.queue.insert(q.as_slice(), &[]).map_err(backend)?;
+                    self.step(Op::Claim, "after-queue-entry");
                 }
-                if new.body_dedup {
+                if record.body_dedup {
                     self.body_index
-                        .insert(&fp_key, new.record.id.as_bytes())
+                        .insert(&fp_key, record.id.as_bytes())
                         .map_err(backend)?;
+                    self.step(Op::Claim, "after-body-index");
                 }
-                // The claim itself: exactly one concurrent request for a key gets `Ok`.
-                match self
-                    .deliveries
-                    .compare_and_swap(&key, None as Option<&[u8]>, Some(value))
-                    .map_err(backend)?
-                {
-                    Ok(()) => Ok(None),
-                    Err(CompareAndSwapError { current, .. }) => {
-                        let existing = decode_record(current.as_deref().unwrap_or_default())?;
-                        // Our index entries are not needed, unless they are the winner's own
-                        // (same key, same millisecond).
-                        if existing.received_at_ms != received_at {
-                            self.received.remove(&received_key).map_err(backend)?;
-                            for q in &queue_keys {
-                                self.queue.remove(q.as_slice()).map_err(backend)?;
-                            }
-                        }
-                        Ok(Some(existing))
-                    }
-                }
+                self.deliveries
+                    .insert(&key, encode_delivery(record, new.body()))
+                    .map_err(backend)?;
+                Ok((Claim::New, true))
             })
             .await?;
-        match lost_to {
-            None => Ok(Claim::New),
-            Some(existing) => {
-                self.settle_read().await?;
-                Ok(Claim::Existing(existing))
-            }
-        }
+        Ok(claim)
     }
 
     async fn record(&self, key: &DeliveryKey) -> Result<Option<DeliveryRecord>, StoreError> {
@@ -412,7 +951,17 @@ impl DeliveryStore for SledStore {
     }
 
     async fn body(&self, key: &DeliveryKey) -> Result<Option<Bytes>, StoreError> {
-        Ok(self.read_delivery(&key.encode())?.map(|(_, body)| body))
+        let Some((record, body)) = self.read_delivery(&key.encode())? else {
+            return Ok(None);
+        };
+        match &record.alias_of {
+            // An alias keeps no copy of the body it shares with its first delivery.
+            Some(first) => Ok(self
+                .read_delivery(&DeliveryKey::new(&record.source, first).encode())?
+                .map(|(_, b)| b)
+                .or(Some(body))),
+            None => Ok(Some(body)),
+        }
     }
 
     async fn job(&self, key: &JobKey) -> Result<Option<JobState>, StoreError> {
@@ -448,87 +997,145 @@ impl DeliveryStore for SledStore {
         job: &JobKey,
         queued_due: Option<u64>,
         now_ms: u64,
-    ) -> Result<Option<AttemptContext>, StoreError> {
+        lease_until_ms: u64,
+    ) -> Result<Begin, StoreError> {
         let job_key = job.encode();
-        let Some((record, body)) = self.read_delivery(&job.delivery.encode())? else {
-            self.drop_stale(queued_due, &job_key)?;
-            return Ok(None);
-        };
-        // One runner per job at a time (the dispatcher's in-flight set, the processed-mode
-        // lease), so plain writes suffice here.
-        let mut state = self.read_job(&job_key)?.unwrap_or_else(pending_job);
-        if matches!(state.status, JobStatus::Succeeded | JobStatus::Dead) {
-            self.drop_stale(queued_due, &job_key)?;
-            return Ok(None);
-        }
-        state.status = JobStatus::Running;
-        state.attempts += 1;
-        state.updated_ms = now_ms;
-        if queued_due.is_some() {
-            state.queued_at_ms = queued_due;
-        }
-        let bytes = to_json(&state);
-        self.durable(|| {
-            self.jobs
-                .insert(&job_key, bytes)
-                .map(|_| ())
-                .map_err(backend)
+        let dk = job.delivery.encode();
+        self.locked_write(Op::BeginAttempt, &[&dk], || {
+            let Some((record, body)) = self.read_delivery(&dk)? else {
+                self.drop_stale(queued_due, &job_key)?;
+                return Ok((Begin::Skipped, false));
+            };
+            if let Some(due) = queued_due
+                && !self
+                    .queue
+                    .contains_key(queue_key(due, &job_key))
+                    .map_err(backend)?
+            {
+                // Read before an operator retry moved it, or a run finished: stale.
+                return Ok((Begin::Skipped, false));
+            }
+            let mut state = self.read_job(&job_key)?.unwrap_or_else(pending_job);
+            if state.is_final() {
+                self.drop_stale(queued_due, &job_key)?;
+                return Ok((Begin::Skipped, false));
+            }
+            if state.status == JobStatus::Running
+                && let Some(lease) = state.lease
+                && lease.owner == self.instance
+                && lease.until_ms > now_ms
+            {
+                return Ok((
+                    Begin::Busy {
+                        until_ms: lease.until_ms,
+                    },
+                    false,
+                ));
+            }
+            state.status = JobStatus::Running;
+            state.attempts += 1;
+            state.updated_ms = now_ms;
+            state.lease = Some(Lease {
+                owner: self.instance,
+                until_ms: lease_until_ms,
+            });
+            if queued_due.is_some() {
+                state.queued_at_ms = queued_due;
+            }
+            self.write_job(&job_key, &state)?;
+            Ok((
+                Begin::Started(AttemptContext {
+                    record,
+                    body,
+                    attempt: state.attempts,
+                    attempts_in_round: state.attempts.saturating_sub(state.retry_base),
+                }),
+                true,
+            ))
         })
-        .await?;
-        Ok(Some(AttemptContext {
-            record,
-            body,
-            attempt: state.attempts,
-            attempts_in_round: state.attempts.saturating_sub(state.retry_base),
-        }))
+        .await
+    }
+
+    async fn renew_job_lease(
+        &self,
+        job: &JobKey,
+        attempt: u32,
+        lease_until_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let job_key = job.encode();
+        let _locks = self.lock(Op::BeginAttempt, &[&job.delivery.encode()]);
+        let Some(mut state) = self.read_job(&job_key)? else {
+            return Ok(false);
+        };
+        if state.status != JobStatus::Running || state.attempts != attempt {
+            return Ok(false);
+        }
+        state.lease = Some(Lease {
+            owner: self.instance,
+            until_ms: lease_until_ms,
+        });
+        // Not waited for: a renewal lost in a crash only shortens a lease that died with
+        // the process anyway.
+        self.write_job(&job_key, &state)?;
+        Ok(true)
     }
 
     async fn finish_attempt(
         &self,
         job: &JobKey,
+        attempt: u32,
         outcome: AttemptOutcome,
         now_ms: u64,
     ) -> Result<(), StoreError> {
         let job_key = job.encode();
-        let Some(mut state) = self.read_job(&job_key)? else {
-            return Ok(());
-        };
-        let old_entry = state.queued_at_ms.take();
-        state.updated_ms = now_ms;
-        self.durable(|| {
-            // New entries before the state that names them, the old entry last: a crash in
-            // between leaves at worst an extra entry, which runs at most one more attempt.
+        let dk = job.delivery.encode();
+        self.locked_write(Op::FinishAttempt, &[&dk], || {
+            let Some(mut state) = self.read_job(&job_key)? else {
+                return Ok(((), false));
+            };
+            if state.status == JobStatus::Succeeded {
+                return Ok(((), false));
+            }
+            let current = state.attempts == attempt;
+            if !current && outcome != AttemptOutcome::Succeeded {
+                // A superseded run's failure: the current run decides.
+                return Ok(((), false));
+            }
+            state.updated_ms = now_ms;
+            if current {
+                state.lease = None;
+            }
             match &outcome {
-                AttemptOutcome::Succeeded => state.status = JobStatus::Succeeded,
+                AttemptOutcome::Succeeded | AttemptOutcome::Dead { .. } => {
+                    if let AttemptOutcome::Dead { error } = &outcome {
+                        self.dead.insert(job_key.as_slice(), &[]).map_err(backend)?;
+                        self.step(Op::FinishAttempt, "after-dead-letter");
+                        state.status = JobStatus::Dead;
+                        state.last_error = Some(error.clone());
+                    } else {
+                        state.status = JobStatus::Succeeded;
+                    }
+                    state.lease = None;
+                    let old = state.queued_at_ms.take();
+                    self.write_job(&job_key, &state)?;
+                    self.step(Op::FinishAttempt, "after-job-state");
+                    // The way in goes last, once the outcome that makes it unneeded is written.
+                    self.drop_stale(old, &job_key)?;
+                }
                 AttemptOutcome::RetryAt { due_ms, error } => {
-                    self.queue
-                        .insert(queue_key(*due_ms, &job_key), &[])
-                        .map_err(backend)?;
                     state.status = JobStatus::Failed;
                     state.last_error = Some(error.clone());
-                    state.queued_at_ms = Some(*due_ms);
-                }
-                AttemptOutcome::Dead { error } => {
-                    self.dead.insert(&job_key, &[]).map_err(backend)?;
-                    state.status = JobStatus::Dead;
-                    state.last_error = Some(error.clone());
+                    self.requeue(Op::FinishAttempt, &job_key, &mut state, *due_ms)?;
                 }
                 AttemptOutcome::Failed { error } => {
+                    // Processed mode: the sender's retry runs it again. A queue entry an
+                    // operator retry added stays, and runs it in the background.
                     state.status = JobStatus::Failed;
                     state.last_error = Some(error.clone());
+                    self.write_job(&job_key, &state)?;
                 }
             }
-            self.jobs
-                .insert(&job_key, to_json(&state))
-                .map_err(backend)?;
-            if let Some(old) = old_entry
-                && state.queued_at_ms != Some(old)
-            {
-                self.queue
-                    .remove(queue_key(old, &job_key))
-                    .map_err(backend)?;
-            }
-            Ok(())
+            Ok(((), true))
         })
         .await
     }
@@ -540,35 +1147,44 @@ impl DeliveryStore for SledStore {
         lease_until_ms: u64,
     ) -> Result<TakeOver, StoreError> {
         let k = key.encode();
-        self.durable(|| {
-            let result = self.deliveries.transaction(|d| {
-                let Some(bytes) = d.get(&k)? else {
-                    return Err(ConflictableTransactionError::Abort(StoreError::Corrupt(
-                        "record vanished during take-over".into(),
-                    )));
-                };
-                let (meta, body) =
-                    split_delivery(&bytes).map_err(ConflictableTransactionError::Abort)?;
-                let mut record: DeliveryRecord = serde_json::from_slice(meta)
-                    .map_err(|e| ConflictableTransactionError::Abort(corrupt(e)))?;
-                if record.response.is_some() {
-                    return Ok(TakeOver::Final(record));
-                }
-                if let Some(until_ms) = record.lease_until_ms
-                    && until_ms > now_ms
-                {
-                    return Ok(TakeOver::Held { until_ms });
-                }
-                record.lease_until_ms = Some(lease_until_ms);
-                d.insert(k.as_slice(), encode_delivery(&record, body))?;
-                Ok(TakeOver::Acquired(record))
-            });
-            result.map_err(|e| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => backend(e),
-            })
+        self.locked_write(Op::TakeOver, &[&k], || {
+            let Some(mut record) = self.read_record(&k)? else {
+                return Err(StoreError::Corrupt(
+                    "record vanished during take-over".into(),
+                ));
+            };
+            if record.response.is_some() {
+                return Ok((TakeOver::Final(record), false));
+            }
+            if let Some(until_ms) = record.lease_until_ms
+                && until_ms > now_ms
+            {
+                return Ok((TakeOver::Held { until_ms }, false));
+            }
+            record.lease_until_ms = Some(lease_until_ms);
+            self.write_record(&k, &record)?;
+            Ok((TakeOver::Acquired(record), true))
         })
         .await
+    }
+
+    async fn renew_lease(
+        &self,
+        key: &DeliveryKey,
+        lease_until_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let k = key.encode();
+        let _locks = self.lock(Op::TakeOver, &[&k]);
+        let Some(mut record) = self.read_record(&k)? else {
+            return Ok(false);
+        };
+        if record.response.is_some() {
+            return Ok(false);
+        }
+        record.lease_until_ms = Some(lease_until_ms);
+        // Not waited for: a renewal lost in a crash only shortens the lease.
+        self.write_record(&k, &record)?;
+        Ok(true)
     }
 
     async fn release(
@@ -577,80 +1193,109 @@ impl DeliveryStore for SledStore {
         response: Option<StoredResponse>,
     ) -> Result<(), StoreError> {
         let k = key.encode();
-        self.durable(|| {
-            let result = self.deliveries.transaction(|d| {
-                let Some(bytes) = d.get(&k)? else {
-                    return Ok(());
-                };
-                let (meta, body) =
-                    split_delivery(&bytes).map_err(ConflictableTransactionError::Abort)?;
-                let mut record: DeliveryRecord = serde_json::from_slice(meta)
-                    .map_err(|e| ConflictableTransactionError::Abort(corrupt(e)))?;
-                record.lease_until_ms = None;
-                if response.is_some() {
-                    record.response = response.clone();
-                }
-                d.insert(k.as_slice(), encode_delivery(&record, body))?;
-                Ok(())
-            });
-            result.map_err(|e| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => backend(e),
-            })
+        self.locked_write(Op::Release, &[&k], || {
+            let Some(mut record) = self.read_record(&k)? else {
+                return Ok(((), false));
+            };
+            record.lease_until_ms = None;
+            if response.is_some() {
+                record.response = response.clone();
+            }
+            self.write_record(&k, &record)?;
+            Ok(((), true))
         })
         .await
     }
 
-    async fn expire(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
-        let expired: Vec<sled::IVec> = self
+    async fn expire(&self, cutoff_ms: u64, limit: usize) -> Result<Expired, StoreError> {
+        let now_ms = crate::clock::Clock::System.now_ms().max(cutoff_ms);
+        let from = self
+            .sweep_from
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default();
+        let candidates: Vec<sled::IVec> = self
             .received
-            .range(..cutoff_ms.to_be_bytes().to_vec())
+            .range(from..cutoff_ms.to_be_bytes().to_vec())
             .keys()
             .take(limit)
             .collect::<Result<_, _>>()
             .map_err(backend)?;
-        if expired.is_empty() {
-            return Ok(0);
-        }
-        self.durable(|| {
-            for index_key in &expired {
-                // The index entry goes last: a sweep cut short finds the rest next time.
-                if let Some((_, key)) =
-                    split_time_key(index_key).and_then(|(t, k)| Some((t, decode_delivery_key(k)?)))
+        let mut done = Expired {
+            examined: candidates.len(),
+            ..Expired::default()
+        };
+        let fsync = self.durability == Durability::Fsync;
+        let guard = if fsync {
+            Some(self.commit.begin_write()?)
+        } else {
+            None
+        };
+        for index_key in &candidates {
+            self.step(Op::Expire, "start");
+            let Some((t, key)) =
+                split_time_key(index_key).and_then(|(t, k)| Some((t, decode_delivery_key(k)?)))
+            else {
+                self.received.remove(index_key).map_err(backend)?;
+                continue;
+            };
+            let dk = key.encode();
+            // The body's lock too, so a claim of the same body under another id sees
+            // either the whole delivery or none of it.
+            let fp_key = self
+                .read_record(&dk)?
+                .map(|r| body_index_key(&r.source, &r.fingerprint));
+            let mut lock_keys: Vec<&[u8]> = vec![&dk];
+            if let Some(fp) = &fp_key {
+                lock_keys.push(fp);
+            }
+            let _locks = self.lock(Op::Expire, &lock_keys);
+            self.step(Op::Expire, "locked");
+            match self.read_record(&dk)? {
+                Some(record)
+                    if record.received_at_ms == t
+                        && fp_key.as_deref()
+                            == Some(&body_index_key(&record.source, &record.fingerprint)[..]) =>
                 {
-                    let dk = key.encode();
-                    if let Some(record) = self.read_record(&dk)? {
-                        for handler in &record.handlers {
-                            let jk = key.job(handler).encode();
-                            // Its first queue entry (due on arrival) and its current one.
-                            self.queue
-                                .remove(queue_key(record.received_at_ms, &jk))
-                                .map_err(backend)?;
-                            if let Some(state) = self.read_job(&jk)?
-                                && let Some(due) = state.queued_at_ms
-                            {
-                                self.queue.remove(queue_key(due, &jk)).map_err(backend)?;
-                            }
-                            self.jobs.remove(&jk).map_err(backend)?;
-                            self.dead.remove(&jk).map_err(backend)?;
-                        }
-                        let fp_key = body_index_key(&record.source, &record.fingerprint);
-                        if self
-                            .body_index
-                            .get(&fp_key)
-                            .map_err(backend)?
-                            .is_some_and(|id| id == record.id.as_bytes())
-                        {
-                            self.body_index.remove(&fp_key).map_err(backend)?;
-                        }
-                        self.deliveries.remove(&dk).map_err(backend)?;
+                    if self.expire_one(&key, &record, now_ms)? {
+                        done.removed += 1;
+                    } else {
+                        done.kept += 1;
+                        // Kept: its index entry stays, and the next pass comes back to it.
+                        continue;
                     }
                 }
-                self.received.remove(index_key).map_err(backend)?;
+                // Changed under us (expired and claimed again): the next pass sees it.
+                Some(record) if record.received_at_ms == t => {
+                    done.kept += 1;
+                    continue;
+                }
+                // Nothing there any more, or a newer delivery under the same key.
+                _ => {}
             }
-            Ok(expired.len())
-        })
-        .await
+            self.received.remove(index_key).map_err(backend)?;
+        }
+        {
+            let mut from = self.sweep_from.lock().unwrap_or_else(|p| p.into_inner());
+            *from = match candidates.last() {
+                Some(last) if candidates.len() == limit => {
+                    let mut next = last.to_vec();
+                    next.push(0);
+                    Some(next)
+                }
+                // The end of what has expired: the next pass starts from the front again.
+                _ => None,
+            };
+        }
+        if done.removed > 0 || done.examined < limit {
+            self.advance_watermark(now_ms)?;
+        }
+        if fsync && done.examined > 0 {
+            self.commit.wait().await?;
+        }
+        drop(guard);
+        Ok(done)
     }
 
     async fn list(
@@ -707,44 +1352,52 @@ impl DeliveryStore for SledStore {
     }
 
     async fn retry(&self, key: &DeliveryKey, now_ms: u64) -> Result<Vec<String>, StoreError> {
-        let Some(record) = self.read_record(&key.encode())? else {
-            return Ok(Vec::new());
-        };
-        let job_keys: Vec<(String, Vec<u8>)> = record
-            .handlers
-            .iter()
-            .map(|h| (h.clone(), key.job(h).encode()))
-            .collect();
-        self.durable(|| {
-            let result = (&self.jobs, &self.queue, &self.dead).transaction(|(j, q, dl)| {
-                let mut requeued = Vec::new();
-                for (handler, job_key) in &job_keys {
-                    let Some(bytes) = j.get(job_key)? else {
-                        continue;
-                    };
-                    let mut state: JobState = serde_json::from_slice(&bytes)
-                        .map_err(|e| ConflictableTransactionError::Abort(corrupt(e)))?;
-                    if !matches!(state.status, JobStatus::Dead | JobStatus::Failed) {
+        let dk = key.encode();
+        self.locked_write(Op::Retry, &[&dk], || {
+            let Some(record) = self.read_record(&dk)? else {
+                return Ok((Vec::new(), false));
+            };
+            let mut requeued = Vec::new();
+            for handler in &record.handlers {
+                let jk = key.job(handler).encode();
+                let state = self.read_job(&jk)?;
+                let mut state = match state {
+                    Some(s) if s.status == JobStatus::Succeeded => continue,
+                    Some(s)
+                        if s.status == JobStatus::Running
+                            && s.lease.is_some_and(|l| {
+                                l.owner == self.instance && l.until_ms > now_ms
+                            }) =>
+                    {
                         continue;
                     }
-                    if let Some(due) = state.queued_at_ms.take() {
-                        q.remove(queue_key(due, job_key))?;
+                    Some(s) => s,
+                    None => {
+                        let mut s = pending_job();
+                        // Its first entry, if there is one, is replaced by one due now.
+                        if record.response.is_some() && record.alias_of.is_none() {
+                            s.queued_at_ms = Some(record.received_at_ms);
+                        }
+                        s
                     }
-                    state.status = JobStatus::Failed;
+                };
+                if matches!(state.status, JobStatus::Dead | JobStatus::Failed) {
+                    // A fresh `max_attempts` from here.
                     state.retry_base = state.attempts;
-                    state.queued_at_ms = Some(now_ms);
-                    state.updated_ms = now_ms;
-                    q.insert(queue_key(now_ms, job_key), &[])?;
-                    dl.remove(job_key.as_slice())?;
-                    j.insert(job_key.as_slice(), to_json(&state))?;
-                    requeued.push(handler.clone());
                 }
-                Ok(requeued)
-            });
-            result.map_err(|e| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => backend(e),
-            })
+                if state.status == JobStatus::Dead {
+                    self.dead.remove(jk.as_slice()).map_err(backend)?;
+                }
+                if state.status != JobStatus::Pending {
+                    state.status = JobStatus::Failed;
+                }
+                state.lease = None;
+                state.updated_ms = now_ms;
+                self.requeue(Op::Retry, &jk, &mut state, now_ms)?;
+                requeued.push(handler.clone());
+            }
+            let wrote = !requeued.is_empty();
+            Ok((requeued, wrote))
         })
         .await
     }
@@ -773,6 +1426,7 @@ impl DeliveryStore for SledStore {
         if self.commit.is_poisoned() {
             return Err(StoreError::Flush("an earlier flush failed".into()));
         }
+        self.advance_watermark(crate::clock::Clock::System.now_ms())?;
         self.commit.wait().await
     }
 }

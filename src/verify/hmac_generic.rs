@@ -12,7 +12,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
 use super::mac::{hmac_sha256, matches_any, tag};
-use super::{Field, Headers, Secret, SignatureScheme, VerifyError, skew, unix_seconds};
+use super::{Field, Headers, Secret, SignatureScheme, Verified, VerifyError, skew, unix_seconds};
 
 /// How the tag is written in the header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
@@ -184,7 +184,7 @@ impl SignatureScheme for HmacScheme {
         body: &[u8],
         now: SystemTime,
         tolerance: Duration,
-    ) -> Result<(), VerifyError> {
+    ) -> Result<Verified, VerifyError> {
         let s = &self.settings;
         let signature = headers
             .get(&s.signature_header)
@@ -217,7 +217,10 @@ impl SignatureScheme for HmacScheme {
         {
             return Err(VerifyError::OutOfTolerance);
         }
-        Ok(())
+        let id_signed = self.template.contains(&Part::Id) && !id.is_empty();
+        Ok(Verified {
+            signed_id: id_signed.then(|| id.to_owned()),
+        })
     }
 
     fn sign(&self, id: &str, body: &[u8], now: SystemTime) -> Vec<(String, String)> {
@@ -295,13 +298,18 @@ mod tests {
         let s = scheme(Some("{id}:{timestamp}:{body}"), true);
         let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let h = Headers::from_pairs(s.sign("evt_1", b"{}", now));
-        assert_eq!(s.verify(&h, b"{}", now, Duration::from_secs(60)), Ok(()));
+        assert_eq!(
+            s.verify(&h, b"{}", now, Duration::from_secs(60))
+                .map(|_| ()),
+            Ok(())
+        );
         // The id is covered: another id header breaks the signature.
         let mut other = h.clone();
         other.0.retain(|(k, _)| k != "x-id");
         other.0.push(("x-id".into(), "evt_2".into()));
         assert_eq!(
-            s.verify(&other, b"{}", now, Duration::from_secs(60)),
+            s.verify(&other, b"{}", now, Duration::from_secs(60))
+                .map(|_| ()),
             Err(VerifyError::Invalid)
         );
         assert!(s.signs_header("x-id"));

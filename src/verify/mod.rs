@@ -106,16 +106,26 @@ pub enum VerifyError {
     OutOfTolerance,
 }
 
+/// What a successful signature check covered, beyond the body.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verified {
+    /// The delivery id the signature was computed over, for schemes that sign it
+    /// (`webhook-id` or `svix-id`, whichever the check read; a generic scheme's `{id}`).
+    /// When present, this and nothing else is the id that gets claimed (invariant 3).
+    pub signed_id: Option<String>,
+}
+
 /// One provider's way of signing a delivery.
 pub trait SignatureScheme: Send + Sync + std::fmt::Debug {
-    /// Checks the signature of `body` under `headers` at time `now`.
+    /// Checks the signature of `body` under `headers` at time `now`, and says what it
+    /// covered.
     fn verify(
         &self,
         headers: &Headers,
         body: &[u8],
         now: SystemTime,
         tolerance: Duration,
-    ) -> Result<(), VerifyError>;
+    ) -> Result<Verified, VerifyError>;
 
     /// Header names and values a sender would attach to `body` with delivery id `id`,
     /// signed with the first secret at time `now`. Used by `sign`, `replay` and tests.
@@ -196,6 +206,8 @@ pub struct Source {
     pub name: String,
     /// When the sender gets its answer.
     pub ack: AckMode,
+    /// `ack = "processed"`: how long a claimant holds a delivery (renewed while it runs).
+    pub processed_lease: Duration,
     /// Index the body's fingerprint so a signed body resent under a fresh id is a replay.
     pub body_dedup: bool,
     scheme: Box<dyn SignatureScheme>,
@@ -205,19 +217,56 @@ pub struct Source {
 }
 
 /// A delivery whose signature, id and (where read from the body) JSON have been checked.
-/// Only [`Source::authenticate`] makes one.
+///
+/// Only [`Source::authenticate`] makes one (its fields are private to this module), and
+/// only one of these can become a claim ([`crate::store::NewDelivery::new`]): a route, a
+/// test or a plugin cannot assemble a claimable delivery from headers it read itself.
+/// Where the scheme signs the delivery id, [`AuthenticatedDelivery::id`] is that signed id.
 #[derive(Debug, Clone)]
 pub struct AuthenticatedDelivery {
+    source: String,
+    id: DeliveryId,
+    event_type: Option<String>,
+    headers: Headers,
+    body: Bytes,
+}
+
+impl AuthenticatedDelivery {
     /// The source name.
-    pub source: String,
-    /// The delivery id.
-    pub id: DeliveryId,
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The delivery id: the signed one where the scheme signs it.
+    pub fn id(&self) -> &DeliveryId {
+        &self.id
+    }
+
     /// The event type, when the delivery names one.
-    pub event_type: Option<String>,
+    pub fn event_type(&self) -> Option<&str> {
+        self.event_type.as_deref()
+    }
+
     /// The request headers.
-    pub headers: Headers,
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+
     /// The raw body, byte for byte.
-    pub body: Bytes,
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// Source, id, event type, headers and body, by value.
+    pub fn into_parts(self) -> (String, DeliveryId, Option<String>, Headers, Bytes) {
+        (
+            self.source,
+            self.id,
+            self.event_type,
+            self.headers,
+            self.body,
+        )
+    }
 }
 
 /// What an authenticated request is.
@@ -394,6 +443,7 @@ impl Source {
         Ok(Source {
             name: name.to_owned(),
             ack: config.ack,
+            processed_lease: config.processed_lease,
             body_dedup: config.body_dedup.unwrap_or(!id_signed),
             scheme,
             tolerance: config.tolerance,
@@ -422,7 +472,8 @@ impl Source {
         body: Bytes,
         now: SystemTime,
     ) -> Result<Authenticated, ApiError> {
-        self.scheme
+        let verified = self
+            .scheme
             .verify(&headers, &body, now, self.tolerance)
             .map_err(|e| match e {
                 VerifyError::Missing => ApiError::MissingSignature,
@@ -453,7 +504,12 @@ impl Source {
                 }
             }
         };
-        let raw_id = read(&self.id_field)?;
+        // Invariant 3: where the signature covered the id, the claimed id is the one it
+        // covered, never a second read of some header (a replayer could add another).
+        let raw_id = match (&self.id_field, verified.signed_id) {
+            (Field::Header(h), Some(signed)) if self.scheme.signs_header(h) => Some(signed),
+            _ => read(&self.id_field)?,
+        };
         let id = raw_id
             .as_deref()
             .and_then(DeliveryId::parse)
@@ -555,7 +611,7 @@ mod tests {
                 ]);
                 for scheme in &schemes {
                     // Random input is never a valid signature.
-                    prop_assert!(scheme.verify(&headers, &body, at(), Duration::from_secs(300)).is_err());
+                    prop_assert!(scheme.verify(&headers, &body, at(), Duration::from_secs(300)).map(|_| ()).is_err());
                 }
             }
         }

@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
 
 use super::mac::{HmacSha256, hmac_sha256, matches_any, tag};
-use super::{Field, Headers, Secret, SignatureScheme, VerifyError, skew, unix_seconds};
+use super::{Field, Headers, Secret, SignatureScheme, Verified, VerifyError, skew, unix_seconds};
 
 /// Header names: the standard ones first, Svix's as a fallback.
 const ID: [&str; 2] = ["webhook-id", "svix-id"];
@@ -95,7 +95,7 @@ impl SignatureScheme for StandardWebhooks {
         body: &[u8],
         now: SystemTime,
         tolerance: Duration,
-    ) -> Result<(), VerifyError> {
+    ) -> Result<Verified, VerifyError> {
         let (Some(signatures), Some(timestamp)) = (
             first_header(headers, &SIGNATURE),
             first_header(headers, &TIMESTAMP),
@@ -144,7 +144,9 @@ impl SignatureScheme for StandardWebhooks {
         if skew(ts, now) > tolerance {
             return Err(VerifyError::OutOfTolerance);
         }
-        Ok(())
+        Ok(Verified {
+            signed_id: (!id.is_empty()).then(|| id.to_owned()),
+        })
     }
 
     fn sign(&self, id: &str, body: &[u8], now: SystemTime) -> Vec<(String, String)> {
@@ -212,7 +214,8 @@ mod tests {
         let signed = s.sign(ID_, BODY, at(TS));
         assert_eq!(signed[2].1, SIG);
         assert_eq!(
-            s.verify(&headers(SIG, "1614265330"), BODY, at(TS), TOL),
+            s.verify(&headers(SIG, "1614265330"), BODY, at(TS), TOL)
+                .map(|_| ()),
             Ok(())
         );
     }
@@ -222,16 +225,21 @@ mod tests {
         let s = scheme(&[SECRET]);
         let tampered = br#"{"test": 2432232315}"#;
         assert_eq!(
-            s.verify(&headers(SIG, "1614265330"), tampered, at(TS), TOL),
+            s.verify(&headers(SIG, "1614265330"), tampered, at(TS), TOL)
+                .map(|_| ()),
             Err(VerifyError::Invalid)
         );
         assert_eq!(
-            s.verify(&headers(SIG, "1614265331"), BODY, at(TS), TOL),
+            s.verify(&headers(SIG, "1614265331"), BODY, at(TS), TOL)
+                .map(|_| ()),
             Err(VerifyError::Invalid)
         );
         let mut h = headers(SIG, "1614265330");
         h.0[0].1 = "msg_other".into();
-        assert_eq!(s.verify(&h, BODY, at(TS), TOL), Err(VerifyError::Invalid));
+        assert_eq!(
+            s.verify(&h, BODY, at(TS), TOL).map(|_| ()),
+            Err(VerifyError::Invalid)
+        );
     }
 
     #[test]
@@ -242,19 +250,22 @@ mod tests {
             ("svix-timestamp", "1614265330"),
             ("svix-signature", &format!("v1,bm9wZQ== v2,abc {SIG}")),
         ]);
-        assert_eq!(s.verify(&h, BODY, at(TS), TOL), Ok(()));
+        assert_eq!(s.verify(&h, BODY, at(TS), TOL).map(|_| ()), Ok(()));
     }
 
     #[test]
     fn any_rotated_secret_may_match_and_prefix_is_optional() {
         let s = scheme(&["whsec_c2Vjb25k", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]);
         assert_eq!(
-            s.verify(&headers(SIG, "1614265330"), BODY, at(TS), TOL),
+            s.verify(&headers(SIG, "1614265330"), BODY, at(TS), TOL)
+                .map(|_| ()),
             Ok(())
         );
         let wrong = scheme(&["whsec_c2Vjb25k"]);
         assert_eq!(
-            wrong.verify(&headers(SIG, "1614265330"), BODY, at(TS), TOL),
+            wrong
+                .verify(&headers(SIG, "1614265330"), BODY, at(TS), TOL)
+                .map(|_| ()),
             Err(VerifyError::Invalid)
         );
     }
@@ -263,14 +274,14 @@ mod tests {
     fn tolerance_edges_in_both_directions() {
         let s = scheme(&[SECRET]);
         let h = headers(SIG, "1614265330");
-        assert_eq!(s.verify(&h, BODY, at(TS + 300), TOL), Ok(()));
-        assert_eq!(s.verify(&h, BODY, at(TS - 300), TOL), Ok(()));
+        assert_eq!(s.verify(&h, BODY, at(TS + 300), TOL).map(|_| ()), Ok(()));
+        assert_eq!(s.verify(&h, BODY, at(TS - 300), TOL).map(|_| ()), Ok(()));
         assert_eq!(
-            s.verify(&h, BODY, at(TS + 301), TOL),
+            s.verify(&h, BODY, at(TS + 301), TOL).map(|_| ()),
             Err(VerifyError::OutOfTolerance)
         );
         assert_eq!(
-            s.verify(&h, BODY, at(TS - 301), TOL),
+            s.verify(&h, BODY, at(TS - 301), TOL).map(|_| ()),
             Err(VerifyError::OutOfTolerance)
         );
     }
@@ -280,18 +291,20 @@ mod tests {
         let s = scheme(&[SECRET]);
         let none = Headers::default();
         assert_eq!(
-            s.verify(&none, BODY, at(TS), TOL),
+            s.verify(&none, BODY, at(TS), TOL).map(|_| ()),
             Err(VerifyError::Missing)
         );
         for bad in ["", "v1", "v1,", "v1,!!!", "v2,g0hM9SsE", "garbage"] {
             assert_eq!(
-                s.verify(&headers(bad, "1614265330"), BODY, at(TS), TOL),
+                s.verify(&headers(bad, "1614265330"), BODY, at(TS), TOL)
+                    .map(|_| ()),
                 Err(VerifyError::Invalid),
                 "{bad:?}"
             );
         }
         assert_eq!(
-            s.verify(&headers(SIG, "soon"), BODY, at(TS), TOL),
+            s.verify(&headers(SIG, "soon"), BODY, at(TS), TOL)
+                .map(|_| ()),
             Err(VerifyError::Invalid)
         );
     }
@@ -306,26 +319,32 @@ mod tests {
     fn v1a_ed25519_signatures_verify_against_public_keys() {
         let s = StandardWebhooks::with_public_keys(&[], &[V1A_KEY.into()]).expect("key");
         assert_eq!(
-            s.verify(&headers(V1A_SIG, "1614265330"), BODY, at(TS), TOL),
+            s.verify(&headers(V1A_SIG, "1614265330"), BODY, at(TS), TOL)
+                .map(|_| ()),
             Ok(())
         );
         // Next to a v1 it cannot check (no secret), and with the body tampered.
         let both = format!("{SIG} {V1A_SIG}");
         assert_eq!(
-            s.verify(&headers(&both, "1614265330"), BODY, at(TS), TOL),
+            s.verify(&headers(&both, "1614265330"), BODY, at(TS), TOL)
+                .map(|_| ()),
             Ok(())
         );
         assert_eq!(
-            s.verify(&headers(V1A_SIG, "1614265330"), b"{}", at(TS), TOL),
+            s.verify(&headers(V1A_SIG, "1614265330"), b"{}", at(TS), TOL)
+                .map(|_| ()),
             Err(VerifyError::Invalid)
         );
         assert_eq!(
-            s.verify(&headers(V1A_SIG, "1614265330"), BODY, at(TS + 301), TOL),
+            s.verify(&headers(V1A_SIG, "1614265330"), BODY, at(TS + 301), TOL)
+                .map(|_| ()),
             Err(VerifyError::OutOfTolerance)
         );
         // A v1a signature is not accepted by a source that only has HMAC secrets.
         assert_eq!(
-            scheme(&[SECRET]).verify(&headers(V1A_SIG, "1614265330"), BODY, at(TS), TOL),
+            scheme(&[SECRET])
+                .verify(&headers(V1A_SIG, "1614265330"), BODY, at(TS), TOL)
+                .map(|_| ()),
             Err(VerifyError::Invalid)
         );
         assert!(StandardWebhooks::with_public_keys(&[], &["whpk_AAAA".into()]).is_err());

@@ -8,7 +8,7 @@
 use std::time::{Duration, SystemTime};
 
 use super::mac::{hmac_sha256, matches_any, tag};
-use super::{Field, Headers, Secret, SignatureScheme, VerifyError, skew, unix_seconds};
+use super::{Field, Headers, Secret, SignatureScheme, Verified, VerifyError, skew, unix_seconds};
 
 const HEADER: &str = "stripe-signature";
 
@@ -72,7 +72,7 @@ impl SignatureScheme for Stripe {
         body: &[u8],
         now: SystemTime,
         tolerance: Duration,
-    ) -> Result<(), VerifyError> {
+    ) -> Result<Verified, VerifyError> {
         let value = headers.get(HEADER).ok_or(VerifyError::Missing)?;
         let parsed = parse_header(value).ok_or(VerifyError::Invalid)?;
         let ts: i64 = parsed.timestamp.parse().map_err(|_| VerifyError::Invalid)?;
@@ -86,7 +86,7 @@ impl SignatureScheme for Stripe {
         if skew(ts, now) > tolerance {
             return Err(VerifyError::OutOfTolerance);
         }
-        Ok(())
+        Ok(Verified::default())
     }
 
     fn sign(&self, _id: &str, body: &[u8], now: SystemTime) -> Vec<(String, String)> {
@@ -137,7 +137,8 @@ mod tests {
     fn reproduces_stripe_dotnets_published_vector() {
         let s = stripe(&[SECRET]);
         assert_eq!(
-            s.verify(&headers(HEADER_VALUE), BODY, at(T + 100), TOL),
+            s.verify(&headers(HEADER_VALUE), BODY, at(T + 100), TOL)
+                .map(|_| ()),
             Ok(())
         );
         let signed = s.sign("", BODY, at(T));
@@ -152,7 +153,9 @@ mod tests {
         let mut tampered = BODY.to_vec();
         tampered.extend_from_slice(b"this_changes_the_json");
         assert_eq!(
-            stripe(&[SECRET]).verify(&headers(HEADER_VALUE), &tampered, at(T), TOL),
+            stripe(&[SECRET])
+                .verify(&headers(HEADER_VALUE), &tampered, at(T), TOL)
+                .map(|_| ()),
             Err(VerifyError::Invalid)
         );
     }
@@ -161,14 +164,14 @@ mod tests {
     fn tolerance_edges_past_and_future() {
         let s = stripe(&[SECRET]);
         let h = headers(HEADER_VALUE);
-        assert_eq!(s.verify(&h, BODY, at(T + 300), TOL), Ok(()));
+        assert_eq!(s.verify(&h, BODY, at(T + 300), TOL).map(|_| ()), Ok(()));
         assert_eq!(
-            s.verify(&h, BODY, at(T + 301), TOL),
+            s.verify(&h, BODY, at(T + 301), TOL).map(|_| ()),
             Err(VerifyError::OutOfTolerance)
         );
-        assert_eq!(s.verify(&h, BODY, at(T - 300), TOL), Ok(()));
+        assert_eq!(s.verify(&h, BODY, at(T - 300), TOL).map(|_| ()), Ok(()));
         assert_eq!(
-            s.verify(&h, BODY, at(T - 301), TOL),
+            s.verify(&h, BODY, at(T - 301), TOL).map(|_| ()),
             Err(VerifyError::OutOfTolerance)
         );
     }
@@ -177,11 +180,15 @@ mod tests {
     fn several_v1_and_rolled_secrets() {
         let rolled = "t=1533204620,v1=deadbeef,v1=2220f87ef101a04665f11cdf770523143f875572008577fa0f20882ddb9cc3c7,v9=zz";
         assert_eq!(
-            stripe(&["old", SECRET]).verify(&headers(rolled), BODY, at(T), TOL),
+            stripe(&["old", SECRET])
+                .verify(&headers(rolled), BODY, at(T), TOL)
+                .map(|_| ()),
             Ok(())
         );
         assert_eq!(
-            stripe(&["old"]).verify(&headers(rolled), BODY, at(T), TOL),
+            stripe(&["old"])
+                .verify(&headers(rolled), BODY, at(T), TOL)
+                .map(|_| ()),
             Err(VerifyError::Invalid)
         );
     }
@@ -200,13 +207,13 @@ mod tests {
             "t=1533204620,v0=63f3a72374a733066c4be69ed7f8e5ac85c22c9f0a6a612ab9a025a9e4ee7eef",
         ] {
             assert_eq!(
-                s.verify(&headers(bad), BODY, at(T), TOL),
+                s.verify(&headers(bad), BODY, at(T), TOL).map(|_| ()),
                 Err(VerifyError::Invalid),
                 "{bad}"
             );
         }
         assert_eq!(
-            s.verify(&Headers::default(), BODY, at(T), TOL),
+            s.verify(&Headers::default(), BODY, at(T), TOL).map(|_| ()),
             Err(VerifyError::Missing)
         );
     }

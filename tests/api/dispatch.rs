@@ -13,9 +13,9 @@ use webhook_inbox::config::{Config, DispatchConfig, Durability};
 use webhook_inbox::dispatch::{Dispatcher, Runner};
 use webhook_inbox::handlers::HandlerRegistry;
 use webhook_inbox::store::{
-    Claim, DeliveryKey, DeliveryRecord, DeliveryStore, JobStatus, NewDelivery, SledStore,
-    fingerprint,
+    Begin, Claim, DeliveryKey, DeliveryStore, JobStatus, NewDelivery, SledStore, StoredResponse,
 };
+use webhook_inbox::verify::Source;
 use webhook_inbox::{Delivery, Handler, HandlerContext, HandlerError, Registration};
 
 /// Records (attempt, idempotency key, virtual time) and fails the first `fail_first` runs
@@ -95,26 +95,21 @@ fn open(dir: &std::path::Path) -> Arc<SledStore> {
 
 async fn claim(store: &dyn DeliveryStore, id: &str, handlers: &[&str], at_ms: u64) {
     let body = Bytes::from(format!(r#"{{"type":"application.created","id":"{id}"}}"#));
-    let record = DeliveryRecord {
-        source: "credicorp".into(),
-        id: id.into(),
-        fingerprint: fingerprint(&body),
-        received_at_ms: at_ms,
-        event_type: Some("application.created".into()),
-        headers: Default::default(),
-        response: None,
-        lease_until_ms: None,
-        handlers: handlers.iter().map(|h| h.to_string()).collect(),
-    };
-    let claimed = store
-        .claim(NewDelivery {
-            record,
-            body,
-            enqueue: true,
-            body_dedup: false,
-        })
-        .await
-        .expect("claim");
+    let source = Source::named(&config(), "credicorp").expect("source");
+    let delivery =
+        webhook_inbox::testing::authenticated(&source, id, &body, std::time::SystemTime::now())
+            .expect("signed");
+    let new = NewDelivery::new(
+        delivery,
+        at_ms,
+        handlers.iter().map(|h| h.to_string()).collect(),
+        false,
+    )
+    .acknowledged(StoredResponse {
+        status: 202,
+        body: "{}".into(),
+    });
+    let claimed = store.claim(new).await.expect("claim");
     assert!(matches!(claimed, Claim::New));
 }
 
@@ -264,20 +259,24 @@ async fn a_run_interrupted_by_a_crash_resumes_with_the_next_attempt_and_the_same
         claim(&*store, "msg_c", &["worker", "done"], arrived).await;
         let job = DeliveryKey::new("credicorp", "msg_c").job("worker");
         interrupted_key = job.idempotency_key();
-        let started = store
-            .begin_attempt(&job, Some(arrived), clock.now_ms())
+        let lease = clock.now_ms() + 30_000;
+        let Begin::Started(started) = store
+            .begin_attempt(&job, Some(arrived), clock.now_ms(), lease)
             .await
             .expect("begin")
-            .expect("runnable");
+        else {
+            panic!("runnable")
+        };
         assert_eq!(started.attempt, 1);
         let done = DeliveryKey::new("credicorp", "msg_c").job("done");
         store
-            .begin_attempt(&done, Some(arrived), clock.now_ms())
+            .begin_attempt(&done, Some(arrived), clock.now_ms(), lease)
             .await
             .expect("begin");
         store
             .finish_attempt(
                 &done,
+                1,
                 webhook_inbox::store::AttemptOutcome::Succeeded,
                 clock.now_ms(),
             )
@@ -318,15 +317,36 @@ async fn a_run_interrupted_by_a_crash_resumes_with_the_next_attempt_and_the_same
     );
 }
 
-/// Retention walks the received_at index: what is older than the retention goes (with its
-/// jobs and queue entries) and its id counts as new; what is younger stays.
+/// Retention walks the received_at index: what is older than the retention and final goes
+/// (with its jobs and queue entries) and its id counts as new; what is younger stays, and so
+/// does an old delivery whose handler is still due (invariant 2), until that handler is final.
 #[tokio::test(start_paused = true)]
 async fn retention_forgets_expired_ids_and_keeps_the_rest() {
     let dir = tempfile::TempDir::new().expect("dir");
     let store = open(dir.path());
     let clock = Clock::tokio();
     let retention = Duration::from_secs(7 * 24 * 3600);
-    claim(&*store, "msg_old", &["never"], clock.now_ms()).await; // queued, never run
+    let arrived = clock.now_ms();
+    claim(&*store, "msg_old", &["done"], arrived).await;
+    claim(&*store, "msg_waiting", &["never"], arrived).await; // queued, never run
+    let done = DeliveryKey::new("credicorp", "msg_old").job("done");
+    let lease = clock.now_ms() + 30_000;
+    assert!(matches!(
+        store
+            .begin_attempt(&done, Some(arrived), clock.now_ms(), lease)
+            .await
+            .expect("begin"),
+        Begin::Started(_)
+    ));
+    store
+        .finish_attempt(
+            &done,
+            1,
+            webhook_inbox::store::AttemptOutcome::Succeeded,
+            clock.now_ms(),
+        )
+        .await
+        .expect("finish");
     tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
     claim(&*store, "msg_young", &[], clock.now_ms()).await;
     tokio::time::sleep(retention - Duration::from_secs(3600)).await;
@@ -343,13 +363,21 @@ async fn retention_forgets_expired_ids_and_keeps_the_rest() {
             .is_none()
     );
     assert!(
-        status(&*store, "msg_old", "never").await.is_none(),
+        status(&*store, "msg_old", "done").await.is_none(),
         "its job went too"
+    );
+    assert!(
+        store
+            .record(&DeliveryKey::new("credicorp", "msg_waiting"))
+            .await
+            .expect("read")
+            .is_some(),
+        "a delivery whose handler is still due is kept"
     );
     assert_eq!(
         store.next_due_ms(&|_| false).expect("queue"),
-        None,
-        "and its queue entry"
+        Some(arrived),
+        "with its queue entry"
     );
     assert!(
         store
@@ -364,5 +392,36 @@ async fn retention_forgets_expired_ids_and_keeps_the_rest() {
             .await
             .expect("sweep"),
         0
+    );
+    // Once its handler is final, the waiting one goes on the next pass.
+    let never = DeliveryKey::new("credicorp", "msg_waiting").job("never");
+    assert!(matches!(
+        store
+            .begin_attempt(
+                &never,
+                Some(arrived),
+                clock.now_ms(),
+                clock.now_ms() + 30_000
+            )
+            .await
+            .expect("begin"),
+        Begin::Started(_)
+    ));
+    store
+        .finish_attempt(
+            &never,
+            1,
+            webhook_inbox::store::AttemptOutcome::Dead {
+                error: "gave up".into(),
+            },
+            clock.now_ms(),
+        )
+        .await
+        .expect("finish");
+    assert_eq!(
+        webhook_inbox::retention::sweep_once(&*store, retention, &clock)
+            .await
+            .expect("sweep"),
+        1
     );
 }
