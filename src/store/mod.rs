@@ -345,7 +345,7 @@ pub enum Claim {
 #[derive(Debug, Clone)]
 pub enum Begin {
     /// The attempt is counted and leased to the caller: run the handler.
-    Started(AttemptContext),
+    Started(Box<AttemptContext>),
     /// Another runner holds a live lease on the pair until this time: do not run it now.
     Busy {
         /// Lease end, ms since the epoch.

@@ -1044,12 +1044,12 @@ impl DeliveryStore for SledStore {
             }
             self.write_job(&job_key, &state)?;
             Ok((
-                Begin::Started(AttemptContext {
+                Begin::Started(Box::new(AttemptContext {
                     record,
                     body,
                     attempt: state.attempts,
                     attempts_in_round: state.attempts.saturating_sub(state.retry_base),
-                }),
+                })),
                 true,
             ))
         })
