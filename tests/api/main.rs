@@ -12,6 +12,7 @@ mod crash;
 mod dispatch;
 mod fixtures;
 mod http_handler;
+mod interleavings;
 mod processed;
 mod robustness;
 mod schemes;
