@@ -34,6 +34,9 @@ const NOW: u64 = 2_000_000_000_000;
 const LEASE: u64 = NOW + 30_000;
 const HANDLERS: [&str; 2] = ["a", "b"];
 
+/// Starts the injected operation on its own thread.
+type Injection = Box<dyn FnOnce() -> std::thread::JoinHandle<()> + Send>;
+
 /// Stops the target step once, runs the injection there, and waits until it has finished
 /// or is waiting for a lock the paused operation holds.
 #[derive(Default)]
@@ -42,7 +45,7 @@ struct Probe {
     target: Mutex<Option<(Op, &'static str, usize)>>,
     counts: Mutex<HashMap<(Op, &'static str), usize>>,
     steps: Mutex<Vec<(Op, &'static str, usize)>>,
-    injection: Mutex<Option<Box<dyn FnOnce() -> std::thread::JoinHandle<()> + Send>>>,
+    injection: Mutex<Option<Injection>>,
     signal: Mutex<Option<mpsc::Sender<()>>>,
     injected: Mutex<Option<std::thread::JoinHandle<()>>>,
     fired: AtomicBool,
