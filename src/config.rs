@@ -151,6 +151,25 @@ impl Default for DispatchConfig {
     }
 }
 
+impl DispatchConfig {
+    /// The longest a pair can take from its first failure to being dead-lettered: every
+    /// back-off up to `max_attempts` at its largest (the base delay plus half of it as
+    /// jitter, capped at `max_backoff`; see `dispatch::backoff`). A retention shorter than
+    /// this could forget a delivery while it still waits for a retry.
+    pub fn longest_retry_schedule(&self) -> Duration {
+        (1..self.max_attempts)
+            .map(|attempt| {
+                let exp = attempt.saturating_sub(1).min(31);
+                let base = self
+                    .initial_backoff
+                    .saturating_mul(1u32 << exp)
+                    .min(self.max_backoff);
+                (base + base / 2).min(self.max_backoff)
+            })
+            .fold(Duration::ZERO, Duration::saturating_add)
+    }
+}
+
 /// `[admin]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -445,6 +464,16 @@ impl Config {
                     "sources.{name}.secrets is empty: set `secrets` or `secrets_env`"
                 ));
             }
+        }
+        let schedule = self.dispatch.longest_retry_schedule();
+        if self.storage.retention < schedule {
+            return err(format!(
+                "storage.retention ({}) is shorter than the longest retry schedule ({}, from \
+                 dispatch.max_attempts, initial_backoff and max_backoff): a delivery could be \
+                 forgotten while a retry of it is still due",
+                humantime::format_duration(self.storage.retention),
+                humantime::format_duration(schedule)
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for (i, handler) in self.handlers.iter().enumerate() {

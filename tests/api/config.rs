@@ -140,6 +140,25 @@ fn a_retention_shorter_than_a_tolerance_is_named() {
     );
 }
 
+/// A retention shorter than the longest retry schedule could forget a delivery while a
+/// retry of it is still due (design.md, invariant 2).
+#[test]
+fn a_retention_shorter_than_the_retry_schedule_is_named() {
+    // 9 attempts from 1 s, capped at 10 min: up to 382.5 s of back-off.
+    let (ok, text) = check_config(&format!(
+        "[storage]\nretention = \"5m\"\n[dispatch]\nmax_attempts = 9\n{SOURCE}"
+    ));
+    assert!(!ok);
+    assert!(
+        text.contains("storage.retention") && text.contains("dispatch.max_attempts"),
+        "{text}"
+    );
+    let (ok, text) = check_config(&format!(
+        "[storage]\nretention = \"5m\"\n[dispatch]\nmax_attempts = 8\n{SOURCE}"
+    ));
+    assert!(ok, "190.5 s of back-off fits in 5 minutes: {text}");
+}
+
 #[test]
 fn serve_refuses_a_bad_config_with_the_same_message() {
     let dir = tempfile::TempDir::new().expect("dir");
