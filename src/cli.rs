@@ -91,6 +91,12 @@ pub enum Command {
         #[arg(long, default_value_t = 2)]
         workers: usize,
     },
+    /// The store of a stopped server.
+    Store {
+        /// What to do with it.
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Print the headers and body a sender would send for a fixture, signed now.
     Sign {
         /// Configuration file.
@@ -98,6 +104,21 @@ pub enum Command {
         config: PathBuf,
         /// Fixture file (`fixtures/<source>/<name>.json`).
         fixture: PathBuf,
+    },
+}
+
+/// `store …`, on the data directory of a stopped server.
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// List every breach of design.md's invariants 1, 2 and 4 (exit 1 if any) and what a
+    /// crash left behind; `--repair` puts back what can be put back.
+    Check {
+        /// Configuration file (`storage.path`).
+        #[arg(long, default_value = "config.toml")]
+        config: PathBuf,
+        /// Repair: put back missing queue entries, remove leftovers.
+        #[arg(long)]
+        repair: bool,
     },
 }
 
@@ -214,6 +235,9 @@ pub async fn run(cli: Cli) -> ExitCode {
             replay(&config, &paths, &options).await
         }
         Command::Deliveries { command } => deliveries(command).await,
+        Command::Store {
+            command: StoreCommand::Check { config, repair },
+        } => store_check(&config, repair),
         Command::Bench {
             concurrency,
             seconds,
@@ -354,6 +378,56 @@ async fn deliveries(command: DeliveriesCommand) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
+    }
+}
+
+/// `store check [--repair]`: exit 0 when nothing breaks an invariant (after the repair,
+/// with `--repair`), 1 when something does, 2 when the store cannot be read.
+fn store_check(path: &std::path::Path, repair: bool) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let options = crate::store::SledOptions {
+        repair_on_open: false,
+        ..Default::default()
+    };
+    let store = match crate::store::SledStore::open_with(
+        &config.storage.path,
+        config.storage.durability,
+        config.storage.cache_capacity,
+        options,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {}: {e}", config.storage.path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let report = match store.check(repair, crate::clock::Clock::System.now_ms()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for v in &report.violations {
+        println!("violation: {v}");
+    }
+    for l in &report.leftovers {
+        println!("leftover: {l}");
+    }
+    let verb = if repair { "repaired" } else { "found" };
+    println!(
+        "{} deliveries checked: {} violation(s), {} leftover(s) {verb}",
+        report.deliveries,
+        report.violations.len(),
+        report.leftovers.len()
+    );
+    if report.violations.is_empty() || repair {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 

@@ -108,13 +108,25 @@ pub trait StoreProbe: Send + Sync {
     fn contended(&self, _op: Op) {}
 }
 
-/// How to open a [`SledStore`] beyond the config: test hooks.
-#[derive(Default)]
+/// How to open a [`SledStore`] beyond the config.
 pub struct SledOptions {
     /// Run before every fsync; an error fails the flush as a failing disk would.
     pub flush_hook: Option<FlushHook>,
     /// Told of every step of every operation.
     pub probe: Option<Arc<dyn StoreProbe>>,
+    /// Repair what a crash left among recent deliveries when opening (the server does;
+    /// `store check` does not, so that it reports what it finds).
+    pub repair_on_open: bool,
+}
+
+impl Default for SledOptions {
+    fn default() -> Self {
+        SledOptions {
+            flush_hook: None,
+            probe: None,
+            repair_on_open: true,
+        }
+    }
 }
 
 /// Deliveries in an embedded sled database.
@@ -324,7 +336,7 @@ impl SledStore {
     ) -> Result<SledStore, StoreError> {
         let options = SledOptions {
             flush_hook: hook,
-            probe: None,
+            ..SledOptions::default()
         };
         Self::open_with(path, durability, cache_capacity, options)
     }
@@ -339,8 +351,11 @@ impl SledStore {
         cache_capacity: u64,
         options: SledOptions,
     ) -> Result<SledStore, StoreError> {
+        let repair = options.repair_on_open;
         let store = Self::open_raw(path, durability, cache_capacity, options)?;
-        store.repair_recent()?;
+        if repair {
+            store.repair_recent()?;
+        }
         Ok(store)
     }
 
@@ -355,7 +370,8 @@ impl SledStore {
             .cache_capacity(cache_capacity)
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                // sled 0.34 wraps the failed `flock` in an error of its own words.
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
                     StoreError::Backend(format!(
                         "{} is in use by another process (a running server?): stop it first",
                         path.display()

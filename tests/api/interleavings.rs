@@ -303,8 +303,8 @@ fn world(probe: Arc<Probe>) -> World {
         Durability::Buffered,
         4 << 20,
         SledOptions {
-            flush_hook: None,
             probe: Some(probe),
+            ..SledOptions::default()
         },
     )
     .expect("store");

@@ -17,3 +17,4 @@ mod processed;
 mod robustness;
 mod schemes;
 mod shutdown;
+mod store_check;
