@@ -13,6 +13,7 @@ mod dispatch;
 mod fixtures;
 mod http_handler;
 mod interleavings;
+mod invariants;
 mod processed;
 mod robustness;
 mod schemes;
