@@ -36,8 +36,35 @@ struct RunLine {
 
 #[test]
 fn sigkill_at_random_moments_loses_no_acked_delivery_and_reruns_only_interrupted_runs() {
-    let seed: u64 = rand::random();
-    eprintln!("crash test seed {seed}");
+    crash_cycles(false);
+}
+
+/// The same under contention (issue 10, item 5): three copies of every delivery race each
+/// other from different senders, and every third body is also sent under a second id
+/// (body dedup), while the dispatcher runs. Each body runs its handler under one id only,
+/// and after the last restart `store check` finds nothing to repair.
+#[test]
+fn sigkill_under_contention_loses_nothing_runs_each_body_once_and_leaves_nothing_to_repair() {
+    crash_cycles(true);
+}
+
+/// The id of copy `copy` of delivery `i`: under contention every third body also goes out
+/// under a second id.
+fn id_of(i: usize, copy: usize, contended: bool) -> String {
+    if contended && i % 3 == 0 && copy % 2 == 1 {
+        format!("msg_crash_{i:04}_b")
+    } else {
+        format!("msg_crash_{i:04}")
+    }
+}
+
+fn crash_cycles(contended: bool) {
+    let seed: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("crash test seed {seed} (CRASH_SEED={seed} repeats it)");
+    let copies = if contended { 3 } else { COPIES };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::TempDir::new().expect("dir");
     let log = dir.path().join("runs.log");
@@ -46,6 +73,11 @@ fn sigkill_at_random_moments_loses_no_acked_delivery_and_reruns_only_interrupted
         "\n[[handlers]]\nname = \"effect\"\nkind = \"command\"\nsource = \"credicorp\"\ncommand = [\"sh\", \"-c\", {script:?}, \"sh\", \"{}\"]\n",
         log.display()
     );
+    let extra = if contended {
+        format!("body_dedup = true\n{extra}")
+    } else {
+        extra
+    };
     let text = config_text(
         dir.path(),
         &Options {
@@ -66,8 +98,8 @@ fn sigkill_at_random_moments_loses_no_acked_delivery_and_reruns_only_interrupted
     let acked = Arc::new(AtomicUsize::new(0));
 
     // Every copy of every delivery, shuffled, shared by the senders.
-    let mut work: Vec<usize> = (0..DELIVERIES)
-        .flat_map(|i| std::iter::repeat_n(i, COPIES))
+    let mut work: Vec<(usize, usize)> = (0..DELIVERIES)
+        .flat_map(|i| (0..copies).map(move |c| (i, c)))
         .collect();
     for i in (1..work.len()).rev() {
         work.swap(i, rng.gen_range(0..=i));
@@ -93,10 +125,10 @@ fn sigkill_at_random_moments_loses_no_acked_delivery_and_reruns_only_interrupted
                     .build()
                     .expect("client");
                 loop {
-                    let Some(i) = work.lock().expect("lock").pop() else {
+                    let Some((i, copy)) = work.lock().expect("lock").pop() else {
                         return;
                     };
-                    let id = format!("msg_crash_{i:04}");
+                    let id = id_of(i, copy, contended);
                     let body = format!(r#"{{"type":"application.created","data":{{"n":{i}}}}}"#);
                     let deadline = Instant::now() + Duration::from_secs(120);
                     loop {
@@ -142,7 +174,7 @@ fn sigkill_at_random_moments_loses_no_acked_delivery_and_reruns_only_interrupted
     }
     assert_eq!(
         acked.load(Ordering::SeqCst),
-        DELIVERIES * COPIES,
+        DELIVERIES * copies,
         "every copy acknowledged"
     );
 
@@ -166,9 +198,11 @@ fn sigkill_at_random_moments_loses_no_acked_delivery_and_reruns_only_interrupted
     loop {
         let runs = read_runs();
         let finished = runs
-            .values()
-            .filter(|r| r.iter().any(|l| l.phase == "end"))
-            .count();
+            .iter()
+            .filter(|(_, r)| r.iter().any(|l| l.phase == "end"))
+            .map(|(id, _)| id.trim_end_matches("_b"))
+            .collect::<HashSet<_>>()
+            .len();
         if finished == DELIVERIES {
             break;
         }
@@ -187,7 +221,29 @@ fn sigkill_at_random_moments_loses_no_acked_delivery_and_reruns_only_interrupted
         "graceful exit after the crash cycles: {status:?}"
     );
 
+    if contended {
+        let out = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
+            .args(["store", "check", "--config"])
+            .arg(&config_path)
+            .output()
+            .expect("store check runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("0 violation(s)"),
+            "store check after the crashes: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("store check: {}", text.trim());
+    }
+
     let runs = read_runs();
+    let bodies_run: HashSet<&str> = runs.keys().map(|id| id.trim_end_matches("_b")).collect();
+    assert_eq!(
+        bodies_run.len(),
+        runs.len(),
+        "one body runs under one id only: {:?}",
+        runs.keys().collect::<Vec<_>>()
+    );
     let mut reruns = 0;
     for (id, lines) in &runs {
         let starts: Vec<&RunLine> = lines.iter().filter(|l| l.phase == "start").collect();
@@ -212,7 +268,7 @@ fn sigkill_at_random_moments_loses_no_acked_delivery_and_reruns_only_interrupted
     assert!(reruns <= KILLS * 4, "{reruns} reruns for {KILLS} kills");
     let pids: HashSet<&str> = runs.values().flatten().map(|l| l.pid.as_str()).collect();
     eprintln!(
-        "crash test: {KILLS} SIGKILL cycles, {DELIVERIES} deliveries x {COPIES} copies, {} processes ran handlers, {reruns} runs repeated after a crash",
+        "crash test: {KILLS} SIGKILL cycles, {DELIVERIES} deliveries x {copies} copies, {} processes ran handlers, {reruns} runs repeated after a crash",
         pids.len()
     );
 }
