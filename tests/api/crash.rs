@@ -51,7 +51,7 @@ fn sigkill_under_contention_loses_nothing_runs_each_body_once_and_leaves_nothing
 /// The id of copy `copy` of delivery `i`: under contention every third body also goes out
 /// under a second id.
 fn id_of(i: usize, copy: usize, contended: bool) -> String {
-    if contended && i % 3 == 0 && copy % 2 == 1 {
+    if contended && i.is_multiple_of(3) && copy % 2 == 1 {
         format!("msg_crash_{i:04}_b")
     } else {
         format!("msg_crash_{i:04}")

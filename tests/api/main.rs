@@ -7,6 +7,7 @@ mod admin;
 mod checks;
 mod claim;
 mod command;
+mod concurrency;
 mod config;
 mod crash;
 mod dispatch;
