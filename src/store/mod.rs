@@ -8,10 +8,13 @@
 //! - the queue, ordered by due time: dispatch and crash recovery read only what is due;
 //! - the received_at index: retention reads only what has expired.
 //!
-//! The claim of a new delivery is one atomic compare-and-swap of the record and body, after
-//! its index entries (see [`SledStore`] for why and what a crash in between leaves). With
-//! `durability = "fsync"` every write returns only once it is on disk (see
-//! [`group_commit`]), so an acknowledgement implies a record that survives a power loss.
+//! The claim of a new delivery and every later step of its life (start and end of a run,
+//! operator retry, processed-mode lease, retention) are decided under that delivery's lock,
+//! so concurrent operations never see each other half done, and written in an order that a
+//! crash cannot turn into a broken promise (see [`SledStore`] for both arguments and
+//! design.md's "Invariants" for the promises). With `durability = "fsync"` every write
+//! returns only once it is on disk (see [`group_commit`]), so an acknowledgement implies a
+//! record that survives a power loss.
 
 pub mod group_commit;
 mod sled_store;
