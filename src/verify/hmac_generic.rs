@@ -168,10 +168,16 @@ pub fn parse_signature_list(
     prefix: &str,
     decode: impl Fn(&str) -> Option<Vec<u8>>,
 ) -> Vec<Vec<u8>> {
-    value
-        .split([',', ' '])
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
+    let parts = || {
+        value
+            .split([',', ' '])
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+    };
+    if parts().count() > super::MAX_SIGNATURE_ENTRIES {
+        return Vec::new();
+    }
+    parts()
         .filter_map(|p| p.strip_prefix(prefix))
         .filter_map(decode)
         .collect()

@@ -21,6 +21,11 @@ use bytes::Bytes;
 
 pub use standard_webhooks::StandardWebhooks;
 
+/// The most signature entries a header may carry (every scheme's list): enough for any
+/// rotation, and a bound on the work an unauthenticated request can ask for. A header with
+/// more is `invalid_signature` without any of them being checked.
+pub const MAX_SIGNATURE_ENTRIES: usize = 16;
+
 /// `now` as Unix seconds, the way every scheme writes its signed timestamp.
 pub(crate) fn unix_seconds(now: SystemTime) -> String {
     now.duration_since(UNIX_EPOCH)

@@ -107,6 +107,9 @@ impl SignatureScheme for StandardWebhooks {
         let id = first_header(headers, &ID).unwrap_or("");
         let ts: i64 = timestamp.trim().parse().map_err(|_| VerifyError::Invalid)?;
 
+        if signatures.split_whitespace().count() > super::MAX_SIGNATURE_ENTRIES {
+            return Err(VerifyError::Invalid);
+        }
         let decoded = |version: &str| -> Vec<Vec<u8>> {
             signatures
                 .split_whitespace()
@@ -119,30 +122,44 @@ impl SignatureScheme for StandardWebhooks {
         if v1.is_empty() && v1a.is_empty() {
             return Err(VerifyError::Invalid);
         }
+        let in_time = skew(ts, now) <= tolerance;
         let hmac_ok = !v1.is_empty()
             && self.secrets.iter().fold(false, |ok, s| {
                 matches_any(&Self::mac(s, id, timestamp, body), &v1) | ok
             });
-        let ed25519_ok = !v1a.is_empty() && {
-            let mut content = Vec::with_capacity(id.len() + timestamp.len() + body.len() + 2);
-            content.extend_from_slice(id.as_bytes());
-            content.push(b'.');
-            content.extend_from_slice(timestamp.as_bytes());
-            content.push(b'.');
-            content.extend_from_slice(body);
-            v1a.iter()
-                .filter_map(|sig| Signature::from_slice(sig).ok())
-                .any(|sig| {
-                    self.public_keys
-                        .iter()
-                        .any(|k| k.verify(&content, &sig).is_ok())
+        if hmac_ok {
+            return if in_time {
+                Ok(Verified {
+                    signed_id: (!id.is_empty()).then(|| id.to_owned()),
                 })
-        };
-        if !(hmac_ok || ed25519_ok) {
+            } else {
+                Err(VerifyError::OutOfTolerance)
+            };
+        }
+        if v1a.is_empty() {
             return Err(VerifyError::Invalid);
         }
-        if skew(ts, now) > tolerance {
+        // ed25519 costs ~100x an HMAC: a stale request never gets that far. (Its signature
+        // is then unchecked, and the answer is the one thing certainly wrong with it.)
+        if !in_time {
             return Err(VerifyError::OutOfTolerance);
+        }
+        let mut content = Vec::with_capacity(id.len() + timestamp.len() + body.len() + 2);
+        content.extend_from_slice(id.as_bytes());
+        content.push(b'.');
+        content.extend_from_slice(timestamp.as_bytes());
+        content.push(b'.');
+        content.extend_from_slice(body);
+        let ed25519_ok = v1a
+            .iter()
+            .filter_map(|sig| Signature::from_slice(sig).ok())
+            .any(|sig| {
+                self.public_keys
+                    .iter()
+                    .any(|k| k.verify(&content, &sig).is_ok())
+            });
+        if !ed25519_ok {
+            return Err(VerifyError::Invalid);
         }
         Ok(Verified {
             signed_id: (!id.is_empty()).then(|| id.to_owned()),
@@ -314,6 +331,45 @@ mod tests {
     // `msg_p5jXN8AQM9LWM0D4loKWxJek.1614265330.{"test": 2432232314}`.
     const V1A_KEY: &str = "whpk_FHYdymzpKFNrmHnGjemY9+RBsjCgX1Gfms8jLQ8lBbM=";
     const V1A_SIG: &str = "v1a,I5YMiddSpJ4cX/1j4aPfW8DiHUQukd+YluL5Y7DtlY8aLnAhcRys/K9/yEhk2gzW4tf4s00VGQOowaeuS0EIAg==";
+
+    /// Issue 12: a header may carry at most 16 signatures; more is invalid without any
+    /// being checked, even when one of them is right.
+    #[test]
+    fn more_than_sixteen_signatures_are_refused_unchecked() {
+        let s = scheme(&[SECRET]);
+        let sixteen = format!("{}{SIG}", "v1,bm9wZQ== ".repeat(15));
+        assert_eq!(
+            s.verify(&headers(&sixteen, "1614265330"), BODY, at(TS), TOL)
+                .map(|_| ()),
+            Ok(())
+        );
+        let seventeen = format!("v1,bm9wZQ== {sixteen}");
+        assert_eq!(
+            s.verify(&headers(&seventeen, "1614265330"), BODY, at(TS), TOL)
+                .map(|_| ()),
+            Err(VerifyError::Invalid)
+        );
+    }
+
+    /// Issue 12: ed25519 is checked only for a request in time, so a flood of stale `v1a`
+    /// entries costs no signature verification: the fake signatures below would be
+    /// `Invalid` if any had been checked; the answer is decided by the timestamp alone.
+    #[test]
+    fn stale_v1a_signatures_are_refused_before_any_ed25519_check() {
+        let s = StandardWebhooks::with_public_keys(&[], &[V1A_KEY.into()]).expect("key");
+        let fake = format!("v1a,{}", BASE64.encode([7u8; 64]));
+        let flood = vec![fake; 16].join(" ");
+        assert_eq!(
+            s.verify(&headers(&flood, "1614265330"), BODY, at(TS + 301), TOL)
+                .map(|_| ()),
+            Err(VerifyError::OutOfTolerance)
+        );
+        assert_eq!(
+            s.verify(&headers(&flood, "1614265330"), BODY, at(TS), TOL)
+                .map(|_| ()),
+            Err(VerifyError::Invalid)
+        );
+    }
 
     #[test]
     fn v1a_ed25519_signatures_verify_against_public_keys() {

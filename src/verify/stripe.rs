@@ -24,6 +24,10 @@ pub struct StripeHeader<'a> {
 /// Parses a `Stripe-Signature` value; `None` when it has no `t` or no decodable `v1`.
 /// Never panics, whatever the input.
 pub fn parse_header(value: &str) -> Option<StripeHeader<'_>> {
+    // `t` plus at most MAX_SIGNATURE_ENTRIES signatures (of any version).
+    if value.split(',').count() > super::MAX_SIGNATURE_ENTRIES + 1 {
+        return None;
+    }
     let mut timestamp = None;
     let mut v1 = Vec::new();
     for item in value.split(',') {
