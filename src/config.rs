@@ -338,6 +338,10 @@ pub struct CommandHandlerConfig {
     pub events: Vec<String>,
     /// Program and arguments; run directly, no shell.
     pub command: Vec<String>,
+    /// Variables of the service's environment to pass on, beyond `PATH`, `HOME` and
+    /// `LANG` (the program's environment is otherwise clean).
+    #[serde(default)]
+    pub env: Vec<String>,
     /// Kill the program and retry after this long.
     #[serde(default = "default_handler_timeout", with = "humantime_duration")]
     pub timeout: Duration,

@@ -3,6 +3,12 @@
 //! Contract: no shell; the raw body on stdin; env `WEBHOOK_SOURCE`, `WEBHOOK_ID`,
 //! `WEBHOOK_EVENT_TYPE`, `WEBHOOK_ATTEMPT`, `IDEMPOTENCY_KEY`. Exit 0 succeeded; exit 65
 //! (`EX_DATAERR`) failed for good; anything else, a signal, or the timeout is retried.
+//!
+//! The program gets a clean environment: only `PATH`, `HOME` and `LANG` of the service's
+//! own, the variables above, and the names listed in the handler's `env` — never the admin
+//! token or a source's `secrets_env` unless listed. It runs in a process group of its own,
+//! and a timeout (or shutdown) kills the whole group, so a shell script's children do not
+//! outlive it.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -18,17 +24,43 @@ pub const EXIT_PERMANENT: i32 = 65;
 /// How much of the program's stderr is kept as the error.
 const STDERR_KEPT: usize = 1024;
 
+/// Variables of the service's environment every program gets.
+pub const INHERITED_ENV: [&str; 3] = ["PATH", "HOME", "LANG"];
+
 /// Runs `program args…` for each delivery.
 #[derive(Debug, Clone)]
 pub struct CommandHandler {
     argv: Vec<String>,
     timeout: Duration,
+    pass_env: Vec<String>,
 }
 
 impl CommandHandler {
-    /// `argv[0]` is the program; it is killed and the run retried after `timeout`.
+    /// `argv[0]` is the program; it is killed (with its process group) and the run retried
+    /// after `timeout`.
     pub fn new(argv: Vec<String>, timeout: Duration) -> CommandHandler {
-        CommandHandler { argv, timeout }
+        CommandHandler {
+            argv,
+            timeout,
+            pass_env: Vec::new(),
+        }
+    }
+
+    /// Also passes these variables of the service's environment (the handler's `env`).
+    pub fn with_env(mut self, names: Vec<String>) -> CommandHandler {
+        self.pass_env = names;
+        self
+    }
+}
+
+/// Ends the program's whole process group (it leads it: `process_group(0)`).
+fn kill_group(pid: Option<u32>) {
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        // Already gone is fine: the group may have exited on its own.
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
@@ -38,8 +70,20 @@ impl Handler for CommandHandler {
         let Some((program, args)) = self.argv.split_first() else {
             return Err(HandlerError::Permanent("no program configured".into()));
         };
-        let mut child = Command::new(program)
+        let mut command = Command::new(program);
+        command.env_clear();
+        for name in INHERITED_ENV
+            .iter()
+            .copied()
+            .chain(self.pass_env.iter().map(String::as_str))
+        {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
+        }
+        let mut child = command
             .args(args)
+            .process_group(0)
             .env("WEBHOOK_SOURCE", &d.source)
             .env("WEBHOOK_ID", &d.id)
             .env("WEBHOOK_EVENT_TYPE", d.event_type.as_deref().unwrap_or(""))
@@ -52,6 +96,7 @@ impl Handler for CommandHandler {
             .spawn()
             .map_err(|e| HandlerError::Retryable(format!("cannot start `{program}`: {e}")))?;
 
+        let pid = child.id();
         let mut stdin = child.stdin.take();
         let body = d.body.clone();
         let run = async move {
@@ -65,11 +110,15 @@ impl Handler for CommandHandler {
         let output = tokio::select! {
             out = tokio::time::timeout(self.timeout, run) => match out {
                 Ok(out) => out.map_err(|e| HandlerError::Retryable(format!("waiting for `{program}`: {e}")))?,
-                Err(_) => return Err(HandlerError::Retryable(format!(
-                    "`{program}` timed out after {}", humantime::format_duration(self.timeout)
-                ))),
+                Err(_) => {
+                    kill_group(pid);
+                    return Err(HandlerError::Retryable(format!(
+                        "`{program}` timed out after {}", humantime::format_duration(self.timeout)
+                    )));
+                }
             },
             () = ctx.shutdown.cancelled() => {
+                kill_group(pid);
                 return Err(HandlerError::Retryable("stopped by shutdown".into()));
             }
         };

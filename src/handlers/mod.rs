@@ -287,9 +287,9 @@ impl HandlerRegistry {
         for handler in &config.handlers {
             let built: Arc<dyn Handler> = match handler {
                 HandlerConfig::Log(_) => Arc::new(LogHandler),
-                HandlerConfig::Command(c) => {
-                    Arc::new(CommandHandler::new(c.command.clone(), c.timeout))
-                }
+                HandlerConfig::Command(c) => Arc::new(
+                    CommandHandler::new(c.command.clone(), c.timeout).with_env(c.env.clone()),
+                ),
                 HandlerConfig::Http(c) => Arc::new(
                     HttpHandler::new(&c.url, c.timeout)
                         .map_err(|e| format!("handler `{}`: {e}", c.name))?,

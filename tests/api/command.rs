@@ -145,3 +145,105 @@ async fn exit_65_is_dead_at_once_and_other_failures_are_retried_until_max_attemp
     let permanent = std::fs::read_to_string(out.path().join("permanent")).expect("log");
     assert_eq!(permanent.lines().count(), 1);
 }
+
+/// Whether `pid` is a live process (a zombie waiting to be reaped counts as dead).
+fn is_alive(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(") ")
+                .map(|(_, rest)| !rest.starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Issue 12: the program's environment is clean — the service's own variables (here the
+/// ones cargo gives the test process) reach it only when the handler lists them in `env`.
+#[tokio::test]
+async fn a_program_gets_a_clean_environment_plus_its_allowlist() {
+    let out = tempfile::TempDir::new().expect("out dir");
+    let script = r#"env > "$1/$WEBHOOK_ID.tmp" && mv "$1/$WEBHOOK_ID.tmp" "$1/$WEBHOOK_ID.env""#;
+    let mut extra = command_handler("plain", r#""*""#, script, &out.path().join("plain"));
+    extra.push_str(&command_handler(
+        "allowed",
+        r#""*""#,
+        script,
+        &out.path().join("allowed"),
+    ));
+    extra.push_str("env = [\"CARGO_PKG_NAME\"]\n");
+    std::fs::create_dir(out.path().join("plain")).expect("dir");
+    std::fs::create_dir(out.path().join("allowed")).expect("dir");
+    assert!(std::env::var("CARGO_MANIFEST_DIR").is_ok() && std::env::var("CARGO_PKG_NAME").is_ok());
+    let app = spawn_with(Options {
+        extra_toml: extra,
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(
+        app.deliver("msg_env", &event("application.created", 1))
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
+    let plain = out.path().join("plain/msg_env.env");
+    let allowed = out.path().join("allowed/msg_env.env");
+    assert!(
+        eventually(Duration::from_secs(20), || plain.exists()
+            && allowed.exists())
+        .await
+    );
+    let plain = std::fs::read_to_string(plain).expect("env");
+    let allowed = std::fs::read_to_string(allowed).expect("env");
+    for env in [&plain, &allowed] {
+        assert!(env.lines().any(|l| l.starts_with("PATH=")), "{env}");
+        assert!(
+            env.lines().any(|l| l.starts_with("IDEMPOTENCY_KEY=")),
+            "{env}"
+        );
+        assert!(!env.contains("CARGO_MANIFEST_DIR"), "{env}");
+    }
+    assert!(!plain.contains("CARGO_PKG_NAME"), "{plain}");
+    assert!(
+        allowed.contains("CARGO_PKG_NAME=webhook-inbox"),
+        "{allowed}"
+    );
+}
+
+/// Issue 12: a timeout ends the program's whole process group, not only the program: a
+/// shell script's background child does not outlive it.
+#[tokio::test]
+async fn a_timeout_kills_the_programs_children_too() {
+    let out = tempfile::TempDir::new().expect("out dir");
+    let script = r#"sleep 300 & echo $! > "$1/child.$WEBHOOK_ATTEMPT.tmp"; mv "$1/child.$WEBHOOK_ATTEMPT.tmp" "$1/child.$WEBHOOK_ATTEMPT.pid"; wait"#;
+    let extra = command_handler("stuck", r#""*""#, script, out.path())
+        .replace("timeout = \"20s\"", "timeout = \"500ms\"");
+    let app = spawn_with(Options {
+        extra_toml: extra,
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(
+        app.deliver("msg_stuck", &event("application.created", 1))
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
+    let pid_file = out.path().join("child.1.pid");
+    assert!(eventually(Duration::from_secs(20), || pid_file.exists()).await);
+    let pid = std::fs::read_to_string(&pid_file)
+        .expect("pid")
+        .trim()
+        .to_owned();
+    let gone = eventually(Duration::from_secs(20), || !is_alive(&pid)).await;
+    // Leave nothing behind whatever happened.
+    for entry in std::fs::read_dir(out.path()).expect("dir").flatten() {
+        if let Ok(p) = std::fs::read_to_string(entry.path()) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", p.trim()])
+                .status();
+        }
+    }
+    assert!(gone, "the background child {pid} outlived the timeout");
+}
