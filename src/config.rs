@@ -71,6 +71,15 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// actix-web worker threads; 0 means one per core.
     pub workers: usize,
+    /// How long a sender may take to send its body; slower gets 408 `body_timeout`.
+    #[serde(with = "humantime_duration")]
+    pub body_timeout: Duration,
+    /// Bytes of request bodies being read at once, over all connections; past it a new
+    /// request gets 503 `server_busy` with `Retry-After`, before its body is read.
+    pub max_inflight_bytes: usize,
+    /// Request headers never stored (nor exported in fixtures): credentials and proxy
+    /// headers. A trailing `*` matches a prefix. Hop-by-hop headers are never stored either.
+    pub unstored_headers: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -80,6 +89,18 @@ impl Default for ServerConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             max_body_bytes: 1024 * 1024,
             workers: 0,
+            body_timeout: Duration::from_secs(10),
+            max_inflight_bytes: 64 * 1024 * 1024,
+            unstored_headers: [
+                "authorization",
+                "cookie",
+                "proxy-authorization",
+                "x-forwarded-*",
+                "forwarded",
+                "x-real-ip",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }
@@ -436,6 +457,16 @@ impl Config {
         let err = |m: String| Err(ConfigError::new(&self.file, m));
         if self.server.max_body_bytes == 0 {
             return err("server.max_body_bytes must be greater than 0".into());
+        }
+        if self.server.max_inflight_bytes < self.server.max_body_bytes {
+            return err(format!(
+                "server.max_inflight_bytes ({}) is smaller than server.max_body_bytes ({}): \
+                 a body of the largest accepted size could never be read",
+                self.server.max_inflight_bytes, self.server.max_body_bytes
+            ));
+        }
+        if self.server.body_timeout.is_zero() {
+            return err("server.body_timeout must be greater than 0".into());
         }
         if self.dispatch.concurrency == 0 {
             return err("dispatch.concurrency must be at least 1".into());

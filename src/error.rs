@@ -25,6 +25,16 @@ pub enum ApiError {
     /// No usable delivery id (absent, empty, over 255 bytes, control characters).
     #[error("the delivery id is missing, longer than 255 bytes, or holds control characters")]
     InvalidDeliveryId,
+    /// The event type is over 255 bytes or holds control characters.
+    #[error("the event type is longer than 255 bytes or holds control characters")]
+    InvalidEventType,
+    /// The body did not arrive within `server.body_timeout`.
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
+    /// Too many bytes of bodies are being read at once (`server.max_inflight_bytes`), or the
+    /// service is shutting down.
+    #[error("the service is busy; retry later")]
+    ServerBusy,
     /// The request body could not be read (a broken chunked encoding, a reset).
     #[error("the request body could not be read")]
     InvalidBody,
@@ -72,6 +82,9 @@ impl ApiError {
             ApiError::InvalidSignature => "invalid_signature",
             ApiError::TimestampOutOfTolerance => "timestamp_out_of_tolerance",
             ApiError::InvalidDeliveryId => "invalid_delivery_id",
+            ApiError::InvalidEventType => "invalid_event_type",
+            ApiError::BodyTimeout => "body_timeout",
+            ApiError::ServerBusy => "server_busy",
             ApiError::InvalidBody => "invalid_body",
             ApiError::InvalidJson => "invalid_json",
             ApiError::DeliveryIdConflict => "delivery_id_conflict",
@@ -99,9 +112,12 @@ impl ResponseError for ApiError {
             ApiError::MissingSignature
             | ApiError::InvalidSignature
             | ApiError::TimestampOutOfTolerance => StatusCode::UNAUTHORIZED,
-            ApiError::InvalidDeliveryId | ApiError::InvalidBody | ApiError::InvalidJson => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::InvalidDeliveryId
+            | ApiError::InvalidEventType
+            | ApiError::InvalidBody
+            | ApiError::InvalidJson => StatusCode::BAD_REQUEST,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::ServerBusy => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::DeliveryIdConflict => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::DeliveryInProgress { .. } => StatusCode::CONFLICT,
             ApiError::HandlerFailed => StatusCode::INTERNAL_SERVER_ERROR,
@@ -120,8 +136,11 @@ impl ResponseError for ApiError {
             ApiError::DeliveryInProgress { retry_after_secs } => {
                 response.insert_header(("Retry-After", retry_after_secs.to_string()));
             }
-            ApiError::StorageUnavailable => {
+            ApiError::StorageUnavailable | ApiError::ServerBusy => {
                 response.insert_header(("Retry-After", "1"));
+            }
+            ApiError::BodyTimeout => {
+                response.insert_header(("Connection", "close"));
             }
             ApiError::Unauthorized => {
                 response.insert_header(("WWW-Authenticate", "Bearer"));

@@ -73,6 +73,15 @@ pub struct AppState {
     pub dispatcher_running: Arc<std::sync::atomic::AtomicBool>,
     /// The configuration (the admin API's export needs the sources).
     pub config: Config,
+    /// `server.body_timeout`.
+    pub body_timeout: std::time::Duration,
+    /// The budget of body bytes being read at once (`server.max_inflight_bytes`).
+    pub inflight: Arc<crate::routes::webhook::InflightBytes>,
+    /// `server.unstored_headers`.
+    pub unstored_headers: Vec<String>,
+    /// Cancelled when shutdown starts: a body still being read is abandoned (503), so a
+    /// stalled client never holds the shutdown up.
+    pub stopping: CancellationToken,
 }
 
 /// Assembles an [`Application`] from a config, a user's handlers, and optionally a store:
@@ -198,6 +207,7 @@ impl ApplicationBuilder {
         let metrics = Arc::new(crate::metrics::Metrics::new(&*store));
         let admin_token = (self.env)(&config.admin.token_env).filter(|t| !t.is_empty());
         let cancel_handlers = CancellationToken::new();
+        let stopping = CancellationToken::new();
         let runner = Runner {
             store: store.clone(),
             registry: registry.clone(),
@@ -219,6 +229,12 @@ impl ApplicationBuilder {
             admin_token,
             dispatcher_running: dispatcher.running_flag(),
             config: config.clone(),
+            body_timeout: config.server.body_timeout,
+            inflight: Arc::new(crate::routes::webhook::InflightBytes::new(
+                config.server.max_inflight_bytes,
+            )),
+            unstored_headers: config.server.unstored_headers.clone(),
+            stopping: stopping.clone(),
         });
 
         let workers = match config.server.workers {
@@ -261,7 +277,8 @@ impl ApplicationBuilder {
                     web::get().to(routes::admin::fixture),
                 )
         })
-        .workers(1)
+        // Two workers: a slow admin query never queues a health probe behind it.
+        .workers(2)
         .disable_signals()
         .listen(admin_listener)
         .map_err(|source| StartupError::Bind {
@@ -278,6 +295,7 @@ impl ApplicationBuilder {
             dispatcher,
             store,
             cancel_handlers,
+            stopping,
             retention: config.storage.retention,
             clock: self.clock,
         })
@@ -293,6 +311,7 @@ pub struct Application {
     dispatcher: Dispatcher,
     store: Arc<dyn DeliveryStore>,
     cancel_handlers: CancellationToken,
+    stopping: CancellationToken,
     retention: std::time::Duration,
     clock: Clock,
 }
@@ -330,6 +349,7 @@ impl Application {
 
         shutdown.await;
         tracing::info!("shutting down: finishing in-flight requests");
+        self.stopping.cancel();
         server_handle.stop(true).await;
         let served = server.await;
         stop_dispatch.cancel();

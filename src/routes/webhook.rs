@@ -8,6 +8,8 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use bytes::BytesMut;
 use futures_util::StreamExt as _;
 use serde::Serialize;
@@ -62,44 +64,153 @@ fn storage(e: crate::store::StoreError) -> ApiError {
     ApiError::StorageUnavailable
 }
 
-/// Reads the body, refusing more than `max` bytes (by `Content-Length` up front, and while
-/// streaming for chunked bodies).
-async fn read_body(
-    req: &HttpRequest,
-    mut payload: web::Payload,
-    max: usize,
-) -> Result<bytes::Bytes, ApiError> {
-    let declared = req
-        .headers()
-        .get(actix_web::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return Err(ApiError::PayloadTooLarge);
-    }
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(max as u64) as usize);
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|_| ApiError::InvalidBody)?;
-        if body.len() + chunk.len() > max {
-            return Err(ApiError::PayloadTooLarge);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body.freeze())
+/// Bytes of request bodies being read at once, over every connection
+/// (`server.max_inflight_bytes`): slow or large unauthenticated bodies cannot add up to
+/// more memory than this.
+#[derive(Debug)]
+pub struct InflightBytes {
+    used: AtomicUsize,
+    cap: usize,
 }
 
-fn headers_of(req: &HttpRequest) -> Headers {
-    Headers(
-        req.headers()
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_owned(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
+impl InflightBytes {
+    /// A budget of `cap` bytes.
+    pub fn new(cap: usize) -> InflightBytes {
+        InflightBytes {
+            used: AtomicUsize::new(0),
+            cap,
+        }
+    }
+
+    /// Bytes reserved right now (for tests and metrics).
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::SeqCst)
+    }
+
+    fn reserve(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                used.checked_add(n).filter(|total| *total <= self.cap)
             })
-            .collect(),
-    )
+            .is_ok()
+    }
+}
+
+/// Bytes one request holds of the budget; given back when dropped.
+struct Reservation<'a> {
+    budget: &'a InflightBytes,
+    held: usize,
+}
+
+impl Reservation<'_> {
+    fn grow_to(&mut self, total: usize) -> Result<(), ApiError> {
+        if total <= self.held {
+            return Ok(());
+        }
+        if !self.budget.reserve(total - self.held) {
+            return Err(ApiError::ServerBusy);
+        }
+        self.held = total;
+        Ok(())
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.held, Ordering::SeqCst);
+    }
+}
+
+/// The most a body buffer is sized up front, whatever `Content-Length` claims.
+const PREALLOCATE_AT_MOST: usize = 16 * 1024;
+
+/// Reads the body: at most `max_body_bytes` (by `Content-Length` up front, while streaming
+/// for chunked bodies), within `body_timeout`, within the in-flight budget (reserved as it
+/// arrives, the declared length up front), and not past the start of a shutdown.
+async fn read_body(
+    declared: Option<u64>,
+    mut payload: web::Payload,
+    state: &AppState,
+) -> Result<bytes::Bytes, ApiError> {
+    let max = state.max_body_bytes;
+    let mut reservation = Reservation {
+        budget: &state.inflight,
+        held: 0,
+    };
+    let declared = declared.map_or(0, |n| n as usize);
+    reservation.grow_to(declared)?;
+    let read = async {
+        let mut body = BytesMut::with_capacity(declared.min(max).min(PREALLOCATE_AT_MOST));
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|_| ApiError::InvalidBody)?;
+            if body.len() + chunk.len() > max {
+                return Err(ApiError::PayloadTooLarge);
+            }
+            reservation.grow_to(body.len() + chunk.len())?;
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    };
+    tokio::select! {
+        read = tokio::time::timeout(state.body_timeout, read) => {
+            read.map_err(|_| ApiError::BodyTimeout)?
+        }
+        () = state.stopping.cancelled() => Err(ApiError::ServerBusy),
+    }
+}
+
+fn declared_length(req: &HttpRequest) -> Option<u64> {
+    req.headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Request headers as text (lower-case names), and the names whose values are not UTF-8
+/// (kept lossily: such a value is never a valid id, event type or signature).
+fn headers_of(req: &HttpRequest) -> (Headers, Vec<String>) {
+    let mut not_utf8 = Vec::new();
+    let pairs = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            let value = match std::str::from_utf8(v.as_bytes()) {
+                Ok(text) => text.to_owned(),
+                Err(_) => {
+                    not_utf8.push(k.as_str().to_owned());
+                    String::from_utf8_lossy(v.as_bytes()).into_owned()
+                }
+            };
+            (k.as_str().to_owned(), value)
+        })
+        .collect();
+    (Headers(pairs), not_utf8)
+}
+
+/// Connection-level headers: meaningless once the request is over, never stored.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-connection",
+    "expect",
+];
+
+/// Whether a header is left out of the stored delivery: hop-by-hop, or named (a trailing
+/// `*` matches a prefix) in `server.unstored_headers`.
+fn unstored(name: &str, configured: &[String]) -> bool {
+    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+        || configured
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => name
+                    .get(..prefix.len())
+                    .is_some_and(|p| p.eq_ignore_ascii_case(prefix)),
+                None => pattern.eq_ignore_ascii_case(name),
+            })
 }
 
 /// `POST /webhooks/{source}`.
@@ -109,9 +220,16 @@ pub async fn receive(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    // The path is the sender's text: an unknown source is logged as `_unknown`, never as
+    // written (it could forge log lines or carry terminal escapes).
+    let source_label = if state.sources.contains_key(source.as_str()) {
+        source.as_str()
+    } else {
+        "_unknown"
+    };
     let span = tracing::info_span!(
         "delivery",
-        source = %source,
+        source = %source_label,
         delivery_id = tracing::field::Empty,
         event_type = tracing::field::Empty,
         outcome = tracing::field::Empty,
@@ -128,19 +246,15 @@ pub async fn receive(
         Err(ApiError::DeliveryIdConflict) => ("conflict", ""),
         Err(ApiError::DeliveryInProgress { .. }) => ("in_progress", ""),
         Err(ApiError::StorageUnavailable) => ("unavailable", ""),
+        Err(ApiError::ServerBusy) => ("busy", ""),
         Err(ApiError::HandlerFailed) => ("handler_failed", ""),
         Err(e) => ("rejected", e.code()),
     };
     span.record("outcome", if reason.is_empty() { outcome } else { reason });
-    let source_label = if state.sources.contains_key(source.as_str()) {
-        source.as_str()
-    } else {
-        "_unknown"
-    };
     state.metrics.delivery(source_label, outcome, reason);
     let _entered = span.enter();
     match &result {
-        Err(ApiError::StorageUnavailable | ApiError::HandlerFailed) => {
+        Err(ApiError::StorageUnavailable | ApiError::HandlerFailed | ApiError::ServerBusy) => {
             tracing::warn!("delivery not acknowledged")
         }
         Err(_) => tracing::info!("delivery rejected"),
@@ -183,11 +297,31 @@ async fn handle(
         .sources
         .get(source_name)
         .ok_or(ApiError::UnknownSource)?;
-    let body = read_body(req, payload, state.max_body_bytes).await?;
-    let delivery = match source.authenticate(headers_of(req), body, state.clock.now())? {
+    let declared = declared_length(req);
+    if declared.is_some_and(|n| n > state.max_body_bytes as u64) {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    // No body is read for a request that cannot be authenticated anyway.
+    let (headers, not_utf8) = headers_of(req);
+    if !source.has_signature_headers(&headers) {
+        return Err(ApiError::MissingSignature);
+    }
+    let body = read_body(declared, payload, state).await?;
+    let delivery = match source.authenticate(headers, body, state.clock.now())? {
         Authenticated::Delivery(d) => d,
         Authenticated::Handshake(answer) => return Ok(Outcome::Handshake(answer)),
     };
+    // A value that is not UTF-8 is never an id or an event type (read lossily, two
+    // different byte strings could become one id).
+    let not_text =
+        |h: Option<&str>| h.is_some_and(|h| not_utf8.iter().any(|n| n.eq_ignore_ascii_case(h)));
+    if not_text(source.id_header()) {
+        return Err(ApiError::InvalidDeliveryId);
+    }
+    if not_text(source.event_type_header()) {
+        return Err(ApiError::InvalidEventType);
+    }
+    let delivery = delivery.without_headers(|name| unstored(name, &state.unstored_headers));
     span.record("delivery_id", delivery.id().as_str());
     if let Some(t) = delivery.event_type() {
         span.record("event_type", t);

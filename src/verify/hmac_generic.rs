@@ -246,6 +246,18 @@ impl SignatureScheme for HmacScheme {
         headers
     }
 
+    fn has_signature_headers(&self, headers: &Headers) -> bool {
+        let s = &self.settings;
+        headers.get(&s.signature_header).is_some()
+            && s.timestamp_header
+                .as_deref()
+                .is_none_or(|h| headers.get(h).is_some())
+    }
+
+    fn signature_headers(&self) -> Vec<&str> {
+        vec![&self.settings.signature_header]
+    }
+
     fn default_id_field(&self) -> Field {
         self.settings.id_field.clone()
     }

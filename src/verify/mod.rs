@@ -26,6 +26,9 @@ pub use standard_webhooks::StandardWebhooks;
 /// more is `invalid_signature` without any of them being checked.
 pub const MAX_SIGNATURE_ENTRIES: usize = 16;
 
+/// Longest accepted event type, in bytes (like a delivery id).
+pub const MAX_EVENT_TYPE_LEN: usize = 255;
+
 /// `now` as Unix seconds, the way every scheme writes its signed timestamp.
 pub(crate) fn unix_seconds(now: SystemTime) -> String {
     now.duration_since(UNIX_EPOCH)
@@ -131,6 +134,14 @@ pub trait SignatureScheme: Send + Sync + std::fmt::Debug {
         now: SystemTime,
         tolerance: Duration,
     ) -> Result<Verified, VerifyError>;
+
+    /// Whether the headers this scheme needs to check a signature are all there: checked
+    /// before the body is read, so a request without them costs no body.
+    fn has_signature_headers(&self, headers: &Headers) -> bool;
+
+    /// The headers carrying signatures (every alternative name): used for the check, never
+    /// stored with the delivery.
+    fn signature_headers(&self) -> Vec<&str>;
 
     /// Header names and values a sender would attach to `body` with delivery id `id`,
     /// signed with the first secret at time `now`. Used by `sign`, `replay` and tests.
@@ -260,6 +271,13 @@ impl AuthenticatedDelivery {
     /// The raw body, byte for byte.
     pub fn body(&self) -> &Bytes {
         &self.body
+    }
+
+    /// The same delivery without the headers `drop` names (credentials, hop-by-hop and
+    /// signature headers are not stored). Removing headers cannot change what was verified.
+    pub fn without_headers(mut self, drop: impl Fn(&str) -> bool) -> AuthenticatedDelivery {
+        self.headers.0.retain(|(name, _)| !drop(name));
+        self
     }
 
     /// Source, id, event type, headers and body, by value.
@@ -520,6 +538,20 @@ impl Source {
             .and_then(DeliveryId::parse)
             .ok_or(ApiError::InvalidDeliveryId)?;
         let event_type = read(&self.event_type_field)?;
+        if event_type
+            .as_deref()
+            .is_some_and(|t| t.len() > MAX_EVENT_TYPE_LEN || t.chars().any(char::is_control))
+        {
+            return Err(ApiError::InvalidEventType);
+        }
+        // Signature headers were needed for the check only: they are not kept.
+        let signature_headers = self.scheme.signature_headers();
+        let mut headers = headers;
+        headers.0.retain(|(name, _)| {
+            !signature_headers
+                .iter()
+                .any(|s| s.eq_ignore_ascii_case(name))
+        });
 
         Ok(Authenticated::Delivery(AuthenticatedDelivery {
             source: self.name.clone(),
@@ -528,6 +560,19 @@ impl Source {
             headers,
             body,
         }))
+    }
+
+    /// Whether `headers` carry what this source's scheme needs to check a signature.
+    pub fn has_signature_headers(&self, headers: &Headers) -> bool {
+        self.scheme.has_signature_headers(headers)
+    }
+
+    /// The header the event type is read from, when it is read from a header.
+    pub fn event_type_header(&self) -> Option<&str> {
+        match &self.event_type_field {
+            Field::Header(h) => Some(h),
+            _ => None,
+        }
     }
 
     /// Headers a sender would attach; see [`SignatureScheme::sign`].

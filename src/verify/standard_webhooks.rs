@@ -181,6 +181,14 @@ impl SignatureScheme for StandardWebhooks {
         ]
     }
 
+    fn has_signature_headers(&self, headers: &Headers) -> bool {
+        first_header(headers, &SIGNATURE).is_some() && first_header(headers, &TIMESTAMP).is_some()
+    }
+
+    fn signature_headers(&self) -> Vec<&str> {
+        SIGNATURE.to_vec()
+    }
+
     fn default_id_field(&self) -> Field {
         Field::Header("webhook-id".into())
     }

@@ -102,6 +102,14 @@ impl SignatureScheme for Stripe {
         )]
     }
 
+    fn has_signature_headers(&self, headers: &Headers) -> bool {
+        headers.get(HEADER).is_some()
+    }
+
+    fn signature_headers(&self) -> Vec<&str> {
+        vec![HEADER]
+    }
+
     fn default_id_field(&self) -> Field {
         Field::Pointer("/id".into())
     }
