@@ -128,6 +128,11 @@ pub struct StorageConfig {
     pub retention: Duration,
     /// sled's page cache, in bytes (sled's own default is 1 GiB).
     pub cache_capacity: u64,
+    /// With `body_dedup`: how long a body's fingerprint (and the first answer) is kept after
+    /// its delivery expired, so a captured request of a scheme without a signed timestamp
+    /// is still a replay then.
+    #[serde(with = "humantime_duration")]
+    pub fingerprint_retention: Duration,
 }
 
 impl Default for StorageConfig {
@@ -137,6 +142,7 @@ impl Default for StorageConfig {
             durability: Durability::Fsync,
             retention: Duration::from_secs(7 * 24 * 3600),
             cache_capacity: 64 * 1024 * 1024,
+            fingerprint_retention: Duration::from_secs(90 * 24 * 3600),
         }
     }
 }
@@ -499,6 +505,14 @@ impl Config {
                     "sources.{name}.secrets is empty: set `secrets` or `secrets_env`"
                 ));
             }
+        }
+        if self.storage.fingerprint_retention < self.storage.retention {
+            return err(format!(
+                "storage.fingerprint_retention ({}) is shorter than storage.retention ({}): \
+                 fingerprints are what is remembered after a delivery expires",
+                humantime::format_duration(self.storage.fingerprint_retention),
+                humantime::format_duration(self.storage.retention)
+            ));
         }
         let schedule = self.dispatch.longest_retry_schedule();
         if self.storage.retention < schedule {

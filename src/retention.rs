@@ -41,15 +41,32 @@ pub async fn sweep_once(
     }
 }
 
+/// Forgets body fingerprints of deliveries received before `now - fingerprint_retention`.
+pub async fn sweep_fingerprints(
+    store: &dyn DeliveryStore,
+    fingerprint_retention: Duration,
+    clock: &Clock,
+) -> Result<(), crate::store::StoreError> {
+    let cutoff = clock
+        .now_ms()
+        .saturating_sub(fingerprint_retention.as_millis() as u64);
+    while store.expire_fingerprints(cutoff, BATCH).await? == BATCH {}
+    Ok(())
+}
+
 /// Sweeps every [`sweep_interval`] until `stop` fires.
 pub async fn run(
     store: Arc<dyn DeliveryStore>,
     retention: Duration,
+    fingerprint_retention: Duration,
     clock: Clock,
     stop: CancellationToken,
 ) {
     let interval = sweep_interval(retention);
     loop {
+        if let Err(e) = sweep_fingerprints(&*store, fingerprint_retention, &clock).await {
+            tracing::error!(error = %e, "fingerprint sweep failed");
+        }
         match sweep_once(&*store, retention, &clock).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "expired deliveries removed"),

@@ -297,6 +297,7 @@ impl ApplicationBuilder {
             cancel_handlers,
             stopping,
             retention: config.storage.retention,
+            fingerprint_retention: config.storage.fingerprint_retention,
             clock: self.clock,
         })
     }
@@ -313,6 +314,7 @@ pub struct Application {
     cancel_handlers: CancellationToken,
     stopping: CancellationToken,
     retention: std::time::Duration,
+    fingerprint_retention: std::time::Duration,
     clock: Clock,
 }
 
@@ -342,6 +344,7 @@ impl Application {
         let sweeper = tokio::spawn(crate::retention::run(
             self.store.clone(),
             self.retention,
+            self.fingerprint_retention,
             self.clock,
             stop_dispatch.clone(),
         ));

@@ -194,13 +194,13 @@ impl Runner {
                 tracing::debug!(parent: &span, "handler succeeded")
             }
             AttemptOutcome::Dead { error } => {
-                tracing::warn!(parent: &span, %error, "handler dead-lettered")
+                tracing::warn!(parent: &span, ?error, "handler dead-lettered")
             }
             AttemptOutcome::RetryAt { error, due_ms } => {
-                tracing::info!(parent: &span, %error, retry_in_ms = due_ms.saturating_sub(now), "handler failed; will retry")
+                tracing::info!(parent: &span, ?error, retry_in_ms = due_ms.saturating_sub(now), "handler failed; will retry")
             }
             AttemptOutcome::Failed { error } => {
-                tracing::info!(parent: &span, %error, "handler failed")
+                tracing::info!(parent: &span, ?error, "handler failed")
             }
         }
         self.store

@@ -15,24 +15,51 @@ use super::{Delivery, Handler, HandlerContext, HandlerError};
 const BODY_KEPT: usize = 512;
 
 /// POSTs each delivery to `url`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpHandler {
     url: reqwest::Url,
+    /// `url` without credentials or query: the only form that reaches an error or a log.
+    shown: String,
     client: reqwest::Client,
+}
+
+impl std::fmt::Debug for HttpHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpHandler")
+            .field("url", &self.shown)
+            .finish()
+    }
+}
+
+/// A URL as it may be shown: no user, password, query or fragment (where secrets go).
+pub fn redact(url: &reqwest::Url) -> String {
+    let mut shown = url.clone();
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.set_query(None);
+    shown.set_fragment(None);
+    let credentials = !url.username().is_empty() || url.password().is_some();
+    let mut text = shown.to_string();
+    if credentials || url.query().is_some() {
+        text.push_str(" (credentials and query redacted)");
+    }
+    text
 }
 
 impl HttpHandler {
     /// A handler posting to `url`, giving up on a request after `timeout`.
     pub fn new(url: &str, timeout: Duration) -> Result<HttpHandler, String> {
-        let url = reqwest::Url::parse(url).map_err(|e| format!("url `{url}`: {e}"))?;
+        // The text may hold credentials: an unparsable one is not repeated.
+        let url = reqwest::Url::parse(url).map_err(|e| format!("url: {e}"))?;
+        let shown = redact(&url);
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(format!("url `{url}`: only http and https are supported"));
+            return Err(format!("url `{shown}`: only http and https are supported"));
         }
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .build()
             .map_err(|e| format!("building the HTTP client: {e}"))?;
-        Ok(HttpHandler { url, client })
+        Ok(HttpHandler { url, shown, client })
     }
 }
 
@@ -56,7 +83,7 @@ impl Handler for HttpHandler {
             .body(d.body.clone())
             .send();
         let response = tokio::select! {
-            r = request => r.map_err(|e| HandlerError::Retryable(format!("POST {}: {e}", self.url)))?,
+            r = request => r.map_err(|e| HandlerError::Retryable(format!("POST {}: {}", self.shown, e.without_url())))?,
             () = ctx.shutdown.cancelled() => return Err(HandlerError::Retryable("stopped by shutdown".into())),
         };
         let status = response.status().as_u16();
@@ -65,7 +92,7 @@ impl Handler for HttpHandler {
         }
         let text = response.text().await.unwrap_or_default();
         let excerpt: String = text.chars().take(BODY_KEPT).collect();
-        let message = format!("POST {} answered {status}: {excerpt}", self.url);
+        let message = format!("POST {} answered {status}: {excerpt}", self.shown);
         if is_permanent(status) {
             Err(HandlerError::Permanent(message))
         } else {
@@ -77,6 +104,24 @@ impl Handler for HttpHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shown_urls_carry_no_credentials() {
+        let url =
+            reqwest::Url::parse("https://user:hunter2@example.test:8443/hooks?token=s3cr3t#frag")
+                .expect("url");
+        let shown = redact(&url);
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("user") && !shown.contains("s3cr3t"),
+            "{shown}"
+        );
+        assert!(
+            shown.starts_with("https://example.test:8443/hooks"),
+            "{shown}"
+        );
+        let handler = HttpHandler::new(url.as_str(), Duration::from_secs(1)).expect("handler");
+        assert!(!format!("{handler:?}").contains("hunter2"));
+    }
 
     #[test]
     fn retry_split_by_status() {

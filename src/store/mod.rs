@@ -583,6 +583,10 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// back to it on a later pass.
     async fn expire(&self, cutoff_ms: u64, limit: usize) -> Result<Expired, StoreError>;
 
+    /// Forgets up to `limit` body fingerprints kept past their delivery (body dedup) whose
+    /// delivery was received before `cutoff_ms`. Returns how many were looked at.
+    async fn expire_fingerprints(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError>;
+
     /// Deliveries newest first, optionally of one source and one status, `limit` at most,
     /// starting after `cursor` (from the previous page).
     async fn list(

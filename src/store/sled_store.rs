@@ -6,7 +6,8 @@
 //! | `jobs`       | `source \0 id \0 handler`        | [`JobState`], JSON (absent: pending)    |
 //! | `queue`      | due ms (u64 BE) ++ job key       | empty                                   |
 //! | `received`   | received ms (u64 BE) ++ `source \0 id` | empty                            |
-//! | `body_index` | `source \0 fingerprint`          | delivery id (body dedup)                |
+//! | `body_index` | `source \0 fingerprint`          | delivery id (body dedup); once that delivery expired: 0x01 ++ JSON of its id, received_at and answer |
+//! | `fp_expiry`  | received ms (u64 BE) ++ body index key | empty: fingerprints kept past their delivery |
 //! | `dead`       | job key                          | empty (dead letters)                    |
 //! | `meta`       | name                             | the start-up repair's watermark         |
 //!
@@ -139,6 +140,7 @@ pub struct SledStore {
     body_index: sled::Tree,
     dead: sled::Tree,
     meta: sled::Tree,
+    fp_expiry: sled::Tree,
     durability: Durability,
     commit: GroupCommit,
     stripes: Box<[Mutex<()>]>,
@@ -220,6 +222,56 @@ fn pending_job() -> JobState {
 
 fn body_index_key(source: &str, fingerprint: &str) -> Vec<u8> {
     DeliveryKey::new(source, fingerprint).encode()
+}
+
+/// What the body index holds for a fingerprint.
+enum BodyEntry {
+    /// The id of the stored delivery with this body.
+    Live(String),
+    /// That delivery expired; its fingerprint is kept (`fingerprint_retention`) with what is
+    /// needed to answer a replay of it as it was answered.
+    Kept(KeptFingerprint),
+}
+
+/// A fingerprint kept past its delivery.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KeptFingerprint {
+    id: String,
+    received_at_ms: u64,
+    response: StoredResponse,
+}
+
+/// Marks a [`BodyEntry::Kept`] value; an id never starts with a control character.
+const KEPT: u8 = 0x01;
+
+impl BodyEntry {
+    fn decode(value: &[u8]) -> Result<BodyEntry, StoreError> {
+        match value.split_first() {
+            Some((&KEPT, json)) => Ok(BodyEntry::Kept(
+                serde_json::from_slice(json).map_err(corrupt)?,
+            )),
+            _ => Ok(BodyEntry::Live(String::from_utf8_lossy(value).into_owned())),
+        }
+    }
+}
+
+impl KeptFingerprint {
+    /// The expired delivery as far as a replay needs it: its id and its first answer.
+    fn as_record(&self, source: &str, fingerprint: &str) -> DeliveryRecord {
+        DeliveryRecord {
+            source: source.to_owned(),
+            id: self.id.clone(),
+            fingerprint: fingerprint.to_owned(),
+            received_at_ms: self.received_at_ms,
+            event_type: None,
+            headers: Default::default(),
+            response: Some(self.response.clone()),
+            lease_until_ms: None,
+            handlers: Vec::new(),
+            body_dedup: true,
+            alias_of: None,
+        }
+    }
 }
 
 fn decode_delivery_key(bytes: &[u8]) -> Option<DeliveryKey> {
@@ -387,7 +439,7 @@ impl SledStore {
             tree("received")?,
             tree("body_index")?,
         );
-        let (dead, meta) = (tree("dead")?, tree("meta")?);
+        let (dead, meta, fp_expiry) = (tree("dead")?, tree("meta")?, tree("fp_expiry")?);
         let data_file = File::open(path.join("db"))
             .map_err(|e| StoreError::Backend(format!("opening sled's data file: {e}")))?;
         // Make the directory entries of a new store durable too.
@@ -411,6 +463,7 @@ impl SledStore {
             body_index,
             dead,
             meta,
+            fp_expiry,
             durability,
             commit: GroupCommit::start(sync),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -868,13 +921,33 @@ impl SledStore {
         }
         self.step(Op::Expire, "after-jobs");
         let fp_key = body_index_key(&record.source, &record.fingerprint);
-        if self
-            .body_index
-            .get(&fp_key)
-            .map_err(backend)?
-            .is_some_and(|id| id == record.id.as_bytes())
-        {
-            self.body_index.remove(&fp_key).map_err(backend)?;
+        let points_here = match self.body_index.get(&fp_key).map_err(backend)? {
+            Some(value) => {
+                matches!(BodyEntry::decode(&value)?, BodyEntry::Live(id) if id == record.id)
+            }
+            None => false,
+        };
+        if points_here {
+            match &record.response {
+                // The fingerprint outlives the delivery (`fingerprint_retention`): a captured
+                // request is still answered as the replay it is.
+                Some(response) if record.alias_of.is_none() => {
+                    let kept = KeptFingerprint {
+                        id: record.id.clone(),
+                        received_at_ms: record.received_at_ms,
+                        response: response.clone(),
+                    };
+                    self.fp_expiry
+                        .insert(queue_key(record.received_at_ms, &fp_key), &[])
+                        .map_err(backend)?;
+                    let mut value = vec![KEPT];
+                    value.extend_from_slice(&to_json(&kept));
+                    self.body_index.insert(&fp_key, value).map_err(backend)?;
+                }
+                _ => {
+                    self.body_index.remove(&fp_key).map_err(backend)?;
+                }
+            }
         }
         self.step(Op::Expire, "after-body-index");
         self.deliveries.remove(&dk).map_err(backend)?;
@@ -917,14 +990,24 @@ impl DeliveryStore for SledStore {
                     // hold the lock) but maybe not durable: wait for them (`true`).
                     return Ok((Claim::Existing(existing), true));
                 }
-                if record.body_dedup
-                    && let Some(first_id) = self.body_index.get(&fp_key).map_err(backend)?
-                    && first_id != record.id.as_bytes()
-                    && let Some(first) = self.read_record(
-                        &DeliveryKey::new(&record.source, String::from_utf8_lossy(&first_id))
-                            .encode(),
-                    )?
-                {
+                let first = match self.body_index.get(&fp_key).map_err(backend)? {
+                    Some(value) if record.body_dedup => match BodyEntry::decode(&value)? {
+                        BodyEntry::Live(id) if id != record.id => {
+                            self.read_record(&DeliveryKey::new(&record.source, &id).encode())?
+                        }
+                        BodyEntry::Live(_) => None,
+                        // Expired, but its fingerprint is remembered: still a replay.
+                        BodyEntry::Kept(kept) => {
+                            let first = kept.as_record(&record.source, &record.fingerprint);
+                            if kept.id == record.id {
+                                return Ok((Claim::Existing(first), false));
+                            }
+                            Some(first)
+                        }
+                    },
+                    _ => None,
+                };
+                if let Some(first) = first {
                     // The same body under a new id: recorded as an alias of the first
                     // (visible to operators, replayed to its own redeliveries), no jobs.
                     let mut alias = record.clone();
@@ -1312,6 +1395,29 @@ impl DeliveryStore for SledStore {
         }
         drop(guard);
         Ok(done)
+    }
+
+    async fn expire_fingerprints(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let expired: Vec<sled::IVec> = self
+            .fp_expiry
+            .range(..cutoff_ms.to_be_bytes().to_vec())
+            .keys()
+            .take(limit)
+            .collect::<Result<_, _>>()
+            .map_err(backend)?;
+        for index_key in &expired {
+            if let Some((t, fp_key)) = split_time_key(index_key) {
+                let _locks = self.lock(Op::Expire, &[fp_key]);
+                if let Some(value) = self.body_index.get(fp_key).map_err(backend)?
+                    && let BodyEntry::Kept(kept) = BodyEntry::decode(&value)?
+                    && kept.received_at_ms == t
+                {
+                    self.body_index.remove(fp_key).map_err(backend)?;
+                }
+            }
+            self.fp_expiry.remove(index_key).map_err(backend)?;
+        }
+        Ok(expired.len())
     }
 
     async fn list(

@@ -59,6 +59,8 @@ async fn round(seed: u64, deliveries: usize) {
             // later copies of them are new again; the tolerance as long, so a request
             // delayed on a loaded machine is still in time (2 s to spare at least).
             retention: "3s",
+            // Fingerprints forgotten with their deliveries, so that bodies come back new.
+            fingerprint_retention: Some("3s"),
             tolerance: "3s",
             extra_toml: "body_dedup = true\n".into(),
             handlers: vec![Registration::new("flaky", flaky.clone()).source("credicorp")],

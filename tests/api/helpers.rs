@@ -83,6 +83,8 @@ pub struct Options {
     /// More Rust handlers, beside the recorder.
     pub handlers: Vec<Registration>,
     pub retention: &'static str,
+    /// `storage.fingerprint_retention` (default: the service's, 90 days).
+    pub fingerprint_retention: Option<&'static str>,
     pub tolerance: &'static str,
     /// The admin bearer token (None: admin API disabled).
     pub admin_token: Option<&'static str>,
@@ -100,6 +102,7 @@ impl Default for Options {
             recorder: Recorder::default(),
             handlers: Vec::new(),
             retention: "7d",
+            fingerprint_retention: None,
             tolerance: "5m",
             admin_token: None,
         }
@@ -136,6 +139,7 @@ workers = 2
 path = "{path}"
 durability = "{durability}"
 retention = "{retention}"
+{fingerprint_retention}
 
 [dispatch]
 concurrency = 4
@@ -156,6 +160,10 @@ ack = "{ack}"
         ack = o.ack,
         extra = o.extra_toml,
         retention = o.retention,
+        fingerprint_retention = o
+            .fingerprint_retention
+            .map(|f| format!("fingerprint_retention = \"{f}\""))
+            .unwrap_or_default(),
         tolerance = o.tolerance,
     )
 }
