@@ -75,6 +75,8 @@ pub struct Options {
     pub max_body_bytes: usize,
     /// TOML appended to the generated config (more sources, handlers…).
     pub extra_toml: String,
+    /// TOML added to its `[server]` table.
+    pub server_toml: String,
     /// Reuse a data directory (restart tests).
     pub dir: Option<Arc<TempDir>>,
     /// Use this store instead of opening one.
@@ -97,6 +99,7 @@ impl Default for Options {
             ack: "durable",
             max_body_bytes: 64 * 1024,
             extra_toml: String::new(),
+            server_toml: String::new(),
             dir: None,
             store: None,
             recorder: Recorder::default(),
@@ -134,6 +137,7 @@ listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 max_body_bytes = {max}
 workers = 2
+{server}
 
 [storage]
 path = "{path}"
@@ -159,6 +163,7 @@ ack = "{ack}"
         durability = o.durability,
         ack = o.ack,
         extra = o.extra_toml,
+        server = o.server_toml,
         retention = o.retention,
         fingerprint_retention = o
             .fingerprint_retention

@@ -12,6 +12,7 @@ mod config;
 mod crash;
 mod dispatch;
 mod fixtures;
+mod hardening;
 mod http_handler;
 mod interleavings;
 mod invariants;
