@@ -84,16 +84,17 @@ pub async fn list(
     {
         return Err(ApiError::InvalidQuery);
     }
-    let page = state
-        .store
-        .list(
-            query.source.as_deref(),
-            status,
-            limit,
-            query.cursor.as_deref(),
-        )
-        .await
-        .map_err(storage)?;
+    // The store reads synchronously: on a blocking thread, so a long listing never holds
+    // up the listener's workers (health probes, metrics).
+    let store = state.store.clone();
+    let (source, cursor) = (query.source.clone(), query.cursor.clone());
+    let runtime = tokio::runtime::Handle::current();
+    let page = tokio::task::spawn_blocking(move || {
+        runtime.block_on(store.list(source.as_deref(), status, limit, cursor.as_deref()))
+    })
+    .await
+    .map_err(|_| ApiError::StorageUnavailable)?
+    .map_err(storage)?;
     Ok(json(&page))
 }
 

@@ -151,6 +151,18 @@ pub struct SledStore {
     sweep_from: Mutex<Option<Vec<u8>>>,
 }
 
+/// received_at index entries one admin listing reads at most (it then returns what it
+/// found, with a cursor to go on from).
+const LIST_SCAN_LIMIT: usize = 10_000;
+
+/// The cursor of a page that goes on at `index_key` (included): the key plus a zero byte,
+/// since the next page reads the range `..cursor`.
+fn cursor_before(index_key: &[u8]) -> String {
+    let mut first_not_returned = index_key.to_vec();
+    first_not_returned.push(0);
+    hex::encode(first_not_returned)
+}
+
 /// The start-up repair's watermark: every delivery received before it has been checked.
 const WATERMARK: &[u8] = b"checked_through_ms";
 /// How far behind "now" the watermark is kept: longer than any claim takes.
@@ -883,6 +895,56 @@ impl SledStore {
         Ok(report)
     }
 
+    /// A delivery and its status, for listings.
+    fn summary(&self, key: &DeliveryKey) -> Result<Option<DeliverySummary>, StoreError> {
+        let Some(record) = self.read_record(&key.encode())? else {
+            return Ok(None);
+        };
+        let jobs = record
+            .handlers
+            .iter()
+            .map(|h| self.read_job(&key.job(h).encode()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let status = DeliveryStatus::of(&record, &jobs);
+        Ok(Some(DeliverySummary { record, status }))
+    }
+
+    /// `status=dead` from the dead-letter tree: reads the dead letters (few, by nature)
+    /// and their deliveries, never the whole received_at index.
+    fn list_dead(
+        &self,
+        source: Option<&str>,
+        limit: usize,
+        end: &[u8],
+    ) -> Result<Page, StoreError> {
+        let mut keys = HashSet::new();
+        for job in self.dead.iter().keys() {
+            let job = job.map_err(backend)?;
+            if let Some(job) = JobKey::decode(&job)
+                && source.is_none_or(|s| s == job.delivery.source)
+            {
+                keys.insert(job.delivery);
+            }
+        }
+        let mut found = Vec::new();
+        for key in keys {
+            if let Some(summary) = self.summary(&key)?
+                && summary.status == DeliveryStatus::Dead
+            {
+                let index_key = queue_key(summary.record.received_at_ms, &key.encode());
+                if index_key.as_slice() < end {
+                    found.push((index_key, summary));
+                }
+            }
+        }
+        found.sort_by(|a, b| b.0.cmp(&a.0));
+        let next_cursor = found.get(limit).map(|(k, _)| cursor_before(k));
+        Ok(Page {
+            deliveries: found.into_iter().take(limit).map(|(_, s)| s).collect(),
+            next_cursor,
+        })
+    }
+
     /// Removes one expired delivery unless a handler of it is still due; returns whether it
     /// was removed. The caller holds the delivery's (and its body's) lock.
     fn expire_one(
@@ -1431,10 +1493,21 @@ impl DeliveryStore for SledStore {
             Some(c) => hex::decode(c).map_err(|_| StoreError::Corrupt("bad cursor".into()))?,
             None => vec![0xFF; 9],
         };
+        if status == Some(DeliveryStatus::Dead) {
+            return self.list_dead(source, limit, &end);
+        }
         let mut deliveries = Vec::new();
         let mut next_cursor = None;
+        let mut examined = 0;
         for index_key in self.received.range(..end).keys().rev() {
             let index_key = index_key.map_err(backend)?;
+            // A page may stop short of `limit` (with a cursor to go on) rather than read
+            // the whole store for a filter that matches little.
+            examined += 1;
+            if examined > LIST_SCAN_LIMIT || deliveries.len() == limit {
+                next_cursor = Some(cursor_before(&index_key));
+                break;
+            }
             let Some(key) = split_time_key(&index_key).and_then(|(_, k)| decode_delivery_key(k))
             else {
                 continue;
@@ -1442,30 +1515,13 @@ impl DeliveryStore for SledStore {
             if source.is_some_and(|s| s != key.source) {
                 continue;
             }
-            let Some(record) = self.read_record(&key.encode())? else {
+            let Some(summary) = self.summary(&key)? else {
                 continue;
             };
-            let jobs = record
-                .handlers
-                .iter()
-                .map(|h| self.read_job(&key.job(h).encode()))
-                .collect::<Result<Vec<_>, _>>()?;
-            let delivery_status = DeliveryStatus::of(&record, &jobs);
-            if status.is_some_and(|s| s != delivery_status) {
+            if status.is_some_and(|s| s != summary.status) {
                 continue;
             }
-            if deliveries.len() == limit {
-                // The cursor is the first key *not* returned, plus a zero byte: the next
-                // page's range `..cursor` then starts with it.
-                let mut first_not_returned = index_key.to_vec();
-                first_not_returned.push(0);
-                next_cursor = Some(hex::encode(first_not_returned));
-                break;
-            }
-            deliveries.push(DeliverySummary {
-                record,
-                status: delivery_status,
-            });
+            deliveries.push(summary);
         }
         Ok(Page {
             deliveries,
