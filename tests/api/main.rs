@@ -20,4 +20,5 @@ mod processed;
 mod robustness;
 mod schemes;
 mod shutdown;
+mod soak;
 mod store_check;
