@@ -243,6 +243,17 @@ pub enum AckMode {
     Processed,
 }
 
+/// `hmac-sha256`: how the tag is written in the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    /// Lower- or upper-case hex.
+    #[default]
+    Hex,
+    /// Standard base64.
+    Base64,
+}
+
 /// `[sources.<name>]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -280,7 +291,7 @@ pub struct SourceConfig {
     /// `hmac-sha256`: text before the encoded signature, e.g. `sha256=`.
     pub prefix: Option<String>,
     /// `hmac-sha256`: `hex` (default) or `base64`.
-    pub encoding: Option<crate::verify::hmac_generic::Encoding>,
+    pub encoding: Option<Encoding>,
     /// `hmac-sha256`: header carrying the signed Unix timestamp.
     pub timestamp_header: Option<String>,
     /// `hmac-sha256`: signed content over `{id}`, `{timestamp}`, `{body}`.
@@ -548,7 +559,7 @@ impl Config {
                 ));
             }
             for pattern in &b.events {
-                if let Err(e) = crate::handlers::EventPattern::parse(pattern) {
+                if let Err(e) = crate::domain::EventPattern::parse(pattern) {
                     return err(format!("handlers[{i}] `{}`: events: {e}", b.name));
                 }
             }

@@ -72,6 +72,20 @@ pub enum ApiError {
     StorageUnavailable,
 }
 
+impl From<crate::verify::AuthError> for ApiError {
+    fn from(e: crate::verify::AuthError) -> ApiError {
+        use crate::verify::{AuthError, VerifyError};
+        match e {
+            AuthError::Signature(VerifyError::Missing) => ApiError::MissingSignature,
+            AuthError::Signature(VerifyError::Invalid) => ApiError::InvalidSignature,
+            AuthError::Signature(VerifyError::OutOfTolerance) => ApiError::TimestampOutOfTolerance,
+            AuthError::InvalidDeliveryId => ApiError::InvalidDeliveryId,
+            AuthError::InvalidJson => ApiError::InvalidJson,
+            AuthError::InvalidEventType => ApiError::InvalidEventType,
+        }
+    }
+}
+
 impl ApiError {
     /// The machine-readable `error` code of the contract.
     pub fn code(&self) -> &'static str {

@@ -10,6 +10,8 @@
 //! ```
 //!
 //! # Layout
+//! - [`domain`]: the types every layer shares (headers, delivery id, fingerprint, event
+//!   pattern); it imports nothing of the crate.
 //! - [`config`]: the typed, strict `config.toml`.
 //! - [`verify`]: one [`verify::SignatureScheme`] per provider; only
 //!   [`verify::Source::authenticate`] makes a delivery that can be claimed.
@@ -29,6 +31,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod dispatch;
+pub mod domain;
 pub mod error;
 pub mod export;
 pub mod fixture;

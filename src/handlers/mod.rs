@@ -146,50 +146,7 @@ pub trait Handler: Send + Sync + 'static {
     async fn handle(&self, delivery: &Delivery, ctx: &HandlerContext) -> Result<(), HandlerError>;
 }
 
-/// An event-type pattern: `*`, `prefix.*` or an exact type.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EventPattern {
-    /// Every delivery, with or without an event type.
-    Any,
-    /// Types starting with `prefix.`.
-    Prefix(String),
-    /// Exactly this type.
-    Exact(String),
-}
-
-impl EventPattern {
-    /// Parses a pattern; `*` is allowed only alone or as the last segment.
-    pub fn parse(raw: &str) -> Result<EventPattern, String> {
-        if raw == "*" {
-            return Ok(EventPattern::Any);
-        }
-        if raw.is_empty() {
-            return Err("an empty pattern matches nothing; use \"*\" for every event".into());
-        }
-        if let Some(prefix) = raw.strip_suffix(".*")
-            && !prefix.is_empty()
-            && !prefix.contains('*')
-        {
-            return Ok(EventPattern::Prefix(format!("{prefix}.")));
-        }
-        if raw.contains('*') {
-            return Err(format!(
-                "pattern `{raw}`: `*` may only stand alone or end a pattern (`application.*`)"
-            ));
-        }
-        Ok(EventPattern::Exact(raw.to_owned()))
-    }
-
-    /// Whether `event_type` matches.
-    pub fn matches(&self, event_type: Option<&str>) -> bool {
-        match (self, event_type) {
-            (EventPattern::Any, _) => true,
-            (EventPattern::Prefix(p), Some(t)) => t.starts_with(p.as_str()),
-            (EventPattern::Exact(e), Some(t)) => e == t,
-            (_, None) => false,
-        }
-    }
-}
+pub use crate::domain::EventPattern;
 
 /// A handler with its name and binding.
 ///

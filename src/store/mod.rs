@@ -176,10 +176,7 @@ impl DeliveryRecord {
     }
 }
 
-/// Lower-case hex SHA-256 of a body: what "same body" means.
-pub fn fingerprint(body: &[u8]) -> String {
-    hex::encode(Sha256::digest(body))
-}
+pub use crate::domain::fingerprint;
 
 /// Where a (delivery, handler) pair stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,16 +14,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use super::mac::{hmac_sha256, matches_any, tag};
 use super::{Field, Headers, Secret, SignatureScheme, Verified, VerifyError, skew, unix_seconds};
 
-/// How the tag is written in the header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Encoding {
-    /// Lower- or upper-case hex.
-    #[default]
-    Hex,
-    /// Standard base64.
-    Base64,
-}
+pub use crate::config::Encoding;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {

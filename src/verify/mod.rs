@@ -47,36 +47,7 @@ pub(crate) fn skew(ts: i64, now: SystemTime) -> Duration {
 }
 
 use crate::config::{AckMode, ConfigError, SchemeName, SourceConfig};
-use crate::error::ApiError;
-
-/// Request headers as the service keeps them: lower-case names, values as text.
-///
-/// Values that are not valid UTF-8 are kept lossily; a signature header that is not text is
-/// malformed anyway.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Headers(pub Vec<(String, String)>);
-
-impl Headers {
-    /// The first value of `name` (case-insensitive).
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// Builds headers from name/value pairs (names are lower-cased).
-    pub fn from_pairs<K: AsRef<str>, V: Into<String>>(
-        pairs: impl IntoIterator<Item = (K, V)>,
-    ) -> Self {
-        Headers(
-            pairs
-                .into_iter()
-                .map(|(k, v)| (k.as_ref().to_ascii_lowercase(), v.into()))
-                .collect(),
-        )
-    }
-}
+pub use crate::domain::{DeliveryId, Headers};
 
 /// A signing secret; never printed.
 #[derive(Clone)]
@@ -121,6 +92,25 @@ pub struct Verified {
     /// (`webhook-id` or `svix-id`, whichever the check read; a generic scheme's `{id}`).
     /// When present, this and nothing else is the id that gets claimed (invariant 3).
     pub signed_id: Option<String>,
+}
+
+/// Why a request is not an authenticated delivery: the signature rows of design.md's
+/// "Checks" table, then the id and event-type rows. HTTP-free; `error.rs` maps each to its
+/// status and code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// The signature check failed.
+    #[error(transparent)]
+    Signature(#[from] VerifyError),
+    /// No usable delivery id (absent, empty, over 255 bytes, control characters, not text).
+    #[error("the delivery id is missing, longer than 255 bytes, or holds control characters")]
+    InvalidDeliveryId,
+    /// The body must be JSON to read the id or event type from it, and is not.
+    #[error("the body is not valid JSON")]
+    InvalidJson,
+    /// The event type is over 255 bytes, holds control characters, or is not text.
+    #[error("the event type is longer than 255 bytes or holds control characters")]
+    InvalidEventType,
 }
 
 /// One provider's way of signing a delivery.
@@ -186,33 +176,6 @@ pub enum Field {
     /// Computed from the body by the scheme (Slack's JSON-or-form bodies), with the JSON
     /// pointer it reads when the body is JSON (where a fixture's id is written).
     Derived(DeriveFn, Option<&'static str>),
-}
-
-/// A delivery id: 1 to 255 bytes, no control characters.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DeliveryId(String);
-
-impl DeliveryId {
-    /// Longest accepted id, in bytes.
-    pub const MAX_LEN: usize = 255;
-
-    /// Parses an id, rejecting empty, over-long and control-character ids.
-    pub fn parse(raw: &str) -> Option<DeliveryId> {
-        let ok =
-            !raw.is_empty() && raw.len() <= Self::MAX_LEN && !raw.chars().any(char::is_control);
-        ok.then(|| DeliveryId(raw.to_owned()))
-    }
-
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for DeliveryId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
 }
 
 /// A configured partner, ready to authenticate requests.
@@ -494,30 +457,27 @@ impl Source {
         headers: Headers,
         body: Bytes,
         now: SystemTime,
-    ) -> Result<Authenticated, ApiError> {
+    ) -> Result<Authenticated, AuthError> {
         let verified = self
             .scheme
             .verify(&headers, &body, now, self.tolerance)
-            .map_err(|e| match e {
-                VerifyError::Missing => ApiError::MissingSignature,
-                VerifyError::Invalid => ApiError::InvalidSignature,
-                VerifyError::OutOfTolerance => ApiError::TimestampOutOfTolerance,
-            })?;
+            .map_err(AuthError::Signature)?;
         if let Some(answer) = self.scheme.handshake(&body) {
             return Ok(Authenticated::Handshake(answer));
         }
 
         let mut json: Option<serde_json::Value> = None;
-        let mut read = |field: &Field| -> Result<Option<String>, ApiError> {
+        let mut read = |field: &Field| -> Result<Option<String>, AuthError> {
             match field {
                 Field::Header(h) => Ok(headers.get(h).map(str::to_owned)),
                 Field::Derived(f, _) => {
-                    f(&body).map_err(|FieldError::NotJson| ApiError::InvalidJson)
+                    f(&body).map_err(|FieldError::NotJson| AuthError::InvalidJson)
                 }
                 Field::Pointer(p) => {
                     if json.is_none() {
-                        json =
-                            Some(serde_json::from_slice(&body).map_err(|_| ApiError::InvalidJson)?);
+                        json = Some(
+                            serde_json::from_slice(&body).map_err(|_| AuthError::InvalidJson)?,
+                        );
                     }
                     Ok(json
                         .as_ref()
@@ -536,13 +496,13 @@ impl Source {
         let id = raw_id
             .as_deref()
             .and_then(DeliveryId::parse)
-            .ok_or(ApiError::InvalidDeliveryId)?;
+            .ok_or(AuthError::InvalidDeliveryId)?;
         let event_type = read(&self.event_type_field)?;
         if event_type
             .as_deref()
             .is_some_and(|t| t.len() > MAX_EVENT_TYPE_LEN || t.chars().any(char::is_control))
         {
-            return Err(ApiError::InvalidEventType);
+            return Err(AuthError::InvalidEventType);
         }
         // Signature headers were needed for the check only: they are not kept.
         let signature_headers = self.scheme.signature_headers();

@@ -117,7 +117,7 @@ fn slack_id(body: &[u8]) -> Result<Option<String>, FieldError> {
             .map(String::from)),
         Err(_) => Ok(Some(format!(
             "body-sha256:{}",
-            crate::store::fingerprint(body)
+            crate::domain::fingerprint(body)
         ))),
     }
 }

@@ -1,0 +1,111 @@
+//! The types every layer shares, importing nothing of the crate: the request headers as
+//! kept, the delivery id, the body fingerprint, the event-type pattern. Each is parsed once
+//! at the edge ("parse, don't validate") and trusted everywhere after.
+
+use sha2::{Digest, Sha256};
+
+/// Request headers as the service keeps them: lower-case names, values as text.
+///
+/// Values that are not valid UTF-8 are kept lossily; a signature header that is not text is
+/// malformed anyway.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Headers(pub Vec<(String, String)>);
+
+impl Headers {
+    /// The first value of `name` (case-insensitive).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Builds headers from name/value pairs (names are lower-cased).
+    pub fn from_pairs<K: AsRef<str>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Headers(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.as_ref().to_ascii_lowercase(), v.into()))
+                .collect(),
+        )
+    }
+}
+
+/// A delivery id: 1 to 255 bytes, no control characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeliveryId(String);
+
+impl DeliveryId {
+    /// Longest accepted id, in bytes.
+    pub const MAX_LEN: usize = 255;
+
+    /// Parses an id, rejecting empty, over-long and control-character ids.
+    pub fn parse(raw: &str) -> Option<DeliveryId> {
+        let ok =
+            !raw.is_empty() && raw.len() <= Self::MAX_LEN && !raw.chars().any(char::is_control);
+        ok.then(|| DeliveryId(raw.to_owned()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for DeliveryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Lower-case hex SHA-256 of a body: what "same body" means.
+pub fn fingerprint(body: &[u8]) -> String {
+    hex::encode(Sha256::digest(body))
+}
+
+/// An event-type pattern: `*`, `prefix.*` or an exact type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventPattern {
+    /// Every delivery, with or without an event type.
+    Any,
+    /// Types starting with `prefix.`.
+    Prefix(String),
+    /// Exactly this type.
+    Exact(String),
+}
+
+impl EventPattern {
+    /// Parses a pattern; `*` is allowed only alone or as the last segment.
+    pub fn parse(raw: &str) -> Result<EventPattern, String> {
+        if raw == "*" {
+            return Ok(EventPattern::Any);
+        }
+        if raw.is_empty() {
+            return Err("an empty pattern matches nothing; use \"*\" for every event".into());
+        }
+        if let Some(prefix) = raw.strip_suffix(".*")
+            && !prefix.is_empty()
+            && !prefix.contains('*')
+        {
+            return Ok(EventPattern::Prefix(format!("{prefix}.")));
+        }
+        if raw.contains('*') {
+            return Err(format!(
+                "pattern `{raw}`: `*` may only stand alone or end a pattern (`application.*`)"
+            ));
+        }
+        Ok(EventPattern::Exact(raw.to_owned()))
+    }
+
+    /// Whether `event_type` matches.
+    pub fn matches(&self, event_type: Option<&str>) -> bool {
+        match (self, event_type) {
+            (EventPattern::Any, _) => true,
+            (EventPattern::Prefix(p), Some(t)) => t.starts_with(p.as_str()),
+            (EventPattern::Exact(e), Some(t)) => e == t,
+            (_, None) => false,
+        }
+    }
+}
