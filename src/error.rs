@@ -86,6 +86,22 @@ impl From<crate::verify::AuthError> for ApiError {
     }
 }
 
+impl From<crate::ingest::IngestError> for ApiError {
+    fn from(e: crate::ingest::IngestError) -> ApiError {
+        use crate::ingest::IngestError;
+        match e {
+            IngestError::UnknownSource => ApiError::UnknownSource,
+            IngestError::Auth(e) => e.into(),
+            IngestError::DeliveryIdConflict => ApiError::DeliveryIdConflict,
+            IngestError::InProgress { retry_after_secs } => {
+                ApiError::DeliveryInProgress { retry_after_secs }
+            }
+            IngestError::HandlerFailed => ApiError::HandlerFailed,
+            IngestError::Storage(_) => ApiError::StorageUnavailable,
+        }
+    }
+}
+
 impl ApiError {
     /// The machine-readable `error` code of the contract.
     pub fn code(&self) -> &'static str {

@@ -19,7 +19,8 @@
 //! - [`dispatch`]: the worker pool over the durable queue; retries, back-off, dead letters.
 //! - [`retention`]: forgets deliveries older than `storage.retention`.
 //! - [`handlers`]: the [`handlers::Handler`] trait, the registry, the built-ins.
-//! - [`routes`]: the HTTP endpoints; [`error`]: the one error → HTTP table.
+//! - [`ingest`]: HTTP-free: authenticate → claim → ack policy → processed mode.
+//! - [`routes`]: the HTTP endpoints, thin; [`error`]: the one error → HTTP table.
 //! - [`startup`]: builds and runs the service (the same code for `serve` and tests).
 //! - [`fixture`]: fixture files, signed like a sender would.
 //! - [`metrics`]: Prometheus metrics; [`testing`]: the kit for handler authors.
@@ -36,6 +37,7 @@ pub mod error;
 pub mod export;
 pub mod fixture;
 pub mod handlers;
+pub mod ingest;
 pub mod metrics;
 pub mod replay;
 pub mod retention;

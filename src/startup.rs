@@ -14,13 +14,13 @@ use std::sync::Arc;
 
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError};
 use crate::dispatch::{Dispatcher, Runner};
 use crate::handlers::{HandlerRegistry, Registration};
+use crate::ingest::Ingest;
 use crate::routes;
 use crate::store::{DeliveryStore, SledStore, StoreError};
 use crate::verify::Source;
@@ -49,40 +49,7 @@ pub enum StartupError {
     },
 }
 
-/// What request handlers share.
-pub struct AppState {
-    /// Configured sources by name.
-    pub sources: HashMap<String, Source>,
-    /// The store.
-    pub store: Arc<dyn DeliveryStore>,
-    /// The handlers.
-    pub registry: Arc<HandlerRegistry>,
-    /// Runs handlers (processed mode uses it inline).
-    pub runner: Runner,
-    /// Wakes the dispatcher after a new delivery is queued.
-    pub dispatch_waker: Arc<Notify>,
-    /// Time.
-    pub clock: Clock,
-    /// `server.max_body_bytes`.
-    pub max_body_bytes: usize,
-    /// Metrics.
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// The admin bearer token, when one is configured. Never logged.
-    pub admin_token: Option<String>,
-    /// True while the dispatcher runs.
-    pub dispatcher_running: Arc<std::sync::atomic::AtomicBool>,
-    /// The configuration (the admin API's export needs the sources).
-    pub config: Config,
-    /// `server.body_timeout`.
-    pub body_timeout: std::time::Duration,
-    /// The budget of body bytes being read at once (`server.max_inflight_bytes`).
-    pub inflight: Arc<crate::routes::webhook::InflightBytes>,
-    /// `server.unstored_headers`.
-    pub unstored_headers: Vec<String>,
-    /// Cancelled when shutdown starts: a body still being read is abandoned (503), so a
-    /// stalled client never holds the shutdown up.
-    pub stopping: CancellationToken,
-}
+pub use crate::routes::AppState;
 
 /// Assembles an [`Application`] from a config, a user's handlers, and optionally a store:
 /// the very service `webhook-inbox serve` runs, with your plugins in it.
@@ -217,12 +184,18 @@ impl ApplicationBuilder {
             metrics: metrics.clone(),
         };
         let dispatcher = Dispatcher::new(runner.clone());
-        let state = web::Data::new(AppState {
+        let ingest = Ingest {
             sources,
             store: store.clone(),
             registry,
             runner,
             dispatch_waker: dispatcher.waker(),
+            clock: self.clock,
+            unstored_headers: config.server.unstored_headers.clone(),
+        };
+        let state = web::Data::new(AppState {
+            ingest,
+            store: store.clone(),
             clock: self.clock,
             max_body_bytes: config.server.max_body_bytes,
             metrics,
@@ -233,7 +206,6 @@ impl ApplicationBuilder {
             inflight: Arc::new(crate::routes::webhook::InflightBytes::new(
                 config.server.max_inflight_bytes,
             )),
-            unstored_headers: config.server.unstored_headers.clone(),
             stopping: stopping.clone(),
         });
 

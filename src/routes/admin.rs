@@ -12,8 +12,8 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq as _;
 
+use super::AppState;
 use crate::error::ApiError;
-use crate::startup::AppState;
 use crate::store::{DeliveryKey, DeliveryStatus, JobState};
 
 fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
@@ -173,7 +173,7 @@ pub async fn retry(
         .retry(&key, state.clock.now_ms())
         .await
         .map_err(storage)?;
-    state.dispatch_waker.notify_one();
+    state.ingest.dispatch_waker.notify_one();
     tracing::info!(source = %key.source, delivery_id = %key.id, ?requeued, "retry requested");
     Ok(json(&serde_json::json!({ "requeued": requeued })))
 }

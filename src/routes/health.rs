@@ -2,7 +2,7 @@
 
 use actix_web::{HttpResponse, web};
 
-use crate::startup::AppState;
+use super::AppState;
 
 /// Liveness: the process is up.
 pub async fn healthz() -> HttpResponse {

@@ -1,53 +1,23 @@
-//! `POST /webhooks/{source}`: check, claim, answer.
+//! `POST /webhooks/{source}`, the thin HTTP edge of [`crate::ingest`].
 //!
-//! 1. The checks of design.md, in order; any failure answers and stores nothing.
-//! 2. The atomic claim of `(source, delivery id)`.
-//! 3. New: the first response (202 once durable, or 200 after the handlers in processed
-//!    mode). Seen with the same body: the stored first response, byte for byte, plus
-//!    `Idempotent-Replayed: true`. Seen with another body: 422, the record untouched.
+//! Here: the limits on reading a body (declared size, signature headers before any byte is
+//! read, the in-flight byte budget, `server.body_timeout`, shutdown), the delivery span,
+//! the metrics, and turning an [`Outcome`] or an error into the response. Everything else —
+//! authenticate, claim, ack policy — is [`Ingest::receive`].
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use bytes::BytesMut;
 use futures_util::StreamExt as _;
-use serde::Serialize;
 use tracing::Instrument as _;
 
-use crate::config::AckMode;
-use crate::dispatch::RunResult;
+use super::AppState;
+use crate::domain::Headers;
 use crate::error::ApiError;
-use crate::startup::AppState;
-use crate::store::{Claim, DeliveryRecord, JobStatus, NewDelivery, StoredResponse, TakeOver};
-use crate::verify::{Authenticated, AuthenticatedDelivery, Headers, Source};
-
-/// Body of the first answer.
-#[derive(Serialize)]
-struct FirstResponse<'a> {
-    status: &'a str,
-    source: &'a str,
-    delivery_id: &'a str,
-    received_at: String,
-}
-
-fn first_response(record: &DeliveryRecord, status: StatusCode) -> StoredResponse {
-    let body = FirstResponse {
-        status: if status == StatusCode::OK {
-            "processed"
-        } else {
-            "accepted"
-        },
-        source: &record.source,
-        delivery_id: &record.id,
-        received_at: crate::clock::rfc3339_ms(record.received_at_ms),
-    };
-    StoredResponse {
-        status: status.as_u16(),
-        // A struct of strings always serializes.
-        body: serde_json::to_string(&body).expect("response serializes"),
-    }
-}
+use crate::ingest::{IngestError, Outcome};
+use crate::store::StoredResponse;
 
 fn answer(stored: &StoredResponse, replayed: bool) -> HttpResponse {
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::ACCEPTED);
@@ -59,9 +29,21 @@ fn answer(stored: &StoredResponse, replayed: bool) -> HttpResponse {
     response.body(stored.body.clone())
 }
 
-fn storage(e: crate::store::StoreError) -> ApiError {
-    tracing::error!(error = %e, "store failure");
-    ApiError::StorageUnavailable
+fn into_response(outcome: Outcome) -> HttpResponse {
+    match outcome {
+        Outcome::Accepted(r) | Outcome::Processed(r) => answer(&r, false),
+        Outcome::Replayed(r) | Outcome::BodyDuplicate(r) => answer(&r, true),
+        Outcome::Handshake(body) => HttpResponse::Ok()
+            .content_type("application/json")
+            .body(body),
+    }
+}
+
+fn api_error(e: IngestError) -> ApiError {
+    if let IngestError::Storage(e) = &e {
+        tracing::error!(error = %e, "store failure");
+    }
+    ApiError::from(e)
 }
 
 /// Bytes of request bodies being read at once, over every connection
@@ -187,32 +169,6 @@ fn headers_of(req: &HttpRequest) -> (Headers, Vec<String>) {
     (Headers(pairs), not_utf8)
 }
 
-/// Connection-level headers: meaningless once the request is over, never stored.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-connection",
-    "expect",
-];
-
-/// Whether a header is left out of the stored delivery: hop-by-hop, or named (a trailing
-/// `*` matches a prefix) in `server.unstored_headers`.
-fn unstored(name: &str, configured: &[String]) -> bool {
-    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
-        || configured
-            .iter()
-            .any(|pattern| match pattern.strip_suffix('*') {
-                Some(prefix) => name
-                    .get(..prefix.len())
-                    .is_some_and(|p| p.eq_ignore_ascii_case(prefix)),
-                None => pattern.eq_ignore_ascii_case(name),
-            })
-}
-
 /// `POST /webhooks/{source}`.
 pub async fn receive(
     req: HttpRequest,
@@ -222,7 +178,7 @@ pub async fn receive(
 ) -> Result<HttpResponse, ApiError> {
     // The path is the sender's text: an unknown source is logged as `_unknown`, never as
     // written (it could forge log lines or carry terminal escapes).
-    let source_label = if state.sources.contains_key(source.as_str()) {
+    let source_label = if state.ingest.sources.contains_key(source.as_str()) {
         source.as_str()
     } else {
         "_unknown"
@@ -260,30 +216,7 @@ pub async fn receive(
         Err(_) => tracing::info!("delivery rejected"),
         Ok(_) => tracing::debug!("delivery answered"),
     }
-    result.map(Outcome::into_response)
-}
-
-enum Outcome {
-    Accepted(StoredResponse),
-    Processed(StoredResponse),
-    Replayed(StoredResponse),
-    /// A new id whose body was already recorded under another (body dedup): answered as
-    /// that first delivery, recorded as its alias, nothing run.
-    BodyDuplicate(StoredResponse),
-    /// A provider handshake (Slack's `url_verification`), answered and not recorded.
-    Handshake(String),
-}
-
-impl Outcome {
-    fn into_response(self) -> HttpResponse {
-        match self {
-            Outcome::Accepted(r) | Outcome::Processed(r) => answer(&r, false),
-            Outcome::Replayed(r) | Outcome::BodyDuplicate(r) => answer(&r, true),
-            Outcome::Handshake(body) => HttpResponse::Ok()
-                .content_type("application/json")
-                .body(body),
-        }
-    }
+    result.map(into_response)
 }
 
 async fn handle(
@@ -293,10 +226,7 @@ async fn handle(
     state: &AppState,
     span: &tracing::Span,
 ) -> Result<Outcome, ApiError> {
-    let source = state
-        .sources
-        .get(source_name)
-        .ok_or(ApiError::UnknownSource)?;
+    let source = state.ingest.source(source_name).map_err(api_error)?;
     let declared = declared_length(req);
     if declared.is_some_and(|n| n > state.max_body_bytes as u64) {
         return Err(ApiError::PayloadTooLarge);
@@ -307,201 +237,9 @@ async fn handle(
         return Err(ApiError::MissingSignature);
     }
     let body = read_body(declared, payload, state).await?;
-    let delivery = match source.authenticate(headers, body, state.clock.now())? {
-        Authenticated::Delivery(d) => d,
-        Authenticated::Handshake(answer) => return Ok(Outcome::Handshake(answer)),
-    };
-    // A value that is not UTF-8 is never an id or an event type (read lossily, two
-    // different byte strings could become one id).
-    let not_text =
-        |h: Option<&str>| h.is_some_and(|h| not_utf8.iter().any(|n| n.eq_ignore_ascii_case(h)));
-    if not_text(source.id_header()) {
-        return Err(ApiError::InvalidDeliveryId);
-    }
-    if not_text(source.event_type_header()) {
-        return Err(ApiError::InvalidEventType);
-    }
-    let delivery = delivery.without_headers(|name| unstored(name, &state.unstored_headers));
-    span.record("delivery_id", delivery.id().as_str());
-    if let Some(t) = delivery.event_type() {
-        span.record("event_type", t);
-    }
-
-    let received_at_ms = state.clock.now_ms();
-    let new = new_delivery(state, source, delivery, received_at_ms);
-    let record = new.record().clone();
-    match state.store.claim(new).await.map_err(storage)? {
-        Claim::New => match source.ack {
-            AckMode::Durable => {
-                state.dispatch_waker.notify_one();
-                // Built into the record before the claim, so it is on disk with it.
-                let stored = record
-                    .response
-                    .clone()
-                    .ok_or(ApiError::StorageUnavailable)?;
-                Ok(Outcome::Accepted(stored))
-            }
-            AckMode::Processed => process_inline(state, source, record).await,
-        },
-        Claim::Existing(existing) => {
-            if existing.fingerprint != record.fingerprint {
-                return Err(ApiError::DeliveryIdConflict);
-            }
-            answer_existing(state, source, existing)
-                .await
-                .map(|(response, _)| response)
-        }
-        Claim::BodyDuplicate(first) => {
-            answer_existing(state, source, first)
-                .await
-                .map(|(response, replayed)| {
-                    if replayed {
-                        Outcome::BodyDuplicate(response.into_stored())
-                    } else {
-                        response
-                    }
-                })
-        }
-    }
-}
-
-/// A delivery seen before: its stored first response; or, in processed mode while it is not
-/// final, a take-over once its lease has lapsed. `.1` is whether the answer is a replay.
-async fn answer_existing(
-    state: &AppState,
-    source: &Source,
-    existing: DeliveryRecord,
-) -> Result<(Outcome, bool), ApiError> {
-    if let Some(stored) = existing.response {
-        return Ok((Outcome::Replayed(stored), true));
-    }
-    // Processed mode, not final yet: take it over unless someone holds it.
-    let now = state.clock.now_ms();
-    match state
-        .store
-        .take_over(&existing.key(), now, now + lease_ms(source))
+    state
+        .ingest
+        .receive(source, headers, &not_utf8, body, span)
         .await
-        .map_err(storage)?
-    {
-        TakeOver::Final(r) => r
-            .response
-            .map(|r| (Outcome::Replayed(r), true))
-            .ok_or(ApiError::StorageUnavailable),
-        TakeOver::Held { until_ms } => Err(in_progress(until_ms, now)),
-        TakeOver::Acquired(r) => Ok((process_inline(state, source, r).await?, false)),
-    }
-}
-
-fn in_progress(until_ms: u64, now_ms: u64) -> ApiError {
-    ApiError::DeliveryInProgress {
-        retry_after_secs: until_ms.saturating_sub(now_ms).div_ceil(1000).max(1),
-    }
-}
-
-fn lease_ms(source: &Source) -> u64 {
-    source.processed_lease.as_millis() as u64
-}
-
-impl Outcome {
-    fn into_stored(self) -> StoredResponse {
-        match self {
-            Outcome::Accepted(r)
-            | Outcome::Processed(r)
-            | Outcome::Replayed(r)
-            | Outcome::BodyDuplicate(r) => r,
-            Outcome::Handshake(body) => StoredResponse { status: 200, body },
-        }
-    }
-}
-
-fn new_delivery(
-    state: &AppState,
-    source: &Source,
-    d: AuthenticatedDelivery,
-    received_at_ms: u64,
-) -> NewDelivery {
-    let handlers = state.registry.matching(d.source(), d.event_type());
-    let new = NewDelivery::new(d, received_at_ms, handlers, source.body_dedup);
-    match source.ack {
-        AckMode::Durable => {
-            let response = first_response(new.record(), StatusCode::ACCEPTED);
-            new.acknowledged(response)
-        }
-        AckMode::Processed => new.leased_until(received_at_ms + lease_ms(source)),
-    }
-}
-
-/// `ack = "processed"`: run every handler that has not yet succeeded, then store the 200
-/// (all succeeded) or release the lease and answer 500 (the sender's retry re-runs only
-/// the failures). The lease is renewed while the handlers run, so a slow handler never lets
-/// a second copy take over beside it; a handler that another runner holds (an operator
-/// retry running in the background) makes it 409. Runs as its own task so a sender hanging
-/// up does not cut a handler short.
-async fn process_inline(
-    state: &AppState,
-    source: &Source,
-    record: DeliveryRecord,
-) -> Result<Outcome, ApiError> {
-    let runner = state.runner.clone();
-    let lease = source.processed_lease;
-    // Instrumented with the delivery's span, so each handler run logs as its child.
-    let task = tokio::spawn(
-        async move {
-            let key = record.key();
-            let work = async {
-                let mut all_succeeded = true;
-                for handler in &record.handlers {
-                    let job = key.job(handler);
-                    if let RunResult::Busy(until) = runner.run(&job, None).await? {
-                        return Ok(Err(until));
-                    }
-                    let done = runner
-                        .store
-                        .job(&job)
-                        .await?
-                        .is_some_and(|j| j.status == JobStatus::Succeeded);
-                    all_succeeded &= done;
-                }
-                Ok::<_, crate::store::StoreError>(Ok(all_succeeded))
-            };
-            tokio::pin!(work);
-            let mut renew = tokio::time::interval(lease / 3);
-            renew.tick().await;
-            let outcome = loop {
-                tokio::select! {
-                    outcome = &mut work => break outcome,
-                    _ = renew.tick() => {
-                        let until = runner.clock.now_ms() + lease.as_millis() as u64;
-                        if let Err(e) = runner.store.renew_lease(&key, until).await {
-                            tracing::warn!(error = %e, "renewing the processing lease failed");
-                        }
-                    }
-                }
-            };
-            let response = match outcome {
-                Ok(Ok(all_succeeded)) => {
-                    all_succeeded.then(|| first_response(&record, StatusCode::OK))
-                }
-                Ok(Err(busy_until)) => {
-                    runner.store.release(&key, None).await?;
-                    return Ok(Err(busy_until));
-                }
-                Err(e) => {
-                    // Best effort: let the sender's retry take over without waiting.
-                    let _ = runner.store.release(&key, None).await;
-                    return Err(e);
-                }
-            };
-            runner.store.release(&key, response.clone()).await?;
-            Ok::<_, crate::store::StoreError>(Ok(response))
-        }
-        .instrument(tracing::Span::current()),
-    );
-    match task.await {
-        Ok(Ok(Ok(Some(response)))) => Ok(Outcome::Processed(response)),
-        Ok(Ok(Ok(None))) => Err(ApiError::HandlerFailed),
-        Ok(Ok(Err(busy_until))) => Err(in_progress(busy_until, state.clock.now_ms())),
-        Ok(Err(e)) => Err(storage(e)),
-        Err(_) => Err(ApiError::HandlerFailed),
-    }
+        .map_err(api_error)
 }
