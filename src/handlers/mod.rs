@@ -25,7 +25,7 @@ pub use http::HttpHandler;
 pub use log::LogHandler;
 
 use crate::config::{Binding, Config, HandlerConfig};
-use crate::verify::Headers;
+use crate::domain::Headers;
 
 /// A delivery as a handler sees it: authenticated, recorded, and the same on every attempt
 /// except `attempt`.

@@ -4,6 +4,7 @@
 mod helpers;
 
 mod admin;
+mod architecture;
 mod checks;
 mod claim;
 mod command;

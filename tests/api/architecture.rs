@@ -1,0 +1,186 @@
+//! The crate's imports point one way: from the layers near the network and the command
+//! line down to the shared types, never back. This test reads `src/` and fails on any
+//! `crate::…` reference that runs against the order below (test modules excepted), and on
+//! a top-level module the table does not place.
+//!
+//! The order, lowest first (a module may use any module of a lower layer):
+//! ```text
+//! 0  domain, clock, telemetry          shared types and leaves: import nothing of the crate
+//! 1  config                            typed config.toml
+//! 2  verify                            signature schemes; what a verified delivery is
+//! 3  store, handlers                   durable memory; the Handler trait and built-ins
+//! 4  metrics, fixture                  Prometheus metrics; fixture files
+//! 5  dispatch, retention, export, replay, admin_client, testing
+//! 6  ingest                            HTTP-free: authenticate, claim, ack policy
+//! 7  error                             the one table from errors to HTTP
+//! 8  routes                            thin HTTP endpoints
+//! 9  startup                           builds and runs the service
+//! 10 bench                             the end-to-end benchmark harness
+//! 11 cli                               the command line
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+const LAYERS: &[(&str, u8)] = &[
+    ("domain", 0),
+    ("clock", 0),
+    ("telemetry", 0),
+    ("config", 1),
+    ("verify", 2),
+    ("store", 3),
+    ("handlers", 3),
+    ("metrics", 4),
+    ("fixture", 4),
+    ("dispatch", 5),
+    ("retention", 5),
+    ("export", 5),
+    ("replay", 5),
+    ("admin_client", 5),
+    ("testing", 5),
+    ("ingest", 6),
+    ("error", 7),
+    ("routes", 8),
+    ("startup", 9),
+    ("bench", 10),
+    ("cli", 11),
+];
+
+fn layer(module: &str) -> Option<u8> {
+    LAYERS.iter().find(|(m, _)| *m == module).map(|(_, l)| *l)
+}
+
+/// Every `.rs` file under `dir`, with the top-level module it belongs to.
+fn sources(dir: &Path, top: Option<&str>, out: &mut Vec<(String, String, String)>) {
+    for entry in std::fs::read_dir(dir).expect("src/ is readable") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_stem()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        if path.is_dir() {
+            sources(&path, Some(top.unwrap_or(&name)), out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let module = top.map_or(name, str::to_owned);
+            let text = std::fs::read_to_string(&path).expect("readable");
+            out.push((module, path.display().to_string(), text));
+        }
+    }
+}
+
+/// The code of a file without comments (doc links name modules without importing them)
+/// and without the items under `#[cfg(test)]` (each up to its matching closing brace).
+fn code(text: &str) -> String {
+    let text = text
+        .lines()
+        .map(|l| l.split("//").next().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut out = String::new();
+    let mut rest = text.as_str();
+    while let Some(start) = rest.find("#[cfg(test)]") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start..];
+        let Some(open) = after.find('{') else {
+            return out;
+        };
+        let mut depth = 0usize;
+        let mut end = after.len();
+        for (i, c) in after[open..].char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = open + i + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The top-level modules a file refers to through `crate::…`.
+fn references(code: &str) -> Vec<String> {
+    code.match_indices("crate::")
+        .filter(|(i, _)| {
+            // Not a longer path ending in `crate` (e.g. `webhook_inbox_crate::`).
+            code[..*i]
+                .chars()
+                .next_back()
+                .is_none_or(|c| !c.is_alphanumeric() && c != '_')
+        })
+        .map(|(i, m)| {
+            code[i + m.len()..]
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect::<String>()
+        })
+        .filter(|m| !m.is_empty())
+        .collect()
+}
+
+/// What runs against the order in these files: (file, from, to) lines.
+fn violations(files: &[(String, String, String)]) -> Vec<String> {
+    let mut found = Vec::new();
+    for (module, path, text) in files {
+        if module == "lib" || module == "main" {
+            continue;
+        }
+        let Some(from) = layer(module) else {
+            found.push(format!("{path}: module `{module}` has no place in LAYERS"));
+            continue;
+        };
+        for target in references(&code(text)) {
+            if &target == module {
+                continue;
+            }
+            match layer(&target) {
+                Some(to) if to < from => {}
+                Some(to) => found.push(format!(
+                    "{path}: `{module}` (layer {from}) uses `crate::{target}` (layer {to})"
+                )),
+                None => {}
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn imports_point_down_the_layers() {
+    let mut files = Vec::new();
+    sources(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        None,
+        &mut files,
+    );
+    assert!(files.len() > 20, "read the sources");
+    let found = violations(&files);
+    assert!(
+        found.is_empty(),
+        "imports against the layering:\n{}",
+        found.join("\n")
+    );
+    let modules: BTreeMap<&str, u8> = LAYERS.iter().copied().collect();
+    assert_eq!(modules.len(), LAYERS.len(), "each module placed once");
+}
+
+/// The check itself catches a wrong import: the store reaching up into the routes.
+#[test]
+fn a_store_that_imports_the_routes_is_caught() {
+    let files = vec![(
+        "store".to_owned(),
+        "src/store/mod.rs".to_owned(),
+        "use crate::domain::Headers;\n#[cfg(test)]\nmod tests {\n    use crate::routes::AppState;\n}\nuse crate::routes::AppState; // up\n".to_owned(),
+    )];
+    let found = violations(&files);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("crate::routes"), "{found:?}");
+}
