@@ -125,10 +125,11 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let stop = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    match app.run_until_stopped(stop).await {
+    // SIGINT or SIGTERM: a service manager's stop finishes in-flight work gracefully.
+    match app
+        .run_until_stopped(webhook_inbox::shutdown_signal())
+        .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -454,7 +454,7 @@ async fn serve(path: PathBuf) -> ExitCode {
         Ok(app) => app,
         Err(e) => return fail(e.to_string()),
     };
-    let shutdown = shutdown_signal();
+    let shutdown = crate::startup::shutdown_signal();
     // The bound ports, which differ from the configured ones when those are 0.
     listen.set_port(app.port());
     admin.set_port(app.admin_port());
@@ -462,37 +462,5 @@ async fn serve(path: PathBuf) -> ExitCode {
     match app.run_until_stopped(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e.to_string()),
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is *called*, not
-/// when the future is first polled: `serve` calls it before announcing that it serves, so a
-/// signal that arrives right after that line still shuts down gracefully.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).ok();
-        let mut int = signal(SignalKind::interrupt()).ok();
-        async move {
-            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
-                match s {
-                    Some(mut s) => {
-                        s.recv().await;
-                    }
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = wait(term.take()) => {}
-                () = wait(int.take()) => {}
-            }
-            tracing::info!("shutdown signal received");
-        }
-    }
-    #[cfg(not(unix))]
-    async {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutdown signal received");
     }
 }

@@ -51,4 +51,4 @@ pub mod verify;
 /// Re-exported so a plugin can write `#[webhook_inbox::async_trait]` on its `impl Handler`.
 pub use async_trait::async_trait;
 pub use handlers::{Delivery, Handler, HandlerContext, HandlerError, Registration};
-pub use startup::{Application, ApplicationBuilder};
+pub use startup::{Application, ApplicationBuilder, shutdown_signal};

@@ -339,3 +339,36 @@ impl Application {
         served.map_err(std::io::Error::other)?
     }
 }
+
+/// Resolves on SIGINT or SIGTERM: what to pass to [`Application::run_until_stopped`] in
+/// your own `main` (as `serve` does), so a service manager's stop is a graceful one. The handlers are installed when this is *called*, not
+/// when the future is first polled: `serve` calls it before announcing that it serves, so a
+/// signal that arrives right after that line still shuts down gracefully.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).ok();
+        let mut int = signal(SignalKind::interrupt()).ok();
+        async move {
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = wait(term.take()) => {}
+                () = wait(int.take()) => {}
+            }
+            tracing::info!("shutdown signal received");
+        }
+    }
+    #[cfg(not(unix))]
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutdown signal received");
+    }
+}
