@@ -66,31 +66,6 @@ pub enum Command {
         #[command(subcommand)]
         command: DeliveriesCommand,
     },
-    /// Measure throughput, latency, memory and disk against a bare actix-web endpoint.
-    Bench {
-        /// Connections sending at once.
-        #[arg(long, default_value_t = 64)]
-        concurrency: usize,
-        /// Measured seconds per case.
-        #[arg(long, default_value_t = 5)]
-        seconds: u64,
-        /// Deliveries to pre-fill for the large-store case (0 skips it).
-        #[arg(long, default_value_t = 1_000_000)]
-        prefill: usize,
-        /// actix-web workers of both servers.
-        #[arg(long, default_value_t = 2)]
-        workers: usize,
-    },
-    /// The bare endpoint `bench` compares against (reads the body, answers 200).
-    #[command(hide = true)]
-    BenchBare {
-        /// Address to serve.
-        #[arg(long)]
-        listen: String,
-        /// Worker threads.
-        #[arg(long, default_value_t = 2)]
-        workers: usize,
-    },
     /// The store of a stopped server.
     Store {
         /// What to do with it.
@@ -238,32 +213,6 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Store {
             command: StoreCommand::Check { config, repair },
         } => store_check(&config, repair),
-        Command::Bench {
-            concurrency,
-            seconds,
-            prefill,
-            workers,
-        } => {
-            let options = crate::bench::BenchOptions {
-                concurrency,
-                seconds,
-                prefill,
-                workers,
-            };
-            match crate::bench::run(&options).await {
-                Ok(results) => {
-                    println!("{}", crate::bench::report(&results, &options));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(e),
-            }
-        }
-        Command::BenchBare { listen, workers } => {
-            match crate::bench::serve_bare(&listen, workers).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(e.to_string()),
-            }
-        }
         Command::Sign { config, fixture } => {
             match load(&config).and_then(|c| crate::fixture::sign_fixture(&c, &fixture)) {
                 Ok(text) => {

@@ -27,7 +27,6 @@
 //! - [`cli`], [`telemetry`], [`clock`]: the command line, logs, time.
 
 pub mod admin_client;
-pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -15,7 +15,6 @@
 //! 7  error                             the one table from errors to HTTP
 //! 8  routes                            thin HTTP endpoints
 //! 9  startup                           builds and runs the service
-//! 10 bench                             the end-to-end benchmark harness
 //! 11 cli                               the command line
 //! ```
 
@@ -42,7 +41,6 @@ const LAYERS: &[(&str, u8)] = &[
     ("error", 7),
     ("routes", 8),
     ("startup", 9),
-    ("bench", 10),
     ("cli", 11),
 ];
 

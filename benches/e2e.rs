@@ -1,8 +1,13 @@
-//! `webhook-inbox bench`: end-to-end load against the real binary, side by side with a bare
-//! actix-web endpoint on the same machine, so every figure comes with the machine's own
-//! ceiling and the ratio holds on a noisy box.
+//! End-to-end load against the real binary, side by side with a bare actix-web endpoint on
+//! the same machine, so every figure comes with the machine's own ceiling and the ratio
+//! holds on a noisy box. Not part of the library or the CLI:
 //!
-//! Each case starts a server process (`serve` on a temp data dir, or `bench-bare`), drives
+//! ```sh
+//! cargo bench --bench e2e -- --seconds 5 --prefill 1000000
+//! ```
+//!
+//! Each case starts a server process (`webhook-inbox serve` on a temp data dir, or this
+//! benchmark itself as the bare endpoint, `--bare`), drives
 //! it with `concurrency` keep-alive connections sending signed, unique deliveries (a share
 //! of them duplicates), and reads the server's RSS from `/proc` and its data dir's size.
 
@@ -14,46 +19,46 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
-use crate::config::{Config, Durability};
-use crate::store::{DeliveryStore, NewDelivery, SledStore};
-use crate::verify::Source;
+use webhook_inbox::config::{Config, Durability};
+use webhook_inbox::store::{DeliveryStore, NewDelivery, SledStore};
+use webhook_inbox::verify::Source;
 
 const SECRET: &str = "whsec_YmVuY2htYXJrLXNlY3JldC1ub3QtZm9yLXByb2R1Y3Rpb24=";
 
 /// What the run measures.
 #[derive(Debug, Clone)]
-pub struct BenchOptions {
+struct BenchOptions {
     /// Connections sending at once.
-    pub concurrency: usize,
+    concurrency: usize,
     /// Measured seconds per case (after a one-second warm-up).
-    pub seconds: u64,
+    seconds: u64,
     /// Deliveries pre-filled for the large-store case (0 skips it).
-    pub prefill: usize,
+    prefill: usize,
     /// actix-web workers of both servers.
-    pub workers: usize,
+    workers: usize,
 }
 
 /// One case's figures.
 #[derive(Debug, Clone, Default)]
-pub struct CaseResult {
+struct CaseResult {
     /// Case name.
-    pub name: String,
+    name: String,
     /// Answered requests per second.
-    pub rate: f64,
+    rate: f64,
     /// Latency percentiles.
-    pub p50: Duration,
+    p50: Duration,
     /// 99th percentile.
-    pub p99: Duration,
+    p99: Duration,
     /// 99.9th percentile.
-    pub p999: Duration,
+    p999: Duration,
     /// Non-2xx answers and connection errors.
-    pub errors: u64,
+    errors: u64,
     /// Server resident memory at the end, bytes.
-    pub rss: u64,
+    rss: u64,
     /// Data dir size divided by the body bytes of the deliveries stored (0 for bare).
-    pub disk_ratio: f64,
+    disk_ratio: f64,
     /// Rate relative to the bare endpoint with the same body size.
-    pub vs_bare: f64,
+    vs_bare: f64,
 }
 
 struct Load {
@@ -180,8 +185,9 @@ async fn wait_ready(url: &str, deadline: Duration) -> Result<Duration, String> {
     Err(format!("{url} never became ready"))
 }
 
+/// The service's own binary, built by cargo for this benchmark.
 fn exe() -> Result<PathBuf, String> {
-    std::env::current_exe().map_err(|e| e.to_string())
+    Ok(PathBuf::from(env!("CARGO_BIN_EXE_webhook-inbox")))
 }
 
 async fn start_inbox(
@@ -215,8 +221,8 @@ async fn start_inbox(
 
 async fn start_bare(workers: usize) -> Result<Server, String> {
     let port = free_port();
-    let child = Command::new(exe()?)
-        .args(["bench-bare", "--listen", &format!("127.0.0.1:{port}")])
+    let child = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+        .args(["--bare", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--workers", &workers.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -236,7 +242,7 @@ async fn start_bare(workers: usize) -> Result<Server, String> {
 }
 
 /// Serves `POST /*`: reads the body, answers 200. The machine's ceiling for the HTTP part.
-pub async fn serve_bare(listen: &str, workers: usize) -> std::io::Result<()> {
+async fn serve_bare(listen: &str, workers: usize) -> std::io::Result<()> {
     use actix_web::{App, HttpResponse, HttpServer, web};
     HttpServer::new(|| {
         App::new().default_service(web::to(|body: Bytes| async move {
@@ -358,7 +364,7 @@ fn bench_source() -> Result<Source, String> {
 }
 
 /// Runs every case and returns the results in order.
-pub async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
+async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
     let source = Arc::new(bench_source()?);
     let mut results = Vec::new();
     let mut bare_rate = std::collections::HashMap::new();
@@ -478,17 +484,17 @@ async fn large_store(
         let store = SledStore::open(&dir.path().join("data"), Durability::Buffered, 64 << 20)
             .map_err(|e| e.to_string())?;
         let started = Instant::now();
-        let now = crate::clock::to_ms(SystemTime::now());
+        let now = webhook_inbox::clock::to_ms(SystemTime::now());
         for n in 0..options.prefill as u64 {
             let b = Bytes::from(body(n + 10_000_000, 1024));
-            let delivery = crate::testing::authenticated(
+            let delivery = webhook_inbox::testing::authenticated(
                 &source,
                 &format!("msg_prefill_{n}"),
                 &b,
                 SystemTime::now(),
             )?;
             let new = NewDelivery::new(delivery, now, vec!["noop".into()], false).acknowledged(
-                crate::store::StoredResponse {
+                webhook_inbox::store::StoredResponse {
                     status: 202,
                     body: "{}".into(),
                 },
@@ -533,7 +539,7 @@ async fn large_store(
 }
 
 /// The results as a Markdown table.
-pub fn report(results: &[CaseResult], options: &BenchOptions) -> String {
+fn report(results: &[CaseResult], options: &BenchOptions) -> String {
     let mut out = format!(
         "c = {}, {} s per case after 1 s warm-up, {} server workers, load generator in the same machine\n\n\
          | case | deliveries/s | vs bare | p50 | p99 | p99.9 | errors | server RSS | disk / body bytes |\n\
@@ -559,4 +565,70 @@ pub fn report(results: &[CaseResult], options: &BenchOptions) -> String {
         ));
     }
     out
+}
+
+/// The command line of `cargo bench --bench e2e -- …`.
+#[derive(Debug, clap::Parser)]
+struct Args {
+    /// Connections sending at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Measured seconds per case.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Deliveries to pre-fill for the large-store case (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    prefill: usize,
+    /// actix-web workers of both servers.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Serve the bare endpoint at `--listen` instead (the benchmark starts itself so).
+    #[arg(long, hide = true)]
+    bare: bool,
+    /// Address of the bare endpoint.
+    #[arg(long, hide = true, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+// The same allocator as the service binary, for the bare endpoint it is compared with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> std::process::ExitCode {
+    let args = <Args as clap::Parser>::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    if args.bare {
+        return match runtime.block_on(serve_bare(&args.listen, args.workers)) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    let options = BenchOptions {
+        concurrency: args.concurrency,
+        seconds: args.seconds,
+        prefill: args.prefill,
+        workers: args.workers,
+    };
+    match runtime.block_on(run(&options)) {
+        Ok(results) => {
+            println!("{}", report(&results, &options));
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
