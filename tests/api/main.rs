@@ -23,3 +23,4 @@ mod schemes;
 mod shutdown;
 mod soak;
 mod store_check;
+mod store_conformance;

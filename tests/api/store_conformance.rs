@@ -1,0 +1,510 @@
+//! The store contract, through the `DeliveryStore` trait only: one suite that any backend
+//! runs (sled here; a PostgreSQL backend adds its factory to `backends()`). Each case gets
+//! a fresh, empty store.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use webhook_inbox::config::{Config, Durability};
+use webhook_inbox::store::{
+    AttemptOutcome, Begin, Claim, DeliveryKey, DeliveryStore, JobStatus, NewDelivery,
+    StoredResponse, TakeOver,
+};
+use webhook_inbox::verify::Source;
+
+type Store = Arc<dyn DeliveryStore>;
+type Case = fn(Store) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+const NOW: u64 = 2_000_000_000_000;
+const LEASE: u64 = NOW + 30_000;
+
+/// Every backend under test: a name and a way to make a fresh store (kept alive by the
+/// returned guard).
+fn backends() -> Vec<(&'static str, fn() -> (Store, Box<dyn std::any::Any + Send>))> {
+    vec![("sled", || {
+        let dir = tempfile::TempDir::new().expect("dir");
+        let store = webhook_inbox::store::SledStore::open(
+            &dir.path().join("data"),
+            Durability::Fsync,
+            8 << 20,
+        )
+        .expect("store");
+        (Arc::new(store), Box::new(dir))
+    })]
+}
+
+fn source() -> Source {
+    let config = Config::parse(
+        "[sources.credicorp]\nsecrets = [\"whsec_Y29uZm9ybWFuY2U=\"]\n",
+        "conformance.toml",
+    )
+    .expect("config");
+    Source::named(&config, "credicorp").expect("source")
+}
+
+fn new(id: &str, body: &str, handlers: &[&str], body_dedup: bool) -> NewDelivery {
+    let d =
+        webhook_inbox::testing::authenticated(&source(), id, body.as_bytes(), SystemTime::now())
+            .expect("signed");
+    NewDelivery::new(
+        d,
+        NOW - 1000,
+        handlers.iter().map(|h| h.to_string()).collect(),
+        body_dedup,
+    )
+    .acknowledged(StoredResponse {
+        status: 202,
+        body: format!("{{\"delivery_id\":\"{id}\"}}"),
+    })
+}
+
+fn key(id: &str) -> DeliveryKey {
+    DeliveryKey::new("credicorp", id)
+}
+
+async fn claim_new_then_existing(store: Store) {
+    let first = new("c1", r#"{"type":"a"}"#, &["h"], false);
+    assert!(matches!(
+        store.claim(first).await.expect("claim"),
+        Claim::New
+    ));
+    match store
+        .claim(new("c1", r#"{"type":"a"}"#, &["h"], false))
+        .await
+    {
+        Ok(Claim::Existing(r)) => {
+            assert_eq!(r.id, "c1");
+            assert_eq!(r.response.expect("answer").body, r#"{"delivery_id":"c1"}"#);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Another body under the same id: the stored record, whose fingerprint differs.
+    match store
+        .claim(new("c1", r#"{"type":"b"}"#, &["h"], false))
+        .await
+    {
+        Ok(Claim::Existing(r)) => assert_ne!(
+            r.fingerprint,
+            webhook_inbox::domain::fingerprint(br#"{"type":"b"}"#)
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        store.body(&key("c1")).await.expect("body"),
+        Some(Bytes::from_static(br#"{"type":"a"}"#))
+    );
+}
+
+async fn concurrent_claims_of_one_id_have_one_winner(store: Store) {
+    let tasks: Vec<_> = (0..24)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .claim(new("c2", r#"{"type":"a"}"#, &["h"], false))
+                    .await
+                    .expect("claim")
+            })
+        })
+        .collect();
+    let mut news = 0;
+    for t in tasks {
+        news += usize::from(matches!(t.await.expect("task"), Claim::New));
+    }
+    assert_eq!(news, 1);
+    assert_eq!(
+        store
+            .due_jobs(u64::MAX, 100, &|_| false)
+            .expect("queue")
+            .len(),
+        1
+    );
+}
+
+async fn one_body_under_many_ids_is_one_delivery_and_aliases(store: Store) {
+    let tasks: Vec<_> = (0..12)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let id = format!("b{n}");
+                let claim = store
+                    .claim(new(&id, r#"{"same":"body"}"#, &["h"], true))
+                    .await
+                    .expect("claim");
+                (id, claim)
+            })
+        })
+        .collect();
+    let mut first = None;
+    let mut aliases = Vec::new();
+    for t in tasks {
+        match t.await.expect("task") {
+            (id, Claim::New) => {
+                assert!(first.replace(id).is_none(), "two new claims for one body");
+            }
+            (id, Claim::BodyDuplicate(of)) => aliases.push((id, of.id)),
+            other => panic!("{other:?}"),
+        }
+    }
+    let first = first.expect("one new claim");
+    assert_eq!(aliases.len(), 11);
+    for (alias, of) in &aliases {
+        assert_eq!(of, &first);
+        let record = store
+            .record(&key(alias))
+            .await
+            .expect("read")
+            .expect("stored");
+        assert_eq!(record.alias_of.as_deref(), Some(first.as_str()));
+        assert!(record.handlers.is_empty(), "an alias runs nothing");
+        // Its redelivery is answered as the first.
+        match store
+            .claim(new(alias, r#"{"same":"body"}"#, &["h"], true))
+            .await
+            .expect("claim")
+        {
+            Claim::Existing(r) => assert_eq!(r.id, first),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        store
+            .due_jobs(u64::MAX, 100, &|_| false)
+            .expect("queue")
+            .len(),
+        1
+    );
+}
+
+async fn a_run_has_one_runner_and_a_success_is_final(store: Store) {
+    store
+        .claim(new("r1", "{}", &["h"], false))
+        .await
+        .expect("claim");
+    let due = store.due_jobs(u64::MAX, 10, &|_| false).expect("queue");
+    let entry = due.first().expect("due").clone();
+    let Begin::Started(attempt) = store
+        .begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
+        .await
+        .expect("begin")
+    else {
+        panic!("runnable")
+    };
+    assert_eq!(attempt.attempt, 1);
+    assert_eq!(attempt.body, Bytes::from_static(b"{}"));
+    // A second runner (same entry, or inline) is refused while the lease lives.
+    assert!(matches!(
+        store.begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE).await.expect("begin"),
+        Begin::Busy { until_ms } if until_ms == LEASE
+    ));
+    assert!(matches!(
+        store
+            .begin_attempt(&entry.job, None, NOW, LEASE)
+            .await
+            .expect("begin"),
+        Begin::Busy { .. }
+    ));
+    assert!(
+        store
+            .renew_job_lease(&entry.job, 1, LEASE + 1000)
+            .await
+            .expect("renew")
+    );
+    assert!(
+        !store
+            .renew_job_lease(&entry.job, 2, LEASE + 1000)
+            .await
+            .expect("renew")
+    );
+    store
+        .finish_attempt(&entry.job, 1, AttemptOutcome::Succeeded, NOW)
+        .await
+        .expect("finish");
+    assert!(matches!(
+        store
+            .begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
+            .await
+            .expect("begin"),
+        Begin::Skipped
+    ));
+    assert!(
+        store
+            .due_jobs(u64::MAX, 10, &|_| false)
+            .expect("queue")
+            .is_empty()
+    );
+    // A late failure of a superseded attempt does not undo the success.
+    store
+        .finish_attempt(
+            &entry.job,
+            1,
+            AttemptOutcome::RetryAt {
+                due_ms: NOW,
+                error: "late".into(),
+            },
+            NOW,
+        )
+        .await
+        .expect("finish");
+    assert_eq!(
+        store
+            .job(&entry.job)
+            .await
+            .expect("job")
+            .expect("state")
+            .status,
+        JobStatus::Succeeded
+    );
+}
+
+async fn a_failure_moves_the_entry_and_a_stale_entry_runs_nothing(store: Store) {
+    store
+        .claim(new("r2", "{}", &["h"], false))
+        .await
+        .expect("claim");
+    let entry = store.due_jobs(u64::MAX, 10, &|_| false).expect("queue")[0].clone();
+    let Begin::Started(a) = store
+        .begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
+        .await
+        .expect("begin")
+    else {
+        panic!("runnable")
+    };
+    store
+        .finish_attempt(
+            &entry.job,
+            a.attempt,
+            AttemptOutcome::RetryAt {
+                due_ms: NOW + 5000,
+                error: "down".into(),
+            },
+            NOW,
+        )
+        .await
+        .expect("finish");
+    let due = store.due_jobs(u64::MAX, 10, &|_| false).expect("queue");
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].due_ms, NOW + 5000);
+    assert!(
+        store
+            .due_jobs(NOW, 10, &|_| false)
+            .expect("queue")
+            .is_empty()
+    );
+    // The old entry is gone: a runner holding it starts nothing.
+    assert!(matches!(
+        store
+            .begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
+            .await
+            .expect("begin"),
+        Begin::Skipped
+    ));
+    let Begin::Started(b) = store
+        .begin_attempt(&entry.job, Some(NOW + 5000), NOW + 5000, LEASE + 5000)
+        .await
+        .expect("begin")
+    else {
+        panic!("runnable")
+    };
+    assert_eq!(b.attempt, 2);
+}
+
+async fn dead_letters_retry_with_a_fresh_budget_and_running_pairs_are_left_alone(store: Store) {
+    store
+        .claim(new("r3", "{}", &["dies", "runs"], false))
+        .await
+        .expect("claim");
+    let due = store.due_jobs(u64::MAX, 10, &|_| false).expect("queue");
+    for entry in &due {
+        let Begin::Started(a) = store
+            .begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
+            .await
+            .expect("begin")
+        else {
+            panic!("runnable")
+        };
+        if entry.job.handler == "dies" {
+            store
+                .finish_attempt(
+                    &entry.job,
+                    a.attempt,
+                    AttemptOutcome::Dead { error: "no".into() },
+                    NOW,
+                )
+                .await
+                .expect("finish");
+        }
+    }
+    assert_eq!(store.dead_letters(), 1);
+    let requeued = store.retry(&key("r3"), NOW).await.expect("retry");
+    assert_eq!(
+        requeued,
+        vec!["dies".to_owned()],
+        "the running pair is left alone"
+    );
+    assert_eq!(store.dead_letters(), 0);
+    let dies = key("r3").job("dies");
+    let Begin::Started(a) = store
+        .begin_attempt(&dies, Some(NOW), NOW, LEASE)
+        .await
+        .expect("begin")
+    else {
+        panic!("runnable")
+    };
+    assert_eq!((a.attempt, a.attempts_in_round), (2, 1));
+}
+
+async fn retention_keeps_what_is_due_and_forgets_what_is_final(store: Store) {
+    store
+        .claim(new("e1", r#"{"n":1}"#, &[], false))
+        .await
+        .expect("claim");
+    store
+        .claim(new("e2", r#"{"n":2}"#, &["h"], false))
+        .await
+        .expect("claim");
+    let expired = store.expire(NOW, 100).await.expect("expire");
+    assert_eq!((expired.removed, expired.kept), (1, 1));
+    assert!(store.record(&key("e1")).await.expect("read").is_none());
+    assert!(store.record(&key("e2")).await.expect("read").is_some());
+    assert!(matches!(
+        store
+            .claim(new("e1", r#"{"n":1}"#, &[], false))
+            .await
+            .expect("claim"),
+        Claim::New
+    ));
+}
+
+async fn a_forgotten_body_is_still_a_replay_by_its_fingerprint(store: Store) {
+    store
+        .claim(new("f1", r#"{"fp":1}"#, &[], true))
+        .await
+        .expect("claim");
+    assert_eq!(store.expire(NOW, 100).await.expect("expire").removed, 1);
+    match store
+        .claim(new("f1", r#"{"fp":1}"#, &[], true))
+        .await
+        .expect("claim")
+    {
+        Claim::Existing(r) => {
+            assert_eq!(r.response.expect("answer").body, r#"{"delivery_id":"f1"}"#)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        store.claim(new("f2", r#"{"fp":1}"#, &[], true)).await.expect("claim"),
+        Claim::BodyDuplicate(first) if first.id == "f1"
+    ));
+    // Past the fingerprint retention too, the body is new again.
+    store.expire_fingerprints(NOW, 100).await.expect("expire");
+    store.expire(NOW, 100).await.expect("expire");
+    assert!(matches!(
+        store
+            .claim(new("f3", r#"{"fp":1}"#, &[], true))
+            .await
+            .expect("claim"),
+        Claim::New
+    ));
+}
+
+async fn a_processed_lease_is_taken_over_only_once_lapsed(store: Store) {
+    let d = webhook_inbox::testing::authenticated(&source(), "p1", b"{}", SystemTime::now())
+        .expect("signed");
+    let pending = NewDelivery::new(d, NOW, vec!["h".into()], false).leased_until(NOW + 1000);
+    assert!(matches!(
+        store.claim(pending).await.expect("claim"),
+        Claim::New
+    ));
+    assert!(matches!(
+        store.take_over(&key("p1"), NOW, NOW + 2000).await.expect("take over"),
+        TakeOver::Held { until_ms } if until_ms == NOW + 1000
+    ));
+    assert!(
+        store
+            .renew_lease(&key("p1"), NOW + 5000)
+            .await
+            .expect("renew")
+    );
+    assert!(matches!(
+        store.take_over(&key("p1"), NOW + 2000, NOW + 9000).await.expect("take over"),
+        TakeOver::Held { until_ms } if until_ms == NOW + 5000
+    ));
+    assert!(matches!(
+        store
+            .take_over(&key("p1"), NOW + 6000, NOW + 9000)
+            .await
+            .expect("take over"),
+        TakeOver::Acquired(_)
+    ));
+    let answer = StoredResponse {
+        status: 200,
+        body: "{}".into(),
+    };
+    store
+        .release(&key("p1"), Some(answer.clone()))
+        .await
+        .expect("release");
+    assert!(matches!(
+        store.take_over(&key("p1"), NOW + 99_000, NOW + 99_999).await.expect("take over"),
+        TakeOver::Final(r) if r.response == Some(answer)
+    ));
+    assert!(
+        !store
+            .renew_lease(&key("p1"), NOW + 99_999)
+            .await
+            .expect("renew")
+    );
+}
+
+const CASES: &[(&str, Case)] = &[
+    ("claim_new_then_existing", |s| {
+        Box::pin(claim_new_then_existing(s))
+    }),
+    ("concurrent_claims_of_one_id_have_one_winner", |s| {
+        Box::pin(concurrent_claims_of_one_id_have_one_winner(s))
+    }),
+    ("one_body_under_many_ids_is_one_delivery_and_aliases", |s| {
+        Box::pin(one_body_under_many_ids_is_one_delivery_and_aliases(s))
+    }),
+    ("a_run_has_one_runner_and_a_success_is_final", |s| {
+        Box::pin(a_run_has_one_runner_and_a_success_is_final(s))
+    }),
+    (
+        "a_failure_moves_the_entry_and_a_stale_entry_runs_nothing",
+        |s| Box::pin(a_failure_moves_the_entry_and_a_stale_entry_runs_nothing(s)),
+    ),
+    (
+        "dead_letters_retry_with_a_fresh_budget_and_running_pairs_are_left_alone",
+        |s| Box::pin(dead_letters_retry_with_a_fresh_budget_and_running_pairs_are_left_alone(s)),
+    ),
+    (
+        "retention_keeps_what_is_due_and_forgets_what_is_final",
+        |s| Box::pin(retention_keeps_what_is_due_and_forgets_what_is_final(s)),
+    ),
+    (
+        "a_forgotten_body_is_still_a_replay_by_its_fingerprint",
+        |s| Box::pin(a_forgotten_body_is_still_a_replay_by_its_fingerprint(s)),
+    ),
+    ("a_processed_lease_is_taken_over_only_once_lapsed", |s| {
+        Box::pin(a_processed_lease_is_taken_over_only_once_lapsed(s))
+    }),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_backend_meets_the_store_contract() {
+    for (backend, make) in backends() {
+        for (name, case) in CASES {
+            let (store, guard) = make();
+            let run = tokio::spawn(case(store.clone()));
+            if let Err(e) = run.await {
+                panic!("{backend}: {name} failed: {e}");
+            }
+            drop(store);
+            drop(guard);
+        }
+    }
+}
