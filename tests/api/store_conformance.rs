@@ -17,13 +17,15 @@ use webhook_inbox::verify::Source;
 
 type Store = Arc<dyn DeliveryStore>;
 type Case = fn(Store) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+/// Makes a fresh store, and what keeps it alive (its temp dir…).
+type MakeStore = fn() -> (Store, Box<dyn std::any::Any + Send>);
 
 const NOW: u64 = 2_000_000_000_000;
 const LEASE: u64 = NOW + 30_000;
 
 /// Every backend under test: a name and a way to make a fresh store (kept alive by the
 /// returned guard).
-fn backends() -> Vec<(&'static str, fn() -> (Store, Box<dyn std::any::Any + Send>))> {
+fn backends() -> Vec<(&'static str, MakeStore)> {
     vec![("sled", || {
         let dir = tempfile::TempDir::new().expect("dir");
         let store = webhook_inbox::store::SledStore::open(
