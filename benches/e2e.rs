@@ -492,7 +492,8 @@ async fn large_store(
                 &format!("msg_prefill_{n}"),
                 &b,
                 SystemTime::now(),
-            )?;
+            )
+            .map_err(|e| e.to_string())?;
             let new = NewDelivery::new(delivery, now, vec!["noop".into()], false).acknowledged(
                 webhook_inbox::store::StoredResponse {
                     status: 202,

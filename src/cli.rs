@@ -214,7 +214,9 @@ pub async fn run(cli: Cli) -> ExitCode {
             command: StoreCommand::Check { config, repair },
         } => store_check(&config, repair),
         Command::Sign { config, fixture } => {
-            match load(&config).and_then(|c| crate::fixture::sign_fixture(&c, &fixture)) {
+            match load(&config)
+                .and_then(|c| crate::fixture::sign_fixture(&c, &fixture).map_err(|e| e.to_string()))
+            {
                 Ok(text) => {
                     print!("{text}");
                     ExitCode::SUCCESS
@@ -315,7 +317,9 @@ async fn deliveries(command: DeliveriesCommand) -> ExitCode {
                 ..
             } => {
                 let text = if *data_dir {
-                    crate::export::export_from_data_dir(&config, source, id).await?
+                    crate::export::export_from_data_dir(&config, source, id)
+                        .await
+                        .map_err(|e| e.to_string())?
                 } else {
                     pretty(&client.fixture(source, id).await?)
                 };
@@ -388,7 +392,7 @@ fn load(path: &std::path::Path) -> Result<Config, String> {
     Ok(config)
 }
 
-fn fail(message: String) -> ExitCode {
+fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {message}");
     ExitCode::FAILURE
 }

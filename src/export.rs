@@ -3,8 +3,24 @@
 
 use crate::config::Config;
 use crate::fixture::Fixture;
-use crate::store::{DeliveryKey, DeliveryStore, SledStore};
+use crate::store::{DeliveryKey, DeliveryStore, SledStore, StoreError};
 use crate::verify::Source;
+
+/// Why a delivery could not be exported.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// The store could not be opened or read (a running server holds it, say).
+    #[error("{}: {source}", path.display())]
+    Store {
+        /// `storage.path`.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: StoreError,
+    },
+    /// No such delivery is stored.
+    #[error("no delivery {0} is stored")]
+    NotFound(DeliveryKey),
+}
 
 /// The fixture of `(source, id)` in `store`, or `None` when it is not stored.
 pub async fn fixture_of(
@@ -12,12 +28,9 @@ pub async fn fixture_of(
     config: &Config,
     source: &str,
     id: &str,
-) -> Result<Option<Fixture>, String> {
+) -> Result<Option<Fixture>, StoreError> {
     let key = DeliveryKey::new(source, id);
-    let (Some(record), Some(body)) = (
-        store.record(&key).await.map_err(|e| e.to_string())?,
-        store.body(&key).await.map_err(|e| e.to_string())?,
-    ) else {
+    let (Some(record), Some(body)) = (store.record(&key).await?, store.body(&key).await?) else {
         return Ok(None);
     };
     // The id header is where `replay` puts the id; keep it out of the fixture's headers.
@@ -37,16 +50,17 @@ pub async fn export_from_data_dir(
     config: &Config,
     source: &str,
     id: &str,
-) -> Result<String, String> {
+) -> Result<String, ExportError> {
+    let store_error = |source| ExportError::Store {
+        path: config.storage.path.clone(),
+        source,
+    };
     let store = SledStore::open(&config.storage.path, config.storage.durability, 16 << 20)
-        .map_err(|e| {
-            format!(
-                "opening {}: {e} (is the server running? stop it first)",
-                config.storage.path.display()
-            )
-        })?;
+        .map_err(store_error)?;
     let fixture = fixture_of(&store, config, source, id)
-        .await?
-        .ok_or_else(|| format!("no delivery {source}/{id} is stored"))?;
-    serde_json::to_string_pretty(&fixture).map_err(|e| e.to_string())
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| ExportError::NotFound(DeliveryKey::new(source, id)))?;
+    // A fixture is strings and JSON values: it always serializes.
+    Ok(serde_json::to_string_pretty(&fixture).expect("a fixture serializes"))
 }

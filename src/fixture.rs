@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::store::DeliveryRecord;
 use crate::verify::Source;
 
@@ -70,12 +70,55 @@ const TRANSPORT_HEADERS: [&str; 17] = [
     "x-slack-request-timestamp",
 ];
 
+/// Why a fixture could not be read or signed.
+#[derive(Debug, thiserror::Error)]
+pub enum FixtureError {
+    /// The file could not be read.
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A directory could not be listed.
+    #[error("{}: cannot list: {source}", path.display())]
+    List {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not a fixture.
+    #[error("{}: {source}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: serde_json::Error,
+    },
+    /// Neither or both of `body` and `body_raw`.
+    #[error("fixture `{id}`: give exactly one of `body` and `body_raw`")]
+    Body {
+        /// The fixture's id.
+        id: String,
+    },
+    /// Its source is not configured, or cannot be built.
+    #[error(transparent)]
+    Source(#[from] ConfigError),
+}
+
 impl Fixture {
     /// Reads a fixture file.
-    pub fn load(path: &Path) -> Result<Fixture, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Fixture, FixtureError> {
+        let text = std::fs::read_to_string(path).map_err(|source| FixtureError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| FixtureError::Parse {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     /// The fixture of a stored delivery. The body stays `body` (JSON) when sending it compact
@@ -108,7 +151,7 @@ impl Fixture {
 
     /// The body bytes as they are sent, with `id` written at `id_pointer` when the source
     /// reads the id from a JSON body.
-    pub fn body_bytes(&self, id: &str, id_pointer: Option<&str>) -> Result<Vec<u8>, String> {
+    pub fn body_bytes(&self, id: &str, id_pointer: Option<&str>) -> Result<Vec<u8>, FixtureError> {
         match (&self.body, &self.body_raw) {
             (Some(v), None) => {
                 let mut v = v.clone();
@@ -118,10 +161,9 @@ impl Fixture {
                 Ok(v.to_string().into_bytes())
             }
             (None, Some(raw)) => Ok(raw.clone().into_bytes()),
-            _ => Err(format!(
-                "fixture `{}`: give exactly one of `body` and `body_raw`",
-                self.id
-            )),
+            _ => Err(FixtureError::Body {
+                id: self.id.clone(),
+            }),
         }
     }
 
@@ -133,7 +175,7 @@ impl Fixture {
         id: &str,
         now: SystemTime,
         tamper: bool,
-    ) -> Result<SignedRequest, String> {
+    ) -> Result<SignedRequest, FixtureError> {
         let body = self.body_bytes(id, source.id_pointer())?;
         let mut headers: Vec<(String, String)> =
             vec![("content-type".into(), "application/json".into())];
@@ -158,18 +200,20 @@ impl Fixture {
     }
 
     /// Signs this fixture under its own id, now.
-    pub fn sign(&self, config: &Config, now: SystemTime) -> Result<SignedRequest, String> {
+    pub fn sign(&self, config: &Config, now: SystemTime) -> Result<SignedRequest, FixtureError> {
         self.sign_as(&Source::named(config, &self.source)?, &self.id, now, false)
     }
 }
 
 /// Every `*.json` file under `paths` (files as given, directories recursively), sorted.
-pub fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
-        let entries =
-            std::fs::read_dir(dir).map_err(|e| format!("{}: cannot list: {e}", dir.display()))?;
-        for entry in entries {
-            let path = entry.map_err(|e| e.to_string())?.path();
+pub fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, FixtureError> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), FixtureError> {
+        let list = |source| FixtureError::List {
+            path: dir.to_owned(),
+            source,
+        };
+        for entry in std::fs::read_dir(dir).map_err(list)? {
+            let path = entry.map_err(list)?.path();
             if path.is_dir() {
                 walk(&path, out)?;
             } else if path.extension().is_some_and(|e| e == "json") {
@@ -191,7 +235,7 @@ pub fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
 }
 
 /// `webhook-inbox sign`: the request as text, headers then a blank line then the body.
-pub fn sign_fixture(config: &Config, path: &Path) -> Result<String, String> {
+pub fn sign_fixture(config: &Config, path: &Path) -> Result<String, FixtureError> {
     let request = Fixture::load(path)?.sign(config, SystemTime::now())?;
     let mut out = format!("POST {}\n", request.path);
     for (k, v) in &request.headers {

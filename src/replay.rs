@@ -100,15 +100,35 @@ struct Job {
     copy: usize,
 }
 
+/// Why a replay could not run (answers it got are in the [`Summary`], not here).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// No fixture file under the paths given.
+    #[error("no fixture files found")]
+    NoFixtures,
+    /// A fixture could not be read or signed.
+    #[error(transparent)]
+    Fixture(#[from] crate::fixture::FixtureError),
+    /// A fixture's source is not configured or cannot be built.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The HTTP client could not be built.
+    #[error("building the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    /// A sender task failed.
+    #[error("a sender stopped: {0}")]
+    Sender(#[from] tokio::task::JoinError),
+}
+
 /// Sends every fixture under `paths` as `options` says.
 pub async fn run(
     config: &Config,
     paths: &[PathBuf],
     options: &ReplayOptions,
-) -> Result<Summary, String> {
+) -> Result<Summary, ReplayError> {
     let files = collect(paths)?;
     if files.is_empty() {
-        return Err("no fixture files found".into());
+        return Err(ReplayError::NoFixtures);
     }
     let mut jobs = Vec::new();
     // Each source's secrets are decoded once, not per request.
@@ -140,8 +160,7 @@ pub async fn run(
     let summary = Arc::new(Mutex::new(Summary::default()));
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
-        .build()
-        .map_err(|e| e.to_string())?;
+        .build()?;
     let progress = total > 20 && !options.verbose && std::io::stderr().is_terminal();
     let run_id = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -174,7 +193,7 @@ pub async fn run(
         })
         .collect();
     for w in workers {
-        w.await.map_err(|e| e.to_string())?;
+        w.await?;
     }
     if progress {
         eprintln!();

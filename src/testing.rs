@@ -42,6 +42,40 @@ use crate::handlers::{Delivery, Handler, HandlerContext, HandlerError};
 use crate::store::DeliveryKey;
 use crate::verify::{Authenticated, AuthenticatedDelivery, Headers, Source};
 
+/// Why the kit could not make a delivery.
+#[derive(Debug, thiserror::Error)]
+pub enum KitError {
+    /// The fixture could not be read or signed.
+    #[error(transparent)]
+    Fixture(#[from] crate::fixture::FixtureError),
+    /// The source is not configured, or cannot be built.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The signed request did not authenticate.
+    #[error(transparent)]
+    Auth(#[from] crate::verify::AuthError),
+    /// The body is a provider handshake, which is answered and never becomes a delivery.
+    #[error("the body is a provider handshake, not a delivery")]
+    Handshake,
+}
+
+/// How a handler breaks the contract every handler must meet ([`check_conformance`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Nonconformance {
+    /// It failed on a valid delivery.
+    #[error("a valid delivery failed: {0}")]
+    FirstRunFailed(HandlerError),
+    /// It failed when re-run with the same key (a retry after a crash).
+    #[error("a re-run with the same key failed: {0}")]
+    RerunFailed(HandlerError),
+    /// It kept running after the shutdown signal.
+    #[error("ignored the shutdown signal for 10 s")]
+    IgnoredShutdown,
+    /// Shutdown made it fail for good (it must be retried instead).
+    #[error("shutdown turned into a permanent failure: {0}")]
+    PermanentOnShutdown(String),
+}
+
 /// A delivery with the given fields, received now, attempt 1.
 pub fn delivery(source: &str, id: &str, event_type: Option<&str>, body: &str) -> Delivery {
     Delivery {
@@ -58,18 +92,15 @@ pub fn delivery(source: &str, id: &str, event_type: Option<&str>, body: &str) ->
 /// The delivery a fixture becomes once signed by its sender and checked by the service
 /// (`config` provides the source's scheme and secrets): the real authentication path, so
 /// the event type and id are read exactly as in production.
-pub fn delivery_from_fixture(config: &Config, path: &Path) -> Result<Delivery, String> {
+pub fn delivery_from_fixture(config: &Config, path: &Path) -> Result<Delivery, KitError> {
     let fixture = Fixture::load(path)?;
     let source = Source::named(config, &fixture.source)?;
     let request = fixture.sign_as(&source, &fixture.id, SystemTime::now(), false)?;
-    match source
-        .authenticate(
-            Headers::from_pairs(request.headers),
-            Bytes::from(request.body),
-            SystemTime::now(),
-        )
-        .map_err(|e| e.to_string())?
-    {
+    match source.authenticate(
+        Headers::from_pairs(request.headers),
+        Bytes::from(request.body),
+        SystemTime::now(),
+    )? {
         Authenticated::Delivery(d) => {
             let (source, id, event_type, headers, body) = d.into_parts();
             Ok(Delivery {
@@ -82,7 +113,7 @@ pub fn delivery_from_fixture(config: &Config, path: &Path) -> Result<Delivery, S
                 body,
             })
         }
-        Authenticated::Handshake(_) => Err("the fixture is a provider handshake".into()),
+        Authenticated::Handshake(_) => Err(KitError::Handshake),
     }
 }
 
@@ -94,14 +125,11 @@ pub fn authenticated(
     id: &str,
     body: &[u8],
     now: SystemTime,
-) -> Result<AuthenticatedDelivery, String> {
+) -> Result<AuthenticatedDelivery, KitError> {
     let headers = Headers::from_pairs(source.sign(id, body, now));
-    match source
-        .authenticate(headers, Bytes::copy_from_slice(body), now)
-        .map_err(|e| e.to_string())?
-    {
+    match source.authenticate(headers, Bytes::copy_from_slice(body), now)? {
         Authenticated::Delivery(d) => Ok(d),
-        Authenticated::Handshake(_) => Err("the body is a provider handshake".into()),
+        Authenticated::Handshake(_) => Err(KitError::Handshake),
     }
 }
 
@@ -179,20 +207,17 @@ pub async fn check_conformance(
     handler: &dyn Handler,
     handler_name: &str,
     delivery: &Delivery,
-) -> Result<(), String> {
+) -> Result<(), Nonconformance> {
     let (first, second) = run_twice(handler, handler_name, delivery).await;
-    first.map_err(|e| format!("a valid delivery failed: {e}"))?;
-    second.map_err(|e| format!("a re-run with the same key failed: {e}"))?;
+    first.map_err(Nonconformance::FirstRunFailed)?;
+    second.map_err(Nonconformance::RerunFailed)?;
     let ctx = context(handler_name, delivery);
     ctx.shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), handler.handle(delivery, &ctx))
         .await
-        .map_err(|_| "ignored the shutdown signal for 10 s".to_owned())?
-        .map(|_| ())
+        .map_err(|_| Nonconformance::IgnoredShutdown)?
         .or_else(|e| match e {
             HandlerError::Retryable(_) => Ok(()),
-            HandlerError::Permanent(m) => {
-                Err(format!("shutdown turned into a permanent failure: {m}"))
-            }
+            HandlerError::Permanent(m) => Err(Nonconformance::PermanentOnShutdown(m)),
         })
 }

@@ -12,7 +12,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
 use super::mac::{hmac_sha256, matches_any, tag};
-use super::{Field, Headers, Secret, SignatureScheme, Verified, VerifyError, skew, unix_seconds};
+use super::{
+    Field, Headers, SchemeError, Secret, SignatureScheme, Verified, VerifyError, skew, unix_seconds,
+};
 
 pub use crate::config::Encoding;
 
@@ -25,7 +27,11 @@ enum Part {
 }
 
 /// Parses a signed-content template; `{body}` is required.
-fn parse_template(template: &str) -> Result<Vec<Part>, String> {
+fn parse_template(template: &str) -> Result<Vec<Part>, SchemeError> {
+    let bad = |problem| SchemeError::Template {
+        template: template.to_owned(),
+        problem,
+    };
     let mut parts = Vec::new();
     let mut rest = template;
     while !rest.is_empty() {
@@ -33,18 +39,14 @@ fn parse_template(template: &str) -> Result<Vec<Part>, String> {
             if open > 0 {
                 parts.push(Part::Literal(rest.as_bytes()[..open].to_vec()));
             }
-            let close = rest[open..]
-                .find('}')
-                .ok_or_else(|| format!("signed_content `{template}`: unclosed `{{`"))?;
+            let close = rest[open..].find('}').ok_or_else(|| bad("unclosed `{`"))?;
             let name = &rest[open + 1..open + close];
             parts.push(match name {
                 "id" => Part::Id,
                 "timestamp" => Part::Timestamp,
                 "body" => Part::Body,
-                other => {
-                    return Err(format!(
-                        "signed_content `{template}`: unknown placeholder `{{{other}}}` (use {{id}}, {{timestamp}}, {{body}})"
-                    ));
+                _ => {
+                    return Err(bad("unknown placeholder (use {id}, {timestamp}, {body})"));
                 }
             });
             rest = &rest[open + close + 1..];
@@ -54,7 +56,7 @@ fn parse_template(template: &str) -> Result<Vec<Part>, String> {
         }
     }
     if !parts.contains(&Part::Body) {
-        return Err(format!("signed_content `{template}` must contain {{body}}"));
+        return Err(bad("must contain {body}"));
     }
     Ok(parts)
 }
@@ -96,12 +98,12 @@ pub struct HmacScheme {
 
 impl HmacScheme {
     /// Builds the scheme; the error names what is wrong, never a secret.
-    pub fn new(secrets: &[String], settings: HmacSettings) -> Result<HmacScheme, String> {
+    pub fn new(secrets: &[String], settings: HmacSettings) -> Result<HmacScheme, SchemeError> {
         if secrets.iter().any(String::is_empty) {
-            return Err("a secret is empty".into());
+            return Err(SchemeError::EmptySecret);
         }
         if secrets.is_empty() {
-            return Err("no secrets".into());
+            return Err(SchemeError::NoSecrets);
         }
         let default = if settings.timestamp_header.is_some() {
             "{timestamp}.{body}"
@@ -110,10 +112,16 @@ impl HmacScheme {
         };
         let template = parse_template(settings.signed_content.as_deref().unwrap_or(default))?;
         if template.contains(&Part::Timestamp) && settings.timestamp_header.is_none() {
-            return Err("signed_content uses {timestamp} but timestamp_header is not set".into());
+            return Err(SchemeError::Unconfigured {
+                placeholder: "timestamp",
+                key: "timestamp_header",
+            });
         }
         if template.contains(&Part::Id) && settings.id_header.is_none() {
-            return Err("signed_content uses {id} but id_header is not set".into());
+            return Err(SchemeError::Unconfigured {
+                placeholder: "id",
+                key: "id_header",
+            });
         }
         Ok(HmacScheme {
             secrets: secrets

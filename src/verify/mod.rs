@@ -94,6 +94,42 @@ pub struct Verified {
     pub signed_id: Option<String>,
 }
 
+/// Why a scheme could not be built from its keys and settings. Never shows a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchemeError {
+    /// No secret configured.
+    #[error("no secrets")]
+    NoSecrets,
+    /// One secret is the empty string.
+    #[error("a secret is empty")]
+    EmptySecret,
+    /// `standard-webhooks`: neither secrets nor public keys.
+    #[error("no secrets and no public keys")]
+    NoKeys,
+    /// `standard-webhooks`: secret number `.0` (from 1) does not decode.
+    #[error("secret #{0} is not `whsec_` followed by base64")]
+    BadSecret(usize),
+    /// `standard-webhooks`: public key number `.0` (from 1) is not an ed25519 key.
+    #[error("public key #{0} is not `whpk_` followed by a base64 ed25519 key")]
+    BadPublicKey(usize),
+    /// `hmac-sha256`: the `signed_content` template is malformed.
+    #[error("signed_content `{template}`: {problem}")]
+    Template {
+        /// The template as configured.
+        template: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// `hmac-sha256`: the template signs a value whose header is not configured.
+    #[error("signed_content uses {{{placeholder}}} but {key} is not set")]
+    Unconfigured {
+        /// The placeholder, `id` or `timestamp`.
+        placeholder: &'static str,
+        /// The missing key.
+        key: &'static str,
+    },
+}
+
 /// Why a request is not an authenticated delivery: the signature rows of design.md's
 /// "Checks" table, then the id and event-type rows. HTTP-free; `error.rs` maps each to its
 /// status and code.
@@ -344,7 +380,7 @@ impl Source {
             ));
         }
         let secrets_error =
-            |e: String| ConfigError::new(file, format!("sources.{name}.secrets: {e}"));
+            |e: SchemeError| ConfigError::new(file, format!("sources.{name}.secrets: {e}"));
         let scheme: Box<dyn SignatureScheme> = match config.scheme {
             SchemeName::StandardWebhooks => Box::new(
                 StandardWebhooks::with_public_keys(&raw_secrets, &config.public_keys)
@@ -440,15 +476,13 @@ impl Source {
 
     /// The source `name` of `config`, secrets read from the process environment: how the
     /// client-side tools (`sign`, `replay`, `export`, the test kit) see a source.
-    pub fn named(config: &crate::config::Config, name: &str) -> Result<Source, String> {
-        let source_config = config
-            .sources
-            .get(name)
-            .ok_or_else(|| format!("source `{name}` is not in {}", config.file))?;
+    pub fn named(config: &crate::config::Config, name: &str) -> Result<Source, ConfigError> {
+        let source_config = config.sources.get(name).ok_or_else(|| {
+            ConfigError::new(&config.file, format!("source `{name}` is not configured"))
+        })?;
         Source::from_config(name, source_config, &config.file, &|k| {
             std::env::var(k).ok()
         })
-        .map_err(|e| e.to_string())
     }
 
     /// Runs the signature, id and JSON checks of design.md, in the contract's order.

@@ -8,10 +8,10 @@
 //! | slack   | `X-Slack-Signature: v0=<hex>` | `v0:{timestamp}:{body}` | body `/event_id` (JSON) or the body's fingerprint (forms) | `/event/type` |
 
 use super::hmac_generic::{Encoding, HmacScheme, HmacSettings};
-use super::{Field, FieldError};
+use super::{Field, FieldError, SchemeError};
 
 /// GitHub: no timestamp, so no tolerance; the delivery id header is not signed.
-pub fn github(secrets: &[String]) -> Result<HmacScheme, String> {
+pub fn github(secrets: &[String]) -> Result<HmacScheme, SchemeError> {
     HmacScheme::new(
         secrets,
         HmacSettings {
@@ -29,7 +29,7 @@ pub fn github(secrets: &[String]) -> Result<HmacScheme, String> {
 }
 
 /// Shopify: base64 over the body; the webhook id header is not signed.
-pub fn shopify(secrets: &[String]) -> Result<HmacScheme, String> {
+pub fn shopify(secrets: &[String]) -> Result<HmacScheme, SchemeError> {
     HmacScheme::new(
         secrets,
         HmacSettings {
@@ -49,7 +49,7 @@ pub fn shopify(secrets: &[String]) -> Result<HmacScheme, String> {
 /// Slack: `v0:{ts}:{body}`. Events API callbacks are JSON with a signed `event_id`; slash
 /// commands and interactivity are form-encoded with no id, so they dedupe on the body's
 /// fingerprint (Slack's retries resend the same bytes).
-pub fn slack(secrets: &[String]) -> Result<HmacScheme, String> {
+pub fn slack(secrets: &[String]) -> Result<HmacScheme, SchemeError> {
     HmacScheme::new(
         secrets,
         HmacSettings {

@@ -12,7 +12,9 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
 
 use super::mac::{HmacSha256, hmac_sha256, matches_any, tag};
-use super::{Field, Headers, Secret, SignatureScheme, Verified, VerifyError, skew, unix_seconds};
+use super::{
+    Field, Headers, SchemeError, Secret, SignatureScheme, Verified, VerifyError, skew, unix_seconds,
+};
 
 /// Header names: the standard ones first, Svix's as a fallback.
 const ID: [&str; 2] = ["webhook-id", "svix-id"];
@@ -29,12 +31,12 @@ pub struct StandardWebhooks {
 
 impl StandardWebhooks {
     /// Decodes `whsec_<base64>` (or bare base64) secrets. The error never shows a secret.
-    pub fn new(raw: &[String]) -> Result<Self, String> {
+    pub fn new(raw: &[String]) -> Result<Self, SchemeError> {
         Self::with_public_keys(raw, &[])
     }
 
     /// Secrets and `whpk_<base64>` ed25519 public keys; at least one of either.
-    pub fn with_public_keys(raw: &[String], public_keys: &[String]) -> Result<Self, String> {
+    pub fn with_public_keys(raw: &[String], public_keys: &[String]) -> Result<Self, SchemeError> {
         let secrets = raw
             .iter()
             .enumerate()
@@ -42,10 +44,7 @@ impl StandardWebhooks {
                 let b64 = s.strip_prefix("whsec_").unwrap_or(s);
                 match BASE64.decode(b64) {
                     Ok(bytes) if !bytes.is_empty() => Ok(Secret::from_bytes(bytes)),
-                    _ => Err(format!(
-                        "secret #{} is not `whsec_` followed by base64",
-                        i + 1
-                    )),
+                    _ => Err(SchemeError::BadSecret(i + 1)),
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -59,16 +58,11 @@ impl StandardWebhooks {
                     .ok()
                     .and_then(|b| <[u8; 32]>::try_from(b).ok())
                     .and_then(|b| VerifyingKey::from_bytes(&b).ok())
-                    .ok_or_else(|| {
-                        format!(
-                            "public key #{} is not `whpk_` followed by a base64 ed25519 key",
-                            i + 1
-                        )
-                    })
+                    .ok_or(SchemeError::BadPublicKey(i + 1))
             })
             .collect::<Result<Vec<_>, _>>()?;
         if secrets.is_empty() && public_keys.is_empty() {
-            return Err("no secrets and no public keys".into());
+            return Err(SchemeError::NoKeys);
         }
         Ok(Self {
             secrets,
@@ -417,7 +411,8 @@ mod tests {
     #[test]
     fn bad_secrets_are_rejected_without_echoing_them() {
         let err = StandardWebhooks::new(&["whsec_not base64!".into()]).unwrap_err();
-        assert!(!err.contains("not base64!"));
+        assert_eq!(err, SchemeError::BadSecret(1));
+        assert!(!err.to_string().contains("not base64!"));
         assert!(StandardWebhooks::new(&[]).is_err());
     }
 }

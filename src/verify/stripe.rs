@@ -8,7 +8,9 @@
 use std::time::{Duration, SystemTime};
 
 use super::mac::{hmac_sha256, matches_any, tag};
-use super::{Field, Headers, Secret, SignatureScheme, Verified, VerifyError, skew, unix_seconds};
+use super::{
+    Field, Headers, SchemeError, Secret, SignatureScheme, Verified, VerifyError, skew, unix_seconds,
+};
 
 const HEADER: &str = "stripe-signature";
 
@@ -56,9 +58,12 @@ pub struct Stripe {
 
 impl Stripe {
     /// Endpoint secrets (`whsec_…`), used as written.
-    pub fn new(secrets: &[String]) -> Result<Stripe, String> {
-        if secrets.is_empty() || secrets.iter().any(String::is_empty) {
-            return Err("a secret is empty".into());
+    pub fn new(secrets: &[String]) -> Result<Stripe, SchemeError> {
+        if secrets.is_empty() {
+            return Err(SchemeError::NoSecrets);
+        }
+        if secrets.iter().any(String::is_empty) {
+            return Err(SchemeError::EmptySecret);
         }
         Ok(Stripe {
             secrets: secrets
