@@ -5,6 +5,48 @@ use std::path::Path;
 
 use crate::config::Config;
 
+/// Why an admin API call gave no answer to show.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminClientError {
+    /// The admin URL does not parse, or takes no path.
+    #[error("admin url `{0}` is not a base URL")]
+    Url(String),
+    /// The request did not get an answer.
+    #[error("{url}: {source}")]
+    Request {
+        /// The URL called.
+        url: reqwest::Url,
+        /// The cause.
+        source: reqwest::Error,
+    },
+    /// The answer is not JSON.
+    #[error("{url}: answered {status} without JSON: {source}")]
+    NotJson {
+        /// The URL called.
+        url: reqwest::Url,
+        /// Its status.
+        status: reqwest::StatusCode,
+        /// The cause.
+        source: reqwest::Error,
+    },
+    /// The API answered with an error.
+    #[error("{status}: {message}")]
+    Api {
+        /// Its status.
+        status: reqwest::StatusCode,
+        /// Its `message`.
+        message: String,
+    },
+    /// The output file could not be written.
+    #[error("{}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
 /// Where the admin API is and how to authenticate.
 #[derive(Debug, Clone)]
 pub struct AdminClient {
@@ -16,11 +58,11 @@ pub struct AdminClient {
 impl AdminClient {
     /// From the config: `http://{server.admin_listen}` unless `url` is given, the token from
     /// the variable `admin.token_env` names.
-    pub fn new(config: &Config, url: Option<&str>) -> Result<AdminClient, String> {
+    pub fn new(config: &Config, url: Option<&str>) -> Result<AdminClient, AdminClientError> {
         let base = url
             .map(str::to_owned)
             .unwrap_or_else(|| format!("http://{}", config.server.admin_listen));
-        let base = reqwest::Url::parse(&base).map_err(|e| format!("admin url `{base}`: {e}"))?;
+        let base = reqwest::Url::parse(&base).map_err(|_| AdminClientError::Url(base))?;
         Ok(AdminClient {
             base,
             token: std::env::var(&config.admin.token_env).ok(),
@@ -28,10 +70,10 @@ impl AdminClient {
         })
     }
 
-    fn url(&self, segments: &[&str]) -> Result<reqwest::Url, String> {
+    fn url(&self, segments: &[&str]) -> Result<reqwest::Url, AdminClientError> {
         let mut url = self.base.clone();
         url.path_segments_mut()
-            .map_err(|_| "the admin url cannot take a path".to_owned())?
+            .map_err(|_| AdminClientError::Url(self.base.to_string()))?
             .pop_if_empty()
             .extend(segments);
         Ok(url)
@@ -41,22 +83,33 @@ impl AdminClient {
         &self,
         method: reqwest::Method,
         url: reqwest::Url,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<serde_json::Value, AdminClientError> {
         let mut request = self.client.request(method, url.clone());
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
-        let response = request.send().await.map_err(|e| format!("{url}: {e}"))?;
-        let status = response.status();
-        let body: serde_json::Value = response
-            .json()
+        let response = request
+            .send()
             .await
-            .map_err(|e| format!("{url}: answered {status} without JSON: {e}"))?;
+            .map_err(|source| AdminClientError::Request {
+                url: url.clone(),
+                source,
+            })?;
+        let status = response.status();
+        let body: serde_json::Value =
+            response
+                .json()
+                .await
+                .map_err(|source| AdminClientError::NotJson {
+                    url: url.clone(),
+                    status,
+                    source,
+                })?;
         if !status.is_success() {
-            return Err(format!(
-                "{status}: {}",
-                body["message"].as_str().unwrap_or("no message")
-            ));
+            return Err(AdminClientError::Api {
+                status,
+                message: body["message"].as_str().unwrap_or("no message").to_owned(),
+            });
         }
         Ok(body)
     }
@@ -68,7 +121,7 @@ impl AdminClient {
         status: Option<&str>,
         limit: usize,
         cursor: Option<&str>,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<serde_json::Value, AdminClientError> {
         let mut url = self.url(&["admin", "deliveries"])?;
         {
             let mut q = url.query_pairs_mut();
@@ -87,19 +140,31 @@ impl AdminClient {
     }
 
     /// `GET /admin/deliveries/{source}/{id}`.
-    pub async fn show(&self, source: &str, id: &str) -> Result<serde_json::Value, String> {
+    pub async fn show(
+        &self,
+        source: &str,
+        id: &str,
+    ) -> Result<serde_json::Value, AdminClientError> {
         let url = self.url(&["admin", "deliveries", source, id])?;
         self.call(reqwest::Method::GET, url).await
     }
 
     /// `POST /admin/deliveries/{source}/{id}/retry`.
-    pub async fn retry(&self, source: &str, id: &str) -> Result<serde_json::Value, String> {
+    pub async fn retry(
+        &self,
+        source: &str,
+        id: &str,
+    ) -> Result<serde_json::Value, AdminClientError> {
         let url = self.url(&["admin", "deliveries", source, id, "retry"])?;
         self.call(reqwest::Method::POST, url).await
     }
 
     /// `GET /admin/deliveries/{source}/{id}/fixture`.
-    pub async fn fixture(&self, source: &str, id: &str) -> Result<serde_json::Value, String> {
+    pub async fn fixture(
+        &self,
+        source: &str,
+        id: &str,
+    ) -> Result<serde_json::Value, AdminClientError> {
         let url = self.url(&["admin", "deliveries", source, id, "fixture"])?;
         self.call(reqwest::Method::GET, url).await
     }
@@ -202,10 +267,14 @@ pub fn render_show(d: &serde_json::Value) -> String {
 }
 
 /// Writes `value` pretty to `out` (a file) or stdout.
-pub fn emit(value: &str, out: Option<&Path>) -> Result<(), String> {
+pub fn emit(value: &str, out: Option<&Path>) -> Result<(), AdminClientError> {
     match out {
-        Some(path) => std::fs::write(path, format!("{value}\n"))
-            .map_err(|e| format!("{}: {e}", path.display())),
+        Some(path) => {
+            std::fs::write(path, format!("{value}\n")).map_err(|source| AdminClientError::Write {
+                path: path.to_owned(),
+                source,
+            })
+        }
         None => {
             println!("{value}");
             Ok(())

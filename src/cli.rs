@@ -245,8 +245,11 @@ async fn replay(
     }
 }
 
+/// The top of the command line: any error, shown as its message.
+type CliError = Box<dyn std::error::Error>;
+
 async fn deliveries(command: DeliveriesCommand) -> ExitCode {
-    let result = async {
+    let result: Result<(), CliError> = async {
         let common = match &command {
             DeliveriesCommand::List { common, .. }
             | DeliveriesCommand::Show { common, .. }
@@ -277,7 +280,7 @@ async fn deliveries(command: DeliveriesCommand) -> ExitCode {
                 } else {
                     crate::admin_client::render_list(&page)
                 };
-                crate::admin_client::emit(&text, None)
+                Ok(crate::admin_client::emit(&text, None)?)
             }
             DeliveriesCommand::Show { source, id, .. } => {
                 let d = client.show(source, id).await?;
@@ -286,7 +289,7 @@ async fn deliveries(command: DeliveriesCommand) -> ExitCode {
                 } else {
                     crate::admin_client::render_show(&d)
                 };
-                crate::admin_client::emit(&text, None)
+                Ok(crate::admin_client::emit(&text, None)?)
             }
             DeliveriesCommand::Retry { source, id, .. } => {
                 let r = client.retry(source, id).await?;
@@ -307,7 +310,7 @@ async fn deliveries(command: DeliveriesCommand) -> ExitCode {
                         format!("requeued: {}", names.join(", "))
                     }
                 };
-                crate::admin_client::emit(&text, None)
+                Ok(crate::admin_client::emit(&text, None)?)
             }
             DeliveriesCommand::Export {
                 data_dir,
@@ -317,13 +320,11 @@ async fn deliveries(command: DeliveriesCommand) -> ExitCode {
                 ..
             } => {
                 let text = if *data_dir {
-                    crate::export::export_from_data_dir(&config, source, id)
-                        .await
-                        .map_err(|e| e.to_string())?
+                    crate::export::export_from_data_dir(&config, source, id).await?
                 } else {
                     pretty(&client.fixture(source, id).await?)
                 };
-                crate::admin_client::emit(&text, out.as_deref())
+                Ok(crate::admin_client::emit(&text, out.as_deref())?)
             }
         }
     }

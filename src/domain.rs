@@ -65,6 +65,17 @@ pub fn fingerprint(body: &[u8]) -> String {
     hex::encode(Sha256::digest(body))
 }
 
+/// Why an event-type pattern is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    /// The empty pattern.
+    #[error("an empty pattern matches nothing; use \"*\" for every event")]
+    Empty,
+    /// A `*` that is not alone and not the last segment.
+    #[error("pattern `{0}`: `*` may only stand alone or end a pattern (`application.*`)")]
+    MisplacedWildcard(String),
+}
+
 /// An event-type pattern: `*`, `prefix.*` or an exact type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventPattern {
@@ -78,12 +89,12 @@ pub enum EventPattern {
 
 impl EventPattern {
     /// Parses a pattern; `*` is allowed only alone or as the last segment.
-    pub fn parse(raw: &str) -> Result<EventPattern, String> {
+    pub fn parse(raw: &str) -> Result<EventPattern, PatternError> {
         if raw == "*" {
             return Ok(EventPattern::Any);
         }
         if raw.is_empty() {
-            return Err("an empty pattern matches nothing; use \"*\" for every event".into());
+            return Err(PatternError::Empty);
         }
         if let Some(prefix) = raw.strip_suffix(".*")
             && !prefix.is_empty()
@@ -92,9 +103,7 @@ impl EventPattern {
             return Ok(EventPattern::Prefix(format!("{prefix}.")));
         }
         if raw.contains('*') {
-            return Err(format!(
-                "pattern `{raw}`: `*` may only stand alone or end a pattern (`application.*`)"
-            ));
+            return Err(PatternError::MisplacedWildcard(raw.to_owned()));
         }
         Ok(EventPattern::Exact(raw.to_owned()))
     }

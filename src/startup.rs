@@ -138,7 +138,7 @@ impl ApplicationBuilder {
 
     fn registry(&self) -> Result<HandlerRegistry, ConfigError> {
         HandlerRegistry::build(&self.config, self.handlers.clone())
-            .map_err(|m| ConfigError::new(&self.config.file, m))
+            .map_err(|e| ConfigError::new(&self.config.file, e.to_string()))
     }
 
     /// Validates, opens the store and binds both listeners.

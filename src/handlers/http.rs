@@ -31,6 +31,20 @@ impl std::fmt::Debug for HttpHandler {
     }
 }
 
+/// Why an `http` handler cannot be built. Never shows the URL's credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    /// The URL does not parse.
+    #[error("url: {0}")]
+    Parse(<reqwest::Url as std::str::FromStr>::Err),
+    /// Not http or https.
+    #[error("url `{0}`: only http and https are supported")]
+    Scheme(String),
+    /// The HTTP client could not be built.
+    #[error("building the HTTP client: {0}")]
+    Client(reqwest::Error),
+}
+
 /// A URL as it may be shown: no user, password, query or fragment (where secrets go).
 pub fn redact(url: &reqwest::Url) -> String {
     let mut shown = url.clone();
@@ -48,17 +62,17 @@ pub fn redact(url: &reqwest::Url) -> String {
 
 impl HttpHandler {
     /// A handler posting to `url`, giving up on a request after `timeout`.
-    pub fn new(url: &str, timeout: Duration) -> Result<HttpHandler, String> {
+    pub fn new(url: &str, timeout: Duration) -> Result<HttpHandler, UrlError> {
         // The text may hold credentials: an unparsable one is not repeated.
-        let url = reqwest::Url::parse(url).map_err(|e| format!("url: {e}"))?;
+        let url = reqwest::Url::parse(url).map_err(UrlError::Parse)?;
         let shown = redact(&url);
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(format!("url `{shown}`: only http and https are supported"));
+            return Err(UrlError::Scheme(shown));
         }
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .build()
-            .map_err(|e| format!("building the HTTP client: {e}"))?;
+            .map_err(UrlError::Client)?;
         Ok(HttpHandler { url, shown, client })
     }
 }

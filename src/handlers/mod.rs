@@ -211,15 +211,23 @@ impl Registration {
         self
     }
 
-    fn from_binding(binding: Binding, handler: Arc<dyn Handler>) -> Result<Registration, String> {
+    fn from_binding(
+        binding: Binding,
+        handler: Arc<dyn Handler>,
+    ) -> Result<Registration, RegistryError> {
+        let events = binding
+            .events
+            .iter()
+            .map(|p| EventPattern::parse(p))
+            .collect::<Result<_, _>>()
+            .map_err(|source| RegistryError::Pattern {
+                handler: binding.name.clone(),
+                source,
+            })?;
         Ok(Registration {
             name: binding.name,
             source: binding.source.filter(|s| s != "*"),
-            events: binding
-                .events
-                .iter()
-                .map(|p| EventPattern::parse(p))
-                .collect::<Result<_, _>>()?,
+            events,
             handler,
         })
     }
@@ -228,6 +236,41 @@ impl Registration {
         self.source.as_deref().is_none_or(|s| s == source)
             && self.events.iter().any(|p| p.matches(event_type))
     }
+}
+
+/// Why the handlers cannot be assembled; a start-up error.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// A handler's name has other characters than letters, digits, `-` and `_`.
+    #[error("handler name `{0}`: only letters, digits, '-' and '_'")]
+    InvalidName(String),
+    /// Two handlers share a name.
+    #[error("handler name `{0}` is used twice")]
+    DuplicateName(String),
+    /// A handler is bound to a source that is not configured.
+    #[error("handler `{handler}`: source `{source_name}` is not configured")]
+    UnknownSource {
+        /// The handler.
+        handler: String,
+        /// The source it names.
+        source_name: String,
+    },
+    /// An event pattern is invalid.
+    #[error("handler `{handler}`: {source}")]
+    Pattern {
+        /// The handler.
+        handler: String,
+        /// What is wrong.
+        source: crate::domain::PatternError,
+    },
+    /// An `http` handler's URL is unusable.
+    #[error("handler `{handler}`: {source}")]
+    Url {
+        /// The handler.
+        handler: String,
+        /// What is wrong.
+        source: http::UrlError,
+    },
 }
 
 /// Every handler of the service, routed by source and event type.
@@ -239,7 +282,10 @@ pub struct HandlerRegistry {
 impl HandlerRegistry {
     /// Builds the built-in handlers of `config`, then adds `extra` (a user's plugins).
     /// Names must be unique and bound sources must exist.
-    pub fn build(config: &Config, extra: Vec<Registration>) -> Result<HandlerRegistry, String> {
+    pub fn build(
+        config: &Config,
+        extra: Vec<Registration>,
+    ) -> Result<HandlerRegistry, RegistryError> {
         let mut entries = Vec::new();
         for handler in &config.handlers {
             let built: Arc<dyn Handler> = match handler {
@@ -247,34 +293,35 @@ impl HandlerRegistry {
                 HandlerConfig::Command(c) => Arc::new(
                     CommandHandler::new(c.command.clone(), c.timeout).with_env(c.env.clone()),
                 ),
-                HandlerConfig::Http(c) => Arc::new(
-                    HttpHandler::new(&c.url, c.timeout)
-                        .map_err(|e| format!("handler `{}`: {e}", c.name))?,
-                ),
+                HandlerConfig::Http(c) => {
+                    Arc::new(HttpHandler::new(&c.url, c.timeout).map_err(|source| {
+                        RegistryError::Url {
+                            handler: c.name.clone(),
+                            source,
+                        }
+                    })?)
+                }
             };
             entries.push(Registration::from_binding(handler.binding(), built)?);
         }
         for r in extra {
             if !crate::config::is_valid_name(&r.name) {
-                return Err(format!(
-                    "handler name `{}`: only letters, digits, '-' and '_'",
-                    r.name
-                ));
+                return Err(RegistryError::InvalidName(r.name));
             }
             if let Some(s) = &r.source
                 && !config.sources.contains_key(s)
             {
-                return Err(format!(
-                    "handler `{}`: source `{s}` is not configured",
-                    r.name
-                ));
+                return Err(RegistryError::UnknownSource {
+                    handler: r.name,
+                    source_name: s.clone(),
+                });
             }
             entries.push(r);
         }
         let mut names = std::collections::HashSet::new();
         for r in &entries {
             if !names.insert(r.name.as_str()) {
-                return Err(format!("handler name `{}` is used twice", r.name));
+                return Err(RegistryError::DuplicateName(r.name.clone()));
             }
         }
         Ok(HandlerRegistry { entries })
