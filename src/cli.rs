@@ -175,11 +175,10 @@ pub enum DeliveriesCommand {
 pub async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(config).await,
-        Command::CheckConfig { config } => match load(&config).and_then(|c| {
-            ApplicationBuilder::new(c)
-                .validate()
-                .map_err(|e| e.to_string())
-        }) {
+        Command::CheckConfig { config } => match load(&config)
+            .map_err(CliError::from)
+            .and_then(|c| Ok(ApplicationBuilder::new(c).validate()?))
+        {
             Ok(()) => {
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
@@ -215,7 +214,8 @@ pub async fn run(cli: Cli) -> ExitCode {
         } => store_check(&config, repair),
         Command::Sign { config, fixture } => {
             match load(&config)
-                .and_then(|c| crate::fixture::sign_fixture(&c, &fixture).map_err(|e| e.to_string()))
+                .map_err(CliError::from)
+                .and_then(|c| Ok(crate::fixture::sign_fixture(&c, &fixture)?))
             {
                 Ok(text) => {
                     print!("{text}");
@@ -385,11 +385,9 @@ fn store_check(path: &std::path::Path, repair: bool) -> ExitCode {
     }
 }
 
-fn load(path: &std::path::Path) -> Result<Config, String> {
-    let mut config = Config::load(path).map_err(|e| e.to_string())?;
-    config
-        .apply_env_overrides(&|k| std::env::var(k).ok())
-        .map_err(|e| e.to_string())?;
+fn load(path: &std::path::Path) -> Result<Config, crate::config::ConfigError> {
+    let mut config = Config::load(path)?;
+    config.apply_env_overrides(&|k| std::env::var(k).ok())?;
     Ok(config)
 }
 
