@@ -3,7 +3,7 @@
 //! Here: the limits on reading a body (declared size, signature headers before any byte is
 //! read, the in-flight byte budget, `server.body_timeout`, shutdown), the delivery span,
 //! the metrics, and turning an [`Outcome`] or an error into the response. Everything else —
-//! authenticate, claim, ack policy — is [`Ingest::receive`].
+//! authenticate, claim, ack policy — is [`crate::ingest::Ingest::receive`].
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
