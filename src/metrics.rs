@@ -8,7 +8,8 @@
 //! - `handler_runs_total{handler,result}` (`succeeded`, `failed`, `dead`) and
 //!   `handler_duration_seconds{handler}`.
 //! - `queue_depth`, `dead_letters`: read from the store at scrape time.
-//! - `store_flush_seconds`: one group commit (registered by the store).
+//! - `store_flush_seconds`: one group commit of the sled store (registered at start-up
+//!   when the service opened that store itself).
 
 use std::sync::atomic::AtomicI64;
 
@@ -68,9 +69,15 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
 impl Metrics {
-    /// Registers every metric, including the store's own.
-    pub fn new(store: &dyn DeliveryStore) -> Metrics {
+    /// Registers every metric of the service.
+    pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("webhook_inbox");
         let deliveries = Family::<DeliveryLabels, Counter>::default();
         registry.register(
@@ -105,7 +112,6 @@ impl Metrics {
             "Dead-lettered (delivery, handler) pairs",
             dead_letters.clone(),
         );
-        store.register_metrics(&mut registry);
         Metrics {
             registry,
             deliveries,
@@ -142,10 +148,24 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// The exposition text, with the store's gauges read now.
-    pub fn render(&self, store: &dyn DeliveryStore) -> String {
-        self.queue_depth.set(store.queue_depth() as i64);
-        self.dead_letters.set(store.dead_letters() as i64);
+    /// Registers the sled store's group-commit durations as `store_flush_seconds`.
+    pub fn register_flush_seconds(&mut self, histogram: Histogram) {
+        self.registry.register(
+            "store_flush_seconds",
+            "Duration of one group commit (db.flush and fsync)",
+            histogram,
+        );
+    }
+
+    /// The exposition text, with the store's gauges read now (left as they were when the
+    /// store cannot be read).
+    pub async fn render(&self, store: &dyn DeliveryStore) -> String {
+        if let Ok(n) = store.queue_depth().await {
+            self.queue_depth.set(n as i64);
+        }
+        if let Ok(n) = store.dead_letters().await {
+            self.dead_letters.set(n as i64);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

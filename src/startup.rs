@@ -74,6 +74,7 @@ pub struct ApplicationBuilder {
     config: Config,
     handlers: Vec<Registration>,
     store: Option<Arc<dyn DeliveryStore>>,
+    flush_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
     clock: Clock,
     env: EnvLookup,
 }
@@ -88,6 +89,7 @@ impl ApplicationBuilder {
             config,
             handlers: Vec::new(),
             store: None,
+            flush_seconds: None,
             clock: Clock::System,
             env: Box::new(|k| std::env::var(k).ok()),
         }
@@ -101,6 +103,14 @@ impl ApplicationBuilder {
 
     /// Uses this store instead of opening sled at `storage.path`.
     pub fn store(mut self, store: Arc<dyn DeliveryStore>) -> ApplicationBuilder {
+        self.store = Some(store);
+        self
+    }
+
+    /// Uses this sled store, and reports its group commits as `store_flush_seconds` (as the
+    /// store `build` opens itself does).
+    pub fn sled_store(mut self, store: Arc<SledStore>) -> ApplicationBuilder {
+        self.flush_seconds = Some(store.flush_seconds());
         self.store = Some(store);
         self
     }
@@ -146,10 +156,14 @@ impl ApplicationBuilder {
         let sources = self.sources()?;
         let registry = Arc::new(self.registry()?);
         let config = self.config;
+        let mut metrics = crate::metrics::Metrics::new();
+        if let Some(histogram) = self.flush_seconds {
+            metrics.register_flush_seconds(histogram);
+        }
         let store: Arc<dyn DeliveryStore> = match self.store {
             Some(s) => s,
-            None => Arc::new(
-                SledStore::open(
+            None => {
+                let sled = SledStore::open(
                     &config.storage.path,
                     config.storage.durability,
                     config.storage.cache_capacity,
@@ -157,8 +171,10 @@ impl ApplicationBuilder {
                 .map_err(|source| StartupError::Store {
                     path: config.storage.path.display().to_string(),
                     source,
-                })?,
-            ),
+                })?;
+                metrics.register_flush_seconds(sled.flush_seconds());
+                Arc::new(sled)
+            }
         };
         let bind = |addr: std::net::SocketAddr| {
             TcpListener::bind(addr).map_err(|source| StartupError::Bind {
@@ -171,7 +187,7 @@ impl ApplicationBuilder {
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
         let admin_port = admin_listener.local_addr().map(|a| a.port()).unwrap_or(0);
 
-        let metrics = Arc::new(crate::metrics::Metrics::new(&*store));
+        let metrics = Arc::new(metrics);
         let admin_token = (self.env)(&config.admin.token_env).filter(|t| !t.is_empty());
         let cancel_handlers = CancellationToken::new();
         let stopping = CancellationToken::new();

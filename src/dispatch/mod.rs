@@ -257,10 +257,10 @@ impl Dispatcher {
             deferred.retain(|_, until| *until > now);
             let free = concurrency.saturating_sub(running.len());
             let mut store_failed = false;
-            let busy: HashSet<&JobKey> = in_flight.values().chain(deferred.keys()).collect();
-            let skip = |k: &JobKey| busy.contains(k);
+            let skip: HashSet<JobKey> =
+                in_flight.values().chain(deferred.keys()).cloned().collect();
             if free > 0 {
-                match self.runner.store.due_jobs(now, free, &skip) {
+                match self.runner.store.due_jobs(now, free, &skip).await {
                     Ok(due) => {
                         for entry in due {
                             let runner = self.runner.clone();
@@ -285,15 +285,15 @@ impl Dispatcher {
                     }
                 }
             }
-            let busy: HashSet<&JobKey> = in_flight.values().chain(deferred.keys()).collect();
-            let skip = |k: &JobKey| busy.contains(k);
+            let skip: HashSet<JobKey> =
+                in_flight.values().chain(deferred.keys()).cloned().collect();
             let first_deferred = deferred.values().min().copied();
             let wait = if store_failed {
                 Duration::from_secs(1)
             } else if running.len() >= concurrency {
                 Duration::from_secs(3600)
             } else {
-                let next = match self.runner.store.next_due_ms(&skip) {
+                let next = match self.runner.store.next_due_ms(&skip).await {
                     Ok(next) => next,
                     Err(_) => Some(now + 1000),
                 };

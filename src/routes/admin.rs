@@ -14,7 +14,7 @@ use subtle::ConstantTimeEq as _;
 
 use super::AppState;
 use crate::error::ApiError;
-use crate::store::{DeliveryKey, DeliveryStatus, JobState};
+use crate::store::{Cursor, DeliveryKey, DeliveryRecord, DeliveryStatus, JobState};
 
 fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     let Some(expected) = state.admin_token.as_deref() else {
@@ -70,32 +70,62 @@ pub async fn list(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
     let status = match query.status.as_deref() {
-        Some(s) => Some(DeliveryStatus::parse(s).ok_or(ApiError::InvalidQuery)?),
+        Some(s) => Some(parse_status(s).ok_or(ApiError::InvalidQuery)?),
         None => None,
     };
     let limit = query.limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::InvalidQuery);
     }
-    if query
-        .cursor
-        .as_deref()
-        .is_some_and(|c| hex::decode(c).is_err())
-    {
-        return Err(ApiError::InvalidQuery);
-    }
-    // The store reads synchronously: on a blocking thread, so a long listing never holds
-    // up the listener's workers (health probes, metrics).
+    let cursor = match query.cursor.as_deref() {
+        Some(token) => Some(Cursor::from_token(token).ok_or(ApiError::InvalidQuery)?),
+        None => None,
+    };
+    // The sled store reads synchronously: on a blocking thread, so a long listing never
+    // holds up the listener's workers (health probes, metrics).
     let store = state.store.clone();
-    let (source, cursor) = (query.source.clone(), query.cursor.clone());
+    let source = query.source.clone();
     let runtime = tokio::runtime::Handle::current();
     let page = tokio::task::spawn_blocking(move || {
-        runtime.block_on(store.list(source.as_deref(), status, limit, cursor.as_deref()))
+        runtime.block_on(store.list(source.as_deref(), status, limit, cursor.as_ref()))
     })
     .await
     .map_err(|_| ApiError::StorageUnavailable)?
     .map_err(storage)?;
-    Ok(json(&page))
+    Ok(json(&PageView {
+        deliveries: page
+            .deliveries
+            .into_iter()
+            .map(|d| SummaryView {
+                record: d.record,
+                status: d.status,
+            })
+            .collect(),
+        next_cursor: page.next.map(|c| c.to_token()),
+    }))
+}
+
+/// The `status` filter: one of the [`DeliveryStatus`] names.
+fn parse_status(text: &str) -> Option<DeliveryStatus> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned())).ok()
+}
+
+/// One delivery of `GET /admin/deliveries`.
+#[derive(Debug, Serialize)]
+pub struct SummaryView {
+    /// The record.
+    pub record: DeliveryRecord,
+    /// Its status.
+    pub status: DeliveryStatus,
+}
+
+/// A page of `GET /admin/deliveries`, newest first.
+#[derive(Debug, Serialize)]
+pub struct PageView {
+    /// The deliveries.
+    pub deliveries: Vec<SummaryView>,
+    /// Pass as `cursor` for the next page; `null` on the last.
+    pub next_cursor: Option<String>,
 }
 
 /// One handler's state in `show`.
@@ -199,5 +229,5 @@ pub async fn fixture(
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
-        .body(state.metrics.render(&*state.store))
+        .body(state.metrics.render(&*state.store).await)
 }

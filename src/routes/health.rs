@@ -22,7 +22,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             .content_type("application/json")
             .body(r#"{"status":"dispatcher_stopped"}"#);
     }
-    if state.store.is_healthy() {
+    if state.store.is_healthy().await {
         HttpResponse::Ok()
             .content_type("application/json")
             .body(r#"{"status":"ready"}"#)

@@ -19,6 +19,7 @@
 pub mod group_commit;
 mod sled_store;
 
+use std::collections::HashSet;
 use std::fmt;
 
 use async_trait::async_trait;
@@ -435,11 +436,6 @@ pub enum DeliveryStatus {
 }
 
 impl DeliveryStatus {
-    /// Parses the `status` filter of the admin API.
-    pub fn parse(text: &str) -> Option<DeliveryStatus> {
-        serde_json::from_value(serde_json::Value::String(text.to_owned())).ok()
-    }
-
     /// The status of a delivery from its record and its jobs' states (worst first).
     pub fn of(record: &DeliveryRecord, jobs: &[Option<JobState>]) -> DeliveryStatus {
         // A job without a state has not run yet: pending.
@@ -468,7 +464,7 @@ impl DeliveryStatus {
 }
 
 /// One delivery of a listing.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct DeliverySummary {
     /// The record.
     pub record: DeliveryRecord,
@@ -476,13 +472,39 @@ pub struct DeliverySummary {
     pub status: DeliveryStatus,
 }
 
+/// Where a listing goes on from: opaque to callers, who carry it as a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor(Vec<u8>);
+
+impl Cursor {
+    /// A cursor over the backend's own position bytes.
+    pub fn from_position(position: Vec<u8>) -> Cursor {
+        Cursor(position)
+    }
+
+    /// The backend's position bytes.
+    pub fn position(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The cursor as text, to hand to a client.
+    pub fn to_token(&self) -> String {
+        hex::encode(&self.0)
+    }
+
+    /// A cursor a client handed back; `None` when the text is not one.
+    pub fn from_token(token: &str) -> Option<Cursor> {
+        hex::decode(token).ok().map(Cursor)
+    }
+}
+
 /// A page of deliveries, newest first.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Page {
     /// The deliveries.
     pub deliveries: Vec<DeliverySummary>,
-    /// Pass as `cursor` for the next page; `None` on the last.
-    pub next_cursor: Option<String>,
+    /// Where the next page starts; `None` on the last.
+    pub next: Option<Cursor>,
 }
 
 /// The storage contract. sled is the embedded default; a shared backend (PostgreSQL) can
@@ -505,17 +527,17 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// Reads a job's state.
     async fn job(&self, key: &JobKey) -> Result<Option<JobState>, StoreError>;
 
-    /// Up to `limit` queue entries due at or before `now_ms`, earliest first, skipping jobs
-    /// in `skip` (those already running).
-    fn due_jobs(
+    /// Up to `limit` queue entries due at or before `now_ms`, earliest first, skipping the
+    /// jobs in `skip` (those this process is running or has deferred).
+    async fn due_jobs(
         &self,
         now_ms: u64,
         limit: usize,
-        skip: &dyn Fn(&JobKey) -> bool,
+        skip: &HashSet<JobKey>,
     ) -> Result<Vec<QueuedJob>, StoreError>;
 
     /// Due time of the earliest queue entry not in `skip`.
-    fn next_due_ms(&self, skip: &dyn Fn(&JobKey) -> bool) -> Result<Option<u64>, StoreError>;
+    async fn next_due_ms(&self, skip: &HashSet<JobKey>) -> Result<Option<u64>, StoreError>;
 
     /// Starts a run of `job`: marks it running under a lease until `lease_until_ms` and
     /// counts the attempt, durably, so a run interrupted by a crash is retried with a
@@ -591,7 +613,7 @@ pub trait DeliveryStore: Send + Sync + 'static {
         source: Option<&str>,
         status: Option<DeliveryStatus>,
         limit: usize,
-        cursor: Option<&str>,
+        cursor: Option<&Cursor>,
     ) -> Result<Page, StoreError>;
 
     /// Makes every handler of a delivery that is not succeeded due now: pending ones
@@ -602,16 +624,13 @@ pub trait DeliveryStore: Send + Sync + 'static {
     async fn retry(&self, key: &DeliveryKey, now_ms: u64) -> Result<Vec<String>, StoreError>;
 
     /// Jobs waiting in the queue (due or not).
-    fn queue_depth(&self) -> usize;
+    async fn queue_depth(&self) -> Result<usize, StoreError>;
 
     /// Dead-lettered (delivery, handler) pairs.
-    fn dead_letters(&self) -> usize;
-
-    /// Registers the store's own metrics (flush latency…).
-    fn register_metrics(&self, _registry: &mut prometheus_client::registry::Registry) {}
+    async fn dead_letters(&self) -> Result<usize, StoreError>;
 
     /// Whether the store accepts writes (false after a failed flush).
-    fn is_healthy(&self) -> bool;
+    async fn is_healthy(&self) -> bool;
 
     /// Flushes everything to disk (at shutdown).
     async fn flush(&self) -> Result<(), StoreError>;

@@ -67,7 +67,7 @@ use bytes::Bytes;
 
 use super::group_commit::{GroupCommit, SyncFn};
 use super::{
-    AttemptContext, AttemptOutcome, Begin, CheckReport, Claim, DeliveryKey, DeliveryRecord,
+    AttemptContext, AttemptOutcome, Begin, CheckReport, Claim, Cursor, DeliveryKey, DeliveryRecord,
     DeliveryStatus, DeliveryStore, DeliverySummary, Expired, JobKey, JobState, JobStatus, Lease,
     NewDelivery, Page, QueuedJob, StoreError, StoredResponse, TakeOver,
 };
@@ -157,10 +157,10 @@ const LIST_SCAN_LIMIT: usize = 10_000;
 
 /// The cursor of a page that goes on at `index_key` (included): the key plus a zero byte,
 /// since the next page reads the range `..cursor`.
-fn cursor_before(index_key: &[u8]) -> String {
+fn cursor_before(index_key: &[u8]) -> Cursor {
     let mut first_not_returned = index_key.to_vec();
     first_not_returned.push(0);
-    hex::encode(first_not_returned)
+    Cursor::from_position(first_not_returned)
 }
 
 /// The start-up repair's watermark: every delivery received before it has been checked.
@@ -490,6 +490,11 @@ impl SledStore {
         &self.commit
     }
 
+    /// The duration of each group commit (db.flush and fsync), for a metrics registry.
+    pub fn flush_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.commit.stats().sync_seconds.clone()
+    }
+
     fn step(&self, op: Op, step: &'static str) {
         if let Some(p) = &self.probe {
             p.at(op, step);
@@ -637,7 +642,7 @@ impl SledStore {
 
     fn queue_scan(
         &self,
-        skip: &dyn Fn(&JobKey) -> bool,
+        skip: &HashSet<JobKey>,
     ) -> impl Iterator<Item = Result<QueuedJob, StoreError>> {
         self.queue.iter().keys().filter_map(move |k| {
             let k = match k {
@@ -648,7 +653,7 @@ impl SledStore {
                 return Some(Err(StoreError::Corrupt("queue key".into())));
             };
             let job = JobKey::decode(job)?;
-            (!skip(&job)).then_some(Ok(QueuedJob { due_ms, job }))
+            (!skip.contains(&job)).then_some(Ok(QueuedJob { due_ms, job }))
         })
     }
 
@@ -938,10 +943,10 @@ impl SledStore {
             }
         }
         found.sort_by(|a, b| b.0.cmp(&a.0));
-        let next_cursor = found.get(limit).map(|(k, _)| cursor_before(k));
+        let next = found.get(limit).map(|(k, _)| cursor_before(k));
         Ok(Page {
             deliveries: found.into_iter().take(limit).map(|(_, s)| s).collect(),
-            next_cursor,
+            next,
         })
     }
 
@@ -1129,11 +1134,11 @@ impl DeliveryStore for SledStore {
         self.read_job(&key.encode())
     }
 
-    fn due_jobs(
+    async fn due_jobs(
         &self,
         now_ms: u64,
         limit: usize,
-        skip: &dyn Fn(&JobKey) -> bool,
+        skip: &HashSet<JobKey>,
     ) -> Result<Vec<QueuedJob>, StoreError> {
         let mut out = Vec::new();
         for entry in self.queue_scan(skip) {
@@ -1146,7 +1151,7 @@ impl DeliveryStore for SledStore {
         Ok(out)
     }
 
-    fn next_due_ms(&self, skip: &dyn Fn(&JobKey) -> bool) -> Result<Option<u64>, StoreError> {
+    async fn next_due_ms(&self, skip: &HashSet<JobKey>) -> Result<Option<u64>, StoreError> {
         self.queue_scan(skip)
             .next()
             .transpose()
@@ -1487,17 +1492,17 @@ impl DeliveryStore for SledStore {
         source: Option<&str>,
         status: Option<DeliveryStatus>,
         limit: usize,
-        cursor: Option<&str>,
+        cursor: Option<&Cursor>,
     ) -> Result<Page, StoreError> {
         let end = match cursor {
-            Some(c) => hex::decode(c).map_err(|_| StoreError::Corrupt("bad cursor".into()))?,
+            Some(c) => c.position().to_vec(),
             None => vec![0xFF; 9],
         };
         if status == Some(DeliveryStatus::Dead) {
             return self.list_dead(source, limit, &end);
         }
         let mut deliveries = Vec::new();
-        let mut next_cursor = None;
+        let mut next = None;
         let mut examined = 0;
         for index_key in self.received.range(..end).keys().rev() {
             let index_key = index_key.map_err(backend)?;
@@ -1505,7 +1510,7 @@ impl DeliveryStore for SledStore {
             // the whole store for a filter that matches little.
             examined += 1;
             if examined > LIST_SCAN_LIMIT || deliveries.len() == limit {
-                next_cursor = Some(cursor_before(&index_key));
+                next = Some(cursor_before(&index_key));
                 break;
             }
             let Some(key) = split_time_key(&index_key).and_then(|(_, k)| decode_delivery_key(k))
@@ -1523,10 +1528,7 @@ impl DeliveryStore for SledStore {
             }
             deliveries.push(summary);
         }
-        Ok(Page {
-            deliveries,
-            next_cursor,
-        })
+        Ok(Page { deliveries, next })
     }
 
     async fn retry(&self, key: &DeliveryKey, now_ms: u64) -> Result<Vec<String>, StoreError> {
@@ -1580,23 +1582,15 @@ impl DeliveryStore for SledStore {
         .await
     }
 
-    fn queue_depth(&self) -> usize {
-        self.queue.len()
+    async fn queue_depth(&self) -> Result<usize, StoreError> {
+        Ok(self.queue.len())
     }
 
-    fn dead_letters(&self) -> usize {
-        self.dead.len()
+    async fn dead_letters(&self) -> Result<usize, StoreError> {
+        Ok(self.dead.len())
     }
 
-    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
-        registry.register(
-            "store_flush_seconds",
-            "Duration of one group commit (db.flush and fsync)",
-            self.commit.stats().sync_seconds.clone(),
-        );
-    }
-
-    fn is_healthy(&self) -> bool {
+    async fn is_healthy(&self) -> bool {
         !self.commit.is_poisoned()
     }
 

@@ -274,7 +274,7 @@ async fn a_dead_lettered_delivery_retried_through_the_cli_runs_only_the_dead_han
     );
     let job = DeliveryKey::new("credicorp", "msg_dead").job("stubborn");
     wait_for_job(&*store, &job, JobStatus::Dead).await;
-    assert_eq!(store.dead_letters(), 1);
+    assert_eq!(store.dead_letters().await.expect("count"), 1);
 
     let config_path = dir.path().join("cli.toml");
     std::fs::write(
@@ -350,7 +350,7 @@ async fn a_dead_lettered_delivery_retried_through_the_cli_runs_only_the_dead_han
             .len(),
         1
     );
-    assert_eq!(store.dead_letters(), 0);
+    assert_eq!(store.dead_letters().await.expect("count"), 0);
 }
 
 fn app_runs(r: &Recorder) -> Vec<u32> {

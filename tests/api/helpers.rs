@@ -220,11 +220,11 @@ async fn spawn_config_with_token(
     for h in handlers {
         builder = builder.handler(h);
     }
-    let store: Arc<dyn DeliveryStore> = match store {
-        Some(store) => store,
-        None => open_store_at(&config.storage.path, config.storage.durability, None).await,
+    builder = match store {
+        Some(store) => builder.store(store),
+        None => builder
+            .sled_store(open_store_at(&config.storage.path, config.storage.durability, None).await),
     };
-    builder = builder.store(store);
     let app = builder.build().await.expect("app builds");
     let address = format!("http://127.0.0.1:{}", app.port());
     let admin_address = format!("http://127.0.0.1:{}", app.admin_port());

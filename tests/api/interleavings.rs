@@ -151,7 +151,8 @@ async fn claim(w: &World, id: &str, body: &Bytes, received_at: u64) -> Claim {
 async fn dispatch_pass(w: &World, succeed: bool) {
     let due = w
         .store
-        .due_jobs(u64::MAX / 2, 100, &|_| false)
+        .due_jobs(u64::MAX / 2, 100, &Default::default())
+        .await
         .expect("queue");
     for entry in due {
         let begun = w
@@ -223,7 +224,8 @@ async fn setup(w: &World) {
     claim(w, "z", &body("z"), NOW - 10_000).await;
     let due = w
         .store
-        .due_jobs(u64::MAX / 2, 100, &|_| false)
+        .due_jobs(u64::MAX / 2, 100, &Default::default())
+        .await
         .expect("queue");
     for entry in due {
         let Begin::Started(attempt) = w

@@ -178,7 +178,8 @@ async fn an_operator_retry_requeues_a_pair_that_never_ran() {
     let store = open_raw(&dir.path().join("data"), false);
     assert_eq!(
         store
-            .due_jobs(u64::MAX, 10, &|_| false)
+            .due_jobs(u64::MAX, 10, &Default::default())
+            .await
             .expect("queue")
             .len(),
         1
@@ -188,7 +189,10 @@ async fn an_operator_retry_requeues_a_pair_that_never_ran() {
         .await
         .expect("retry");
     assert_eq!(requeued, vec!["recorder".to_owned()]);
-    let due = store.due_jobs(u64::MAX, 10, &|_| false).expect("queue");
+    let due = store
+        .due_jobs(u64::MAX, 10, &Default::default())
+        .await
+        .expect("queue");
     assert!(
         due.iter().any(|e| e.job.delivery.id == "msg_lost"),
         "{due:?}"

@@ -119,7 +119,8 @@ async fn concurrent_claims_of_one_id_have_one_winner(store: Store) {
     assert_eq!(news, 1);
     assert_eq!(
         store
-            .due_jobs(u64::MAX, 100, &|_| false)
+            .due_jobs(u64::MAX, 100, &Default::default())
+            .await
             .expect("queue")
             .len(),
         1
@@ -174,7 +175,8 @@ async fn one_body_under_many_ids_is_one_delivery_and_aliases(store: Store) {
     }
     assert_eq!(
         store
-            .due_jobs(u64::MAX, 100, &|_| false)
+            .due_jobs(u64::MAX, 100, &Default::default())
+            .await
             .expect("queue")
             .len(),
         1
@@ -186,7 +188,10 @@ async fn a_run_has_one_runner_and_a_success_is_final(store: Store) {
         .claim(new("r1", "{}", &["h"], false))
         .await
         .expect("claim");
-    let due = store.due_jobs(u64::MAX, 10, &|_| false).expect("queue");
+    let due = store
+        .due_jobs(u64::MAX, 10, &Default::default())
+        .await
+        .expect("queue");
     let entry = due.first().expect("due").clone();
     let Begin::Started(attempt) = store
         .begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
@@ -234,7 +239,8 @@ async fn a_run_has_one_runner_and_a_success_is_final(store: Store) {
     ));
     assert!(
         store
-            .due_jobs(u64::MAX, 10, &|_| false)
+            .due_jobs(u64::MAX, 10, &Default::default())
+            .await
             .expect("queue")
             .is_empty()
     );
@@ -267,7 +273,11 @@ async fn a_failure_moves_the_entry_and_a_stale_entry_runs_nothing(store: Store) 
         .claim(new("r2", "{}", &["h"], false))
         .await
         .expect("claim");
-    let entry = store.due_jobs(u64::MAX, 10, &|_| false).expect("queue")[0].clone();
+    let entry = store
+        .due_jobs(u64::MAX, 10, &Default::default())
+        .await
+        .expect("queue")[0]
+        .clone();
     let Begin::Started(a) = store
         .begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
         .await
@@ -287,12 +297,16 @@ async fn a_failure_moves_the_entry_and_a_stale_entry_runs_nothing(store: Store) 
         )
         .await
         .expect("finish");
-    let due = store.due_jobs(u64::MAX, 10, &|_| false).expect("queue");
+    let due = store
+        .due_jobs(u64::MAX, 10, &Default::default())
+        .await
+        .expect("queue");
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].due_ms, NOW + 5000);
     assert!(
         store
-            .due_jobs(NOW, 10, &|_| false)
+            .due_jobs(NOW, 10, &Default::default())
+            .await
             .expect("queue")
             .is_empty()
     );
@@ -319,7 +333,10 @@ async fn dead_letters_retry_with_a_fresh_budget_and_running_pairs_are_left_alone
         .claim(new("r3", "{}", &["dies", "runs"], false))
         .await
         .expect("claim");
-    let due = store.due_jobs(u64::MAX, 10, &|_| false).expect("queue");
+    let due = store
+        .due_jobs(u64::MAX, 10, &Default::default())
+        .await
+        .expect("queue");
     for entry in &due {
         let Begin::Started(a) = store
             .begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
@@ -340,14 +357,14 @@ async fn dead_letters_retry_with_a_fresh_budget_and_running_pairs_are_left_alone
                 .expect("finish");
         }
     }
-    assert_eq!(store.dead_letters(), 1);
+    assert_eq!(store.dead_letters().await.expect("count"), 1);
     let requeued = store.retry(&key("r3"), NOW).await.expect("retry");
     assert_eq!(
         requeued,
         vec!["dies".to_owned()],
         "the running pair is left alone"
     );
-    assert_eq!(store.dead_letters(), 0);
+    assert_eq!(store.dead_letters().await.expect("count"), 0);
     let dies = key("r3").job("dies");
     let Begin::Started(a) = store
         .begin_attempt(&dies, Some(NOW), NOW, LEASE)
