@@ -17,7 +17,7 @@
 //! record that survives a power loss.
 
 pub mod group_commit;
-mod sled_store;
+mod sled;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -27,7 +27,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use sled_store::{FlushHook, Op, SledOptions, SledStore, StoreProbe};
+pub use sled::{FlushHook, Op, SledOptions, SledStore, StoreProbe};
 
 use crate::verify::{AuthenticatedDelivery, Headers};
 

@@ -1,5 +1,9 @@
 //! The sled implementation of [`DeliveryStore`].
 //!
+//! Files: this one (opening, locks, the trait), `encoding` (key and value layouts), `disk`
+//! (what a flush to disk is), `check` (invariant check and start-up repair), `listing`
+//! (admin listings).
+//!
 //! | tree         | key                              | value                                   |
 //! |--------------|----------------------------------|-----------------------------------------|
 //! | `deliveries` | `source \0 id`                   | u32 BE length, [`DeliveryRecord`] JSON, raw body |
@@ -56,20 +60,34 @@
 //! step name) and of every wait for a delivery's lock. The interleaving tests stop an
 //! operation at each step, run every other operation there, and check the invariants.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs::File;
 use std::hash::{Hash as _, Hasher as _};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+
+mod check;
+mod disk;
+mod encoding;
+mod listing;
+
+use check::still_due;
+use disk::DiskSync;
+use encoding::{
+    BodyEntry, KEPT, KeptFingerprint, backend, body_index_key, corrupt, decode_delivery_key,
+    decode_record, encode_delivery, pending_job, queue_key, split_delivery, split_time_key,
+    to_json,
+};
+use listing::{LIST_SCAN_LIMIT, cursor_before};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::group_commit::{GroupCommit, SyncFn};
 use super::{
-    AttemptContext, AttemptOutcome, Begin, CheckReport, Claim, Cursor, DeliveryKey, DeliveryRecord,
-    DeliveryStatus, DeliveryStore, DeliverySummary, Expired, JobKey, JobState, JobStatus, Lease,
-    NewDelivery, Page, QueuedJob, StoreError, StoredResponse, TakeOver,
+    AttemptContext, AttemptOutcome, Begin, Claim, Cursor, DeliveryKey, DeliveryRecord,
+    DeliveryStatus, DeliveryStore, Expired, JobKey, JobState, JobStatus, Lease, NewDelivery, Page,
+    QueuedJob, StoreError, StoredResponse, TakeOver,
 };
 use crate::config::Durability;
 
@@ -151,234 +169,14 @@ pub struct SledStore {
     sweep_from: Mutex<Option<Vec<u8>>>,
 }
 
-/// received_at index entries one admin listing reads at most (it then returns what it
-/// found, with a cursor to go on from).
-const LIST_SCAN_LIMIT: usize = 10_000;
-
-/// The cursor of a page that goes on at `index_key` (included): the key plus a zero byte,
-/// since the next page reads the range `..cursor`.
-fn cursor_before(index_key: &[u8]) -> Cursor {
-    let mut first_not_returned = index_key.to_vec();
-    first_not_returned.push(0);
-    Cursor::from_position(first_not_returned)
-}
-
-/// The start-up repair's watermark: every delivery received before it has been checked.
-const WATERMARK: &[u8] = b"checked_through_ms";
-/// How far behind "now" the watermark is kept: longer than any claim takes.
-const WATERMARK_LAG_MS: u64 = 60_000;
-
-fn backend(e: sled::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
-}
-
-fn corrupt(e: serde_json::Error) -> StoreError {
-    StoreError::Corrupt(e.to_string())
-}
-
-fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    // Serializing these plain structs (strings, numbers, options) cannot fail.
-    serde_json::to_vec(value).expect("records serialize to JSON")
-}
-
-fn queue_key(due_ms: u64, job: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(8 + job.len());
-    k.extend_from_slice(&due_ms.to_be_bytes());
-    k.extend_from_slice(job);
-    k
-}
-
-fn split_time_key(k: &[u8]) -> Option<(u64, &[u8])> {
-    let (t, rest) = k.split_first_chunk::<8>()?;
-    Some((u64::from_be_bytes(*t), rest))
-}
-
-/// A delivery's value: the record's JSON length (u32 BE), the JSON, then the raw body, so
-/// a replay parses the small record and never copies the body around.
-fn encode_delivery(record: &DeliveryRecord, body: &[u8]) -> Vec<u8> {
-    let meta = to_json(record);
-    let mut v = Vec::with_capacity(4 + meta.len() + body.len());
-    v.extend_from_slice(&(meta.len() as u32).to_be_bytes());
-    v.extend_from_slice(&meta);
-    v.extend_from_slice(body);
-    v
-}
-
-fn split_delivery(value: &[u8]) -> Result<(&[u8], &[u8]), StoreError> {
-    let (len, rest) = value
-        .split_first_chunk::<4>()
-        .ok_or_else(|| StoreError::Corrupt("short delivery value".into()))?;
-    let len = u32::from_be_bytes(*len) as usize;
-    if rest.len() < len {
-        return Err(StoreError::Corrupt("truncated delivery value".into()));
-    }
-    Ok(rest.split_at(len))
-}
-
-fn decode_record(value: &[u8]) -> Result<DeliveryRecord, StoreError> {
-    let (meta, _) = split_delivery(value)?;
-    serde_json::from_slice(meta).map_err(corrupt)
-}
-
-fn pending_job() -> JobState {
-    JobState {
-        status: JobStatus::Pending,
-        attempts: 0,
-        last_error: None,
-        queued_at_ms: None,
-        updated_ms: 0,
-        retry_base: 0,
-        lease: None,
-    }
-}
-
-fn body_index_key(source: &str, fingerprint: &str) -> Vec<u8> {
-    DeliveryKey::new(source, fingerprint).encode()
-}
-
-/// What the body index holds for a fingerprint.
-enum BodyEntry {
-    /// The id of the stored delivery with this body.
-    Live(String),
-    /// That delivery expired; its fingerprint is kept (`fingerprint_retention`) with what is
-    /// needed to answer a replay of it as it was answered.
-    Kept(KeptFingerprint),
-}
-
-/// A fingerprint kept past its delivery.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct KeptFingerprint {
-    id: String,
-    received_at_ms: u64,
-    response: StoredResponse,
-}
-
-/// Marks a [`BodyEntry::Kept`] value; an id never starts with a control character.
-const KEPT: u8 = 0x01;
-
-impl BodyEntry {
-    fn decode(value: &[u8]) -> Result<BodyEntry, StoreError> {
-        match value.split_first() {
-            Some((&KEPT, json)) => Ok(BodyEntry::Kept(
-                serde_json::from_slice(json).map_err(corrupt)?,
-            )),
-            _ => Ok(BodyEntry::Live(String::from_utf8_lossy(value).into_owned())),
-        }
-    }
-}
-
-impl KeptFingerprint {
-    /// The expired delivery as far as a replay needs it: its id and its first answer.
-    fn as_record(&self, source: &str, fingerprint: &str) -> DeliveryRecord {
-        DeliveryRecord {
-            source: source.to_owned(),
-            id: self.id.clone(),
-            fingerprint: fingerprint.to_owned(),
-            received_at_ms: self.received_at_ms,
-            event_type: None,
-            headers: Default::default(),
-            response: Some(self.response.clone()),
-            lease_until_ms: None,
-            handlers: Vec::new(),
-            body_dedup: true,
-            alias_of: None,
-        }
-    }
-}
-
-fn decode_delivery_key(bytes: &[u8]) -> Option<DeliveryKey> {
-    let text = std::str::from_utf8(bytes).ok()?;
-    let (source, id) = text.split_once('\0')?;
-    Some(DeliveryKey::new(source, id))
-}
-
 fn stripe_of(key: &[u8]) -> usize {
     let mut h = std::hash::DefaultHasher::new();
     key.hash(&mut h);
     (h.finish() % STRIPES as u64) as usize
 }
 
-/// `db.flush()` then a real fsync of what sled wrote: its log file `db` and any blob files
-/// (sled keeps pages over a quarter of a segment in `blobs/`, written without fsync).
-struct DiskSync {
-    db: sled::Db,
-    data_file: File,
-    blobs_dir: PathBuf,
-    synced_blobs: HashSet<std::ffi::OsString>,
-    hook: Option<FlushHook>,
-}
-
-impl DiskSync {
-    fn sync(&mut self) -> std::io::Result<()> {
-        if let Some(hook) = &self.hook {
-            hook()?;
-        }
-        self.db.flush().map_err(std::io::Error::other)?;
-        self.data_file.sync_data()?;
-        self.sync_blobs()
-    }
-
-    fn sync_blobs(&mut self) -> std::io::Result<()> {
-        let entries = match std::fs::read_dir(&self.blobs_dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        let mut present = HashSet::new();
-        let mut new = false;
-        for entry in entries {
-            let entry = entry?;
-            let name = entry.file_name();
-            if !self.synced_blobs.contains(&name) {
-                match File::open(entry.path()) {
-                    Ok(f) => f.sync_all()?,
-                    // Garbage-collected by sled between listing and opening.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
-                }
-                new = true;
-            }
-            present.insert(name);
-        }
-        if new {
-            File::open(&self.blobs_dir)?.sync_all()?;
-        }
-        self.synced_blobs = present;
-        Ok(())
-    }
-}
-
 /// The locks of one operation, released together when dropped.
 struct Locked<'a>(#[allow(dead_code)] Vec<MutexGuard<'a, ()>>);
-
-/// Whether a job still has a way to run: a queue entry that leads to it (the initial one
-/// while it has no state), or a live lease of this process.
-fn still_due(
-    queue: &sled::Tree,
-    record: &DeliveryRecord,
-    job_key: &[u8],
-    state: Option<&JobState>,
-    instance: u64,
-    now_ms: u64,
-) -> Result<bool, StoreError> {
-    let entry = match state {
-        None => Some(record.received_at_ms),
-        Some(s) if s.is_final() => return Ok(false),
-        Some(s) => {
-            if s.status == JobStatus::Running
-                && s.lease
-                    .is_some_and(|l| l.owner == instance && l.until_ms > now_ms)
-            {
-                return Ok(true);
-            }
-            s.queued_at_ms
-        }
-    };
-    match entry {
-        Some(due) => queue.contains_key(queue_key(due, job_key)).map_err(backend),
-        None => Ok(false),
-    }
-}
 
 impl SledStore {
     /// Opens (or creates) the store at `path`.
@@ -681,273 +479,6 @@ impl SledStore {
                 .map_err(backend)?;
         }
         Ok(())
-    }
-
-    /// The invariant check of one delivery (1 and 2: every handler of an answered
-    /// delivery is final or has a way to run); with `repair`, puts back the missing entry.
-    fn check_delivery(
-        &self,
-        record: &DeliveryRecord,
-        repair: bool,
-        now_ms: u64,
-        report: &mut CheckReport,
-    ) -> Result<(), StoreError> {
-        if record.alias_of.is_some() || record.response.is_none() {
-            // Aliases run nothing; an unanswered processed-mode delivery promised nothing.
-            return Ok(());
-        }
-        let key = record.key();
-        for handler in &record.handlers {
-            let job = key.job(handler);
-            let jk = job.encode();
-            let state = self.read_job(&jk)?;
-            if let Some(s) = &state
-                && s.status == JobStatus::Dead
-                && !self.dead.contains_key(&jk).map_err(backend)?
-            {
-                report
-                    .leftovers
-                    .push(format!("{job}: dead but missing from the dead letters"));
-                if repair {
-                    self.dead.insert(jk.as_slice(), &[]).map_err(backend)?;
-                }
-            }
-            if still_due(
-                &self.queue,
-                record,
-                &jk,
-                state.as_ref(),
-                self.instance,
-                now_ms,
-            )? {
-                continue;
-            }
-            if state.as_ref().is_some_and(JobState::is_final) {
-                continue;
-            }
-            let what = state
-                .as_ref()
-                .map_or("pending (no state)", |s| match s.status {
-                    JobStatus::Running => "running",
-                    JobStatus::Failed => "failed",
-                    _ => "pending",
-                });
-            report.violations.push(format!(
-                "{job}: {what} with nothing queued to run it (invariants 1, 2)"
-            ));
-            if repair {
-                let mut s = state.unwrap_or_else(pending_job);
-                if s.status == JobStatus::Running {
-                    // Interrupted by a crash: it runs again with attempt + 1.
-                    s.status = JobStatus::Failed;
-                    s.lease = None;
-                }
-                s.updated_ms = now_ms;
-                self.requeue(Op::Retry, &jk, &mut s, now_ms)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Re-checks the deliveries received since the watermark (all of them on a store that
-    /// has none: a store written before the watermark existed), repairs what a crash left,
-    /// and moves the watermark to now less [`WATERMARK_LAG_MS`].
-    fn repair_recent(&self) -> Result<(), StoreError> {
-        let now = crate::clock::Clock::System.now_ms();
-        let since = self
-            .meta
-            .get(WATERMARK)
-            .map_err(backend)?
-            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0);
-        let mut report = CheckReport::default();
-        for index_key in self.received.range(since.to_be_bytes().to_vec()..).keys() {
-            let index_key = index_key.map_err(backend)?;
-            let Some(key) = split_time_key(&index_key).and_then(|(_, k)| decode_delivery_key(k))
-            else {
-                continue;
-            };
-            let _locks = self.lock(Op::Retry, &[&key.encode()]);
-            if let Some(record) = self.read_record(&key.encode())? {
-                report.deliveries += 1;
-                self.check_delivery(&record, true, now, &mut report)?;
-            }
-        }
-        for line in &report.violations {
-            tracing::warn!(repair = %line, "repaired on start");
-        }
-        self.advance_watermark(now)
-    }
-
-    /// Records that every delivery received before `now - lag` has been checked. Called
-    /// on start and by the retention sweep.
-    fn advance_watermark(&self, now_ms: u64) -> Result<(), StoreError> {
-        let mark = now_ms.saturating_sub(WATERMARK_LAG_MS);
-        self.meta
-            .insert(WATERMARK, &mark.to_be_bytes())
-            .map_err(backend)?;
-        Ok(())
-    }
-
-    /// `store check`: reads the whole store (stopped server) and lists every breach of
-    /// invariants 1, 2 and 4 and every leftover a crash can leave; with `repair`, puts
-    /// back what can be put back (a missing queue entry; leftovers are removed). Two
-    /// deliveries that ran for one body (invariant 4) cannot be undone: listed only.
-    pub fn check(&self, repair: bool, now_ms: u64) -> Result<CheckReport, StoreError> {
-        let mut report = CheckReport {
-            repaired: repair,
-            ..CheckReport::default()
-        };
-        let mut by_body: HashMap<(String, String), Vec<String>> = HashMap::new();
-        let mut indexed: HashSet<Vec<u8>> = HashSet::new();
-        for entry in self.received.iter().keys() {
-            let k = entry.map_err(backend)?;
-            if let Some((t, dk)) = split_time_key(&k) {
-                let dk = dk.to_vec();
-                match self.read_record(&dk)? {
-                    Some(r) if r.received_at_ms == t => {
-                        indexed.insert(dk);
-                    }
-                    _ => {
-                        report.leftovers.push(format!(
-                            "received_at index entry for {} points at nothing",
-                            String::from_utf8_lossy(&dk).replace('\0', "/")
-                        ));
-                        if repair {
-                            self.received.remove(&k).map_err(backend)?;
-                        }
-                    }
-                }
-            }
-        }
-        for entry in self.deliveries.iter() {
-            let (k, v) = entry.map_err(backend)?;
-            let record = decode_record(&v)?;
-            report.deliveries += 1;
-            if !indexed.contains(k.as_ref()) {
-                report.leftovers.push(format!(
-                    "{}: missing from the received_at index (would never expire)",
-                    record.key()
-                ));
-                if repair {
-                    self.received
-                        .insert(queue_key(record.received_at_ms, &k), &[])
-                        .map_err(backend)?;
-                }
-            }
-            self.check_delivery(&record, repair, now_ms, &mut report)?;
-            if record.body_dedup && record.alias_of.is_none() {
-                by_body
-                    .entry((record.source.clone(), record.fingerprint.clone()))
-                    .or_default()
-                    .push(record.id.clone());
-            }
-        }
-        for ((source, fp), mut ids) in by_body {
-            if ids.len() > 1 {
-                ids.sort();
-                report.violations.push(format!(
-                    "{source}: one body ({}…) recorded under {} ids that each ran their handlers: {} (invariant 4)",
-                    &fp[..fp.len().min(12)],
-                    ids.len(),
-                    ids.join(", ")
-                ));
-            }
-        }
-        for entry in self.queue.iter().keys() {
-            let k = entry.map_err(backend)?;
-            let Some(job) = split_time_key(&k).and_then(|(_, j)| JobKey::decode(j)) else {
-                continue;
-            };
-            let gone = !self
-                .deliveries
-                .contains_key(job.delivery.encode())
-                .map_err(backend)?;
-            let done = self.read_job(&job.encode())?.is_some_and(|s| s.is_final());
-            if gone || done {
-                report.leftovers.push(format!(
-                    "queue entry for {job} leads nowhere ({})",
-                    if gone { "no delivery" } else { "already final" }
-                ));
-                if repair {
-                    self.queue.remove(&k).map_err(backend)?;
-                }
-            }
-        }
-        for entry in self.jobs.iter().keys() {
-            let k = entry.map_err(backend)?;
-            let Some(job) = JobKey::decode(&k) else {
-                continue;
-            };
-            if !self
-                .deliveries
-                .contains_key(job.delivery.encode())
-                .map_err(backend)?
-            {
-                report
-                    .leftovers
-                    .push(format!("job state for {job} without its delivery"));
-                if repair {
-                    self.jobs.remove(&k).map_err(backend)?;
-                    self.dead.remove(&k).map_err(backend)?;
-                }
-            }
-        }
-        if repair {
-            self.advance_watermark(now_ms)?;
-            self.db.flush().map_err(backend)?;
-        }
-        Ok(report)
-    }
-
-    /// A delivery and its status, for listings.
-    fn summary(&self, key: &DeliveryKey) -> Result<Option<DeliverySummary>, StoreError> {
-        let Some(record) = self.read_record(&key.encode())? else {
-            return Ok(None);
-        };
-        let jobs = record
-            .handlers
-            .iter()
-            .map(|h| self.read_job(&key.job(h).encode()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let status = DeliveryStatus::of(&record, &jobs);
-        Ok(Some(DeliverySummary { record, status }))
-    }
-
-    /// `status=dead` from the dead-letter tree: reads the dead letters (few, by nature)
-    /// and their deliveries, never the whole received_at index.
-    fn list_dead(
-        &self,
-        source: Option<&str>,
-        limit: usize,
-        end: &[u8],
-    ) -> Result<Page, StoreError> {
-        let mut keys = HashSet::new();
-        for job in self.dead.iter().keys() {
-            let job = job.map_err(backend)?;
-            if let Some(job) = JobKey::decode(&job)
-                && source.is_none_or(|s| s == job.delivery.source)
-            {
-                keys.insert(job.delivery);
-            }
-        }
-        let mut found = Vec::new();
-        for key in keys {
-            if let Some(summary) = self.summary(&key)?
-                && summary.status == DeliveryStatus::Dead
-            {
-                let index_key = queue_key(summary.record.received_at_ms, &key.encode());
-                if index_key.as_slice() < end {
-                    found.push((index_key, summary));
-                }
-            }
-        }
-        found.sort_by(|a, b| b.0.cmp(&a.0));
-        let next = found.get(limit).map(|(k, _)| cursor_before(k));
-        Ok(Page {
-            deliveries: found.into_iter().take(limit).map(|(_, s)| s).collect(),
-            next,
-        })
     }
 
     /// Removes one expired delivery unless a handler of it is still due; returns whether it

@@ -1,0 +1,263 @@
+//! The invariant check of a store (`webhook-inbox store check [--repair]`) and the repair a
+//! starting server runs over the deliveries received since its watermark.
+
+use std::collections::{HashMap, HashSet};
+
+use super::super::{CheckReport, DeliveryRecord, JobKey, JobState, JobStatus, StoreError};
+use super::encoding::{
+    backend, decode_delivery_key, decode_record, pending_job, queue_key, split_time_key,
+};
+use super::{Op, SledStore};
+
+/// The start-up repair's watermark: every delivery received before it has been checked.
+pub(super) const WATERMARK: &[u8] = b"checked_through_ms";
+/// How far behind "now" the watermark is kept: longer than any claim takes.
+pub(super) const WATERMARK_LAG_MS: u64 = 60_000;
+
+/// Whether a job still has a way to run: a queue entry that leads to it (the initial one
+/// while it has no state), or a live lease of this process.
+pub(super) fn still_due(
+    queue: &sled::Tree,
+    record: &DeliveryRecord,
+    job_key: &[u8],
+    state: Option<&JobState>,
+    instance: u64,
+    now_ms: u64,
+) -> Result<bool, StoreError> {
+    let entry = match state {
+        None => Some(record.received_at_ms),
+        Some(s) if s.is_final() => return Ok(false),
+        Some(s) => {
+            if s.status == JobStatus::Running
+                && s.lease
+                    .is_some_and(|l| l.owner == instance && l.until_ms > now_ms)
+            {
+                return Ok(true);
+            }
+            s.queued_at_ms
+        }
+    };
+    match entry {
+        Some(due) => queue.contains_key(queue_key(due, job_key)).map_err(backend),
+        None => Ok(false),
+    }
+}
+
+impl SledStore {
+    /// The invariant check of one delivery (1 and 2: every handler of an answered
+    /// delivery is final or has a way to run); with `repair`, puts back the missing entry.
+    pub(super) fn check_delivery(
+        &self,
+        record: &DeliveryRecord,
+        repair: bool,
+        now_ms: u64,
+        report: &mut CheckReport,
+    ) -> Result<(), StoreError> {
+        if record.alias_of.is_some() || record.response.is_none() {
+            // Aliases run nothing; an unanswered processed-mode delivery promised nothing.
+            return Ok(());
+        }
+        let key = record.key();
+        for handler in &record.handlers {
+            let job = key.job(handler);
+            let jk = job.encode();
+            let state = self.read_job(&jk)?;
+            if let Some(s) = &state
+                && s.status == JobStatus::Dead
+                && !self.dead.contains_key(&jk).map_err(backend)?
+            {
+                report
+                    .leftovers
+                    .push(format!("{job}: dead but missing from the dead letters"));
+                if repair {
+                    self.dead.insert(jk.as_slice(), &[]).map_err(backend)?;
+                }
+            }
+            if still_due(
+                &self.queue,
+                record,
+                &jk,
+                state.as_ref(),
+                self.instance,
+                now_ms,
+            )? {
+                continue;
+            }
+            if state.as_ref().is_some_and(JobState::is_final) {
+                continue;
+            }
+            let what = state
+                .as_ref()
+                .map_or("pending (no state)", |s| match s.status {
+                    JobStatus::Running => "running",
+                    JobStatus::Failed => "failed",
+                    _ => "pending",
+                });
+            report.violations.push(format!(
+                "{job}: {what} with nothing queued to run it (invariants 1, 2)"
+            ));
+            if repair {
+                let mut s = state.unwrap_or_else(pending_job);
+                if s.status == JobStatus::Running {
+                    // Interrupted by a crash: it runs again with attempt + 1.
+                    s.status = JobStatus::Failed;
+                    s.lease = None;
+                }
+                s.updated_ms = now_ms;
+                self.requeue(Op::Retry, &jk, &mut s, now_ms)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-checks the deliveries received since the watermark (all of them on a store that
+    /// has none: a store written before the watermark existed), repairs what a crash left,
+    /// and moves the watermark to now less [`WATERMARK_LAG_MS`].
+    pub(super) fn repair_recent(&self) -> Result<(), StoreError> {
+        let now = crate::clock::Clock::System.now_ms();
+        let since = self
+            .meta
+            .get(WATERMARK)
+            .map_err(backend)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        let mut report = CheckReport::default();
+        for index_key in self.received.range(since.to_be_bytes().to_vec()..).keys() {
+            let index_key = index_key.map_err(backend)?;
+            let Some(key) = split_time_key(&index_key).and_then(|(_, k)| decode_delivery_key(k))
+            else {
+                continue;
+            };
+            let _locks = self.lock(Op::Retry, &[&key.encode()]);
+            if let Some(record) = self.read_record(&key.encode())? {
+                report.deliveries += 1;
+                self.check_delivery(&record, true, now, &mut report)?;
+            }
+        }
+        for line in &report.violations {
+            tracing::warn!(repair = %line, "repaired on start");
+        }
+        self.advance_watermark(now)
+    }
+
+    /// Records that every delivery received before `now - lag` has been checked. Called
+    /// on start and by the retention sweep.
+    pub(super) fn advance_watermark(&self, now_ms: u64) -> Result<(), StoreError> {
+        let mark = now_ms.saturating_sub(WATERMARK_LAG_MS);
+        self.meta
+            .insert(WATERMARK, &mark.to_be_bytes())
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    /// `store check`: reads the whole store (stopped server) and lists every breach of
+    /// invariants 1, 2 and 4 and every leftover a crash can leave; with `repair`, puts
+    /// back what can be put back (a missing queue entry; leftovers are removed). Two
+    /// deliveries that ran for one body (invariant 4) cannot be undone: listed only.
+    pub fn check(&self, repair: bool, now_ms: u64) -> Result<CheckReport, StoreError> {
+        let mut report = CheckReport {
+            repaired: repair,
+            ..CheckReport::default()
+        };
+        let mut by_body: HashMap<(String, String), Vec<String>> = HashMap::new();
+        let mut indexed: HashSet<Vec<u8>> = HashSet::new();
+        for entry in self.received.iter().keys() {
+            let k = entry.map_err(backend)?;
+            if let Some((t, dk)) = split_time_key(&k) {
+                let dk = dk.to_vec();
+                match self.read_record(&dk)? {
+                    Some(r) if r.received_at_ms == t => {
+                        indexed.insert(dk);
+                    }
+                    _ => {
+                        report.leftovers.push(format!(
+                            "received_at index entry for {} points at nothing",
+                            String::from_utf8_lossy(&dk).replace('\0', "/")
+                        ));
+                        if repair {
+                            self.received.remove(&k).map_err(backend)?;
+                        }
+                    }
+                }
+            }
+        }
+        for entry in self.deliveries.iter() {
+            let (k, v) = entry.map_err(backend)?;
+            let record = decode_record(&v)?;
+            report.deliveries += 1;
+            if !indexed.contains(k.as_ref()) {
+                report.leftovers.push(format!(
+                    "{}: missing from the received_at index (would never expire)",
+                    record.key()
+                ));
+                if repair {
+                    self.received
+                        .insert(queue_key(record.received_at_ms, &k), &[])
+                        .map_err(backend)?;
+                }
+            }
+            self.check_delivery(&record, repair, now_ms, &mut report)?;
+            if record.body_dedup && record.alias_of.is_none() {
+                by_body
+                    .entry((record.source.clone(), record.fingerprint.clone()))
+                    .or_default()
+                    .push(record.id.clone());
+            }
+        }
+        for ((source, fp), mut ids) in by_body {
+            if ids.len() > 1 {
+                ids.sort();
+                report.violations.push(format!(
+                    "{source}: one body ({}…) recorded under {} ids that each ran their handlers: {} (invariant 4)",
+                    &fp[..fp.len().min(12)],
+                    ids.len(),
+                    ids.join(", ")
+                ));
+            }
+        }
+        for entry in self.queue.iter().keys() {
+            let k = entry.map_err(backend)?;
+            let Some(job) = split_time_key(&k).and_then(|(_, j)| JobKey::decode(j)) else {
+                continue;
+            };
+            let gone = !self
+                .deliveries
+                .contains_key(job.delivery.encode())
+                .map_err(backend)?;
+            let done = self.read_job(&job.encode())?.is_some_and(|s| s.is_final());
+            if gone || done {
+                report.leftovers.push(format!(
+                    "queue entry for {job} leads nowhere ({})",
+                    if gone { "no delivery" } else { "already final" }
+                ));
+                if repair {
+                    self.queue.remove(&k).map_err(backend)?;
+                }
+            }
+        }
+        for entry in self.jobs.iter().keys() {
+            let k = entry.map_err(backend)?;
+            let Some(job) = JobKey::decode(&k) else {
+                continue;
+            };
+            if !self
+                .deliveries
+                .contains_key(job.delivery.encode())
+                .map_err(backend)?
+            {
+                report
+                    .leftovers
+                    .push(format!("job state for {job} without its delivery"));
+                if repair {
+                    self.jobs.remove(&k).map_err(backend)?;
+                    self.dead.remove(&k).map_err(backend)?;
+                }
+            }
+        }
+        if repair {
+            self.advance_watermark(now_ms)?;
+            self.db.flush().map_err(backend)?;
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,59 @@
+//! What "on disk" means for sled 0.34: `db.flush()`, then a real `fsync` of its data file
+//! and of every blob file it wrote (sled writes those without one). Run by the group
+//! commit thread, once per batch of waiting writers.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::PathBuf;
+
+use super::FlushHook;
+
+/// `db.flush()` then a real fsync of what sled wrote: its log file `db` and any blob files
+/// (sled keeps pages over a quarter of a segment in `blobs/`, written without fsync).
+pub(super) struct DiskSync {
+    pub(super) db: sled::Db,
+    pub(super) data_file: File,
+    pub(super) blobs_dir: PathBuf,
+    pub(super) synced_blobs: HashSet<std::ffi::OsString>,
+    pub(super) hook: Option<FlushHook>,
+}
+
+impl DiskSync {
+    pub(super) fn sync(&mut self) -> std::io::Result<()> {
+        if let Some(hook) = &self.hook {
+            hook()?;
+        }
+        self.db.flush().map_err(std::io::Error::other)?;
+        self.data_file.sync_data()?;
+        self.sync_blobs()
+    }
+
+    fn sync_blobs(&mut self) -> std::io::Result<()> {
+        let entries = match std::fs::read_dir(&self.blobs_dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut present = HashSet::new();
+        let mut new = false;
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !self.synced_blobs.contains(&name) {
+                match File::open(entry.path()) {
+                    Ok(f) => f.sync_all()?,
+                    // Garbage-collected by sled between listing and opening.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                new = true;
+            }
+            present.insert(name);
+        }
+        if new {
+            File::open(&self.blobs_dir)?.sync_all()?;
+        }
+        self.synced_blobs = present;
+        Ok(())
+    }
+}

@@ -1,0 +1,128 @@
+//! How sled holds a delivery: key layouts (big-endian times first, so key order is time
+//! order), the delivery value (record JSON, then the raw body), and the body index entry.
+
+use super::super::{DeliveryKey, DeliveryRecord, JobState, JobStatus, StoreError, StoredResponse};
+
+pub(super) fn backend(e: sled::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+pub(super) fn corrupt(e: serde_json::Error) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+pub(super) fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Serializing these plain structs (strings, numbers, options) cannot fail.
+    serde_json::to_vec(value).expect("records serialize to JSON")
+}
+
+pub(super) fn queue_key(due_ms: u64, job: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + job.len());
+    k.extend_from_slice(&due_ms.to_be_bytes());
+    k.extend_from_slice(job);
+    k
+}
+
+pub(super) fn split_time_key(k: &[u8]) -> Option<(u64, &[u8])> {
+    let (t, rest) = k.split_first_chunk::<8>()?;
+    Some((u64::from_be_bytes(*t), rest))
+}
+
+/// A delivery's value: the record's JSON length (u32 BE), the JSON, then the raw body, so
+/// a replay parses the small record and never copies the body around.
+pub(super) fn encode_delivery(record: &DeliveryRecord, body: &[u8]) -> Vec<u8> {
+    let meta = to_json(record);
+    let mut v = Vec::with_capacity(4 + meta.len() + body.len());
+    v.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+    v.extend_from_slice(&meta);
+    v.extend_from_slice(body);
+    v
+}
+
+pub(super) fn split_delivery(value: &[u8]) -> Result<(&[u8], &[u8]), StoreError> {
+    let (len, rest) = value
+        .split_first_chunk::<4>()
+        .ok_or_else(|| StoreError::Corrupt("short delivery value".into()))?;
+    let len = u32::from_be_bytes(*len) as usize;
+    if rest.len() < len {
+        return Err(StoreError::Corrupt("truncated delivery value".into()));
+    }
+    Ok(rest.split_at(len))
+}
+
+pub(super) fn decode_record(value: &[u8]) -> Result<DeliveryRecord, StoreError> {
+    let (meta, _) = split_delivery(value)?;
+    serde_json::from_slice(meta).map_err(corrupt)
+}
+
+pub(super) fn pending_job() -> JobState {
+    JobState {
+        status: JobStatus::Pending,
+        attempts: 0,
+        last_error: None,
+        queued_at_ms: None,
+        updated_ms: 0,
+        retry_base: 0,
+        lease: None,
+    }
+}
+
+pub(super) fn body_index_key(source: &str, fingerprint: &str) -> Vec<u8> {
+    DeliveryKey::new(source, fingerprint).encode()
+}
+
+/// What the body index holds for a fingerprint.
+pub(super) enum BodyEntry {
+    /// The id of the stored delivery with this body.
+    Live(String),
+    /// That delivery expired; its fingerprint is kept (`fingerprint_retention`) with what is
+    /// needed to answer a replay of it as it was answered.
+    Kept(KeptFingerprint),
+}
+
+/// A fingerprint kept past its delivery.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct KeptFingerprint {
+    pub(super) id: String,
+    pub(super) received_at_ms: u64,
+    pub(super) response: StoredResponse,
+}
+
+/// Marks a [`BodyEntry::Kept`] value; an id never starts with a control character.
+pub(super) const KEPT: u8 = 0x01;
+
+impl BodyEntry {
+    pub(super) fn decode(value: &[u8]) -> Result<BodyEntry, StoreError> {
+        match value.split_first() {
+            Some((&KEPT, json)) => Ok(BodyEntry::Kept(
+                serde_json::from_slice(json).map_err(corrupt)?,
+            )),
+            _ => Ok(BodyEntry::Live(String::from_utf8_lossy(value).into_owned())),
+        }
+    }
+}
+
+impl KeptFingerprint {
+    /// The expired delivery as far as a replay needs it: its id and its first answer.
+    pub(super) fn as_record(&self, source: &str, fingerprint: &str) -> DeliveryRecord {
+        DeliveryRecord {
+            source: source.to_owned(),
+            id: self.id.clone(),
+            fingerprint: fingerprint.to_owned(),
+            received_at_ms: self.received_at_ms,
+            event_type: None,
+            headers: Default::default(),
+            response: Some(self.response.clone()),
+            lease_until_ms: None,
+            handlers: Vec::new(),
+            body_dedup: true,
+            alias_of: None,
+        }
+    }
+}
+
+pub(super) fn decode_delivery_key(bytes: &[u8]) -> Option<DeliveryKey> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let (source, id) = text.split_once('\0')?;
+    Some(DeliveryKey::new(source, id))
+}
