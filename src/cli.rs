@@ -26,21 +26,21 @@ pub struct Cli {
 pub enum Command {
     /// Serve webhooks until SIGINT/SIGTERM.
     Serve {
-        /// Configuration file.
-        #[arg(long, default_value = "config.toml")]
-        config: PathBuf,
+        /// The configuration file.
+        #[command(flatten)]
+        config: ConfigPath,
     },
     /// Run every start-up check without binding a port or opening the store.
     CheckConfig {
-        /// Configuration file.
-        #[arg(long, default_value = "config.toml")]
-        config: PathBuf,
+        /// The configuration file.
+        #[command(flatten)]
+        config: ConfigPath,
     },
     /// Sign fixtures like their sender would and send them.
     Replay {
-        /// Configuration file (sources and secrets to sign with).
-        #[arg(long, default_value = "config.toml")]
-        config: PathBuf,
+        /// The configuration file.
+        #[command(flatten)]
+        config: ConfigPath,
         /// Base URL of the service (default: `server.listen` of the config).
         #[arg(long)]
         target: Option<String>,
@@ -74,9 +74,9 @@ pub enum Command {
     },
     /// Print the headers and body a sender would send for a fixture, signed now.
     Sign {
-        /// Configuration file.
-        #[arg(long, default_value = "config.toml")]
-        config: PathBuf,
+        /// The configuration file.
+        #[command(flatten)]
+        config: ConfigPath,
         /// Fixture file (`fixtures/<source>/<name>.json`).
         fixture: PathBuf,
     },
@@ -88,21 +88,37 @@ pub enum StoreCommand {
     /// List every breach of design.md's invariants 1, 2 and 4 (exit 1 if any) and what a
     /// crash left behind; `--repair` puts back what can be put back.
     Check {
-        /// Configuration file (`storage.path`).
-        #[arg(long, default_value = "config.toml")]
-        config: PathBuf,
+        /// The configuration file.
+        #[command(flatten)]
+        config: ConfigPath,
         /// Repair: put back missing queue entries, remove leftovers.
         #[arg(long)]
         repair: bool,
     },
 }
 
+/// `--config FILE`, shared by every command that reads the configuration.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigPath {
+    /// Configuration file.
+    #[arg(long = "config", value_name = "FILE", default_value = "config.toml")]
+    pub path: PathBuf,
+}
+
+impl std::ops::Deref for ConfigPath {
+    type Target = std::path::Path;
+
+    fn deref(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
 /// Options shared by the `deliveries` commands.
 #[derive(Debug, clap::Args)]
 pub struct AdminArgs {
-    /// Configuration file (admin address, token variable, sources).
-    #[arg(long, default_value = "config.toml")]
-    pub config: PathBuf,
+    /// The configuration file.
+    #[command(flatten)]
+    pub config: ConfigPath,
     /// Admin API base URL (default: `http://{server.admin_listen}`).
     #[arg(long)]
     pub admin: Option<String>,
@@ -174,8 +190,8 @@ pub enum DeliveriesCommand {
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Serve { config } => serve(config).await,
-        Command::CheckConfig { config } => match load(&config)
+        Command::Serve { config } => serve(config.path).await,
+        Command::CheckConfig { config } => match load(&config.path)
             .map_err(CliError::from)
             .and_then(|c| Ok(ApplicationBuilder::new(c).validate()?))
         {
