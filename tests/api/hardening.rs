@@ -11,7 +11,8 @@ use std::time::Duration;
 use webhook_inbox::Registration;
 
 use crate::helpers::{
-    Options, Recorder, TestApp, assert_error, assert_replayed, event, eventually, spawn_with,
+    Options, Recorder, TestApp, assert_error, assert_replayed, event, eventually, eventually_async,
+    spawn_with,
 };
 
 /// Sends the head of a request (and `body_prefix` of its body) on a raw connection and
@@ -121,29 +122,21 @@ async fn the_inflight_byte_budget_refuses_more_slow_bodies() {
     let slow: Vec<TcpStream> = (0..2)
         .map(|_| send_head(&app, &signed, 64 * 1024, b"{"))
         .collect();
-    // Both slow bodies are being read once a new request finds the budget spent.
-    let mut refused = None;
-    for _ in 0..200 {
-        let r = app.deliver("msg_now", &body).await;
-        if r.status().as_u16() == 503 {
-            refused = Some(r);
-            break;
-        }
-        // Not yet: the slow requests may not have reached the handler.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let refused = refused.expect("a request past the budget is refused");
-    assert!(refused.headers().get("retry-after").is_some());
-    assert_error(refused, 503, "server_busy").await;
+    // Both slow bodies are being read once a new request finds the budget spent (until
+    // then the probe is simply accepted).
+    let refused = eventually_async(Duration::from_secs(20), || async {
+        app.deliver("msg_now", &body).await.status().as_u16() == 503
+    })
+    .await;
+    assert!(refused, "a request past the budget is refused");
+    let answer = app.deliver("msg_now", &body).await;
+    assert!(answer.headers().get("retry-after").is_some());
+    assert_error(answer, 503, "server_busy").await;
     drop(slow);
-    let mut accepted = false;
-    for _ in 0..400 {
-        if app.deliver("msg_now", &body).await.status().as_u16() == 202 {
-            accepted = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let accepted = eventually_async(Duration::from_secs(20), || async {
+        app.deliver("msg_now", &body).await.status().as_u16() == 202
+    })
+    .await;
     assert!(accepted, "the budget came back when the slow senders left");
 }
 
@@ -164,14 +157,10 @@ async fn shutdown_does_not_wait_for_a_stalled_body() {
         &body.as_bytes()[..5],
     );
     // The stalled request is in the handler once it holds the whole budget.
-    let mut holding = false;
-    for _ in 0..400 {
-        if app.deliver("msg_probe", &body).await.status().as_u16() == 503 {
-            holding = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let holding = eventually_async(Duration::from_secs(20), || async {
+        app.deliver("msg_probe", &body).await.status().as_u16() == 503
+    })
+    .await;
     assert!(holding, "the stalled request reached the handler");
     let stopped = tokio::time::timeout(Duration::from_secs(20), app.stop()).await;
     drop(stalled);
@@ -384,15 +373,12 @@ timeout = "2s"
             .await
             .expect("text")
     };
-    let mut text = String::new();
-    for _ in 0..400 {
-        text = show().await;
-        if text.contains("\"dead\"") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(text.contains("\"dead\""), "{text}");
+    let dead = eventually_async(Duration::from_secs(20), || async {
+        show().await.contains("\"dead\"")
+    })
+    .await;
+    let text = show().await;
+    assert!(dead, "{text}");
     assert!(
         text.contains("127.0.0.1:9/hooks"),
         "the error names the target: {text}"
@@ -424,10 +410,8 @@ async fn a_captured_request_is_still_a_replay_after_its_delivery_expired() {
     let first = first.bytes().await.expect("body");
     assert!(eventually(Duration::from_secs(20), || github.runs().len() == 1).await);
     // Wait until the delivery itself is gone.
-    let mut expired = false;
-    for _ in 0..400 {
-        let status = app
-            .client
+    let expired = eventually_async(Duration::from_secs(20), || async {
+        app.client
             .get(format!(
                 "{}/admin/deliveries/github/gh-captured",
                 app.admin_address
@@ -436,13 +420,10 @@ async fn a_captured_request_is_still_a_replay_after_its_delivery_expired() {
             .send()
             .await
             .expect("admin")
-            .status();
-        if status == 404 {
-            expired = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            .status()
+            == 404
+    })
+    .await;
     assert!(expired, "the delivery expired");
     for id in [&b"gh-captured"[..], b"gh-fresh-id"] {
         let again = post_github(&app, id, b"pull_request", body).await;

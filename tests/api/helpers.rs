@@ -381,6 +381,25 @@ pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> b
     }
 }
 
+/// [`eventually`] for a check that must await (a request): polls until `check` is true or
+/// `timeout` has passed.
+pub async fn eventually_async<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// Whether the answer is a replay of the first one (`Idempotent-Replayed: true`).
 pub fn is_replayed(response: &reqwest::Response) -> bool {
     response
