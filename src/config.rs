@@ -500,6 +500,12 @@ impl Config {
                     "sources.{name}: a source name may hold only letters, digits, '-' and '_'"
                 ));
             }
+            if source.processed_lease < Duration::from_secs(1) {
+                return err(format!(
+                    "sources.{name}.processed_lease ({}) must be at least 1s",
+                    humantime::format_duration(source.processed_lease)
+                ));
+            }
             if self.storage.retention < source.tolerance {
                 return err(format!(
                     "storage.retention ({}) is shorter than sources.{name}.tolerance ({}): \

@@ -160,6 +160,13 @@ fn a_retention_shorter_than_the_retry_schedule_is_named() {
 }
 
 #[test]
+fn a_processed_lease_under_a_second_is_named() {
+    let (ok, text) = check_config(&format!("{SOURCE}processed_lease = \"100ms\"\n"));
+    assert!(!ok);
+    assert!(text.contains("sources.credicorp.processed_lease"), "{text}");
+}
+
+#[test]
 fn serve_refuses_a_bad_config_with_the_same_message() {
     let dir = tempfile::TempDir::new().expect("dir");
     let path = dir.path().join("bad.toml");
