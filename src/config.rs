@@ -254,31 +254,25 @@ pub enum Encoding {
     Base64,
 }
 
-/// `[sources.<name>]`
+/// `[sources.<name>]`: the keys every scheme takes, and the scheme with the keys only it
+/// takes ([`SchemeConfig`]). A key that does not belong to the source's scheme is a parse
+/// error that names it (`scheme` itself defaults to `standard-webhooks`).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "toml::Table")]
 pub struct SourceConfig {
-    /// Signature scheme.
-    #[serde(default)]
-    pub scheme: SchemeName,
+    /// The signature scheme and its own settings.
+    pub scheme: SchemeConfig,
     /// Signing secrets; any of them may match (rotation).
-    #[serde(default)]
     pub secrets: Vec<String>,
     /// Environment variable with comma-separated secrets, read at start.
     pub secrets_env: Option<String>,
     /// Largest accepted distance between the signed timestamp and now, either way.
-    #[serde(default = "default_tolerance", with = "humantime_duration")]
     pub tolerance: Duration,
     /// `durable` or `processed`.
-    #[serde(default)]
     pub ack: AckMode,
     /// `ack = "processed"`: how long a claimant holds a delivery before a sender's retry
     /// may take it over; renewed while its handlers run, so only a crash lets it lapse.
-    #[serde(default = "default_processed_lease", with = "humantime_duration")]
     pub processed_lease: Duration,
-    /// `standard-webhooks` `v1a`: ed25519 public keys, `whpk_<base64>`.
-    #[serde(default)]
-    pub public_keys: Vec<String>,
     /// Override: header carrying the delivery id.
     pub id_header: Option<String>,
     /// Override: JSON pointer of the delivery id in the body.
@@ -286,20 +280,158 @@ pub struct SourceConfig {
     /// Treat a signed body already seen under another id as a replay of the first. Default:
     /// on where the id is not covered by the signature.
     pub body_dedup: Option<bool>,
-    /// `hmac-sha256`: header carrying the signature.
-    pub signature_header: Option<String>,
-    /// `hmac-sha256`: text before the encoded signature, e.g. `sha256=`.
-    pub prefix: Option<String>,
-    /// `hmac-sha256`: `hex` (default) or `base64`.
-    pub encoding: Option<Encoding>,
-    /// `hmac-sha256`: header carrying the signed Unix timestamp.
-    pub timestamp_header: Option<String>,
-    /// `hmac-sha256`: signed content over `{id}`, `{timestamp}`, `{body}`.
-    pub signed_content: Option<String>,
     /// Override: header carrying the event type.
     pub event_type_header: Option<String>,
     /// Override: JSON pointer of the event type in the body.
     pub event_type_pointer: Option<String>,
+}
+
+/// A source's scheme with the settings only it reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SchemeConfig {
+    /// <https://www.standardwebhooks.com/> (and Svix's header names).
+    StandardWebhooks {
+        /// `v1a`: ed25519 public keys, `whpk_<base64>`.
+        public_keys: Vec<String>,
+    },
+    /// `Stripe-Signature: t=…,v1=…`.
+    Stripe,
+    /// `X-Hub-Signature-256`.
+    Github,
+    /// `X-Slack-Signature` over `v0:{ts}:{body}`.
+    Slack,
+    /// `X-Shopify-Hmac-Sha256`.
+    Shopify,
+    /// Generic HMAC-SHA256, configured per source.
+    HmacSha256(HmacConfig),
+}
+
+impl SchemeConfig {
+    /// The scheme's name.
+    pub fn name(&self) -> SchemeName {
+        match self {
+            SchemeConfig::StandardWebhooks { .. } => SchemeName::StandardWebhooks,
+            SchemeConfig::Stripe => SchemeName::Stripe,
+            SchemeConfig::Github => SchemeName::Github,
+            SchemeConfig::Slack => SchemeName::Slack,
+            SchemeConfig::Shopify => SchemeName::Shopify,
+            SchemeConfig::HmacSha256(_) => SchemeName::HmacSha256,
+        }
+    }
+}
+
+/// `scheme = "hmac-sha256"`: how the partner signs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HmacConfig {
+    /// Header carrying the signature.
+    pub signature_header: String,
+    /// Text before the encoded signature, e.g. `sha256=`.
+    pub prefix: Option<String>,
+    /// `hex` (default) or `base64`.
+    pub encoding: Option<Encoding>,
+    /// Header carrying the signed Unix timestamp.
+    pub timestamp_header: Option<String>,
+    /// Signed content over `{id}`, `{timestamp}`, `{body}`.
+    pub signed_content: Option<String>,
+}
+
+/// One TOML shape per scheme: the keys every source takes plus the scheme's own, each
+/// with `deny_unknown_fields`, so a key of another scheme is an error naming it.
+macro_rules! source_toml {
+    ($name:ident { $($(#[$meta:meta])* $field:ident : $ty:ty,)* }) => {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct $name {
+            #[serde(default)]
+            secrets: Vec<String>,
+            secrets_env: Option<String>,
+            #[serde(default = "default_tolerance", with = "humantime_duration")]
+            tolerance: Duration,
+            #[serde(default)]
+            ack: AckMode,
+            #[serde(default = "default_processed_lease", with = "humantime_duration")]
+            processed_lease: Duration,
+            id_header: Option<String>,
+            id_pointer: Option<String>,
+            body_dedup: Option<bool>,
+            event_type_header: Option<String>,
+            event_type_pointer: Option<String>,
+            $($(#[$meta])* $field: $ty,)*
+        }
+
+        impl $name {
+            fn into_config(self, scheme: impl FnOnce(&Self) -> SchemeConfig) -> SourceConfig {
+                SourceConfig {
+                    scheme: scheme(&self),
+                    secrets: self.secrets,
+                    secrets_env: self.secrets_env,
+                    tolerance: self.tolerance,
+                    ack: self.ack,
+                    processed_lease: self.processed_lease,
+                    id_header: self.id_header,
+                    id_pointer: self.id_pointer,
+                    body_dedup: self.body_dedup,
+                    event_type_header: self.event_type_header,
+                    event_type_pointer: self.event_type_pointer,
+                }
+            }
+        }
+    };
+}
+
+source_toml!(PresetToml {});
+source_toml!(StandardWebhooksToml {
+    #[serde(default)]
+    public_keys: Vec<String>,
+});
+source_toml!(HmacToml {
+    signature_header: String,
+    prefix: Option<String>,
+    encoding: Option<Encoding>,
+    timestamp_header: Option<String>,
+    signed_content: Option<String>,
+});
+
+impl TryFrom<toml::Table> for SourceConfig {
+    type Error = toml::de::Error;
+
+    fn try_from(mut table: toml::Table) -> Result<SourceConfig, toml::de::Error> {
+        let scheme = match table.remove("scheme") {
+            Some(value) => SchemeName::deserialize(value)?,
+            None => SchemeName::default(),
+        };
+        let fields = toml::Value::Table(table);
+        Ok(match scheme {
+            SchemeName::StandardWebhooks => {
+                StandardWebhooksToml::deserialize(fields)?.into_config(|t| {
+                    SchemeConfig::StandardWebhooks {
+                        public_keys: t.public_keys.clone(),
+                    }
+                })
+            }
+            SchemeName::Stripe => {
+                PresetToml::deserialize(fields)?.into_config(|_| SchemeConfig::Stripe)
+            }
+            SchemeName::Github => {
+                PresetToml::deserialize(fields)?.into_config(|_| SchemeConfig::Github)
+            }
+            SchemeName::Slack => {
+                PresetToml::deserialize(fields)?.into_config(|_| SchemeConfig::Slack)
+            }
+            SchemeName::Shopify => {
+                PresetToml::deserialize(fields)?.into_config(|_| SchemeConfig::Shopify)
+            }
+            SchemeName::HmacSha256 => HmacToml::deserialize(fields)?.into_config(|t| {
+                SchemeConfig::HmacSha256(HmacConfig {
+                    signature_header: t.signature_header.clone(),
+                    prefix: t.prefix.clone(),
+                    encoding: t.encoding,
+                    timestamp_header: t.timestamp_header.clone(),
+                    signed_content: t.signed_content.clone(),
+                })
+            }),
+        })
+    }
 }
 
 fn default_processed_lease() -> Duration {
@@ -514,10 +646,11 @@ impl Config {
                     humantime::format_duration(source.tolerance)
                 ));
             }
-            if source.secrets.is_empty()
-                && source.secrets_env.is_none()
-                && source.public_keys.is_empty()
-            {
+            let no_public_keys = match &source.scheme {
+                SchemeConfig::StandardWebhooks { public_keys } => public_keys.is_empty(),
+                _ => true,
+            };
+            if source.secrets.is_empty() && source.secrets_env.is_none() && no_public_keys {
                 return err(format!(
                     "sources.{name}.secrets is empty: set `secrets` or `secrets_env`"
                 ));

@@ -46,7 +46,7 @@ pub(crate) fn skew(ts: i64, now: SystemTime) -> Duration {
     Duration::from_secs(now_s.abs_diff(ts))
 }
 
-use crate::config::{AckMode, ConfigError, SchemeName, SourceConfig};
+use crate::config::{AckMode, ConfigError, SchemeConfig, SourceConfig};
 pub use crate::domain::{DeliveryId, Headers};
 
 /// A signing secret; never printed.
@@ -304,27 +304,6 @@ fn config_error(file: &str, name: &str, message: impl std::fmt::Display) -> Conf
     ConfigError::new(file, format!("sources.{name}: {message}"))
 }
 
-/// Keys that only the generic `hmac-sha256` scheme reads.
-fn generic_only_keys(config: &SourceConfig) -> Vec<&'static str> {
-    let mut keys = Vec::new();
-    if config.signature_header.is_some() {
-        keys.push("signature_header");
-    }
-    if config.prefix.is_some() {
-        keys.push("prefix");
-    }
-    if config.encoding.is_some() {
-        keys.push("encoding");
-    }
-    if config.timestamp_header.is_some() {
-        keys.push("timestamp_header");
-    }
-    if config.signed_content.is_some() {
-        keys.push("signed_content");
-    }
-    keys
-}
-
 impl Source {
     /// Builds a source from its config, decoding every secret; `env` looks up `secrets_env`.
     pub fn from_config(
@@ -350,26 +329,14 @@ impl Source {
                     .map(String::from),
             );
         }
-        if raw_secrets.is_empty() && config.public_keys.is_empty() {
+        let no_public_keys = match &config.scheme {
+            SchemeConfig::StandardWebhooks { public_keys } => public_keys.is_empty(),
+            _ => true,
+        };
+        if raw_secrets.is_empty() && no_public_keys {
             return Err(ConfigError::new(
                 file,
                 format!("sources.{name}.secrets is empty: set `secrets` or `secrets_env`"),
-            ));
-        }
-        if config.scheme != SchemeName::StandardWebhooks && !config.public_keys.is_empty() {
-            return Err(config_error(
-                file,
-                name,
-                "public_keys is only for scheme standard-webhooks",
-            ));
-        }
-        if config.scheme != SchemeName::HmacSha256
-            && let Some(key) = generic_only_keys(config).first()
-        {
-            return Err(config_error(
-                file,
-                name,
-                format!("{key} is only for scheme hmac-sha256"),
             ));
         }
         if config.id_header.is_some() && config.id_pointer.is_some() {
@@ -381,53 +348,46 @@ impl Source {
         }
         let secrets_error =
             |e: SchemeError| ConfigError::new(file, format!("sources.{name}.secrets: {e}"));
-        let scheme: Box<dyn SignatureScheme> = match config.scheme {
-            SchemeName::StandardWebhooks => Box::new(
-                StandardWebhooks::with_public_keys(&raw_secrets, &config.public_keys)
+        let scheme: Box<dyn SignatureScheme> = match &config.scheme {
+            SchemeConfig::StandardWebhooks { public_keys } => Box::new(
+                StandardWebhooks::with_public_keys(&raw_secrets, public_keys)
                     .map_err(secrets_error)?,
             ),
-            SchemeName::Stripe => {
+            SchemeConfig::Stripe => {
                 Box::new(stripe::Stripe::new(&raw_secrets).map_err(secrets_error)?)
             }
-            SchemeName::Github => Box::new(presets::github(&raw_secrets).map_err(secrets_error)?),
-            SchemeName::Shopify => Box::new(presets::shopify(&raw_secrets).map_err(secrets_error)?),
-            SchemeName::Slack => Box::new(presets::slack(&raw_secrets).map_err(secrets_error)?),
-            SchemeName::HmacSha256 => {
-                let signature_header = config.signature_header.clone().ok_or_else(|| {
-                    config_error(
-                        file,
-                        name,
-                        "signature_header is required for scheme hmac-sha256",
-                    )
-                })?;
-                Box::new(
-                    hmac_generic::HmacScheme::new(
-                        &raw_secrets,
-                        hmac_generic::HmacSettings {
-                            signature_header,
-                            prefix: config.prefix.clone().unwrap_or_default(),
-                            encoding: config.encoding.unwrap_or_default(),
-                            timestamp_header: config.timestamp_header.clone(),
-                            signed_content: config.signed_content.clone(),
-                            id_header: config.id_header.clone(),
-                            id_field: match (&config.id_header, &config.id_pointer) {
-                                (Some(h), _) => Field::Header(h.clone()),
-                                (None, Some(p)) => Field::Pointer(p.clone()),
-                                (None, None) => {
-                                    return Err(config_error(
-                                        file,
-                                        name,
-                                        "scheme hmac-sha256 needs id_header or id_pointer",
-                                    ));
-                                }
-                            },
-                            event_type_field: Field::Pointer("/type".into()),
-                            handshake: None,
-                        },
-                    )
-                    .map_err(|e| config_error(file, name, e))?,
-                )
+            SchemeConfig::Github => Box::new(presets::github(&raw_secrets).map_err(secrets_error)?),
+            SchemeConfig::Shopify => {
+                Box::new(presets::shopify(&raw_secrets).map_err(secrets_error)?)
             }
+            SchemeConfig::Slack => Box::new(presets::slack(&raw_secrets).map_err(secrets_error)?),
+            SchemeConfig::HmacSha256(hmac) => Box::new(
+                hmac_generic::HmacScheme::new(
+                    &raw_secrets,
+                    hmac_generic::HmacSettings {
+                        signature_header: hmac.signature_header.clone(),
+                        prefix: hmac.prefix.clone().unwrap_or_default(),
+                        encoding: hmac.encoding.unwrap_or_default(),
+                        timestamp_header: hmac.timestamp_header.clone(),
+                        signed_content: hmac.signed_content.clone(),
+                        id_header: config.id_header.clone(),
+                        id_field: match (&config.id_header, &config.id_pointer) {
+                            (Some(h), _) => Field::Header(h.clone()),
+                            (None, Some(p)) => Field::Pointer(p.clone()),
+                            (None, None) => {
+                                return Err(config_error(
+                                    file,
+                                    name,
+                                    "scheme hmac-sha256 needs id_header or id_pointer",
+                                ));
+                            }
+                        },
+                        event_type_field: Field::Pointer("/type".into()),
+                        handshake: None,
+                    },
+                )
+                .map_err(|e| config_error(file, name, e))?,
+            ),
         };
         let pointer = |key: &str, p: &str| {
             if p.is_empty() || p.starts_with('/') {

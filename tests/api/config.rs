@@ -159,6 +159,32 @@ fn a_retention_shorter_than_the_retry_schedule_is_named() {
     assert!(ok, "190.5 s of back-off fits in 5 minutes: {text}");
 }
 
+/// Each scheme takes its own keys: one of another scheme is a parse error naming the key
+/// and the source's table.
+#[test]
+fn a_key_of_another_scheme_is_named() {
+    for (scheme, key) in [
+        ("github", "prefix = \"sha256=\""),
+        ("stripe", "public_keys = []"),
+        ("standard-webhooks", "signed_content = \"{body}\""),
+    ] {
+        let (ok, text) = check_config(&format!(
+            "[sources.partner]\nscheme = \"{scheme}\"\nsecrets = [\"whsec_dGVzdC1zZWNyZXQ=\"]\n{key}\n"
+        ));
+        let name = key.split(' ').next().unwrap_or_default();
+        assert!(!ok, "{scheme} with {name}");
+        assert!(
+            text.contains(&format!("unknown field `{name}`")) && text.contains("[sources.partner]"),
+            "{text}"
+        );
+    }
+    let (ok, text) = check_config(
+        "[sources.partner]\nscheme = \"hmac-sha256\"\nsecrets = [\"s\"]\nid_header = \"x-id\"\n",
+    );
+    assert!(!ok);
+    assert!(text.contains("missing field `signature_header`"), "{text}");
+}
+
 #[test]
 fn a_processed_lease_under_a_second_is_named() {
     let (ok, text) = check_config(&format!("{SOURCE}processed_lease = \"100ms\"\n"));
