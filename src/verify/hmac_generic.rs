@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
-use super::mac::{hmac_sha256, matches_any, tag};
+use super::mac::{any_secret_matches, hmac_sha256, tag};
 use super::{
     Field, Headers, SchemeError, Secret, SignatureScheme, Verified, VerifyError, skew, unix_seconds,
 };
@@ -211,8 +211,8 @@ impl SignatureScheme for HmacScheme {
             return Err(VerifyError::Invalid);
         }
         let content = self.content(id, timestamp.unwrap_or(""), body);
-        let matched = self.secrets.iter().fold(false, |ok, k| {
-            matches_any(&hmac_sha256(k.expose(), &content), &candidates) | ok
+        let matched = any_secret_matches(&self.secrets, &candidates, |k| {
+            hmac_sha256(k.expose(), &content)
         });
         if !matched {
             return Err(VerifyError::Invalid);

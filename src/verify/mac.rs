@@ -25,6 +25,18 @@ pub fn matches_any(mac: &HmacSha256, candidates: &[Vec<u8>]) -> bool {
         .fold(false, |ok, c| mac.clone().verify_slice(c).is_ok() | ok)
 }
 
+/// Whether any secret's MAC (`mac_of`) equals any candidate. Every secret is tried, so
+/// timing does not tell which one (if any) matched.
+pub fn any_secret_matches(
+    secrets: &[super::Secret],
+    candidates: &[Vec<u8>],
+    mac_of: impl Fn(&super::Secret) -> HmacSha256,
+) -> bool {
+    secrets
+        .iter()
+        .fold(false, |ok, s| matches_any(&mac_of(s), candidates) | ok)
+}
+
 /// The raw tag, for signing.
 pub fn tag(mac: HmacSha256) -> Vec<u8> {
     mac.finalize().into_bytes().to_vec()

@@ -11,7 +11,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
 
-use super::mac::{HmacSha256, hmac_sha256, matches_any, tag};
+use super::mac::{HmacSha256, any_secret_matches, hmac_sha256, tag};
 use super::{
     Field, Headers, SchemeError, Secret, SignatureScheme, Verified, VerifyError, skew, unix_seconds,
 };
@@ -118,9 +118,7 @@ impl SignatureScheme for StandardWebhooks {
         }
         let in_time = skew(ts, now) <= tolerance;
         let hmac_ok = !v1.is_empty()
-            && self.secrets.iter().fold(false, |ok, s| {
-                matches_any(&Self::mac(s, id, timestamp, body), &v1) | ok
-            });
+            && any_secret_matches(&self.secrets, &v1, |s| Self::mac(s, id, timestamp, body));
         if hmac_ok {
             return if in_time {
                 Ok(Verified {

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::mac::{hmac_sha256, matches_any, tag};
+use super::mac::{any_secret_matches, hmac_sha256, tag};
 use super::{
     Field, Headers, SchemeError, Secret, SignatureScheme, Verified, VerifyError, skew, unix_seconds,
 };
@@ -85,9 +85,8 @@ impl SignatureScheme for Stripe {
         let value = headers.get(HEADER).ok_or(VerifyError::Missing)?;
         let parsed = parse_header(value).ok_or(VerifyError::Invalid)?;
         let ts: i64 = parsed.timestamp.parse().map_err(|_| VerifyError::Invalid)?;
-        let matched = self.secrets.iter().fold(false, |ok, s| {
-            let mac = hmac_sha256(s.expose(), &[parsed.timestamp.as_bytes(), b".", body]);
-            matches_any(&mac, &parsed.v1) | ok
+        let matched = any_secret_matches(&self.secrets, &parsed.v1, |s| {
+            hmac_sha256(s.expose(), &[parsed.timestamp.as_bytes(), b".", body])
         });
         if !matched {
             return Err(VerifyError::Invalid);
