@@ -33,15 +33,9 @@ pub async fn fixture_of(
     let (Some(record), Some(body)) = (store.record(&key).await?, store.body(&key).await?) else {
         return Ok(None);
     };
-    // The id header is where `replay` puts the id; keep it out of the fixture's headers.
-    let id_header = Source::named(config, source)
-        .ok()
-        .and_then(|s| s.id_header().map(str::to_owned));
-    Ok(Some(Fixture::from_record(
-        &record,
-        &body,
-        id_header.as_deref(),
-    )))
+    // The source says which headers its sender sets per request (left out of the fixture).
+    let source = Source::named(config, source).ok();
+    Ok(Some(Fixture::from_record(&record, &body, source.as_ref())))
 }
 
 /// Opens `storage.path` directly (the server must be stopped: sled allows one process) and

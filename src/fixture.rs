@@ -48,26 +48,14 @@ pub struct SignedRequest {
     pub body: Vec<u8>,
 }
 
-/// Headers a sender sets per request, never part of a fixture: signatures, timestamps, and
-/// what the HTTP layer recomputes.
-const TRANSPORT_HEADERS: [&str; 17] = [
+/// Headers the HTTP layer sets per request, never part of a fixture.
+const TRANSPORT_HEADERS: [&str; 6] = [
     "host",
     "content-length",
     "connection",
     "accept-encoding",
     "transfer-encoding",
     "user-agent",
-    "webhook-id",
-    "webhook-timestamp",
-    "webhook-signature",
-    "svix-id",
-    "svix-timestamp",
-    "svix-signature",
-    "stripe-signature",
-    "x-hub-signature-256",
-    "x-hub-signature",
-    "x-slack-signature",
-    "x-slack-request-timestamp",
 ];
 
 /// Why a fixture could not be read or signed.
@@ -123,19 +111,27 @@ impl Fixture {
 
     /// The fixture of a stored delivery. The body stays `body` (JSON) when sending it compact
     /// gives back the very bytes received, else it is kept byte for byte in `body_raw`.
-    pub fn from_record(record: &DeliveryRecord, body: &[u8], id_header: Option<&str>) -> Fixture {
+    /// Headers its `source`'s sender sets per request (signature, timestamp, the id header
+    /// where `replay` writes the id) are left out: `replay` signs afresh.
+    pub fn from_record(record: &DeliveryRecord, body: &[u8], source: Option<&Source>) -> Fixture {
         let json = serde_json::from_slice::<serde_json::Value>(body)
             .ok()
             .filter(|v| v.to_string().as_bytes() == body);
+        let mut per_request: Vec<String> = TRANSPORT_HEADERS.map(String::from).to_vec();
+        if let Some(source) = source {
+            per_request.extend(source.signature_headers().into_iter().map(String::from));
+            per_request.extend(
+                source
+                    .sign(&record.id, body, SystemTime::now())
+                    .into_iter()
+                    .map(|(name, _)| name),
+            );
+        }
         let headers = record
             .headers
             .0
             .iter()
-            .filter(|(k, _)| {
-                !TRANSPORT_HEADERS.contains(&k.as_str())
-                    && !k.eq_ignore_ascii_case("x-shopify-hmac-sha256")
-                    && id_header.is_none_or(|h| !h.eq_ignore_ascii_case(k))
-            })
+            .filter(|(k, _)| !per_request.iter().any(|h| h.eq_ignore_ascii_case(k)))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         Fixture {

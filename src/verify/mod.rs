@@ -516,6 +516,11 @@ impl Source {
         }))
     }
 
+    /// The headers carrying this source's signatures (every alternative name).
+    pub fn signature_headers(&self) -> Vec<&str> {
+        self.scheme.signature_headers()
+    }
+
     /// Whether `headers` carry what this source's scheme needs to check a signature.
     pub fn has_signature_headers(&self, headers: &Headers) -> bool {
         self.scheme.has_signature_headers(headers)
