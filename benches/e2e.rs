@@ -3,8 +3,13 @@
 //! holds on a noisy box. Not part of the library or the CLI:
 //!
 //! ```sh
-//! cargo bench --bench e2e -- --seconds 5 --prefill 1000000
+//! cargo bench --bench e2e -- --seconds 5 --prefill 1000000 --sustain-seconds 30
 //! ```
+//!
+//! The load generator is light on purpose (a hyper HTTP/1.1 client on one runtime thread of
+//! its own): a heavier one takes more of the two cores from both servers and flatters the
+//! ratio. The sustained case offers 80 % of the measured fsync ack ceiling at a steady pace
+//! and reports handler runs per second beside acks per second, and the largest queue depth.
 //!
 //! Each case starts a server process (`webhook-inbox serve` on a temp data dir, or this
 //! benchmark itself as the bare endpoint, `--bare`), drives
@@ -36,6 +41,8 @@ struct BenchOptions {
     prefill: usize,
     /// actix-web workers of both servers.
     workers: usize,
+    /// Seconds of the sustained case (0 skips it).
+    sustain_seconds: u64,
 }
 
 /// One case's figures.
@@ -59,6 +66,10 @@ struct CaseResult {
     disk_ratio: f64,
     /// Rate relative to the bare endpoint with the same body size.
     vs_bare: f64,
+    /// Handler runs per second over the same window (sustained case).
+    processed: Option<f64>,
+    /// The largest queue depth sampled (sustained case).
+    max_queue_depth: Option<f64>,
 }
 
 struct Load {
@@ -255,6 +266,11 @@ async fn serve_bare(listen: &str, workers: usize) -> std::io::Result<()> {
     .await
 }
 
+/// Drives `port` with `options.concurrency` keep-alive HTTP/1.1 connections on a
+/// light load generator: a hyper client on one runtime thread of its own (so it takes as
+/// little of the two cores from the server as it can), nothing allocated per request but the
+/// id, the body and the signature. `pace`: total requests per second to offer (each
+/// connection sends on a fixed schedule), or as fast as answers come (`None`).
 async fn drive(
     port: u16,
     source: Arc<Source>,
@@ -262,20 +278,67 @@ async fn drive(
     options: &BenchOptions,
     first_id: u64,
 ) -> (CaseResult, u64) {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(options.concurrency)
-        .build()
-        .unwrap_or_default();
-    let url = format!("http://127.0.0.1:{port}/webhooks/bench");
+    drive_for(
+        port,
+        source,
+        load,
+        options.concurrency,
+        options.seconds,
+        None,
+        first_id,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn drive_for(
+    port: u16,
+    source: Arc<Source>,
+    load: Load,
+    concurrency: usize,
+    seconds: u64,
+    pace: Option<f64>,
+    first_id: u64,
+) -> (CaseResult, u64) {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let next = Arc::new(AtomicU64::new(first_id));
+    let next_after = next.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("load generator runtime");
+        let result = runtime.block_on(load_generator(
+            port,
+            source,
+            Arc::new(load),
+            concurrency,
+            seconds,
+            pace,
+            next,
+        ));
+        let _ = done_tx.send(result);
+    });
+    let result = done_rx.await.unwrap_or_default();
+    (result, next_after.load(Ordering::Relaxed))
+}
+
+async fn load_generator(
+    port: u16,
+    source: Arc<Source>,
+    load: Arc<Load>,
+    concurrency: usize,
+    seconds: u64,
+    pace: Option<f64>,
+    next: Arc<AtomicU64>,
+) -> CaseResult {
+    use http_body_util::{BodyExt as _, Full};
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
-    let load = Arc::new(load);
+    let interval = pace.map(|rate| Duration::from_secs_f64(concurrency as f64 / rate.max(1.0)));
     let mut workers = Vec::new();
-    for _ in 0..options.concurrency {
-        let (client, url, next, measuring, stop, source, load) = (
-            client.clone(),
-            url.clone(),
+    for _ in 0..concurrency {
+        let (next, measuring, stop, source, load) = (
             next.clone(),
             measuring.clone(),
             stop.clone(),
@@ -285,7 +348,22 @@ async fn drive(
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0u64;
+            let Ok(stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                return (latencies, 1);
+            };
+            let _ = stream.set_nodelay(true);
+            let Ok((mut sender, connection)) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await
+            else {
+                return (latencies, 1);
+            };
+            tokio::spawn(connection);
+            let mut slot = tokio::time::Instant::now();
             while !stop.load(Ordering::Relaxed) {
+                if let Some(every) = interval {
+                    slot += every;
+                    tokio::time::sleep_until(slot).await;
+                }
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 let id_n = if load.replay_only {
                     n % 10_000
@@ -296,16 +374,26 @@ async fn drive(
                     }
                 };
                 let id = format!("msg_{id_n}");
-                let body = body(id_n, load.body_size);
-                let mut request = client.post(&url).body(body.clone());
-                for (k, v) in source.sign(&id, body.as_bytes(), SystemTime::now()) {
+                let body = Bytes::from(body(id_n, load.body_size));
+                let mut request = hyper::Request::post("/webhooks/bench")
+                    .header("host", "127.0.0.1")
+                    .header("content-type", "application/json");
+                for (k, v) in source.sign(&id, &body, SystemTime::now()) {
                     request = request.header(k, v);
                 }
+                let Ok(request) = request.body(Full::new(body)) else {
+                    errors += 1;
+                    continue;
+                };
+                if sender.ready().await.is_err() {
+                    errors += 1;
+                    break;
+                }
                 let started = Instant::now();
-                let ok = match request.send().await {
-                    Ok(r) => {
-                        let ok = r.status().is_success();
-                        let _ = r.bytes().await;
+                let ok = match sender.send_request(request).await {
+                    Ok(response) => {
+                        let ok = response.status().is_success();
+                        let _ = response.into_body().collect().await;
                         ok
                     }
                     Err(_) => false,
@@ -316,6 +404,9 @@ async fn drive(
                         errors += 1;
                     }
                 }
+                if !ok && !measuring.load(Ordering::Relaxed) && stop.load(Ordering::Relaxed) {
+                    break;
+                }
             }
             (latencies, errors)
         }));
@@ -323,7 +414,7 @@ async fn drive(
     tokio::time::sleep(Duration::from_secs(1)).await;
     measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(options.seconds)).await;
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
@@ -342,15 +433,103 @@ async fn drive(
             .map(|us| Duration::from_micros(*us))
             .unwrap_or_default()
     };
-    let result = CaseResult {
+    CaseResult {
         rate: latencies.len() as f64 / elapsed.as_secs_f64(),
         p50: pct(0.5),
         p99: pct(0.99),
         p999: pct(0.999),
         errors,
         ..CaseResult::default()
+    }
+}
+
+/// One scrape of the admin listener: (handler runs that succeeded, queue depth).
+async fn scrape(client: &reqwest::Client, admin: u16) -> Option<(f64, f64)> {
+    let text = client
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let value = |prefix: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
     };
-    (result, next.load(Ordering::Relaxed))
+    Some((
+        value("webhook_inbox_handler_runs_total{handler=\"noop\",result=\"succeeded\"}"),
+        value("webhook_inbox_queue_depth "),
+    ))
+}
+
+/// The sustained case: a steady offered load at 80 % of the measured fsync ack ceiling for
+/// `options.sustain_seconds`; reports acks per second, handler runs per second over the same
+/// window, and the largest queue depth seen (sampled every 250 ms).
+async fn sustained(
+    options: &BenchOptions,
+    source: Arc<Source>,
+    ceiling: f64,
+    bare: f64,
+) -> Result<CaseResult, String> {
+    let dir = tempfile::TempDir::new().map_err(|e| e.to_string())?;
+    let (server, _) = start_inbox(dir.path(), "fsync", options.workers).await?;
+    let offered = ceiling * 0.8;
+    let client = reqwest::Client::new();
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (client, sampling, admin) = (client.clone(), sampling.clone(), server.admin);
+        tokio::spawn(async move {
+            let mut max_depth = 0f64;
+            let mut first = None;
+            let mut last = None;
+            while sampling.load(Ordering::Relaxed) {
+                if let Some((runs, depth)) = scrape(&client, admin).await {
+                    max_depth = max_depth.max(depth);
+                    let now = Instant::now();
+                    first.get_or_insert((now, runs));
+                    last = Some((now, runs));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            (max_depth, first, last)
+        })
+    };
+    let (mut r, _) = drive_for(
+        server.port,
+        source,
+        Load {
+            body_size: 1024,
+            duplicate_every: None,
+            replay_only: false,
+        },
+        options.concurrency,
+        options.sustain_seconds,
+        Some(offered),
+        0,
+    )
+    .await;
+    sampling.store(false, Ordering::Relaxed);
+    let (max_depth, first, last) = sampler.await.map_err(|e| e.to_string())?;
+    let processed = match (first, last) {
+        (Some((t0, r0)), Some((t1, r1))) if t1 > t0 => (r1 - r0) / (t1 - t0).as_secs_f64(),
+        _ => 0.0,
+    };
+    r.name = format!(
+        "sustained {:.0}/s offered (80 % of the ack ceiling), fsync, 1 KiB",
+        offered
+    );
+    r.rss = rss_bytes(server.child.id());
+    r.vs_bare = r.rate / bare;
+    r.processed = Some(processed);
+    r.max_queue_depth = Some(max_depth);
+    eprintln!(
+        "{}: accepted {:.0}/s, processed {:.0}/s, queue depth at most {:.0}",
+        r.name, r.rate, processed, max_depth
+    );
+    Ok(r)
 }
 
 fn bench_source() -> Result<Source, String> {
@@ -466,6 +645,13 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
         results.push(r);
     }
 
+    if options.sustain_seconds > 0 {
+        let ceiling = results
+            .iter()
+            .find(|r| r.name == "fsync, unique, 1 KiB")
+            .map_or(1000.0, |r| r.rate);
+        results.push(sustained(options, source.clone(), ceiling, bare_rate[&1024]).await?);
+    }
     if options.prefill > 0 {
         results.extend(large_store(options, source.clone(), bare_rate[&1024]).await?);
     }
@@ -543,16 +729,18 @@ async fn large_store(
 fn report(results: &[CaseResult], options: &BenchOptions) -> String {
     let mut out = format!(
         "c = {}, {} s per case after 1 s warm-up, {} server workers, load generator in the same machine\n\n\
-         | case | deliveries/s | vs bare | p50 | p99 | p99.9 | errors | server RSS | disk / body bytes |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | case | accepted/s | vs bare | processed/s | max queue | p50 | p99 | p99.9 | errors | server RSS | disk / body bytes |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         options.concurrency, options.seconds, options.workers
     );
     for r in results {
         out.push_str(&format!(
-            "| {} | {:.0} | {:.2}x | {:.2} ms | {:.2} ms | {:.2} ms | {} | {} MiB | {} |\n",
+            "| {} | {:.0} | {:.2}x | {} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {} | {} MiB | {} |\n",
             r.name,
             r.rate,
             r.vs_bare,
+            r.processed.map_or("-".into(), |p| format!("{p:.0}")),
+            r.max_queue_depth.map_or("-".into(), |d| format!("{d:.0}")),
             r.p50.as_secs_f64() * 1e3,
             r.p99.as_secs_f64() * 1e3,
             r.p999.as_secs_f64() * 1e3,
@@ -583,6 +771,9 @@ struct Args {
     /// actix-web workers of both servers.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Seconds of the sustained end-to-end case (0 skips it).
+    #[arg(long, default_value_t = 30)]
+    sustain_seconds: u64,
     /// Serve the bare endpoint at `--listen` instead (the benchmark starts itself so).
     #[arg(long, hide = true)]
     bare: bool,
@@ -621,6 +812,7 @@ fn main() -> std::process::ExitCode {
         seconds: args.seconds,
         prefill: args.prefill,
         workers: args.workers,
+        sustain_seconds: args.sustain_seconds,
     };
     match runtime.block_on(run(&options)) {
         Ok(results) => {
