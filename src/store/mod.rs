@@ -567,7 +567,9 @@ pub trait DeliveryStore: Send + Sync + 'static {
 
     /// Records how attempt `attempt` ended, moving or removing its queue entry. The outcome
     /// of an attempt that is no longer the current one is ignored, except a success; a pair
-    /// that succeeded stays succeeded.
+    /// that succeeded stays succeeded. A backend may return before the outcome is durable:
+    /// lost in a crash, the pair runs again with `attempt + 1` (its start was durable) and
+    /// the same idempotency key, which the contract allows.
     async fn finish_attempt(
         &self,
         job: &JobKey,

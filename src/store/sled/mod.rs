@@ -352,6 +352,29 @@ impl SledStore {
         Ok(out)
     }
 
+    /// Like [`SledStore::locked_write`], but returns without waiting for the disk: for
+    /// writes that acknowledge nothing to anyone, whose loss in a crash the design already
+    /// allows for (the outcome of a run: lost, the pair runs again after the restart, with
+    /// `attempt + 1` — the start of every run is durable — and the same idempotency key).
+    /// sled writes its log in order, so any later durable write (an ack, a processed-mode
+    /// answer) makes these durable too.
+    fn locked_write_unsynced<T>(
+        &self,
+        op: Op,
+        keys: &[&[u8]],
+        write: impl FnOnce() -> Result<(T, bool), StoreError>,
+    ) -> Result<T, StoreError> {
+        self.step(op, "start");
+        if self.durability == Durability::Fsync && self.commit.is_poisoned() {
+            return Err(StoreError::Flush(
+                "an earlier flush failed; restart to recover".into(),
+            ));
+        }
+        let _locks = self.lock(op, keys);
+        self.step(op, "locked");
+        write().map(|(out, _)| out)
+    }
+
     /// A record read while writes are in flight may not be on disk yet: join the next
     /// group commit before answering from it.
     ///
@@ -786,7 +809,9 @@ impl DeliveryStore for SledStore {
     ) -> Result<(), StoreError> {
         let job_key = job.encode();
         let dk = job.delivery.encode();
-        self.locked_write(Op::FinishAttempt, &[&dk], || {
+        // The outcome is not waited for (see `locked_write_unsynced`): half the disk waits of
+        // a run.
+        self.locked_write_unsynced(Op::FinishAttempt, &[&dk], || {
             let Some(mut state) = self.read_job(&job_key)? else {
                 return Ok(((), false));
             };
@@ -834,7 +859,6 @@ impl DeliveryStore for SledStore {
             }
             Ok(((), true))
         })
-        .await
     }
 
     async fn take_over(
