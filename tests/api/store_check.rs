@@ -220,3 +220,68 @@ async fn store_check_refuses_a_store_in_use() {
         202
     );
 }
+
+/// Issue 12, item 10: a `status=dead` listing reads the dead letters, not the whole store:
+/// two dead deliveries older than 12 000 others come back on the first page (a listing of
+/// the received_at index stops after 10 000 entries with a cursor to go on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_from_their_own_tree() {
+    use webhook_inbox::store::{AttemptOutcome, Begin, DeliveryStatus};
+    let dir = tempfile::TempDir::new().expect("dir");
+    let store =
+        SledStore::open(&dir.path().join("data"), Durability::Buffered, 64 << 20).expect("store");
+    let config = Config::parse(
+        &format!("[sources.credicorp]\nsecrets = [\"{SECRET}\"]\n"),
+        "t.toml",
+    )
+    .expect("config");
+    let source = Source::named(&config, "credicorp").expect("source");
+    let claim = |id: String, at: u64, handlers: Vec<String>| {
+        let d = webhook_inbox::testing::authenticated(&source, &id, b"{}", SystemTime::now())
+            .expect("signed");
+        NewDelivery::new(d, at, handlers, false).acknowledged(StoredResponse {
+            status: 202,
+            body: "{}".into(),
+        })
+    };
+    for (n, id) in ["dead-1", "dead-2"].into_iter().enumerate() {
+        store
+            .claim(claim(id.into(), 1_000 + n as u64, vec!["h".into()]))
+            .await
+            .expect("claim");
+        let job = DeliveryKey::new("credicorp", id).job("h");
+        let Begin::Started(a) = store
+            .begin_attempt(&job, Some(1_000 + n as u64), 2_000, 3_000)
+            .await
+            .expect("begin")
+        else {
+            panic!("runnable")
+        };
+        store
+            .finish_attempt(
+                &job,
+                a.attempt,
+                AttemptOutcome::Dead { error: "no".into() },
+                2_000,
+            )
+            .await
+            .expect("finish");
+    }
+    for n in 0..12_000u64 {
+        store
+            .claim(claim(format!("ok-{n}"), 10_000 + n, Vec::new()))
+            .await
+            .expect("claim");
+    }
+    let page = store
+        .list(None, Some(DeliveryStatus::Dead), 50, None)
+        .await
+        .expect("list");
+    let ids: Vec<&str> = page
+        .deliveries
+        .iter()
+        .map(|d| d.record.id.as_str())
+        .collect();
+    assert_eq!(ids, ["dead-2", "dead-1"], "newest first, all on one page");
+    assert!(page.next.is_none());
+}
