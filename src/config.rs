@@ -453,6 +453,10 @@ pub struct Binding {
     /// Event-type patterns: `*`, `prefix.*` or exact.
     #[serde(default = "default_events")]
     pub events: Vec<String>,
+    /// `match`: JSON pointer -> allowed values; a delivery whose body does not hold one of
+    /// the values at every pointer is not bound to the handler (decided at claim time).
+    #[serde(default, rename = "match")]
+    pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
 }
 
 fn default_events() -> Vec<String> {
@@ -493,6 +497,9 @@ pub struct LogHandlerConfig {
     /// See [`Binding::events`].
     #[serde(default = "default_events")]
     pub events: Vec<String>,
+    /// See [`Binding::body_match`].
+    #[serde(default, rename = "match")]
+    pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
 }
 
 /// `kind = "command"`
@@ -506,6 +513,9 @@ pub struct CommandHandlerConfig {
     /// See [`Binding::events`].
     #[serde(default = "default_events")]
     pub events: Vec<String>,
+    /// See [`Binding::body_match`].
+    #[serde(default, rename = "match")]
+    pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
     /// Program and arguments; run directly, no shell.
     pub command: Vec<String>,
     /// Variables of the service's environment to pass on, beyond `PATH`, `HOME` and
@@ -528,6 +538,9 @@ pub struct HttpHandlerConfig {
     /// See [`Binding::events`].
     #[serde(default = "default_events")]
     pub events: Vec<String>,
+    /// See [`Binding::body_match`].
+    #[serde(default, rename = "match")]
+    pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
     /// Where to POST the raw body.
     pub url: String,
     /// Give up on one request (and retry) after this long.
@@ -548,6 +561,7 @@ macro_rules! binding_of {
                     name: self.name.clone(),
                     source: self.source.clone(),
                     events: self.events.clone(),
+                    body_match: self.body_match.clone(),
                 }
             }
         }
@@ -685,6 +699,18 @@ impl Config {
             }
             if !seen.insert(b.name.clone()) {
                 return err(format!("handlers[{i}].name `{}` is used twice", b.name));
+            }
+            for (pointer, values) in &b.body_match {
+                if !pointer.starts_with('/') {
+                    return err(format!(
+                        "handlers[{i}].match: `{pointer}` is not a JSON pointer (it starts with '/')"
+                    ));
+                }
+                if values.is_empty() {
+                    return err(format!(
+                        "handlers[{i}].match.\"{pointer}\": give at least one allowed value"
+                    ));
+                }
             }
             if let Some(src) = b.source.as_deref()
                 && src != "*"

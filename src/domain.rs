@@ -118,3 +118,36 @@ impl EventPattern {
         }
     }
 }
+
+/// A handler's `match`: for every JSON pointer, the values the body may hold there. Empty
+/// matches every delivery.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BodyMatch(Vec<(String, Vec<serde_json::Value>)>);
+
+impl BodyMatch {
+    /// From pointer -> allowed values.
+    pub fn new(
+        conditions: impl IntoIterator<Item = (String, Vec<serde_json::Value>)>,
+    ) -> BodyMatch {
+        BodyMatch(conditions.into_iter().collect())
+    }
+
+    /// The conditions, pointer -> allowed values.
+    pub fn into_conditions(self) -> Vec<(String, Vec<serde_json::Value>)> {
+        self.0
+    }
+
+    /// Whether there is any condition (then the body must be read as JSON).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `body` holds an allowed value at every pointer (a body that is not JSON holds
+    /// none).
+    pub fn matches(&self, body: Option<&serde_json::Value>) -> bool {
+        self.0.iter().all(|(pointer, allowed)| {
+            body.and_then(|b| b.pointer(pointer))
+                .is_some_and(|v| allowed.contains(v))
+        })
+    }
+}

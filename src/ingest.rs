@@ -246,7 +246,7 @@ impl Ingest {
         d: AuthenticatedDelivery,
         received_at_ms: u64,
     ) -> NewDelivery {
-        let handlers = self.registry.matching(d.source(), d.event_type());
+        let handlers = self.registry.matching(d.source(), d.event_type(), d.body());
         let new = NewDelivery::new(d, received_at_ms, handlers, source.body_dedup);
         match source.ack {
             AckMode::Durable => {

@@ -146,7 +146,7 @@ pub trait Handler: Send + Sync + 'static {
     async fn handle(&self, delivery: &Delivery, ctx: &HandlerContext) -> Result<(), HandlerError>;
 }
 
-pub use crate::domain::EventPattern;
+pub use crate::domain::{BodyMatch, EventPattern};
 
 /// A handler with its name and binding.
 ///
@@ -167,6 +167,8 @@ pub struct Registration {
     pub source: Option<String>,
     /// Event-type patterns; any may match.
     pub events: Vec<EventPattern>,
+    /// Values the body must hold (`match`); empty matches every delivery.
+    pub body_match: BodyMatch,
     /// The handler.
     pub handler: Arc<dyn Handler>,
 }
@@ -182,13 +184,14 @@ impl std::fmt::Debug for Registration {
 }
 
 impl Registration {
-    /// A handler for every source and event; narrow it with [`Registration::source`] and
-    /// [`Registration::events`].
+    /// A handler for every source and event; narrow it with [`Registration::source`],
+    /// [`Registration::events`] and [`Registration::matching_body`].
     pub fn new(name: impl Into<String>, handler: impl Handler) -> Registration {
         Registration {
             name: name.into(),
             source: None,
             events: vec![EventPattern::Any],
+            body_match: BodyMatch::default(),
             handler: Arc::new(handler),
         }
     }
@@ -228,8 +231,22 @@ impl Registration {
             name: binding.name,
             source: binding.source.filter(|s| s != "*"),
             events,
+            body_match: BodyMatch::new(binding.body_match),
             handler,
         })
+    }
+
+    /// Only deliveries whose body holds one of `values` at `pointer` (all such conditions
+    /// must hold), as a handler's `match` in the config.
+    pub fn matching_body(
+        mut self,
+        pointer: impl Into<String>,
+        values: impl IntoIterator<Item = serde_json::Value>,
+    ) -> Registration {
+        let mut conditions = std::mem::take(&mut self.body_match).into_conditions();
+        conditions.push((pointer.into(), values.into_iter().collect()));
+        self.body_match = BodyMatch::new(conditions);
+        self
     }
 
     fn matches(&self, source: &str, event_type: Option<&str>) -> bool {
@@ -327,11 +344,20 @@ impl HandlerRegistry {
         Ok(HandlerRegistry { entries })
     }
 
-    /// Names of the handlers a delivery of `source` with `event_type` goes to.
-    pub fn matching(&self, source: &str, event_type: Option<&str>) -> Vec<String> {
+    /// Names of the handlers a delivery of `source` with `event_type` and `body` goes to.
+    /// The body is parsed as JSON only when a candidate handler has a `match`.
+    pub fn matching(&self, source: &str, event_type: Option<&str>, body: &[u8]) -> Vec<String> {
+        let mut json: Option<Option<serde_json::Value>> = None;
         self.entries
             .iter()
             .filter(|r| r.matches(source, event_type))
+            .filter(|r| {
+                r.body_match.is_empty()
+                    || r.body_match.matches(
+                        json.get_or_insert_with(|| serde_json::from_slice(body).ok())
+                            .as_ref(),
+                    )
+            })
             .map(|r| r.name.clone())
             .collect()
     }

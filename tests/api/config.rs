@@ -186,6 +186,23 @@ fn a_key_of_another_scheme_is_named() {
 }
 
 #[test]
+fn a_bad_match_is_named() {
+    for (matcher, expected) in [
+        (r#"{ "data/product" = ["a"] }"#, "is not a JSON pointer"),
+        (r#"{ "/data/product" = [] }"#, "at least one allowed value"),
+    ] {
+        let (ok, text) = check_config(&format!(
+            "{SOURCE}[[handlers]]\nname = \"h\"\nkind = \"log\"\nmatch = {matcher}\n"
+        ));
+        assert!(!ok);
+        assert!(
+            text.contains("handlers[0].match") && text.contains(expected),
+            "{text}"
+        );
+    }
+}
+
+#[test]
 fn a_processed_lease_under_a_second_is_named() {
     let (ok, text) = check_config(&format!("{SOURCE}processed_lease = \"100ms\"\n"));
     assert!(!ok);

@@ -11,6 +11,7 @@ mod command;
 mod concurrency;
 mod config;
 mod crash;
+mod delivery_control;
 mod deploy;
 mod dispatch;
 mod fixtures;
