@@ -84,7 +84,16 @@ impl AdminClient {
         method: reqwest::Method,
         url: reqwest::Url,
     ) -> Result<serde_json::Value, AdminClientError> {
-        let mut request = self.client.request(method, url.clone());
+        let request = self.client.request(method, url.clone());
+        self.send(url, request).await
+    }
+
+    /// Sends `request` (with the token) and reads the API's JSON answer.
+    async fn send(
+        &self,
+        url: reqwest::Url,
+        mut request: reqwest::RequestBuilder,
+    ) -> Result<serde_json::Value, AdminClientError> {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -147,6 +156,16 @@ impl AdminClient {
     ) -> Result<serde_json::Value, AdminClientError> {
         let url = self.url(&["admin", "deliveries", source, id])?;
         self.call(reqwest::Method::GET, url).await
+    }
+
+    /// `POST /admin/retry` with a filter (`source`, `handler`, `status`, `since`, `until`).
+    pub async fn retry_all(
+        &self,
+        filter: &serde_json::Value,
+    ) -> Result<serde_json::Value, AdminClientError> {
+        let url = self.url(&["admin", "retry"])?;
+        let request = self.client.post(url.clone()).json(filter);
+        self.send(url, request).await
     }
 
     /// `POST /admin/deliveries/{source}/{id}/retry`.

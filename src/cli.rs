@@ -158,15 +158,37 @@ pub enum DeliveriesCommand {
         /// Delivery id.
         id: String,
     },
-    /// Put its failed and dead handlers back in line (succeeded ones never run again).
+    /// Put a delivery's unfinished handlers back in line (succeeded ones never run again);
+    /// with `--all`, every failed or dead pair a filter selects.
     Retry {
         #[command(flatten)]
         /// Common options.
         common: AdminArgs,
-        /// Source name.
-        source: String,
+        /// Source name (of one delivery; with `--all`, a filter).
+        #[arg(required_unless_present = "all")]
+        source: Option<String>,
         /// Delivery id.
-        id: String,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every pair the filter selects: `--source`, `--handler`, `--status`, `--since`,
+        /// `--until`.
+        #[arg(long)]
+        all: bool,
+        /// With `--all`: only this source.
+        #[arg(long = "source", requires = "all", conflicts_with = "source")]
+        source_filter: Option<String>,
+        /// With `--all`: only this handler.
+        #[arg(long, requires = "all")]
+        handler: Option<String>,
+        /// With `--all`: `dead` (default) or `failed`.
+        #[arg(long, requires = "all")]
+        status: Option<String>,
+        /// With `--all`: only deliveries received at or after this RFC 3339 time.
+        #[arg(long, requires = "all")]
+        since: Option<String>,
+        /// With `--all`: only deliveries received before this RFC 3339 time.
+        #[arg(long, requires = "all")]
+        until: Option<String>,
     },
     /// Write a stored delivery as a fixture. Asks the admin API; with `--data-dir`, reads
     /// the data directory of a stopped server instead.
@@ -307,7 +329,35 @@ async fn deliveries(command: DeliveriesCommand) -> ExitCode {
                 };
                 Ok(crate::admin_client::emit(&text, None)?)
             }
+            DeliveriesCommand::Retry {
+                all: true,
+                source,
+                source_filter,
+                handler,
+                status,
+                since,
+                until,
+                ..
+            } => {
+                let filter = serde_json::json!({
+                    "source": source_filter.as_ref().or(source.as_ref()),
+                    "handler": handler,
+                    "status": status,
+                    "since": since,
+                    "until": until,
+                });
+                let r = client.retry_all(&filter).await?;
+                let text = if common.json {
+                    pretty(&r)
+                } else {
+                    format!("requeued {} pair(s)", r["retried"])
+                };
+                Ok(crate::admin_client::emit(&text, None)?)
+            }
             DeliveriesCommand::Retry { source, id, .. } => {
+                let (Some(source), Some(id)) = (source, id) else {
+                    return Err("give SOURCE ID, or --all".into());
+                };
                 let r = client.retry(source, id).await?;
                 let text = if common.json {
                     pretty(&r)

@@ -264,6 +264,7 @@ impl ApplicationBuilder {
                     "/admin/deliveries/{source}/{id}/fixture",
                     web::get().to(routes::admin::fixture),
                 )
+                .route("/admin/retry", web::post().to(routes::admin::retry_all))
         })
         // Two workers: a slow admin query never queues a health probe behind it.
         .workers(2)

@@ -14,7 +14,9 @@ use subtle::ConstantTimeEq as _;
 
 use super::AppState;
 use crate::error::ApiError;
-use crate::store::{Cursor, DeliveryKey, DeliveryRecord, DeliveryStatus, JobState};
+use crate::store::{
+    Cursor, DeliveryKey, DeliveryRecord, DeliveryStatus, JobState, JobStatus, RetryFilter,
+};
 
 fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     let Some(expected) = state.admin_token.as_deref() else {
@@ -206,6 +208,72 @@ pub async fn retry(
     state.ingest.dispatch_waker.notify_one();
     tracing::info!(source = %key.source, delivery_id = %key.id, ?requeued, "retry requested");
     Ok(json(&serde_json::json!({ "requeued": requeued })))
+}
+
+/// The body of `POST /admin/retry`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryAllRequest {
+    /// Only this source.
+    pub source: Option<String>,
+    /// Only this handler.
+    pub handler: Option<String>,
+    /// `failed` or `dead` (default).
+    pub status: Option<String>,
+    /// Only deliveries received at or after this RFC 3339 time.
+    pub since: Option<String>,
+    /// Only deliveries received before this RFC 3339 time.
+    pub until: Option<String>,
+}
+
+/// `POST /admin/retry`: every failed or dead pair the filter selects, due now, each with a
+/// fresh `max_attempts`; answers `{"retried": N}`.
+pub async fn retry_all(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let request: RetryAllRequest = if body.is_empty() {
+        RetryAllRequest {
+            source: None,
+            handler: None,
+            status: None,
+            since: None,
+            until: None,
+        }
+    } else {
+        serde_json::from_slice(&body).map_err(|_| ApiError::InvalidQuery)?
+    };
+    let status = match request.status.as_deref() {
+        None | Some("dead") => JobStatus::Dead,
+        Some("failed") => JobStatus::Failed,
+        Some(_) => return Err(ApiError::InvalidQuery),
+    };
+    let time = |t: &Option<String>| -> Result<Option<u64>, ApiError> {
+        t.as_deref()
+            .map(|t| {
+                humantime::parse_rfc3339_weak(t)
+                    .map(crate::clock::to_ms)
+                    .map_err(|_| ApiError::InvalidQuery)
+            })
+            .transpose()
+    };
+    let filter = RetryFilter {
+        source: request.source,
+        handler: request.handler,
+        status,
+        since_ms: time(&request.since)?,
+        until_ms: time(&request.until)?,
+    };
+    let retried = state
+        .store
+        .retry_all(&filter, state.clock.now_ms())
+        .await
+        .map_err(storage)?;
+    state.ingest.dispatch_waker.notify_one();
+    tracing::info!(?filter, retried, "bulk retry requested");
+    Ok(json(&serde_json::json!({ "retried": retried })))
 }
 
 /// `GET /admin/deliveries/{source}/{id}/fixture`

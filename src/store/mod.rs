@@ -357,6 +357,21 @@ pub enum Begin {
     Skipped,
 }
 
+/// Which pairs a bulk retry requeues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryFilter {
+    /// Only this source's deliveries.
+    pub source: Option<String>,
+    /// Only this handler's pairs.
+    pub handler: Option<String>,
+    /// `Failed` or `Dead`.
+    pub status: JobStatus,
+    /// Only deliveries received at or after this time (ms since the epoch).
+    pub since_ms: Option<u64>,
+    /// Only deliveries received before this time (ms since the epoch).
+    pub until_ms: Option<u64>,
+}
+
 /// What one retention call did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Expired {
@@ -624,6 +639,11 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// entry a dispatcher may already have read is moved, so a scheduled retry racing
     /// this one runs the pair once (invariant 5). Returns the handlers now due.
     async fn retry(&self, key: &DeliveryKey, now_ms: u64) -> Result<Vec<String>, StoreError>;
+
+    /// Bulk operator retry: every pair in `filter.status` (failed or dead) of the deliveries
+    /// the filter selects, due now with a fresh `max_attempts`, as [`DeliveryStore::retry`]
+    /// does for one delivery. Returns how many pairs were requeued.
+    async fn retry_all(&self, filter: &RetryFilter, now_ms: u64) -> Result<usize, StoreError>;
 
     /// Jobs waiting in the queue (due or not).
     async fn queue_depth(&self) -> Result<usize, StoreError>;

@@ -90,3 +90,137 @@ match = { "/data/application/product" = ["mortgage"] }
         );
     }
 }
+
+async fn dead_letters(app: &crate::helpers::TestApp) -> f64 {
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.admin_address))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix("webhook_inbox_dead_letters "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(-1.0)
+}
+
+/// Bulk retry: 100 deliveries whose two handlers both died; `deliveries retry --all
+/// --handler ha` (the real binary, through the admin API) requeues exactly ha's 100 pairs,
+/// which run once more with the same idempotency keys and attempt numbers continuing; hb's
+/// stay dead until their own bulk retry (`POST /admin/retry`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_retry_requeues_exactly_the_filtered_dead_pairs() {
+    let ha = Recorder {
+        fail_first: 3,
+        ..Recorder::default()
+    };
+    let hb = Recorder {
+        fail_first: 3,
+        ..Recorder::default()
+    };
+    let app = spawn_with(Options {
+        admin_token: Some("admin-token"),
+        handlers: vec![
+            Registration::new("ha", ha.clone()).source("credicorp"),
+            Registration::new("hb", hb.clone()).source("credicorp"),
+        ],
+        ..Options::default()
+    })
+    .await;
+    for n in 0..100 {
+        let id = format!("bulk_{n}");
+        assert_eq!(
+            app.deliver(&id, &application(&id, None))
+                .await
+                .status()
+                .as_u16(),
+            202
+        );
+    }
+    // max_attempts = 3 in the test config: three failures each, then dead.
+    assert!(
+        crate::helpers::eventually_async(Duration::from_secs(60), || async {
+            dead_letters(&app).await == 200.0
+        })
+        .await,
+        "every pair dead"
+    );
+
+    let dir = tempfile::TempDir::new().expect("dir");
+    let config = dir.path().join("cli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sources.credicorp]\nsecrets = [\"{}\"]\n",
+            crate::helpers::SECRET
+        ),
+    )
+    .expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
+        .args([
+            "deliveries",
+            "retry",
+            "--all",
+            "--handler",
+            "ha",
+            "--status",
+            "dead",
+        ])
+        .args(["--admin", &app.admin_address, "--config"])
+        .arg(&config)
+        .env("WEBHOOK_INBOX_ADMIN_TOKEN", "admin-token")
+        .output()
+        .expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("requeued 100 pair(s)"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(eventually(Duration::from_secs(30), || ha.runs().len() == 400).await);
+    assert!(
+        crate::helpers::eventually_async(Duration::from_secs(30), || async {
+            dead_letters(&app).await == 100.0
+        })
+        .await
+    );
+    for n in 0..100 {
+        let id = format!("bulk_{n}");
+        let runs: Vec<_> = ha.runs().into_iter().filter(|r| r.id == id).collect();
+        let attempts: Vec<u32> = runs.iter().map(|r| r.attempt).collect();
+        assert_eq!(attempts, [1, 2, 3, 4], "{id}");
+        assert!(
+            runs.iter()
+                .all(|r| r.idempotency_key == runs[0].idempotency_key)
+        );
+        assert_eq!(
+            hb.runs_of(&id),
+            3,
+            "{id}: the unfiltered handler stays dead"
+        );
+    }
+
+    let answer: serde_json::Value = app
+        .client
+        .post(format!("{}/admin/retry", app.admin_address))
+        .bearer_auth("admin-token")
+        .json(&serde_json::json!({ "handler": "hb", "status": "dead" }))
+        .send()
+        .await
+        .expect("admin")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(answer["retried"], 100);
+    assert!(eventually(Duration::from_secs(30), || hb.runs().len() == 400).await);
+    assert!(
+        crate::helpers::eventually_async(Duration::from_secs(30), || async {
+            dead_letters(&app).await == 0.0
+        })
+        .await
+    );
+    assert_eq!(ha.runs().len(), 400, "nothing ran twice");
+}

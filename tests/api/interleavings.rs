@@ -3,8 +3,8 @@
 //! Each operation of the sled store (a claim, the start and end of a run, an operator
 //! retry, a retention sweep) is stopped at every step between two of its writes — the
 //! [`StoreProbe`] reports them — and, in that gap, each *other* operation runs on another
-//! thread: a dispatcher pass, a redelivery, the same body under a new id, an operator retry,
-//! a retention sweep. The injected operation either completes inside the gap or waits for the
+//! thread: a dispatcher pass, a redelivery, the same body under a new id, an operator retry
+//! (of one delivery, and in bulk), a retention sweep. The injected operation either completes inside the gap or waits for the
 //! paused one's lock (the probe reports that wait, so the test never guesses with a sleep).
 //! Then everything left is dispatched, and the test checks:
 //! - every handler of every delivery that was claimed new ran to success exactly once per
@@ -24,8 +24,8 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use webhook_inbox::config::{Config, Durability};
 use webhook_inbox::store::{
-    AttemptOutcome, Begin, Claim, DeliveryKey, DeliveryStore, NewDelivery, Op, SledOptions,
-    SledStore, StoreProbe, StoredResponse,
+    AttemptOutcome, Begin, Claim, DeliveryKey, DeliveryStore, JobStatus, NewDelivery, Op,
+    RetryFilter, SledOptions, SledStore, StoreProbe, StoredResponse,
 };
 use webhook_inbox::verify::Source;
 
@@ -204,6 +204,7 @@ enum Paused {
     DispatchFails,
     OperatorRetry,
     RetentionSweep,
+    BulkRetry,
 }
 
 /// The operations run in the gap.
@@ -214,6 +215,7 @@ enum Injected {
     SameBodyNewId,
     OperatorRetry,
     RetentionSweep,
+    BulkRetry,
 }
 
 /// The state every scenario starts from, received before `NOW` (so a sweep finds them
@@ -269,6 +271,16 @@ async fn run_paused(w: &World, op: Paused) {
         Paused::DispatchFails => dispatch_pass(w, false).await,
         Paused::OperatorRetry => retry(w, "y").await,
         Paused::RetentionSweep => sweep(w).await,
+        Paused::BulkRetry => {
+            let filter = RetryFilter {
+                source: None,
+                handler: None,
+                status: JobStatus::Failed,
+                since_ms: None,
+                until_ms: None,
+            };
+            w.store.retry_all(&filter, NOW).await.expect("bulk retry");
+        }
     }
 }
 
@@ -287,6 +299,18 @@ async fn run_injected(w: &World, op: Injected) {
             retry(w, "x").await;
         }
         Injected::RetentionSweep => sweep(w).await,
+        Injected::BulkRetry => {
+            for status in [JobStatus::Failed, JobStatus::Dead] {
+                let filter = RetryFilter {
+                    source: None,
+                    handler: None,
+                    status,
+                    since_ms: None,
+                    until_ms: None,
+                };
+                w.store.retry_all(&filter, NOW).await.expect("bulk retry");
+            }
+        }
     }
 }
 
@@ -399,6 +423,7 @@ fn every_gap_of_every_store_operation_keeps_the_invariants() {
         Injected::SameBodyNewId,
         Injected::OperatorRetry,
         Injected::RetentionSweep,
+        Injected::BulkRetry,
     ];
     let paused_ops = [
         Paused::ClaimNew,
@@ -407,6 +432,7 @@ fn every_gap_of_every_store_operation_keeps_the_invariants() {
         Paused::DispatchFails,
         Paused::OperatorRetry,
         Paused::RetentionSweep,
+        Paused::BulkRetry,
     ];
     let mut failures = Vec::new();
     let mut scenarios = 0;

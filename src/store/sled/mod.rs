@@ -87,7 +87,7 @@ use super::group_commit::{GroupCommit, SyncFn};
 use super::{
     AttemptContext, AttemptOutcome, Begin, Claim, Cursor, DeliveryKey, DeliveryRecord,
     DeliveryStatus, DeliveryStore, Expired, JobKey, JobState, JobStatus, Lease, NewDelivery, Page,
-    QueuedJob, StoreError, StoredResponse, TakeOver,
+    QueuedJob, RetryFilter, StoreError, StoredResponse, TakeOver,
 };
 use crate::config::Durability;
 
@@ -476,6 +476,58 @@ impl SledStore {
             let job = JobKey::decode(job)?;
             (!skip.contains(&job)).then_some(Ok(QueuedJob { due_ms, job }))
         })
+    }
+
+    /// An operator retry of one pair (the caller holds the delivery's lock): due now, with a
+    /// fresh `max_attempts` if it failed or died. Not a pair that succeeded or runs under a
+    /// live lease, nor (with `only`) one in another state. Returns whether it was requeued.
+    fn requeue_pair(
+        &self,
+        record: &DeliveryRecord,
+        handler: &str,
+        only: Option<JobStatus>,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        if !record.handlers.iter().any(|h| h == handler) {
+            return Ok(false);
+        }
+        let jk = record.key().job(handler).encode();
+        let mut state = match self.read_job(&jk)? {
+            Some(s) if s.status == JobStatus::Succeeded => return Ok(false),
+            Some(s)
+                if s.status == JobStatus::Running
+                    && s.lease
+                        .is_some_and(|l| l.owner == self.instance && l.until_ms > now_ms) =>
+            {
+                return Ok(false);
+            }
+            Some(s) => s,
+            None => {
+                let mut s = pending_job();
+                // Its first entry, if there is one, is replaced by one due now.
+                if record.response.is_some() && record.alias_of.is_none() {
+                    s.queued_at_ms = Some(record.received_at_ms);
+                }
+                s
+            }
+        };
+        if only.is_some_and(|wanted| wanted != state.status) {
+            return Ok(false);
+        }
+        if matches!(state.status, JobStatus::Dead | JobStatus::Failed) {
+            // A fresh `max_attempts` from here.
+            state.retry_base = state.attempts;
+        }
+        if state.status == JobStatus::Dead {
+            self.dead.remove(jk.as_slice()).map_err(backend)?;
+        }
+        if state.status != JobStatus::Pending {
+            state.status = JobStatus::Failed;
+        }
+        state.lease = None;
+        state.updated_ms = now_ms;
+        self.requeue(Op::Retry, &jk, &mut state, now_ms)?;
+        Ok(true)
     }
 
     /// Moves a job's queue entry to `due_ms`: the new entry, then the state that names it,
@@ -1094,47 +1146,77 @@ impl DeliveryStore for SledStore {
             };
             let mut requeued = Vec::new();
             for handler in &record.handlers {
-                let jk = key.job(handler).encode();
-                let state = self.read_job(&jk)?;
-                let mut state = match state {
-                    Some(s) if s.status == JobStatus::Succeeded => continue,
-                    Some(s)
-                        if s.status == JobStatus::Running
-                            && s.lease.is_some_and(|l| {
-                                l.owner == self.instance && l.until_ms > now_ms
-                            }) =>
-                    {
-                        continue;
-                    }
-                    Some(s) => s,
-                    None => {
-                        let mut s = pending_job();
-                        // Its first entry, if there is one, is replaced by one due now.
-                        if record.response.is_some() && record.alias_of.is_none() {
-                            s.queued_at_ms = Some(record.received_at_ms);
-                        }
-                        s
-                    }
-                };
-                if matches!(state.status, JobStatus::Dead | JobStatus::Failed) {
-                    // A fresh `max_attempts` from here.
-                    state.retry_base = state.attempts;
+                if self.requeue_pair(&record, handler, None, now_ms)? {
+                    requeued.push(handler.clone());
                 }
-                if state.status == JobStatus::Dead {
-                    self.dead.remove(jk.as_slice()).map_err(backend)?;
-                }
-                if state.status != JobStatus::Pending {
-                    state.status = JobStatus::Failed;
-                }
-                state.lease = None;
-                state.updated_ms = now_ms;
-                self.requeue(Op::Retry, &jk, &mut state, now_ms)?;
-                requeued.push(handler.clone());
             }
             let wrote = !requeued.is_empty();
             Ok((requeued, wrote))
         })
         .await
+    }
+
+    async fn retry_all(&self, filter: &RetryFilter, now_ms: u64) -> Result<usize, StoreError> {
+        // Candidates from the dead letters, or the job states for failed pairs; each is
+        // checked again under its delivery's lock.
+        let mut candidates: Vec<JobKey> = Vec::new();
+        let wanted = |job: &JobKey| {
+            filter
+                .source
+                .as_deref()
+                .is_none_or(|s| s == job.delivery.source)
+                && filter.handler.as_deref().is_none_or(|h| h == job.handler)
+        };
+        if filter.status == JobStatus::Dead {
+            for key in self.dead.iter().keys() {
+                if let Some(job) = JobKey::decode(&key.map_err(backend)?)
+                    && wanted(&job)
+                {
+                    candidates.push(job);
+                }
+            }
+        } else {
+            for entry in self.jobs.iter() {
+                let (key, value) = entry.map_err(backend)?;
+                if let Some(job) = JobKey::decode(&key)
+                    && wanted(&job)
+                    && serde_json::from_slice::<JobState>(&value)
+                        .is_ok_and(|s| s.status == filter.status)
+                {
+                    candidates.push(job);
+                }
+            }
+        }
+        let fsync = self.durability == Durability::Fsync;
+        let guard = if fsync {
+            Some(self.commit.begin_write()?)
+        } else {
+            None
+        };
+        let mut retried = 0;
+        for job in candidates {
+            let dk = job.delivery.encode();
+            self.step(Op::Retry, "start");
+            let _locks = self.lock(Op::Retry, &[&dk]);
+            self.step(Op::Retry, "locked");
+            let Some(record) = self.read_record(&dk)? else {
+                continue;
+            };
+            let received = record.received_at_ms;
+            if filter.since_ms.is_some_and(|t| received < t)
+                || filter.until_ms.is_some_and(|t| received >= t)
+            {
+                continue;
+            }
+            if self.requeue_pair(&record, &job.handler, Some(filter.status), now_ms)? {
+                retried += 1;
+            }
+        }
+        if fsync && retried > 0 {
+            self.commit.wait().await?;
+        }
+        drop(guard);
+        Ok(retried)
     }
 
     async fn queue_depth(&self) -> Result<usize, StoreError> {
