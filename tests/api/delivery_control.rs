@@ -63,19 +63,7 @@ match = { "/data/application/product" = ["mortgage"] }
     assert!(eventually(Duration::from_secs(20), || loans.runs().len() == 2).await);
     for (id, _, loan, mortgage) in cases {
         assert_eq!(loans.runs_of(id), usize::from(loan), "{id}");
-        let shown: serde_json::Value = app
-            .client
-            .get(format!(
-                "{}/admin/deliveries/credicorp/{id}",
-                app.admin_address
-            ))
-            .bearer_auth("admin-token")
-            .send()
-            .await
-            .expect("admin")
-            .json()
-            .await
-            .expect("json");
+        let shown = app.admin_show("credicorp", id).await;
         let handlers: Vec<&str> = shown["record"]["handlers"]
             .as_array()
             .expect("handlers")

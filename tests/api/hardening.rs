@@ -197,16 +197,7 @@ async fn credential_and_signature_headers_are_not_stored() {
         "/admin/deliveries/credicorp/msg_creds",
         "/admin/deliveries/credicorp/msg_creds/fixture",
     ] {
-        let text = app
-            .client
-            .get(format!("{}{path}", app.admin_address))
-            .bearer_auth("admin-token")
-            .send()
-            .await
-            .expect("admin")
-            .text()
-            .await
-            .expect("text");
+        let text = app.admin_get(path).await.text().await.expect("text");
         for secret in [
             "partner-secret-token",
             "partner-cookie",
@@ -285,12 +276,8 @@ async fn ids_and_event_types_that_are_not_text_are_refused() {
     )
     .await;
     let listed: serde_json::Value = app
-        .client
-        .get(format!("{}/admin/deliveries", app.admin_address))
-        .bearer_auth("admin-token")
-        .send()
+        .admin_get("/admin/deliveries")
         .await
-        .expect("admin")
         .json()
         .await
         .expect("json");
@@ -360,15 +347,8 @@ timeout = "2s"
         202
     );
     let show = || async {
-        app.client
-            .get(format!(
-                "{}/admin/deliveries/credicorp/msg_url",
-                app.admin_address
-            ))
-            .bearer_auth("admin-token")
-            .send()
+        app.admin_get("/admin/deliveries/credicorp/msg_url")
             .await
-            .expect("admin")
             .text()
             .await
             .expect("text")
@@ -411,15 +391,8 @@ async fn a_captured_request_is_still_a_replay_after_its_delivery_expired() {
     assert!(eventually(Duration::from_secs(20), || github.runs().len() == 1).await);
     // Wait until the delivery itself is gone.
     let expired = eventually_async(Duration::from_secs(20), || async {
-        app.client
-            .get(format!(
-                "{}/admin/deliveries/github/gh-captured",
-                app.admin_address
-            ))
-            .bearer_auth("admin-token")
-            .send()
+        app.admin_get("/admin/deliveries/github/gh-captured")
             .await
-            .expect("admin")
             .status()
             == 404
     })

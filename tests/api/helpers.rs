@@ -334,6 +334,25 @@ impl TestApp {
             .await
     }
 
+    /// `GET {path}` on the admin listener with the bearer token `admin-token`.
+    pub async fn admin_get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.admin_address))
+            .bearer_auth("admin-token")
+            .send()
+            .await
+            .expect("admin request")
+    }
+
+    /// The admin API's JSON for one stored delivery.
+    pub async fn admin_show(&self, source: &str, id: &str) -> serde_json::Value {
+        self.admin_get(&format!("/admin/deliveries/{source}/{id}"))
+            .await
+            .json()
+            .await
+            .expect("json")
+    }
+
     /// Stops gracefully and returns the data directory.
     pub async fn stop(self) -> Arc<TempDir> {
         self.stop.cancel();

@@ -145,19 +145,7 @@ async fn one_body_under_many_ids_runs_once_and_each_id_leaves_a_trace() {
         .find(|(id, _, _)| id != first_id)
         .map(|(id, _, _)| id.clone())
         .expect("an alias");
-    let shown: serde_json::Value = app
-        .client
-        .get(format!(
-            "{}/admin/deliveries/github/{alias}",
-            app.admin_address
-        ))
-        .bearer_auth("admin-token")
-        .send()
-        .await
-        .expect("admin")
-        .json()
-        .await
-        .expect("json");
+    let shown: serde_json::Value = app.admin_show("github", &alias).await;
     assert_eq!(shown["record"]["alias_of"], first_id.as_str(), "{shown}");
     assert_eq!(
         shown["body"],
@@ -311,19 +299,7 @@ async fn an_operator_retry_never_runs_beside_the_senders_retry() {
     assert_eq!(operator["requeued"], serde_json::json!([]), "{operator}");
     handler.permits.add_permits(1);
     assert_eq!(retry.await.expect("retry").status().as_u16(), 200);
-    let shown: serde_json::Value = app
-        .client
-        .get(format!(
-            "{}/admin/deliveries/credicorp/msg_both",
-            app.admin_address
-        ))
-        .bearer_auth("admin-token")
-        .send()
-        .await
-        .expect("admin")
-        .json()
-        .await
-        .expect("json");
+    let shown: serde_json::Value = app.admin_show("credicorp", "msg_both").await;
     let slow_state = shown["handlers"]
         .as_array()
         .and_then(|hs| hs.iter().find(|h| h["name"] == "slow"))
