@@ -452,6 +452,7 @@ fn every_gap_of_every_store_operation_keeps_the_invariants() {
         }
     }
     assert!(scenarios > 100, "only {scenarios} scenarios");
+    eprintln!("{scenarios} interleavings checked");
     assert!(
         failures.is_empty(),
         "{} of {scenarios} interleavings broke an invariant:\n{}",
