@@ -21,9 +21,21 @@ const COPIES: usize = 2;
 const KILLS: usize = 6;
 const SENDERS: usize = 8;
 
+/// Starts the binary; a start refused because the store is still locked is tried again,
+/// as a service manager would: a handler program the killed process was forking when it
+/// died holds the store's lock until that child execs (and closes it), which on a loaded
+/// machine can be a moment after the kill.
 fn start(config: &std::path::Path) -> (Child, u16) {
-    let (child, port, _logs) = crate::helpers::spawn_binary(config);
-    (child, port)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match crate::helpers::try_spawn_binary(config) {
+            Ok((child, port, _logs)) => return (child, port),
+            Err(e) if e.contains("in use") && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -458,6 +458,13 @@ pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) 
 pub fn spawn_binary(
     config: &std::path::Path,
 ) -> (std::process::Child, u16, std::thread::JoinHandle<String>) {
+    try_spawn_binary(config).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`spawn_binary`], or why the binary ended before serving (with its logs).
+pub fn try_spawn_binary(
+    config: &std::path::Path,
+) -> Result<(std::process::Child, u16, std::thread::JoinHandle<String>), String> {
     use std::io::BufRead as _;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
         .args(["--log-format", "json", "serve", "--config"])
@@ -489,8 +496,15 @@ pub fn spawn_binary(
         }
         rest
     });
-    let port = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the serving line names the bound port");
-    (child, port, logs)
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(port) => Ok((child, port, logs)),
+        Err(e) => {
+            let _ = child.kill();
+            let status = child.wait();
+            let logs = logs.join().unwrap_or_default();
+            Err(format!(
+                "no serving line ({e}); the binary ended {status:?} after:\n{logs}"
+            ))
+        }
+    }
 }
