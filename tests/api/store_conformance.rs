@@ -63,6 +63,14 @@ fn new(id: &str, body: &str, handlers: &[&str], body_dedup: bool) -> NewDelivery
     })
 }
 
+/// Every queue entry due at `now_ms`.
+async fn due_now(store: &Store, now_ms: u64) -> Vec<webhook_inbox::store::QueuedJob> {
+    store
+        .due_jobs(now_ms, 1000, &Default::default())
+        .await
+        .expect("queue")
+}
+
 fn key(id: &str) -> DeliveryKey {
     DeliveryKey::new("credicorp", id)
 }
@@ -117,14 +125,7 @@ async fn concurrent_claims_of_one_id_have_one_winner(store: Store) {
         news += usize::from(matches!(t.await.expect("task"), Claim::New));
     }
     assert_eq!(news, 1);
-    assert_eq!(
-        store
-            .due_jobs(u64::MAX, 100, &Default::default())
-            .await
-            .expect("queue")
-            .len(),
-        1
-    );
+    assert_eq!(due_now(&store, u64::MAX).await.len(), 1);
 }
 
 async fn one_body_under_many_ids_is_one_delivery_and_aliases(store: Store) {
@@ -173,14 +174,7 @@ async fn one_body_under_many_ids_is_one_delivery_and_aliases(store: Store) {
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(
-        store
-            .due_jobs(u64::MAX, 100, &Default::default())
-            .await
-            .expect("queue")
-            .len(),
-        1
-    );
+    assert_eq!(due_now(&store, u64::MAX).await.len(), 1);
 }
 
 async fn a_run_has_one_runner_and_a_success_is_final(store: Store) {
@@ -188,10 +182,7 @@ async fn a_run_has_one_runner_and_a_success_is_final(store: Store) {
         .claim(new("r1", "{}", &["h"], false))
         .await
         .expect("claim");
-    let due = store
-        .due_jobs(u64::MAX, 10, &Default::default())
-        .await
-        .expect("queue");
+    let due = due_now(&store, u64::MAX).await;
     let entry = due.first().expect("due").clone();
     let Begin::Started(attempt) = store
         .begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
@@ -237,13 +228,7 @@ async fn a_run_has_one_runner_and_a_success_is_final(store: Store) {
             .expect("begin"),
         Begin::Skipped
     ));
-    assert!(
-        store
-            .due_jobs(u64::MAX, 10, &Default::default())
-            .await
-            .expect("queue")
-            .is_empty()
-    );
+    assert!(due_now(&store, u64::MAX).await.is_empty());
     // A late failure of a superseded attempt does not undo the success.
     store
         .finish_attempt(
@@ -273,11 +258,7 @@ async fn a_failure_moves_the_entry_and_a_stale_entry_runs_nothing(store: Store) 
         .claim(new("r2", "{}", &["h"], false))
         .await
         .expect("claim");
-    let entry = store
-        .due_jobs(u64::MAX, 10, &Default::default())
-        .await
-        .expect("queue")[0]
-        .clone();
+    let entry = due_now(&store, u64::MAX).await[0].clone();
     let Begin::Started(a) = store
         .begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
         .await
@@ -297,19 +278,10 @@ async fn a_failure_moves_the_entry_and_a_stale_entry_runs_nothing(store: Store) 
         )
         .await
         .expect("finish");
-    let due = store
-        .due_jobs(u64::MAX, 10, &Default::default())
-        .await
-        .expect("queue");
+    let due = due_now(&store, u64::MAX).await;
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].due_ms, NOW + 5000);
-    assert!(
-        store
-            .due_jobs(NOW, 10, &Default::default())
-            .await
-            .expect("queue")
-            .is_empty()
-    );
+    assert!(due_now(&store, NOW).await.is_empty());
     // The old entry is gone: a runner holding it starts nothing.
     assert!(matches!(
         store
@@ -333,10 +305,7 @@ async fn dead_letters_retry_with_a_fresh_budget_and_running_pairs_are_left_alone
         .claim(new("r3", "{}", &["dies", "runs"], false))
         .await
         .expect("claim");
-    let due = store
-        .due_jobs(u64::MAX, 10, &Default::default())
-        .await
-        .expect("queue");
+    let due = due_now(&store, u64::MAX).await;
     for entry in &due {
         let Begin::Started(a) = store
             .begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
