@@ -115,12 +115,31 @@ pub enum Durability {
     Buffered,
 }
 
+/// Which engine keeps the deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Embedded sled at `storage.path`: one process, one machine (the default).
+    Sled,
+    /// PostgreSQL: several replicas on one database.
+    Postgres,
+}
+
 /// `[storage]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
+    /// `sled` (default) or `postgres`.
+    pub backend: Backend,
     /// The sled directory, relative to the working directory.
     pub path: PathBuf,
+    /// The environment variable holding the PostgreSQL URL (`backend = "postgres"`).
+    pub postgres_url_env: Option<String>,
+    /// The PostgreSQL URL itself (local use: a URL with a password belongs in the
+    /// environment).
+    pub postgres_url: Option<String>,
+    /// PostgreSQL connections per process.
+    pub pool_size: u32,
     /// `fsync` or `buffered`.
     pub durability: Durability,
     /// How long a delivery id is remembered.
@@ -138,7 +157,11 @@ pub struct StorageConfig {
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
+            backend: Backend::Sled,
             path: PathBuf::from("data"),
+            postgres_url_env: None,
+            postgres_url: None,
+            pool_size: 16,
             durability: Durability::Fsync,
             retention: Duration::from_secs(7 * 24 * 3600),
             cache_capacity: 64 * 1024 * 1024,
@@ -570,6 +593,29 @@ macro_rules! binding_of {
 binding_of!(LogHandlerConfig, CommandHandlerConfig, HttpHandlerConfig);
 
 impl Config {
+    /// The PostgreSQL URL: `storage.postgres_url`, or the value of the variable that
+    /// `storage.postgres_url_env` names (read through `env`). The error names the key, never
+    /// the URL (it may hold a password).
+    pub fn postgres_url(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<String, ConfigError> {
+        let storage = &self.storage;
+        match (&storage.postgres_url, &storage.postgres_url_env) {
+            (Some(url), _) => Ok(url.clone()),
+            (None, Some(var)) => env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+                ConfigError::new(
+                    &self.file,
+                    format!("storage.postgres_url_env: the variable {var} is not set"),
+                )
+            }),
+            (None, None) => Err(ConfigError::new(
+                &self.file,
+                "storage.postgres_url_env (or storage.postgres_url) is not set".to_owned(),
+            )),
+        }
+    }
+
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
@@ -669,6 +715,33 @@ impl Config {
                     "sources.{name}.secrets is empty: set `secrets` or `secrets_env`"
                 ));
             }
+        }
+        match (
+            self.storage.backend,
+            &self.storage.postgres_url,
+            &self.storage.postgres_url_env,
+        ) {
+            (Backend::Postgres, None, None) => {
+                return err(
+                    "storage.backend = \"postgres\" needs storage.postgres_url_env \
+                     (or storage.postgres_url)"
+                        .into(),
+                );
+            }
+            (Backend::Postgres, Some(_), Some(_)) => {
+                return err(
+                    "set one of storage.postgres_url and storage.postgres_url_env, not both".into(),
+                );
+            }
+            (Backend::Sled, Some(_), _) | (Backend::Sled, _, Some(_)) => {
+                return err("storage.postgres_url and storage.postgres_url_env need \
+                     storage.backend = \"postgres\""
+                    .into());
+            }
+            _ => {}
+        }
+        if self.storage.pool_size == 0 {
+            return err("storage.pool_size must be at least 1".into());
         }
         if self.storage.fingerprint_retention < self.storage.retention {
             return err(format!(

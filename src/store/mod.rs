@@ -17,6 +17,7 @@
 //! record that survives a power loss.
 
 pub mod group_commit;
+pub mod postgres;
 mod sled;
 
 use std::collections::HashSet;
@@ -27,6 +28,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use postgres::PgStore;
 pub use sled::{FlushHook, Op, SledOptions, SledStore, StoreProbe};
 
 use crate::verify::{AuthenticatedDelivery, Headers};
@@ -396,6 +398,37 @@ pub struct CheckReport {
     pub repaired: bool,
 }
 
+/// A body fingerprint kept past its delivery (body dedup, `storage.fingerprint_retention`):
+/// enough to answer a captured request as the replay it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptFingerprint {
+    /// The id the body first arrived under.
+    pub id: String,
+    /// When it arrived, ms since the epoch.
+    pub received_at_ms: u64,
+    /// The first answer.
+    pub response: StoredResponse,
+}
+
+impl KeptFingerprint {
+    /// The expired delivery as far as a replay needs it: its id and its first answer.
+    pub fn as_record(&self, source: &str, fingerprint: &str) -> DeliveryRecord {
+        DeliveryRecord {
+            source: source.to_owned(),
+            id: self.id.clone(),
+            fingerprint: fingerprint.to_owned(),
+            received_at_ms: self.received_at_ms,
+            event_type: None,
+            headers: Default::default(),
+            response: Some(self.response.clone()),
+            lease_until_ms: None,
+            handlers: Vec::new(),
+            body_dedup: true,
+            alias_of: None,
+        }
+    }
+}
+
 /// The result of trying to take over an unfinished `ack = "processed"` delivery.
 #[derive(Debug, Clone)]
 pub enum TakeOver {
@@ -656,6 +689,13 @@ pub trait DeliveryStore: Send + Sync + 'static {
 
     /// Flushes everything to disk (at shutdown).
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// Notified when new work may have been queued by another process sharing the store
+    /// (PostgreSQL's LISTEN/NOTIFY); `None` for a store only this process writes. The
+    /// dispatcher then also polls now and then, in case a notice is lost.
+    fn work_signal(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -508,3 +508,56 @@ pub fn try_spawn_binary(
         }
     }
 }
+
+/// The PostgreSQL server the tests may use (`WEBHOOK_INBOX_TEST_POSTGRES_URL`); without it,
+/// prints one line saying that `group` is skipped and returns `None`.
+pub fn test_postgres_url(group: &str) -> Option<String> {
+    match std::env::var("WEBHOOK_INBOX_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            println!("{group}: skipped: set WEBHOOK_INBOX_TEST_POSTGRES_URL to run it");
+            None
+        }
+    }
+}
+
+/// A new, empty schema on the test server, and the URL that puts a connection in it: each
+/// test gets a database of its own without creating databases.
+pub async fn fresh_postgres_schema(url: &str) -> String {
+    use sqlx::Connection as _;
+    let schema = format!("t_{:016x}", rand_u64());
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .expect("the test PostgreSQL server is reachable");
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut conn)
+        .await
+        .expect("create schema");
+    let _ = conn.close().await;
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}options[search_path]={schema}")
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+/// A PostgreSQL store in a fresh schema, ready.
+pub async fn postgres_store(url: &str) -> Arc<webhook_inbox::store::PgStore> {
+    let url = fresh_postgres_schema(url).await;
+    let store =
+        webhook_inbox::store::PgStore::connect(&url, 8, Durability::Fsync).expect("valid URL");
+    store
+        .wait_ready(Duration::from_secs(30))
+        .await
+        .expect("migrations run");
+    Arc::new(store)
+}

@@ -18,7 +18,8 @@ use webhook_inbox::verify::Source;
 type Store = Arc<dyn DeliveryStore>;
 type Case = fn(Store) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 /// Makes a fresh store, and what keeps it alive (its temp dir…).
-type MakeStore = fn() -> (Store, Box<dyn std::any::Any + Send>);
+type MakeStore =
+    fn() -> Pin<Box<dyn Future<Output = (Store, Box<dyn std::any::Any + Send>)> + Send>>;
 
 const NOW: u64 = 2_000_000_000_000;
 const LEASE: u64 = NOW + 30_000;
@@ -26,16 +27,29 @@ const LEASE: u64 = NOW + 30_000;
 /// Every backend under test: a name and a way to make a fresh store (kept alive by the
 /// returned guard).
 fn backends() -> Vec<(&'static str, MakeStore)> {
-    vec![("sled", || {
-        let dir = tempfile::TempDir::new().expect("dir");
-        let store = webhook_inbox::store::SledStore::open(
-            &dir.path().join("data"),
-            Durability::Fsync,
-            8 << 20,
-        )
-        .expect("store");
-        (Arc::new(store), Box::new(dir))
-    })]
+    let mut backends: Vec<(&'static str, MakeStore)> = vec![("sled", || {
+        Box::pin(async {
+            let dir = tempfile::TempDir::new().expect("dir");
+            let store = webhook_inbox::store::SledStore::open(
+                &dir.path().join("data"),
+                Durability::Fsync,
+                8 << 20,
+            )
+            .expect("store");
+            let store: Store = Arc::new(store);
+            (store, Box::new(dir) as Box<dyn std::any::Any + Send>)
+        })
+    })];
+    if crate::helpers::test_postgres_url("store conformance on PostgreSQL").is_some() {
+        backends.push(("postgres", || {
+            Box::pin(async {
+                let url = std::env::var("WEBHOOK_INBOX_TEST_POSTGRES_URL").expect("url");
+                let store: Store = crate::helpers::postgres_store(&url).await;
+                (store, Box::new(()) as Box<dyn std::any::Any + Send>)
+            })
+        }));
+    }
+    backends
 }
 
 fn source() -> Source {
@@ -486,7 +500,7 @@ const CASES: &[(&str, Case)] = &[
 async fn every_backend_meets_the_store_contract() {
     for (backend, make) in backends() {
         for (name, case) in CASES {
-            let (store, guard) = make();
+            let (store, guard) = make().await;
             let run = tokio::spawn(case(store.clone()));
             if let Err(e) = run.await {
                 panic!("{backend}: {name} failed: {e}");

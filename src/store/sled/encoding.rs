@@ -1,7 +1,7 @@
 //! How sled holds a delivery: key layouts (big-endian times first, so key order is time
 //! order), the delivery value (record JSON, then the raw body), and the body index entry.
 
-use super::super::{DeliveryKey, DeliveryRecord, JobState, JobStatus, StoreError, StoredResponse};
+use super::super::{DeliveryKey, DeliveryRecord, JobState, JobStatus, KeptFingerprint, StoreError};
 
 pub(super) fn backend(e: sled::Error) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -80,14 +80,6 @@ pub(super) enum BodyEntry {
     Kept(KeptFingerprint),
 }
 
-/// A fingerprint kept past its delivery.
-#[derive(serde::Serialize, serde::Deserialize)]
-pub(super) struct KeptFingerprint {
-    pub(super) id: String,
-    pub(super) received_at_ms: u64,
-    pub(super) response: StoredResponse,
-}
-
 /// Marks a [`BodyEntry::Kept`] value; an id never starts with a control character.
 pub(super) const KEPT: u8 = 0x01;
 
@@ -98,25 +90,6 @@ impl BodyEntry {
                 serde_json::from_slice(json).map_err(corrupt)?,
             )),
             _ => Ok(BodyEntry::Live(String::from_utf8_lossy(value).into_owned())),
-        }
-    }
-}
-
-impl KeptFingerprint {
-    /// The expired delivery as far as a replay needs it: its id and its first answer.
-    pub(super) fn as_record(&self, source: &str, fingerprint: &str) -> DeliveryRecord {
-        DeliveryRecord {
-            source: source.to_owned(),
-            id: self.id.clone(),
-            fingerprint: fingerprint.to_owned(),
-            received_at_ms: self.received_at_ms,
-            event_type: None,
-            headers: Default::default(),
-            response: Some(self.response.clone()),
-            lease_until_ms: None,
-            handlers: Vec::new(),
-            body_dedup: true,
-            alias_of: None,
         }
     }
 }

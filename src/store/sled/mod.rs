@@ -74,9 +74,8 @@ mod listing;
 use check::still_due;
 use disk::DiskSync;
 use encoding::{
-    BodyEntry, KEPT, KeptFingerprint, backend, body_index_key, corrupt, decode_delivery_key,
-    decode_record, encode_delivery, pending_job, queue_key, split_delivery, split_time_key,
-    to_json,
+    BodyEntry, KEPT, backend, body_index_key, corrupt, decode_delivery_key, decode_record,
+    encode_delivery, pending_job, queue_key, split_delivery, split_time_key, to_json,
 };
 use listing::{LIST_SCAN_LIMIT, cursor_before};
 
@@ -86,8 +85,8 @@ use bytes::Bytes;
 use super::group_commit::{GroupCommit, SyncFn};
 use super::{
     AttemptContext, AttemptOutcome, Begin, Claim, Cursor, DeliveryKey, DeliveryRecord,
-    DeliveryStatus, DeliveryStore, Expired, JobKey, JobState, JobStatus, Lease, NewDelivery, Page,
-    QueuedJob, RetryFilter, StoreError, StoredResponse, TakeOver,
+    DeliveryStatus, DeliveryStore, Expired, JobKey, JobState, JobStatus, KeptFingerprint, Lease,
+    NewDelivery, Page, QueuedJob, RetryFilter, StoreError, StoredResponse, TakeOver,
 };
 use crate::config::Durability;
 

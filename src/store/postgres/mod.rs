@@ -1,0 +1,1275 @@
+//! The PostgreSQL implementation of [`DeliveryStore`]: several `serve` replicas, one
+//! database, every guarantee of the sled store unchanged.
+//!
+//! Schema (`migrations/`, embedded and run at start, see [`schema`]): `inbox_deliveries`
+//! (one row per `(source, id)`: the record as JSON text, the body), `inbox_jobs` (one row
+//! per (delivery, handler), written with the claim; its `due_ms` is the queue entry, its
+//! `lease_owner`/`lease_until_ms` the hold of a dispatcher or runner) and
+//! `inbox_fingerprints` (body dedup, kept past the delivery for
+//! `storage.fingerprint_retention`).
+//!
+//! # Why replicas cannot break the invariants
+//!
+//! Each operation is one transaction (most of them one statement), so another replica sees
+//! all of it or none of it; nothing has an order a crash could cut.
+//! - Claim: `INSERT … ON CONFLICT DO NOTHING` on the primary key, in the same statement
+//!   (or, with body dedup, the same transaction) as its job rows; a concurrent claim of
+//!   the same key waits for the first to commit and then finds it. The answer is sent
+//!   after COMMIT, which with `synchronous_commit = on` (the default) is on disk.
+//! - Body dedup: the fingerprint row's primary key decides between ids carrying one body,
+//!   and the loser becomes an alias in the same transaction (invariant 4).
+//! - Dispatch: a replica reserves due rows with `FOR UPDATE SKIP LOCKED` (so replicas take
+//!   different work) and starts one with a conditional `UPDATE` that succeeds only if no
+//!   other holder has a live lease: one runner per pair at a time. A replica that dies
+//!   leaves a lease that lapses; another then starts the pair with `attempt + 1` (the count
+//!   is durable at start) and the same idempotency key.
+//! - Operator retry moves `due_ms`; a dispatcher holding the old due time starts nothing
+//!   (invariant 5). Retention locks the delivery rows it removes (`FOR UPDATE`), and every
+//!   retry locks the delivery it requeues, so the two never cross; only one replica sweeps
+//!   at a time (a transaction-scoped advisory lock).
+//!
+//! New work wakes the other replicas' dispatchers through `NOTIFY` (sent on commit); they
+//! also poll every few seconds in case a notification is lost while reconnecting.
+//!
+//! The database may be unreachable at start or go away later: the pool connects lazily,
+//! migrations are retried in the background, every operation fails fast with a
+//! [`StoreError`] (503 `storage_unavailable`) until the database is back, and nothing
+//! needs a restart.
+
+mod schema;
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row as _, Transaction};
+use tokio::sync::Notify;
+
+pub use schema::migrate;
+
+use super::{
+    AttemptContext, AttemptOutcome, Begin, Claim, Cursor, DeliveryKey, DeliveryRecord,
+    DeliveryStatus, DeliveryStore, DeliverySummary, Expired, JobKey, JobState, JobStatus,
+    KeptFingerprint, Lease, NewDelivery, Page, QueuedJob, RetryFilter, StoreError, StoredResponse,
+    TakeOver,
+};
+use crate::config::Durability;
+
+/// The channel new work is announced on.
+const WORK_CHANNEL: &str = "webhook_inbox_work";
+
+/// How long a dispatcher's reservation of a due pair holds before another replica may take
+/// it (the reserving replica starts it at once; this only matters if it dies first).
+const RESERVATION: Duration = Duration::from_secs(30);
+
+/// The advisory lock that lets one replica at a time sweep retention.
+const RETENTION_LOCK: i64 = 0x7765_6268_6f6f_6b31; // "webhook1"
+
+/// How long an operation waits for a connection before answering 503: a client's retry is
+/// better than a request that hangs while the database is away.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Rows looked at per page of a filtered listing, and in all, before a page stops short.
+const LIST_CHUNK: i64 = 500;
+const LIST_SCAN_LIMIT: usize = 10_000;
+
+/// Why a PostgreSQL store could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PgConfigError(String);
+
+/// Deliveries in PostgreSQL.
+pub struct PgStore {
+    pool: PgPool,
+    /// This process's lease owner id.
+    instance: i64,
+    /// Set once the migrations have run; until then every operation is refused.
+    ready: Arc<AtomicBool>,
+    /// Notified when another replica (or this one) announces new work.
+    work: Arc<Notify>,
+    /// Where the retention sweep goes on from (past deliveries it had to keep).
+    sweep_from: std::sync::Mutex<Option<(i64, String, String)>>,
+    /// Background tasks (migrations, LISTEN), stopped with the store.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn backend(e: sqlx::Error) -> StoreError {
+    StoreError::Backend(format!("postgres: {e}"))
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+/// Milliseconds as PostgreSQL's `bigint` (saturating: "never" is `i64::MAX`).
+fn db_ms(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+fn ms(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn status_name(s: JobStatus) -> &'static str {
+    match s {
+        JobStatus::Pending => "pending",
+        JobStatus::Running => "running",
+        JobStatus::Succeeded => "succeeded",
+        JobStatus::Failed => "failed",
+        JobStatus::Dead => "dead",
+    }
+}
+
+fn parse_status(s: &str) -> Result<JobStatus, StoreError> {
+    Ok(match s {
+        "pending" => JobStatus::Pending,
+        "running" => JobStatus::Running,
+        "succeeded" => JobStatus::Succeeded,
+        "failed" => JobStatus::Failed,
+        "dead" => JobStatus::Dead,
+        other => return Err(corrupt(format!("job status `{other}`"))),
+    })
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    // Serializing our own plain structs cannot fail.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn decode_record(text: &str) -> Result<DeliveryRecord, StoreError> {
+    serde_json::from_str(text).map_err(corrupt)
+}
+
+/// The columns [`job_from_row`] reads.
+const JOB_COLUMNS: &str =
+    "status, attempts, retry_base, last_error, due_ms, updated_ms, lease_owner, lease_until_ms";
+
+/// A job row as the [`JobState`] the trait speaks; `None` for a pair with no state yet.
+fn job_from_row(row: &PgRow) -> Result<Option<JobState>, StoreError> {
+    let updated: Option<i64> = row.try_get("updated_ms").map_err(backend)?;
+    let Some(updated) = updated else {
+        return Ok(None);
+    };
+    let status: String = row.try_get("status").map_err(backend)?;
+    let owner: Option<i64> = row.try_get("lease_owner").map_err(backend)?;
+    let until: Option<i64> = row.try_get("lease_until_ms").map_err(backend)?;
+    let status = parse_status(&status)?;
+    Ok(Some(JobState {
+        status,
+        attempts: row.try_get::<i32, _>("attempts").map_err(backend)?.max(0) as u32,
+        last_error: row.try_get("last_error").map_err(backend)?,
+        queued_at_ms: row
+            .try_get::<Option<i64>, _>("due_ms")
+            .map_err(backend)?
+            .map(ms),
+        updated_ms: ms(updated),
+        retry_base: row.try_get::<i32, _>("retry_base").map_err(backend)?.max(0) as u32,
+        // Only a running pair's lease is its runner's; a reservation is the dispatcher's.
+        lease: match (status, owner, until) {
+            (JobStatus::Running, Some(owner), Some(until)) => Some(Lease {
+                owner: owner as u64,
+                until_ms: ms(until),
+            }),
+            _ => None,
+        },
+    }))
+}
+
+impl PgStore {
+    /// A store on the database at `url` (not connected yet: the pool connects on first use,
+    /// migrations run in the background until they succeed, and [`DeliveryStore::is_healthy`]
+    /// says when the store is ready). A URL that cannot be parsed is an error; a database
+    /// that cannot be reached is not.
+    pub fn connect(
+        url: &str,
+        pool_size: u32,
+        durability: Durability,
+    ) -> Result<PgStore, PgConfigError> {
+        let options = Self::options(url, durability)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(pool_size)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options);
+        let ready = Arc::new(AtomicBool::new(false));
+        let work = Arc::new(Notify::new());
+        let tasks = vec![
+            tokio::spawn(schema::migrate_until_done(pool.clone(), ready.clone())),
+            tokio::spawn(listen_for_work(pool.clone(), work.clone())),
+        ];
+        Ok(PgStore {
+            pool,
+            instance: rand::random::<i64>() & i64::MAX,
+            ready,
+            work,
+            sweep_from: std::sync::Mutex::new(None),
+            tasks,
+        })
+    }
+
+    /// Connection options from a URL. The error never repeats the URL (it may hold a
+    /// password).
+    pub fn options(url: &str, durability: Durability) -> Result<PgConnectOptions, PgConfigError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| PgConfigError(format!("not a PostgreSQL URL ({})", redact(&e))))?
+            .application_name("webhook-inbox");
+        Ok(match durability {
+            Durability::Fsync => options,
+            // Commits return before the WAL is flushed: the same trade as sled's buffered.
+            Durability::Buffered => options.options([("synchronous_commit", "off")]),
+        })
+    }
+
+    /// Waits until the migrations have run (tests, `store copy`), at most `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.ready.load(Ordering::Acquire) {
+            if tokio::time::Instant::now() > deadline {
+                return Err(StoreError::Backend(
+                    "postgres: the database did not become ready".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// The pool, refused until the schema is in place.
+    fn db(&self) -> Result<&PgPool, StoreError> {
+        if self.ready.load(Ordering::Acquire) {
+            Ok(&self.pool)
+        } else {
+            Err(StoreError::Backend(
+                "postgres: not ready (the database is unreachable or its migrations have not run yet)"
+                    .into(),
+            ))
+        }
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        self.db()?.begin().await.map_err(backend)
+    }
+
+    /// The record under `key`, or, for an alias made by body dedup, the first delivery's
+    /// while it is still stored.
+    async fn resolved<'e>(
+        &self,
+        executor: impl sqlx::PgExecutor<'e>,
+        key: &DeliveryKey,
+    ) -> Result<Option<DeliveryRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT d.record, f.record AS first FROM inbox_deliveries d \
+             LEFT JOIN inbox_deliveries f ON f.source = d.source AND f.id = d.alias_of \
+             WHERE d.source = $1 AND d.id = $2",
+        )
+        .bind(&key.source)
+        .bind(&key.id)
+        .fetch_optional(executor)
+        .await
+        .map_err(backend)?;
+        let Some(row) = row else { return Ok(None) };
+        let first: Option<String> = row.try_get("first").map_err(backend)?;
+        let own: String = row.try_get("record").map_err(backend)?;
+        decode_record(first.as_deref().unwrap_or(&own)).map(Some)
+    }
+
+    /// A plain claim (no body dedup): one statement inserts the record and its job rows and
+    /// announces the work; `None` when the key was taken.
+    async fn claim_plain(&self, new: &NewDelivery) -> Result<bool, StoreError> {
+        let record = new.record();
+        let due = new.enqueue().then(|| db_ms(record.received_at_ms));
+        let row = sqlx::query(
+            "WITH d AS ( \
+                INSERT INTO inbox_deliveries (source, id, received_at_ms, record, body) \
+                VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING source, id \
+             ), j AS ( \
+                INSERT INTO inbox_jobs (source, id, handler, status, due_ms) \
+                SELECT d.source, d.id, h, 'pending', $7 FROM d, unnest($6::text[]) AS h \
+                RETURNING due_ms \
+             ), n AS ( \
+                SELECT pg_notify($8, '') FROM (SELECT 1 FROM j WHERE due_ms IS NOT NULL LIMIT 1) AS any_due \
+             ) \
+             SELECT (SELECT count(*) FROM d) AS inserted, (SELECT count(*) FROM n) AS notified",
+        )
+        .bind(&record.source)
+        .bind(&record.id)
+        .bind(db_ms(record.received_at_ms))
+        .bind(to_json(record))
+        .bind(new.body().as_ref())
+        .bind(&record.handlers)
+        .bind(due)
+        .bind(WORK_CHANNEL)
+        .fetch_one(self.db()?)
+        .await
+        .map_err(backend)?;
+        Ok(row.try_get::<i64, _>("inserted").map_err(backend)? == 1)
+    }
+
+    /// A claim with body dedup: the record, then the body's fingerprint, in one
+    /// transaction; a fingerprint already taken turns the new record into an alias.
+    async fn claim_dedup(&self, new: &NewDelivery) -> Result<Option<Claim>, StoreError> {
+        let record = new.record();
+        let mut tx = self.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO inbox_deliveries (source, id, received_at_ms, record, body) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(&record.source)
+        .bind(&record.id)
+        .bind(db_ms(record.received_at_ms))
+        .bind(to_json(record))
+        .bind(new.body().as_ref())
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?
+        .rows_affected();
+        if inserted == 0 {
+            return Ok(None);
+        }
+        let took = sqlx::query(
+            "INSERT INTO inbox_fingerprints (source, fingerprint, id, received_at_ms) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(&record.source)
+        .bind(&record.fingerprint)
+        .bind(&record.id)
+        .bind(db_ms(record.received_at_ms))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?
+        .rows_affected();
+        if took == 1 {
+            insert_jobs(&mut tx, record, new.enqueue()).await?;
+            tx.commit().await.map_err(backend)?;
+            return Ok(Some(Claim::New));
+        }
+        // The body is known: under which id, and is that delivery still stored?
+        let row = sqlx::query(
+            "SELECT id, received_at_ms, kept_response FROM inbox_fingerprints \
+             WHERE source = $1 AND fingerprint = $2 FOR UPDATE",
+        )
+        .bind(&record.source)
+        .bind(&record.fingerprint)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let Some(row) = row else {
+            // Forgotten in between: try again from the start.
+            tx.rollback().await.map_err(backend)?;
+            return Err(StoreError::Backend("retry".into()));
+        };
+        let first_id: String = row.try_get("id").map_err(backend)?;
+        let kept: Option<String> = row.try_get("kept_response").map_err(backend)?;
+        let first = match kept {
+            Some(response) => {
+                let kept = KeptFingerprint {
+                    id: first_id.clone(),
+                    received_at_ms: ms(row.try_get("received_at_ms").map_err(backend)?),
+                    response: serde_json::from_str(&response).map_err(corrupt)?,
+                };
+                let first = kept.as_record(&record.source, &record.fingerprint);
+                if first_id == record.id {
+                    // This very delivery, expired but remembered by its body: a replay.
+                    tx.rollback().await.map_err(backend)?;
+                    return Ok(Some(Claim::Existing(first)));
+                }
+                first
+            }
+            None => self
+                .resolved(&mut *tx, &DeliveryKey::new(&record.source, &first_id))
+                .await?
+                .ok_or_else(|| corrupt("a fingerprint names a delivery that is gone"))?,
+        };
+        let mut alias = record.clone();
+        alias.alias_of = Some(first.id.clone());
+        alias.handlers = Vec::new();
+        alias.response = first.response.clone();
+        alias.lease_until_ms = None;
+        sqlx::query(
+            "UPDATE inbox_deliveries SET record = $3, alias_of = $4, body = '' \
+             WHERE source = $1 AND id = $2",
+        )
+        .bind(&record.source)
+        .bind(&record.id)
+        .bind(to_json(&alias))
+        .bind(&first.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        Ok(Some(Claim::BodyDuplicate(first)))
+    }
+
+    /// Reads a delivery's record under a row lock, lets `change` edit it, writes it back if
+    /// `change` says so; one transaction (the processed-mode lease operations).
+    async fn update_record<T>(
+        &self,
+        key: &DeliveryKey,
+        change: impl FnOnce(Option<&mut DeliveryRecord>) -> (T, bool),
+    ) -> Result<T, StoreError> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(
+            "SELECT record FROM inbox_deliveries WHERE source = $1 AND id = $2 FOR UPDATE",
+        )
+        .bind(&key.source)
+        .bind(&key.id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let mut record = match row {
+            Some(row) => Some(decode_record(
+                &row.try_get::<String, _>("record").map_err(backend)?,
+            )?),
+            None => None,
+        };
+        let (out, write) = change(record.as_mut());
+        if let (true, Some(record)) = (write, &record) {
+            sqlx::query("UPDATE inbox_deliveries SET record = $3 WHERE source = $1 AND id = $2")
+                .bind(&key.source)
+                .bind(&key.id)
+                .bind(to_json(record))
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+            tx.commit().await.map_err(backend)?;
+        } else {
+            tx.rollback().await.map_err(backend)?;
+        }
+        Ok(out)
+    }
+
+    /// The statuses of `keys`' deliveries, from their job rows.
+    async fn summaries(
+        &self,
+        records: Vec<DeliveryRecord>,
+    ) -> Result<Vec<DeliverySummary>, StoreError> {
+        let sources: Vec<&str> = records.iter().map(|r| r.source.as_str()).collect();
+        let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        let rows = sqlx::query(&format!(
+            "SELECT source, id, handler, {JOB_COLUMNS} FROM inbox_jobs \
+             WHERE (source, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
+        ))
+        .bind(&sources)
+        .bind(&ids)
+        .fetch_all(self.db()?)
+        .await
+        .map_err(backend)?;
+        let mut jobs: HashMap<(String, String, String), Option<JobState>> = HashMap::new();
+        for row in &rows {
+            let k = (
+                row.try_get("source").map_err(backend)?,
+                row.try_get("id").map_err(backend)?,
+                row.try_get("handler").map_err(backend)?,
+            );
+            jobs.insert(k, job_from_row(row)?);
+        }
+        Ok(records
+            .into_iter()
+            .map(|record| {
+                let states: Vec<Option<JobState>> = record
+                    .handlers
+                    .iter()
+                    .map(|h| {
+                        jobs.remove(&(record.source.clone(), record.id.clone(), h.clone()))
+                            .flatten()
+                    })
+                    .collect();
+                DeliverySummary {
+                    status: DeliveryStatus::of(&record, &states),
+                    record,
+                }
+            })
+            .collect())
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Writes a new delivery's job rows (queued on arrival when acknowledged) and announces
+/// them on commit.
+async fn insert_jobs(
+    tx: &mut Transaction<'static, Postgres>,
+    record: &DeliveryRecord,
+    enqueue: bool,
+) -> Result<(), StoreError> {
+    if record.handlers.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO inbox_jobs (source, id, handler, status, due_ms) \
+         SELECT $1, $2, h, 'pending', $4 FROM unnest($3::text[]) AS h",
+    )
+    .bind(&record.source)
+    .bind(&record.id)
+    .bind(&record.handlers)
+    .bind(enqueue.then(|| db_ms(record.received_at_ms)))
+    .execute(&mut **tx)
+    .await
+    .map_err(backend)?;
+    if enqueue {
+        notify_work(tx).await?;
+    }
+    Ok(())
+}
+
+/// Announces new due work to every replica's dispatcher (delivered on commit).
+async fn notify_work(tx: &mut Transaction<'static, Postgres>) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(WORK_CHANNEL)
+        .execute(&mut **tx)
+        .await
+        .map_err(backend)?;
+    Ok(())
+}
+
+/// Keeps a `LISTEN` open on [`WORK_CHANNEL`] and wakes the dispatcher on every
+/// notification; reconnects (after a pause) when the database goes away.
+async fn listen_for_work(pool: PgPool, work: Arc<Notify>) {
+    loop {
+        let listener = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(WORK_CHANNEL).await?;
+            // Anything announced while we were not listening: look now.
+            work.notify_one();
+            loop {
+                listener.recv().await?;
+                work.notify_one();
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), sqlx::Error>(())
+        };
+        if let Err(e) = listener.await {
+            tracing::debug!(error = %e, "listening for new work failed; dispatch polls until it is back");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// A sqlx error's text without anything that could be a URL.
+fn redact(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Configuration(inner) => {
+            let text = inner.to_string();
+            if text.contains("://") {
+                "invalid URL".into()
+            } else {
+                text
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The position of a listing cursor: received_at, source, id of the last row shown.
+fn encode_cursor(record: &DeliveryRecord) -> Cursor {
+    let mut bytes = record.received_at_ms.to_be_bytes().to_vec();
+    bytes.extend_from_slice(&record.key().encode());
+    Cursor::from_position(bytes)
+}
+
+fn decode_cursor(cursor: &Cursor) -> Option<(i64, String, String)> {
+    let bytes = cursor.position();
+    let (time, key) = bytes.split_at_checked(8)?;
+    let time = u64::from_be_bytes(time.try_into().ok()?);
+    let text = std::str::from_utf8(key).ok()?;
+    let (source, id) = text.split_once('\0')?;
+    Some((db_ms(time), source.to_owned(), id.to_owned()))
+}
+
+#[async_trait]
+impl DeliveryStore for PgStore {
+    async fn claim(&self, new: NewDelivery) -> Result<Claim, StoreError> {
+        let key = new.record().key();
+        // A claim that loses to a concurrent one reads the winner; should the winner be
+        // gone by then (expired in between), the claim is tried again.
+        for _ in 0..5 {
+            let outcome = if new.record().body_dedup {
+                match self.claim_dedup(&new).await {
+                    Err(StoreError::Backend(m)) if m == "retry" => continue,
+                    other => other?,
+                }
+            } else if self.claim_plain(&new).await? {
+                Some(Claim::New)
+            } else {
+                None
+            };
+            if let Some(claim) = outcome {
+                return Ok(claim);
+            }
+            if let Some(existing) = self.resolved(self.db()?, &key).await? {
+                return Ok(Claim::Existing(existing));
+            }
+        }
+        Err(StoreError::Backend(format!(
+            "postgres: the claim of {key} kept racing with its expiry"
+        )))
+    }
+
+    async fn record(&self, key: &DeliveryKey) -> Result<Option<DeliveryRecord>, StoreError> {
+        let row = sqlx::query("SELECT record FROM inbox_deliveries WHERE source = $1 AND id = $2")
+            .bind(&key.source)
+            .bind(&key.id)
+            .fetch_optional(self.db()?)
+            .await
+            .map_err(backend)?;
+        match row {
+            Some(row) => {
+                decode_record(&row.try_get::<String, _>("record").map_err(backend)?).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn body(&self, key: &DeliveryKey) -> Result<Option<Bytes>, StoreError> {
+        // An alias keeps no copy of the body it shares with its first delivery.
+        let row = sqlx::query(
+            "SELECT COALESCE(f.body, d.body) AS body FROM inbox_deliveries d \
+             LEFT JOIN inbox_deliveries f ON f.source = d.source AND f.id = d.alias_of \
+             WHERE d.source = $1 AND d.id = $2",
+        )
+        .bind(&key.source)
+        .bind(&key.id)
+        .fetch_optional(self.db()?)
+        .await
+        .map_err(backend)?;
+        match row {
+            Some(row) => Ok(Some(Bytes::from(
+                row.try_get::<Vec<u8>, _>("body").map_err(backend)?,
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    async fn job(&self, key: &JobKey) -> Result<Option<JobState>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM inbox_jobs WHERE source = $1 AND id = $2 AND handler = $3"
+        ))
+        .bind(&key.delivery.source)
+        .bind(&key.delivery.id)
+        .bind(&key.handler)
+        .fetch_optional(self.db()?)
+        .await
+        .map_err(backend)?;
+        match row {
+            Some(row) => job_from_row(&row),
+            None => Ok(None),
+        }
+    }
+
+    async fn due_jobs(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        skip: &HashSet<JobKey>,
+    ) -> Result<Vec<QueuedJob>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let now = db_ms(now_ms);
+        // Reserved for this replica, so that replicas reading the queue at once take
+        // different pairs; a pair another holder runs (or has reserved) is not due here.
+        let rows = sqlx::query(
+            "WITH c AS ( \
+                SELECT source, id, handler FROM inbox_jobs \
+                WHERE due_ms <= $1 AND (lease_until_ms IS NULL OR lease_until_ms <= $1 \
+                      OR (lease_owner = $3 AND status <> 'running')) \
+                ORDER BY due_ms LIMIT $2 FOR UPDATE SKIP LOCKED \
+             ) \
+             UPDATE inbox_jobs j SET lease_owner = $3, lease_until_ms = $4 FROM c \
+             WHERE j.source = c.source AND j.id = c.id AND j.handler = c.handler \
+             RETURNING j.source, j.id, j.handler, j.due_ms",
+        )
+        .bind(now)
+        .bind(i64::try_from(limit + skip.len()).unwrap_or(i64::MAX))
+        .bind(self.instance)
+        .bind(now.saturating_add(RESERVATION.as_millis() as i64))
+        .fetch_all(self.db()?)
+        .await
+        .map_err(backend)?;
+        let mut due = Vec::with_capacity(rows.len());
+        for row in rows {
+            let job = DeliveryKey::new(
+                row.try_get::<String, _>("source").map_err(backend)?,
+                row.try_get::<String, _>("id").map_err(backend)?,
+            )
+            .job(&row.try_get::<String, _>("handler").map_err(backend)?);
+            if skip.contains(&job) {
+                continue;
+            }
+            due.push(QueuedJob {
+                due_ms: ms(row.try_get("due_ms").map_err(backend)?),
+                job,
+            });
+        }
+        due.sort_by_key(|q| q.due_ms);
+        due.truncate(limit);
+        Ok(due)
+    }
+
+    async fn next_due_ms(&self, skip: &HashSet<JobKey>) -> Result<Option<u64>, StoreError> {
+        // A pair someone holds is due to the others when the hold lapses.
+        let rows = sqlx::query(
+            "SELECT source, id, handler, GREATEST(due_ms, COALESCE(lease_until_ms, 0)) AS at \
+             FROM inbox_jobs WHERE due_ms IS NOT NULL ORDER BY due_ms LIMIT $1",
+        )
+        .bind(i64::try_from(skip.len() + 64).unwrap_or(i64::MAX))
+        .fetch_all(self.db()?)
+        .await
+        .map_err(backend)?;
+        let mut next: Option<u64> = None;
+        for row in rows {
+            let job = DeliveryKey::new(
+                row.try_get::<String, _>("source").map_err(backend)?,
+                row.try_get::<String, _>("id").map_err(backend)?,
+            )
+            .job(&row.try_get::<String, _>("handler").map_err(backend)?);
+            if !skip.contains(&job) {
+                let at = ms(row.try_get("at").map_err(backend)?);
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+        Ok(next)
+    }
+
+    async fn begin_attempt(
+        &self,
+        job: &JobKey,
+        queued_due: Option<u64>,
+        now_ms: u64,
+        lease_until_ms: u64,
+    ) -> Result<Begin, StoreError> {
+        let now = db_ms(now_ms);
+        let queued = queued_due.map(db_ms);
+        // One check-and-set: started only if not final, still queued where the caller
+        // found it, and held by nobody else.
+        let row = sqlx::query(
+            "UPDATE inbox_jobs j SET status = 'running', attempts = j.attempts + 1, \
+                updated_ms = $4, lease_owner = $6, lease_until_ms = $7 \
+             FROM inbox_deliveries d \
+             WHERE j.source = $1 AND j.id = $2 AND j.handler = $3 \
+               AND d.source = j.source AND d.id = j.id \
+               AND j.status NOT IN ('succeeded', 'dead') \
+               AND ($5::bigint IS NULL OR j.due_ms = $5) \
+               AND NOT (COALESCE(j.lease_until_ms, 0) > $4 AND (j.status = 'running' OR j.lease_owner <> $6)) \
+             RETURNING j.attempts, j.retry_base, d.record, d.body",
+        )
+        .bind(&job.delivery.source)
+        .bind(&job.delivery.id)
+        .bind(&job.handler)
+        .bind(now)
+        .bind(queued)
+        .bind(self.instance)
+        .bind(db_ms(lease_until_ms))
+        .fetch_optional(self.db()?)
+        .await
+        .map_err(backend)?;
+        if let Some(row) = row {
+            let attempt = row.try_get::<i32, _>("attempts").map_err(backend)?.max(0) as u32;
+            let base = row.try_get::<i32, _>("retry_base").map_err(backend)?.max(0) as u32;
+            return Ok(Begin::Started(Box::new(AttemptContext {
+                record: decode_record(&row.try_get::<String, _>("record").map_err(backend)?)?,
+                body: Bytes::from(row.try_get::<Vec<u8>, _>("body").map_err(backend)?),
+                attempt,
+                attempts_in_round: attempt.saturating_sub(base),
+            })));
+        }
+        // Not started: busy (someone holds it) or nothing to run.
+        let row = sqlx::query(
+            "SELECT status, due_ms, lease_owner, lease_until_ms FROM inbox_jobs \
+             WHERE source = $1 AND id = $2 AND handler = $3",
+        )
+        .bind(&job.delivery.source)
+        .bind(&job.delivery.id)
+        .bind(&job.handler)
+        .fetch_optional(self.db()?)
+        .await
+        .map_err(backend)?;
+        let Some(row) = row else {
+            return Ok(Begin::Skipped);
+        };
+        let status = parse_status(&row.try_get::<String, _>("status").map_err(backend)?)?;
+        let due: Option<i64> = row.try_get("due_ms").map_err(backend)?;
+        let until: Option<i64> = row.try_get("lease_until_ms").map_err(backend)?;
+        let moved = queued.is_some() && due != queued;
+        if matches!(status, JobStatus::Succeeded | JobStatus::Dead) || moved {
+            return Ok(Begin::Skipped);
+        }
+        match until {
+            Some(until) if until > now => Ok(Begin::Busy {
+                until_ms: ms(until),
+            }),
+            // Changed between the two statements: let the next pass decide.
+            _ => Ok(Begin::Busy { until_ms: now_ms }),
+        }
+    }
+
+    async fn renew_job_lease(
+        &self,
+        job: &JobKey,
+        attempt: u32,
+        lease_until_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE inbox_jobs SET lease_owner = $5, lease_until_ms = $6 \
+             WHERE source = $1 AND id = $2 AND handler = $3 \
+               AND status = 'running' AND attempts = $4",
+        )
+        .bind(&job.delivery.source)
+        .bind(&job.delivery.id)
+        .bind(&job.handler)
+        .bind(i32::try_from(attempt).unwrap_or(i32::MAX))
+        .bind(self.instance)
+        .bind(db_ms(lease_until_ms))
+        .execute(self.db()?)
+        .await
+        .map_err(backend)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn finish_attempt(
+        &self,
+        job: &JobKey,
+        attempt: u32,
+        outcome: AttemptOutcome,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        // A success is recorded whichever attempt it came from; any other outcome only
+        // from the current attempt. A pair that succeeded stays succeeded.
+        let pair = |sql| {
+            sqlx::query(sql)
+                .bind(&job.delivery.source)
+                .bind(&job.delivery.id)
+                .bind(&job.handler)
+                .bind(db_ms(now_ms))
+        };
+        let attempt = i32::try_from(attempt).unwrap_or(i32::MAX);
+        let query = match &outcome {
+            AttemptOutcome::Succeeded => pair(
+                "UPDATE inbox_jobs SET status = 'succeeded', due_ms = NULL, \
+                    lease_owner = NULL, lease_until_ms = NULL, updated_ms = $4 \
+                 WHERE source = $1 AND id = $2 AND handler = $3 AND status <> 'succeeded'",
+            ),
+            AttemptOutcome::Dead { error } => pair(
+                "UPDATE inbox_jobs SET status = 'dead', due_ms = NULL, last_error = $6, \
+                    lease_owner = NULL, lease_until_ms = NULL, updated_ms = $4 \
+                 WHERE source = $1 AND id = $2 AND handler = $3 AND status <> 'succeeded' \
+                   AND attempts = $5",
+            )
+            .bind(attempt)
+            .bind(error),
+            AttemptOutcome::RetryAt { due_ms, error } => pair(
+                "UPDATE inbox_jobs SET status = 'failed', due_ms = $7, last_error = $6, \
+                    lease_owner = NULL, lease_until_ms = NULL, updated_ms = $4 \
+                 WHERE source = $1 AND id = $2 AND handler = $3 AND status <> 'succeeded' \
+                   AND attempts = $5",
+            )
+            .bind(attempt)
+            .bind(error)
+            .bind(db_ms(*due_ms)),
+            // Processed mode: the sender's retry runs it again; a queue entry an operator
+            // retry added stays.
+            AttemptOutcome::Failed { error } => pair(
+                "UPDATE inbox_jobs SET status = 'failed', last_error = $6, \
+                    lease_owner = NULL, lease_until_ms = NULL, updated_ms = $4 \
+                 WHERE source = $1 AND id = $2 AND handler = $3 AND status <> 'succeeded' \
+                   AND attempts = $5",
+            )
+            .bind(attempt)
+            .bind(error),
+        };
+        query.execute(self.db()?).await.map_err(backend)?;
+        Ok(())
+    }
+
+    async fn take_over(
+        &self,
+        key: &DeliveryKey,
+        now_ms: u64,
+        lease_until_ms: u64,
+    ) -> Result<TakeOver, StoreError> {
+        self.update_record(key, |record| {
+            let Some(record) = record else {
+                return (
+                    Err(StoreError::Corrupt(
+                        "record vanished during take-over".into(),
+                    )),
+                    false,
+                );
+            };
+            if record.response.is_some() {
+                return (Ok(TakeOver::Final(record.clone())), false);
+            }
+            if let Some(until_ms) = record.lease_until_ms
+                && until_ms > now_ms
+            {
+                return (Ok(TakeOver::Held { until_ms }), false);
+            }
+            record.lease_until_ms = Some(lease_until_ms);
+            (Ok(TakeOver::Acquired(record.clone())), true)
+        })
+        .await?
+    }
+
+    async fn renew_lease(
+        &self,
+        key: &DeliveryKey,
+        lease_until_ms: u64,
+    ) -> Result<bool, StoreError> {
+        self.update_record(key, |record| match record {
+            Some(record) if record.response.is_none() => {
+                record.lease_until_ms = Some(lease_until_ms);
+                (true, true)
+            }
+            _ => (false, false),
+        })
+        .await
+    }
+
+    async fn release(
+        &self,
+        key: &DeliveryKey,
+        response: Option<StoredResponse>,
+    ) -> Result<(), StoreError> {
+        self.update_record(key, |record| match record {
+            Some(record) => {
+                record.lease_until_ms = None;
+                if response.is_some() {
+                    record.response = response;
+                }
+                ((), true)
+            }
+            None => ((), false),
+        })
+        .await
+    }
+
+    async fn expire(&self, cutoff_ms: u64, limit: usize) -> Result<Expired, StoreError> {
+        let now = db_ms(crate::clock::Clock::System.now_ms().max(cutoff_ms));
+        let mut tx = self.begin().await?;
+        let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(RETENTION_LOCK)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend)?;
+        if !mine {
+            // Another replica is sweeping.
+            tx.rollback().await.map_err(backend)?;
+            return Ok(Expired::default());
+        }
+        let from = self
+            .sweep_from
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or((i64::MIN, String::new(), String::new()));
+        // Locked, so that an operator retry or a take-over waits for this sweep (and then
+        // finds nothing) or this sweep passes them by.
+        let rows = sqlx::query(
+            "SELECT source, id, received_at_ms, record FROM inbox_deliveries \
+             WHERE received_at_ms < $1 AND (received_at_ms, source, id) > ($2, $3, $4) \
+             ORDER BY received_at_ms, source, id LIMIT $5 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(db_ms(cutoff_ms))
+        .bind(from.0)
+        .bind(&from.1)
+        .bind(&from.2)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let mut candidates = Vec::with_capacity(rows.len());
+        for row in &rows {
+            candidates.push(decode_record(
+                &row.try_get::<String, _>("record").map_err(backend)?,
+            )?);
+        }
+        let sources: Vec<&str> = candidates.iter().map(|r| r.source.as_str()).collect();
+        let ids: Vec<&str> = candidates.iter().map(|r| r.id.as_str()).collect();
+        // A delivery with a handler still due or running is kept (invariant 2).
+        let busy: HashSet<(String, String)> = sqlx::query(
+            "SELECT DISTINCT source, id FROM inbox_jobs \
+             WHERE (source, id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
+               AND status NOT IN ('succeeded', 'dead') \
+               AND (due_ms IS NOT NULL OR (status = 'running' AND COALESCE(lease_until_ms, 0) > $3))",
+        )
+        .bind(&sources)
+        .bind(&ids)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend)?
+        .iter()
+        .map(|r| Ok((r.try_get("source")?, r.try_get("id")?)))
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(backend)?;
+        let (keep, remove): (Vec<&DeliveryRecord>, Vec<&DeliveryRecord>) = candidates
+            .iter()
+            .partition(|r| busy.contains(&(r.source.clone(), r.id.clone())));
+        for record in remove
+            .iter()
+            .filter(|r| r.body_dedup && r.alias_of.is_none())
+        {
+            // The fingerprint outlives the delivery (`fingerprint_retention`) with its first
+            // answer, so a captured request is still answered as the replay it is.
+            match &record.response {
+                Some(response) => sqlx::query(
+                    "UPDATE inbox_fingerprints SET kept_response = $4 \
+                     WHERE source = $1 AND fingerprint = $2 AND id = $3 AND kept_response IS NULL",
+                )
+                .bind(&record.source)
+                .bind(&record.fingerprint)
+                .bind(&record.id)
+                .bind(to_json(response)),
+                None => sqlx::query(
+                    "DELETE FROM inbox_fingerprints \
+                     WHERE source = $1 AND fingerprint = $2 AND id = $3 AND kept_response IS NULL",
+                )
+                .bind(&record.source)
+                .bind(&record.fingerprint)
+                .bind(&record.id),
+            }
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        }
+        let gone_sources: Vec<&str> = remove.iter().map(|r| r.source.as_str()).collect();
+        let gone_ids: Vec<&str> = remove.iter().map(|r| r.id.as_str()).collect();
+        // Their job rows go with them (ON DELETE CASCADE).
+        sqlx::query(
+            "DELETE FROM inbox_deliveries \
+             WHERE (source, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+        )
+        .bind(&gone_sources)
+        .bind(&gone_ids)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        *self.sweep_from.lock().unwrap_or_else(|p| p.into_inner()) = match candidates.last() {
+            Some(last) if candidates.len() == limit => Some((
+                db_ms(last.received_at_ms),
+                last.source.clone(),
+                last.id.clone(),
+            )),
+            // The end of what has expired: the next pass starts from the front again.
+            _ => None,
+        };
+        Ok(Expired {
+            removed: remove.len(),
+            kept: keep.len(),
+            examined: candidates.len(),
+        })
+    }
+
+    async fn expire_fingerprints(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let done = sqlx::query(
+            "WITH c AS ( \
+                SELECT source, fingerprint FROM inbox_fingerprints \
+                WHERE kept_response IS NOT NULL AND received_at_ms < $1 \
+                ORDER BY received_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED \
+             ) \
+             DELETE FROM inbox_fingerprints f USING c \
+             WHERE f.source = c.source AND f.fingerprint = c.fingerprint",
+        )
+        .bind(db_ms(cutoff_ms))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .execute(self.db()?)
+        .await
+        .map_err(backend)?;
+        Ok(done.rows_affected() as usize)
+    }
+
+    async fn list(
+        &self,
+        source: Option<&str>,
+        status: Option<DeliveryStatus>,
+        limit: usize,
+        cursor: Option<&Cursor>,
+    ) -> Result<Page, StoreError> {
+        let mut before = match cursor {
+            Some(c) => decode_cursor(c),
+            None => None,
+        }
+        .unwrap_or((i64::MAX, String::new(), String::new()));
+        let mut deliveries = Vec::new();
+        let mut examined = 0;
+        loop {
+            let chunk = if status.is_some() {
+                LIST_CHUNK
+            } else {
+                i64::try_from(limit - deliveries.len()).unwrap_or(LIST_CHUNK)
+            };
+            let rows = sqlx::query(
+                "SELECT record FROM inbox_deliveries \
+                 WHERE ($1::text IS NULL OR source = $1) \
+                   AND (received_at_ms, source, id) < ($2, $3, $4) \
+                 ORDER BY received_at_ms DESC, source DESC, id DESC LIMIT $5",
+            )
+            .bind(source)
+            .bind(before.0)
+            .bind(&before.1)
+            .bind(&before.2)
+            .bind(chunk)
+            .fetch_all(self.db()?)
+            .await
+            .map_err(backend)?;
+            let fetched = rows.len();
+            let mut records = Vec::with_capacity(fetched);
+            for row in rows {
+                records.push(decode_record(
+                    &row.try_get::<String, _>("record").map_err(backend)?,
+                )?);
+            }
+            for summary in self.summaries(records).await? {
+                examined += 1;
+                before = (
+                    db_ms(summary.record.received_at_ms),
+                    summary.record.source.clone(),
+                    summary.record.id.clone(),
+                );
+                if status.is_none_or(|s| s == summary.status) {
+                    deliveries.push(summary);
+                    if deliveries.len() == limit {
+                        let next = deliveries.last().map(|d| encode_cursor(&d.record));
+                        return Ok(Page { deliveries, next });
+                    }
+                }
+            }
+            if (fetched as i64) < chunk {
+                return Ok(Page {
+                    deliveries,
+                    next: None,
+                });
+            }
+            if examined >= LIST_SCAN_LIMIT {
+                // A page may stop short of `limit` (with a cursor to go on) rather than read
+                // the whole store for a filter that matches little.
+                let mut position = ms(before.0).to_be_bytes().to_vec();
+                position.extend_from_slice(&DeliveryKey::new(&before.1, &before.2).encode());
+                return Ok(Page {
+                    deliveries,
+                    next: Some(Cursor::from_position(position)),
+                });
+            }
+        }
+    }
+
+    async fn retry(&self, key: &DeliveryKey, now_ms: u64) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.begin().await?;
+        // The delivery's row lock: retention cannot remove it under this retry.
+        let row = sqlx::query(
+            "SELECT record FROM inbox_deliveries WHERE source = $1 AND id = $2 FOR SHARE",
+        )
+        .bind(&key.source)
+        .bind(&key.id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let Some(row) = row else {
+            return Ok(Vec::new());
+        };
+        let record = decode_record(&row.try_get::<String, _>("record").map_err(backend)?)?;
+        let requeued: Vec<String> = sqlx::query_scalar(&format!(
+            "UPDATE inbox_jobs SET {REQUEUE} \
+             WHERE source = $1 AND id = $2 AND handler = ANY($3) AND status <> 'succeeded' \
+               AND NOT (status = 'running' AND COALESCE(lease_until_ms, 0) > $4) \
+             RETURNING handler"
+        ))
+        .bind(&key.source)
+        .bind(&key.id)
+        .bind(&record.handlers)
+        .bind(db_ms(now_ms))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend)?;
+        if !requeued.is_empty() {
+            notify_work(&mut tx).await?;
+        }
+        tx.commit().await.map_err(backend)?;
+        // In the record's order.
+        Ok(record
+            .handlers
+            .into_iter()
+            .filter(|h| requeued.contains(h))
+            .collect())
+    }
+
+    async fn retry_all(&self, filter: &RetryFilter, now_ms: u64) -> Result<usize, StoreError> {
+        let mut tx = self.begin().await?;
+        let requeued = sqlx::query(&format!(
+            "WITH c AS ( \
+                SELECT j.source, j.id, j.handler FROM inbox_jobs j \
+                JOIN inbox_deliveries d ON d.source = j.source AND d.id = j.id \
+                WHERE j.status = $1 AND ($2::text IS NULL OR j.source = $2) \
+                  AND ($3::text IS NULL OR j.handler = $3) \
+                  AND ($5::bigint IS NULL OR d.received_at_ms >= $5) \
+                  AND ($6::bigint IS NULL OR d.received_at_ms < $6) \
+                FOR SHARE OF d FOR UPDATE OF j \
+             ) \
+             UPDATE inbox_jobs SET {REQUEUE} FROM c \
+             WHERE inbox_jobs.source = c.source AND inbox_jobs.id = c.id \
+               AND inbox_jobs.handler = c.handler AND inbox_jobs.status = $1"
+        ))
+        .bind(status_name(filter.status))
+        .bind(filter.source.as_deref())
+        .bind(filter.handler.as_deref())
+        .bind(db_ms(now_ms))
+        .bind(filter.since_ms.map(db_ms))
+        .bind(filter.until_ms.map(db_ms))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?
+        .rows_affected();
+        if requeued > 0 {
+            notify_work(&mut tx).await?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(requeued as usize)
+    }
+
+    async fn queue_depth(&self) -> Result<usize, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox_jobs WHERE due_ms IS NOT NULL")
+            .fetch_one(self.db()?)
+            .await
+            .map_err(backend)?;
+        Ok(n as usize)
+    }
+
+    async fn dead_letters(&self) -> Result<usize, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox_jobs WHERE status = 'dead'")
+            .fetch_one(self.db()?)
+            .await
+            .map_err(backend)?;
+        Ok(n as usize)
+    }
+
+    async fn is_healthy(&self) -> bool {
+        let Ok(db) = self.db() else { return false };
+        sqlx::query("SELECT 1").execute(db).await.is_ok()
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        // Every acknowledged write was committed; there is nothing to flush.
+        Ok(())
+    }
+
+    fn work_signal(&self) -> Option<Arc<Notify>> {
+        Some(self.work.clone())
+    }
+}
+
+/// An operator retry of one pair, as an `UPDATE … SET` list (`$4` is now): due now, with a
+/// fresh `max_attempts` if it failed or died, any hold released.
+const REQUEUE: &str = "retry_base = CASE WHEN status IN ('failed', 'dead') THEN attempts ELSE retry_base END, \
+     status = CASE WHEN status = 'pending' THEN 'pending' ELSE 'failed' END, \
+     lease_owner = NULL, lease_until_ms = NULL, updated_ms = $4, due_ms = $4";
