@@ -72,6 +72,13 @@ pub enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
+    /// Bring the PostgreSQL schema up to date (`storage.backend = "postgres"`); `serve`
+    /// also does this at start.
+    Migrate {
+        /// The configuration file.
+        #[command(flatten)]
+        config: ConfigPath,
+    },
     /// Print the headers and body a sender would send for a fixture, signed now.
     Sign {
         /// The configuration file.
@@ -94,6 +101,16 @@ pub enum StoreCommand {
         /// Repair: put back missing queue entries, remove leftovers.
         #[arg(long)]
         repair: bool,
+    },
+    /// Copy every delivery, job state and the dedup window of a stopped server's sled store
+    /// into the PostgreSQL database of another config; run again to finish a cut-short copy.
+    Copy {
+        /// The config whose store is read (sled).
+        #[arg(long, value_name = "OLD.toml")]
+        from: PathBuf,
+        /// The config whose store is written (postgres).
+        #[arg(long, value_name = "NEW.toml")]
+        to: PathBuf,
     },
 }
 
@@ -249,7 +266,11 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Deliveries { command } => deliveries(command).await,
         Command::Store {
             command: StoreCommand::Check { config, repair },
-        } => store_check(&config, repair),
+        } => store_check(&config, repair).await,
+        Command::Store {
+            command: StoreCommand::Copy { from, to },
+        } => store_copy(&from, &to).await,
+        Command::Migrate { config } => migrate(&config).await,
         Command::Sign { config, fixture } => {
             match load(&config)
                 .map_err(CliError::from)
@@ -403,11 +424,25 @@ async fn deliveries(command: DeliveriesCommand) -> ExitCode {
 
 /// `store check [--repair]`: exit 0 when nothing breaks an invariant (after the repair,
 /// with `--repair`), 1 when something does, 2 when the store cannot be read.
-fn store_check(path: &std::path::Path, repair: bool) -> ExitCode {
+async fn store_check(path: &std::path::Path, repair: bool) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
+    let now = crate::clock::Clock::System.now_ms();
+    if config.storage.backend == crate::config::Backend::Postgres {
+        let report = match postgres_of(&config).await {
+            Ok(store) => store.check(repair, now).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        return match report {
+            Ok(report) => print_check(&report, repair),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let options = crate::store::SledOptions {
         repair_on_open: false,
         ..Default::default()
@@ -424,13 +459,17 @@ fn store_check(path: &std::path::Path, repair: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let report = match store.check(repair, crate::clock::Clock::System.now_ms()) {
-        Ok(r) => r,
+    match store.check(repair, now) {
+        Ok(report) => print_check(&report, repair),
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(2);
+            ExitCode::from(2)
         }
-    };
+    }
+}
+
+/// Prints a check's findings; exit 1 if something breaks an invariant and was not repaired.
+fn print_check(report: &crate::store::CheckReport, repair: bool) -> ExitCode {
     for v in &report.violations {
         println!("violation: {v}");
     }
@@ -448,6 +487,99 @@ fn store_check(path: &std::path::Path, repair: bool) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+/// The PostgreSQL store of a config, connected and migrated, for the commands that need one
+/// now (unlike `serve`, which waits for the database).
+async fn postgres_of(config: &Config) -> Result<crate::store::PgStore, String> {
+    use crate::config::Backend;
+    if config.storage.backend != Backend::Postgres {
+        return Err(format!(
+            "{}: storage.backend is not \"postgres\"",
+            config.file
+        ));
+    }
+    let env = |k: &str| std::env::var(k).ok();
+    let store = crate::store::PgStore::from_config(config, &env).map_err(|e| e.to_string())?;
+    store
+        .wait_ready(std::time::Duration::from_secs(30))
+        .await
+        .map_err(|e| format!("{e} (see the log above)"))?;
+    Ok(store)
+}
+
+/// `migrate`: exit 0 once the schema is current.
+async fn migrate(path: &std::path::Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let env = |k: &str| std::env::var(k).ok();
+    let url = match config.postgres_url(&env) {
+        Ok(url) => url,
+        Err(e) => return fail(e),
+    };
+    let options = match crate::store::PgStore::options(&url, config.storage.durability) {
+        Ok(o) => o,
+        Err(e) => return fail(format!("{}: {e}", config.postgres_url_key())),
+    };
+    let pool = match sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect_with(options)
+        .await
+    {
+        Ok(pool) => pool,
+        Err(e) => return fail(format!("connecting to the database: {e}")),
+    };
+    match crate::store::postgres::migrate(&pool).await {
+        Ok(ran) => {
+            println!("{ran} migration(s) applied; the schema is current");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!("migrating: {e}")),
+    }
+}
+
+/// `store copy --from OLD.toml --to NEW.toml`: sled into PostgreSQL.
+async fn store_copy(from: &std::path::Path, to: &std::path::Path) -> ExitCode {
+    let (from, to) = match (load(from), load(to)) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(e), _) | (_, Err(e)) => return fail(e),
+    };
+    if from.storage.backend != crate::config::Backend::Sled {
+        return fail(format!(
+            "{}: store copy reads a sled store (storage.backend = \"sled\")",
+            from.file
+        ));
+    }
+    let options = crate::store::SledOptions {
+        repair_on_open: true,
+        ..Default::default()
+    };
+    let source = match crate::store::SledStore::open_with(
+        &from.storage.path,
+        from.storage.durability,
+        from.storage.cache_capacity,
+        options,
+    ) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("{}: {e}", from.storage.path.display())),
+    };
+    let target = match postgres_of(&to).await {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    match crate::store::copy::sled_to_postgres(&source, &target).await {
+        Ok(report) => {
+            println!(
+                "copied {} deliveries and {} kept fingerprints ({} written, the rest were already there)",
+                report.deliveries, report.fingerprints, report.written
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!("copying: {e}")),
     }
 }
 

@@ -593,6 +593,14 @@ macro_rules! binding_of {
 binding_of!(LogHandlerConfig, CommandHandlerConfig, HttpHandlerConfig);
 
 impl Config {
+    /// The key the PostgreSQL URL comes from, as error messages name it.
+    pub fn postgres_url_key(&self) -> String {
+        match &self.storage.postgres_url_env {
+            Some(var) => format!("storage.postgres_url_env ({var})"),
+            None => "storage.postgres_url".to_owned(),
+        }
+    }
+
     /// The PostgreSQL URL: `storage.postgres_url`, or the value of the variable that
     /// `storage.postgres_url_env` names (read through `env`). The error names the key, never
     /// the URL (it may hold a password).

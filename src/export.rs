@@ -38,8 +38,9 @@ pub async fn fixture_of(
     Ok(Some(Fixture::from_record(&record, &body, source.as_ref())))
 }
 
-/// Opens `storage.path` directly (the server must be stopped: sled allows one process) and
-/// returns the fixture as pretty JSON.
+/// Opens the config's store directly and returns the fixture as pretty JSON: sled at
+/// `storage.path` (the server must be stopped: sled allows one process), or the PostgreSQL
+/// database (servers may run).
 pub async fn export_from_data_dir(
     config: &Config,
     source: &str,
@@ -49,9 +50,23 @@ pub async fn export_from_data_dir(
         path: config.storage.path.clone(),
         source,
     };
-    let store = SledStore::open(&config.storage.path, config.storage.durability, 16 << 20)
-        .map_err(store_error)?;
-    let fixture = fixture_of(&store, config, source, id)
+    let store: Box<dyn DeliveryStore> = match config.storage.backend {
+        crate::config::Backend::Sled => Box::new(
+            SledStore::open(&config.storage.path, config.storage.durability, 16 << 20)
+                .map_err(store_error)?,
+        ),
+        crate::config::Backend::Postgres => {
+            let env = |k: &str| std::env::var(k).ok();
+            let store = crate::store::PgStore::from_config(config, &env)
+                .map_err(|e| store_error(StoreError::Backend(e.to_string())))?;
+            store
+                .wait_ready(std::time::Duration::from_secs(30))
+                .await
+                .map_err(store_error)?;
+            Box::new(store)
+        }
+    };
+    let fixture = fixture_of(&*store, config, source, id)
         .await
         .map_err(store_error)?
         .ok_or_else(|| ExportError::NotFound(DeliveryKey::new(source, id)))?;

@@ -17,12 +17,12 @@ use actix_web::{App, HttpServer, web};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::config::{Config, ConfigError};
+use crate::config::{Backend, Config, ConfigError};
 use crate::dispatch::{Dispatcher, Runner};
 use crate::handlers::{HandlerRegistry, Registration};
 use crate::ingest::Ingest;
 use crate::routes;
-use crate::store::{DeliveryStore, SledStore, StoreError};
+use crate::store::{DeliveryStore, PgStore, SledStore, StoreError};
 use crate::verify::Source;
 
 /// Why the service could not start.
@@ -132,6 +132,15 @@ impl ApplicationBuilder {
     pub fn validate(&self) -> Result<(), StartupError> {
         self.sources()?;
         self.registry()?;
+        if self.config.storage.backend == Backend::Postgres {
+            let url = self.config.postgres_url(&*self.env)?;
+            PgStore::options(&url, self.config.storage.durability).map_err(|e| {
+                ConfigError::new(
+                    &self.config.file,
+                    format!("{}: {e}", self.config.postgres_url_key()),
+                )
+            })?;
+        }
         Ok(())
     }
 
@@ -162,6 +171,11 @@ impl ApplicationBuilder {
         }
         let store: Arc<dyn DeliveryStore> = match self.store {
             Some(s) => s,
+            // Not connected yet: an unreachable database is not a start-up failure (the
+            // store keeps trying, and `/readyz` says 503 meanwhile).
+            None if config.storage.backend == Backend::Postgres => {
+                Arc::new(PgStore::from_config(&config, &*self.env)?)
+            }
             None => {
                 let sled = SledStore::open(
                     &config.storage.path,

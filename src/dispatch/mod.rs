@@ -47,6 +47,10 @@ pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
 /// of it while the handler runs, so a long handler keeps it.
 pub const RUN_LEASE: Duration = Duration::from_secs(30);
 
+/// With a store other processes share: how often the queue is read even without a notice
+/// of new work.
+pub const SHARED_STORE_POLL: Duration = Duration::from_secs(5);
+
 /// How one run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunResult {
@@ -252,6 +256,18 @@ impl Dispatcher {
         // Pairs another runner holds (an inline processed-mode run), left alone until
         // their lease ends: their queue entry stays, so nothing is lost by waiting.
         let mut deferred: HashMap<JobKey, u64> = HashMap::new();
+        // Other processes sharing the store announce their work; a notice can be lost (the
+        // listening connection drops), so then the queue is also looked at every so often.
+        let shared = self.runner.store.work_signal();
+        let poll = if shared.is_some() {
+            SHARED_STORE_POLL
+        } else {
+            Duration::from_secs(3600)
+        };
+        let announced = async || match &shared {
+            Some(signal) => signal.notified().await,
+            None => std::future::pending().await,
+        };
         loop {
             let now = self.runner.clock.now_ms();
             deferred.retain(|_, until| *until > now);
@@ -291,20 +307,21 @@ impl Dispatcher {
             let wait = if store_failed {
                 Duration::from_secs(1)
             } else if running.len() >= concurrency {
-                Duration::from_secs(3600)
+                poll
             } else {
                 let next = match self.runner.store.next_due_ms(&skip).await {
                     Ok(next) => next,
                     Err(_) => Some(now + 1000),
                 };
                 match next.into_iter().chain(first_deferred).min() {
-                    Some(ms) => self.runner.clock.until_ms(ms),
-                    None => Duration::from_secs(3600),
+                    Some(ms) => self.runner.clock.until_ms(ms).min(poll),
+                    None => poll,
                 }
             };
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = self.wake.notified() => {}
+                () = announced() => {}
                 Some(done) = running.join_next_with_id(), if !running.is_empty() => {
                     let id = match done {
                         Ok((id, busy)) => {

@@ -16,6 +16,7 @@
 //! returns only once it is on disk (see [`group_commit`]), so an acknowledgement implies a
 //! record that survives a power loss.
 
+pub mod copy;
 pub mod group_commit;
 pub mod postgres;
 mod sled;
@@ -29,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use postgres::PgStore;
-pub use sled::{FlushHook, Op, SledOptions, SledStore, StoreProbe};
+pub use sled::{ExportPosition, FlushHook, Op, SledOptions, SledStore, StoreProbe};
 
 use crate::verify::{AuthenticatedDelivery, Headers};
 
@@ -427,6 +428,30 @@ impl KeptFingerprint {
             alias_of: None,
         }
     }
+}
+
+/// One thing a store holds, as `store copy` moves it between backends.
+#[derive(Debug, Clone)]
+pub enum StoredItem {
+    /// A delivery (or an alias made by body dedup), its body and every handler's state
+    /// (`None`: pending, never run).
+    Delivery {
+        /// The record.
+        record: DeliveryRecord,
+        /// The raw body (empty for an alias).
+        body: Bytes,
+        /// `(handler, state)` for each of `record.handlers`.
+        jobs: Vec<(String, Option<JobState>)>,
+    },
+    /// A body fingerprint kept past its delivery.
+    Fingerprint {
+        /// The source.
+        source: String,
+        /// Hex SHA-256 of the body.
+        fingerprint: String,
+        /// What is remembered.
+        kept: KeptFingerprint,
+    },
 }
 
 /// The result of trying to take over an unfinished `ack = "processed"` delivery.

@@ -497,10 +497,13 @@ async fn metrics_parse_as_prometheus_text_and_counters_move() {
         ) >= 1.0,
         "{text}"
     );
-    assert!(
-        value(&after, "webhook_inbox_store_flush_seconds_count", &[]) >= 1.0,
-        "{text}"
-    );
+    if crate::helpers::backend_under_test().is_none() {
+        // sled's group commits (PostgreSQL commits are the database's own).
+        assert!(
+            value(&after, "webhook_inbox_store_flush_seconds_count", &[]) >= 1.0,
+            "{text}"
+        );
+    }
     assert!(
         text.contains("webhook_inbox_queue_depth") && text.contains("webhook_inbox_dead_letters")
     );

@@ -91,7 +91,7 @@ async fn a_stored_delivery_exported_and_replayed_on_a_fresh_server_has_the_same_
     let original = recorder.runs()[0].clone();
 
     // Export it from the stopped server's data directory, as `deliveries export` does.
-    let store = open_store_at(&config.storage.path, config.storage.durability, None).await;
+    let store = crate::helpers::reopen_store(&dir, &config).await;
     let exported =
         webhook_inbox::export::fixture_of(&*store, &config, &original.source, &original.id)
             .await

@@ -90,6 +90,8 @@ pub struct Options {
     pub tolerance: &'static str,
     /// The admin bearer token (None: admin API disabled).
     pub admin_token: Option<&'static str>,
+    /// The test is about sled itself: sled even when the suite runs against PostgreSQL.
+    pub sled_only: bool,
 }
 
 impl Default for Options {
@@ -108,6 +110,7 @@ impl Default for Options {
             fingerprint_retention: None,
             tolerance: "5m",
             admin_token: None,
+            sled_only: false,
         }
     }
 }
@@ -187,7 +190,15 @@ pub async fn spawn_with(o: Options) -> TestApp {
     let recorder = Registration::new("recorder", o.recorder.clone()).source("credicorp");
     let mut handlers = vec![recorder];
     handlers.extend(o.handlers);
-    spawn_config_with_token(config, dir, o.store, handlers, o.recorder, o.admin_token).await
+    let store = match o.store {
+        Some(store) => Some(store),
+        None if o.sled_only => Some(
+            open_store_at(&config.storage.path, config.storage.durability, None).await
+                as Arc<dyn DeliveryStore>,
+        ),
+        None => None,
+    };
+    spawn_config_with_token(config, dir, store, handlers, o.recorder, o.admin_token).await
 }
 
 /// Spawns the app on an already-built config (its listen addresses and storage path are
@@ -220,9 +231,10 @@ async fn spawn_config_with_token(
     for h in handlers {
         builder = builder.handler(h);
     }
-    builder = match store {
-        Some(store) => builder.store(store),
-        None => builder
+    builder = match (store, backend_under_test()) {
+        (Some(store), _) => builder.store(store),
+        (None, Some(url)) => builder.store(postgres_store_for(&dir, &url).await),
+        (None, None) => builder
             .sled_store(open_store_at(&config.storage.path, config.storage.durability, None).await),
     };
     let app = builder.build().await.expect("app builds");
@@ -548,6 +560,50 @@ fn rand_u64() -> u64 {
             .unwrap_or(0),
     );
     h.finish()
+}
+
+/// With `WEBHOOK_INBOX_TEST_BACKEND=postgres` (and a test server), the app every HTTP test
+/// spawns keeps its deliveries in PostgreSQL instead of sled: `.ci/run` runs the suite once
+/// per backend. Tests about sled itself pass their own store.
+pub fn backend_under_test() -> Option<String> {
+    match std::env::var("WEBHOOK_INBOX_TEST_BACKEND").as_deref() {
+        Ok("postgres") => {
+            Some(std::env::var("WEBHOOK_INBOX_TEST_POSTGRES_URL").expect(
+                "WEBHOOK_INBOX_TEST_BACKEND=postgres needs WEBHOOK_INBOX_TEST_POSTGRES_URL",
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// The PostgreSQL store of a test's data directory: a fresh schema the first time, the same
+/// one when the test restarts the app on that directory.
+pub async fn postgres_store_for(dir: &TempDir, url: &str) -> Arc<webhook_inbox::store::PgStore> {
+    let marker = dir.path().join("postgres-url");
+    let url = match std::fs::read_to_string(&marker) {
+        Ok(url) => url,
+        Err(_) => {
+            let url = fresh_postgres_schema(url).await;
+            std::fs::write(&marker, &url).expect("write marker");
+            url
+        }
+    };
+    let store =
+        webhook_inbox::store::PgStore::connect(&url, 8, Durability::Fsync).expect("valid URL");
+    store
+        .wait_ready(Duration::from_secs(30))
+        .await
+        .expect("migrations run");
+    Arc::new(store)
+}
+
+/// The store a test app on `dir` used, opened again (the app stopped): sled at the config's
+/// path, or the PostgreSQL schema of that directory.
+pub async fn reopen_store(dir: &TempDir, config: &Config) -> Arc<dyn DeliveryStore> {
+    match backend_under_test() {
+        Some(url) => postgres_store_for(dir, &url).await,
+        None => open_store_at(&config.storage.path, config.storage.durability, None).await,
+    }
 }
 
 /// A PostgreSQL store in a fresh schema, ready.

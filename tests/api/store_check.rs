@@ -140,6 +140,7 @@ async fn store_check_lists_a_lost_delivery_and_repair_puts_it_back() {
 
     // The repaired delivery runs its handler once the server starts.
     let app = spawn_with(Options {
+        sled_only: true,
         dir: Some(std::sync::Arc::new(dir)),
         ..Options::default()
     })
@@ -158,6 +159,7 @@ async fn a_starting_server_puts_back_what_the_store_lost() {
     let dir = tempfile::TempDir::new().expect("dir");
     damaged_store(dir.path()).await;
     let app = spawn_with(Options {
+        sled_only: true,
         dir: Some(std::sync::Arc::new(dir)),
         ..Options::default()
     })
@@ -202,7 +204,11 @@ async fn an_operator_retry_requeues_a_pair_that_never_ran() {
 /// A data directory a running server holds is refused with a clear error; nothing changes.
 #[tokio::test]
 async fn store_check_refuses_a_store_in_use() {
-    let app = spawn_with(Options::default()).await;
+    let app = spawn_with(Options {
+        sled_only: true,
+        ..Options::default()
+    })
+    .await;
     let config = config_file(app.dir.path());
     let out = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
         .args(["store", "check", "--repair", "--config"])

@@ -36,6 +36,8 @@
 //! [`StoreError`] (503 `storage_unavailable`) until the database is back, and nothing
 //! needs a restart.
 
+mod check;
+mod import;
 mod schema;
 
 use std::collections::{HashMap, HashSet};
@@ -208,6 +210,23 @@ impl PgStore {
             work,
             sweep_from: std::sync::Mutex::new(None),
             tasks,
+        })
+    }
+
+    /// The store `[storage]` names: the URL from `postgres_url` or the variable
+    /// `postgres_url_env` names (looked up through `env`), `pool_size`, `durability`. A
+    /// missing variable or a URL that is not one is an error naming the key.
+    pub fn from_config(
+        config: &crate::config::Config,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<PgStore, crate::config::ConfigError> {
+        let url = config.postgres_url(env)?;
+        let storage = &config.storage;
+        PgStore::connect(&url, storage.pool_size, storage.durability).map_err(|e| {
+            crate::config::ConfigError::new(
+                &config.file,
+                format!("{}: {e}", config.postgres_url_key()),
+            )
         })
     }
 

@@ -69,7 +69,10 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 mod check;
 mod disk;
 mod encoding;
+mod export;
 mod listing;
+
+pub use export::ExportPosition;
 
 use check::still_due;
 use disk::DiskSync;

@@ -1,0 +1,93 @@
+//! Reading a whole sled store out, page by page, for `store copy` (see
+//! [`crate::store::copy`]).
+
+use bytes::Bytes;
+
+use super::super::{DeliveryKey, StoreError, StoredItem};
+use super::SledStore;
+use super::encoding::{BodyEntry, backend, decode_delivery_key, split_delivery};
+
+/// Where an export goes on: deliveries first (phase 0), then fingerprints kept past their
+/// delivery (phase 1), each after the key last returned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportPosition {
+    phase: u8,
+    after: Option<Vec<u8>>,
+}
+
+impl SledStore {
+    /// Up to `limit` stored items from `from` on, and where the next page starts (`None`
+    /// once everything was read). Each delivery comes with all its job states; the store
+    /// should not be written meanwhile (the server stopped).
+    pub fn export_page(
+        &self,
+        from: &ExportPosition,
+        limit: usize,
+    ) -> Result<(Vec<StoredItem>, Option<ExportPosition>), StoreError> {
+        let mut items = Vec::new();
+        let mut position = from.clone();
+        if position.phase == 0 {
+            let range = match &position.after {
+                Some(after) => self.deliveries.range((
+                    std::ops::Bound::Excluded(after.clone()),
+                    std::ops::Bound::Unbounded,
+                )),
+                None => self.deliveries.iter(),
+            };
+            for entry in range {
+                let (key, value) = entry.map_err(backend)?;
+                let Some(delivery) = decode_delivery_key(&key) else {
+                    continue;
+                };
+                let (meta, body) = split_delivery(&value)?;
+                let record: super::super::DeliveryRecord =
+                    serde_json::from_slice(meta).map_err(super::encoding::corrupt)?;
+                let jobs = record
+                    .handlers
+                    .iter()
+                    .map(|h| Ok((h.clone(), self.read_job(&delivery.job(h).encode())?)))
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                items.push(StoredItem::Delivery {
+                    record,
+                    body: Bytes::copy_from_slice(body),
+                    jobs,
+                });
+                position.after = Some(key.to_vec());
+                if items.len() == limit {
+                    return Ok((items, Some(position)));
+                }
+            }
+            position = ExportPosition {
+                phase: 1,
+                after: None,
+            };
+        }
+        let range = match &position.after {
+            Some(after) => self.body_index.range((
+                std::ops::Bound::Excluded(after.clone()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.body_index.iter(),
+        };
+        for entry in range {
+            let (key, value) = entry.map_err(backend)?;
+            position.after = Some(key.to_vec());
+            if let BodyEntry::Kept(kept) = BodyEntry::decode(&value)?
+                && let Some(DeliveryKey {
+                    source,
+                    id: fingerprint,
+                }) = decode_delivery_key(&key)
+            {
+                items.push(StoredItem::Fingerprint {
+                    source,
+                    fingerprint,
+                    kept,
+                });
+                if items.len() == limit {
+                    return Ok((items, Some(position)));
+                }
+            }
+        }
+        Ok((items, None))
+    }
+}
