@@ -10,7 +10,7 @@ use tempfile::TempDir;
 use webhook_inbox::Registration;
 use webhook_inbox::replay::{ReplayOptions, run};
 
-use crate::helpers::{Recorder, eventually, open_store_at, shipped_config, spawn_config};
+use crate::helpers::{Recorder, eventually, shipped_config, spawn_config};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures");
 
