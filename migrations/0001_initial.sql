@@ -32,10 +32,14 @@ CREATE TABLE inbox_jobs (
     due_ms          bigint,
     -- NULL until the pair first changes (a pending pair with no state yet).
     updated_ms      bigint,
-    -- Who holds the pair (a dispatcher's reservation, or the runner while it runs) and
-    -- until when; a lapsed lease belongs to nobody.
+    -- While running: which replica runs it, and until when (renewed while the handler
+    -- runs); a lapsed lease belongs to a replica that died.
     lease_owner     bigint,
     lease_until_ms  bigint,
+    -- A dispatcher that has taken the pair from the queue and is about to start it, so
+    -- that replicas reading the queue at once take different pairs.
+    reserved_by     bigint,
+    reserved_until_ms bigint,
     PRIMARY KEY (source, id, handler),
     FOREIGN KEY (source, id) REFERENCES inbox_deliveries ON DELETE CASCADE
 );

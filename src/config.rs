@@ -187,6 +187,11 @@ pub struct DispatchConfig {
     /// How long running handlers may take to finish at shutdown.
     #[serde(with = "humantime_duration")]
     pub shutdown_grace: Duration,
+    /// How long a run holds its (delivery, handler) pair without renewing it (it renews
+    /// every third of this while the handler runs). With PostgreSQL, the time after which
+    /// another replica takes over the pairs of a replica that died.
+    #[serde(with = "humantime_duration")]
+    pub run_lease: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -197,6 +202,7 @@ impl Default for DispatchConfig {
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(600),
             shutdown_grace: Duration::from_secs(30),
+            run_lease: Duration::from_secs(30),
         }
     }
 }
@@ -690,6 +696,12 @@ impl Config {
         }
         if self.dispatch.max_attempts == 0 {
             return err("dispatch.max_attempts must be at least 1".into());
+        }
+        if self.dispatch.run_lease < Duration::from_secs(1) {
+            return err(format!(
+                "dispatch.run_lease ({}) must be at least 1s",
+                humantime::format_duration(self.dispatch.run_lease)
+            ));
         }
         if self.dispatch.initial_backoff > self.dispatch.max_backoff {
             return err("dispatch.initial_backoff must not exceed dispatch.max_backoff".into());

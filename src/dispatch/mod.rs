@@ -43,10 +43,6 @@ pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
     (base + Duration::from_millis(jitter)).min(max)
 }
 
-/// How long a run holds its pair before another runner may take it; renewed every third
-/// of it while the handler runs, so a long handler keeps it.
-pub const RUN_LEASE: Duration = Duration::from_secs(30);
-
 /// With a store other processes share: how often the queue is read even without a notice
 /// of new work.
 pub const SHARED_STORE_POLL: Duration = Duration::from_secs(5);
@@ -92,9 +88,12 @@ impl Runner {
     ) -> Result<RunResult, StoreError> {
         let queued = queued_due.is_some();
         let now = self.clock.now_ms();
+        // Held this long unless renewed: renewed every third of it while the handler runs,
+        // so a long handler keeps it and a process that died loses it.
+        let lease = self.config.run_lease;
         let attempt = match self
             .store
-            .begin_attempt(job, queued_due, now, now + RUN_LEASE.as_millis() as u64)
+            .begin_attempt(job, queued_due, now, now + lease.as_millis() as u64)
             .await?
         {
             Begin::Started(attempt) => attempt,
@@ -134,7 +133,7 @@ impl Runner {
             let run = AssertUnwindSafe(handler.handle(&delivery, &ctx)).catch_unwind();
             tokio::pin!(run);
             // Keep the lease while the handler runs, however long it takes.
-            let mut renew = tokio::time::interval(RUN_LEASE / 3);
+            let mut renew = tokio::time::interval(lease / 3);
             renew.tick().await;
             loop {
                 tokio::select! {
@@ -144,7 +143,7 @@ impl Runner {
                         });
                     }
                     _ = renew.tick() => {
-                        let until = self.clock.now_ms() + RUN_LEASE.as_millis() as u64;
+                        let until = self.clock.now_ms() + lease.as_millis() as u64;
                         match self.store.renew_job_lease(job, attempt.attempt, until).await {
                             Ok(true) => {}
                             Ok(false) => tracing::warn!("the run's lease was lost; its outcome may be ignored"),

@@ -76,6 +76,7 @@ fn dispatch_config() -> DispatchConfig {
         initial_backoff: Duration::from_secs(1),
         max_backoff: Duration::from_secs(3600),
         shutdown_grace: Duration::from_secs(5),
+        ..DispatchConfig::default()
     }
 }
 

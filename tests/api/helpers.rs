@@ -477,6 +477,23 @@ pub fn spawn_binary(
 pub fn try_spawn_binary(
     config: &std::path::Path,
 ) -> Result<(std::process::Child, u16, std::thread::JoinHandle<String>), String> {
+    try_spawn_serve(config).map(|s| (s.child, s.port, s.logs))
+}
+
+/// A `serve` process of the real binary.
+pub struct Serving {
+    pub child: std::process::Child,
+    /// The webhook port.
+    pub port: u16,
+    /// The admin port.
+    pub admin_port: u16,
+    /// Its log (JSON lines), once it has ended.
+    pub logs: std::thread::JoinHandle<String>,
+}
+
+/// Starts `webhook-inbox serve --config <config>` and waits until it serves; or says why
+/// the binary ended before serving (with its logs).
+pub fn try_spawn_serve(config: &std::path::Path) -> Result<Serving, String> {
     use std::io::BufRead as _;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
         .args(["--log-format", "json", "serve", "--config"])
@@ -496,12 +513,16 @@ pub fn try_spawn_binary(
         {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
                 && v["fields"]["message"] == "webhook-inbox serving"
-                && let Some(port) = v["fields"]["listen"]
-                    .as_str()
-                    .and_then(|a| a.rsplit(':').next())
-                    .and_then(|p| p.parse::<u16>().ok())
             {
-                let _ = tx.send(port);
+                let port = |key: &str| {
+                    v["fields"][key]
+                        .as_str()
+                        .and_then(|a| a.rsplit(':').next())
+                        .and_then(|p| p.parse::<u16>().ok())
+                };
+                if let (Some(port), Some(admin)) = (port("listen"), port("admin")) {
+                    let _ = tx.send((port, admin));
+                }
             }
             rest.push_str(&line);
             rest.push('\n');
@@ -509,7 +530,12 @@ pub fn try_spawn_binary(
         rest
     });
     match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(port) => Ok((child, port, logs)),
+        Ok((port, admin_port)) => Ok(Serving {
+            child,
+            port,
+            admin_port,
+            logs,
+        }),
         Err(e) => {
             let _ = child.kill();
             let status = child.wait();

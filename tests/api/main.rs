@@ -20,6 +20,7 @@ mod http_handler;
 mod interleavings;
 mod invariants;
 mod processed;
+mod replicas;
 mod robustness;
 mod schemes;
 mod shutdown;

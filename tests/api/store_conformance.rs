@@ -462,7 +462,51 @@ async fn a_processed_lease_is_taken_over_only_once_lapsed(store: Store) {
     );
 }
 
+async fn a_run_whose_lease_lapsed_is_started_again_with_the_next_attempt(store: Store) {
+    store
+        .claim(new("l1", "{}", &["h"], false))
+        .await
+        .expect("claim");
+    let entry = due_now(&store, NOW).await[0].clone();
+    let Begin::Started(a) = store
+        .begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
+        .await
+        .expect("begin")
+    else {
+        panic!("runnable")
+    };
+    assert_eq!(a.attempt, 1);
+    // Its runner died: nothing renews the lease, nothing finishes the run.
+    assert!(
+        due_now(&store, LEASE - 1).await.is_empty()
+            || matches!(
+                store
+                    .begin_attempt(&entry.job, Some(entry.due_ms), LEASE - 1, LEASE + 30_000)
+                    .await,
+                Ok(Begin::Busy { .. })
+            ),
+        "not before the lease lapses"
+    );
+    let due = due_now(&store, LEASE + 1).await;
+    assert_eq!(due.len(), 1, "due again once the lease lapsed");
+    let Begin::Started(b) = store
+        .begin_attempt(&due[0].job, Some(due[0].due_ms), LEASE + 1, LEASE + 30_000)
+        .await
+        .expect("begin")
+    else {
+        panic!("taken over")
+    };
+    assert_eq!(
+        b.attempt, 2,
+        "attempt + 1, same pair (same idempotency key)"
+    );
+}
+
 const CASES: &[(&str, Case)] = &[
+    (
+        "a_run_whose_lease_lapsed_is_started_again_with_the_next_attempt",
+        |s| Box::pin(a_run_whose_lease_lapsed_is_started_again_with_the_next_attempt(s)),
+    ),
     ("claim_new_then_existing", |s| {
         Box::pin(claim_new_then_existing(s))
     }),
@@ -509,4 +553,67 @@ async fn every_backend_meets_the_store_contract() {
             drop(guard);
         }
     }
+}
+
+/// Two replicas on one database: reading the queue at once they take different pairs, and a
+/// pair one of them reserved is busy for the other until it starts it or the reservation
+/// lapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_reading_the_queue_at_once_take_different_pairs() {
+    let Some(server) = crate::helpers::test_postgres_url("store: two replicas on one queue") else {
+        return;
+    };
+    let url = crate::helpers::fresh_postgres_schema(&server).await;
+    let open = || async {
+        let store =
+            webhook_inbox::store::PgStore::connect(&url, 4, Durability::Fsync).expect("url");
+        store
+            .wait_ready(std::time::Duration::from_secs(30))
+            .await
+            .expect("ready");
+        Arc::new(store) as Store
+    };
+    let (a, b) = (open().await, open().await);
+    for i in 0..10 {
+        a.claim(new(
+            &format!("q{i}"),
+            &format!("{{\"n\":{i}}}"),
+            &["h"],
+            false,
+        ))
+        .await
+        .expect("claim");
+    }
+    let (from_a, from_b) = tokio::join!(due_now(&a, NOW), due_now(&b, NOW));
+    assert_eq!(from_a.len() + from_b.len(), 10, "{from_a:?} {from_b:?}");
+    for entry in &from_a {
+        assert!(
+            !from_b.iter().any(|e| e.job == entry.job),
+            "{entry:?} taken twice"
+        );
+        // Reserved by A: B may not start it…
+        assert!(matches!(
+            b.begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
+                .await
+                .expect("begin"),
+            Begin::Busy { .. }
+        ));
+    }
+    // …A does, once.
+    for entry in &from_a {
+        assert!(matches!(
+            a.begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
+                .await
+                .expect("begin"),
+            Begin::Started(_)
+        ));
+    }
+    // B's reservations lapse unused (B died): A takes them after the reservation time.
+    let later = NOW + 10 * 60_000;
+    let taken = due_now(&a, later).await;
+    assert_eq!(
+        taken.len(),
+        from_b.len() + from_a.len(),
+        "A's own runs lapsed too by then"
+    );
 }

@@ -19,8 +19,10 @@
 //! - Body dedup: the fingerprint row's primary key decides between ids carrying one body,
 //!   and the loser becomes an alias in the same transaction (invariant 4).
 //! - Dispatch: a replica reserves due rows with `FOR UPDATE SKIP LOCKED` (so replicas take
-//!   different work) and starts one with a conditional `UPDATE` that succeeds only if no
-//!   other holder has a live lease: one runner per pair at a time. A replica that dies
+//!   different work) and starts one with a conditional `UPDATE` that succeeds only if the
+//!   pair is not running under a live lease and not reserved by another replica: one runner
+//!   per pair at a time. The run lease and the reservation are separate columns, so that a
+//!   reservation of a pair whose runner died can never pass for a live run. A replica that dies
 //!   leaves a lease that lapses; another then starts the pair with `attempt + 1` (the count
 //!   is durable at start) and the same idempotency key.
 //! - Operator retry moves `due_ms`; a dispatcher holding the old due time starts nothing
@@ -65,10 +67,6 @@ use crate::config::Durability;
 /// The channel new work is announced on.
 const WORK_CHANNEL: &str = "webhook_inbox_work";
 
-/// How long a dispatcher's reservation of a due pair holds before another replica may take
-/// it (the reserving replica starts it at once; this only matters if it dies first).
-const RESERVATION: Duration = Duration::from_secs(30);
-
 /// The advisory lock that lets one replica at a time sweep retention.
 const RETENTION_LOCK: i64 = 0x7765_6268_6f6f_6b31; // "webhook1"
 
@@ -94,6 +92,10 @@ pub struct PgStore {
     ready: Arc<AtomicBool>,
     /// Notified when another replica (or this one) announces new work.
     work: Arc<Notify>,
+    /// How long a dispatcher's reservation of a due pair holds before another replica may
+    /// take it (the reserving replica starts it at once; this only matters if it dies
+    /// first): `dispatch.run_lease`.
+    reservation: Duration,
     /// Where the retention sweep goes on from (past deliveries it had to keep).
     sweep_from: std::sync::Mutex<Option<(i64, String, String)>>,
     /// Background tasks (migrations, LISTEN), stopped with the store.
@@ -193,6 +195,7 @@ impl PgStore {
         durability: Durability,
     ) -> Result<PgStore, PgConfigError> {
         let options = Self::options(url, durability)?;
+        let reservation = crate::config::DispatchConfig::default().run_lease;
         let pool = PgPoolOptions::new()
             .max_connections(pool_size)
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -208,6 +211,7 @@ impl PgStore {
             instance: rand::random::<i64>() & i64::MAX,
             ready,
             work,
+            reservation,
             sweep_from: std::sync::Mutex::new(None),
             tasks,
         })
@@ -222,12 +226,15 @@ impl PgStore {
     ) -> Result<PgStore, crate::config::ConfigError> {
         let url = config.postgres_url(env)?;
         let storage = &config.storage;
-        PgStore::connect(&url, storage.pool_size, storage.durability).map_err(|e| {
-            crate::config::ConfigError::new(
-                &config.file,
-                format!("{}: {e}", config.postgres_url_key()),
-            )
-        })
+        let mut store =
+            PgStore::connect(&url, storage.pool_size, storage.durability).map_err(|e| {
+                crate::config::ConfigError::new(
+                    &config.file,
+                    format!("{}: {e}", config.postgres_url_key()),
+                )
+            })?;
+        store.reservation = config.dispatch.run_lease;
+        Ok(store)
     }
 
     /// Connection options from a URL. The error never repeats the URL (it may hold a
@@ -696,22 +703,24 @@ impl DeliveryStore for PgStore {
         }
         let now = db_ms(now_ms);
         // Reserved for this replica, so that replicas reading the queue at once take
-        // different pairs; a pair another holder runs (or has reserved) is not due here.
+        // different pairs; a pair running under a live lease, or reserved by another
+        // replica, is not due here.
         let rows = sqlx::query(
             "WITH c AS ( \
                 SELECT source, id, handler FROM inbox_jobs \
-                WHERE due_ms <= $1 AND (lease_until_ms IS NULL OR lease_until_ms <= $1 \
-                      OR (lease_owner = $3 AND status <> 'running')) \
+                WHERE due_ms <= $1 \
+                  AND NOT (status = 'running' AND COALESCE(lease_until_ms, 0) > $1) \
+                  AND (COALESCE(reserved_until_ms, 0) <= $1 OR reserved_by = $3) \
                 ORDER BY due_ms LIMIT $2 FOR UPDATE SKIP LOCKED \
              ) \
-             UPDATE inbox_jobs j SET lease_owner = $3, lease_until_ms = $4 FROM c \
+             UPDATE inbox_jobs j SET reserved_by = $3, reserved_until_ms = $4 FROM c \
              WHERE j.source = c.source AND j.id = c.id AND j.handler = c.handler \
              RETURNING j.source, j.id, j.handler, j.due_ms",
         )
         .bind(now)
         .bind(i64::try_from(limit + skip.len()).unwrap_or(i64::MAX))
         .bind(self.instance)
-        .bind(now.saturating_add(RESERVATION.as_millis() as i64))
+        .bind(now.saturating_add(self.reservation.as_millis() as i64))
         .fetch_all(self.db()?)
         .await
         .map_err(backend)?;
@@ -738,7 +747,9 @@ impl DeliveryStore for PgStore {
     async fn next_due_ms(&self, skip: &HashSet<JobKey>) -> Result<Option<u64>, StoreError> {
         // A pair someone holds is due to the others when the hold lapses.
         let rows = sqlx::query(
-            "SELECT source, id, handler, GREATEST(due_ms, COALESCE(lease_until_ms, 0)) AS at \
+            "SELECT source, id, handler, GREATEST(due_ms, \
+                CASE WHEN status = 'running' THEN COALESCE(lease_until_ms, 0) ELSE 0 END, \
+                COALESCE(reserved_until_ms, 0)) AS at \
              FROM inbox_jobs WHERE due_ms IS NOT NULL ORDER BY due_ms LIMIT $1",
         )
         .bind(i64::try_from(skip.len() + 64).unwrap_or(i64::MAX))
@@ -770,16 +781,19 @@ impl DeliveryStore for PgStore {
         let now = db_ms(now_ms);
         let queued = queued_due.map(db_ms);
         // One check-and-set: started only if not final, still queued where the caller
-        // found it, and held by nobody else.
+        // found it, not running under a live lease (whoever's), and not reserved by
+        // another replica.
         let row = sqlx::query(
             "UPDATE inbox_jobs j SET status = 'running', attempts = j.attempts + 1, \
-                updated_ms = $4, lease_owner = $6, lease_until_ms = $7 \
+                updated_ms = $4, lease_owner = $6, lease_until_ms = $7, \
+                reserved_by = NULL, reserved_until_ms = NULL \
              FROM inbox_deliveries d \
              WHERE j.source = $1 AND j.id = $2 AND j.handler = $3 \
                AND d.source = j.source AND d.id = j.id \
                AND j.status NOT IN ('succeeded', 'dead') \
                AND ($5::bigint IS NULL OR j.due_ms = $5) \
-               AND NOT (COALESCE(j.lease_until_ms, 0) > $4 AND (j.status = 'running' OR j.lease_owner <> $6)) \
+               AND NOT (j.status = 'running' AND COALESCE(j.lease_until_ms, 0) > $4) \
+               AND NOT (COALESCE(j.reserved_until_ms, 0) > $4 AND j.reserved_by <> $6) \
              RETURNING j.attempts, j.retry_base, d.record, d.body",
         )
         .bind(&job.delivery.source)
@@ -804,7 +818,7 @@ impl DeliveryStore for PgStore {
         }
         // Not started: busy (someone holds it) or nothing to run.
         let row = sqlx::query(
-            "SELECT status, due_ms, lease_owner, lease_until_ms FROM inbox_jobs \
+            "SELECT status, due_ms, lease_until_ms, reserved_until_ms FROM inbox_jobs \
              WHERE source = $1 AND id = $2 AND handler = $3",
         )
         .bind(&job.delivery.source)
@@ -818,18 +832,21 @@ impl DeliveryStore for PgStore {
         };
         let status = parse_status(&row.try_get::<String, _>("status").map_err(backend)?)?;
         let due: Option<i64> = row.try_get("due_ms").map_err(backend)?;
-        let until: Option<i64> = row.try_get("lease_until_ms").map_err(backend)?;
+        let lease: Option<i64> = row.try_get("lease_until_ms").map_err(backend)?;
+        let reserved: Option<i64> = row.try_get("reserved_until_ms").map_err(backend)?;
         let moved = queued.is_some() && due != queued;
         if matches!(status, JobStatus::Succeeded | JobStatus::Dead) || moved {
             return Ok(Begin::Skipped);
         }
-        match until {
-            Some(until) if until > now => Ok(Begin::Busy {
-                until_ms: ms(until),
-            }),
-            // Changed between the two statements: let the next pass decide.
-            _ => Ok(Begin::Busy { until_ms: now_ms }),
-        }
+        let held = match (status, lease, reserved) {
+            (JobStatus::Running, Some(lease), _) if lease > now => Some(lease),
+            (_, _, Some(reserved)) if reserved > now => Some(reserved),
+            _ => None,
+        };
+        // Without a live hold it changed between the two statements: the next pass decides.
+        Ok(Begin::Busy {
+            until_ms: held.map_or(now_ms, ms),
+        })
     }
 
     async fn renew_job_lease(
@@ -1291,4 +1308,5 @@ impl DeliveryStore for PgStore {
 /// fresh `max_attempts` if it failed or died, any hold released.
 const REQUEUE: &str = "retry_base = CASE WHEN status IN ('failed', 'dead') THEN attempts ELSE retry_base END, \
      status = CASE WHEN status = 'pending' THEN 'pending' ELSE 'failed' END, \
-     lease_owner = NULL, lease_until_ms = NULL, updated_ms = $4, due_ms = $4";
+     lease_owner = NULL, lease_until_ms = NULL, reserved_by = NULL, reserved_until_ms = NULL, \
+     updated_ms = $4, due_ms = $4";

@@ -1,0 +1,768 @@
+//! Several `serve` processes on one PostgreSQL database (design.md, "PostgreSQL"): the real
+//! binary, a real database, a `command` handler that appends each run to a file shared by
+//! the replicas. Skipped, with one line saying so, without `WEBHOOK_INBOX_TEST_POSTGRES_URL`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use sqlx::Connection as _;
+use webhook_inbox::config::Config;
+use webhook_inbox::verify::Source;
+
+use crate::helpers::{
+    SECRET, Serving, eventually_async, fresh_postgres_schema, test_postgres_url, try_spawn_serve,
+};
+
+/// Appends `source id attempt key serve-pid` per run; the first run ever (with `$2` given)
+/// creates the directory `$2`, says `held …`, and hangs, so a test can kill its replica
+/// while it runs.
+const SCRIPT: &str = r#"echo "run $WEBHOOK_SOURCE $WEBHOOK_ID $WEBHOOK_ATTEMPT $IDEMPOTENCY_KEY $PPID" >> "$1"; cat > /dev/null; if [ -n "$2" ] && mkdir "$2" 2>/dev/null; then echo "held $WEBHOOK_SOURCE $WEBHOOK_ID $WEBHOOK_ATTEMPT $IDEMPOTENCY_KEY $PPID" >> "$1"; sleep 30; fi"#;
+
+/// A config for replicas on `url`: `credicorp` (plain) and `dedup` (body dedup), one
+/// `command` handler for both, a 2 s run lease so that a take-over is quick.
+fn replica_config(url: &str, runs: &Path, hold: Option<&Path>) -> String {
+    let hold = hold.map(|h| h.display().to_string()).unwrap_or_default();
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+workers = 2
+
+[storage]
+backend = "postgres"
+postgres_url = "{url}"
+pool_size = 4
+
+[dispatch]
+concurrency = 4
+max_attempts = 6
+initial_backoff = "50ms"
+max_backoff = "200ms"
+run_lease = "2s"
+
+[sources.credicorp]
+secrets = ["{SECRET}"]
+
+[sources.dedup]
+secrets = ["{SECRET}"]
+body_dedup = true
+
+[[handlers]]
+name = "effect"
+kind = "command"
+command = ["sh", "-c", {SCRIPT:?}, "sh", "{runs}", "{hold}"]
+"#,
+        runs = runs.display(),
+    )
+}
+
+/// One line of the runs file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RunLine {
+    held: bool,
+    source: String,
+    id: String,
+    attempt: u32,
+    key: String,
+    pid: u32,
+}
+
+fn runs(path: &Path) -> Vec<RunLine> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            Some(RunLine {
+                held: *f.first()? == "held",
+                source: f.get(1)?.to_string(),
+                id: f.get(2)?.to_string(),
+                attempt: f.get(3)?.parse().ok()?,
+                key: f.get(4)?.to_string(),
+                pid: f.get(5)?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// A database schema of its own, a config file on it, and the replicas started on it.
+struct Cluster {
+    /// Holds the config and the runs file for as long as the replicas run.
+    _dir: tempfile::TempDir,
+    url: String,
+    config: Config,
+    runs: PathBuf,
+    replicas: Vec<Serving>,
+}
+
+impl Cluster {
+    async fn start(server_url: &str, replicas: usize, hold: bool) -> Cluster {
+        let url = fresh_postgres_schema(server_url).await;
+        let cluster = Cluster::start_on(url, replicas, hold);
+        cluster.ready().await;
+        cluster
+    }
+
+    fn start_on(url: String, replicas: usize, hold: bool) -> Cluster {
+        let dir = tempfile::TempDir::new().expect("dir");
+        let runs = dir.path().join("runs.log");
+        let hold = hold.then(|| dir.path().join("held"));
+        let text = replica_config(&url, &runs, hold.as_deref());
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, &text).expect("write config");
+        let config = Config::parse(&text, "replicas.toml").expect("config");
+        let replicas = (0..replicas)
+            .map(|_| try_spawn_serve(&config_path).unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        Cluster {
+            _dir: dir,
+            url,
+            config,
+            runs,
+            replicas,
+        }
+    }
+
+    fn sign(&self, source: &str, id: &str, body: &[u8]) -> Vec<(String, String)> {
+        Source::from_config(source, &self.config.sources[source], "t.toml", &|_| None)
+            .expect("source")
+            .sign(id, body, SystemTime::now())
+    }
+
+    /// Counts of job rows: (all, not succeeded).
+    async fn jobs(&self) -> (i64, i64) {
+        let mut db = sqlx::PgConnection::connect(&self.url).await.expect("db");
+        let row: (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE status <> 'succeeded') FROM inbox_jobs",
+        )
+        .fetch_one(&mut db)
+        .await
+        .expect("count");
+        let _ = db.close().await;
+        row
+    }
+
+    /// The job rows that have not succeeded, one line each.
+    async fn unfinished(&self) -> Vec<String> {
+        let mut db = sqlx::PgConnection::connect(&self.url).await.expect("db");
+        let rows: Vec<(
+            String,
+            String,
+            i32,
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+        )> = sqlx::query_as(
+            "SELECT id, status, attempts, due_ms, lease_until_ms, last_error FROM inbox_jobs \
+                 WHERE status <> 'succeeded' ORDER BY id LIMIT 20",
+        )
+        .fetch_all(&mut db)
+        .await
+        .expect("rows");
+        let _ = db.close().await;
+        rows.into_iter().map(|r| format!("{r:?}")).collect()
+    }
+
+    /// Waits until `expected` job rows exist and every one has succeeded: from then on
+    /// nothing can run again, so the runs file is final.
+    async fn settle(&self, expected: i64) {
+        let settled = eventually_async(Duration::from_secs(90), || async {
+            self.jobs().await == (expected, 0)
+        })
+        .await;
+        assert!(
+            settled,
+            "jobs (all, unfinished) = {:?}, expected ({expected}, 0); unfinished: {:#?}; {} runs",
+            self.jobs().await,
+            self.unfinished().await,
+            runs(&self.runs).len()
+        );
+    }
+
+    /// Waits until every replica says it is ready (its database reachable, migrated).
+    async fn ready(&self) {
+        let client = reqwest::Client::new();
+        for replica in &self.replicas {
+            let port = replica.admin_port;
+            assert!(
+                eventually_async(Duration::from_secs(30), || async {
+                    readyz(&client, port).await == 200
+                })
+                .await,
+                "replica on port {} never became ready",
+                replica.port
+            );
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for r in &mut self.replicas {
+            let _ = r.child.kill();
+            let _ = r.child.wait();
+        }
+    }
+}
+
+async fn post(
+    client: &reqwest::Client,
+    port: u16,
+    source: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> (u16, String) {
+    let mut request = client
+        .post(format!("http://127.0.0.1:{port}/webhooks/{source}"))
+        .header("content-type", "application/json")
+        .body(body.to_vec());
+    for (k, v) in headers {
+        request = request.header(k.as_str(), v.as_str());
+    }
+    let response = request.send().await.expect("request sent");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
+}
+
+/// The same delivery sent to three replicas at once, twice each, over many ids: one run
+/// per delivery, and every copy gets the first answer byte for byte. One body under three
+/// ids sent to the three replicas at once (body dedup): one run per body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_run_each_delivery_once_and_each_body_once() {
+    let Some(server) = test_postgres_url("replicas: three replicas, one database") else {
+        return;
+    };
+    let cluster = Cluster::start(&server, 3, false).await;
+    let client = reqwest::Client::new();
+    const IDS: usize = 40;
+    const BODIES: usize = 15;
+    let ports: Vec<u16> = cluster.replicas.iter().map(|r| r.port).collect();
+
+    type Sends =
+        std::pin::Pin<Box<dyn std::future::Future<Output = (String, Vec<(u16, String)>)> + Send>>;
+    let mut sends: Vec<Sends> = Vec::new();
+    for i in 0..IDS {
+        let id = format!("msg_replicas_{i:03}");
+        let body = format!(r#"{{"type":"application.created","data":{{"n":{i}}}}}"#);
+        let headers = cluster.sign("credicorp", &id, body.as_bytes());
+        let copies: Vec<_> = ports
+            .iter()
+            .chain(ports.iter())
+            .map(|&port| {
+                let (client, headers, body) = (client.clone(), headers.clone(), body.clone());
+                async move { post(&client, port, "credicorp", &headers, body.as_bytes()).await }
+            })
+            .collect();
+        sends.push(Box::pin(async move {
+            (id, futures_util::future::join_all(copies).await)
+        }));
+    }
+    for b in 0..BODIES {
+        let body = format!(r#"{{"type":"application.created","data":{{"body":{b}}}}}"#);
+        let copies: Vec<_> = ports
+            .iter()
+            .enumerate()
+            .map(|(r, &port)| {
+                let id = format!("dup_{b:03}_{r}");
+                let headers = cluster.sign("dedup", &id, body.as_bytes());
+                let (client, body) = (client.clone(), body.clone());
+                async move { post(&client, port, "dedup", &headers, body.as_bytes()).await }
+            })
+            .collect();
+        sends.push(Box::pin(async move {
+            (
+                format!("body {b}"),
+                futures_util::future::join_all(copies).await,
+            )
+        }));
+    }
+    for (what, answers) in futures_util::future::join_all(sends).await {
+        let first = &answers[0];
+        assert_eq!(first.0, 202, "{what}: {answers:?}");
+        assert!(
+            answers.iter().all(|a| a == first),
+            "{what}: every copy gets the first answer byte for byte: {answers:?}"
+        );
+    }
+
+    // One job row per id of `credicorp`, one per body of `dedup` (aliases have none).
+    cluster.settle((IDS + BODIES) as i64).await;
+    let lines = runs(&cluster.runs);
+    let mut per_id: BTreeMap<String, usize> = BTreeMap::new();
+    let mut per_body: BTreeMap<String, usize> = BTreeMap::new();
+    for line in &lines {
+        match line.source.as_str() {
+            "credicorp" => *per_id.entry(line.id.clone()).or_default() += 1,
+            _ => *per_body.entry(line.id[..7].to_owned()).or_default() += 1,
+        }
+    }
+    assert_eq!(per_id.len(), IDS, "{per_id:?}");
+    assert!(per_id.values().all(|&n| n == 1), "{per_id:?}");
+    assert_eq!(per_body.len(), BODIES, "{per_body:?}");
+    assert!(per_body.values().all(|&n| n == 1), "{per_body:?}");
+    let pids: HashSet<u32> = lines.iter().map(|l| l.pid).collect();
+    println!("runs spread over {} replica(s)", pids.len());
+}
+
+/// A replica killed (SIGKILL) while a handler of its runs: another replica takes the pair
+/// over once the run lease lapses, with attempt + 1 and the same idempotency key; every
+/// acknowledged delivery is run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_s_running_pair_is_taken_over_with_the_same_key() {
+    let Some(server) = test_postgres_url("replicas: take-over after kill -9") else {
+        return;
+    };
+    let mut cluster = Cluster::start(&server, 2, true).await;
+    let client = reqwest::Client::new();
+    const IDS: usize = 6;
+    for i in 0..IDS {
+        let id = format!("msg_takeover_{i}");
+        let body = format!(r#"{{"type":"application.created","data":{{"n":{i}}}}}"#);
+        let port = cluster.replicas[i % 2].port;
+        let headers = cluster.sign("credicorp", &id, body.as_bytes());
+        let (status, _) = post(&client, port, "credicorp", &headers, body.as_bytes()).await;
+        assert_eq!(status, 202);
+    }
+    // The first run ever hangs: find it, and kill the replica that runs it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let held = loop {
+        if let Some(line) = runs(&cluster.runs).into_iter().find(|l| l.held) {
+            break line;
+        }
+        assert!(Instant::now() < deadline, "no run started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let victim = cluster
+        .replicas
+        .iter()
+        .position(|r| r.child.id() == held.pid)
+        .expect("the held run belongs to a replica");
+    let mut killed = cluster.replicas.remove(victim);
+    killed.child.kill().expect("SIGKILL");
+    let _ = killed.child.wait();
+    let survivor = cluster.replicas[0].child.id();
+
+    cluster.settle(IDS as i64).await;
+    let lines: Vec<RunLine> = runs(&cluster.runs)
+        .into_iter()
+        .filter(|l| !l.held)
+        .collect();
+    let of_held: Vec<&RunLine> = lines.iter().filter(|l| l.id == held.id).collect();
+    assert_eq!(
+        of_held.len(),
+        2,
+        "the held pair ran again once: {of_held:?}"
+    );
+    assert_eq!((of_held[0].attempt, of_held[1].attempt), (1, 2));
+    assert_eq!(of_held[0].key, of_held[1].key, "the same idempotency key");
+    assert_eq!(
+        of_held[1].pid, survivor,
+        "taken over by the surviving replica"
+    );
+    let mut per_id: HashMap<&str, Vec<u32>> = HashMap::new();
+    for line in &lines {
+        per_id.entry(&line.id).or_default().push(line.attempt);
+    }
+    assert_eq!(
+        per_id.len(),
+        IDS,
+        "every acknowledged delivery ran: {lines:?}"
+    );
+}
+
+/// A PostgreSQL server of the test's own (initdb in a temp directory, a free port), so it
+/// can be stopped and started without disturbing the tests that share the machine's
+/// server. As root, its programs run as the `postgres` user, as `pg_ctlcluster` does.
+struct OwnPostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl OwnPostgres {
+    /// `None` (with a line saying why) where PostgreSQL's server programs are not installed.
+    fn create() -> Option<OwnPostgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .find(|b| b.join("initdb").exists());
+        let Some(bin) = bin else {
+            println!("PostgreSQL stop/start: skipped: no /usr/lib/postgresql/*/bin/initdb");
+            return None;
+        };
+        let dir = tempfile::TempDir::new().expect("dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let pg = OwnPostgres { dir, bin, port };
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(pg.dir.path())
+                .status()
+                .expect("chown");
+            assert!(status.success());
+        }
+        pg.run(
+            "initdb",
+            &["-A", "trust", "-U", "postgres", "-D", &pg.data()],
+        );
+        Some(pg)
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let program = self.bin.join(program);
+        let mut command = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
+        } else {
+            Command::new(&program)
+        };
+        let out = command.args(args).output().expect("runs");
+        assert!(
+            out.status.success(),
+            "{} {args:?}: {}{}",
+            program.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn start(&self) {
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {}",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("server.log").display().to_string();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data(),
+                "-o",
+                &options,
+                "-l",
+                &log,
+                "-w",
+                "start",
+            ],
+        );
+    }
+
+    fn stop(&self) {
+        self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let _ = Command::new(self.bin.join("pg_ctl"))
+            .args(["-D", &self.data(), "-m", "immediate", "stop"])
+            .output();
+        if is_root() {
+            let _ = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(self.bin.join("pg_ctl"))
+                .args(["-D", &self.data(), "-m", "immediate", "stop"])
+                .output();
+        }
+    }
+}
+
+fn is_root() -> bool {
+    nix_uid() == 0
+}
+
+fn nix_uid() -> u32 {
+    // `id -u` rather than a libc call: the crate forbids unsafe code.
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(u32::MAX)
+}
+
+async fn readyz(client: &reqwest::Client, admin_port: u16) -> u16 {
+    client
+        .get(format!("http://127.0.0.1:{admin_port}/readyz"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+/// A replica started while its database is down serves (not ready, webhooks 503); the
+/// database comes up, then is stopped and started again under load: 503
+/// `storage_unavailable` with `Retry-After` while it is down, every acknowledged delivery
+/// runs, and the service is ready again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_and_started_under_load_loses_nothing() {
+    if test_postgres_url("replicas: PostgreSQL stopped and started under load").is_none() {
+        return;
+    }
+    let Some(pg) = OwnPostgres::create() else {
+        return;
+    };
+    // Started before its database: it must come up anyway, not ready.
+    let cluster = Cluster::start_on(pg.url(), 1, false);
+    let (port, admin) = (cluster.replicas[0].port, cluster.replicas[0].admin_port);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    assert_eq!(readyz(&client, admin).await, 503);
+    let body = br#"{"type":"application.created"}"#;
+    let headers = cluster.sign("credicorp", "msg_before_db", body);
+    let (status, answer) = post(&client, port, "credicorp", &headers, body).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer.contains("storage_unavailable"), "{answer}");
+
+    pg.start();
+    assert!(
+        eventually_async(Duration::from_secs(30), || async {
+            readyz(&client, admin).await == 200
+        })
+        .await,
+        "ready once the database is up"
+    );
+
+    // Senders that retry until acknowledged, as real senders do.
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let saw_503 = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    const PER_SENDER: usize = 60;
+    let senders: Vec<_> = (0..4)
+        .map(|s| {
+            let (client, acked, saw_503) = (client.clone(), acked.clone(), saw_503.clone());
+            let sources = cluster.config.sources["credicorp"].clone();
+            tokio::spawn(async move {
+                for i in 0..PER_SENDER {
+                    let id = format!("msg_outage_{s}_{i:03}");
+                    let body = format!(r#"{{"type":"application.created","data":{{"n":{i}}}}}"#);
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    loop {
+                        assert!(Instant::now() < deadline, "{id} never acknowledged");
+                        let headers = Source::from_config("credicorp", &sources, "t", &|_| None)
+                            .expect("source")
+                            .sign(&id, body.as_bytes(), SystemTime::now());
+                        let mut request = client
+                            .post(format!("http://127.0.0.1:{port}/webhooks/credicorp"))
+                            .body(body.clone());
+                        for (k, v) in headers {
+                            request = request.header(k, v);
+                        }
+                        match request.send().await {
+                            Ok(r) if r.status().as_u16() == 202 => {
+                                acked.lock().expect("lock").push(id);
+                                break;
+                            }
+                            Ok(r) => {
+                                assert_eq!(r.status().as_u16(), 503, "{id}");
+                                assert!(r.headers().contains_key("retry-after"), "{id}");
+                                saw_503.store(true, std::sync::atomic::Ordering::SeqCst);
+                            }
+                            Err(e) => panic!("{id}: the service stopped answering: {e}"),
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        })
+        .collect();
+    // Some acknowledged, then the database goes away under load…
+    assert!(
+        eventually_async(Duration::from_secs(30), || async {
+            acked.lock().expect("lock").len() >= 20
+        })
+        .await
+    );
+    pg.stop();
+    assert!(
+        eventually_async(Duration::from_secs(30), || async {
+            readyz(&client, admin).await == 503
+        })
+        .await,
+        "not ready while the database is down"
+    );
+    assert!(
+        eventually_async(Duration::from_secs(30), || async {
+            saw_503.load(std::sync::atomic::Ordering::SeqCst)
+        })
+        .await,
+        "webhooks answered 503 while the database is down"
+    );
+    // …and comes back: the same process recovers by itself.
+    pg.start();
+    for sender in senders {
+        sender.await.expect("sender");
+    }
+    assert!(
+        eventually_async(Duration::from_secs(30), || async {
+            readyz(&client, admin).await == 200
+        })
+        .await,
+        "ready again without a restart"
+    );
+    let acked = acked.lock().expect("lock").clone();
+    assert_eq!(acked.len(), 4 * PER_SENDER);
+    cluster.settle(acked.len() as i64).await;
+    let ran: HashSet<String> = runs(&cluster.runs).into_iter().map(|l| l.id).collect();
+    let lost: Vec<&String> = acked.iter().filter(|id| !ran.contains(*id)).collect();
+    assert!(lost.is_empty(), "acknowledged, never run: {lost:?}");
+    drop(cluster);
+    drop(pg);
+}
+
+/// `store copy` from a stopped sled server into PostgreSQL: a redelivery of a copied id is
+/// answered byte for byte as before and runs nothing; a kept fingerprint (body dedup) is
+/// still a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_copy_moves_the_dedup_window_from_sled_to_postgres() {
+    let Some(server) = test_postgres_url("replicas: store copy sled to postgres") else {
+        return;
+    };
+    let url = fresh_postgres_schema(&server).await;
+    let dir = tempfile::TempDir::new().expect("dir");
+    let runs_path = dir.path().join("runs.log");
+    let postgres_text = replica_config(&url, &runs_path, None);
+    let sled_text = postgres_text.replace(
+        &format!("backend = \"postgres\"\npostgres_url = \"{url}\"\npool_size = 4"),
+        &format!("path = \"{}\"", dir.path().join("data").display()),
+    );
+    let old = dir.path().join("old.toml");
+    let new = dir.path().join("new.toml");
+    std::fs::write(&old, &sled_text).expect("write");
+    std::fs::write(&new, &postgres_text).expect("write");
+    let config = Config::parse(&sled_text, "old.toml").expect("old config");
+    assert_eq!(config.storage.backend, webhook_inbox::config::Backend::Sled);
+    let sign = |source: &str, id: &str, body: &[u8]| {
+        Source::from_config(source, &config.sources[source], "t", &|_| None)
+            .expect("source")
+            .sign(id, body, SystemTime::now())
+    };
+    let client = reqwest::Client::new();
+
+    // On sled: deliveries arrive and run.
+    let mut sled = try_spawn_serve(&old).unwrap_or_else(|e| panic!("{e}"));
+    let mut answers = Vec::new();
+    for i in 0..5 {
+        let (source, id) = if i < 4 {
+            ("credicorp", format!("msg_copy_{i}"))
+        } else {
+            ("dedup", "msg_copy_dedup".to_owned())
+        };
+        let body = format!(r#"{{"type":"application.created","data":{{"n":{i}}}}}"#);
+        let headers = sign(source, &id, body.as_bytes());
+        let answer = post(&client, sled.port, source, &headers, body.as_bytes()).await;
+        assert_eq!(answer.0, 202);
+        answers.push((source, id, body, answer));
+    }
+    assert!(
+        eventually_async(Duration::from_secs(30), || async {
+            runs(&runs_path).len() == 5
+        })
+        .await
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &sled.child.id().to_string()])
+        .status();
+    assert!(sled.child.wait().expect("wait").success());
+
+    let out = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
+        .args(["store", "copy", "--from"])
+        .arg(&old)
+        .arg("--to")
+        .arg(&new)
+        .output()
+        .expect("store copy runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("copied 5 deliveries"), "{stdout}");
+
+    // On PostgreSQL: every redelivery is the replay it is.
+    let cluster = Cluster::start_on(url, 1, false);
+    cluster.ready().await;
+    for (source, id, body, first) in &answers {
+        let headers = sign(source, id, body.as_bytes());
+        let again = post(
+            &client,
+            cluster.replicas[0].port,
+            source,
+            &headers,
+            body.as_bytes(),
+        )
+        .await;
+        assert_eq!(&again, first, "{id}: the first answer, byte for byte");
+    }
+    // The same body under a new id is a body duplicate there too.
+    let (_, _, body, first) = &answers[4];
+    let headers = sign("dedup", "msg_copy_dedup_again", body.as_bytes());
+    let again = post(
+        &client,
+        cluster.replicas[0].port,
+        "dedup",
+        &headers,
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(&again, first);
+    // Nothing is due or running, so nothing can run: the runs are the five from before.
+    cluster.settle(5).await;
+    assert_eq!(runs(&runs_path).len(), 5, "{:?}", runs(&runs_path));
+    drop(cluster);
+    drop(dir);
+}
+
+/// The PostgreSQL keys fail at start with the key named, never the URL.
+#[test]
+fn a_missing_url_variable_or_a_bad_url_is_a_start_up_error_naming_the_key() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let check = |storage: &str| {
+        let text = format!(
+            "[storage]\nbackend = \"postgres\"\n{storage}\n[sources.credicorp]\nsecrets = [\"{SECRET}\"]\n"
+        );
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).expect("write");
+        let out = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env_remove("WEBHOOK_INBOX_UNSET_URL")
+            .output()
+            .expect("runs");
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let missing = check("postgres_url_env = \"WEBHOOK_INBOX_UNSET_URL\"");
+    assert!(
+        missing.contains("storage.postgres_url_env") && missing.contains("WEBHOOK_INBOX_UNSET_URL"),
+        "{missing}"
+    );
+    let bad = check("postgres_url = \"postgres://user:s3cret@[::1/db\"");
+    assert!(bad.contains("storage.postgres_url"), "{bad}");
+    assert!(
+        !bad.contains("s3cret"),
+        "the URL's password is never shown: {bad}"
+    );
+    let none = check("");
+    assert!(none.contains("storage.postgres_url_env"), "{none}");
+}
