@@ -88,6 +88,16 @@ fn runs(path: &Path) -> Vec<RunLine> {
         .collect()
 }
 
+/// id, status, attempts, due_ms, lease_until_ms, last_error of a job row.
+type UnfinishedRow = (
+    String,
+    String,
+    i32,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+);
+
 /// A database schema of its own, a config file on it, and the replicas started on it.
 struct Cluster {
     /// Holds the config and the runs file for as long as the replicas run.
@@ -148,14 +158,7 @@ impl Cluster {
     /// The job rows that have not succeeded, one line each.
     async fn unfinished(&self) -> Vec<String> {
         let mut db = sqlx::PgConnection::connect(&self.url).await.expect("db");
-        let rows: Vec<(
-            String,
-            String,
-            i32,
-            Option<i64>,
-            Option<i64>,
-            Option<String>,
-        )> = sqlx::query_as(
+        let rows: Vec<UnfinishedRow> = sqlx::query_as(
             "SELECT id, status, attempts, due_ms, lease_until_ms, last_error FROM inbox_jobs \
                  WHERE status <> 'succeeded' ORDER BY id LIMIT 20",
         )
