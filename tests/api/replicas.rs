@@ -393,7 +393,11 @@ impl OwnPostgres {
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
             .find(|b| b.join("initdb").exists());
         let Some(bin) = bin else {
-            println!("PostgreSQL stop/start: skipped: no /usr/lib/postgresql/*/bin/initdb");
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "PostgreSQL stop/start: skipped: no /usr/lib/postgresql/*/bin/initdb"
+            );
             return None;
         };
         let dir = tempfile::TempDir::new().expect("dir");
