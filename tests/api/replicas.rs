@@ -773,3 +773,39 @@ fn a_missing_url_variable_or_a_bad_url_is_a_start_up_error_naming_the_key() {
     let none = check("");
     assert!(none.contains("storage.postgres_url_env"), "{none}");
 }
+
+/// `webhook-inbox migrate` brings a database's schema up to date, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_applies_the_embedded_migrations_once() {
+    let Some(server) = test_postgres_url("replicas: migrate") else {
+        return;
+    };
+    let url = fresh_postgres_schema(&server).await;
+    let dir = tempfile::TempDir::new().expect("dir");
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, replica_config(&url, &dir.path().join("runs"), None)).expect("write");
+    let migrate = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
+            .args(["migrate", "--config"])
+            .arg(&path)
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(migrate().starts_with("1 migration(s) applied"));
+    assert!(migrate().starts_with("0 migration(s) applied"));
+    let mut db = sqlx::PgConnection::connect(&url).await.expect("db");
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'inbox_%' \
+         AND schemaname = ANY(current_schemas(false))",
+    )
+    .fetch_one(&mut db)
+    .await
+    .expect("count");
+    assert_eq!(tables, 3);
+}

@@ -617,3 +617,70 @@ async fn replicas_reading_the_queue_at_once_take_different_pairs() {
         "A's own runs lapsed too by then"
     );
 }
+
+/// New work on one replica wakes the others' dispatchers (LISTEN/NOTIFY), without polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_work_on_one_replica_is_announced_to_the_others() {
+    let Some(server) = crate::helpers::test_postgres_url("store: LISTEN/NOTIFY") else {
+        return;
+    };
+    let url = crate::helpers::fresh_postgres_schema(&server).await;
+    let open = || async {
+        let store =
+            webhook_inbox::store::PgStore::connect(&url, 4, Durability::Fsync).expect("url");
+        store
+            .wait_ready(std::time::Duration::from_secs(30))
+            .await
+            .expect("ready");
+        Arc::new(store)
+    };
+    let (a, b) = (open().await, open().await);
+    let signal = b.work_signal().expect("a shared store announces work");
+    let wait = std::time::Duration::from_secs(30);
+    // The listener says so once when it starts listening (work may have come meanwhile).
+    tokio::time::timeout(wait, signal.notified())
+        .await
+        .expect("listening");
+    a.claim(new("n1", "{}", &["h"], false))
+        .await
+        .expect("claim");
+    tokio::time::timeout(wait, signal.notified())
+        .await
+        .expect("the claim on A is announced to B");
+}
+
+/// Retention runs on one replica at a time: while another holds the sweep's advisory lock,
+/// a sweep does nothing (and says it reached the end, so it does not spin).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_sweeps_retention_at_a_time() {
+    use sqlx::Connection as _;
+    let Some(server) = crate::helpers::test_postgres_url("store: one retention sweep") else {
+        return;
+    };
+    let url = crate::helpers::fresh_postgres_schema(&server).await;
+    let store = webhook_inbox::store::PgStore::connect(&url, 4, Durability::Fsync).expect("url");
+    store
+        .wait_ready(std::time::Duration::from_secs(30))
+        .await
+        .expect("ready");
+    store
+        .claim(new("old", "{}", &[], false))
+        .await
+        .expect("claim");
+    let mut other = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let mut sweeping = other.begin().await.expect("tx");
+    let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(webhook_inbox::store::postgres::RETENTION_LOCK)
+        .fetch_one(&mut *sweeping)
+        .await
+        .expect("lock");
+    assert!(held);
+    let pass = store.expire(NOW, 100).await.expect("expire");
+    assert_eq!(
+        (pass.removed, pass.examined),
+        (0, 0),
+        "another replica sweeps"
+    );
+    sweeping.rollback().await.expect("release");
+    assert_eq!(store.expire(NOW, 100).await.expect("expire").removed, 1);
+}

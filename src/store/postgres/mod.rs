@@ -68,7 +68,7 @@ use crate::config::Durability;
 const WORK_CHANNEL: &str = "webhook_inbox_work";
 
 /// The advisory lock that lets one replica at a time sweep retention.
-const RETENTION_LOCK: i64 = 0x7765_6268_6f6f_6b31; // "webhook1"
+pub const RETENTION_LOCK: i64 = 0x7765_6268_6f6f_6b31; // "webhook1"
 
 /// How long an operation waits for a connection before answering 503: a client's retry is
 /// better than a request that hangs while the database is away.
