@@ -43,6 +43,8 @@ struct BenchOptions {
     workers: usize,
     /// Seconds of the sustained case (0 skips it).
     sustain_seconds: u64,
+    /// A PostgreSQL server for the postgres cases (none: skipped).
+    postgres_url: Option<String>,
 }
 
 /// One case's figures.
@@ -119,6 +121,14 @@ fn free_port() -> u16 {
 }
 
 fn config_text(dir: &Path, durability: &str, port: u16, admin: u16, workers: usize) -> String {
+    let storage = format!(
+        "path = \"{}\"\ndurability = \"{durability}\"",
+        dir.join("data").display()
+    );
+    config_with_storage(&storage, port, admin, workers)
+}
+
+fn config_with_storage(storage: &str, port: u16, admin: u16, workers: usize) -> String {
     format!(
         r#"[server]
 listen = "127.0.0.1:{port}"
@@ -127,8 +137,7 @@ max_body_bytes = 1048576
 workers = {workers}
 
 [storage]
-path = "{}"
-durability = "{durability}"
+{storage}
 
 [sources.bench]
 secrets = ["{SECRET}"]
@@ -137,8 +146,7 @@ secrets = ["{SECRET}"]
 name = "noop"
 kind = "log"
 source = "bench"
-"#,
-        dir.join("data").display()
+"#
     )
 }
 
@@ -210,9 +218,13 @@ async fn start_inbox(
     let config = dir.join("bench.toml");
     std::fs::write(&config, config_text(dir, durability, port, admin, workers))
         .map_err(|e| e.to_string())?;
+    start_with(&config, port, admin).await
+}
+
+async fn start_with(config: &Path, port: u16, admin: u16) -> Result<(Server, Duration), String> {
     let child = Command::new(exe()?)
         .args(["serve", "--config"])
-        .arg(&config)
+        .arg(config)
         .env("RUST_LOG", "warn")
         .env_remove("WEBHOOK_INBOX_LISTEN")
         .env_remove("WEBHOOK_INBOX_ADMIN_LISTEN")
@@ -279,7 +291,7 @@ async fn drive(
     first_id: u64,
 ) -> (CaseResult, u64) {
     drive_for(
-        port,
+        &[port],
         source,
         load,
         options.concurrency,
@@ -292,7 +304,7 @@ async fn drive(
 
 #[allow(clippy::too_many_arguments)]
 async fn drive_for(
-    port: u16,
+    ports: &[u16],
     source: Arc<Source>,
     load: Load,
     concurrency: usize,
@@ -303,13 +315,14 @@ async fn drive_for(
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let next = Arc::new(AtomicU64::new(first_id));
     let next_after = next.clone();
+    let ports: Arc<[u16]> = ports.into();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("load generator runtime");
         let result = runtime.block_on(load_generator(
-            port,
+            ports,
             source,
             Arc::new(load),
             concurrency,
@@ -323,8 +336,9 @@ async fn drive_for(
     (result, next_after.load(Ordering::Relaxed))
 }
 
+/// Connection `i` goes to `ports[i % ports.len()]` (several replicas share the load).
 async fn load_generator(
-    port: u16,
+    ports: Arc<[u16]>,
     source: Arc<Source>,
     load: Arc<Load>,
     concurrency: usize,
@@ -337,7 +351,8 @@ async fn load_generator(
     let stop = Arc::new(AtomicBool::new(false));
     let interval = pace.map(|rate| Duration::from_secs_f64(concurrency as f64 / rate.max(1.0)));
     let mut workers = Vec::new();
-    for _ in 0..concurrency {
+    for connection in 0..concurrency {
+        let port = ports[connection % ports.len()];
         let (next, measuring, stop, source, load) = (
             next.clone(),
             measuring.clone(),
@@ -498,7 +513,7 @@ async fn sustained(
         })
     };
     let (mut r, _) = drive_for(
-        server.port,
+        &[server.port],
         source,
         Load {
             body_size: 1024,
@@ -652,10 +667,120 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
             .map_or(1000.0, |r| r.rate);
         results.push(sustained(options, source.clone(), ceiling, bare_rate[&1024]).await?);
     }
+    if let Some(url) = &options.postgres_url {
+        for replicas in [1, 3] {
+            results.push(postgres(options, source.clone(), url, replicas, bare_rate[&1024]).await?);
+        }
+    } else {
+        eprintln!(
+            "postgres cases: skipped: pass --postgres-url (or set WEBHOOK_INBOX_TEST_POSTGRES_URL)"
+        );
+    }
     if options.prefill > 0 {
         results.extend(large_store(options, source.clone(), bare_rate[&1024]).await?);
     }
     Ok(results)
+}
+
+/// `replicas` servers on one PostgreSQL database (a fresh schema), the connections spread
+/// over them, as fast as answers come: acks per second and handler runs per second (all
+/// replicas together) over the same window, and the largest queue depth seen.
+async fn postgres(
+    options: &BenchOptions,
+    source: Arc<Source>,
+    server_url: &str,
+    replicas: usize,
+    bare: f64,
+) -> Result<CaseResult, String> {
+    use sqlx::Connection as _;
+    let schema = format!("bench_{}", rand::random::<u32>());
+    let mut db = sqlx::PgConnection::connect(server_url)
+        .await
+        .map_err(|e| e.to_string())?;
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut db)
+        .await
+        .map_err(|e| e.to_string())?;
+    let separator = if server_url.contains('?') { '&' } else { '?' };
+    let url = format!("{server_url}{separator}options[search_path]={schema}");
+    let dir = tempfile::TempDir::new().map_err(|e| e.to_string())?;
+    let storage = format!("backend = \"postgres\"\npostgres_url = \"{url}\"\npool_size = 16");
+    let mut servers = Vec::new();
+    for n in 0..replicas {
+        let (port, admin) = (free_port(), free_port());
+        let config = dir.path().join(format!("replica{n}.toml"));
+        std::fs::write(
+            &config,
+            config_with_storage(&storage, port, admin, options.workers),
+        )
+        .map_err(|e| e.to_string())?;
+        servers.push(start_with(&config, port, admin).await?.0);
+    }
+    let client = reqwest::Client::new();
+    let admins: Vec<u16> = servers.iter().map(|s| s.admin).collect();
+    let runs = |client: reqwest::Client, admins: Vec<u16>| async move {
+        let (mut total, mut depth) = (0.0, 0.0);
+        for admin in admins {
+            let (runs, d) = scrape(&client, admin).await.unwrap_or_default();
+            total += runs;
+            depth = d; // one queue, shared
+        }
+        (total, depth)
+    };
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (client, sampling, admins) = (client.clone(), sampling.clone(), admins.clone());
+        tokio::spawn(async move {
+            let mut max_depth = 0f64;
+            let (mut first, mut last) = (None, None);
+            while sampling.load(Ordering::Relaxed) {
+                let (total, depth) = runs(client.clone(), admins.clone()).await;
+                max_depth = max_depth.max(depth);
+                let now = Instant::now();
+                first.get_or_insert((now, total));
+                last = Some((now, total));
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            (max_depth, first, last)
+        })
+    };
+    let ports: Vec<u16> = servers.iter().map(|s| s.port).collect();
+    let (mut r, _) = drive_for(
+        &ports,
+        source,
+        Load {
+            body_size: 1024,
+            duplicate_every: None,
+            replay_only: false,
+        },
+        options.concurrency,
+        options.seconds,
+        None,
+        0,
+    )
+    .await;
+    sampling.store(false, Ordering::Relaxed);
+    let (max_depth, first, last) = sampler.await.map_err(|e| e.to_string())?;
+    r.processed = Some(match (first, last) {
+        (Some((t0, r0)), Some((t1, r1))) if t1 > t0 => (r1 - r0) / (t1 - t0).as_secs_f64(),
+        _ => 0.0,
+    });
+    r.max_queue_depth = Some(max_depth);
+    r.name = format!("postgres, {replicas} replica(s), unique, 1 KiB");
+    r.rss = servers.iter().map(|s| rss_bytes(s.child.id())).sum();
+    r.vs_bare = r.rate / bare;
+    drop(servers);
+    let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&mut db)
+        .await;
+    eprintln!(
+        "{}: accepted {:.0}/s ({:.2}x bare), processed {:.0}/s",
+        r.name,
+        r.rate,
+        r.vs_bare,
+        r.processed.unwrap_or_default()
+    );
+    Ok(r)
 }
 
 /// Pre-fills `options.prefill` deliveries through the store API, then measures start-up,
@@ -774,6 +899,10 @@ struct Args {
     /// Seconds of the sustained end-to-end case (0 skips it).
     #[arg(long, default_value_t = 30)]
     sustain_seconds: u64,
+    /// A PostgreSQL server for the PostgreSQL cases (one replica, three replicas), each in a
+    /// fresh schema; without it they are skipped.
+    #[arg(long, env = "WEBHOOK_INBOX_TEST_POSTGRES_URL")]
+    postgres_url: Option<String>,
     /// Serve the bare endpoint at `--listen` instead (the benchmark starts itself so).
     #[arg(long, hide = true)]
     bare: bool,
@@ -813,6 +942,7 @@ fn main() -> std::process::ExitCode {
         prefill: args.prefill,
         workers: args.workers,
         sustain_seconds: args.sustain_seconds,
+        postgres_url: args.postgres_url,
     };
     match runtime.block_on(run(&options)) {
         Ok(results) => {

@@ -1,7 +1,7 @@
 //! The PostgreSQL implementation of [`DeliveryStore`]: several `serve` replicas, one
 //! database, every guarantee of the sled store unchanged.
 //!
-//! Schema (`migrations/`, embedded and run at start, see [`schema`]): `inbox_deliveries`
+//! Schema (`migrations/`, embedded and run at start, see `schema.rs`): `inbox_deliveries`
 //! (one row per `(source, id)`: the record as JSON text, the body), `inbox_jobs` (one row
 //! per (delivery, handler), written with the claim; its `due_ms` is the queue entry, its
 //! `lease_owner`/`lease_until_ms` the hold of a dispatcher or runner) and
@@ -86,6 +86,9 @@ pub struct PgConfigError(String);
 /// Deliveries in PostgreSQL.
 pub struct PgStore {
     pool: PgPool,
+    /// Connections whose commits do not wait for the WAL flush (`synchronous_commit =
+    /// off`), for the writes no answer depends on (see [`PgStore::relaxed`]).
+    relaxed: PgPool,
     /// This process's lease owner id.
     instance: i64,
     /// Set once the migrations have run; until then every operation is refused.
@@ -196,6 +199,10 @@ impl PgStore {
     ) -> Result<PgStore, PgConfigError> {
         let options = Self::options(url, durability)?;
         let reservation = crate::config::DispatchConfig::default().run_lease;
+        let relaxed = PgPoolOptions::new()
+            .max_connections((pool_size / 4).max(2))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options.clone().options([("synchronous_commit", "off")]));
         let pool = PgPoolOptions::new()
             .max_connections(pool_size)
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -208,6 +215,7 @@ impl PgStore {
         ];
         Ok(PgStore {
             pool,
+            relaxed,
             instance: rand::random::<i64>() & i64::MAX,
             ready,
             work,
@@ -274,6 +282,18 @@ impl PgStore {
                     .into(),
             ))
         }
+    }
+
+    /// For writes that acknowledge nothing to anyone and whose loss in a crash the design
+    /// allows for, as sled's unsynced writes: a dispatcher's reservation (lost, it was never
+    /// taken), a lease renewal (lost, the lease is shorter), the outcome of a run (lost, the
+    /// pair runs again with `attempt + 1` — its start was durable — and the same idempotency
+    /// key). They are visible at once, and PostgreSQL writes its WAL in order, so any later
+    /// durable commit (an acknowledgement) makes them durable too. Without this the
+    /// dispatcher waited one WAL flush per pair it took from the queue.
+    fn relaxed(&self) -> Result<&PgPool, StoreError> {
+        self.db()?;
+        Ok(&self.relaxed)
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
@@ -721,7 +741,7 @@ impl DeliveryStore for PgStore {
         .bind(i64::try_from(limit + skip.len()).unwrap_or(i64::MAX))
         .bind(self.instance)
         .bind(now.saturating_add(self.reservation.as_millis() as i64))
-        .fetch_all(self.db()?)
+        .fetch_all(self.relaxed()?)
         .await
         .map_err(backend)?;
         let mut due = Vec::with_capacity(rows.len());
@@ -753,7 +773,7 @@ impl DeliveryStore for PgStore {
              FROM inbox_jobs WHERE due_ms IS NOT NULL ORDER BY due_ms LIMIT $1",
         )
         .bind(i64::try_from(skip.len() + 64).unwrap_or(i64::MAX))
-        .fetch_all(self.db()?)
+        .fetch_all(self.relaxed()?)
         .await
         .map_err(backend)?;
         let mut next: Option<u64> = None;
@@ -866,7 +886,7 @@ impl DeliveryStore for PgStore {
         .bind(i32::try_from(attempt).unwrap_or(i32::MAX))
         .bind(self.instance)
         .bind(db_ms(lease_until_ms))
-        .execute(self.db()?)
+        .execute(self.relaxed()?)
         .await
         .map_err(backend)?;
         Ok(done.rows_affected() == 1)
@@ -923,7 +943,8 @@ impl DeliveryStore for PgStore {
             .bind(attempt)
             .bind(error),
         };
-        query.execute(self.db()?).await.map_err(backend)?;
+        // Not waited for: see `relaxed`.
+        query.execute(self.relaxed()?).await.map_err(backend)?;
         Ok(())
     }
 
