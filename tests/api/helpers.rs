@@ -620,13 +620,7 @@ pub async fn postgres_store_for(dir: &TempDir, url: &str) -> Arc<webhook_inbox::
             url
         }
     };
-    let store =
-        webhook_inbox::store::PgStore::connect(&url, 8, Durability::Fsync).expect("valid URL");
-    store
-        .wait_ready(Duration::from_secs(30))
-        .await
-        .expect("migrations run");
-    Arc::new(store)
+    postgres_store_at(&url).await
 }
 
 /// The store a test app on `dir` used, opened again (the app stopped): sled at the config's
@@ -640,9 +634,14 @@ pub async fn reopen_store(dir: &TempDir, config: &Config) -> Arc<dyn DeliverySto
 
 /// A PostgreSQL store in a fresh schema, ready.
 pub async fn postgres_store(url: &str) -> Arc<webhook_inbox::store::PgStore> {
-    let url = fresh_postgres_schema(url).await;
+    postgres_store_at(&fresh_postgres_schema(url).await).await
+}
+
+/// A PostgreSQL store at `url` (a schema of its own), once its migrations have run; open
+/// it twice for two replicas.
+pub async fn postgres_store_at(url: &str) -> Arc<webhook_inbox::store::PgStore> {
     let store =
-        webhook_inbox::store::PgStore::connect(&url, 8, Durability::Fsync).expect("valid URL");
+        webhook_inbox::store::PgStore::connect(url, 8, Durability::Fsync).expect("valid URL");
     store
         .wait_ready(Duration::from_secs(30))
         .await

@@ -564,15 +564,7 @@ async fn replicas_reading_the_queue_at_once_take_different_pairs() {
         return;
     };
     let url = crate::helpers::fresh_postgres_schema(&server).await;
-    let open = || async {
-        let store =
-            webhook_inbox::store::PgStore::connect(&url, 4, Durability::Fsync).expect("url");
-        store
-            .wait_ready(std::time::Duration::from_secs(30))
-            .await
-            .expect("ready");
-        Arc::new(store) as Store
-    };
+    let open = || async { crate::helpers::postgres_store_at(&url).await as Store };
     let (a, b) = (open().await, open().await);
     for i in 0..10 {
         a.claim(new(
@@ -625,15 +617,7 @@ async fn new_work_on_one_replica_is_announced_to_the_others() {
         return;
     };
     let url = crate::helpers::fresh_postgres_schema(&server).await;
-    let open = || async {
-        let store =
-            webhook_inbox::store::PgStore::connect(&url, 4, Durability::Fsync).expect("url");
-        store
-            .wait_ready(std::time::Duration::from_secs(30))
-            .await
-            .expect("ready");
-        Arc::new(store)
-    };
+    let open = || crate::helpers::postgres_store_at(&url);
     let (a, b) = (open().await, open().await);
     let signal = b.work_signal().expect("a shared store announces work");
     let wait = std::time::Duration::from_secs(30);
@@ -658,11 +642,7 @@ async fn one_replica_sweeps_retention_at_a_time() {
         return;
     };
     let url = crate::helpers::fresh_postgres_schema(&server).await;
-    let store = webhook_inbox::store::PgStore::connect(&url, 4, Durability::Fsync).expect("url");
-    store
-        .wait_ready(std::time::Duration::from_secs(30))
-        .await
-        .expect("ready");
+    let store = crate::helpers::postgres_store_at(&url).await;
     store
         .claim(new("old", "{}", &[], false))
         .await

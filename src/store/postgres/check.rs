@@ -12,11 +12,7 @@ impl PgStore {
     pub async fn check(&self, repair: bool, now_ms: u64) -> Result<CheckReport, StoreError> {
         let db = self.db()?;
         let mut report = CheckReport {
-            deliveries: sqlx::query_scalar::<_, i64>("SELECT count(*) FROM inbox_deliveries")
-                .fetch_one(db)
-                .await
-                .map_err(backend)?
-                .max(0) as usize,
+            deliveries: self.count("SELECT count(*) FROM inbox_deliveries").await?,
             ..CheckReport::default()
         };
         // 1 and 2: an answered delivery's unfinished pair with no queue entry.

@@ -156,6 +156,12 @@ fn decode_record(text: &str) -> Result<DeliveryRecord, StoreError> {
 const JOB_COLUMNS: &str =
     "status, attempts, retry_base, last_error, due_ms, updated_ms, lease_owner, lease_until_ms";
 
+/// The `(source, id, handler)` of a job row.
+fn job_key_of(row: &PgRow) -> Result<JobKey, StoreError> {
+    let text = |column: &str| row.try_get::<String, _>(column).map_err(backend);
+    Ok(DeliveryKey::new(text("source")?, text("id")?).job(&text("handler")?))
+}
+
 /// A job row as the [`JobState`] the trait speaks; `None` for a pair with no state yet.
 fn job_from_row(row: &PgRow) -> Result<Option<JobState>, StoreError> {
     let updated: Option<i64> = row.try_get("updated_ms").map_err(backend)?;
@@ -458,20 +464,7 @@ impl PgStore {
         change: impl FnOnce(Option<&mut DeliveryRecord>) -> (T, bool),
     ) -> Result<T, StoreError> {
         let mut tx = self.begin().await?;
-        let row = sqlx::query(
-            "SELECT record FROM inbox_deliveries WHERE source = $1 AND id = $2 FOR UPDATE",
-        )
-        .bind(&key.source)
-        .bind(&key.id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(backend)?;
-        let mut record = match row {
-            Some(row) => Some(decode_record(
-                &row.try_get::<String, _>("record").map_err(backend)?,
-            )?),
-            None => None,
-        };
+        let mut record = locked_record(&mut tx, key, "FOR UPDATE").await?;
         let (out, write) = change(record.as_mut());
         if let (true, Some(record)) = (write, &record) {
             sqlx::query("UPDATE inbox_deliveries SET record = $3 WHERE source = $1 AND id = $2")
@@ -486,6 +479,15 @@ impl PgStore {
             tx.rollback().await.map_err(backend)?;
         }
         Ok(out)
+    }
+
+    /// The number a `SELECT count(*) …` returns.
+    async fn count(&self, sql: &'static str) -> Result<usize, StoreError> {
+        let n: i64 = sqlx::query_scalar(sql)
+            .fetch_one(self.db()?)
+            .await
+            .map_err(backend)?;
+        Ok(usize::try_from(n).unwrap_or(0))
     }
 
     /// The statuses of `keys`' deliveries, from their job rows.
@@ -504,25 +506,18 @@ impl PgStore {
         .fetch_all(self.db()?)
         .await
         .map_err(backend)?;
-        let mut jobs: HashMap<(String, String, String), Option<JobState>> = HashMap::new();
+        let mut jobs: HashMap<JobKey, Option<JobState>> = HashMap::new();
         for row in &rows {
-            let k = (
-                row.try_get("source").map_err(backend)?,
-                row.try_get("id").map_err(backend)?,
-                row.try_get("handler").map_err(backend)?,
-            );
-            jobs.insert(k, job_from_row(row)?);
+            jobs.insert(job_key_of(row)?, job_from_row(row)?);
         }
         Ok(records
             .into_iter()
             .map(|record| {
+                let key = record.key();
                 let states: Vec<Option<JobState>> = record
                     .handlers
                     .iter()
-                    .map(|h| {
-                        jobs.remove(&(record.source.clone(), record.id.clone(), h.clone()))
-                            .flatten()
-                    })
+                    .map(|h| jobs.remove(&key.job(h)).flatten())
                     .collect();
                 DeliverySummary {
                     status: DeliveryStatus::of(&record, &states),
@@ -538,6 +533,27 @@ impl Drop for PgStore {
         for task in &self.tasks {
             task.abort();
         }
+    }
+}
+
+/// A delivery's record read under a row lock (`FOR UPDATE` or `FOR SHARE`) held until `tx`
+/// ends.
+async fn locked_record(
+    tx: &mut Transaction<'static, Postgres>,
+    key: &DeliveryKey,
+    lock: &'static str,
+) -> Result<Option<DeliveryRecord>, StoreError> {
+    let row = sqlx::query(&format!(
+        "SELECT record FROM inbox_deliveries WHERE source = $1 AND id = $2 {lock}"
+    ))
+    .bind(&key.source)
+    .bind(&key.id)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(backend)?;
+    match row {
+        Some(row) => decode_record(&row.try_get::<String, _>("record").map_err(backend)?).map(Some),
+        None => Ok(None),
     }
 }
 
@@ -746,11 +762,7 @@ impl DeliveryStore for PgStore {
         .map_err(backend)?;
         let mut due = Vec::with_capacity(rows.len());
         for row in rows {
-            let job = DeliveryKey::new(
-                row.try_get::<String, _>("source").map_err(backend)?,
-                row.try_get::<String, _>("id").map_err(backend)?,
-            )
-            .job(&row.try_get::<String, _>("handler").map_err(backend)?);
+            let job = job_key_of(&row)?;
             if skip.contains(&job) {
                 continue;
             }
@@ -778,11 +790,7 @@ impl DeliveryStore for PgStore {
         .map_err(backend)?;
         let mut next: Option<u64> = None;
         for row in rows {
-            let job = DeliveryKey::new(
-                row.try_get::<String, _>("source").map_err(backend)?,
-                row.try_get::<String, _>("id").map_err(backend)?,
-            )
-            .job(&row.try_get::<String, _>("handler").map_err(backend)?);
+            let job = job_key_of(&row)?;
             if !skip.contains(&job) {
                 let at = ms(row.try_get("at").map_err(backend)?);
                 next = Some(next.map_or(at, |n| n.min(at)));
@@ -1224,18 +1232,9 @@ impl DeliveryStore for PgStore {
     async fn retry(&self, key: &DeliveryKey, now_ms: u64) -> Result<Vec<String>, StoreError> {
         let mut tx = self.begin().await?;
         // The delivery's row lock: retention cannot remove it under this retry.
-        let row = sqlx::query(
-            "SELECT record FROM inbox_deliveries WHERE source = $1 AND id = $2 FOR SHARE",
-        )
-        .bind(&key.source)
-        .bind(&key.id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(backend)?;
-        let Some(row) = row else {
+        let Some(record) = locked_record(&mut tx, key, "FOR SHARE").await? else {
             return Ok(Vec::new());
         };
-        let record = decode_record(&row.try_get::<String, _>("record").map_err(backend)?)?;
         let requeued: Vec<String> = sqlx::query_scalar(&format!(
             "UPDATE inbox_jobs SET {REQUEUE} \
              WHERE source = $1 AND id = $2 AND handler = ANY($3) AND status <> 'succeeded' \
@@ -1295,19 +1294,13 @@ impl DeliveryStore for PgStore {
     }
 
     async fn queue_depth(&self) -> Result<usize, StoreError> {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox_jobs WHERE due_ms IS NOT NULL")
-            .fetch_one(self.db()?)
+        self.count("SELECT count(*) FROM inbox_jobs WHERE due_ms IS NOT NULL")
             .await
-            .map_err(backend)?;
-        Ok(n as usize)
     }
 
     async fn dead_letters(&self) -> Result<usize, StoreError> {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox_jobs WHERE status = 'dead'")
-            .fetch_one(self.db()?)
+        self.count("SELECT count(*) FROM inbox_jobs WHERE status = 'dead'")
             .await
-            .map_err(backend)?;
-        Ok(n as usize)
     }
 
     async fn is_healthy(&self) -> bool {
