@@ -612,6 +612,23 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// Due time of the earliest queue entry not in `skip`.
     async fn next_due_ms(&self, skip: &HashSet<JobKey>) -> Result<Option<u64>, StoreError>;
 
+    /// [`DeliveryStore::due_jobs`] of one handler only: what the dispatcher reads, for the
+    /// handlers it may run now, so that a paused or limited handler's backlog costs nothing.
+    async fn due_jobs_of(
+        &self,
+        handler: &str,
+        now_ms: u64,
+        limit: usize,
+        skip: &HashSet<JobKey>,
+    ) -> Result<Vec<QueuedJob>, StoreError>;
+
+    /// [`DeliveryStore::next_due_ms`] of one handler only.
+    async fn next_due_of(
+        &self,
+        handler: &str,
+        skip: &HashSet<JobKey>,
+    ) -> Result<Option<u64>, StoreError>;
+
     /// Starts a run of `job`: marks it running under a lease until `lease_until_ms` and
     /// counts the attempt, durably, so a run interrupted by a crash is retried with a
     /// higher attempt number. `queued_due` is the queue entry it was taken from (`None`
@@ -705,6 +722,15 @@ pub trait DeliveryStore: Send + Sync + 'static {
 
     /// Jobs waiting in the queue (due or not).
     async fn queue_depth(&self) -> Result<usize, StoreError>;
+
+    /// Jobs waiting in the queue, per handler (handlers with none are left out).
+    async fn queue_depths(&self) -> Result<Vec<(String, usize)>, StoreError>;
+
+    /// The handlers an operator has paused: their pairs stay queued and none starts.
+    async fn paused_handlers(&self) -> Result<HashSet<String>, StoreError>;
+
+    /// Pauses or resumes a handler, durably (a pause survives restarts).
+    async fn set_paused(&self, handler: &str, paused: bool, now_ms: u64) -> Result<(), StoreError>;
 
     /// Dead-lettered (delivery, handler) pairs.
     async fn dead_letters(&self) -> Result<usize, StoreError>;

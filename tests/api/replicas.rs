@@ -797,7 +797,7 @@ async fn migrate_applies_the_embedded_migrations_once() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert!(migrate().starts_with("1 migration(s) applied"));
+    assert!(migrate().starts_with("2 migration(s) applied"));
     assert!(migrate().starts_with("0 migration(s) applied"));
     let mut db = sqlx::PgConnection::connect(&url).await.expect("db");
     let tables: i64 = sqlx::query_scalar(
@@ -807,5 +807,5 @@ async fn migrate_applies_the_embedded_migrations_once() {
     .fetch_one(&mut db)
     .await
     .expect("count");
-    assert_eq!(tables, 3);
+    assert_eq!(tables, 4);
 }

@@ -82,11 +82,18 @@ async fn damaged_store(dir: &std::path::Path) {
         store.flush().await.expect("flush");
     }
     let db = open_sled(&path);
-    let queue = db.open_tree("queue").expect("queue");
-    queue.clear().expect("clear");
+    db.open_tree("handler_queue")
+        .expect("queue")
+        .clear()
+        .expect("clear");
+    // The leftover is written in the queue layout of the first versions (one tree `queue`,
+    // due time first), so opening the store also moves it to the per-handler layout.
     let mut dangling = 5u64.to_be_bytes().to_vec();
     dangling.extend_from_slice(b"credicorp\0msg_never_landed\0recorder");
-    queue.insert(dangling, &[]).expect("insert");
+    db.open_tree("queue")
+        .expect("old queue")
+        .insert(dangling, &[])
+        .expect("insert");
     db.flush().expect("flush");
 }
 
@@ -290,4 +297,43 @@ async fn dead_letters_are_listed_from_their_own_tree() {
         .collect();
     assert_eq!(ids, ["dead-2", "dead-1"], "newest first, all on one page");
     assert!(page.next.is_none());
+}
+
+/// A store written before queue entries were kept per handler (one tree `queue`, due time
+/// first) is moved to the per-handler layout when opened: what was queued still runs, once.
+#[tokio::test]
+async fn a_store_of_the_old_queue_layout_is_upgraded_and_its_queue_runs() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    damaged_store(dir.path()).await; // `msg_lost` acknowledged, its queue entry removed
+    {
+        // …and put back in the old layout, as the first versions wrote it.
+        let db = open_sled(&dir.path().join("data"));
+        let mut entry = 7u64.to_be_bytes().to_vec();
+        entry.extend_from_slice(b"credicorp\0msg_lost\0recorder");
+        db.open_tree("queue")
+            .expect("old queue")
+            .insert(entry, &[])
+            .expect("insert");
+        db.flush().expect("flush");
+    }
+    {
+        let store = open_raw(&dir.path().join("data"), false);
+        let due = store
+            .due_jobs(u64::MAX, 10, &Default::default())
+            .await
+            .expect("queue");
+        let ids: Vec<&str> = due.iter().map(|e| e.job.delivery.id.as_str()).collect();
+        assert_eq!(ids, ["msg_never_landed", "msg_lost"], "{due:?}");
+    }
+    let app = spawn_with(Options {
+        sled_only: true,
+        dir: Some(std::sync::Arc::new(dir)),
+        ..Options::default()
+    })
+    .await;
+    assert!(
+        eventually(Duration::from_secs(20), || app.recorder.runs_of("msg_lost")
+            == 1)
+        .await
+    );
 }

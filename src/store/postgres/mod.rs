@@ -481,6 +481,99 @@ impl PgStore {
         Ok(out)
     }
 
+    /// Reserves up to `limit` due pairs (of `handler`, or of every handler) for this
+    /// replica, earliest first, so that replicas reading the queue at once take different
+    /// pairs; a pair running under a live lease, or reserved by another replica, is not due
+    /// here.
+    async fn reserve_due(
+        &self,
+        handler: Option<&str>,
+        now_ms: u64,
+        limit: usize,
+        skip: &HashSet<JobKey>,
+    ) -> Result<Vec<QueuedJob>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let now = db_ms(now_ms);
+        // Two texts rather than `($5 IS NULL OR handler = $5)`, so that each gets the plan
+        // of its own index.
+        let of_handler = if handler.is_some() {
+            "AND handler = $5"
+        } else {
+            "AND $5::text IS NULL"
+        };
+        let rows = sqlx::query(&format!(
+            "WITH c AS ( \
+                SELECT source, id, handler FROM inbox_jobs \
+                WHERE due_ms <= $1 {of_handler} \
+                  AND NOT (status = 'running' AND COALESCE(lease_until_ms, 0) > $1) \
+                  AND (COALESCE(reserved_until_ms, 0) <= $1 OR reserved_by = $3) \
+                ORDER BY due_ms LIMIT $2 FOR UPDATE SKIP LOCKED \
+             ) \
+             UPDATE inbox_jobs j SET reserved_by = $3, reserved_until_ms = $4 FROM c \
+             WHERE j.source = c.source AND j.id = c.id AND j.handler = c.handler \
+             RETURNING j.source, j.id, j.handler, j.due_ms"
+        ))
+        .bind(now)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(self.instance)
+        .bind(now.saturating_add(self.reservation.as_millis() as i64))
+        .bind(handler)
+        .fetch_all(self.relaxed()?)
+        .await
+        .map_err(backend)?;
+        let mut due = Vec::with_capacity(rows.len());
+        for row in rows {
+            let job = job_key_of(&row)?;
+            // A pair this process runs or has deferred is held, so the statement passed it
+            // by already; this only guards a race with its own lease.
+            if skip.contains(&job) {
+                continue;
+            }
+            due.push(QueuedJob {
+                due_ms: ms(row.try_get("due_ms").map_err(backend)?),
+                job,
+            });
+        }
+        due.sort_by_key(|q| q.due_ms);
+        Ok(due)
+    }
+
+    /// When the next pair (of `handler`, or of any) becomes due here: a pair someone holds
+    /// is due to the others when the hold lapses.
+    async fn next_due(
+        &self,
+        handler: Option<&str>,
+        skip: &HashSet<JobKey>,
+    ) -> Result<Option<u64>, StoreError> {
+        let of_handler = if handler.is_some() {
+            "AND handler = $2"
+        } else {
+            "AND $2::text IS NULL"
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT source, id, handler, GREATEST(due_ms, \
+                CASE WHEN status = 'running' THEN COALESCE(lease_until_ms, 0) ELSE 0 END, \
+                COALESCE(reserved_until_ms, 0)) AS at \
+             FROM inbox_jobs WHERE due_ms IS NOT NULL {of_handler} ORDER BY due_ms LIMIT $1"
+        ))
+        .bind(i64::try_from(skip.len() + 64).unwrap_or(i64::MAX))
+        .bind(handler)
+        .fetch_all(self.relaxed()?)
+        .await
+        .map_err(backend)?;
+        let mut next: Option<u64> = None;
+        for row in rows {
+            let job = job_key_of(&row)?;
+            if !skip.contains(&job) {
+                let at = ms(row.try_get("at").map_err(backend)?);
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+        Ok(next)
+    }
+
     /// The number a `SELECT count(*) …` returns.
     async fn count(&self, sql: &'static str) -> Result<usize, StoreError> {
         let n: i64 = sqlx::query_scalar(sql)
@@ -734,69 +827,29 @@ impl DeliveryStore for PgStore {
         limit: usize,
         skip: &HashSet<JobKey>,
     ) -> Result<Vec<QueuedJob>, StoreError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let now = db_ms(now_ms);
-        // Reserved for this replica, so that replicas reading the queue at once take
-        // different pairs; a pair running under a live lease, or reserved by another
-        // replica, is not due here.
-        let rows = sqlx::query(
-            "WITH c AS ( \
-                SELECT source, id, handler FROM inbox_jobs \
-                WHERE due_ms <= $1 \
-                  AND NOT (status = 'running' AND COALESCE(lease_until_ms, 0) > $1) \
-                  AND (COALESCE(reserved_until_ms, 0) <= $1 OR reserved_by = $3) \
-                ORDER BY due_ms LIMIT $2 FOR UPDATE SKIP LOCKED \
-             ) \
-             UPDATE inbox_jobs j SET reserved_by = $3, reserved_until_ms = $4 FROM c \
-             WHERE j.source = c.source AND j.id = c.id AND j.handler = c.handler \
-             RETURNING j.source, j.id, j.handler, j.due_ms",
-        )
-        .bind(now)
-        .bind(i64::try_from(limit + skip.len()).unwrap_or(i64::MAX))
-        .bind(self.instance)
-        .bind(now.saturating_add(self.reservation.as_millis() as i64))
-        .fetch_all(self.relaxed()?)
-        .await
-        .map_err(backend)?;
-        let mut due = Vec::with_capacity(rows.len());
-        for row in rows {
-            let job = job_key_of(&row)?;
-            if skip.contains(&job) {
-                continue;
-            }
-            due.push(QueuedJob {
-                due_ms: ms(row.try_get("due_ms").map_err(backend)?),
-                job,
-            });
-        }
-        due.sort_by_key(|q| q.due_ms);
-        due.truncate(limit);
-        Ok(due)
+        self.reserve_due(None, now_ms, limit, skip).await
+    }
+
+    async fn due_jobs_of(
+        &self,
+        handler: &str,
+        now_ms: u64,
+        limit: usize,
+        skip: &HashSet<JobKey>,
+    ) -> Result<Vec<QueuedJob>, StoreError> {
+        self.reserve_due(Some(handler), now_ms, limit, skip).await
     }
 
     async fn next_due_ms(&self, skip: &HashSet<JobKey>) -> Result<Option<u64>, StoreError> {
-        // A pair someone holds is due to the others when the hold lapses.
-        let rows = sqlx::query(
-            "SELECT source, id, handler, GREATEST(due_ms, \
-                CASE WHEN status = 'running' THEN COALESCE(lease_until_ms, 0) ELSE 0 END, \
-                COALESCE(reserved_until_ms, 0)) AS at \
-             FROM inbox_jobs WHERE due_ms IS NOT NULL ORDER BY due_ms LIMIT $1",
-        )
-        .bind(i64::try_from(skip.len() + 64).unwrap_or(i64::MAX))
-        .fetch_all(self.relaxed()?)
-        .await
-        .map_err(backend)?;
-        let mut next: Option<u64> = None;
-        for row in rows {
-            let job = job_key_of(&row)?;
-            if !skip.contains(&job) {
-                let at = ms(row.try_get("at").map_err(backend)?);
-                next = Some(next.map_or(at, |n| n.min(at)));
-            }
-        }
-        Ok(next)
+        self.next_due(None, skip).await
+    }
+
+    async fn next_due_of(
+        &self,
+        handler: &str,
+        skip: &HashSet<JobKey>,
+    ) -> Result<Option<u64>, StoreError> {
+        self.next_due(Some(handler), skip).await
     }
 
     async fn begin_attempt(
@@ -1296,6 +1349,47 @@ impl DeliveryStore for PgStore {
     async fn queue_depth(&self) -> Result<usize, StoreError> {
         self.count("SELECT count(*) FROM inbox_jobs WHERE due_ms IS NOT NULL")
             .await
+    }
+
+    async fn queue_depths(&self) -> Result<Vec<(String, usize)>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT handler, count(*) FROM inbox_jobs WHERE due_ms IS NOT NULL GROUP BY handler",
+        )
+        .fetch_all(self.db()?)
+        .await
+        .map_err(backend)?;
+        Ok(rows
+            .into_iter()
+            .map(|(h, n)| (h, usize::try_from(n).unwrap_or(0)))
+            .collect())
+    }
+
+    async fn paused_handlers(&self) -> Result<HashSet<String>, StoreError> {
+        let names: Vec<String> = sqlx::query_scalar("SELECT name FROM inbox_handlers WHERE paused")
+            .fetch_all(self.db()?)
+            .await
+            .map_err(backend)?;
+        Ok(names.into_iter().collect())
+    }
+
+    async fn set_paused(&self, handler: &str, paused: bool, now_ms: u64) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO inbox_handlers (name, paused, updated_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET paused = $2, updated_ms = $3",
+        )
+        .bind(handler)
+        .bind(paused)
+        .bind(db_ms(now_ms))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        if !paused {
+            // Its queue may be due: every replica's dispatcher looks again.
+            notify_work(&mut tx).await?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(())
     }
 
     async fn dead_letters(&self) -> Result<usize, StoreError> {

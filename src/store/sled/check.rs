@@ -5,7 +5,8 @@ use std::collections::{HashMap, HashSet};
 
 use super::super::{CheckReport, DeliveryRecord, JobKey, JobState, JobStatus, StoreError};
 use super::encoding::{
-    backend, decode_delivery_key, decode_record, pending_job, queue_key, split_time_key,
+    backend, decode_delivery_key, decode_record, job_queue_key, pending_job, queue_key,
+    split_job_queue_key, split_time_key,
 };
 use super::{Op, SledStore};
 
@@ -38,7 +39,9 @@ pub(super) fn still_due(
         }
     };
     match entry {
-        Some(due) => queue.contains_key(queue_key(due, job_key)).map_err(backend),
+        Some(due) => queue
+            .contains_key(job_queue_key(due, job_key))
+            .map_err(backend),
         None => Ok(false),
     }
 }
@@ -217,7 +220,7 @@ impl SledStore {
         }
         for entry in self.queue.iter().keys() {
             let k = entry.map_err(backend)?;
-            let Some(job) = split_time_key(&k).and_then(|(_, j)| JobKey::decode(j)) else {
+            let Some(job) = split_job_queue_key(&k).and_then(|(_, j)| JobKey::decode(j)) else {
                 continue;
             };
             let gone = !self

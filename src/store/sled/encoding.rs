@@ -23,6 +23,34 @@ pub(super) fn queue_key(due_ms: u64, job: &[u8]) -> Vec<u8> {
     k
 }
 
+/// A queue entry's key: `handler \0`, the due time (u64 BE), then the job key. Each
+/// handler's entries are one range in due order, so the dispatcher reads the front of the
+/// handlers it may run now (not paused, under their limits) and never walks past the
+/// backlog of one it may not.
+pub(super) fn job_queue_key(due_ms: u64, job_key: &[u8]) -> Vec<u8> {
+    // A job key is `source \0 id \0 handler`, and none of the three holds a NUL.
+    let handler = job_key.rsplit(|b| *b == 0).next().unwrap_or_default();
+    let mut k = handler_queue_prefix(handler);
+    k.reserve(8 + job_key.len());
+    k.extend_from_slice(&due_ms.to_be_bytes());
+    k.extend_from_slice(job_key);
+    k
+}
+
+/// Where `handler`'s queue entries start.
+pub(super) fn handler_queue_prefix(handler: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(handler.len() + 1);
+    k.extend_from_slice(handler);
+    k.push(0);
+    k
+}
+
+/// Inverse of [`job_queue_key`]: the due time and the job key.
+pub(super) fn split_job_queue_key(k: &[u8]) -> Option<(u64, &[u8])> {
+    let at = k.iter().position(|b| *b == 0)?;
+    split_time_key(&k[at + 1..])
+}
+
 pub(super) fn split_time_key(k: &[u8]) -> Option<(u64, &[u8])> {
     let (t, rest) = k.split_first_chunk::<8>()?;
     Some((u64::from_be_bytes(*t), rest))

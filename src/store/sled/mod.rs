@@ -78,7 +78,8 @@ use check::still_due;
 use disk::DiskSync;
 use encoding::{
     BodyEntry, KEPT, backend, body_index_key, corrupt, decode_delivery_key, decode_record,
-    encode_delivery, pending_job, queue_key, split_delivery, split_time_key, to_json,
+    encode_delivery, handler_queue_prefix, job_queue_key, pending_job, queue_key, split_delivery,
+    split_job_queue_key, split_time_key, to_json,
 };
 use listing::{LIST_SCAN_LIMIT, cursor_before};
 
@@ -95,6 +96,9 @@ use crate::config::Durability;
 
 /// A hook run before each fsync, to inject disk failures in tests.
 pub type FlushHook = Box<dyn Fn() -> std::io::Result<()> + Send>;
+
+/// `meta` keys of paused handlers: this prefix, then the handler's name.
+const PAUSED: &[u8] = b"paused\0";
 
 /// Mutexes the delivery locks are spread over: enough that unrelated deliveries rarely
 /// share one, few enough to allocate once.
@@ -247,11 +251,12 @@ impl SledStore {
         let (deliveries, jobs, queue, received, body_index) = (
             tree("deliveries")?,
             tree("jobs")?,
-            tree("queue")?,
+            tree("handler_queue")?,
             tree("received")?,
             tree("body_index")?,
         );
         let (dead, meta, fp_expiry) = (tree("dead")?, tree("meta")?, tree("fp_expiry")?);
+        Self::migrate_queue_layout(&db, &queue)?;
         let data_file = File::open(path.join("db"))
             .map_err(|e| StoreError::Backend(format!("opening sled's data file: {e}")))?;
         // Make the directory entries of a new store durable too.
@@ -444,7 +449,7 @@ impl SledStore {
     fn drop_stale(&self, queued_due: Option<u64>, job_key: &[u8]) -> Result<(), StoreError> {
         if let Some(due) = queued_due {
             self.queue
-                .remove(queue_key(due, job_key))
+                .remove(job_queue_key(due, job_key))
                 .map_err(backend)?;
         }
         Ok(())
@@ -463,21 +468,69 @@ impl SledStore {
         Ok(())
     }
 
-    fn queue_scan(
+    /// `handler`'s queue entries in due order, skipping the jobs in `skip`.
+    fn handler_queue(
         &self,
+        handler: &str,
         skip: &HashSet<JobKey>,
     ) -> impl Iterator<Item = Result<QueuedJob, StoreError>> {
-        self.queue.iter().keys().filter_map(move |k| {
-            let k = match k {
-                Ok(k) => k,
-                Err(e) => return Some(Err(backend(e))),
+        self.queue
+            .scan_prefix(handler_queue_prefix(handler.as_bytes()))
+            .keys()
+            .filter_map(move |k| {
+                let k = match k {
+                    Ok(k) => k,
+                    Err(e) => return Some(Err(backend(e))),
+                };
+                let Some((due_ms, job)) = split_job_queue_key(&k) else {
+                    return Some(Err(StoreError::Corrupt("queue key".into())));
+                };
+                let job = JobKey::decode(job)?;
+                (!skip.contains(&job)).then_some(Ok(QueuedJob { due_ms, job }))
+            })
+    }
+
+    /// The handlers with queue entries: one seek per handler, not a walk of the queue.
+    fn queued_handlers(&self) -> Result<Vec<String>, StoreError> {
+        let mut handlers = Vec::new();
+        let mut from: Vec<u8> = Vec::new();
+        while let Some(entry) = self.queue.range(from.clone()..).keys().next() {
+            let k = entry.map_err(backend)?;
+            let Some(end) = k.iter().position(|b| *b == 0) else {
+                return Err(StoreError::Corrupt("queue key".into()));
             };
-            let Some((due_ms, job)) = split_time_key(&k) else {
-                return Some(Err(StoreError::Corrupt("queue key".into())));
-            };
-            let job = JobKey::decode(job)?;
-            (!skip.contains(&job)).then_some(Ok(QueuedJob { due_ms, job }))
-        })
+            handlers.push(String::from_utf8_lossy(&k[..end]).into_owned());
+            // Past every key of this handler: `handler \x01` sorts after `handler \0 …`.
+            from = k[..end].to_vec();
+            from.push(1);
+        }
+        Ok(handlers)
+    }
+
+    /// Moves the entries of the queue layout before handler prefixes (due time first, one
+    /// tree `queue`) into the per-handler layout, once, at open: the new entry first, then
+    /// removal of the old (a crash in between leaves both; the next open finishes).
+    fn migrate_queue_layout(db: &sled::Db, queue: &sled::Tree) -> Result<(), StoreError> {
+        if !db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == b"queue".as_slice())
+        {
+            return Ok(());
+        }
+        let old = db.open_tree("queue").map_err(backend)?;
+        for entry in old.iter().keys() {
+            let k = entry.map_err(backend)?;
+            if let Some((due, job)) = split_time_key(&k) {
+                queue
+                    .insert(job_queue_key(due, job), &[])
+                    .map_err(backend)?;
+            }
+            old.remove(&k).map_err(backend)?;
+        }
+        db.flush().map_err(backend)?;
+        db.drop_tree("queue").map_err(backend)?;
+        Ok(())
     }
 
     /// An operator retry of one pair (the caller holds the delivery's lock): due now, with a
@@ -543,7 +596,7 @@ impl SledStore {
     ) -> Result<(), StoreError> {
         let old = state.queued_at_ms.replace(due_ms);
         self.queue
-            .insert(queue_key(due_ms, job_key), &[])
+            .insert(job_queue_key(due_ms, job_key), &[])
             .map_err(backend)?;
         self.step(op, "after-new-queue-entry");
         self.write_job(job_key, state)?;
@@ -552,7 +605,7 @@ impl SledStore {
             && old != due_ms
         {
             self.queue
-                .remove(queue_key(old, job_key))
+                .remove(job_queue_key(old, job_key))
                 .map_err(backend)?;
         }
         Ok(())
@@ -586,10 +639,10 @@ impl SledStore {
         for (jk, state) in &states {
             // Its first queue entry (due on arrival) and its current one.
             self.queue
-                .remove(queue_key(record.received_at_ms, jk))
+                .remove(job_queue_key(record.received_at_ms, jk))
                 .map_err(backend)?;
             if let Some(due) = state.as_ref().and_then(|s| s.queued_at_ms) {
-                self.queue.remove(queue_key(due, jk)).map_err(backend)?;
+                self.queue.remove(job_queue_key(due, jk)).map_err(backend)?;
             }
             self.jobs.remove(jk.as_slice()).map_err(backend)?;
             self.dead.remove(jk.as_slice()).map_err(backend)?;
@@ -653,7 +706,7 @@ impl DeliveryStore for SledStore {
             record
                 .handlers
                 .iter()
-                .map(|h| queue_key(received_at, &record.key().job(h).encode()))
+                .map(|h| job_queue_key(received_at, &record.key().job(h).encode()))
                 .collect()
         } else {
             Vec::new()
@@ -749,7 +802,23 @@ impl DeliveryStore for SledStore {
         skip: &HashSet<JobKey>,
     ) -> Result<Vec<QueuedJob>, StoreError> {
         let mut out = Vec::new();
-        for entry in self.queue_scan(skip) {
+        for handler in self.queued_handlers()? {
+            out.extend(self.due_jobs_of(&handler, now_ms, limit, skip).await?);
+        }
+        out.sort_by_key(|q| q.due_ms);
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn due_jobs_of(
+        &self,
+        handler: &str,
+        now_ms: u64,
+        limit: usize,
+        skip: &HashSet<JobKey>,
+    ) -> Result<Vec<QueuedJob>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.handler_queue(handler, skip) {
             let entry = entry?;
             if entry.due_ms > now_ms || out.len() >= limit {
                 break;
@@ -760,7 +829,21 @@ impl DeliveryStore for SledStore {
     }
 
     async fn next_due_ms(&self, skip: &HashSet<JobKey>) -> Result<Option<u64>, StoreError> {
-        self.queue_scan(skip)
+        let mut next: Option<u64> = None;
+        for handler in self.queued_handlers()? {
+            if let Some(due) = self.next_due_of(&handler, skip).await? {
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        Ok(next)
+    }
+
+    async fn next_due_of(
+        &self,
+        handler: &str,
+        skip: &HashSet<JobKey>,
+    ) -> Result<Option<u64>, StoreError> {
+        self.handler_queue(handler, skip)
             .next()
             .transpose()
             .map(|e| e.map(|e| e.due_ms))
@@ -783,7 +866,7 @@ impl DeliveryStore for SledStore {
             if let Some(due) = queued_due
                 && !self
                     .queue
-                    .contains_key(queue_key(due, &job_key))
+                    .contains_key(job_queue_key(due, &job_key))
                     .map_err(backend)?
             {
                 // Read before an operator retry moved it, or a run finished: stale.
@@ -1223,6 +1306,55 @@ impl DeliveryStore for SledStore {
 
     async fn queue_depth(&self) -> Result<usize, StoreError> {
         Ok(self.queue.len())
+    }
+
+    async fn queue_depths(&self) -> Result<Vec<(String, usize)>, StoreError> {
+        self.queued_handlers()?
+            .into_iter()
+            .map(|h| {
+                let n = self
+                    .queue
+                    .scan_prefix(handler_queue_prefix(h.as_bytes()))
+                    .count();
+                Ok((h, n))
+            })
+            .collect()
+    }
+
+    async fn paused_handlers(&self) -> Result<HashSet<String>, StoreError> {
+        self.meta
+            .scan_prefix(PAUSED)
+            .keys()
+            .map(|k| {
+                let k = k.map_err(backend)?;
+                Ok(String::from_utf8_lossy(&k[PAUSED.len()..]).into_owned())
+            })
+            .collect()
+    }
+
+    async fn set_paused(
+        &self,
+        handler: &str,
+        paused: bool,
+        _now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let fsync = self.durability == Durability::Fsync;
+        let guard = if fsync {
+            Some(self.commit.begin_write()?)
+        } else {
+            None
+        };
+        let key = [PAUSED, handler.as_bytes()].concat();
+        if paused {
+            self.meta.insert(key, &[]).map_err(backend)?;
+        } else {
+            self.meta.remove(key).map_err(backend)?;
+        }
+        if fsync {
+            self.commit.wait().await?;
+        }
+        drop(guard);
+        Ok(())
     }
 
     async fn dead_letters(&self) -> Result<usize, StoreError> {
