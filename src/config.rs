@@ -486,6 +486,12 @@ pub struct Binding {
     /// the values at every pointer is not bound to the handler (decided at claim time).
     #[serde(default, rename = "match")]
     pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
+    /// At most this many runs of the handler at once (on top of `dispatch.concurrency`).
+    #[serde(default)]
+    pub concurrency: Option<usize>,
+    /// At most this many run starts per second, minute or hour.
+    #[serde(default)]
+    pub rate: Option<crate::domain::Rate>,
 }
 
 fn default_events() -> Vec<String> {
@@ -529,6 +535,12 @@ pub struct LogHandlerConfig {
     /// See [`Binding::body_match`].
     #[serde(default, rename = "match")]
     pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
+    /// See [`Binding::concurrency`].
+    #[serde(default)]
+    pub concurrency: Option<usize>,
+    /// See [`Binding::rate`].
+    #[serde(default)]
+    pub rate: Option<crate::domain::Rate>,
 }
 
 /// `kind = "command"`
@@ -545,6 +557,12 @@ pub struct CommandHandlerConfig {
     /// See [`Binding::body_match`].
     #[serde(default, rename = "match")]
     pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
+    /// See [`Binding::concurrency`].
+    #[serde(default)]
+    pub concurrency: Option<usize>,
+    /// See [`Binding::rate`].
+    #[serde(default)]
+    pub rate: Option<crate::domain::Rate>,
     /// Program and arguments; run directly, no shell.
     pub command: Vec<String>,
     /// Variables of the service's environment to pass on, beyond `PATH`, `HOME` and
@@ -570,6 +588,12 @@ pub struct HttpHandlerConfig {
     /// See [`Binding::body_match`].
     #[serde(default, rename = "match")]
     pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
+    /// See [`Binding::concurrency`].
+    #[serde(default)]
+    pub concurrency: Option<usize>,
+    /// See [`Binding::rate`].
+    #[serde(default)]
+    pub rate: Option<crate::domain::Rate>,
     /// Where to POST the raw body.
     pub url: String,
     /// Give up on one request (and retry) after this long.
@@ -591,6 +615,8 @@ macro_rules! binding_of {
                     source: self.source.clone(),
                     events: self.events.clone(),
                     body_match: self.body_match.clone(),
+                    concurrency: self.concurrency,
+                    rate: self.rate,
                 }
             }
         }
@@ -814,6 +840,12 @@ impl Config {
                     "handlers[{i}] `{}`: source `{src}` is not configured (sources: {})",
                     b.name,
                     known.join(", ")
+                ));
+            }
+            if b.concurrency == Some(0) {
+                return err(format!(
+                    "handlers[{i}].concurrency (`{}`) must be at least 1",
+                    b.name
                 ));
             }
             for pattern in &b.events {

@@ -151,3 +151,81 @@ impl BodyMatch {
         })
     }
 }
+
+/// A handler's `rate`: at most `count` run starts per `per` ("50/s", "300/m", "1000/h").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Starts allowed per period (at least 1).
+    pub count: u32,
+    /// The period: a second, a minute or an hour.
+    pub per: std::time::Duration,
+}
+
+/// Why a `rate` is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "rate `{0}`: expected a positive whole number of starts per unit, like \"50/s\", \"300/m\" or \"1000/h\""
+)]
+pub struct RateError(String);
+
+impl Rate {
+    /// The time between two starts when they are spread evenly.
+    pub fn interval(&self) -> std::time::Duration {
+        self.per / self.count
+    }
+}
+
+impl std::str::FromStr for Rate {
+    type Err = RateError;
+
+    fn from_str(text: &str) -> Result<Rate, RateError> {
+        let err = || RateError(text.to_owned());
+        let (count, unit) = text.trim().split_once('/').ok_or_else(err)?;
+        let count: u32 = count.trim().parse().map_err(|_| err())?;
+        let per = match unit.trim() {
+            "s" => std::time::Duration::from_secs(1),
+            "m" => std::time::Duration::from_secs(60),
+            "h" => std::time::Duration::from_secs(3600),
+            _ => return Err(err()),
+        };
+        if count == 0 {
+            return Err(err());
+        }
+        Ok(Rate { count, per })
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Rate, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::Rate;
+    use std::time::Duration;
+
+    #[test]
+    fn rates_parse_with_their_unit_and_refuse_the_rest() {
+        assert_eq!(
+            "50/s".parse::<Rate>(),
+            Ok(Rate {
+                count: 50,
+                per: Duration::from_secs(1)
+            })
+        );
+        assert_eq!(
+            "300/m".parse::<Rate>().map(|r| r.interval()),
+            Ok(Duration::from_millis(200))
+        );
+        assert_eq!(
+            "2/h".parse::<Rate>().map(|r| r.per),
+            Ok(Duration::from_secs(3600))
+        );
+        for bad in ["0/s", "-1/s", "5/x", "5", "/s", "1.5/s", "five/s", ""] {
+            assert!(bad.parse::<Rate>().is_err(), "{bad}");
+        }
+    }
+}

@@ -216,6 +216,124 @@ impl Runner {
     }
 }
 
+/// How often the dispatcher looks for queued handlers that are no longer configured (their
+/// pairs are run, and die with an error that says so, rather than wait forever).
+const UNCONFIGURED_SCAN: Duration = Duration::from_secs(60);
+
+/// The handlers the dispatcher serves, in turns, with what limits them: a pause (read from
+/// the store every pass, so a pause on another replica holds here too), `concurrency`
+/// (runs of this process) and `rate` (starts spread evenly, a burst of one).
+struct HandlerTurns {
+    names: Vec<String>,
+    limits: HashMap<String, crate::handlers::HandlerLimits>,
+    paused: HashSet<String>,
+    /// `rate`: the earliest next start, ms since the epoch.
+    next_start: HashMap<String, u64>,
+    /// Which handler goes first this pass, so that none is always served last.
+    turn: usize,
+    scanned_at: Option<std::time::Instant>,
+}
+
+impl HandlerTurns {
+    fn new(registry: &HandlerRegistry) -> HandlerTurns {
+        let limits: HashMap<String, _> = registry
+            .limits()
+            .map(|(name, limits)| (name.to_owned(), limits))
+            .collect();
+        HandlerTurns {
+            names: registry.limits().map(|(name, _)| name.to_owned()).collect(),
+            limits,
+            paused: HashSet::new(),
+            next_start: HashMap::new(),
+            turn: 0,
+            scanned_at: None,
+        }
+    }
+
+    /// Reads the pauses, and now and then the queued handlers no longer configured.
+    async fn refresh(&mut self, store: &dyn DeliveryStore) -> Result<(), StoreError> {
+        if self
+            .scanned_at
+            .is_none_or(|t| t.elapsed() >= UNCONFIGURED_SCAN)
+        {
+            for name in store.queued_handlers().await? {
+                if !self.names.contains(&name) {
+                    self.names.push(name);
+                }
+            }
+            self.scanned_at = Some(std::time::Instant::now());
+        }
+        self.paused = store.paused_handlers().await?;
+        Ok(())
+    }
+
+    /// The handlers not paused, starting with this pass's first.
+    fn in_turn(&mut self) -> Vec<String> {
+        let n = self.names.len().max(1);
+        let first = self.turn % n;
+        self.turn = self.turn.wrapping_add(1);
+        self.names[first..]
+            .iter()
+            .chain(&self.names[..first])
+            .filter(|h| !self.paused.contains(*h))
+            .cloned()
+            .collect()
+    }
+
+    /// Runs `handler` may start now, out of `free` slots of the whole dispatcher.
+    fn capacity(
+        &self,
+        handler: &str,
+        free: usize,
+        running_of: &HashMap<String, usize>,
+        now: u64,
+    ) -> usize {
+        let limits = self.limits.get(handler).copied().unwrap_or_default();
+        let mut cap = free;
+        if let Some(limit) = limits.concurrency {
+            cap = cap.min(limit.saturating_sub(running_of.get(handler).copied().unwrap_or(0)));
+        }
+        if limits.rate.is_some() {
+            cap = if self.next_start(handler) > now {
+                0
+            } else {
+                cap.min(1)
+            };
+        }
+        cap
+    }
+
+    /// Counts a start against `rate`.
+    fn started(&mut self, handler: &str, now: u64) {
+        if let Some(rate) = self.limits.get(handler).and_then(|l| l.rate) {
+            let at = self.next_start(handler).max(now);
+            self.next_start
+                .insert(handler.to_owned(), at + rate.interval().as_millis() as u64);
+        }
+    }
+
+    /// The earliest time `rate` lets `handler` start a run (0: any time).
+    fn next_start(&self, handler: &str) -> u64 {
+        self.next_start.get(handler).copied().unwrap_or(0)
+    }
+
+    /// The handlers that could start a run once one is due (not paused, under their
+    /// `concurrency`).
+    fn runnable(&self, running_of: &HashMap<String, usize>) -> Vec<String> {
+        self.names
+            .iter()
+            .filter(|h| !self.paused.contains(*h))
+            .filter(|h| {
+                self.limits
+                    .get(*h)
+                    .and_then(|l| l.concurrency)
+                    .is_none_or(|limit| running_of.get(*h).copied().unwrap_or(0) < limit)
+            })
+            .cloned()
+            .collect()
+    }
+}
+
 /// The background worker pool over the durable queue.
 pub struct Dispatcher {
     runner: Runner,
@@ -252,8 +370,9 @@ impl Dispatcher {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let mut running: JoinSet<Option<(JobKey, u64)>> = JoinSet::new();
         let mut in_flight: HashMap<tokio::task::Id, JobKey> = HashMap::new();
-        // Pairs another runner holds (an inline processed-mode run), left alone until
-        // their lease ends: their queue entry stays, so nothing is lost by waiting.
+        // Pairs another runner holds (an inline processed-mode run, another replica), left
+        // alone until their lease ends: their queue entry stays, so nothing is lost by
+        // waiting.
         let mut deferred: HashMap<JobKey, u64> = HashMap::new();
         // Other processes sharing the store announce their work; a notice can be lost (the
         // listening connection drops), so then the queue is also looked at every so often.
@@ -267,37 +386,65 @@ impl Dispatcher {
             Some(signal) => signal.notified().await,
             None => std::future::pending().await,
         };
+        let mut handlers = HandlerTurns::new(&self.runner.registry);
         loop {
             let now = self.runner.clock.now_ms();
             deferred.retain(|_, until| *until > now);
-            let free = concurrency.saturating_sub(running.len());
             let mut store_failed = false;
+            if let Err(e) = handlers.refresh(&*self.runner.store).await {
+                tracing::error!(error = %e, "reading the handlers' state failed");
+                store_failed = true;
+            }
             let skip: HashSet<JobKey> =
                 in_flight.values().chain(deferred.keys()).cloned().collect();
-            if free > 0 {
-                match self.runner.store.due_jobs(now, free, &skip).await {
-                    Ok(due) => {
-                        for entry in due {
-                            let runner = self.runner.clone();
-                            let job = entry.job.clone();
-                            let due = entry.due_ms;
-                            let handle = running.spawn(async move {
-                                match runner.run(&job, Some(due)).await {
-                                    Ok(RunResult::Busy(until)) => Some((job, until)),
-                                    Ok(_) => None,
-                                    Err(e) => {
-                                        tracing::error!(job = %job, error = %e, "recording a handler run failed");
-                                        None
-                                    }
-                                }
-                            });
-                            in_flight.insert(handle.id(), entry.job);
-                        }
-                    }
+            let mut free = concurrency.saturating_sub(running.len());
+            let mut more_due = false;
+            let mut running_of: HashMap<String, usize> = HashMap::new();
+            for job in in_flight.values() {
+                *running_of.entry(job.handler.clone()).or_default() += 1;
+            }
+            // Each handler's own queue, only of the handlers that may start a run now: a
+            // paused or limited handler's backlog is not read at all.
+            for handler in handlers.in_turn() {
+                if free == 0 || store_failed {
+                    break;
+                }
+                let cap = handlers.capacity(&handler, free, &running_of, now);
+                if cap == 0 {
+                    continue;
+                }
+                let due = match self
+                    .runner
+                    .store
+                    .due_jobs_of(&handler, now, cap, &skip)
+                    .await
+                {
+                    Ok(due) => due,
                     Err(e) => {
                         tracing::error!(error = %e, "reading the queue failed");
                         store_failed = true;
+                        break;
                     }
+                };
+                more_due |= due.len() == cap;
+                for entry in due {
+                    handlers.started(&handler, now);
+                    *running_of.entry(handler.clone()).or_default() += 1;
+                    free -= 1;
+                    let runner = self.runner.clone();
+                    let job = entry.job.clone();
+                    let due = entry.due_ms;
+                    let handle = running.spawn(async move {
+                        match runner.run(&job, Some(due)).await {
+                            Ok(RunResult::Busy(until)) => Some((job, until)),
+                            Ok(_) => None,
+                            Err(e) => {
+                                tracing::error!(job = %job, error = %e, "recording a handler run failed");
+                                None
+                            }
+                        }
+                    });
+                    in_flight.insert(handle.id(), entry.job);
                 }
             }
             let skip: HashSet<JobKey> =
@@ -305,14 +452,24 @@ impl Dispatcher {
             let first_deferred = deferred.values().min().copied();
             let wait = if store_failed {
                 Duration::from_secs(1)
+            } else if more_due && free > 0 {
+                // A handler had more due than it was given: go on at once.
+                Duration::ZERO
             } else if running.len() >= concurrency {
                 poll
             } else {
-                let next = match self.runner.store.next_due_ms(&skip).await {
-                    Ok(next) => next,
-                    Err(_) => Some(now + 1000),
-                };
-                match next.into_iter().chain(first_deferred).min() {
+                let mut next = first_deferred;
+                for handler in handlers.runnable(&running_of) {
+                    match self.runner.store.next_due_of(&handler, &skip).await {
+                        Ok(Some(due)) => {
+                            let at = due.max(handlers.next_start(&handler));
+                            next = Some(next.map_or(at, |n| n.min(at)));
+                        }
+                        Ok(None) => {}
+                        Err(_) => next = Some(now + 1000),
+                    }
+                }
+                match next {
                     Some(ms) => self.runner.clock.until_ms(ms).min(poll),
                     None => poll,
                 }

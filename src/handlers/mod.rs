@@ -169,8 +169,20 @@ pub struct Registration {
     pub events: Vec<EventPattern>,
     /// Values the body must hold (`match`); empty matches every delivery.
     pub body_match: BodyMatch,
+    /// How hard the dispatcher may drive it (`concurrency`, `rate`).
+    pub limits: HandlerLimits,
     /// The handler.
     pub handler: Arc<dyn Handler>,
+}
+
+/// A handler's own limits, on top of `dispatch.concurrency`; a pair over a limit is only
+/// delayed, never dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HandlerLimits {
+    /// At most this many runs at once.
+    pub concurrency: Option<usize>,
+    /// At most this many run starts per period.
+    pub rate: Option<crate::domain::Rate>,
 }
 
 impl std::fmt::Debug for Registration {
@@ -192,8 +204,21 @@ impl Registration {
             source: None,
             events: vec![EventPattern::Any],
             body_match: BodyMatch::default(),
+            limits: HandlerLimits::default(),
             handler: Arc::new(handler),
         }
+    }
+
+    /// At most `runs` runs of this handler at once (at least 1).
+    pub fn concurrency(mut self, runs: usize) -> Registration {
+        self.limits.concurrency = Some(runs.max(1));
+        self
+    }
+
+    /// At most `rate` run starts per period.
+    pub fn rate(mut self, rate: crate::domain::Rate) -> Registration {
+        self.limits.rate = Some(rate);
+        self
     }
 
     /// Binds to one source.
@@ -232,6 +257,10 @@ impl Registration {
             source: binding.source.filter(|s| s != "*"),
             events,
             body_match: BodyMatch::new(binding.body_match),
+            limits: HandlerLimits {
+                concurrency: binding.concurrency,
+                rate: binding.rate,
+            },
             handler,
         })
     }
@@ -360,6 +389,16 @@ impl HandlerRegistry {
             })
             .map(|r| r.name.clone())
             .collect()
+    }
+
+    /// Every handler's name and limits, in configuration order.
+    pub fn limits(&self) -> impl Iterator<Item = (&str, HandlerLimits)> {
+        self.entries.iter().map(|r| (r.name.as_str(), r.limits))
+    }
+
+    /// Whether a handler of this name is registered.
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.iter().any(|r| r.name == name)
     }
 
     /// The handler named `name`.

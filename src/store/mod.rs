@@ -21,7 +21,7 @@ pub mod group_commit;
 pub mod postgres;
 mod sled;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use async_trait::async_trait;
@@ -468,6 +468,21 @@ pub enum TakeOver {
     Final(DeliveryRecord),
 }
 
+/// Where one handler's pairs stand (`GET /admin/handlers`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct HandlerStats {
+    /// Pairs in the queue (due now or later, running included).
+    pub queued: usize,
+    /// Pairs running (or interrupted, until taken over).
+    pub running: usize,
+    /// Pairs that failed and wait for a retry.
+    pub failed: usize,
+    /// Dead-lettered pairs.
+    pub dead: usize,
+    /// The error of the latest failed or dead run.
+    pub last_error: Option<String>,
+}
+
 /// A queue entry: a job due at a time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueuedJob {
@@ -725,6 +740,14 @@ pub trait DeliveryStore: Send + Sync + 'static {
 
     /// Jobs waiting in the queue, per handler (handlers with none are left out).
     async fn queue_depths(&self) -> Result<Vec<(String, usize)>, StoreError>;
+
+    /// The handlers with queue entries (the dispatcher also serves those no longer
+    /// configured: their pairs die with an error that says so).
+    async fn queued_handlers(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Per handler with anything queued, running, failed or dead: those counts and the
+    /// latest error.
+    async fn handler_stats(&self) -> Result<HashMap<String, HandlerStats>, StoreError>;
 
     /// The handlers an operator has paused: their pairs stay queued and none starts.
     async fn paused_handlers(&self) -> Result<HashSet<String>, StoreError>;

@@ -1364,6 +1364,51 @@ impl DeliveryStore for PgStore {
             .collect())
     }
 
+    async fn queued_handlers(&self) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar("SELECT DISTINCT handler FROM inbox_jobs WHERE due_ms IS NOT NULL")
+            .fetch_all(self.db()?)
+            .await
+            .map_err(backend)
+    }
+
+    async fn handler_stats(&self) -> Result<HashMap<String, super::HandlerStats>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT handler, \
+                count(*) FILTER (WHERE due_ms IS NOT NULL) AS queued, \
+                count(*) FILTER (WHERE status = 'running') AS running, \
+                count(*) FILTER (WHERE status = 'failed') AS failed, \
+                count(*) FILTER (WHERE status = 'dead') AS dead, \
+                (array_agg(last_error ORDER BY updated_ms DESC) \
+                    FILTER (WHERE status IN ('failed', 'dead') AND last_error IS NOT NULL))[1] \
+                    AS last_error \
+             FROM inbox_jobs \
+             WHERE due_ms IS NOT NULL OR status IN ('running', 'failed', 'dead') \
+             GROUP BY handler",
+        )
+        .fetch_all(self.db()?)
+        .await
+        .map_err(backend)?;
+        let count = |row: &PgRow, column: &str| {
+            row.try_get::<i64, _>(column)
+                .map(|n| usize::try_from(n).unwrap_or(0))
+                .map_err(backend)
+        };
+        let mut stats = HashMap::new();
+        for row in &rows {
+            stats.insert(
+                row.try_get::<String, _>("handler").map_err(backend)?,
+                super::HandlerStats {
+                    queued: count(row, "queued")?,
+                    running: count(row, "running")?,
+                    failed: count(row, "failed")?,
+                    dead: count(row, "dead")?,
+                    last_error: row.try_get("last_error").map_err(backend)?,
+                },
+            );
+        }
+        Ok(stats)
+    }
+
     async fn paused_handlers(&self) -> Result<HashSet<String>, StoreError> {
         let names: Vec<String> = sqlx::query_scalar("SELECT name FROM inbox_handlers WHERE paused")
             .fetch_all(self.db()?)

@@ -1321,6 +1321,60 @@ impl DeliveryStore for SledStore {
             .collect()
     }
 
+    async fn queued_handlers(&self) -> Result<Vec<String>, StoreError> {
+        SledStore::queued_handlers(self)
+    }
+
+    async fn handler_stats(
+        &self,
+    ) -> Result<std::collections::HashMap<String, super::HandlerStats>, StoreError> {
+        let mut stats: std::collections::HashMap<String, super::HandlerStats> = Default::default();
+        let mut latest: std::collections::HashMap<String, u64> = Default::default();
+        let mut seen = HashSet::new();
+        let mut note = |job: &JobKey, state: &JobState, stats: &mut super::HandlerStats| {
+            match state.status {
+                JobStatus::Running => stats.running += 1,
+                JobStatus::Failed => stats.failed += 1,
+                JobStatus::Dead => stats.dead += 1,
+                _ => {}
+            }
+            if matches!(state.status, JobStatus::Failed | JobStatus::Dead)
+                && state.last_error.is_some()
+                && latest
+                    .get(&job.handler)
+                    .is_none_or(|t| *t <= state.updated_ms)
+            {
+                latest.insert(job.handler.clone(), state.updated_ms);
+                stats.last_error = state.last_error.clone();
+            }
+        };
+        // Running and failed pairs are queued; dead ones are in their own tree: neither
+        // read walks the job states of everything stored.
+        for entry in self.queue.iter().keys() {
+            let k = entry.map_err(backend)?;
+            let Some(job) = split_job_queue_key(&k).and_then(|(_, j)| JobKey::decode(j)) else {
+                continue;
+            };
+            let handler_stats = stats.entry(job.handler.clone()).or_default();
+            handler_stats.queued += 1;
+            if seen.insert(job.clone())
+                && let Some(state) = self.read_job(&job.encode())?
+                && state.status != JobStatus::Dead
+            {
+                note(&job, &state, handler_stats);
+            }
+        }
+        for entry in self.dead.iter().keys() {
+            let k = entry.map_err(backend)?;
+            if let Some(job) = JobKey::decode(&k)
+                && let Some(state) = self.read_job(&k)?
+            {
+                note(&job, &state, stats.entry(job.handler.clone()).or_default());
+            }
+        }
+        Ok(stats)
+    }
+
     async fn paused_handlers(&self) -> Result<HashSet<String>, StoreError> {
         self.meta
             .scan_prefix(PAUSED)
