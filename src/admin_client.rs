@@ -187,6 +187,60 @@ impl AdminClient {
         let url = self.url(&["admin", "deliveries", source, id, "fixture"])?;
         self.call(reqwest::Method::GET, url).await
     }
+
+    /// `GET /admin/handlers`.
+    pub async fn handlers(&self) -> Result<serde_json::Value, AdminClientError> {
+        let url = self.url(&["admin", "handlers"])?;
+        self.call(reqwest::Method::GET, url).await
+    }
+
+    /// `POST /admin/handlers/{name}/pause` or `…/resume`.
+    pub async fn set_paused(
+        &self,
+        name: &str,
+        paused: bool,
+    ) -> Result<serde_json::Value, AdminClientError> {
+        let verb = if paused { "pause" } else { "resume" };
+        let url = self.url(&["admin", "handlers", name, verb])?;
+        self.call(reqwest::Method::POST, url).await
+    }
+}
+
+/// The handlers as a table.
+pub fn render_handlers(list: &serde_json::Value) -> String {
+    let rows: Vec<Vec<String>> = list["handlers"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|h| {
+            vec![
+                text(&h["name"]),
+                if h["paused"].as_bool() == Some(true) {
+                    "paused".into()
+                } else {
+                    "running".into()
+                },
+                h["due"].to_string(),
+                h["running"].to_string(),
+                h["failed"].to_string(),
+                h["dead"].to_string(),
+                text(&h["last_error"]),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "handler",
+            "state",
+            "due",
+            "running",
+            "failed",
+            "dead",
+            "last_error",
+        ],
+        &rows,
+    )
 }
 
 /// Renders rows as a table with aligned columns.

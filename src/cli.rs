@@ -66,6 +66,12 @@ pub enum Command {
         #[command(subcommand)]
         command: DeliveriesCommand,
     },
+    /// Handlers: list them, pause or resume one (through the admin API).
+    Handlers {
+        /// What to do.
+        #[command(subcommand)]
+        command: HandlersCommand,
+    },
     /// The store of a stopped server.
     Store {
         /// What to do with it.
@@ -86,6 +92,34 @@ pub enum Command {
         config: ConfigPath,
         /// Fixture file (`fixtures/<source>/<name>.json`).
         fixture: PathBuf,
+    },
+}
+
+/// `handlers …`, through the admin API.
+#[derive(Debug, Subcommand)]
+pub enum HandlersCommand {
+    /// Each handler: paused or not, pairs due, running, failed, dead, the latest error.
+    List {
+        #[command(flatten)]
+        /// Common options.
+        common: AdminArgs,
+    },
+    /// No run of the handler starts until it is resumed (deliveries are still accepted and
+    /// queued); survives restarts.
+    Pause {
+        #[command(flatten)]
+        /// Common options.
+        common: AdminArgs,
+        /// The handler's name.
+        name: String,
+    },
+    /// Lets a paused handler run again.
+    Resume {
+        #[command(flatten)]
+        /// Common options.
+        common: AdminArgs,
+        /// The handler's name.
+        name: String,
     },
 }
 
@@ -264,6 +298,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             replay(&config, &paths, &options).await
         }
         Command::Deliveries { command } => deliveries(command).await,
+        Command::Handlers { command } => handlers(command).await,
         Command::Store {
             command: StoreCommand::Check { config, repair },
         } => store_check(&config, repair).await,
@@ -300,6 +335,41 @@ async fn replay(
                 ExitCode::FAILURE
             }
         }
+        Err(e) => fail(e),
+    }
+}
+
+async fn handlers(command: HandlersCommand) -> ExitCode {
+    let result: Result<(), CliError> = async {
+        let (common, change) = match &command {
+            HandlersCommand::List { common } => (common, None),
+            HandlersCommand::Pause { common, name } => (common, Some((name, true))),
+            HandlersCommand::Resume { common, name } => (common, Some((name, false))),
+        };
+        let config = load(&common.config)?;
+        let client = crate::admin_client::AdminClient::new(&config, common.admin.as_deref())?;
+        if let Some((name, paused)) = change {
+            let view = client.set_paused(name, paused).await?;
+            if common.json {
+                return Ok(crate::admin_client::emit(
+                    &serde_json::to_string_pretty(&view).unwrap_or_default(),
+                    None,
+                )?);
+            }
+            let verb = if paused { "paused" } else { "resumed" };
+            return Ok(crate::admin_client::emit(&format!("{name} {verb}"), None)?);
+        }
+        let list = client.handlers().await?;
+        let text = if common.json {
+            serde_json::to_string_pretty(&list).unwrap_or_default()
+        } else {
+            crate::admin_client::render_handlers(&list)
+        };
+        Ok(crate::admin_client::emit(&text, None)?)
+    }
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
 }

@@ -486,9 +486,10 @@ pub struct Binding {
     /// the values at every pointer is not bound to the handler (decided at claim time).
     #[serde(default, rename = "match")]
     pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
-    /// At most this many runs of the handler at once (on top of `dispatch.concurrency`).
+    /// At most this many runs of the handler at once (on top of `dispatch.concurrency`);
+    /// signed, so that a negative value is refused by the check that names the key.
     #[serde(default)]
-    pub concurrency: Option<usize>,
+    pub concurrency: Option<i64>,
     /// At most this many run starts per second, minute or hour.
     #[serde(default)]
     pub rate: Option<crate::domain::Rate>,
@@ -537,7 +538,7 @@ pub struct LogHandlerConfig {
     pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
     /// See [`Binding::concurrency`].
     #[serde(default)]
-    pub concurrency: Option<usize>,
+    pub concurrency: Option<i64>,
     /// See [`Binding::rate`].
     #[serde(default)]
     pub rate: Option<crate::domain::Rate>,
@@ -559,7 +560,7 @@ pub struct CommandHandlerConfig {
     pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
     /// See [`Binding::concurrency`].
     #[serde(default)]
-    pub concurrency: Option<usize>,
+    pub concurrency: Option<i64>,
     /// See [`Binding::rate`].
     #[serde(default)]
     pub rate: Option<crate::domain::Rate>,
@@ -590,7 +591,7 @@ pub struct HttpHandlerConfig {
     pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
     /// See [`Binding::concurrency`].
     #[serde(default)]
-    pub concurrency: Option<usize>,
+    pub concurrency: Option<i64>,
     /// See [`Binding::rate`].
     #[serde(default)]
     pub rate: Option<crate::domain::Rate>,
@@ -842,9 +843,11 @@ impl Config {
                     known.join(", ")
                 ));
             }
-            if b.concurrency == Some(0) {
+            if let Some(limit) = b.concurrency
+                && limit < 1
+            {
                 return err(format!(
-                    "handlers[{i}].concurrency (`{}`) must be at least 1",
+                    "handlers[{i}].concurrency ({limit}, handler `{}`) must be at least 1",
                     b.name
                 ));
             }

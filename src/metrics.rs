@@ -7,7 +7,8 @@
 //!   grow the label set.
 //! - `handler_runs_total{handler,result}` (`succeeded`, `failed`, `dead`) and
 //!   `handler_duration_seconds{handler}`.
-//! - `queue_depth`, `dead_letters`: read from the store at scrape time.
+//! - `queue_depth`, `dead_letters`: read from the store at scrape time; likewise, per
+//!   handler, `handler_queue_depth{handler}` and `handler_paused{handler}` (1 when paused).
 //! - `store_flush_seconds`: one group commit of the sled store (registered at start-up
 //!   when the service opened that store itself).
 
@@ -61,6 +62,10 @@ pub struct Metrics {
     handler_duration: Family<HandlerLabels, Histogram, fn() -> Histogram>,
     queue_depth: Gauge<i64, AtomicI64>,
     dead_letters: Gauge<i64, AtomicI64>,
+    handler_queue_depth: Family<HandlerLabels, Gauge<i64, AtomicI64>>,
+    handler_paused: Family<HandlerLabels, Gauge<i64, AtomicI64>>,
+    /// The configured handlers, so each has its gauges even when idle.
+    handlers: Vec<String>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -112,6 +117,18 @@ impl Metrics {
             "Dead-lettered (delivery, handler) pairs",
             dead_letters.clone(),
         );
+        let handler_queue_depth = Family::<HandlerLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "handler_queue_depth",
+            "Jobs waiting in the dispatch queue, per handler",
+            handler_queue_depth.clone(),
+        );
+        let handler_paused = Family::<HandlerLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "handler_paused",
+            "1 for a handler an operator has paused",
+            handler_paused.clone(),
+        );
         Metrics {
             registry,
             deliveries,
@@ -119,7 +136,15 @@ impl Metrics {
             handler_duration,
             queue_depth,
             dead_letters,
+            handler_queue_depth,
+            handler_paused,
+            handlers: Vec::new(),
         }
+    }
+
+    /// The configured handlers: each gets its per-handler gauges, even at zero.
+    pub fn set_handlers(&mut self, handlers: impl IntoIterator<Item = String>) {
+        self.handlers = handlers.into_iter().collect();
     }
 
     /// Counts one answered delivery.
@@ -165,6 +190,28 @@ impl Metrics {
         }
         if let Ok(n) = store.dead_letters().await {
             self.dead_letters.set(n as i64);
+        }
+        let label = |handler: &str| HandlerLabels {
+            handler: handler.to_owned(),
+        };
+        if let Ok(depths) = store.queue_depths().await {
+            for handler in &self.handlers {
+                self.handler_queue_depth
+                    .get_or_create(&label(handler))
+                    .set(0);
+            }
+            for (handler, n) in depths {
+                self.handler_queue_depth
+                    .get_or_create(&label(&handler))
+                    .set(n as i64);
+            }
+        }
+        if let Ok(paused) = store.paused_handlers().await {
+            for handler in &self.handlers {
+                self.handler_paused
+                    .get_or_create(&label(handler))
+                    .set(i64::from(paused.contains(handler)));
+            }
         }
         let mut out = String::new();
         // Writing into a String cannot fail.

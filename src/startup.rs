@@ -166,6 +166,7 @@ impl ApplicationBuilder {
         let registry = Arc::new(self.registry()?);
         let config = self.config;
         let mut metrics = crate::metrics::Metrics::new();
+        metrics.set_handlers(registry.limits().map(|(name, _)| name.to_owned()));
         if let Some(histogram) = self.flush_seconds {
             metrics.register_flush_seconds(histogram);
         }
@@ -279,6 +280,15 @@ impl ApplicationBuilder {
                     web::get().to(routes::admin::fixture),
                 )
                 .route("/admin/retry", web::post().to(routes::admin::retry_all))
+                .route("/admin/handlers", web::get().to(routes::admin::handlers))
+                .route(
+                    "/admin/handlers/{name}/pause",
+                    web::post().to(routes::admin::pause),
+                )
+                .route(
+                    "/admin/handlers/{name}/resume",
+                    web::post().to(routes::admin::resume),
+                )
         })
         // Two workers: a slow admin query never queues a health probe behind it.
         .workers(2)

@@ -258,7 +258,10 @@ impl Registration {
             events,
             body_match: BodyMatch::new(binding.body_match),
             limits: HandlerLimits {
-                concurrency: binding.concurrency,
+                // At least 1: the config check refuses anything less.
+                concurrency: binding
+                    .concurrency
+                    .map(|c| usize::try_from(c.max(1)).unwrap_or(usize::MAX)),
                 rate: binding.rate,
             },
             handler,

@@ -293,6 +293,108 @@ pub async fn fixture(
     Ok(json(&fixture))
 }
 
+/// One handler as `GET /admin/handlers` lists it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HandlerStatusView {
+    /// The handler's name.
+    pub name: String,
+    /// Whether an operator paused it.
+    pub paused: bool,
+    /// Queued pairs (due now or later, running included).
+    pub due: usize,
+    /// Pairs running.
+    pub running: usize,
+    /// Pairs that failed and wait for a retry.
+    pub failed: usize,
+    /// Dead-lettered pairs.
+    pub dead: usize,
+    /// The error of its latest failed or dead run.
+    pub last_error: Option<String>,
+    /// Its `concurrency`.
+    pub concurrency: Option<usize>,
+    /// Its `rate`, as configured (e.g. `"50/s"`).
+    pub rate: Option<String>,
+}
+
+async fn handler_views(
+    state: &AppState,
+    only: Option<&str>,
+) -> Result<Vec<HandlerStatusView>, ApiError> {
+    let stats = state.store.handler_stats().await.map_err(storage)?;
+    let paused = state.store.paused_handlers().await.map_err(storage)?;
+    Ok(state
+        .ingest
+        .registry
+        .limits()
+        .filter(|(name, _)| only.is_none_or(|o| o == *name))
+        .map(|(name, limits)| {
+            let s = stats.get(name).cloned().unwrap_or_default();
+            HandlerStatusView {
+                name: name.to_owned(),
+                paused: paused.contains(name),
+                due: s.queued,
+                running: s.running,
+                failed: s.failed,
+                dead: s.dead,
+                last_error: s.last_error,
+                concurrency: limits.concurrency,
+                rate: limits.rate.map(|r| r.to_string()),
+            }
+        })
+        .collect())
+}
+
+/// `GET /admin/handlers`: each configured handler, paused or not, with its pairs' counts.
+pub async fn handlers(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let handlers = handler_views(&state, None).await?;
+    Ok(json(&serde_json::json!({ "handlers": handlers })))
+}
+
+/// `POST /admin/handlers/{name}/pause`: no run of it starts (on any replica) until resumed;
+/// its deliveries are still accepted and queued. Survives restarts.
+pub async fn pause(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    set_paused(req, path, state, true).await
+}
+
+/// `POST /admin/handlers/{name}/resume`.
+pub async fn resume(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    set_paused(req, path, state, false).await
+}
+
+async fn set_paused(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+    paused: bool,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let name = path.into_inner();
+    if !state.ingest.registry.contains(&name) {
+        return Err(ApiError::NotFound);
+    }
+    state
+        .store
+        .set_paused(&name, paused, state.clock.now_ms())
+        .await
+        .map_err(storage)?;
+    state.ingest.dispatch_waker.notify_one();
+    tracing::info!(handler = %name, paused, "handler {}", if paused { "paused" } else { "resumed" });
+    let view = handler_views(&state, Some(&name)).await?;
+    Ok(json(&view.into_iter().next()))
+}
+
 /// `GET /metrics`: Prometheus text exposition.
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()

@@ -1,11 +1,242 @@
-//! Delivery control (issue 15, the part built so far): a handler's `match` decides at claim
-//! time which deliveries it is bound to.
+//! Delivery control (design.md, "Delivery control"): a handler's `match` decides at claim
+//! time which deliveries it is bound to; `concurrency` and `rate` pace its runs; a pause
+//! stops its runs (on every replica, across restarts) while its deliveries keep coming.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use webhook_inbox::Registration;
+use async_trait::async_trait;
+use webhook_inbox::{Delivery, Handler, HandlerContext, HandlerError, Registration};
 
 use crate::helpers::{Options, Recorder, eventually, spawn_with};
+
+/// A handler that takes `work` per run and records when each run started and how many ran
+/// at once at most.
+#[derive(Clone, Default)]
+struct Paced {
+    work: Duration,
+    active: Arc<AtomicUsize>,
+    most_at_once: Arc<AtomicUsize>,
+    starts: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl Paced {
+    fn runs(&self) -> usize {
+        self.starts.lock().expect("lock").len()
+    }
+}
+
+#[async_trait]
+impl Handler for Paced {
+    async fn handle(&self, _: &Delivery, _: &HandlerContext) -> Result<(), HandlerError> {
+        let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_at_once.fetch_max(now, Ordering::SeqCst);
+        self.starts.lock().expect("lock").push(Instant::now());
+        // The handler's own work (a downstream call), not a wait for the test.
+        tokio::time::sleep(self.work).await;
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// `concurrency = n`: never more than n runs of the handler at once, though the dispatcher
+/// runs 4 at once and other handlers keep running beside it.
+#[tokio::test]
+async fn a_handler_never_runs_more_than_its_concurrency_at_once() {
+    for limit in [1usize, 3] {
+        let paced = Paced {
+            work: Duration::from_millis(30),
+            ..Paced::default()
+        };
+        let app = spawn_with(Options {
+            handlers: vec![
+                Registration::new("paced", paced.clone())
+                    .source("credicorp")
+                    .concurrency(limit),
+            ],
+            ..Options::default()
+        })
+        .await;
+        for n in 0..24 {
+            let id = format!("msg_conc_{limit}_{n}");
+            assert_eq!(app.deliver(&id, "{}").await.status().as_u16(), 202);
+        }
+        assert!(eventually(Duration::from_secs(30), || paced.runs() == 24).await);
+        assert!(eventually(Duration::from_secs(10), || app.recorder.runs().len() == 24).await);
+        let most = paced.most_at_once.load(Ordering::SeqCst);
+        assert!(
+            most <= limit,
+            "{most} runs at once with concurrency = {limit}"
+        );
+        app.stop().await;
+    }
+}
+
+/// `rate = "20/s"`: over 5 s, no second holds more than 20 starts (plus a burst of one),
+/// while the backlog is large enough to go faster.
+#[tokio::test]
+async fn a_handler_starts_no_more_runs_than_its_rate() {
+    let paced = Paced::default();
+    let app = spawn_with(Options {
+        handlers: vec![
+            Registration::new("paced", paced.clone())
+                .source("credicorp")
+                .rate("20/s".parse().expect("rate")),
+        ],
+        ..Options::default()
+    })
+    .await;
+    for n in 0..110 {
+        assert_eq!(
+            app.deliver(&format!("msg_rate_{n}"), "{}")
+                .await
+                .status()
+                .as_u16(),
+            202
+        );
+    }
+    assert!(eventually(Duration::from_secs(30), || paced.runs() >= 100).await);
+    let starts = paced.starts.lock().expect("lock").clone();
+    for (i, first) in starts.iter().enumerate() {
+        let within = starts[i..]
+            .iter()
+            .take_while(|t| t.duration_since(*first) < Duration::from_secs(1))
+            .count();
+        assert!(
+            within <= 21,
+            "{within} starts within one second of start {i}"
+        );
+    }
+    let span = starts[99].duration_since(starts[0]);
+    assert!(
+        span >= Duration::from_millis(4900),
+        "100 starts in {span:?}"
+    );
+}
+
+/// A paused handler runs nothing (its deliveries are accepted and queued, another handler
+/// runs them meanwhile), stays paused across a restart, and runs each of them once when
+/// resumed; `GET /admin/handlers` and the metrics show it.
+#[tokio::test]
+async fn a_paused_handler_runs_nothing_until_resumed_even_across_a_restart() {
+    let witness = Recorder::default();
+    let options = |dir| Options {
+        admin_token: Some("admin-token"),
+        dir,
+        handlers: vec![Registration::new("witness", witness.clone()).source("credicorp")],
+        ..Options::default()
+    };
+    let app = spawn_with(options(None)).await;
+    let pause = app
+        .client
+        .post(format!(
+            "{}/admin/handlers/recorder/pause",
+            app.admin_address
+        ))
+        .bearer_auth("admin-token")
+        .send()
+        .await
+        .expect("pause");
+    assert_eq!(pause.status().as_u16(), 200);
+    let unknown = app
+        .client
+        .post(format!("{}/admin/handlers/nope/pause", app.admin_address))
+        .bearer_auth("admin-token")
+        .send()
+        .await
+        .expect("pause");
+    assert_eq!(unknown.status().as_u16(), 404);
+    for n in 0..100 {
+        assert_eq!(
+            app.deliver(&format!("msg_paused_{n:03}"), "{}")
+                .await
+                .status()
+                .as_u16(),
+            202
+        );
+    }
+    // The other handler ran them all: the dispatcher went over them and left the paused
+    // handler's alone.
+    assert!(eventually(Duration::from_secs(30), || witness.runs().len() == 100).await);
+    assert_eq!(app.recorder.runs().len(), 0);
+    let recorder = app.recorder.clone();
+    let dir = app.stop().await;
+
+    let app = spawn_with(Options {
+        recorder: recorder.clone(),
+        ..options(Some(dir))
+    })
+    .await;
+    let list: serde_json::Value = app
+        .admin_get("/admin/handlers")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let entry = list["handlers"]
+        .as_array()
+        .expect("handlers")
+        .iter()
+        .find(|h| h["name"] == "recorder")
+        .expect("listed")
+        .clone();
+    assert_eq!(entry["paused"], true, "{list}");
+    assert_eq!(entry["due"], 100, "{list}");
+    let metrics = app.admin_get("/metrics").await.text().await.expect("text");
+    assert!(
+        metrics.contains(r#"webhook_inbox_handler_paused{handler="recorder"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"webhook_inbox_handler_queue_depth{handler="recorder"} 100"#),
+        "{metrics}"
+    );
+    assert_eq!(recorder.runs().len(), 0, "still paused after the restart");
+
+    let resume = app
+        .client
+        .post(format!(
+            "{}/admin/handlers/recorder/resume",
+            app.admin_address
+        ))
+        .bearer_auth("admin-token")
+        .send()
+        .await
+        .expect("resume");
+    assert_eq!(resume.status().as_u16(), 200);
+    assert!(eventually(Duration::from_secs(30), || recorder.runs().len() == 100).await);
+    let mut ids: Vec<String> = recorder.runs().into_iter().map(|r| r.id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 100, "each once");
+    assert_eq!(
+        witness.runs().len(),
+        100,
+        "the other handler ran nothing again"
+    );
+}
+
+/// Bad limits are start-up errors naming the key.
+#[test]
+fn bad_limits_are_start_up_errors_naming_the_key() {
+    for (line, key) in [
+        ("concurrency = 0", "concurrency"),
+        ("concurrency = -2", "concurrency"),
+        ("rate = \"5/x\"", "rate"),
+        ("rate = \"0/s\"", "rate"),
+        ("rate = \"fast\"", "rate"),
+    ] {
+        let text = format!(
+            "[sources.credicorp]\nsecrets = [\"{}\"]\n\n[[handlers]]\nname = \"h\"\nkind = \"log\"\n{line}\n",
+            crate::helpers::SECRET
+        );
+        let e = webhook_inbox::config::Config::parse(&text, "limits.toml")
+            .expect_err(line)
+            .to_string();
+        assert!(e.contains(key) && e.contains("limits.toml"), "{line}: {e}");
+    }
+}
 
 fn application(id: &str, product: Option<&str>) -> String {
     let product = product.map_or(String::new(), |p| format!(r#","product":"{p}""#));
