@@ -499,6 +499,8 @@ pub fn try_spawn_serve(config: &std::path::Path) -> Result<Serving, String> {
         .args(["--log-format", "json", "serve", "--config"])
         .arg(config)
         .env("RUST_LOG", "info")
+        // The admin token of configs that name this variable (`admin.token_env`).
+        .env("WEBHOOK_INBOX_TEST_ADMIN_TOKEN", "admin-token")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

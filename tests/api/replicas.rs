@@ -50,6 +50,17 @@ secrets = ["{SECRET}"]
 secrets = ["{SECRET}"]
 body_dedup = true
 
+[sources.control]
+secrets = ["{SECRET}"]
+
+[admin]
+token_env = "WEBHOOK_INBOX_TEST_ADMIN_TOKEN"
+
+[[handlers]]
+name = "witness"
+kind = "log"
+source = "control"
+
 [[handlers]]
 name = "effect"
 kind = "command"
@@ -808,4 +819,74 @@ async fn migrate_applies_the_embedded_migrations_once() {
     .await
     .expect("count");
     assert_eq!(tables, 4);
+}
+
+/// A pause asked of one replica holds on the others (it is in the database), and a resume
+/// asked of another lets every replica run the queued pairs, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_holds_on_every_replica() {
+    let Some(server) = test_postgres_url("replicas: pause across replicas") else {
+        return;
+    };
+    let cluster = Cluster::start(&server, 2, false).await;
+    let client = reqwest::Client::new();
+    let admin = |replica: usize, verb: &str| {
+        client
+            .post(format!(
+                "http://127.0.0.1:{}/admin/handlers/effect/{verb}",
+                cluster.replicas[replica].admin_port
+            ))
+            .bearer_auth("admin-token")
+            .send()
+    };
+    assert_eq!(
+        admin(0, "pause").await.expect("pause").status().as_u16(),
+        200
+    );
+    for i in 0..10 {
+        let id = format!("msg_pause_{i}");
+        let body = format!(r#"{{"type":"application.created","data":{{"n":{i}}}}}"#);
+        let headers = cluster.sign("control", &id, body.as_bytes());
+        let port = cluster.replicas[1].port;
+        let (status, _) = post(&client, port, "control", &headers, body.as_bytes()).await;
+        assert_eq!(status, 202);
+    }
+    // Both replicas ran the other handler of those deliveries, none ran `effect`.
+    let statuses = || async {
+        let mut db = sqlx::PgConnection::connect(&cluster.url).await.expect("db");
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT handler, status, count(*) FROM inbox_jobs GROUP BY 1, 2 ORDER BY 1, 2",
+        )
+        .fetch_all(&mut db)
+        .await
+        .expect("rows");
+        let _ = db.close().await;
+        rows
+    };
+    assert!(
+        eventually_async(Duration::from_secs(30), || async {
+            statuses()
+                .await
+                .contains(&("witness".into(), "succeeded".into(), 10))
+        })
+        .await,
+        "{:?}",
+        statuses().await
+    );
+    assert!(runs(&cluster.runs).is_empty(), "a paused handler ran");
+    assert!(
+        statuses()
+            .await
+            .contains(&("effect".into(), "pending".into(), 10)),
+        "{:?}",
+        statuses().await
+    );
+    assert_eq!(
+        admin(1, "resume").await.expect("resume").status().as_u16(),
+        200
+    );
+    cluster.settle(20).await;
+    let lines = runs(&cluster.runs);
+    let ids: HashSet<&str> = lines.iter().map(|l| l.id.as_str()).collect();
+    assert_eq!((lines.len(), ids.len()), (10, 10), "each once: {lines:?}");
 }
