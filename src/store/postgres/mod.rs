@@ -78,6 +78,16 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 const LIST_CHUNK: i64 = 500;
 const LIST_SCAN_LIMIT: usize = 10_000;
 
+/// How one try of a claim ended.
+enum Attempt {
+    /// The claim is decided.
+    Decided(Claim),
+    /// The key is taken: the claim reads the record that holds it.
+    KeyTaken,
+    /// What the claim relied on changed under it: it starts again.
+    Again,
+}
+
 /// Why a PostgreSQL store could not be made.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -363,7 +373,7 @@ impl PgStore {
 
     /// A claim with body dedup: the record, then the body's fingerprint, in one
     /// transaction; a fingerprint already taken turns the new record into an alias.
-    async fn claim_dedup(&self, new: &NewDelivery) -> Result<Option<Claim>, StoreError> {
+    async fn claim_dedup(&self, new: &NewDelivery) -> Result<Attempt, StoreError> {
         let record = new.record();
         let mut tx = self.begin().await?;
         let inserted = sqlx::query(
@@ -380,7 +390,7 @@ impl PgStore {
         .map_err(backend)?
         .rows_affected();
         if inserted == 0 {
-            return Ok(None);
+            return Ok(Attempt::KeyTaken);
         }
         let took = sqlx::query(
             "INSERT INTO inbox_fingerprints (source, fingerprint, id, received_at_ms) \
@@ -397,7 +407,7 @@ impl PgStore {
         if took == 1 {
             insert_jobs(&mut tx, record, new.enqueue()).await?;
             tx.commit().await.map_err(backend)?;
-            return Ok(Some(Claim::New));
+            return Ok(Attempt::Decided(Claim::New));
         }
         // The body is known: under which id, and is that delivery still stored?
         let row = sqlx::query(
@@ -410,9 +420,9 @@ impl PgStore {
         .await
         .map_err(backend)?;
         let Some(row) = row else {
-            // Forgotten in between: try again from the start.
+            // Forgotten in between (its kept fingerprint expired): from the start again.
             tx.rollback().await.map_err(backend)?;
-            return Err(StoreError::Backend("retry".into()));
+            return Ok(Attempt::Again);
         };
         let first_id: String = row.try_get("id").map_err(backend)?;
         let kept: Option<String> = row.try_get("kept_response").map_err(backend)?;
@@ -427,7 +437,7 @@ impl PgStore {
                 if first_id == record.id {
                     // This very delivery, expired but remembered by its body: a replay.
                     tx.rollback().await.map_err(backend)?;
-                    return Ok(Some(Claim::Existing(first)));
+                    return Ok(Attempt::Decided(Claim::Existing(first)));
                 }
                 first
             }
@@ -453,7 +463,7 @@ impl PgStore {
         .await
         .map_err(backend)?;
         tx.commit().await.map_err(backend)?;
-        Ok(Some(Claim::BodyDuplicate(first)))
+        Ok(Attempt::Decided(Claim::BodyDuplicate(first)))
     }
 
     /// Reads a delivery's record under a row lock, lets `change` edit it, writes it back if
@@ -748,21 +758,21 @@ impl DeliveryStore for PgStore {
         // A claim that loses to a concurrent one reads the winner; should the winner be
         // gone by then (expired in between), the claim is tried again.
         for _ in 0..5 {
-            let outcome = if new.record().body_dedup {
-                match self.claim_dedup(&new).await {
-                    Err(StoreError::Backend(m)) if m == "retry" => continue,
-                    other => other?,
-                }
+            let attempt = if new.record().body_dedup {
+                self.claim_dedup(&new).await?
             } else if self.claim_plain(&new).await? {
-                Some(Claim::New)
+                Attempt::Decided(Claim::New)
             } else {
-                None
+                Attempt::KeyTaken
             };
-            if let Some(claim) = outcome {
-                return Ok(claim);
-            }
-            if let Some(existing) = self.resolved(self.db()?, &key).await? {
-                return Ok(Claim::Existing(existing));
+            match attempt {
+                Attempt::Decided(claim) => return Ok(claim),
+                Attempt::Again => continue,
+                Attempt::KeyTaken => {
+                    if let Some(existing) = self.resolved(self.db()?, &key).await? {
+                        return Ok(Claim::Existing(existing));
+                    }
+                }
             }
         }
         Err(StoreError::Backend(format!(
