@@ -81,7 +81,7 @@ const LIST_SCAN_LIMIT: usize = 10_000;
 /// How one try of a claim ended.
 enum Attempt {
     /// The claim is decided.
-    Decided(Claim),
+    Decided(Box<Claim>),
     /// The key is taken: the claim reads the record that holds it.
     KeyTaken,
     /// What the claim relied on changed under it: it starts again.
@@ -407,7 +407,7 @@ impl PgStore {
         if took == 1 {
             insert_jobs(&mut tx, record, new.enqueue()).await?;
             tx.commit().await.map_err(backend)?;
-            return Ok(Attempt::Decided(Claim::New));
+            return Ok(Attempt::Decided(Box::new(Claim::New)));
         }
         // The body is known: under which id, and is that delivery still stored?
         let row = sqlx::query(
@@ -437,7 +437,7 @@ impl PgStore {
                 if first_id == record.id {
                     // This very delivery, expired but remembered by its body: a replay.
                     tx.rollback().await.map_err(backend)?;
-                    return Ok(Attempt::Decided(Claim::Existing(first)));
+                    return Ok(Attempt::Decided(Box::new(Claim::Existing(first))));
                 }
                 first
             }
@@ -463,7 +463,7 @@ impl PgStore {
         .await
         .map_err(backend)?;
         tx.commit().await.map_err(backend)?;
-        Ok(Attempt::Decided(Claim::BodyDuplicate(first)))
+        Ok(Attempt::Decided(Box::new(Claim::BodyDuplicate(first))))
     }
 
     /// Reads a delivery's record under a row lock, lets `change` edit it, writes it back if
@@ -761,12 +761,12 @@ impl DeliveryStore for PgStore {
             let attempt = if new.record().body_dedup {
                 self.claim_dedup(&new).await?
             } else if self.claim_plain(&new).await? {
-                Attempt::Decided(Claim::New)
+                Attempt::Decided(Box::new(Claim::New))
             } else {
                 Attempt::KeyTaken
             };
             match attempt {
-                Attempt::Decided(claim) => return Ok(claim),
+                Attempt::Decided(claim) => return Ok(*claim),
                 Attempt::Again => continue,
                 Attempt::KeyTaken => {
                     if let Some(existing) = self.resolved(self.db()?, &key).await? {
