@@ -190,24 +190,16 @@ impl Source {
             return Ok(Authenticated::Handshake(answer));
         }
 
-        let mut json: Option<serde_json::Value> = None;
-        let mut read = |field: &Field| -> Result<Option<String>, AuthError> {
+        let read = |field: &Field| -> Result<Option<String>, AuthError> {
             match field {
                 Field::Header(h) => Ok(headers.get(h).map(str::to_owned)),
                 Field::Derived(f, _) => {
                     f(&body).map_err(|FieldError::NotJson| AuthError::InvalidJson)
                 }
+                // Read straight from the bytes, without building the document: this runs
+                // on every request, redeliveries included.
                 Field::Pointer(p) => {
-                    if json.is_none() {
-                        json = Some(
-                            serde_json::from_slice(&body).map_err(|_| AuthError::InvalidJson)?,
-                        );
-                    }
-                    Ok(json
-                        .as_ref()
-                        .and_then(|j| j.pointer(p))
-                        .and_then(|v| v.as_str())
-                        .map(str::to_owned))
+                    crate::domain::json_string_at(&body, p).map_err(|_| AuthError::InvalidJson)
                 }
             }
         };
