@@ -62,6 +62,9 @@ pub enum ApiError {
     /// Admin API: no such delivery.
     #[error("no such delivery is stored")]
     NotFound,
+    /// Admin API: no handler of that name is configured.
+    #[error("no handler of that name is configured")]
+    UnknownHandler,
     /// Admin API: a query parameter is invalid.
     #[error(
         "a query parameter is invalid (status: pending, running, failed, dead, succeeded, in_progress; limit: 1 to 1000)"
@@ -123,7 +126,7 @@ impl ApiError {
             ApiError::StorageUnavailable => "storage_unavailable",
             ApiError::Unauthorized => "unauthorized",
             ApiError::AdminDisabled => "admin_disabled",
-            ApiError::NotFound => "not_found",
+            ApiError::NotFound | ApiError::UnknownHandler => "not_found",
             ApiError::InvalidQuery => "invalid_query",
         }
     }
@@ -154,7 +157,7 @@ impl ResponseError for ApiError {
             ApiError::StorageUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::AdminDisabled => StatusCode::FORBIDDEN,
-            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::NotFound | ApiError::UnknownHandler => StatusCode::NOT_FOUND,
             ApiError::InvalidQuery => StatusCode::BAD_REQUEST,
         }
     }

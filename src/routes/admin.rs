@@ -382,7 +382,7 @@ async fn set_paused(
     authorize(&req, &state)?;
     let name = path.into_inner();
     if !state.ingest.registry.contains(&name) {
-        return Err(ApiError::NotFound);
+        return Err(ApiError::UnknownHandler);
     }
     state
         .store

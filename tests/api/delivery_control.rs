@@ -443,3 +443,59 @@ async fn a_bulk_retry_requeues_exactly_the_filtered_dead_pairs() {
     );
     assert_eq!(ha.runs().len(), 400, "nothing ran twice");
 }
+
+/// `webhook-inbox handlers list|pause|resume` through the admin API.
+#[tokio::test]
+async fn the_handlers_command_lists_pauses_and_resumes() {
+    let app = spawn_with(Options {
+        admin_token: Some("admin-token"),
+        ..Options::default()
+    })
+    .await;
+    let config_path = app.dir.path().join("cli.toml");
+    std::fs::write(
+        &config_path,
+        crate::helpers::config_text(app.dir.path(), &Options::default()),
+    )
+    .expect("write");
+    let cli = |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (config_path, admin) = (config_path.clone(), app.admin_address.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let out = std::process::Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
+                    .arg("handlers")
+                    .args(&args)
+                    .arg("--config")
+                    .arg(&config_path)
+                    .args(["--admin", &admin])
+                    .env("WEBHOOK_INBOX_ADMIN_TOKEN", "admin-token")
+                    .output()
+                    .expect("binary runs");
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                (out.status.success(), text)
+            })
+            .await
+            .expect("join")
+        }
+    };
+    let (ok, text) = cli(&["pause", "recorder"]).await;
+    assert!(ok && text.contains("recorder paused"), "{text}");
+    let (ok, text) = cli(&["list"]).await;
+    assert!(ok, "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("recorder"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("paused"), "{text}");
+    let (ok, text) = cli(&["resume", "recorder", "--json"]).await;
+    assert!(ok, "{text}");
+    let view: serde_json::Value = serde_json::from_str(&text).expect("--json");
+    assert_eq!(view["paused"], false);
+    let (ok, text) = cli(&["pause", "no-such-handler"]).await;
+    assert!(!ok && text.contains("no handler of that name"), "{text}");
+}
