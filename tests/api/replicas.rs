@@ -890,3 +890,60 @@ async fn a_pause_holds_on_every_replica() {
     let ids: HashSet<&str> = lines.iter().map(|l| l.id.as_str()).collect();
     assert_eq!((lines.len(), ids.len()), (10, 10), "each once: {lines:?}");
 }
+
+/// `store check` on PostgreSQL: a healthy database passes; a pair stranded with nothing
+/// queued (damage from outside: a hand edit, a restored backup) is listed, exit 1, and
+/// `--repair` queues it, after which a replica runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_check_on_postgres_lists_and_repairs_a_stranded_pair() {
+    let Some(server) = test_postgres_url("replicas: store check on PostgreSQL") else {
+        return;
+    };
+    let mut cluster = Cluster::start(&server, 1, false).await;
+    let client = reqwest::Client::new();
+    let body = br#"{"type":"application.created"}"#;
+    let headers = cluster.sign("credicorp", "msg_check", body);
+    let (status, _) = post(&client, cluster.replicas[0].port, "credicorp", &headers, body).await;
+    assert_eq!(status, 202);
+    cluster.settle(1).await;
+    for mut replica in cluster.replicas.drain(..) {
+        let _ = replica.child.kill();
+        let _ = replica.child.wait();
+    }
+    let dir = tempfile::TempDir::new().expect("dir");
+    let config = dir.path().join("check.toml");
+    std::fs::write(&config, replica_config(&cluster.url, &cluster.runs, None)).expect("write");
+    let check = |repair: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"));
+        command.args(["store", "check", "--config"]).arg(&config);
+        if repair {
+            command.arg("--repair");
+        }
+        let out = command.output().expect("runs");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, text) = check(false);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("0 violation(s)"), "{text}");
+
+    let mut db = sqlx::PgConnection::connect(&cluster.url).await.expect("db");
+    sqlx::query("UPDATE inbox_jobs SET status = 'pending', due_ms = NULL, updated_ms = NULL")
+        .execute(&mut db)
+        .await
+        .expect("damage");
+    let (code, text) = check(false);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("credicorp/msg_check#effect"), "{text}");
+    let (code, text) = check(true);
+    assert_eq!(code, 0, "{text}");
+    let due: Option<i64> = sqlx::query_scalar("SELECT due_ms FROM inbox_jobs")
+        .fetch_one(&mut db)
+        .await
+        .expect("row");
+    assert!(due.is_some(), "repaired: queued again");
+    let (code, text) = check(false);
+    assert_eq!((code, text.contains("0 violation(s)")), (0, true), "{text}");
+}
