@@ -45,6 +45,8 @@ struct BenchOptions {
     sustain_seconds: u64,
     /// A PostgreSQL server for the postgres cases (none: skipped).
     postgres_url: Option<String>,
+    /// Skip the sled cases.
+    postgres_only: bool,
 }
 
 /// One case's figures.
@@ -605,7 +607,12 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
         ("fsync, unique, 64 KiB", "fsync", 65536, None, false),
         ("buffered, unique, 64 KiB", "buffered", 65536, None, false),
     ];
-    for (name, durability, size, duplicate_every, replay_only) in cases {
+    let cases = if options.postgres_only {
+        &cases[..0]
+    } else {
+        &cases[..]
+    };
+    for &(name, durability, size, duplicate_every, replay_only) in cases {
         let dir = tempfile::TempDir::new().map_err(|e| e.to_string())?;
         let (server, _) = start_inbox(dir.path(), durability, options.workers).await?;
         let mut recorded = 0;
@@ -660,7 +667,7 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
         results.push(r);
     }
 
-    if options.sustain_seconds > 0 {
+    if options.sustain_seconds > 0 && !options.postgres_only {
         let ceiling = results
             .iter()
             .find(|r| r.name == "fsync, unique, 1 KiB")
@@ -903,6 +910,9 @@ struct Args {
     /// fresh schema; without it they are skipped.
     #[arg(long, env = "WEBHOOK_INBOX_TEST_POSTGRES_URL")]
     postgres_url: Option<String>,
+    /// Only the bare endpoint and the PostgreSQL cases.
+    #[arg(long)]
+    postgres_only: bool,
     /// Serve the bare endpoint at `--listen` instead (the benchmark starts itself so).
     #[arg(long, hide = true)]
     bare: bool,
@@ -943,6 +953,7 @@ fn main() -> std::process::ExitCode {
         workers: args.workers,
         sustain_seconds: args.sustain_seconds,
         postgres_url: args.postgres_url,
+        postgres_only: args.postgres_only,
     };
     match runtime.block_on(run(&options)) {
         Ok(results) => {

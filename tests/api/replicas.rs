@@ -903,7 +903,14 @@ async fn store_check_on_postgres_lists_and_repairs_a_stranded_pair() {
     let client = reqwest::Client::new();
     let body = br#"{"type":"application.created"}"#;
     let headers = cluster.sign("credicorp", "msg_check", body);
-    let (status, _) = post(&client, cluster.replicas[0].port, "credicorp", &headers, body).await;
+    let (status, _) = post(
+        &client,
+        cluster.replicas[0].port,
+        "credicorp",
+        &headers,
+        body,
+    )
+    .await;
     assert_eq!(status, 202);
     cluster.settle(1).await;
     for mut replica in cluster.replicas.drain(..) {

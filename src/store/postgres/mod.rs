@@ -64,6 +64,9 @@ use super::{
 };
 use crate::config::Durability;
 
+/// How often the paused handlers are read from the database (see `PgStore::pauses`).
+pub const PAUSES_READ_EVERY: Duration = Duration::from_millis(250);
+
 /// The channel new work is announced on.
 const WORK_CHANNEL: &str = "webhook_inbox_work";
 
@@ -99,6 +102,8 @@ pub struct PgStore {
     /// Connections whose commits do not wait for the WAL flush (`synchronous_commit =
     /// off`), for the writes no answer depends on (see [`PgStore::relaxed`]).
     relaxed: PgPool,
+    /// The dispatcher's durable connections: the start of a run (see [`PgStore::dispatch`]).
+    dispatch: PgPool,
     /// This process's lease owner id.
     instance: i64,
     /// Set once the migrations have run; until then every operation is refused.
@@ -111,6 +116,13 @@ pub struct PgStore {
     reservation: Duration,
     /// Where the retention sweep goes on from (past deliveries it had to keep).
     sweep_from: std::sync::Mutex<Option<(i64, String, String)>>,
+    /// The paused handlers as last read, and when: the dispatcher asks every pass, and a
+    /// pause made on another replica may take [`PAUSES_READ_EVERY`] to be seen here (one
+    /// made here is seen at once).
+    pauses: std::sync::Mutex<Option<(std::time::Instant, HashSet<String>)>>,
+    /// Bumped by every pause or resume made here, so that a read that began before one is
+    /// not kept as the latest.
+    pauses_changed: std::sync::atomic::AtomicU64,
     /// Background tasks (migrations, LISTEN), stopped with the store.
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -215,10 +227,17 @@ impl PgStore {
     ) -> Result<PgStore, PgConfigError> {
         let options = Self::options(url, durability)?;
         let reservation = crate::config::DispatchConfig::default().run_lease;
+        // The dispatcher's own connections, a quarter of `pool_size` each (at least 2), so
+        // that it never waits behind a burst of claims for one of the main pool's.
+        let dispatch_size = (pool_size / 4).max(2);
         let relaxed = PgPoolOptions::new()
-            .max_connections((pool_size / 4).max(2))
+            .max_connections(dispatch_size)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(options.clone().options([("synchronous_commit", "off")]));
+        let dispatch = PgPoolOptions::new()
+            .max_connections(dispatch_size)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options.clone());
         let pool = PgPoolOptions::new()
             .max_connections(pool_size)
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -232,11 +251,14 @@ impl PgStore {
         Ok(PgStore {
             pool,
             relaxed,
+            dispatch,
             instance: rand::random::<i64>() & i64::MAX,
             ready,
             work,
             reservation,
             sweep_from: std::sync::Mutex::new(None),
+            pauses: std::sync::Mutex::new(None),
+            pauses_changed: std::sync::atomic::AtomicU64::new(0),
             tasks,
         })
     }
@@ -300,8 +322,9 @@ impl PgStore {
         }
     }
 
-    /// For writes that acknowledge nothing to anyone and whose loss in a crash the design
-    /// allows for, as sled's unsynced writes: a dispatcher's reservation (lost, it was never
+    /// The dispatcher's connections: for its reads (so that they never queue behind a burst
+    /// of claims for a connection of the main pool), and for writes that acknowledge
+    /// nothing to anyone and whose loss in a crash the design allows for, as sled's unsynced writes: a dispatcher's reservation (lost, it was never
     /// taken), a lease renewal (lost, the lease is shorter), the outcome of a run (lost, the
     /// pair runs again with `attempt + 1` — its start was durable — and the same idempotency
     /// key). They are visible at once, and PostgreSQL writes its WAL in order, so any later
@@ -310,6 +333,14 @@ impl PgStore {
     fn relaxed(&self) -> Result<&PgPool, StoreError> {
         self.db()?;
         Ok(&self.relaxed)
+    }
+
+    /// The start of a run commits durably (its attempt number must survive a crash), on
+    /// connections of the dispatcher's own, so that dispatch keeps its share of the
+    /// database while claims queue for the main pool.
+    fn dispatch(&self) -> Result<&PgPool, StoreError> {
+        self.db()?;
+        Ok(&self.dispatch)
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
@@ -894,7 +925,7 @@ impl DeliveryStore for PgStore {
         .bind(queued)
         .bind(self.instance)
         .bind(db_ms(lease_until_ms))
-        .fetch_optional(self.db()?)
+        .fetch_optional(self.dispatch()?)
         .await
         .map_err(backend)?;
         if let Some(row) = row {
@@ -915,7 +946,7 @@ impl DeliveryStore for PgStore {
         .bind(&job.delivery.source)
         .bind(&job.delivery.id)
         .bind(&job.handler)
-        .fetch_optional(self.db()?)
+        .fetch_optional(self.dispatch()?)
         .await
         .map_err(backend)?;
         let Some(row) = row else {
@@ -1376,7 +1407,7 @@ impl DeliveryStore for PgStore {
 
     async fn queued_handlers(&self) -> Result<Vec<String>, StoreError> {
         sqlx::query_scalar("SELECT DISTINCT handler FROM inbox_jobs WHERE due_ms IS NOT NULL")
-            .fetch_all(self.db()?)
+            .fetch_all(self.relaxed()?)
             .await
             .map_err(backend)
     }
@@ -1420,11 +1451,22 @@ impl DeliveryStore for PgStore {
     }
 
     async fn paused_handlers(&self) -> Result<HashSet<String>, StoreError> {
+        if let Some((at, paused)) = &*self.pauses.lock().unwrap_or_else(|p| p.into_inner())
+            && at.elapsed() < PAUSES_READ_EVERY
+        {
+            return Ok(paused.clone());
+        }
+        let generation = self.pauses_changed.load(Ordering::Acquire);
         let names: Vec<String> = sqlx::query_scalar("SELECT name FROM inbox_handlers WHERE paused")
-            .fetch_all(self.db()?)
+            .fetch_all(self.relaxed()?)
             .await
             .map_err(backend)?;
-        Ok(names.into_iter().collect())
+        let paused: HashSet<String> = names.into_iter().collect();
+        let mut cached = self.pauses.lock().unwrap_or_else(|p| p.into_inner());
+        if self.pauses_changed.load(Ordering::Acquire) == generation {
+            *cached = Some((std::time::Instant::now(), paused.clone()));
+        }
+        Ok(paused)
     }
 
     async fn set_paused(&self, handler: &str, paused: bool, now_ms: u64) -> Result<(), StoreError> {
@@ -1444,6 +1486,10 @@ impl DeliveryStore for PgStore {
             notify_work(&mut tx).await?;
         }
         tx.commit().await.map_err(backend)?;
+        // Seen by this replica's next dispatcher pass, not a cached read later.
+        let mut cached = self.pauses.lock().unwrap_or_else(|p| p.into_inner());
+        self.pauses_changed.fetch_add(1, Ordering::AcqRel);
+        *cached = None;
         Ok(())
     }
 
