@@ -60,8 +60,14 @@ async fn a_redelivery_gets_the_first_answer_byte_for_byte_and_runs_nothing() {
         assert_replayed(&again);
         assert_eq!(again.bytes().await.expect("body"), first_body);
     }
-    // Let the dispatcher go idle, then check nothing ran again.
+    // The first copy's run happens (not waited for by the answer); then, once the app has
+    // stopped, nothing ran again.
     let stopped = app.recorder.clone();
+    assert!(
+        eventually(Duration::from_secs(20), || stopped.runs_of("msg_replay")
+            >= 1)
+        .await
+    );
     app.stop().await;
     assert_eq!(stopped.runs_of("msg_replay"), 1);
 }
@@ -95,6 +101,11 @@ async fn a_known_id_with_another_body_is_422_and_changes_nothing() {
     assert_replayed(&again);
     assert_eq!(again.bytes().await.expect("body"), first);
     let recorder = app.recorder.clone();
+    assert!(
+        eventually(Duration::from_secs(20), || recorder.runs_of("msg_conflict")
+            >= 1)
+        .await
+    );
     app.stop().await;
     assert_eq!(recorder.runs_of("msg_conflict"), 1);
     assert_eq!(recorder.runs()[0].body, original.as_bytes());
