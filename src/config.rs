@@ -138,7 +138,8 @@ pub struct StorageConfig {
     /// The PostgreSQL URL itself (local use: a URL with a password belongs in the
     /// environment).
     pub postgres_url: Option<String>,
-    /// PostgreSQL connections per process.
+    /// PostgreSQL connections per process for requests; the dispatcher has two pools of its
+    /// own, a quarter of this each (at least 2).
     pub pool_size: u32,
     /// `fsync` or `buffered`.
     pub durability: Durability,
