@@ -5,7 +5,8 @@
 //! raw body, and one [`JobState`] per matching handler once it has first run (absent means
 //! pending). Two ordered indexes keep every
 //! background task proportional to its own work, never to the size of the store:
-//! - the queue, ordered by due time: dispatch and crash recovery read only what is due;
+//! - the queue, per handler, ordered by due time: dispatch and crash recovery read only
+//!   what is due, of the handlers that may run;
 //! - the received_at index: retention reads only what has expired.
 //!
 //! The claim of a new delivery and every later step of its life (start and end of a run,

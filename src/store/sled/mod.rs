@@ -8,12 +8,12 @@
 //! |--------------|----------------------------------|-----------------------------------------|
 //! | `deliveries` | `source \0 id`                   | u32 BE length, [`DeliveryRecord`] JSON, raw body |
 //! | `jobs`       | `source \0 id \0 handler`        | [`JobState`], JSON (absent: pending)    |
-//! | `queue`      | due ms (u64 BE) ++ job key       | empty                                   |
+//! | `handler_queue` | handler `\0` due ms (u64 BE) ++ job key | empty (the queue, per handler; a store of the older layout, one tree `queue` keyed by due ms first, is moved here when opened) |
 //! | `received`   | received ms (u64 BE) ++ `source \0 id` | empty                            |
 //! | `body_index` | `source \0 fingerprint`          | delivery id (body dedup); once that delivery expired: 0x01 ++ JSON of its id, received_at and answer |
 //! | `fp_expiry`  | received ms (u64 BE) ++ body index key | empty: fingerprints kept past their delivery |
 //! | `dead`       | job key                          | empty (dead letters)                    |
-//! | `meta`       | name                             | the start-up repair's watermark         |
+//! | `meta`       | name                             | the start-up repair's watermark; `paused\0` ++ handler: a paused handler |
 //!
 //! Big-endian times make sled's key order the time order, so "what is due" and "what has
 //! expired" are range scans from the front. JSON keeps records readable and lets later
