@@ -346,6 +346,11 @@ pub enum Claim {
     BodyDuplicate(DeliveryRecord),
 }
 
+/// How long a dispatcher leaves a paused handler's pair alone after [`Begin::Busy`] told it
+/// the handler is paused (its next passes skip the handler's queue anyway, once they see the
+/// pause).
+pub const PAUSED_RETRY_MS: u64 = 1000;
+
 /// The result of trying to start a run.
 #[derive(Debug, Clone)]
 pub enum Begin {
@@ -651,7 +656,8 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// for an inline run in `ack = "processed"` mode).
     ///
     /// One check-and-set under the delivery's lock: a pair running under a live lease is
-    /// [`Begin::Busy`], never started twice; a pair that is final, whose delivery is gone,
+    /// [`Begin::Busy`], never started twice; so is a pair of a paused handler (for
+    /// [`PAUSED_RETRY_MS`]): no run starts once a pause has been recorded; a pair that is final, whose delivery is gone,
     /// or whose queue entry was moved meanwhile is [`Begin::Skipped`] (a stale entry is
     /// removed).
     async fn begin_attempt(

@@ -502,7 +502,43 @@ async fn a_run_whose_lease_lapsed_is_started_again_with_the_next_attempt(store: 
     );
 }
 
+async fn no_run_of_a_paused_handler_starts(store: Store) {
+    store
+        .claim(new("pz", "{}", &["h"], false))
+        .await
+        .expect("claim");
+    let entry = due_now(&store, NOW).await[0].clone();
+    store.set_paused("h", true, NOW).await.expect("pause");
+    assert!(store.paused_handlers().await.expect("read").contains("h"));
+    // A dispatcher that read the queue before the pause still starts nothing.
+    assert!(matches!(
+        store
+            .begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
+            .await
+            .expect("begin"),
+        Begin::Busy { .. }
+    ));
+    assert_eq!(
+        store.queue_depths().await.expect("depths"),
+        vec![("h".to_owned(), 1)],
+        "still queued"
+    );
+    store.set_paused("h", false, NOW).await.expect("resume");
+    assert!(store.paused_handlers().await.expect("read").is_empty());
+    let entry = due_now(&store, NOW).await[0].clone();
+    assert!(matches!(
+        store
+            .begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
+            .await
+            .expect("begin"),
+        Begin::Started(_)
+    ));
+}
+
 const CASES: &[(&str, Case)] = &[
+    ("no_run_of_a_paused_handler_starts", |s| {
+        Box::pin(no_run_of_a_paused_handler_starts(s))
+    }),
     (
         "a_run_whose_lease_lapsed_is_started_again_with_the_next_attempt",
         |s| Box::pin(a_run_whose_lease_lapsed_is_started_again_with_the_next_attempt(s)),

@@ -1,6 +1,6 @@
 //! Writing items exported from another store (`store copy`), one transaction per page.
 
-use super::{PgStore, backend, db_ms, status_name, to_json};
+use super::{PgStore, backend, db_ms, insert_delivery, status_name, take_fingerprint, to_json};
 use crate::store::{JobState, StoreError, StoredItem};
 
 impl PgStore {
@@ -12,22 +12,7 @@ impl PgStore {
         for item in items {
             match item {
                 StoredItem::Delivery { record, body, jobs } => {
-                    let inserted = sqlx::query(
-                        "INSERT INTO inbox_deliveries \
-                            (source, id, received_at_ms, record, alias_of, body) \
-                         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-                    )
-                    .bind(&record.source)
-                    .bind(&record.id)
-                    .bind(db_ms(record.received_at_ms))
-                    .bind(to_json(record))
-                    .bind(&record.alias_of)
-                    .bind(body.as_ref())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(backend)?
-                    .rows_affected();
-                    if inserted == 0 {
+                    if !insert_delivery(&mut tx, record, body).await? {
                         continue;
                     }
                     written += 1;
@@ -68,18 +53,7 @@ impl PgStore {
                         .map_err(backend)?;
                     }
                     if record.body_dedup && record.alias_of.is_none() {
-                        sqlx::query(
-                            "INSERT INTO inbox_fingerprints \
-                                (source, fingerprint, id, received_at_ms) \
-                             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                        )
-                        .bind(&record.source)
-                        .bind(&record.fingerprint)
-                        .bind(&record.id)
-                        .bind(db_ms(record.received_at_ms))
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(backend)?;
+                        take_fingerprint(&mut tx, record).await?;
                     }
                 }
                 StoredItem::Fingerprint {

@@ -407,35 +407,10 @@ impl PgStore {
     async fn claim_dedup(&self, new: &NewDelivery) -> Result<Attempt, StoreError> {
         let record = new.record();
         let mut tx = self.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO inbox_deliveries (source, id, received_at_ms, record, body) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-        )
-        .bind(&record.source)
-        .bind(&record.id)
-        .bind(db_ms(record.received_at_ms))
-        .bind(to_json(record))
-        .bind(new.body().as_ref())
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?
-        .rows_affected();
-        if inserted == 0 {
+        if !insert_delivery(&mut tx, record, new.body()).await? {
             return Ok(Attempt::KeyTaken);
         }
-        let took = sqlx::query(
-            "INSERT INTO inbox_fingerprints (source, fingerprint, id, received_at_ms) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-        )
-        .bind(&record.source)
-        .bind(&record.fingerprint)
-        .bind(&record.id)
-        .bind(db_ms(record.received_at_ms))
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?
-        .rows_affected();
-        if took == 1 {
+        if take_fingerprint(&mut tx, record).await? {
             insert_jobs(&mut tx, record, new.enqueue()).await?;
             tx.commit().await.map_err(backend)?;
             return Ok(Attempt::Decided(Box::new(Claim::New)));
@@ -691,6 +666,50 @@ async fn locked_record(
     }
 }
 
+/// Inserts a delivery's row unless its key is taken; returns whether it did.
+async fn insert_delivery(
+    tx: &mut Transaction<'static, Postgres>,
+    record: &DeliveryRecord,
+    body: &[u8],
+) -> Result<bool, StoreError> {
+    let inserted = sqlx::query(
+        "INSERT INTO inbox_deliveries (source, id, received_at_ms, record, alias_of, body) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+    )
+    .bind(&record.source)
+    .bind(&record.id)
+    .bind(db_ms(record.received_at_ms))
+    .bind(to_json(record))
+    .bind(&record.alias_of)
+    .bind(body)
+    .execute(&mut **tx)
+    .await
+    .map_err(backend)?
+    .rows_affected();
+    Ok(inserted == 1)
+}
+
+/// Records `record` as the first delivery of its body (body dedup) unless the body is
+/// known already; returns whether it did.
+async fn take_fingerprint(
+    tx: &mut Transaction<'static, Postgres>,
+    record: &DeliveryRecord,
+) -> Result<bool, StoreError> {
+    let took = sqlx::query(
+        "INSERT INTO inbox_fingerprints (source, fingerprint, id, received_at_ms) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+    )
+    .bind(&record.source)
+    .bind(&record.fingerprint)
+    .bind(&record.id)
+    .bind(db_ms(record.received_at_ms))
+    .execute(&mut **tx)
+    .await
+    .map_err(backend)?
+    .rows_affected();
+    Ok(took == 1)
+}
+
 /// Writes a new delivery's job rows (queued on arrival when acknowledged) and announces
 /// them on commit.
 async fn insert_jobs(
@@ -903,8 +922,9 @@ impl DeliveryStore for PgStore {
         let now = db_ms(now_ms);
         let queued = queued_due.map(db_ms);
         // One check-and-set: started only if not final, still queued where the caller
-        // found it, not running under a live lease (whoever's), and not reserved by
-        // another replica.
+        // found it, not running under a live lease (whoever's), not reserved by another
+        // replica, and its handler not paused (a pause committed before this statement
+        // holds, whatever the dispatcher read earlier).
         let row = sqlx::query(
             "UPDATE inbox_jobs j SET status = 'running', attempts = j.attempts + 1, \
                 updated_ms = $4, lease_owner = $6, lease_until_ms = $7, \
@@ -916,6 +936,7 @@ impl DeliveryStore for PgStore {
                AND ($5::bigint IS NULL OR j.due_ms = $5) \
                AND NOT (j.status = 'running' AND COALESCE(j.lease_until_ms, 0) > $4) \
                AND NOT (COALESCE(j.reserved_until_ms, 0) > $4 AND j.reserved_by <> $6) \
+               AND NOT EXISTS (SELECT 1 FROM inbox_handlers h WHERE h.name = j.handler AND h.paused) \
              RETURNING j.attempts, j.retry_base, d.record, d.body",
         )
         .bind(&job.delivery.source)
@@ -940,8 +961,9 @@ impl DeliveryStore for PgStore {
         }
         // Not started: busy (someone holds it) or nothing to run.
         let row = sqlx::query(
-            "SELECT status, due_ms, lease_until_ms, reserved_until_ms FROM inbox_jobs \
-             WHERE source = $1 AND id = $2 AND handler = $3",
+            "SELECT status, due_ms, lease_until_ms, reserved_until_ms, \
+                EXISTS (SELECT 1 FROM inbox_handlers h WHERE h.name = $3 AND h.paused) AS paused \
+             FROM inbox_jobs WHERE source = $1 AND id = $2 AND handler = $3",
         )
         .bind(&job.delivery.source)
         .bind(&job.delivery.id)
@@ -960,9 +982,11 @@ impl DeliveryStore for PgStore {
         if matches!(status, JobStatus::Succeeded | JobStatus::Dead) || moved {
             return Ok(Begin::Skipped);
         }
+        let paused: bool = row.try_get("paused").map_err(backend)?;
         let held = match (status, lease, reserved) {
             (JobStatus::Running, Some(lease), _) if lease > now => Some(lease),
             (_, _, Some(reserved)) if reserved > now => Some(reserved),
+            _ if paused => Some(now.saturating_add(super::PAUSED_RETRY_MS as i64)),
             _ => None,
         };
         // Without a live hold it changed between the two statements: the next pass decides.

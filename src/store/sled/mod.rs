@@ -889,6 +889,19 @@ impl DeliveryStore for SledStore {
                     false,
                 ));
             }
+            // A pause recorded before this check holds, whatever the caller read earlier.
+            if self
+                .meta
+                .contains_key([PAUSED, job.handler.as_bytes()].concat())
+                .map_err(backend)?
+            {
+                return Ok((
+                    Begin::Busy {
+                        until_ms: now_ms + super::PAUSED_RETRY_MS,
+                    },
+                    false,
+                ));
+            }
             state.status = JobStatus::Running;
             state.attempts += 1;
             state.updated_ms = now_ms;
