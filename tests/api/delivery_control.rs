@@ -499,3 +499,50 @@ async fn the_handlers_command_lists_pauses_and_resumes() {
     let (ok, text) = cli(&["pause", "no-such-handler"]).await;
     assert!(!ok && text.contains("no handler of that name"), "{text}");
 }
+
+/// `ack = "processed"`: a paused handler's inline run does not start; the sender is told to
+/// come back (409 with Retry-After), and once resumed its retry runs the handler and gets
+/// the answer.
+#[tokio::test]
+async fn processed_mode_waits_for_a_paused_handler() {
+    let app = spawn_with(Options {
+        ack: "processed",
+        admin_token: Some("admin-token"),
+        ..Options::default()
+    })
+    .await;
+    let toggle = |verb: &'static str| {
+        app.client
+            .post(format!(
+                "{}/admin/handlers/recorder/{verb}",
+                app.admin_address
+            ))
+            .bearer_auth("admin-token")
+            .send()
+    };
+    assert_eq!(toggle("pause").await.expect("pause").status().as_u16(), 200);
+    let held = app.deliver("msg_processed_paused", "{}").await;
+    assert_eq!(held.status().as_u16(), 409);
+    assert!(held.headers().contains_key("retry-after"));
+    assert_eq!(app.recorder.runs().len(), 0);
+    assert_eq!(
+        toggle("resume").await.expect("resume").status().as_u16(),
+        200
+    );
+    // The sender retries after Retry-After (and the claimant's hold lapses meanwhile).
+    let mut answer = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        answer = app
+            .deliver("msg_processed_paused", "{}")
+            .await
+            .status()
+            .as_u16();
+        if answer == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answer, 200);
+    assert_eq!(app.recorder.runs_of("msg_processed_paused"), 1);
+}
