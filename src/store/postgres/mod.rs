@@ -3,10 +3,18 @@
 //!
 //! Schema (`migrations/`, embedded and run at start, see `schema.rs`): `inbox_deliveries`
 //! (one row per `(source, id)`: the record as JSON text, the body), `inbox_jobs` (one row
-//! per (delivery, handler), written with the claim; its `due_ms` is the queue entry, its
-//! `lease_owner`/`lease_until_ms` the hold of a dispatcher or runner) and
-//! `inbox_fingerprints` (body dedup, kept past the delivery for
-//! `storage.fingerprint_retention`).
+//! per (delivery, handler), written with the claim; its `due_ms` is the queue entry,
+//! `lease_owner`/`lease_until_ms` the runner's hold, `reserved_by`/`reserved_until_ms` a
+//! dispatcher's), `inbox_fingerprints` (body dedup, kept past the delivery for
+//! `storage.fingerprint_retention`) and `inbox_handlers` (pauses).
+//!
+//! Files: this one (connecting, the trait), `schema.rs` (migrations), `check.rs` (`store
+//! check`), `import.rs` (`store copy`).
+//!
+//! Three pools: `pool_size` connections for requests (claims, admin), and two of a quarter
+//! of that for the dispatcher — its reads and the writes that need not wait for the WAL
+//! (reservations, renewals, outcomes: see `PgStore::relaxed`), and the durable start of a
+//! run — so that a burst of claims never starves dispatch of connections.
 //!
 //! # Why replicas cannot break the invariants
 //!
@@ -25,6 +33,8 @@
 //!   reservation of a pair whose runner died can never pass for a live run. A replica that dies
 //!   leaves a lease that lapses; another then starts the pair with `attempt + 1` (the count
 //!   is durable at start) and the same idempotency key.
+//! - A pause (`inbox_handlers.paused`) is checked in that same update: once committed, no
+//!   run of the handler starts on any replica.
 //! - Operator retry moves `due_ms`; a dispatcher holding the old due time starts nothing
 //!   (invariant 5). Retention locks the delivery rows it removes (`FOR UPDATE`), and every
 //!   retry locks the delivery it requeues, so the two never cross; only one replica sweeps
