@@ -482,6 +482,56 @@ async fn scrape(client: &reqwest::Client, admin: u16) -> Option<(f64, f64)> {
     ))
 }
 
+/// Samples the handler runs of every server (summed) and the queue depth every 250 ms while
+/// a case runs: the servers' processing rate over that window and the largest depth seen.
+struct RunSampler {
+    sampling: Arc<AtomicBool>,
+    #[allow(clippy::type_complexity)]
+    task: tokio::task::JoinHandle<(f64, Option<(Instant, f64)>, Option<(Instant, f64)>)>,
+}
+
+impl RunSampler {
+    /// Starts sampling the admin listeners `admins` (replicas share one queue).
+    fn start(admins: Vec<u16>) -> RunSampler {
+        let sampling = Arc::new(AtomicBool::new(true));
+        let client = reqwest::Client::new();
+        let running = sampling.clone();
+        let task = tokio::spawn(async move {
+            let mut max_depth = 0f64;
+            let (mut first, mut last) = (None, None);
+            while running.load(Ordering::Relaxed) {
+                let mut total = Some((0.0, 0.0));
+                for &admin in &admins {
+                    total = match (total, scrape(&client, admin).await) {
+                        (Some((runs, _)), Some((r, depth))) => Some((runs + r, depth)),
+                        _ => None, // a sample is all the servers or nothing
+                    };
+                }
+                if let Some((runs, depth)) = total {
+                    max_depth = max_depth.max(depth);
+                    let now = Instant::now();
+                    first.get_or_insert((now, runs));
+                    last = Some((now, runs));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            (max_depth, first, last)
+        });
+        RunSampler { sampling, task }
+    }
+
+    /// Stops sampling: (handler runs per second, largest queue depth).
+    async fn finish(self) -> Result<(f64, f64), String> {
+        self.sampling.store(false, Ordering::Relaxed);
+        let (max_depth, first, last) = self.task.await.map_err(|e| e.to_string())?;
+        let processed = match (first, last) {
+            (Some((t0, r0)), Some((t1, r1))) if t1 > t0 => (r1 - r0) / (t1 - t0).as_secs_f64(),
+            _ => 0.0,
+        };
+        Ok((processed, max_depth))
+    }
+}
+
 /// The sustained case: a steady offered load at 80 % of the measured fsync ack ceiling for
 /// `options.sustain_seconds`; reports acks per second, handler runs per second over the same
 /// window, and the largest queue depth seen (sampled every 250 ms).
@@ -494,26 +544,7 @@ async fn sustained(
     let dir = tempfile::TempDir::new().map_err(|e| e.to_string())?;
     let (server, _) = start_inbox(dir.path(), "fsync", options.workers).await?;
     let offered = ceiling * 0.8;
-    let client = reqwest::Client::new();
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let (client, sampling, admin) = (client.clone(), sampling.clone(), server.admin);
-        tokio::spawn(async move {
-            let mut max_depth = 0f64;
-            let mut first = None;
-            let mut last = None;
-            while sampling.load(Ordering::Relaxed) {
-                if let Some((runs, depth)) = scrape(&client, admin).await {
-                    max_depth = max_depth.max(depth);
-                    let now = Instant::now();
-                    first.get_or_insert((now, runs));
-                    last = Some((now, runs));
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            (max_depth, first, last)
-        })
-    };
+    let sampler = RunSampler::start(vec![server.admin]);
     let (mut r, _) = drive_for(
         &[server.port],
         source,
@@ -528,12 +559,7 @@ async fn sustained(
         0,
     )
     .await;
-    sampling.store(false, Ordering::Relaxed);
-    let (max_depth, first, last) = sampler.await.map_err(|e| e.to_string())?;
-    let processed = match (first, last) {
-        (Some((t0, r0)), Some((t1, r1))) if t1 > t0 => (r1 - r0) / (t1 - t0).as_secs_f64(),
-        _ => 0.0,
-    };
+    let (processed, max_depth) = sampler.finish().await?;
     r.name = format!(
         "sustained {:.0}/s offered (80 % of the ack ceiling), fsync, 1 KiB",
         offered
@@ -723,34 +749,7 @@ async fn postgres(
         .map_err(|e| e.to_string())?;
         servers.push(start_with(&config, port, admin).await?.0);
     }
-    let client = reqwest::Client::new();
-    let admins: Vec<u16> = servers.iter().map(|s| s.admin).collect();
-    let runs = |client: reqwest::Client, admins: Vec<u16>| async move {
-        let (mut total, mut depth) = (0.0, 0.0);
-        for admin in admins {
-            let (runs, d) = scrape(&client, admin).await.unwrap_or_default();
-            total += runs;
-            depth = d; // one queue, shared
-        }
-        (total, depth)
-    };
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let (client, sampling, admins) = (client.clone(), sampling.clone(), admins.clone());
-        tokio::spawn(async move {
-            let mut max_depth = 0f64;
-            let (mut first, mut last) = (None, None);
-            while sampling.load(Ordering::Relaxed) {
-                let (total, depth) = runs(client.clone(), admins.clone()).await;
-                max_depth = max_depth.max(depth);
-                let now = Instant::now();
-                first.get_or_insert((now, total));
-                last = Some((now, total));
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            (max_depth, first, last)
-        })
-    };
+    let sampler = RunSampler::start(servers.iter().map(|s| s.admin).collect());
     let ports: Vec<u16> = servers.iter().map(|s| s.port).collect();
     let (mut r, _) = drive_for(
         &ports,
@@ -766,12 +765,8 @@ async fn postgres(
         0,
     )
     .await;
-    sampling.store(false, Ordering::Relaxed);
-    let (max_depth, first, last) = sampler.await.map_err(|e| e.to_string())?;
-    r.processed = Some(match (first, last) {
-        (Some((t0, r0)), Some((t1, r1))) if t1 > t0 => (r1 - r0) / (t1 - t0).as_secs_f64(),
-        _ => 0.0,
-    });
+    let (processed, max_depth) = sampler.finish().await?;
+    r.processed = Some(processed);
     r.max_queue_depth = Some(max_depth);
     r.name = format!("postgres, {replicas} replica(s), unique, 1 KiB");
     r.rss = servers.iter().map(|s| rss_bytes(s.child.id())).sum();

@@ -185,26 +185,27 @@ impl Metrics {
     /// The exposition text, with the store's gauges read now (left as they were when the
     /// store cannot be read).
     pub async fn render(&self, store: &dyn DeliveryStore) -> String {
-        if let Ok(n) = store.queue_depth().await {
-            self.queue_depth.set(n as i64);
-        }
         if let Ok(n) = store.dead_letters().await {
             self.dead_letters.set(n as i64);
         }
         let label = |handler: &str| HandlerLabels {
             handler: handler.to_owned(),
         };
+        // One read of the queue for both gauges: the total is the sum of the handlers'.
         if let Ok(depths) = store.queue_depths().await {
             for handler in &self.handlers {
                 self.handler_queue_depth
                     .get_or_create(&label(handler))
                     .set(0);
             }
+            let mut total = 0;
             for (handler, n) in depths {
+                total += n;
                 self.handler_queue_depth
                     .get_or_create(&label(&handler))
                     .set(n as i64);
             }
+            self.queue_depth.set(total as i64);
         }
         if let Ok(paused) = store.paused_handlers().await {
             for handler in &self.handlers {

@@ -742,10 +742,8 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// does for one delivery. Returns how many pairs were requeued.
     async fn retry_all(&self, filter: &RetryFilter, now_ms: u64) -> Result<usize, StoreError>;
 
-    /// Jobs waiting in the queue (due or not).
-    async fn queue_depth(&self) -> Result<usize, StoreError>;
-
-    /// Jobs waiting in the queue, per handler (handlers with none are left out).
+    /// Jobs waiting in the queue (due or not), per handler (handlers with none are left
+    /// out); their sum is the queue's depth.
     async fn queue_depths(&self) -> Result<Vec<(String, usize)>, StoreError>;
 
     /// The handlers with queue entries (the dispatcher also serves those no longer

@@ -192,6 +192,11 @@ async fn a_paused_handler_runs_nothing_until_resumed_even_across_a_restart() {
         metrics.contains(r#"webhook_inbox_handler_queue_depth{handler="recorder"} 100"#),
         "{metrics}"
     );
+    // The whole queue is the paused handler's: the other one ran everything.
+    assert!(
+        metrics.lines().any(|l| l == "webhook_inbox_queue_depth 100"),
+        "{metrics}"
+    );
     assert_eq!(recorder.runs().len(), 0, "still paused after the restart");
 
     let resume = app

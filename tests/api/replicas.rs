@@ -506,7 +506,8 @@ fn is_root() -> bool {
 }
 
 fn nix_uid() -> u32 {
-    // `id -u` rather than a libc call: the crate forbids unsafe code.
+    // `id -u`: the project's `nix` is built without its `user` feature, and only this test
+    // asks.
     Command::new("id")
         .arg("-u")
         .output()

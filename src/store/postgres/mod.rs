@@ -1421,11 +1421,6 @@ impl DeliveryStore for PgStore {
         Ok(requeued as usize)
     }
 
-    async fn queue_depth(&self) -> Result<usize, StoreError> {
-        self.count("SELECT count(*) FROM inbox_jobs WHERE due_ms IS NOT NULL")
-            .await
-    }
-
     async fn queue_depths(&self) -> Result<Vec<(String, usize)>, StoreError> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT handler, count(*) FROM inbox_jobs WHERE due_ms IS NOT NULL GROUP BY handler",

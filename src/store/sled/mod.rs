@@ -1317,10 +1317,6 @@ impl DeliveryStore for SledStore {
         Ok(retried)
     }
 
-    async fn queue_depth(&self) -> Result<usize, StoreError> {
-        Ok(self.queue.len())
-    }
-
     async fn queue_depths(&self) -> Result<Vec<(String, usize)>, StoreError> {
         self.queued_handlers()?
             .into_iter()
