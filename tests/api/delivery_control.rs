@@ -194,7 +194,9 @@ async fn a_paused_handler_runs_nothing_until_resumed_even_across_a_restart() {
     );
     // The whole queue is the paused handler's: the other one ran everything.
     assert!(
-        metrics.lines().any(|l| l == "webhook_inbox_queue_depth 100"),
+        metrics
+            .lines()
+            .any(|l| l == "webhook_inbox_queue_depth 100"),
         "{metrics}"
     );
     assert_eq!(recorder.runs().len(), 0, "still paused after the restart");
