@@ -955,3 +955,30 @@ async fn store_check_on_postgres_lists_and_repairs_a_stranded_pair() {
     let (code, text) = check(false);
     assert_eq!((code, text.contains("0 violation(s)")), (0, true), "{text}");
 }
+
+/// `store copy` reads a sled store only: from PostgreSQL it refuses, saying why, and
+/// connects to nothing.
+#[test]
+fn store_copy_from_postgres_is_refused() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let pg = dir.path().join("pg.toml");
+    std::fs::write(
+        &pg,
+        replica_config(
+            "postgres://nobody@127.0.0.1:1/none",
+            &dir.path().join("runs"),
+            None,
+        ),
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
+        .args(["store", "copy", "--from"])
+        .arg(&pg)
+        .arg("--to")
+        .arg(&pg)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("reads a sled store"), "{stderr}");
+}
