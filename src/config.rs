@@ -494,6 +494,10 @@ pub struct Binding {
     /// At most this many run starts per second, minute or hour.
     #[serde(default)]
     pub rate: Option<crate::domain::Rate>,
+    /// `order_by`: a JSON pointer into the body; deliveries with the same value there run
+    /// one at a time, in received order (those without it run unordered).
+    #[serde(default)]
+    pub order_by: Option<String>,
 }
 
 fn default_events() -> Vec<String> {
@@ -543,6 +547,9 @@ pub struct LogHandlerConfig {
     /// See [`Binding::rate`].
     #[serde(default)]
     pub rate: Option<crate::domain::Rate>,
+    /// See [`Binding::order_by`].
+    #[serde(default)]
+    pub order_by: Option<String>,
 }
 
 /// `kind = "command"`
@@ -565,6 +572,9 @@ pub struct CommandHandlerConfig {
     /// See [`Binding::rate`].
     #[serde(default)]
     pub rate: Option<crate::domain::Rate>,
+    /// See [`Binding::order_by`].
+    #[serde(default)]
+    pub order_by: Option<String>,
     /// Program and arguments; run directly, no shell.
     pub command: Vec<String>,
     /// Variables of the service's environment to pass on, beyond `PATH`, `HOME` and
@@ -596,6 +606,9 @@ pub struct HttpHandlerConfig {
     /// See [`Binding::rate`].
     #[serde(default)]
     pub rate: Option<crate::domain::Rate>,
+    /// See [`Binding::order_by`].
+    #[serde(default)]
+    pub order_by: Option<String>,
     /// Where to POST the raw body.
     pub url: String,
     /// Give up on one request (and retry) after this long.
@@ -619,6 +632,7 @@ macro_rules! binding_of {
                     body_match: self.body_match.clone(),
                     concurrency: self.concurrency,
                     rate: self.rate,
+                    order_by: self.order_by.clone(),
                 }
             }
         }
@@ -849,6 +863,28 @@ impl Config {
             {
                 return err(format!(
                     "handlers[{i}].concurrency ({limit}, handler `{}`) must be at least 1",
+                    b.name
+                ));
+            }
+            if let Some(pointer) = &b.order_by
+                && !pointer.starts_with('/')
+            {
+                return err(format!(
+                    "handlers[{i}].order_by: `{pointer}` (handler `{}`) is not a JSON pointer (it starts with '/')",
+                    b.name
+                ));
+            }
+            if b.order_by.is_some()
+                && let Some(src) = b.source.as_deref()
+                && self
+                    .sources
+                    .get(src)
+                    .is_some_and(|s| s.ack == AckMode::Processed)
+            {
+                return err(format!(
+                    "handlers[{i}].order_by (handler `{}`): source `{src}` has ack = \"processed\", \
+                     whose deliveries run while the sender waits, in the order it sends them; \
+                     order_by orders background runs (ack = \"durable\")",
                     b.name
                 ));
             }

@@ -152,6 +152,18 @@ impl BodyMatch {
     }
 }
 
+/// The value a handler's `order_by` pointer finds in a delivery's body, as the text its
+/// runs are ordered by: a string as itself, any other value as its JSON (so the number
+/// `42` and the string `"42"` are different keys). `None` (run unordered) when the body
+/// does not hold the pointer or holds `null` there.
+pub fn order_key_at(body: &serde_json::Value, pointer: &str) -> Option<String> {
+    match body.pointer(pointer)? {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
 /// A handler's `rate`: at most `count` run starts per `per` ("50/s", "300/m", "1000/h").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {

@@ -246,12 +246,12 @@ impl Ingest {
         d: AuthenticatedDelivery,
         received_at_ms: u64,
     ) -> NewDelivery {
-        let handlers = self.registry.matching(d.source(), d.event_type(), d.body());
-        let new = NewDelivery::new(d, received_at_ms, handlers, source.body_dedup);
+        let routing = self.registry.matching(d.source(), d.event_type(), d.body());
+        let new = NewDelivery::new(d, received_at_ms, routing.handlers, source.body_dedup);
         match source.ack {
             AckMode::Durable => {
                 let response = first_response(new.record(), false);
-                new.acknowledged(response)
+                new.acknowledged(response).ordered(routing.order_keys)
             }
             AckMode::Processed => new.leased_until(received_at_ms + lease_ms(source)),
         }

@@ -171,8 +171,22 @@ pub struct Registration {
     pub body_match: BodyMatch,
     /// How hard the dispatcher may drive it (`concurrency`, `rate`).
     pub limits: HandlerLimits,
+    /// `order_by`: a JSON pointer; runs for deliveries with the same value there never
+    /// overlap and start in received order.
+    pub order_by: Option<String>,
     /// The handler.
     pub handler: Arc<dyn Handler>,
+}
+
+/// Where one delivery goes: the handlers bound to it, and for each ordered one the value
+/// its runs are ordered by.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routing {
+    /// The handlers bound to the delivery, in configuration order.
+    pub handlers: Vec<String>,
+    /// Handler -> the value at its `order_by` pointer, for the handlers that have one and
+    /// whose pointer the body holds.
+    pub order_keys: std::collections::BTreeMap<String, String>,
 }
 
 /// A handler's own limits, on top of `dispatch.concurrency`; a pair over a limit is only
@@ -205,8 +219,16 @@ impl Registration {
             events: vec![EventPattern::Any],
             body_match: BodyMatch::default(),
             limits: HandlerLimits::default(),
+            order_by: None,
             handler: Arc::new(handler),
         }
+    }
+
+    /// Runs for deliveries with the same value at the JSON pointer `pointer` one at a
+    /// time, in received order, as a handler's `order_by` in the config.
+    pub fn ordered_by(mut self, pointer: impl Into<String>) -> Registration {
+        self.order_by = Some(pointer.into());
+        self
     }
 
     /// At most `runs` runs of this handler at once (at least 1).
@@ -264,6 +286,7 @@ impl Registration {
                     .map(|c| usize::try_from(c.max(1)).unwrap_or(usize::MAX)),
                 rate: binding.rate,
             },
+            order_by: binding.order_by,
             handler,
         })
     }
@@ -376,22 +399,33 @@ impl HandlerRegistry {
         Ok(HandlerRegistry { entries })
     }
 
-    /// Names of the handlers a delivery of `source` with `event_type` and `body` goes to.
-    /// The body is parsed as JSON only when a candidate handler has a `match`.
-    pub fn matching(&self, source: &str, event_type: Option<&str>, body: &[u8]) -> Vec<String> {
+    /// The handlers a delivery of `source` with `event_type` and `body` goes to, and the
+    /// values their runs are ordered by. The body is parsed as JSON only when a candidate
+    /// handler has a `match` or an `order_by`.
+    pub fn matching(&self, source: &str, event_type: Option<&str>, body: &[u8]) -> Routing {
         let mut json: Option<Option<serde_json::Value>> = None;
-        self.entries
-            .iter()
-            .filter(|r| r.matches(source, event_type))
-            .filter(|r| {
-                r.body_match.is_empty()
-                    || r.body_match.matches(
-                        json.get_or_insert_with(|| serde_json::from_slice(body).ok())
-                            .as_ref(),
-                    )
-            })
-            .map(|r| r.name.clone())
-            .collect()
+        let mut routing = Routing::default();
+        for r in self.entries.iter().filter(|r| r.matches(source, event_type)) {
+            if r.body_match.is_empty() && r.order_by.is_none() {
+                routing.handlers.push(r.name.clone());
+                continue;
+            }
+            let body = json
+                .get_or_insert_with(|| serde_json::from_slice(body).ok())
+                .as_ref();
+            if !r.body_match.is_empty() && !r.body_match.matches(body) {
+                continue;
+            }
+            routing.handlers.push(r.name.clone());
+            if let Some(key) = r
+                .order_by
+                .as_deref()
+                .and_then(|p| crate::domain::order_key_at(body?, p))
+            {
+                routing.order_keys.insert(r.name.clone(), key);
+            }
+        }
+        routing
     }
 
     /// Every handler's name and limits, in configuration order.

@@ -22,7 +22,7 @@ pub mod group_commit;
 pub mod postgres;
 mod sled;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use async_trait::async_trait;
@@ -172,6 +172,11 @@ pub struct DeliveryRecord {
     /// first delivery's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alias_of: Option<String>,
+    /// Handler -> the value its runs of this delivery are ordered by (`order_by`): the
+    /// delivery waits in that (handler, value) line until every delivery received before
+    /// it in the line is final for the handler.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub order_keys: BTreeMap<String, String>,
 }
 
 impl DeliveryRecord {
@@ -182,6 +187,16 @@ impl DeliveryRecord {
 }
 
 pub use crate::domain::fingerprint;
+
+/// The line of an `order_by` value: the first 16 bytes of its SHA-256, so a line's key is
+/// short whatever the value (a collision, out of reach, would only make two values share a
+/// line: serialised, never reordered or lost).
+pub fn line_id(value: &str) -> [u8; 16] {
+    let digest = Sha256::digest(value.as_bytes());
+    let mut id = [0; 16];
+    id.copy_from_slice(&digest[..16]);
+    id
+}
 
 /// Where a (delivery, handler) pair stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -296,6 +311,7 @@ impl NewDelivery {
                 handlers,
                 body_dedup,
                 alias_of: None,
+                order_keys: BTreeMap::new(),
             },
             body,
             enqueue: false,
@@ -314,6 +330,17 @@ impl NewDelivery {
     pub fn leased_until(mut self, lease_until_ms: u64) -> NewDelivery {
         self.record.lease_until_ms = Some(lease_until_ms);
         self.enqueue = false;
+        self.record.order_keys.clear();
+        self
+    }
+
+    /// Queued handlers with an `order_by` wait in line behind the earlier deliveries of
+    /// the same value: handler -> value. Only for an acknowledged delivery (the runs of a
+    /// processed-mode delivery happen while its sender waits, in the order it sends).
+    pub fn ordered(mut self, order_keys: BTreeMap<String, String>) -> NewDelivery {
+        if self.enqueue {
+            self.record.order_keys = order_keys;
+        }
         self
     }
 
@@ -432,6 +459,7 @@ impl KeptFingerprint {
             handlers: Vec::new(),
             body_dedup: true,
             alias_of: None,
+            order_keys: BTreeMap::new(),
         }
     }
 }

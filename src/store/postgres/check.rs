@@ -3,7 +3,7 @@
 //! delivery half written; what this can still find is damage from outside (a hand-edited
 //! row, a restored backup), and `--repair` makes such a pair due again.
 
-use super::{PgStore, backend, db_ms};
+use super::{PgStore, backend, db_ms, lock_line, promote_next};
 use crate::store::{CheckReport, StoreError};
 use sqlx::Row as _;
 
@@ -20,7 +20,8 @@ impl PgStore {
             "SELECT j.source, j.id, j.handler, j.status FROM inbox_jobs j \
              JOIN inbox_deliveries d ON d.source = j.source AND d.id = j.id \
              WHERE d.alias_of IS NULL AND (d.record::jsonb -> 'response') <> 'null'::jsonb \
-               AND j.status NOT IN ('succeeded', 'dead') AND j.due_ms IS NULL",
+               AND j.status NOT IN ('succeeded', 'dead') AND j.due_ms IS NULL \
+               AND j.order_key IS NULL",
         )
         .fetch_all(db)
         .await
@@ -47,6 +48,28 @@ impl PgStore {
                 .execute(db)
                 .await
                 .map_err(backend)?;
+            }
+        }
+        // 1 and 2 in `order_by` lines: a line whose waiting pairs have nobody active ahead.
+        let stuck = sqlx::query(
+            "SELECT handler, order_key FROM inbox_jobs \
+             WHERE order_key IS NOT NULL AND status NOT IN ('succeeded', 'dead') \
+             GROUP BY handler, order_key HAVING count(due_ms) = 0",
+        )
+        .fetch_all(db)
+        .await
+        .map_err(backend)?;
+        for row in &stuck {
+            let handler: String = row.try_get("handler").map_err(backend)?;
+            let line: String = row.try_get("order_key").map_err(backend)?;
+            report.violations.push(format!(
+                "handler {handler}: order_by line {line} waits behind nothing that runs"
+            ));
+            if repair {
+                let mut tx = self.begin().await?;
+                lock_line(&mut tx, &handler, &line).await?;
+                promote_next(&mut tx, &handler, &line, now_ms).await?;
+                tx.commit().await.map_err(backend)?;
             }
         }
         // 4: one body recorded under several ids, each running its handlers.

@@ -1,6 +1,9 @@
 //! Writing items exported from another store (`store copy`), one transaction per page.
 
-use super::{PgStore, backend, db_ms, insert_delivery, status_name, take_fingerprint, to_json};
+use super::{
+    PgStore, backend, db_ms, insert_delivery, line_key, lock_line, promote_next, status_name,
+    take_fingerprint, to_json,
+};
 use crate::store::{JobState, StoreError, StoredItem};
 
 impl PgStore {
@@ -9,6 +12,7 @@ impl PgStore {
     pub async fn import(&self, items: &[StoredItem]) -> Result<usize, StoreError> {
         let mut tx = self.begin().await?;
         let mut written = 0;
+        let mut lines = std::collections::BTreeSet::new();
         for item in items {
             match item {
                 StoredItem::Delivery { record, body, jobs } => {
@@ -29,11 +33,21 @@ impl PgStore {
                             lease: None,
                         });
                         let has_state = state.updated_ms > 0 || state.attempts > 0;
+                        // A pair in an `order_by` line comes in parked; once the page is
+                        // written, each line's first pair is made due (`promote_next`).
+                        let line = record.order_keys.get(handler).map(|v| line_key(v));
+                        let due = match &line {
+                            Some(line) if !state.is_final() => {
+                                lines.insert((handler.clone(), line.clone()));
+                                None
+                            }
+                            _ => state.queued_at_ms.map(db_ms),
+                        };
                         sqlx::query(
                             "INSERT INTO inbox_jobs (source, id, handler, status, attempts, \
                                 retry_base, last_error, due_ms, updated_ms, lease_owner, \
-                                lease_until_ms) \
-                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+                                lease_until_ms, order_key, order_at_ms) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
                              ON CONFLICT DO NOTHING",
                         )
                         .bind(&record.source)
@@ -43,11 +57,13 @@ impl PgStore {
                         .bind(i32::try_from(state.attempts).unwrap_or(i32::MAX))
                         .bind(i32::try_from(state.retry_base).unwrap_or(i32::MAX))
                         .bind(&state.last_error)
-                        .bind(state.queued_at_ms.map(db_ms))
+                        .bind(due)
                         .bind(has_state.then(|| db_ms(state.updated_ms)))
                         // A lease of the old store belongs to a process that has stopped.
                         .bind(None::<i64>)
                         .bind(None::<i64>)
+                        .bind(&line)
+                        .bind(line.as_ref().map(|_| db_ms(record.received_at_ms)))
                         .execute(&mut *tx)
                         .await
                         .map_err(backend)?;
@@ -77,6 +93,11 @@ impl PgStore {
                     .rows_affected() as usize;
                 }
             }
+        }
+        let now = crate::clock::Clock::System.now_ms();
+        for (handler, line) in &lines {
+            lock_line(&mut tx, handler, line).await?;
+            promote_next(&mut tx, handler, line, now).await?;
         }
         tx.commit().await.map_err(backend)?;
         Ok(written)

@@ -412,15 +412,18 @@ impl PgStore {
         Ok(row.try_get::<i64, _>("inserted").map_err(backend)? == 1)
     }
 
-    /// A claim with body dedup: the record, then the body's fingerprint, in one
-    /// transaction; a fingerprint already taken turns the new record into an alias.
-    async fn claim_dedup(&self, new: &NewDelivery) -> Result<Attempt, StoreError> {
+    /// A claim with body dedup or `order_by` lines: the record, then the body's
+    /// fingerprint, then the job rows, in one transaction; a fingerprint already taken
+    /// turns the new record into an alias. The lines' locks are taken first, so the pairs
+    /// entering a line see everyone ahead of them.
+    async fn claim_in_transaction(&self, new: &NewDelivery) -> Result<Attempt, StoreError> {
         let record = new.record();
         let mut tx = self.begin().await?;
+        lock_lines(&mut tx, record.order_keys.iter()).await?;
         if !insert_delivery(&mut tx, record, new.body()).await? {
             return Ok(Attempt::KeyTaken);
         }
-        if take_fingerprint(&mut tx, record).await? {
+        if !record.body_dedup || take_fingerprint(&mut tx, record).await? {
             insert_jobs(&mut tx, record, new.enqueue()).await?;
             tx.commit().await.map_err(backend)?;
             return Ok(Attempt::Decided(Box::new(Claim::New)));
@@ -467,6 +470,7 @@ impl PgStore {
         alias.handlers = Vec::new();
         alias.response = first.response.clone();
         alias.lease_until_ms = None;
+        alias.order_keys.clear();
         sqlx::query(
             "UPDATE inbox_deliveries SET record = $3, alias_of = $4, body = '' \
              WHERE source = $1 AND id = $2",
@@ -480,6 +484,60 @@ impl PgStore {
         .map_err(backend)?;
         tx.commit().await.map_err(backend)?;
         Ok(Attempt::Decided(Box::new(Claim::BodyDuplicate(first))))
+    }
+
+    /// The final outcome of a pair in an `order_by` line (or of a superseded attempt,
+    /// which changes nothing): under the line's lock, the outcome and the promotion of the
+    /// next pair of the line, in one transaction.
+    async fn finish_in_line(
+        &self,
+        job: &JobKey,
+        attempt: i32,
+        outcome: &AttemptOutcome,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.relaxed()?.begin().await.map_err(backend)?;
+        let line: Option<String> = sqlx::query_scalar(
+            "SELECT order_key FROM inbox_jobs WHERE source = $1 AND id = $2 AND handler = $3",
+        )
+        .bind(&job.delivery.source)
+        .bind(&job.delivery.id)
+        .bind(&job.handler)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?
+        .flatten();
+        let Some(line) = line else {
+            return Ok(());
+        };
+        lock_line(&mut tx, &job.handler, &line).await?;
+        let (status, error) = match outcome {
+            AttemptOutcome::Dead { error } => ("dead", Some(error.as_str())),
+            _ => ("succeeded", None),
+        };
+        let updated = sqlx::query(
+            "UPDATE inbox_jobs SET status = $4, due_ms = NULL, \
+                last_error = COALESCE($5, last_error), \
+                lease_owner = NULL, lease_until_ms = NULL, updated_ms = $6 \
+             WHERE source = $1 AND id = $2 AND handler = $3 AND status <> 'succeeded' \
+               AND ($4 = 'succeeded' OR attempts = $7)",
+        )
+        .bind(&job.delivery.source)
+        .bind(&job.delivery.id)
+        .bind(&job.handler)
+        .bind(status)
+        .bind(error)
+        .bind(db_ms(now_ms))
+        .bind(attempt)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?
+        .rows_affected();
+        if updated > 0 {
+            promote_next(&mut tx, &job.handler, &line, now_ms).await?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(())
     }
 
     /// Reads a delivery's record under a row lock, lets `change` edit it, writes it back if
@@ -721,7 +779,8 @@ async fn take_fingerprint(
 }
 
 /// Writes a new delivery's job rows (queued on arrival when acknowledged) and announces
-/// them on commit.
+/// them on commit. The pair of an ordered handler whose line has anyone in it that is not
+/// final waits there unqueued (the caller holds the line's lock).
 async fn insert_jobs(
     tx: &mut Transaction<'static, Postgres>,
     record: &DeliveryRecord,
@@ -730,14 +789,38 @@ async fn insert_jobs(
     if record.handlers.is_empty() {
         return Ok(());
     }
+    let mut lines = Vec::with_capacity(record.handlers.len());
+    let mut parked = Vec::with_capacity(record.handlers.len());
+    for handler in &record.handlers {
+        let line = record.order_keys.get(handler).map(|v| line_key(v));
+        let waits = match &line {
+            Some(line) => sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM inbox_jobs WHERE handler = $1 AND order_key = $2 \
+                   AND status NOT IN ('succeeded', 'dead'))",
+            )
+            .bind(handler)
+            .bind(line)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(backend)?,
+            None => false,
+        };
+        lines.push(line);
+        parked.push(waits);
+    }
     sqlx::query(
-        "INSERT INTO inbox_jobs (source, id, handler, status, due_ms) \
-         SELECT $1, $2, h, 'pending', $4 FROM unnest($3::text[]) AS h",
+        "INSERT INTO inbox_jobs (source, id, handler, status, due_ms, order_key, order_at_ms) \
+         SELECT $1, $2, h, 'pending', CASE WHEN p THEN NULL ELSE $4 END, k, \
+                CASE WHEN k IS NULL THEN NULL ELSE $7 END \
+         FROM unnest($3::text[], $5::text[], $6::bool[]) AS t(h, k, p)",
     )
     .bind(&record.source)
     .bind(&record.id)
     .bind(&record.handlers)
     .bind(enqueue.then(|| db_ms(record.received_at_ms)))
+    .bind(&lines)
+    .bind(&parked)
+    .bind(db_ms(record.received_at_ms))
     .execute(&mut **tx)
     .await
     .map_err(backend)?;
@@ -745,6 +828,154 @@ async fn insert_jobs(
         notify_work(tx).await?;
     }
     Ok(())
+}
+
+/// An operator retry of a pair in an `order_by` line (the caller holds the line's lock): a
+/// pair that waits in line stays there (a retry must not let it overtake); the active one is
+/// due now; a dead one goes back in line, due now when nobody else in the line is active.
+/// Returns whether it was requeued.
+async fn requeue_in_line(
+    tx: &mut Transaction<'static, Postgres>,
+    job: &JobKey,
+    only: Option<JobStatus>,
+    now_ms: u64,
+) -> Result<bool, StoreError> {
+    let row = sqlx::query(
+        "SELECT status, due_ms, lease_until_ms, order_key FROM inbox_jobs \
+         WHERE source = $1 AND id = $2 AND handler = $3 FOR UPDATE",
+    )
+    .bind(&job.delivery.source)
+    .bind(&job.delivery.id)
+    .bind(&job.handler)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(backend)?;
+    let Some(row) = row else {
+        return Ok(false);
+    };
+    let status = parse_status(&row.try_get::<String, _>("status").map_err(backend)?)?;
+    let due: Option<i64> = row.try_get("due_ms").map_err(backend)?;
+    let lease: Option<i64> = row.try_get("lease_until_ms").map_err(backend)?;
+    let line: Option<String> = row.try_get("order_key").map_err(backend)?;
+    let now = db_ms(now_ms);
+    let live_lease = status == JobStatus::Running && lease.is_some_and(|l| l > now);
+    if status == JobStatus::Succeeded
+        || live_lease
+        || only.is_some_and(|wanted| wanted != status)
+        || (status != JobStatus::Dead && due.is_none())
+    {
+        return Ok(false);
+    }
+    let due_now = status != JobStatus::Dead || {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT NOT EXISTS (SELECT 1 FROM inbox_jobs WHERE handler = $1 AND order_key = $2 \
+               AND status NOT IN ('succeeded', 'dead') AND due_ms IS NOT NULL)",
+        )
+        .bind(&job.handler)
+        .bind(&line)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(backend)?
+    };
+    sqlx::query(&format!(
+        "UPDATE inbox_jobs SET {REQUEUE} WHERE source = $1 AND id = $2 AND handler = $3"
+    ))
+    .bind(&job.delivery.source)
+    .bind(&job.delivery.id)
+    .bind(&job.handler)
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(backend)?;
+    if !due_now {
+        // Back in line, behind the active pair: promoted in its turn.
+        sqlx::query(
+            "UPDATE inbox_jobs SET due_ms = NULL WHERE source = $1 AND id = $2 AND handler = $3",
+        )
+        .bind(&job.delivery.source)
+        .bind(&job.delivery.id)
+        .bind(&job.handler)
+        .execute(&mut **tx)
+        .await
+        .map_err(backend)?;
+    }
+    Ok(true)
+}
+
+/// The `order_key` column of a line: hex of [`super::line_id`].
+fn line_key(value: &str) -> String {
+    hex::encode(super::line_id(value))
+}
+
+/// Takes the transaction-scoped locks of `(handler, value)` lines, in one order (so two
+/// transactions never wait on each other in a cycle).
+async fn lock_lines<'a>(
+    tx: &mut Transaction<'static, Postgres>,
+    lines: impl Iterator<Item = (&'a String, &'a String)>,
+) -> Result<(), StoreError> {
+    let mut names: Vec<String> = lines
+        .map(|(handler, value)| format!("{handler}/{}", line_key(value)))
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended(n, 0)) \
+         FROM unnest($1::text[]) WITH ORDINALITY AS t(n, i) ORDER BY i",
+    )
+    .bind(&names)
+    .execute(&mut **tx)
+    .await
+    .map_err(backend)?;
+    Ok(())
+}
+
+/// Takes the lock of the line of `(handler, order_key column)`.
+async fn lock_line(
+    tx: &mut Transaction<'static, Postgres>,
+    handler: &str,
+    line: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("{handler}/{line}"))
+        .execute(&mut **tx)
+        .await
+        .map_err(backend)?;
+    Ok(())
+}
+
+/// Gives the first pair of a line that waits a way to run, unless a pair of the line has
+/// one already (the caller holds the line's lock). A pair never run is due at its
+/// received_at, one put back in line by an operator retry now.
+async fn promote_next(
+    tx: &mut Transaction<'static, Postgres>,
+    handler: &str,
+    line: &str,
+    now_ms: u64,
+) -> Result<bool, StoreError> {
+    let promoted = sqlx::query(
+        "UPDATE inbox_jobs j SET due_ms = CASE WHEN j.status = 'pending' THEN j.order_at_ms ELSE $3 END, \
+            updated_ms = $3 \
+         FROM (SELECT source, id FROM inbox_jobs \
+               WHERE handler = $1 AND order_key = $2 AND status NOT IN ('succeeded', 'dead') \
+               ORDER BY order_at_ms, source, id LIMIT 1) AS first \
+         WHERE j.source = first.source AND j.id = first.id AND j.handler = $1 \
+           AND j.due_ms IS NULL \
+           AND NOT EXISTS (SELECT 1 FROM inbox_jobs a WHERE a.handler = $1 AND a.order_key = $2 \
+                 AND a.status NOT IN ('succeeded', 'dead') AND a.due_ms IS NOT NULL)",
+    )
+    .bind(handler)
+    .bind(line)
+    .bind(db_ms(now_ms))
+    .execute(&mut **tx)
+    .await
+    .map_err(backend)?
+    .rows_affected();
+    if promoted > 0 {
+        notify_work(tx).await?;
+    }
+    Ok(promoted > 0)
 }
 
 /// Announces new due work to every replica's dispatcher (delivered on commit).
@@ -818,8 +1049,8 @@ impl DeliveryStore for PgStore {
         // A claim that loses to a concurrent one reads the winner; should the winner be
         // gone by then (expired in between), the claim is tried again.
         for _ in 0..5 {
-            let attempt = if new.record().body_dedup {
-                self.claim_dedup(&new).await?
+            let attempt = if new.record().body_dedup || !new.record().order_keys.is_empty() {
+                self.claim_in_transaction(&new).await?
             } else if self.claim_plain(&new).await? {
                 Attempt::Decided(Box::new(Claim::New))
             } else {
@@ -1046,16 +1277,19 @@ impl DeliveryStore for PgStore {
         };
         let attempt = i32::try_from(attempt).unwrap_or(i32::MAX);
         let query = match &outcome {
+            // A final outcome of an ordered pair also hands its line on: that is
+            // `finish_in_line`'s, so these update only pairs outside any line.
             AttemptOutcome::Succeeded => pair(
                 "UPDATE inbox_jobs SET status = 'succeeded', due_ms = NULL, \
                     lease_owner = NULL, lease_until_ms = NULL, updated_ms = $4 \
-                 WHERE source = $1 AND id = $2 AND handler = $3 AND status <> 'succeeded'",
+                 WHERE source = $1 AND id = $2 AND handler = $3 AND status <> 'succeeded' \
+                   AND order_key IS NULL",
             ),
             AttemptOutcome::Dead { error } => pair(
                 "UPDATE inbox_jobs SET status = 'dead', due_ms = NULL, last_error = $6, \
                     lease_owner = NULL, lease_until_ms = NULL, updated_ms = $4 \
                  WHERE source = $1 AND id = $2 AND handler = $3 AND status <> 'succeeded' \
-                   AND attempts = $5",
+                   AND attempts = $5 AND order_key IS NULL",
             )
             .bind(attempt)
             .bind(error),
@@ -1080,7 +1314,15 @@ impl DeliveryStore for PgStore {
             .bind(error),
         };
         // Not waited for: see `relaxed`.
-        query.execute(self.relaxed()?).await.map_err(backend)?;
+        let updated = query
+            .execute(self.relaxed()?)
+            .await
+            .map_err(backend)?
+            .rows_affected();
+        if updated == 0 && matches!(outcome, AttemptOutcome::Succeeded | AttemptOutcome::Dead { .. })
+        {
+            self.finish_in_line(job, attempt, &outcome, now_ms).await?;
+        }
         Ok(())
     }
 
@@ -1193,7 +1435,8 @@ impl DeliveryStore for PgStore {
             "SELECT DISTINCT source, id FROM inbox_jobs \
              WHERE (source, id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
                AND status NOT IN ('succeeded', 'dead') \
-               AND (due_ms IS NOT NULL OR (status = 'running' AND COALESCE(lease_until_ms, 0) > $3))",
+               AND (due_ms IS NOT NULL OR order_key IS NOT NULL \
+                    OR (status = 'running' AND COALESCE(lease_until_ms, 0) > $3))",
         )
         .bind(&sources)
         .bind(&ids)
@@ -1363,10 +1606,12 @@ impl DeliveryStore for PgStore {
         let Some(record) = locked_record(&mut tx, key, "FOR SHARE").await? else {
             return Ok(Vec::new());
         };
-        let requeued: Vec<String> = sqlx::query_scalar(&format!(
+        lock_lines(&mut tx, record.order_keys.iter()).await?;
+        let mut requeued: Vec<String> = sqlx::query_scalar(&format!(
             "UPDATE inbox_jobs SET {REQUEUE} \
              WHERE source = $1 AND id = $2 AND handler = ANY($3) AND status <> 'succeeded' \
                AND NOT (status = 'running' AND COALESCE(lease_until_ms, 0) > $4) \
+               AND order_key IS NULL \
              RETURNING handler"
         ))
         .bind(&key.source)
@@ -1376,6 +1621,11 @@ impl DeliveryStore for PgStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(backend)?;
+        for handler in record.order_keys.keys() {
+            if requeue_in_line(&mut tx, &key.job(handler), None, now_ms).await? {
+                requeued.push(handler.clone());
+            }
+        }
         if !requeued.is_empty() {
             notify_work(&mut tx).await?;
         }
@@ -1402,7 +1652,8 @@ impl DeliveryStore for PgStore {
              ) \
              UPDATE inbox_jobs SET {REQUEUE} FROM c \
              WHERE inbox_jobs.source = c.source AND inbox_jobs.id = c.id \
-               AND inbox_jobs.handler = c.handler AND inbox_jobs.status = $1"
+               AND inbox_jobs.handler = c.handler AND inbox_jobs.status = $1 \
+               AND inbox_jobs.order_key IS NULL"
         ))
         .bind(status_name(filter.status))
         .bind(filter.source.as_deref())
@@ -1414,11 +1665,39 @@ impl DeliveryStore for PgStore {
         .await
         .map_err(backend)?
         .rows_affected();
+        // Pairs in `order_by` lines, one by one under their lines' locks (taken in one
+        // order, before any of their rows).
+        let ordered = sqlx::query(
+            "SELECT j.source, j.id, j.handler, j.order_key FROM inbox_jobs j \
+             JOIN inbox_deliveries d ON d.source = j.source AND d.id = j.id \
+             WHERE j.status = $1 AND j.order_key IS NOT NULL \
+               AND ($2::text IS NULL OR j.source = $2) AND ($3::text IS NULL OR j.handler = $3) \
+               AND ($4::bigint IS NULL OR d.received_at_ms >= $4) \
+               AND ($5::bigint IS NULL OR d.received_at_ms < $5) \
+             ORDER BY j.handler, j.order_key",
+        )
+        .bind(status_name(filter.status))
+        .bind(filter.source.as_deref())
+        .bind(filter.handler.as_deref())
+        .bind(filter.since_ms.map(db_ms))
+        .bind(filter.until_ms.map(db_ms))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let mut requeued = requeued as usize;
+        for row in &ordered {
+            let job = job_key_of(row)?;
+            let line: String = row.try_get("order_key").map_err(backend)?;
+            lock_line(&mut tx, &job.handler, &line).await?;
+            if requeue_in_line(&mut tx, &job, Some(filter.status), now_ms).await? {
+                requeued += 1;
+            }
+        }
         if requeued > 0 {
             notify_work(&mut tx).await?;
         }
         tx.commit().await.map_err(backend)?;
-        Ok(requeued as usize)
+        Ok(requeued)
     }
 
     async fn queue_depths(&self) -> Result<Vec<(String, usize)>, StoreError> {

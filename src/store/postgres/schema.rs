@@ -25,6 +25,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "handler queues",
         include_str!("../../../migrations/0002_handler_queues.sql"),
     ),
+    (
+        3,
+        "order lines",
+        include_str!("../../../migrations/0003_order_lines.sql"),
+    ),
 ];
 
 #[derive(Debug)]

@@ -15,38 +15,54 @@ pub(super) const WATERMARK: &[u8] = b"checked_through_ms";
 /// How far behind "now" the watermark is kept: longer than any claim takes.
 pub(super) const WATERMARK_LAG_MS: u64 = 60_000;
 
-/// Whether a job still has a way to run: a queue entry that leads to it (the initial one
-/// while it has no state), or a live lease of this process.
-pub(super) fn still_due(
-    queue: &sled::Tree,
-    record: &DeliveryRecord,
-    job_key: &[u8],
-    state: Option<&JobState>,
-    instance: u64,
-    now_ms: u64,
-) -> Result<bool, StoreError> {
-    let entry = match state {
-        None => Some(record.received_at_ms),
-        Some(s) if s.is_final() => return Ok(false),
-        Some(s) => {
-            if s.status == JobStatus::Running
-                && s.lease
-                    .is_some_and(|l| l.owner == instance && l.until_ms > now_ms)
-            {
-                return Ok(true);
-            }
-            s.queued_at_ms
-        }
-    };
-    match entry {
-        Some(due) => queue
-            .contains_key(job_queue_key(due, job_key))
-            .map_err(backend),
-        None => Ok(false),
-    }
-}
-
 impl SledStore {
+    /// Whether a pair has a way to run: a queue entry that leads to it (the initial one
+    /// while it has no state), or a live lease of this process.
+    pub(super) fn has_way_to_run(
+        &self,
+        record: &DeliveryRecord,
+        job_key: &[u8],
+        state: Option<&JobState>,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let entry = match state {
+            None => Some(record.received_at_ms),
+            Some(s) if s.is_final() => return Ok(false),
+            Some(s) => {
+                if s.status == JobStatus::Running
+                    && s.lease
+                        .is_some_and(|l| l.owner == self.instance && l.until_ms > now_ms)
+                {
+                    return Ok(true);
+                }
+                s.queued_at_ms
+            }
+        };
+        match entry {
+            Some(due) => self
+                .queue
+                .contains_key(job_queue_key(due, job_key))
+                .map_err(backend),
+            None => Ok(false),
+        }
+    }
+
+    /// Whether a pair that is not final will still run: it has a way to run, or it waits
+    /// in its `order_by` line (the pair ahead of it hands it one when it is final).
+    pub(super) fn still_due(
+        &self,
+        record: &DeliveryRecord,
+        handler: &str,
+        state: Option<&JobState>,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        if state.is_some_and(JobState::is_final) {
+            return Ok(false);
+        }
+        let jk = record.key().job(handler).encode();
+        Ok(self.has_way_to_run(record, &jk, state, now_ms)? || self.in_line(record, handler)?)
+    }
+
     /// The invariant check of one delivery (1 and 2: every handler of an answered
     /// delivery is final or has a way to run); with `repair`, puts back the missing entry.
     pub(super) fn check_delivery(
@@ -76,14 +92,7 @@ impl SledStore {
                     self.dead.insert(jk.as_slice(), &[]).map_err(backend)?;
                 }
             }
-            if still_due(
-                &self.queue,
-                record,
-                &jk,
-                state.as_ref(),
-                self.instance,
-                now_ms,
-            )? {
+            if self.still_due(record, handler, state.as_ref(), now_ms)? {
                 continue;
             }
             if state.as_ref().is_some_and(JobState::is_final) {
@@ -107,7 +116,12 @@ impl SledStore {
                     s.lease = None;
                 }
                 s.updated_ms = now_ms;
-                self.requeue(Op::Retry, &jk, &mut s, now_ms)?;
+                if record.order_keys.contains_key(handler) {
+                    // Outside its line (a crash cut its claim short): back in, in turn.
+                    self.enter_line(Op::Retry, record, handler, &mut s, now_ms)?;
+                } else {
+                    self.requeue(Op::Retry, &jk, &mut s, now_ms)?;
+                }
             }
         }
         Ok(())
@@ -137,6 +151,7 @@ impl SledStore {
                 self.check_delivery(&record, true, now, &mut report)?;
             }
         }
+        self.repair_lines(true, now, &mut report.violations)?;
         for line in &report.violations {
             tracing::warn!(repair = %line, "repaired on start");
         }
@@ -238,6 +253,7 @@ impl SledStore {
                 }
             }
         }
+        self.repair_lines(repair, now_ms, &mut report.violations)?;
         for entry in self.jobs.iter().keys() {
             let k = entry.map_err(backend)?;
             let Some(job) = JobKey::decode(&k) else {

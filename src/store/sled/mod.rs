@@ -2,7 +2,7 @@
 //!
 //! Files: this one (opening, locks, the trait), `encoding` (key and value layouts), `disk`
 //! (what a flush to disk is), `check` (invariant check and start-up repair), `listing`
-//! (admin listings).
+//! (admin listings), `order` (the `order_by` lines).
 //!
 //! | tree         | key                              | value                                   |
 //! |--------------|----------------------------------|-----------------------------------------|
@@ -13,6 +13,7 @@
 //! | `body_index` | `source \0 fingerprint`          | delivery id (body dedup); once that delivery expired: 0x01 ++ JSON of its id, received_at and answer |
 //! | `fp_expiry`  | received ms (u64 BE) ++ body index key | empty: fingerprints kept past their delivery |
 //! | `dead`       | job key                          | empty (dead letters)                    |
+//! | `order`      | handler `\0` value hash (16 bytes) received ms (u64 BE) `source \0 id` | empty: the `order_by` lines (see `order`) |
 //! | `meta`       | name                             | the start-up repair's watermark; `paused\0` ++ handler: a paused handler |
 //!
 //! Big-endian times make sled's key order the time order, so "what is due" and "what has
@@ -71,10 +72,10 @@ mod disk;
 mod encoding;
 mod export;
 mod listing;
+mod order;
 
 pub use export::ExportPosition;
 
-use check::still_due;
 use disk::DiskSync;
 use encoding::{
     BodyEntry, KEPT, backend, body_index_key, corrupt, decode_delivery_key, decode_record,
@@ -82,6 +83,7 @@ use encoding::{
     split_job_queue_key, split_time_key, to_json,
 };
 use listing::{LIST_SCAN_LIMIT, cursor_before};
+use order::{line_entry, line_locks};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -165,6 +167,7 @@ pub struct SledStore {
     dead: sled::Tree,
     meta: sled::Tree,
     fp_expiry: sled::Tree,
+    order: sled::Tree,
     durability: Durability,
     commit: GroupCommit,
     stripes: Box<[Mutex<()>]>,
@@ -255,7 +258,12 @@ impl SledStore {
             tree("received")?,
             tree("body_index")?,
         );
-        let (dead, meta, fp_expiry) = (tree("dead")?, tree("meta")?, tree("fp_expiry")?);
+        let (dead, meta, fp_expiry, order) = (
+            tree("dead")?,
+            tree("meta")?,
+            tree("fp_expiry")?,
+            tree("order")?,
+        );
         Self::migrate_queue_layout(&db, &queue)?;
         let data_file = File::open(path.join("db"))
             .map_err(|e| StoreError::Backend(format!("opening sled's data file: {e}")))?;
@@ -281,6 +289,7 @@ impl SledStore {
             dead,
             meta,
             fp_expiry,
+            order,
             durability,
             commit: GroupCommit::start(sync),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -569,6 +578,16 @@ impl SledStore {
         if only.is_some_and(|wanted| wanted != state.status) {
             return Ok(false);
         }
+        let ordered = record.order_keys.contains_key(handler);
+        let was_dead = state.status == JobStatus::Dead;
+        if ordered
+            && !was_dead
+            && self.in_line(record, handler)?
+            && !self.has_way_to_run(record, &jk, Some(&state), now_ms)?
+        {
+            // Parked: it runs in its turn; a retry must not let it overtake.
+            return Ok(false);
+        }
         if matches!(state.status, JobStatus::Dead | JobStatus::Failed) {
             // A fresh `max_attempts` from here.
             state.retry_base = state.attempts;
@@ -581,6 +600,11 @@ impl SledStore {
         }
         state.lease = None;
         state.updated_ms = now_ms;
+        if ordered && was_dead {
+            // A dead pair goes back in its line: now if nobody is in it, else in turn.
+            self.enter_line(Op::Retry, record, handler, &mut state, now_ms)?;
+            return Ok(true);
+        }
         self.requeue(Op::Retry, &jk, &mut state, now_ms)?;
         Ok(true)
     }
@@ -624,17 +648,16 @@ impl SledStore {
         for handler in &record.handlers {
             let jk = key.job(handler).encode();
             let state = self.read_job(&jk)?;
-            if still_due(
-                &self.queue,
-                record,
-                &jk,
-                state.as_ref(),
-                self.instance,
-                now_ms,
-            )? {
+            if self.still_due(record, handler, state.as_ref(), now_ms)? {
                 return Ok(false);
             }
             states.push((jk, state));
+        }
+        for handler in record.order_keys.keys() {
+            // Only what a crash left: a pair leaves its line when it becomes final.
+            if let Some(entry) = line_entry(record, handler) {
+                self.order.remove(entry).map_err(backend)?;
+            }
         }
         for (jk, state) in &states {
             // Its first queue entry (due on arrival) and its current one.
@@ -696,21 +719,14 @@ impl DeliveryStore for SledStore {
             return Ok(Claim::Existing(existing));
         }
         let fp_key = body_index_key(&record.source, &record.fingerprint);
+        let lines = line_locks(record);
         let mut lock_keys: Vec<&[u8]> = vec![&key];
         if record.body_dedup {
             lock_keys.push(&fp_key);
         }
+        lock_keys.extend(lines.iter().map(Vec::as_slice));
         let received_at = record.received_at_ms;
         let received_key = queue_key(received_at, &key);
-        let queue_keys: Vec<Vec<u8>> = if new.enqueue() {
-            record
-                .handlers
-                .iter()
-                .map(|h| job_queue_key(received_at, &record.key().job(h).encode()))
-                .collect()
-        } else {
-            Vec::new()
-        };
         let claim = self
             .locked_write(Op::Claim, &lock_keys, || {
                 if let Some(existing) = self.read_resolved(&key)? {
@@ -743,12 +759,33 @@ impl DeliveryStore for SledStore {
                     alias.handlers = Vec::new();
                     alias.response = first.response.clone();
                     alias.lease_until_ms = None;
+                    alias.order_keys.clear();
                     self.received.insert(&received_key, &[]).map_err(backend)?;
                     self.step(Op::Claim, "after-alias-index");
                     self.deliveries
                         .insert(&key, encode_delivery(&alias, &[]))
                         .map_err(backend)?;
                     return Ok((Claim::BodyDuplicate(first), true));
+                }
+                // An ordered handler whose line has someone in it waits there, unqueued.
+                let mut queue_keys = Vec::new();
+                if new.enqueue() {
+                    for handler in &record.handlers {
+                        let parked = match record.order_keys.get(handler) {
+                            Some(value) => self.line_occupied(
+                                handler,
+                                &order::line_prefix(handler, value),
+                                None,
+                            )?,
+                            None => false,
+                        };
+                        if !parked {
+                            queue_keys.push(job_queue_key(
+                                received_at,
+                                &record.key().job(handler).encode(),
+                            ));
+                        }
+                    }
                 }
                 // Index entries first: should the process die before the record lands,
                 // they point at nothing and are dropped when dispatch or retention meet them.
@@ -767,6 +804,14 @@ impl DeliveryStore for SledStore {
                 self.deliveries
                     .insert(&key, encode_delivery(record, new.body()))
                     .map_err(backend)?;
+                // Line entries after the record: one a crash left without its record would
+                // hold up its line (the start-up repair puts a missing one back).
+                for handler in record.order_keys.keys() {
+                    if let Some(entry) = line_entry(record, handler) {
+                        self.step(Op::Claim, "after-record");
+                        self.order.insert(entry, &[]).map_err(backend)?;
+                    }
+                }
                 Ok((Claim::New, true))
             })
             .await?;
@@ -959,9 +1004,19 @@ impl DeliveryStore for SledStore {
     ) -> Result<(), StoreError> {
         let job_key = job.encode();
         let dk = job.delivery.encode();
+        // A final outcome hands an ordered handler's line on to the next delivery: the
+        // line's lock too (its key is in the record, which does not change).
+        let line = match outcome {
+            AttemptOutcome::Succeeded | AttemptOutcome::Dead { .. } => self
+                .read_record(&dk)?
+                .and_then(|r| Some(order::line_prefix(&job.handler, r.order_keys.get(&job.handler)?))),
+            _ => None,
+        };
+        let mut lock_keys: Vec<&[u8]> = vec![&dk];
+        lock_keys.extend(line.as_deref());
         // The outcome is not waited for (see `locked_write_unsynced`): half the disk waits of
         // a run.
-        self.locked_write_unsynced(Op::FinishAttempt, &[&dk], || {
+        self.locked_write_unsynced(Op::FinishAttempt, &lock_keys, || {
             let Some(mut state) = self.read_job(&job_key)? else {
                 return Ok(((), false));
             };
@@ -991,6 +1046,11 @@ impl DeliveryStore for SledStore {
                     let old = state.queued_at_ms.take();
                     self.write_job(&job_key, &state)?;
                     self.step(Op::FinishAttempt, "after-job-state");
+                    if line.is_some()
+                        && let Some(record) = self.read_record(&dk)?
+                    {
+                        self.leave_line(Op::FinishAttempt, &record, &job.handler, now_ms)?;
+                    }
                     // The way in goes last, once the outcome that makes it unneeded is written.
                     self.drop_stale(old, &job_key)?;
                 }
@@ -1238,7 +1298,15 @@ impl DeliveryStore for SledStore {
 
     async fn retry(&self, key: &DeliveryKey, now_ms: u64) -> Result<Vec<String>, StoreError> {
         let dk = key.encode();
-        self.locked_write(Op::Retry, &[&dk], || {
+        // The lines of its ordered handlers too (their keys are in the record, which does
+        // not change).
+        let lines = self
+            .read_record(&dk)?
+            .map(|r| line_locks(&r))
+            .unwrap_or_default();
+        let mut lock_keys: Vec<&[u8]> = vec![&dk];
+        lock_keys.extend(lines.iter().map(Vec::as_slice));
+        self.locked_write(Op::Retry, &lock_keys, || {
             let Some(record) = self.read_record(&dk)? else {
                 return Ok((Vec::new(), false));
             };
@@ -1295,7 +1363,13 @@ impl DeliveryStore for SledStore {
         for job in candidates {
             let dk = job.delivery.encode();
             self.step(Op::Retry, "start");
-            let _locks = self.lock(Op::Retry, &[&dk]);
+            let lines = self
+                .read_record(&dk)?
+                .map(|r| line_locks(&r))
+                .unwrap_or_default();
+            let mut lock_keys: Vec<&[u8]> = vec![&dk];
+            lock_keys.extend(lines.iter().map(Vec::as_slice));
+            let _locks = self.lock(Op::Retry, &lock_keys);
             self.step(Op::Retry, "locked");
             let Some(record) = self.read_record(&dk)? else {
                 continue;
