@@ -535,7 +535,158 @@ async fn no_run_of_a_paused_handler_starts(store: Store) {
     ));
 }
 
+/// A delivery whose handler `h` runs in the line of `value`, received at `received_at`.
+fn ordered(id: &str, value: &str, received_at: u64) -> NewDelivery {
+    let body = format!(r#"{{"type":"a","data":{{"key":"{value}","id":"{id}"}}}}"#);
+    let d =
+        webhook_inbox::testing::authenticated(&source(), id, body.as_bytes(), SystemTime::now())
+            .expect("signed");
+    NewDelivery::new(d, received_at, vec!["h".into()], false)
+        .acknowledged(StoredResponse {
+            status: 202,
+            body: format!("{{\"delivery_id\":\"{id}\"}}"),
+        })
+        .ordered([("h".to_owned(), value.to_owned())].into())
+}
+
+/// The ids of the pairs due at `now_ms`, sorted.
+async fn due_ids(store: &Store, now_ms: u64) -> Vec<String> {
+    let mut ids: Vec<String> = due_now(store, now_ms)
+        .await
+        .into_iter()
+        .map(|q| q.job.delivery.id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Runs the due pair `id` with `outcome`.
+async fn run_once(store: &Store, id: &str, outcome: AttemptOutcome) {
+    let entry = due_now(store, u64::MAX / 2)
+        .await
+        .into_iter()
+        .find(|q| q.job.delivery.id == id)
+        .unwrap_or_else(|| panic!("{id} is queued"));
+    let Begin::Started(a) = store
+        .begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
+        .await
+        .expect("begin")
+    else {
+        panic!("{id} starts")
+    };
+    store
+        .finish_attempt(&entry.job, a.attempt, outcome, NOW)
+        .await
+        .expect("finish");
+}
+
+async fn an_ordered_line_runs_one_pair_at_a_time_in_received_order(store: Store) {
+    for (id, value, at) in [
+        ("o1", "A", NOW - 3000),
+        ("o2", "A", NOW - 2000),
+        ("p1", "B", NOW - 2500),
+        ("o3", "A", NOW - 1000),
+    ] {
+        assert!(matches!(
+            store.claim(ordered(id, value, at)).await.expect("claim"),
+            Claim::New
+        ));
+    }
+    store
+        .claim(new("u1", "{}", &["h"], false))
+        .await
+        .expect("claim");
+    // Only the first of each line (and the unordered one) is queued: the others wait
+    // without a queue entry.
+    assert_eq!(due_ids(&store, NOW).await, ["o1", "p1", "u1"]);
+    // A failure keeps the line: o2 waits for o1's retry.
+    let retry_at = NOW + 60_000;
+    run_once(
+        &store,
+        "o1",
+        AttemptOutcome::RetryAt {
+            due_ms: retry_at,
+            error: "busy".into(),
+        },
+    )
+    .await;
+    assert_eq!(due_ids(&store, u64::MAX / 2).await, ["o1", "p1", "u1"]);
+    // An operator retry of a pair waiting in line does not let it overtake.
+    assert!(store.retry(&key("o2"), NOW).await.expect("retry").is_empty());
+    assert_eq!(due_ids(&store, u64::MAX / 2).await, ["o1", "p1", "u1"]);
+    // Retention keeps what waits in line.
+    assert_eq!(
+        store.expire(NOW + 10, 100).await.expect("expire").removed,
+        0,
+        "everything here still runs"
+    );
+    // Dead: the next in line goes.
+    run_once(
+        &store,
+        "o1",
+        AttemptOutcome::Dead {
+            error: "gave up".into(),
+        },
+    )
+    .await;
+    assert_eq!(due_ids(&store, NOW).await, ["o2", "p1", "u1"]);
+    // The dead pair, retried, goes back in line behind the active o2.
+    assert_eq!(store.retry(&key("o1"), NOW).await.expect("retry"), ["h"]);
+    assert_eq!(due_ids(&store, u64::MAX / 2).await, ["o2", "p1", "u1"]);
+    run_once(&store, "o2", AttemptOutcome::Succeeded).await;
+    // o1 was received first: it goes before o3.
+    assert_eq!(due_ids(&store, u64::MAX / 2).await, ["o1", "p1", "u1"]);
+    run_once(&store, "o1", AttemptOutcome::Succeeded).await;
+    assert_eq!(due_ids(&store, u64::MAX / 2).await, ["o3", "p1", "u1"]);
+    let a = store.job(&key("o1").job("h")).await.expect("job").expect("state");
+    assert_eq!((a.status, a.attempts), (JobStatus::Succeeded, 3));
+    run_once(&store, "o3", AttemptOutcome::Succeeded).await;
+    // An empty line: the next delivery of that value runs at once.
+    store.claim(ordered("o4", "A", NOW)).await.expect("claim");
+    assert_eq!(due_ids(&store, u64::MAX / 2).await, ["o4", "p1", "u1"]);
+}
+
+async fn a_bulk_retry_of_dead_ordered_pairs_keeps_one_per_line_running(store: Store) {
+    for (id, at) in [("d1", NOW - 3000), ("d2", NOW - 2000), ("d3", NOW - 1000)] {
+        store.claim(ordered(id, "K", at)).await.expect("claim");
+    }
+    for id in ["d1", "d2", "d3"] {
+        run_once(
+            &store,
+            id,
+            AttemptOutcome::Dead {
+                error: "down".into(),
+            },
+        )
+        .await;
+    }
+    assert!(due_ids(&store, u64::MAX / 2).await.is_empty());
+    let filter = webhook_inbox::store::RetryFilter {
+        source: None,
+        handler: Some("h".into()),
+        status: JobStatus::Dead,
+        since_ms: None,
+        until_ms: None,
+    };
+    assert_eq!(store.retry_all(&filter, NOW).await.expect("bulk"), 3);
+    // All three back in line, one due at a time, in received order.
+    for id in ["d1", "d2", "d3"] {
+        assert_eq!(due_ids(&store, u64::MAX / 2).await, [id]);
+        run_once(&store, id, AttemptOutcome::Succeeded).await;
+    }
+    assert!(due_ids(&store, u64::MAX / 2).await.is_empty());
+    assert_eq!(store.dead_letters().await.expect("dead"), 0);
+}
+
 const CASES: &[(&str, Case)] = &[
+    (
+        "an_ordered_line_runs_one_pair_at_a_time_in_received_order",
+        |s| Box::pin(an_ordered_line_runs_one_pair_at_a_time_in_received_order(s)),
+    ),
+    (
+        "a_bulk_retry_of_dead_ordered_pairs_keeps_one_per_line_running",
+        |s| Box::pin(a_bulk_retry_of_dead_ordered_pairs_keeps_one_per_line_running(s)),
+    ),
     ("no_run_of_a_paused_handler_starts", |s| {
         Box::pin(no_run_of_a_paused_handler_starts(s))
     }),
