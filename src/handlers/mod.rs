@@ -405,7 +405,11 @@ impl HandlerRegistry {
     pub fn matching(&self, source: &str, event_type: Option<&str>, body: &[u8]) -> Routing {
         let mut json: Option<Option<serde_json::Value>> = None;
         let mut routing = Routing::default();
-        for r in self.entries.iter().filter(|r| r.matches(source, event_type)) {
+        for r in self
+            .entries
+            .iter()
+            .filter(|r| r.matches(source, event_type))
+        {
             if r.body_match.is_empty() && r.order_by.is_none() {
                 routing.handlers.push(r.name.clone());
                 continue;

@@ -19,6 +19,7 @@ mod hardening;
 mod http_handler;
 mod interleavings;
 mod invariants;
+mod ordering;
 mod processed;
 mod replicas;
 mod robustness;

@@ -612,7 +612,13 @@ async fn an_ordered_line_runs_one_pair_at_a_time_in_received_order(store: Store)
     .await;
     assert_eq!(due_ids(&store, u64::MAX / 2).await, ["o1", "p1", "u1"]);
     // An operator retry of a pair waiting in line does not let it overtake.
-    assert!(store.retry(&key("o2"), NOW).await.expect("retry").is_empty());
+    assert!(
+        store
+            .retry(&key("o2"), NOW)
+            .await
+            .expect("retry")
+            .is_empty()
+    );
     assert_eq!(due_ids(&store, u64::MAX / 2).await, ["o1", "p1", "u1"]);
     // Retention keeps what waits in line.
     assert_eq!(
@@ -638,7 +644,11 @@ async fn an_ordered_line_runs_one_pair_at_a_time_in_received_order(store: Store)
     assert_eq!(due_ids(&store, u64::MAX / 2).await, ["o1", "p1", "u1"]);
     run_once(&store, "o1", AttemptOutcome::Succeeded).await;
     assert_eq!(due_ids(&store, u64::MAX / 2).await, ["o3", "p1", "u1"]);
-    let a = store.job(&key("o1").job("h")).await.expect("job").expect("state");
+    let a = store
+        .job(&key("o1").job("h"))
+        .await
+        .expect("job")
+        .expect("state");
     assert_eq!((a.status, a.attempts), (JobStatus::Succeeded, 3));
     run_once(&store, "o3", AttemptOutcome::Succeeded).await;
     // An empty line: the next delivery of that value runs at once.

@@ -1319,7 +1319,11 @@ impl DeliveryStore for PgStore {
             .await
             .map_err(backend)?
             .rows_affected();
-        if updated == 0 && matches!(outcome, AttemptOutcome::Succeeded | AttemptOutcome::Dead { .. })
+        if updated == 0
+            && matches!(
+                outcome,
+                AttemptOutcome::Succeeded | AttemptOutcome::Dead { .. }
+            )
         {
             self.finish_in_line(job, attempt, &outcome, now_ms).await?;
         }

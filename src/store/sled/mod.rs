@@ -1007,9 +1007,14 @@ impl DeliveryStore for SledStore {
         // A final outcome hands an ordered handler's line on to the next delivery: the
         // line's lock too (its key is in the record, which does not change).
         let line = match outcome {
-            AttemptOutcome::Succeeded | AttemptOutcome::Dead { .. } => self
-                .read_record(&dk)?
-                .and_then(|r| Some(order::line_prefix(&job.handler, r.order_keys.get(&job.handler)?))),
+            AttemptOutcome::Succeeded | AttemptOutcome::Dead { .. } => {
+                self.read_record(&dk)?.and_then(|r| {
+                    Some(order::line_prefix(
+                        &job.handler,
+                        r.order_keys.get(&job.handler)?,
+                    ))
+                })
+            }
             _ => None,
         };
         let mut lock_keys: Vec<&[u8]> = vec![&dk];

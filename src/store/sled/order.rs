@@ -219,10 +219,9 @@ impl SledStore {
         state: &mut JobState,
         now_ms: u64,
     ) -> Result<bool, StoreError> {
-        let (Some(entry), Some(value)) = (
-            line_entry(record, handler),
-            record.order_keys.get(handler),
-        ) else {
+        let (Some(entry), Some(value)) =
+            (line_entry(record, handler), record.order_keys.get(handler))
+        else {
             return Ok(false);
         };
         let prefix = line_prefix(handler, value);
@@ -308,10 +307,9 @@ impl SledStore {
         handler: &str,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        let (Some(entry), Some(value)) = (
-            line_entry(record, handler),
-            record.order_keys.get(handler),
-        ) else {
+        let (Some(entry), Some(value)) =
+            (line_entry(record, handler), record.order_keys.get(handler))
+        else {
             return Ok(());
         };
         let prefix = line_prefix(handler, value);
