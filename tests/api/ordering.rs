@@ -129,6 +129,9 @@ impl OrderLog {
     }
 }
 
+/// A delivery ready to send: id, body, signature headers.
+type SignedDelivery = (String, String, Vec<(String, String)>);
+
 /// Sends every delivery: `SENDERS` at once, in the shuffled order, each key's next one only
 /// once its previous one is acknowledged (so received order per key is the send order).
 async fn send_all(address: String, sign: impl Fn(&str, &[u8]) -> Vec<(String, String)>) {
@@ -137,7 +140,7 @@ async fn send_all(address: String, sign: impl Fn(&str, &[u8]) -> Vec<(String, St
     let keys: Arc<Vec<tokio::sync::Mutex<usize>>> =
         Arc::new((0..KEYS).map(|_| tokio::sync::Mutex::new(0)).collect());
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let signed: Arc<Vec<(String, String, Vec<(String, String)>)>> = Arc::new(
+    let signed: Arc<Vec<SignedDelivery>> = Arc::new(
         (0..KEYS)
             .flat_map(|k| (0..PER_KEY).map(move |s| (k, s)))
             .map(|(k, s)| {
