@@ -25,7 +25,7 @@ const SENDERS: usize = 8;
 /// as a service manager would: a handler program the killed process was forking when it
 /// died holds the store's lock until that child execs (and closes it), which on a loaded
 /// machine can be a moment after the kill.
-fn start(config: &std::path::Path) -> (Child, u16) {
+pub fn start(config: &std::path::Path) -> (Child, u16) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match crate::helpers::try_spawn_binary(config) {

@@ -217,3 +217,194 @@ async fn runs_of_one_key_never_overlap_and_start_in_received_order() {
     );
     app.stop().await;
 }
+
+/// Keys and deliveries per key of the crash variant (a `command` handler forks a program
+/// per run, so fewer than above).
+const CRASH_KEYS: usize = 10;
+const CRASH_PER_KEY: usize = 12;
+const KILLS: usize = 4;
+
+/// The same promise across `kill -9` of the real binary and restarts, with a `command`
+/// handler that logs each run's start and end and fails the first attempt of some
+/// deliveries: per key, a delivery's first run starts only after the previous delivery's
+/// run succeeded, deliveries start in received order, and every one succeeded.
+#[test]
+fn order_holds_across_kill_dash_nine_and_restart() {
+    use std::process::Command;
+    use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+    use std::time::{Instant, SystemTime};
+
+    let dir = tempfile::TempDir::new().expect("dir");
+    let log = dir.path().join("runs.log");
+    // Fails the first attempt of every delivery whose seq is 3, 7 or 11.
+    let script = r#"echo "start $WEBHOOK_ID $WEBHOOK_ATTEMPT" >> "$1"; cat > /dev/null; sleep 0.01; case "$WEBHOOK_ID" in *_3|*_7|*_11) if [ "$WEBHOOK_ATTEMPT" = 1 ]; then echo "fail $WEBHOOK_ID $WEBHOOK_ATTEMPT" >> "$1"; exit 1; fi;; esac; echo "end $WEBHOOK_ID $WEBHOOK_ATTEMPT" >> "$1""#;
+    let extra = format!(
+        "\n[[handlers]]\nname = \"ordered\"\nkind = \"command\"\nsource = \"credicorp\"\norder_by = {POINTER:?}\ncommand = [\"sh\", \"-c\", {script:?}, \"sh\", \"{}\"]\n",
+        log.display()
+    );
+    let text = crate::helpers::config_text(
+        dir.path(),
+        &Options {
+            extra_toml: extra,
+            sled_only: true,
+            ..Options::default()
+        },
+    );
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, &text).expect("write config");
+    let config = webhook_inbox::config::Config::parse(&text, "t.toml").expect("config");
+
+    let (mut child, port) = crate::crash::start(&config_path);
+    let current_port = Arc::new(AtomicU16::new(port));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    // One sender per key, each in received order, retrying across the restarts.
+    let senders: Vec<_> = (0..CRASH_KEYS)
+        .map(|key| {
+            let port = current_port.clone();
+            let acked = acked.clone();
+            let cfg = config.sources["credicorp"].clone();
+            runtime.spawn(async move {
+                let client = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .expect("client");
+                for seq in 0..CRASH_PER_KEY {
+                    let id = delivery_id(key, seq);
+                    let body = application(key, seq);
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    loop {
+                        assert!(Instant::now() < deadline, "{id} never acknowledged");
+                        let headers = webhook_inbox::verify::Source::from_config(
+                            "credicorp",
+                            &cfg,
+                            "t.toml",
+                            &|_| None,
+                        )
+                        .expect("source")
+                        .sign(&id, body.as_bytes(), SystemTime::now());
+                        let mut request = client
+                            .post(format!(
+                                "http://127.0.0.1:{}/webhooks/credicorp",
+                                port.load(Ordering::SeqCst)
+                            ))
+                            .body(body.clone());
+                        for (k, v) in headers {
+                            request = request.header(k, v);
+                        }
+                        match request.send().await {
+                            Ok(r) if r.status().as_u16() == 202 => {
+                                acked.fetch_add(1, Ordering::SeqCst);
+                                break;
+                            }
+                            Ok(r) => assert!(r.status().is_server_error(), "{id}: {}", r.status()),
+                            Err(_) => {} // the process is down: retry
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut rng_state: u64 = 0x0dd5;
+    for _ in 0..KILLS {
+        rng_state = rng_state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_millis(100 + (rng_state >> 33) % 300));
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaped");
+        let (next, port) = crate::crash::start(&config_path);
+        child = next;
+        current_port.store(port, Ordering::SeqCst);
+    }
+    for s in senders {
+        runtime.block_on(s).expect("sender finished");
+    }
+    assert_eq!(acked.load(Ordering::SeqCst), CRASH_KEYS * CRASH_PER_KEY);
+
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ended: HashSet<String> = read()
+            .lines()
+            .filter_map(|l| l.strip_prefix("end "))
+            .filter_map(|l| l.split(' ').next().map(str::to_owned))
+            .collect();
+        if ended.len() == CRASH_KEYS * CRASH_PER_KEY {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {} deliveries succeeded",
+            ended.len(),
+            CRASH_KEYS * CRASH_PER_KEY
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().expect("exit").success(), "graceful exit");
+    let out = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
+        .args(["store", "check", "--config"])
+        .arg(&config_path)
+        .output()
+        .expect("store check runs");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && report.contains("0 violation(s)"),
+        "store check after the crashes: {report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Per key, in the log's order: (phase, seq).
+    let mut per_key: HashMap<usize, Vec<(String, usize)>> = HashMap::new();
+    for line in read().lines() {
+        let mut parts = line.split(' ');
+        let (Some(phase), Some(id)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let mut nums = id.trim_start_matches("msg_order_").split('_');
+        let (Some(Ok(key)), Some(Ok(seq))) = (
+            nums.next().map(str::parse::<usize>),
+            nums.next().map(str::parse::<usize>),
+        ) else {
+            continue;
+        };
+        per_key
+            .entry(key)
+            .or_default()
+            .push((phase.to_owned(), seq));
+    }
+    let mut breaches = Vec::new();
+    for (key, events) in &per_key {
+        let mut succeeded: HashSet<usize> = HashSet::new();
+        let mut last_start = 0;
+        for (phase, seq) in events {
+            match phase.as_str() {
+                "start" => {
+                    if *seq < last_start {
+                        breaches.push(format!("key {key}: seq {seq} started after {last_start}"));
+                    }
+                    if *seq > 0 && !succeeded.contains(&(seq - 1)) {
+                        breaches.push(format!(
+                            "key {key}: seq {seq} started before seq {} succeeded",
+                            seq - 1
+                        ));
+                    }
+                    last_start = last_start.max(*seq);
+                }
+                "end" => {
+                    succeeded.insert(*seq);
+                }
+                _ => {}
+            }
+        }
+        if succeeded.len() != CRASH_PER_KEY {
+            breaches.push(format!("key {key}: {} succeeded", succeeded.len()));
+        }
+    }
+    assert_eq!(per_key.len(), CRASH_KEYS);
+    assert!(breaches.is_empty(), "{}", breaches.join("\n"));
+}
