@@ -49,7 +49,14 @@ struct Probe {
     signal: Mutex<Option<mpsc::Sender<()>>>,
     injected: Mutex<Option<std::thread::JoinHandle<()>>>,
     fired: AtomicBool,
+    /// Run in the gap once the injection has finished or waits: what it finds broken.
+    gap_check: Mutex<Option<GapCheck>>,
+    gap_failures: Mutex<Vec<String>>,
 }
+
+/// A check of the store's state in a gap, run on its own thread (the paused operation's
+/// thread is inside a runtime).
+type GapCheck = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
 
 impl StoreProbe for Probe {
     fn at(&self, op: Op, step: &'static str) {
@@ -81,6 +88,13 @@ impl StoreProbe for Probe {
         };
         rx.recv().expect("the injection ends or waits");
         *self.signal.lock().expect("lock") = None;
+        let check = self.gap_check.lock().expect("lock").clone();
+        if let Some(check) = check {
+            let found = std::thread::spawn(move || check())
+                .join()
+                .expect("gap check");
+            self.gap_failures.lock().expect("lock").extend(found);
+        }
         *self.injected.lock().expect("lock") = Some(watcher);
     }
 
@@ -98,9 +112,15 @@ struct Ledger {
     news: Mutex<HashMap<String, usize>>,
     /// Runs that started and were recorded succeeded, per (id, handler).
     successes: Mutex<HashMap<(String, String), usize>>,
+    /// Ids of handler `a`'s run starts, in start order (the ordered world's line).
+    starts_of_a: Mutex<Vec<String>>,
+    /// Pairs whose run was recorded dead: retention may forget them before a retry.
+    deaths: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 struct World {
+    /// Handler `a` orders every delivery by one value: they all stand in one line.
+    ordered: bool,
     store: Arc<SledStore>,
     source: Arc<Source>,
     ledger: Arc<Ledger>,
@@ -135,6 +155,11 @@ async fn claim(w: &World, id: &str, body: &Bytes, received_at: u64) -> Claim {
         status: 202,
         body: format!(r#"{{"status":"accepted","delivery_id":"{id}"}}"#),
     });
+    let new = if w.ordered {
+        new.ordered([("a".to_owned(), "K".to_owned())].into())
+    } else {
+        new
+    };
     let claimed = w.store.claim(new).await.expect("claim");
     if matches!(claimed, Claim::New) {
         *w.ledger
@@ -147,13 +172,23 @@ async fn claim(w: &World, id: &str, body: &Bytes, received_at: u64) -> Claim {
     claimed
 }
 
-/// One pass of a dispatcher: every due entry, begun and finished with `outcome`.
-async fn dispatch_pass(w: &World, succeed: bool) {
+/// How the runs of a dispatcher pass end.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum RunEnd {
+    Succeed,
+    Fail,
+    Die,
+}
+
+/// One pass of a dispatcher: every due entry, begun and finished with `end`. Returns how
+/// many runs it started.
+async fn dispatch_pass(w: &World, end: RunEnd) -> usize {
     let due = w
         .store
         .due_jobs(u64::MAX / 2, 100, &Default::default())
         .await
         .expect("queue");
+    let mut started = 0;
     for entry in due {
         let begun = w
             .store
@@ -163,18 +198,37 @@ async fn dispatch_pass(w: &World, succeed: bool) {
         let Begin::Started(attempt) = begun else {
             continue;
         };
-        let outcome = if succeed {
-            *w.ledger
-                .successes
+        started += 1;
+        if entry.job.handler == "a" {
+            w.ledger
+                .starts_of_a
                 .lock()
                 .expect("lock")
-                .entry((entry.job.delivery.id.clone(), entry.job.handler.clone()))
-                .or_default() += 1;
-            AttemptOutcome::Succeeded
-        } else {
-            AttemptOutcome::RetryAt {
+                .push(entry.job.delivery.id.clone());
+        }
+        let outcome = match end {
+            RunEnd::Succeed => {
+                *w.ledger
+                    .successes
+                    .lock()
+                    .expect("lock")
+                    .entry((entry.job.delivery.id.clone(), entry.job.handler.clone()))
+                    .or_default() += 1;
+                AttemptOutcome::Succeeded
+            }
+            RunEnd::Fail => AttemptOutcome::RetryAt {
                 due_ms: NOW + 60_000,
                 error: "not yet".into(),
+            },
+            RunEnd::Die => {
+                w.ledger
+                    .deaths
+                    .lock()
+                    .expect("lock")
+                    .insert((entry.job.delivery.id.clone(), entry.job.handler.clone()));
+                AttemptOutcome::Dead {
+                    error: "gave up".into(),
+                }
             }
         };
         w.store
@@ -182,6 +236,7 @@ async fn dispatch_pass(w: &World, succeed: bool) {
             .await
             .expect("finish");
     }
+    started
 }
 
 async fn sweep(w: &World) {
@@ -202,6 +257,7 @@ enum Paused {
     ClaimSameBody,
     DispatchSucceeds,
     DispatchFails,
+    DispatchDies,
     OperatorRetry,
     RetentionSweep,
     BulkRetry,
@@ -267,8 +323,15 @@ async fn run_paused(w: &World, op: Paused) {
         Paused::ClaimSameBody => {
             claim(w, "z2", &body("z"), NOW).await;
         }
-        Paused::DispatchSucceeds => dispatch_pass(w, true).await,
-        Paused::DispatchFails => dispatch_pass(w, false).await,
+        Paused::DispatchSucceeds => {
+            dispatch_pass(w, RunEnd::Succeed).await;
+        }
+        Paused::DispatchFails => {
+            dispatch_pass(w, RunEnd::Fail).await;
+        }
+        Paused::DispatchDies => {
+            dispatch_pass(w, RunEnd::Die).await;
+        }
         Paused::OperatorRetry => retry(w, "y").await,
         Paused::RetentionSweep => sweep(w).await,
         Paused::BulkRetry => {
@@ -286,7 +349,9 @@ async fn run_paused(w: &World, op: Paused) {
 
 async fn run_injected(w: &World, op: Injected) {
     match op {
-        Injected::DispatchPass => dispatch_pass(w, true).await,
+        Injected::DispatchPass => {
+            dispatch_pass(w, RunEnd::Succeed).await;
+        }
         Injected::Redelivery => {
             claim(w, "x", &body("x"), NOW).await;
         }
@@ -322,7 +387,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
-fn world(probe: Arc<Probe>) -> World {
+fn world(probe: Arc<Probe>, ordered: bool) -> World {
     let dir = tempfile::TempDir::new().expect("dir");
     let store = SledStore::open_with(
         &dir.path().join("data"),
@@ -335,6 +400,7 @@ fn world(probe: Arc<Probe>) -> World {
     )
     .expect("store");
     World {
+        ordered,
         store: Arc::new(store),
         source: Arc::new(source()),
         ledger: Arc::default(),
@@ -342,19 +408,67 @@ fn world(probe: Arc<Probe>) -> World {
     }
 }
 
+/// Every delivery id a scenario can claim.
+const IDS: [&str; 6] = ["x", "y", "z", "x-again", "z2", "z3"];
+
+/// The ordered world's line: the pairs of handler `a` that could run now (a queue entry,
+/// not final, or running under a live lease). More than one breaks `order_by`.
+async fn line_breaches(w: &World) -> Vec<String> {
+    let mut could_run = std::collections::BTreeSet::new();
+    for entry in w
+        .store
+        .due_jobs(u64::MAX / 2, 1000, &Default::default())
+        .await
+        .expect("queue")
+    {
+        if entry.job.handler == "a"
+            && !w
+                .store
+                .job(&entry.job)
+                .await
+                .expect("job")
+                .is_some_and(|s| s.is_final())
+        {
+            could_run.insert(entry.job.delivery.id);
+        }
+    }
+    for id in IDS {
+        let job = DeliveryKey::new("credicorp", id).job("a");
+        if let Some(state) = w.store.job(&job).await.expect("job")
+            && state.status == JobStatus::Running
+            && state.lease.is_some_and(|l| l.until_ms > NOW)
+        {
+            could_run.insert(id.to_owned());
+        }
+    }
+    if could_run.len() > 1 {
+        vec![format!(
+            "one line, several pairs that may run: {could_run:?}"
+        )]
+    } else {
+        Vec::new()
+    }
+}
+
 /// Runs one scenario; returns the steps the paused operation went through (with
 /// `target: None`) or the failures found.
 fn scenario(
+    ordered: bool,
     paused: Paused,
     target: Option<(Op, &'static str, usize)>,
     injected: Injected,
 ) -> Result<Vec<(Op, &'static str, usize)>, String> {
     let probe = Arc::new(Probe::default());
-    let w = Arc::new(world(probe.clone()));
+    let w = Arc::new(world(probe.clone(), ordered));
     block_on(setup(&w));
     probe.counts.lock().expect("lock").clear();
     probe.steps.lock().expect("lock").clear();
     *probe.target.lock().expect("lock") = target;
+    if ordered {
+        let w = w.clone();
+        *probe.gap_check.lock().expect("lock") =
+            Some(Arc::new(move || block_on(line_breaches(&w))));
+    }
     {
         let w = w.clone();
         *probe.injection.lock().expect("lock") = Some(Box::new(move || {
@@ -378,21 +492,43 @@ fn scenario(
     if !probe.fired.load(Ordering::SeqCst) {
         return Err(format!("step {target:?} was never reached"));
     }
-    // Everything left runs now (twice: a retry may have made something due again).
+    let mut failures = probe.gap_failures.lock().expect("lock").clone();
+    // Everything left runs now: dead pairs retried, then passes until nothing starts (a
+    // line hands on one pair per pass).
     block_on(async {
-        dispatch_pass(&w, true).await;
-        dispatch_pass(&w, true).await;
+        let filter = RetryFilter {
+            source: None,
+            handler: None,
+            status: JobStatus::Dead,
+            since_ms: None,
+            until_ms: None,
+        };
+        w.store.retry_all(&filter, NOW).await.expect("retry dead");
+        for _ in 0..20 {
+            if ordered {
+                failures.extend(line_breaches(&w).await);
+            }
+            if dispatch_pass(&w, RunEnd::Succeed).await == 0 {
+                break;
+            }
+        }
     });
-    let mut failures = Vec::new();
     let news = w.ledger.news.lock().expect("lock").clone();
     let successes = w.ledger.successes.lock().expect("lock").clone();
+    let deaths = w.ledger.deaths.lock().expect("lock").clone();
     for (id, n) in &news {
+        let forgotten = block_on(w.store.record(&DeliveryKey::new("credicorp", id.as_str())))
+            .expect("record")
+            .is_none();
         for h in HANDLERS {
             let ran = successes
                 .get(&(id.clone(), h.to_owned()))
                 .copied()
                 .unwrap_or(0);
-            if ran != *n {
+            // A pair that died is final: retention may forget it before the retry.
+            let died_and_expired =
+                ran == 0 && forgotten && deaths.contains(&(id.clone(), h.to_owned()));
+            if ran != *n && !died_and_expired {
                 failures.push(format!(
                     "{id}#{h}: claimed new {n} time(s) but succeeded {ran} time(s)"
                 ));
@@ -406,6 +542,30 @@ fn scenario(
             ));
         }
     }
+    if ordered {
+        // First starts in received order (received_at, then id).
+        let starts = w.ledger.starts_of_a.lock().expect("lock").clone();
+        let mut first: Vec<String> = Vec::new();
+        for id in starts {
+            if !first.contains(&id) {
+                first.push(id);
+            }
+        }
+        let mut expected = Vec::new();
+        for id in &first {
+            let record = block_on(w.store.record(&DeliveryKey::new("credicorp", id.as_str())))
+                .expect("record")
+                .map(|r| r.received_at_ms);
+            expected.push((record, id.clone()));
+        }
+        expected.sort();
+        let expected: Vec<String> = expected.into_iter().map(|(_, id)| id).collect();
+        if first != expected {
+            failures.push(format!(
+                "line started {first:?}, received order is {expected:?}"
+            ));
+        }
+    }
     let report = w.store.check(false, NOW).expect("check");
     failures.extend(report.violations);
     if failures.is_empty() {
@@ -415,8 +575,8 @@ fn scenario(
     }
 }
 
-#[test]
-fn every_gap_of_every_store_operation_keeps_the_invariants() {
+/// Every paused operation at every step, with every injection in the gap.
+fn every_gap(ordered: bool) {
     let injections = [
         Injected::DispatchPass,
         Injected::Redelivery,
@@ -430,6 +590,7 @@ fn every_gap_of_every_store_operation_keeps_the_invariants() {
         Paused::ClaimSameBody,
         Paused::DispatchSucceeds,
         Paused::DispatchFails,
+        Paused::DispatchDies,
         Paused::OperatorRetry,
         Paused::RetentionSweep,
         Paused::BulkRetry,
@@ -438,12 +599,12 @@ fn every_gap_of_every_store_operation_keeps_the_invariants() {
     let mut scenarios = 0;
     for paused in paused_ops {
         // A dry run lists the steps this operation goes through from the common start.
-        let steps = scenario(paused, None, Injected::DispatchPass).expect("dry run");
+        let steps = scenario(ordered, paused, None, Injected::DispatchPass).expect("dry run");
         assert!(!steps.is_empty(), "{paused:?} reports its steps");
         for step in steps {
             for injected in injections {
                 scenarios += 1;
-                if let Err(e) = scenario(paused, Some(step), injected) {
+                if let Err(e) = scenario(ordered, paused, Some(step), injected) {
                     failures.push(format!(
                         "{paused:?} stopped at {step:?}, {injected:?} in the gap: {e}"
                     ));
@@ -459,4 +620,17 @@ fn every_gap_of_every_store_operation_keeps_the_invariants() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+#[test]
+fn every_gap_of_every_store_operation_keeps_the_invariants() {
+    every_gap(false);
+}
+
+/// The same with handler `a` ordered by one value for every delivery (`order_by`): besides
+/// the invariants, in every gap at most one pair of the line may run, and the line starts
+/// its pairs in received order.
+#[test]
+fn every_gap_keeps_an_order_by_line_to_one_runner_in_received_order() {
+    every_gap(true);
 }

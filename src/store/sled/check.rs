@@ -92,6 +92,31 @@ impl SledStore {
                     self.dead.insert(jk.as_slice(), &[]).map_err(backend)?;
                 }
             }
+            if record.order_keys.contains_key(handler)
+                && !state.as_ref().is_some_and(JobState::is_final)
+                && !self.in_line(record, handler)?
+            {
+                // A crash between the claim's record and its line entry.
+                report.violations.push(format!(
+                    "{job}: not in its order_by line (a later delivery of its value could overtake it)"
+                ));
+                if repair {
+                    match state {
+                        Some(mut s) if !self.has_way_to_run(record, &jk, Some(&s), now_ms)? => {
+                            s.updated_ms = now_ms;
+                            self.enter_line(Op::Retry, record, handler, &mut s, now_ms)?;
+                        }
+                        None if !self.has_way_to_run(record, &jk, None, now_ms)? => {
+                            let mut s = pending_job();
+                            s.updated_ms = now_ms;
+                            self.enter_line(Op::Retry, record, handler, &mut s, now_ms)?;
+                        }
+                        // It has its way to run: it is the line's active pair.
+                        _ => self.add_to_line(record, handler)?,
+                    }
+                }
+                continue;
+            }
             if self.still_due(record, handler, state.as_ref(), now_ms)? {
                 continue;
             }

@@ -299,6 +299,18 @@ impl SledStore {
         Ok(())
     }
 
+    /// Writes the pair's line entry as it stands (a repair: the pair keeps its way to run).
+    pub(super) fn add_to_line(
+        &self,
+        record: &DeliveryRecord,
+        handler: &str,
+    ) -> Result<(), StoreError> {
+        if let Some(entry) = line_entry(record, handler) {
+            self.order.insert(entry, &[]).map_err(backend)?;
+        }
+        Ok(())
+    }
+
     /// Removes the pair's line entry once it is final, after promoting the next one.
     pub(super) fn leave_line(
         &self,
