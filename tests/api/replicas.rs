@@ -65,10 +65,24 @@ source = "control"
 name = "effect"
 kind = "command"
 command = ["sh", "-c", {SCRIPT:?}, "sh", "{runs}", "{hold}"]
+
+[sources.lines]
+secrets = ["{SECRET}"]
+
+[[handlers]]
+name = "in-line"
+kind = "command"
+source = "lines"
+order_by = "/key"
+command = ["sh", "-c", {LINE_SCRIPT:?}, "sh", "{lines}"]
 "#,
         runs = runs.display(),
+        lines = runs.with_file_name("lines.log").display(),
     )
 }
+
+/// Appends `start id` and `end id` around each run of the ordered handler.
+const LINE_SCRIPT: &str = r#"echo "start $WEBHOOK_ID $PPID" >> "$1"; cat > /dev/null; sleep 0.02; echo "end $WEBHOOK_ID $PPID" >> "$1""#;
 
 /// One line of the runs file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -809,7 +823,7 @@ async fn migrate_applies_the_embedded_migrations_once() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert!(migrate().starts_with("2 migration(s) applied"));
+    assert!(migrate().starts_with("3 migration(s) applied"));
     assert!(migrate().starts_with("0 migration(s) applied"));
     let mut db = sqlx::PgConnection::connect(&url).await.expect("db");
     let tables: i64 = sqlx::query_scalar(
@@ -981,4 +995,90 @@ fn store_copy_from_postgres_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("reads a sled store"), "{stderr}");
+}
+
+/// `order_by` across replicas: deliveries of one key sent alternately to two replicas (each
+/// after the previous one's answer), many keys at once: per key the runs, wherever they
+/// happen, never overlap and start in received order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_by_line_holds_across_replicas() {
+    let Some(server) = test_postgres_url("replicas: order_by across replicas") else {
+        return;
+    };
+    const KEYS: usize = 8;
+    const PER_KEY: usize = 10;
+    let cluster = Cluster::start(&server, 2, false).await;
+    let ports: Vec<u16> = cluster.replicas.iter().map(|r| r.port).collect();
+    let client = reqwest::Client::new();
+    let sends = (0..KEYS).map(|key| {
+        let (client, ports) = (client.clone(), ports.clone());
+        let cluster = &cluster;
+        async move {
+            for seq in 0..PER_KEY {
+                let id = format!("line_{key}_{seq:02}");
+                let body = format!(r#"{{"type":"a","key":"k{key}","seq":{seq}}}"#);
+                let headers = cluster.sign("lines", &id, body.as_bytes());
+                let port = ports[seq % ports.len()];
+                let (status, text) = post(&client, port, "lines", &headers, body.as_bytes()).await;
+                assert_eq!(status, 202, "{id}: {text}");
+            }
+        }
+    });
+    futures_util::future::join_all(sends).await;
+    let log = cluster.runs.with_file_name("lines.log");
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let ended = || read().lines().filter(|l| l.starts_with("end ")).count();
+    assert!(
+        eventually_async(Duration::from_secs(60), || async {
+            ended() >= KEYS * PER_KEY
+        })
+        .await,
+        "{} of {} ran",
+        ended(),
+        KEYS * PER_KEY
+    );
+    let mut per_key: BTreeMap<String, Vec<(String, usize)>> = BTreeMap::new();
+    let mut pids = HashSet::new();
+    for line in read().lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let [phase, id, pid] = f[..] else { continue };
+        let mut parts = id.split('_').skip(1);
+        let (Some(key), Some(Ok(seq))) = (parts.next(), parts.next().map(str::parse::<usize>))
+        else {
+            continue;
+        };
+        pids.insert(pid.to_owned());
+        per_key
+            .entry(key.to_owned())
+            .or_default()
+            .push((phase.to_owned(), seq));
+    }
+    let mut breaches = Vec::new();
+    for (key, events) in &per_key {
+        let mut running = false;
+        let mut next = 0;
+        for (phase, seq) in events {
+            match phase.as_str() {
+                "start" => {
+                    if running {
+                        breaches.push(format!("key {key}: {seq} started while another ran"));
+                    }
+                    if *seq != next {
+                        breaches.push(format!("key {key}: {seq} started, {next} was next"));
+                    }
+                    running = true;
+                }
+                _ => {
+                    running = false;
+                    next = seq + 1;
+                }
+            }
+        }
+        if next != PER_KEY {
+            breaches.push(format!("key {key}: ran up to {next}"));
+        }
+    }
+    assert_eq!(per_key.len(), KEYS);
+    assert!(breaches.is_empty(), "{}", breaches.join("\n"));
+    println!("ordered runs spread over {} replica(s)", pids.len());
 }

@@ -83,6 +83,22 @@ pub(super) fn decode_record(value: &[u8]) -> Result<DeliveryRecord, StoreError> 
     serde_json::from_slice(meta).map_err(corrupt)
 }
 
+/// The `order_keys` of a delivery value alone (the rest of the record is skipped, not
+/// built): what the end of every run reads to know whether it hands a line on.
+pub(super) fn decode_order_keys(
+    value: &[u8],
+) -> Result<std::collections::BTreeMap<String, String>, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct OrderKeys {
+        #[serde(default)]
+        order_keys: std::collections::BTreeMap<String, String>,
+    }
+    let (meta, _) = split_delivery(value)?;
+    Ok(serde_json::from_slice::<OrderKeys>(meta)
+        .map_err(corrupt)?
+        .order_keys)
+}
+
 pub(super) fn pending_job() -> JobState {
     JobState {
         status: JobStatus::Pending,

@@ -78,9 +78,9 @@ pub use export::ExportPosition;
 
 use disk::DiskSync;
 use encoding::{
-    BodyEntry, KEPT, backend, body_index_key, corrupt, decode_delivery_key, decode_record,
-    encode_delivery, handler_queue_prefix, job_queue_key, pending_job, queue_key, split_delivery,
-    split_job_queue_key, split_time_key, to_json,
+    BodyEntry, KEPT, backend, body_index_key, corrupt, decode_delivery_key, decode_order_keys,
+    decode_record, encode_delivery, handler_queue_prefix, job_queue_key, pending_job, queue_key,
+    split_delivery, split_job_queue_key, split_time_key, to_json,
 };
 use listing::{LIST_SCAN_LIMIT, cursor_before};
 use order::{line_entry, line_locks};
@@ -1008,12 +1008,12 @@ impl DeliveryStore for SledStore {
         // line's lock too (its key is in the record, which does not change).
         let line = match outcome {
             AttemptOutcome::Succeeded | AttemptOutcome::Dead { .. } => {
-                self.read_record(&dk)?.and_then(|r| {
-                    Some(order::line_prefix(
-                        &job.handler,
-                        r.order_keys.get(&job.handler)?,
-                    ))
-                })
+                match self.deliveries.get(&dk).map_err(backend)? {
+                    Some(value) => decode_order_keys(&value)?
+                        .get(&job.handler)
+                        .map(|v| order::line_prefix(&job.handler, v)),
+                    None => None,
+                }
             }
             _ => None,
         };
