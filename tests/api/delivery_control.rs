@@ -233,6 +233,8 @@ fn bad_limits_are_start_up_errors_naming_the_key() {
         ("rate = \"5/x\"", "rate"),
         ("rate = \"0/s\"", "rate"),
         ("rate = \"fast\"", "rate"),
+        ("order_by = \"data/application_id\"", "order_by"),
+        ("order_by = \"\"", "order_by"),
     ] {
         let text = format!(
             "[sources.credicorp]\nsecrets = [\"{}\"]\n\n[[handlers]]\nname = \"h\"\nkind = \"log\"\n{line}\n",
@@ -243,6 +245,23 @@ fn bad_limits_are_start_up_errors_naming_the_key() {
             .to_string();
         assert!(e.contains(key) && e.contains("limits.toml"), "{line}: {e}");
     }
+}
+
+/// `order_by` on a handler of an `ack = "processed"` source is refused: those runs happen
+/// while the sender waits, in the order it sends.
+#[test]
+fn order_by_on_a_processed_source_is_a_start_up_error() {
+    let text = format!(
+        "[sources.credicorp]\nsecrets = [\"{}\"]\nack = \"processed\"\n\n[[handlers]]\nname = \"h\"\nkind = \"log\"\nsource = \"credicorp\"\norder_by = \"/data/id\"\n",
+        crate::helpers::SECRET
+    );
+    let e = webhook_inbox::config::Config::parse(&text, "order.toml")
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        e.contains("order_by") && e.contains("processed") && e.contains("order.toml"),
+        "{e}"
+    );
 }
 
 fn application(id: &str, product: Option<&str>) -> String {
