@@ -222,6 +222,7 @@ pub fn render_handlers(list: &serde_json::Value) -> String {
                     "running".into()
                 },
                 h["due"].to_string(),
+                h["waiting"].to_string(),
                 h["running"].to_string(),
                 h["failed"].to_string(),
                 h["dead"].to_string(),
@@ -234,6 +235,7 @@ pub fn render_handlers(list: &serde_json::Value) -> String {
             "handler",
             "state",
             "due",
+            "waiting",
             "running",
             "failed",
             "dead",

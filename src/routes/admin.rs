@@ -302,6 +302,8 @@ pub struct HandlerStatusView {
     pub paused: bool,
     /// Queued pairs (due now or later, running included).
     pub due: usize,
+    /// Pairs waiting in an `order_by` line behind an earlier delivery of their key.
+    pub waiting: usize,
     /// Pairs running.
     pub running: usize,
     /// Pairs that failed and wait for a retry.
@@ -333,6 +335,7 @@ async fn handler_views(
                 name: name.to_owned(),
                 paused: paused.contains(name),
                 due: s.queued,
+                waiting: s.waiting,
                 running: s.running,
                 failed: s.failed,
                 dead: s.dead,

@@ -507,6 +507,9 @@ pub enum TakeOver {
 pub struct HandlerStats {
     /// Pairs in the queue (due now or later, running included).
     pub queued: usize,
+    /// Pairs waiting in an `order_by` line for an earlier delivery of their key (not queued
+    /// until their turn).
+    pub waiting: usize,
     /// Pairs running (or interrupted, until taken over).
     pub running: usize,
     /// Pairs that failed and wait for a retry.

@@ -599,6 +599,8 @@ async fn an_ordered_line_runs_one_pair_at_a_time_in_received_order(store: Store)
     // Only the first of each line (and the unordered one) is queued: the others wait
     // without a queue entry.
     assert_eq!(due_ids(&store, NOW).await, ["o1", "p1", "u1"]);
+    let stats = store.handler_stats().await.expect("stats")["h"].clone();
+    assert_eq!((stats.queued, stats.waiting), (3, 2), "{stats:?}");
     // A failure keeps the line: o2 waits for o1's retry.
     let retry_at = NOW + 60_000;
     run_once(

@@ -1728,6 +1728,8 @@ impl DeliveryStore for PgStore {
         let rows = sqlx::query(
             "SELECT handler, \
                 count(*) FILTER (WHERE due_ms IS NOT NULL) AS queued, \
+                count(*) FILTER (WHERE due_ms IS NULL AND order_key IS NOT NULL \
+                    AND status NOT IN ('succeeded', 'dead', 'running')) AS waiting, \
                 count(*) FILTER (WHERE status = 'running') AS running, \
                 count(*) FILTER (WHERE status = 'failed') AS failed, \
                 count(*) FILTER (WHERE status = 'dead') AS dead, \
@@ -1736,6 +1738,7 @@ impl DeliveryStore for PgStore {
                     AS last_error \
              FROM inbox_jobs \
              WHERE due_ms IS NOT NULL OR status IN ('running', 'failed', 'dead') \
+                OR (order_key IS NOT NULL AND status NOT IN ('succeeded', 'dead')) \
              GROUP BY handler",
         )
         .fetch_all(self.db()?)
@@ -1752,6 +1755,7 @@ impl DeliveryStore for PgStore {
                 row.try_get::<String, _>("handler").map_err(backend)?,
                 super::HandlerStats {
                     queued: count(row, "queued")?,
+                    waiting: count(row, "waiting")?,
                     running: count(row, "running")?,
                     failed: count(row, "failed")?,
                     dead: count(row, "dead")?,

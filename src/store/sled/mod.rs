@@ -1460,6 +1460,9 @@ impl DeliveryStore for SledStore {
                 note(&job, &state, stats.entry(job.handler.clone()).or_default());
             }
         }
+        for (handler, waiting) in self.waiting_in_lines(crate::clock::Clock::System.now_ms())? {
+            stats.entry(handler).or_default().waiting = waiting;
+        }
         Ok(stats)
     }
 

@@ -299,6 +299,38 @@ impl SledStore {
         Ok(())
     }
 
+    /// Per handler, the pairs that wait in a line (in it, not final, with no way to run).
+    pub(super) fn waiting_in_lines(
+        &self,
+        now_ms: u64,
+    ) -> Result<std::collections::HashMap<String, usize>, StoreError> {
+        let mut waiting = std::collections::HashMap::new();
+        for k in self.order.iter().keys() {
+            let k = k.map_err(backend)?;
+            let Some(len) = prefix_len(&k) else {
+                continue;
+            };
+            let handler = String::from_utf8_lossy(&k[..len - VALUE_HASH_LEN - 1]).into_owned();
+            let Some(delivery) =
+                split_time_key(&k[len..]).and_then(|(_, dk)| decode_delivery_key(dk))
+            else {
+                continue;
+            };
+            let entry = Entry { key: k, delivery };
+            if let Some((record, state)) = self.live(&entry, &handler, false)?
+                && !self.has_way_to_run(
+                    &record,
+                    &record.key().job(&handler).encode(),
+                    state.as_ref(),
+                    now_ms,
+                )?
+            {
+                *waiting.entry(handler).or_default() += 1;
+            }
+        }
+        Ok(waiting)
+    }
+
     /// Writes the pair's line entry as it stands (a repair: the pair keeps its way to run).
     pub(super) fn add_to_line(
         &self,
