@@ -219,10 +219,9 @@ async fn runs_of_one_key_never_overlap_and_start_in_received_order() {
     app.stop().await;
 }
 
-/// Keys and deliveries per key of the crash variant (a `command` handler forks a program
-/// per run, so fewer than above).
-const CRASH_KEYS: usize = 10;
-const CRASH_PER_KEY: usize = 12;
+/// Keys and deliveries per key of the crash variant: as many as above.
+const CRASH_KEYS: usize = KEYS;
+const CRASH_PER_KEY: usize = PER_KEY;
 const KILLS: usize = 4;
 
 /// The same promise across `kill -9` of the real binary and restarts, with a `command`
@@ -312,7 +311,7 @@ fn order_holds_across_kill_dash_nine_and_restart() {
         rng_state = rng_state
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        std::thread::sleep(Duration::from_millis(100 + (rng_state >> 33) % 300));
+        std::thread::sleep(Duration::from_millis(200 + (rng_state >> 33) % 800));
         child.kill().expect("SIGKILL");
         child.wait().expect("reaped");
         let (next, port) = crate::crash::start(&config_path);
