@@ -3,11 +3,13 @@
 //! What is kept per delivery (keyed by `(source, delivery id)`): the [`DeliveryRecord`]
 //! (body fingerprint, received_at, event type, headers, the first response once final), the
 //! raw body, and one [`JobState`] per matching handler once it has first run (absent means
-//! pending). Two ordered indexes keep every
+//! pending). Ordered indexes keep every
 //! background task proportional to its own work, never to the size of the store:
 //! - the queue, per handler, ordered by due time: dispatch and crash recovery read only
 //!   what is due, of the handlers that may run;
-//! - the received_at index: retention reads only what has expired.
+//! - the received_at index: retention reads only what has expired;
+//! - the `order_by` lines, per (handler, value): only a line's first pair is queued, the
+//!   others wait unqueued until the end of the run ahead of them hands the line on.
 //!
 //! The claim of a new delivery and every later step of its life (start and end of a run,
 //! operator retry, processed-mode lease, retention) are decided under that delivery's lock,

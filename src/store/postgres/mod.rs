@@ -35,6 +35,12 @@
 //!   is durable at start) and the same idempotency key.
 //! - A pause (`inbox_handlers.paused`) is checked in that same update: once committed, no
 //!   run of the handler starts on any replica.
+//! - `order_by` lines (`order_key`, `order_at_ms`, schema version 3): a line's pairs that
+//!   are not final run one at a time; the active one has a `due_ms`, the others wait with
+//!   none. A claim entering a line, the final outcome of a run handing it on
+//!   (`promote_next`) and an operator retry of a pair in a line each take the line's
+//!   transaction-scoped advisory lock first, so replicas see a line change whole; the hand-on
+//!   is in the same transaction as the outcome.
 //! - Operator retry moves `due_ms`; a dispatcher holding the old due time starts nothing
 //!   (invariant 5). Retention locks the delivery rows it removes (`FOR UPDATE`), and every
 //!   retry locks the delivery it requeues, so the two never cross; only one replica sweeps

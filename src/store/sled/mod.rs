@@ -42,7 +42,12 @@
 //! order a crash can cut. Each operation writes the ways in before what they lead to and
 //! removes old ways in last:
 //! - claim: received_at index, queue entries, body index, then the record (a crash before
-//!   the record leaves entries that point at nothing: dispatch and retention drop them);
+//!   the record leaves entries that point at nothing: dispatch and retention drop them),
+//!   then its `order_by` line entries (a crash before them leaves a pair outside its line:
+//!   the start-up repair puts it back);
+//! - the final outcome of a run in an `order_by` line: the state, the hand-on to the next
+//!   pair of the line, then removal of its line entry and its queue entry (a crash before
+//!   the hand-on leaves a line nobody runs: the start-up repair hands it on);
 //! - end of a run, operator retry: the new queue entry, then the job state, then removal of
 //!   the old entry (a crash in between leaves an extra entry: at most one more run, with the
 //!   same idempotency key);
