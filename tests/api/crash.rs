@@ -38,6 +38,40 @@ pub fn start(config: &std::path::Path) -> (Child, u16) {
     }
 }
 
+/// Sends one delivery to `credicorp` on whatever port the current process listens on,
+/// re-signed each time as a real sender does, until it is answered 202; a refused
+/// connection (the process is down) or a 5xx is tried again.
+pub async fn send_until_acknowledged(
+    client: &reqwest::Client,
+    port: &AtomicU16,
+    source: &webhook_inbox::config::SourceConfig,
+    id: &str,
+    body: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "{id} never acknowledged");
+        let headers = Source::from_config("credicorp", source, "t.toml", &|_| None)
+            .expect("source")
+            .sign(id, body.as_bytes(), SystemTime::now());
+        let mut request = client
+            .post(format!(
+                "http://127.0.0.1:{}/webhooks/credicorp",
+                port.load(Ordering::SeqCst)
+            ))
+            .body(body.to_owned());
+        for (k, v) in headers {
+            request = request.header(k, v);
+        }
+        match request.send().await {
+            Ok(r) if r.status().as_u16() == 202 => return,
+            Ok(r) => assert!(r.status().is_server_error(), "{id}: {}", r.status()),
+            Err(_) => {} // the process is down: retry
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[derive(Debug, Clone)]
 struct RunLine {
     phase: String,
@@ -123,14 +157,7 @@ fn crash_cycles(contended: bool) {
             let work = work.clone();
             let port = current_port.clone();
             let acked = acked.clone();
-            let source_sign = {
-                let cfg = config.sources["credicorp"].clone();
-                move |id: &str, body: &[u8]| {
-                    Source::from_config("credicorp", &cfg, "t.toml", &|_| None)
-                        .expect("source")
-                        .sign(id, body, SystemTime::now())
-                }
-            };
+            let cfg = config.sources["credicorp"].clone();
             runtime.spawn(async move {
                 let client = reqwest::Client::builder()
                     .timeout(Duration::from_secs(5))
@@ -142,29 +169,8 @@ fn crash_cycles(contended: bool) {
                     };
                     let id = id_of(i, copy, contended);
                     let body = format!(r#"{{"type":"application.created","data":{{"n":{i}}}}}"#);
-                    let deadline = Instant::now() + Duration::from_secs(120);
-                    loop {
-                        assert!(Instant::now() < deadline, "{id} never acknowledged");
-                        let mut request = client
-                            .post(format!(
-                                "http://127.0.0.1:{}/webhooks/credicorp",
-                                port.load(Ordering::SeqCst)
-                            ))
-                            .body(body.clone());
-                        // A real sender re-signs every attempt.
-                        for (k, v) in source_sign(&id, body.as_bytes()) {
-                            request = request.header(k, v);
-                        }
-                        match request.send().await {
-                            Ok(r) if r.status().as_u16() == 202 => {
-                                acked.fetch_add(1, Ordering::SeqCst);
-                                break;
-                            }
-                            Ok(r) => assert!(r.status().is_server_error(), "{id}: {}", r.status()),
-                            Err(_) => {} // the process is down: retry
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
+                    send_until_acknowledged(&client, &port, &cfg, &id, &body).await;
+                    acked.fetch_add(1, Ordering::SeqCst);
                 }
             })
         })

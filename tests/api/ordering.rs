@@ -232,7 +232,7 @@ const KILLS: usize = 4;
 fn order_holds_across_kill_dash_nine_and_restart() {
     use std::process::Command;
     use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
-    use std::time::{Instant, SystemTime};
+    use std::time::Instant;
 
     let dir = tempfile::TempDir::new().expect("dir");
     let log = dir.path().join("runs.log");
@@ -270,38 +270,9 @@ fn order_holds_across_kill_dash_nine_and_restart() {
                     .build()
                     .expect("client");
                 for seq in 0..CRASH_PER_KEY {
-                    let id = delivery_id(key, seq);
-                    let body = application(key, seq);
-                    let deadline = Instant::now() + Duration::from_secs(120);
-                    loop {
-                        assert!(Instant::now() < deadline, "{id} never acknowledged");
-                        let headers = webhook_inbox::verify::Source::from_config(
-                            "credicorp",
-                            &cfg,
-                            "t.toml",
-                            &|_| None,
-                        )
-                        .expect("source")
-                        .sign(&id, body.as_bytes(), SystemTime::now());
-                        let mut request = client
-                            .post(format!(
-                                "http://127.0.0.1:{}/webhooks/credicorp",
-                                port.load(Ordering::SeqCst)
-                            ))
-                            .body(body.clone());
-                        for (k, v) in headers {
-                            request = request.header(k, v);
-                        }
-                        match request.send().await {
-                            Ok(r) if r.status().as_u16() == 202 => {
-                                acked.fetch_add(1, Ordering::SeqCst);
-                                break;
-                            }
-                            Ok(r) => assert!(r.status().is_server_error(), "{id}: {}", r.status()),
-                            Err(_) => {} // the process is down: retry
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
+                    let (id, body) = (delivery_id(key, seq), application(key, seq));
+                    crate::crash::send_until_acknowledged(&client, &port, &cfg, &id, &body).await;
+                    acked.fetch_add(1, Ordering::SeqCst);
                 }
             })
         })

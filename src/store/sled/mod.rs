@@ -458,6 +458,16 @@ impl SledStore {
         Ok(())
     }
 
+    /// The lock keys of an operation on a delivery that may change its `order_by` lines:
+    /// the delivery's, then its lines' (read from the record, whose order keys never change).
+    fn delivery_and_line_locks(&self, dk: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut keys = vec![dk.to_vec()];
+        if let Some(record) = self.read_record(dk)? {
+            keys.extend(line_locks(&record));
+        }
+        Ok(keys)
+    }
+
     /// Removes a queue entry that no longer leads anywhere (its job finished, or its
     /// delivery expired or never landed).
     fn drop_stale(&self, queued_due: Option<u64>, job_key: &[u8]) -> Result<(), StoreError> {
@@ -1308,14 +1318,8 @@ impl DeliveryStore for SledStore {
 
     async fn retry(&self, key: &DeliveryKey, now_ms: u64) -> Result<Vec<String>, StoreError> {
         let dk = key.encode();
-        // The lines of its ordered handlers too (their keys are in the record, which does
-        // not change).
-        let lines = self
-            .read_record(&dk)?
-            .map(|r| line_locks(&r))
-            .unwrap_or_default();
-        let mut lock_keys: Vec<&[u8]> = vec![&dk];
-        lock_keys.extend(lines.iter().map(Vec::as_slice));
+        let locks = self.delivery_and_line_locks(&dk)?;
+        let lock_keys: Vec<&[u8]> = locks.iter().map(Vec::as_slice).collect();
         self.locked_write(Op::Retry, &lock_keys, || {
             let Some(record) = self.read_record(&dk)? else {
                 return Ok((Vec::new(), false));
@@ -1373,12 +1377,8 @@ impl DeliveryStore for SledStore {
         for job in candidates {
             let dk = job.delivery.encode();
             self.step(Op::Retry, "start");
-            let lines = self
-                .read_record(&dk)?
-                .map(|r| line_locks(&r))
-                .unwrap_or_default();
-            let mut lock_keys: Vec<&[u8]> = vec![&dk];
-            lock_keys.extend(lines.iter().map(Vec::as_slice));
+            let locks = self.delivery_and_line_locks(&dk)?;
+            let lock_keys: Vec<&[u8]> = locks.iter().map(Vec::as_slice).collect();
             let _locks = self.lock(Op::Retry, &lock_keys);
             self.step(Op::Retry, "locked");
             let Some(record) = self.read_record(&dk)? else {
