@@ -11,6 +11,9 @@
 //!   handler, `handler_queue_depth{handler}` and `handler_paused{handler}` (1 when paused).
 //! - `store_flush_seconds`: one group commit of the sled store (registered at start-up
 //!   when the service opened that store itself).
+//!
+//! Beside the counters, [`RecentActivity`] keeps the last hour of deliveries per source and
+//! minute, for the console's overview chart (Prometheus keeps no history itself).
 
 use std::sync::atomic::AtomicI64;
 
@@ -66,6 +69,8 @@ pub struct Metrics {
     handler_paused: Family<HandlerLabels, Gauge<i64, AtomicI64>>,
     /// The configured handlers, so each has its gauges even when idle.
     handlers: Vec<String>,
+    /// The last hour, per source and minute.
+    activity: RecentActivity,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -139,7 +144,13 @@ impl Metrics {
             handler_queue_depth,
             handler_paused,
             handlers: Vec::new(),
+            activity: RecentActivity::default(),
         }
+    }
+
+    /// The last hour of deliveries, per source and minute.
+    pub fn activity(&self) -> &RecentActivity {
+        &self.activity
     }
 
     /// The configured handlers: each gets its per-handler gauges, even at zero.
@@ -149,6 +160,10 @@ impl Metrics {
 
     /// Counts one answered delivery.
     pub fn delivery(&self, source: &str, outcome: &str, reason: &str) {
+        if let Some(kind) = ActivityKind::of(outcome) {
+            self.activity
+                .record(source, kind, crate::clock::Clock::System.now_ms());
+        }
         self.deliveries
             .get_or_create(&DeliveryLabels {
                 source: source.to_owned(),
@@ -218,5 +233,134 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// What the overview chart counts: the outcomes an operator tells apart at a glance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivityKind {
+    /// Accepted or processed: a new delivery.
+    Accepted,
+    /// A redelivery answered with the first answer (or a body seen under another id).
+    Replayed,
+    /// Refused: a bad signature, a stale timestamp, a malformed request…
+    Rejected,
+    /// A known id with another body (422).
+    Conflict,
+}
+
+impl ActivityKind {
+    /// Every kind, in the chart's order.
+    pub const ALL: [ActivityKind; 4] = [
+        ActivityKind::Accepted,
+        ActivityKind::Replayed,
+        ActivityKind::Rejected,
+        ActivityKind::Conflict,
+    ];
+
+    fn of(outcome: &str) -> Option<ActivityKind> {
+        match outcome {
+            "accepted" | "processed" => Some(ActivityKind::Accepted),
+            "replayed" | "body_duplicate" => Some(ActivityKind::Replayed),
+            "rejected" => Some(ActivityKind::Rejected),
+            "conflict" => Some(ActivityKind::Conflict),
+            _ => None,
+        }
+    }
+
+    /// Its name, as the console shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ActivityKind::Accepted => "accepted",
+            ActivityKind::Replayed => "replayed",
+            ActivityKind::Rejected => "rejected",
+            ActivityKind::Conflict => "conflicts",
+        }
+    }
+}
+
+/// Minutes the overview looks back.
+pub const ACTIVITY_MINUTES: usize = 60;
+
+/// Per source, a ring of the last [`ACTIVITY_MINUTES`] minutes of counts per
+/// [`ActivityKind`]: bounded (sources are the configured ones plus `_unknown`), reset by a
+/// restart.
+#[derive(Debug, Default)]
+pub struct RecentActivity {
+    rings: std::sync::Mutex<std::collections::BTreeMap<String, Ring>>,
+}
+
+/// One source's minutes: `(minute since the epoch, counts)` per slot.
+#[derive(Debug, Clone)]
+struct Ring([(u64, [u64; 4]); ACTIVITY_MINUTES]);
+
+impl RecentActivity {
+    fn record(&self, source: &str, kind: ActivityKind, now_ms: u64) {
+        let minute = now_ms / 60_000;
+        let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        let ring = rings
+            .entry(source.to_owned())
+            .or_insert_with(|| Ring([(0, [0; 4]); ACTIVITY_MINUTES]));
+        let slot = &mut ring.0[(minute % ACTIVITY_MINUTES as u64) as usize];
+        if slot.0 != minute {
+            *slot = (minute, [0; 4]);
+        }
+        let i = ActivityKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(0);
+        slot.1[i] += 1;
+    }
+
+    /// Per source, the counts of each of the last [`ACTIVITY_MINUTES`] minutes up to
+    /// `now_ms`, oldest first (indexed as [`ActivityKind::ALL`]).
+    pub fn last_hour(&self, now_ms: u64) -> Vec<(String, Vec<[u64; 4]>)> {
+        let now = now_ms / 60_000;
+        let rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        rings
+            .iter()
+            .map(|(source, ring)| {
+                let minutes = (0..ACTIVITY_MINUTES as u64)
+                    .rev()
+                    .map(|ago| {
+                        let minute = now.saturating_sub(ago);
+                        let slot = ring.0[(minute % ACTIVITY_MINUTES as u64) as usize];
+                        if slot.0 == minute && now >= ago {
+                            slot.1
+                        } else {
+                            [0; 4]
+                        }
+                    })
+                    .collect();
+                (source.clone(), minutes)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod activity_tests {
+    use super::{ACTIVITY_MINUTES, ActivityKind, RecentActivity};
+
+    #[test]
+    fn the_last_hour_counts_per_minute_and_forgets_older_minutes() {
+        let a = RecentActivity::default();
+        let t0 = 1_000 * 60_000;
+        a.record("s", ActivityKind::Accepted, t0);
+        a.record("s", ActivityKind::Accepted, t0 + 1_000);
+        a.record("s", ActivityKind::Conflict, t0 + 61_000);
+        let hour = a.last_hour(t0 + 61_000);
+        let minutes = &hour[0].1;
+        assert_eq!(minutes.len(), ACTIVITY_MINUTES);
+        assert_eq!(minutes[ACTIVITY_MINUTES - 1], [0, 0, 0, 1]);
+        assert_eq!(minutes[ACTIVITY_MINUTES - 2], [2, 0, 0, 0]);
+        // An hour later the slot is reused: the old minute is gone.
+        a.record("s", ActivityKind::Rejected, t0 + 60 * 60_000);
+        let hour = a.last_hour(t0 + 60 * 60_000);
+        assert_eq!(hour[0].1[ACTIVITY_MINUTES - 1], [0, 0, 1, 0]);
+        assert_eq!(
+            hour[0].1.iter().map(|m| m.iter().sum::<u64>()).sum::<u64>(),
+            2
+        );
     }
 }

@@ -238,6 +238,7 @@ impl ApplicationBuilder {
                 config.server.max_inflight_bytes,
             )),
             stopping: stopping.clone(),
+            console: Default::default(),
         });
 
         let workers = match config.server.workers {
@@ -289,6 +290,7 @@ impl ApplicationBuilder {
                     "/admin/handlers/{name}/resume",
                     web::post().to(routes::admin::resume),
                 )
+                .configure(routes::console::configure)
         })
         // Two workers: a slow admin query never queues a health probe behind it.
         .workers(2)

@@ -37,7 +37,7 @@ fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
 
 /// Compares the SHA-256 digests, in constant time: both sides are always 32 bytes, so
 /// neither the time taken nor an early return tells anything about the token's length.
-fn tokens_match(given: &str, expected: &str) -> bool {
+pub(crate) fn tokens_match(given: &str, expected: &str) -> bool {
     use sha2::{Digest, Sha256};
     bool::from(
         Sha256::digest(given.as_bytes())
@@ -318,7 +318,7 @@ pub struct HandlerStatusView {
     pub rate: Option<String>,
 }
 
-async fn handler_views(
+pub(crate) async fn handler_views(
     state: &AppState,
     only: Option<&str>,
 ) -> Result<Vec<HandlerStatusView>, ApiError> {

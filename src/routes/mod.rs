@@ -1,8 +1,9 @@
 //! HTTP routes: the public webhook endpoint and the admin listener (health, metrics,
-//! admin API). Thin: extract, call [`crate::ingest`] or the store, map errors in
+//! admin API, web console). Thin: extract, call [`crate::ingest`] or the store, map errors in
 //! [`crate::error`].
 
 pub mod admin;
+pub mod console;
 pub mod health;
 pub mod webhook;
 
@@ -40,4 +41,6 @@ pub struct AppState {
     /// Cancelled when shutdown starts: a body still being read is abandoned (503), so a
     /// stalled client never holds the shutdown up.
     pub stopping: CancellationToken,
+    /// The web console's sessions.
+    pub console: console::Sessions,
 }

@@ -10,6 +10,7 @@ mod claim;
 mod command;
 mod concurrency;
 mod config;
+mod console;
 mod crash;
 mod delivery_control;
 mod deploy;

@@ -1,0 +1,708 @@
+//! The web console under `/console/` on the admin listener (design.md, "Web console"): for
+//! the person on call, what came in, what failed, and the buttons to fix it.
+//!
+//! - Sign-in with the admin token (a form) starts a session: a random id in an `HttpOnly`,
+//!   `SameSite=Strict` cookie scoped to `/console`, the session itself (its expiry and its
+//!   CSRF token) kept here in memory ([`Sessions`]); sign-out, a restart or
+//!   [`SESSION_TTL_MS`] ends it. No admin token configured: the console says so and offers
+//!   nothing.
+//! - Every state-changing action is a form `POST` carrying the session's CSRF token (403
+//!   without it). Pages are rendered on the server (`pages`, maud: every value escaped, so an
+//!   attacker-controlled body or header is text), with no script at all; the one stylesheet
+//!   is embedded in the binary; `Content-Security-Policy: default-src 'self'` on every answer.
+//! - The actions are the admin API's (`super::admin`): the same store calls, the same
+//!   dispatcher wake-up.
+
+mod pages;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use actix_web::http::{StatusCode, header};
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+
+use super::AppState;
+use super::admin::{handler_views, tokens_match};
+use crate::store::{Cursor, DeliveryKey, DeliveryStatus, JobState, JobStatus, RetryFilter};
+
+/// How long a session lasts after sign-in.
+pub const SESSION_TTL_MS: u64 = 8 * 60 * 60 * 1000;
+/// The session cookie.
+const COOKIE: &str = "webhook_inbox_console";
+/// Deliveries per page.
+const PAGE_SIZE: usize = 50;
+/// Store pages read at most for one filtered page (a filter that matches little stops
+/// short, with a link to go on).
+const SCAN_PAGES: usize = 20;
+
+/// The console's sessions: id -> (expiry, CSRF token). In memory: a restart signs everyone
+/// out, which for an operator console is a feature.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    live: Mutex<HashMap<String, Session>>,
+}
+
+#[derive(Debug, Clone)]
+struct Session {
+    expires_ms: u64,
+    csrf: String,
+}
+
+fn random_token() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+impl Sessions {
+    fn start(&self, now_ms: u64) -> (String, Session) {
+        let id = random_token();
+        let session = Session {
+            expires_ms: now_ms + SESSION_TTL_MS,
+            csrf: random_token(),
+        };
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.retain(|_, s| s.expires_ms > now_ms);
+        live.insert(id.clone(), session.clone());
+        (id, session)
+    }
+
+    fn get(&self, id: &str, now_ms: u64) -> Option<Session> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.get(id).filter(|s| s.expires_ms > now_ms).cloned()
+    }
+
+    fn end(&self, id: &str) {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+}
+
+/// Registers the console's routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/console", web::get().to(to_overview))
+        .route("/console/", web::get().to(overview))
+        .route("/console/console.css", web::get().to(stylesheet))
+        .route("/console/sign-in", web::get().to(sign_in_form))
+        .route("/console/sign-in", web::post().to(sign_in))
+        .route("/console/sign-out", web::post().to(sign_out))
+        .route("/console/deliveries", web::get().to(deliveries))
+        .route("/console/deliveries/{source}/{id}", web::get().to(delivery))
+        .route(
+            "/console/deliveries/{source}/{id}/retry",
+            web::post().to(retry),
+        )
+        .route(
+            "/console/deliveries/{source}/{id}/fixture",
+            web::get().to(fixture),
+        )
+        .route("/console/dead", web::get().to(dead_letters))
+        .route("/console/retry", web::post().to(retry_all))
+        .route("/console/handlers", web::get().to(handlers))
+        .route(
+            "/console/handlers/{name}/{action}",
+            web::post().to(pause_or_resume),
+        );
+}
+
+/// Headers every console answer carries.
+fn secured(mut builder: actix_web::HttpResponseBuilder) -> actix_web::HttpResponseBuilder {
+    builder
+        .insert_header((
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ))
+        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .insert_header((header::REFERRER_POLICY, "no-referrer"))
+        .insert_header((header::CACHE_CONTROL, "no-store"));
+    builder
+}
+
+fn html(status: StatusCode, page: maud::Markup) -> HttpResponse {
+    secured(HttpResponse::build(status))
+        .content_type("text/html; charset=utf-8")
+        .body(page.into_string())
+}
+
+fn see_other(to: &str) -> HttpResponse {
+    secured(HttpResponse::SeeOther())
+        .insert_header((header::LOCATION, to))
+        .finish()
+}
+
+fn session_id(req: &HttpRequest) -> Option<String> {
+    req.headers()
+        .get_all(header::COOKIE)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value.to_owned())
+}
+
+/// Why a console request is refused.
+enum Refusal {
+    /// No admin token: the console is off.
+    Disabled,
+    /// Not signed in (or the session ended).
+    SignIn,
+    /// A POST without the session's CSRF token.
+    Csrf,
+    /// Something else, with its page.
+    Page(StatusCode, maud::Markup),
+}
+
+impl From<crate::store::StoreError> for Refusal {
+    fn from(e: crate::store::StoreError) -> Refusal {
+        tracing::error!(error = %e, "store failure in the console");
+        Refusal::Page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            pages::message(
+                "Storage unavailable",
+                "The store cannot be read right now; try again in a moment.",
+            ),
+        )
+    }
+}
+
+impl From<crate::error::ApiError> for Refusal {
+    fn from(e: crate::error::ApiError) -> Refusal {
+        Refusal::Page(
+            actix_web::ResponseError::status_code(&e),
+            pages::message("Cannot do that", &e.to_string()),
+        )
+    }
+}
+
+fn answer(result: Result<HttpResponse, Refusal>) -> HttpResponse {
+    match result {
+        Ok(response) => response,
+        Err(Refusal::Disabled) => html(StatusCode::FORBIDDEN, pages::disabled()),
+        Err(Refusal::SignIn) => see_other("/console/sign-in"),
+        Err(Refusal::Csrf) => html(
+            StatusCode::FORBIDDEN,
+            pages::message(
+                "Refused",
+                "This form did not come from this console session (its CSRF token is missing or \
+                 wrong). Reload the page and try again.",
+            ),
+        ),
+        Err(Refusal::Page(status, page)) => html(status, page),
+    }
+}
+
+/// The signed-in session, or why there is none.
+fn signed_in(req: &HttpRequest, state: &AppState) -> Result<Session, Refusal> {
+    if state.admin_token.is_none() {
+        return Err(Refusal::Disabled);
+    }
+    session_id(req)
+        .and_then(|id| state.console.get(&id, state.clock.now_ms()))
+        .ok_or(Refusal::SignIn)
+}
+
+/// A state-changing request: signed in, and carrying the session's CSRF token.
+fn authorized_post(req: &HttpRequest, state: &AppState, csrf: &str) -> Result<Session, Refusal> {
+    let session = match signed_in(req, state) {
+        Err(Refusal::SignIn) => return Err(Refusal::Csrf),
+        other => other?,
+    };
+    if tokens_match(csrf, &session.csrf) {
+        Ok(session)
+    } else {
+        Err(Refusal::Csrf)
+    }
+}
+
+/// The CSRF token of a form that may not have come at all (a POST without a form body is
+/// refused as one without the token).
+fn csrf_of(form: &Option<web::Form<CsrfForm>>) -> &str {
+    form.as_ref().map_or("", |f| f.csrf.as_str())
+}
+
+/// Just the CSRF token of a form.
+#[derive(Debug, Deserialize)]
+pub struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn to_overview() -> HttpResponse {
+    see_other("/console/")
+}
+
+async fn stylesheet() -> HttpResponse {
+    secured(HttpResponse::Ok())
+        .content_type("text/css; charset=utf-8")
+        .body(include_str!("console.css"))
+}
+
+async fn sign_in_form(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if state.admin_token.is_none() {
+        return answer(Err(Refusal::Disabled));
+    }
+    if signed_in(&req, &state).is_ok() {
+        return see_other("/console/");
+    }
+    html(StatusCode::OK, pages::sign_in(None))
+}
+
+/// The sign-in form.
+#[derive(Debug, Deserialize)]
+pub struct SignInForm {
+    #[serde(default)]
+    token: String,
+}
+
+async fn sign_in(state: web::Data<AppState>, form: web::Form<SignInForm>) -> HttpResponse {
+    let Some(expected) = state.admin_token.as_deref() else {
+        return answer(Err(Refusal::Disabled));
+    };
+    if !tokens_match(&form.token, expected) {
+        tracing::warn!("console sign-in with a wrong token");
+        return html(
+            StatusCode::UNAUTHORIZED,
+            pages::sign_in(Some("That is not the admin token.")),
+        );
+    }
+    let (id, _) = state.console.start(state.clock.now_ms());
+    tracing::info!("console sign-in");
+    secured(HttpResponse::SeeOther())
+        .insert_header((header::LOCATION, "/console/"))
+        .insert_header((
+            header::SET_COOKIE,
+            format!(
+                "{COOKIE}={id}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}",
+                SESSION_TTL_MS / 1000
+            ),
+        ))
+        .finish()
+}
+
+async fn sign_out(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    form: Option<web::Form<CsrfForm>>,
+) -> HttpResponse {
+    answer(authorized_post(&req, &state, csrf_of(&form)).map(|_| {
+        if let Some(id) = session_id(&req) {
+            state.console.end(&id);
+        }
+        secured(HttpResponse::SeeOther())
+            .insert_header((header::LOCATION, "/console/sign-in"))
+            .insert_header((
+                header::SET_COOKIE,
+                format!("{COOKIE}=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0"),
+            ))
+            .finish()
+    }))
+}
+
+async fn overview(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    answer(overview_page(&req, &state).await)
+}
+
+async fn overview_page(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, Refusal> {
+    let session = signed_in(req, state)?;
+    let activity = state.metrics.activity().last_hour(state.clock.now_ms());
+    let depth: usize = state
+        .store
+        .queue_depths()
+        .await?
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
+    let dead = state.store.dead_letters().await?;
+    let handlers = handler_views(state, None).await?;
+    let sources: Vec<&str> = state.config.sources.keys().map(String::as_str).collect();
+    Ok(html(
+        StatusCode::OK,
+        pages::overview(&session.csrf, &sources, &activity, depth, dead, &handlers),
+    ))
+}
+
+/// The filters of the deliveries page.
+#[derive(Debug, Default, Deserialize)]
+pub struct DeliveryFilter {
+    #[serde(default)]
+    source: String,
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    event_type: String,
+    #[serde(default)]
+    id_prefix: String,
+    #[serde(default)]
+    cursor: String,
+}
+
+impl DeliveryFilter {
+    fn keeps(&self, summary: &crate::store::DeliverySummary) -> bool {
+        let event = summary.record.event_type.as_deref().unwrap_or("");
+        let event_ok = match self.event_type.strip_suffix('*') {
+            _ if self.event_type.is_empty() => true,
+            Some(prefix) => event.starts_with(prefix),
+            None => event == self.event_type,
+        };
+        event_ok && summary.record.id.starts_with(&self.id_prefix)
+    }
+}
+
+async fn deliveries(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    filter: web::Query<DeliveryFilter>,
+) -> HttpResponse {
+    answer(deliveries_page(&req, &state, &filter).await)
+}
+
+async fn deliveries_page(
+    req: &HttpRequest,
+    state: &AppState,
+    filter: &DeliveryFilter,
+) -> Result<HttpResponse, Refusal> {
+    let session = signed_in(req, state)?;
+    let status: Option<DeliveryStatus> = match filter.status.as_str() {
+        "" => None,
+        s => Some(
+            serde_json::from_value(serde_json::Value::String(s.to_owned()))
+                .map_err(|_| crate::error::ApiError::InvalidQuery)?,
+        ),
+    };
+    let source = (!filter.source.is_empty()).then_some(filter.source.as_str());
+    let mut cursor = match filter.cursor.as_str() {
+        "" => None,
+        token => Some(Cursor::from_token(token).ok_or(crate::error::ApiError::InvalidQuery)?),
+    };
+    let mut shown = Vec::new();
+    for _ in 0..SCAN_PAGES {
+        let page = state
+            .store
+            .list(source, status, PAGE_SIZE, cursor.as_ref())
+            .await?;
+        shown.extend(page.deliveries.into_iter().filter(|d| filter.keeps(d)));
+        cursor = page.next;
+        if cursor.is_none() || shown.len() >= PAGE_SIZE {
+            break;
+        }
+    }
+    let sources: Vec<&str> = state.config.sources.keys().map(String::as_str).collect();
+    let next = cursor.map(|c| {
+        let query = [
+            ("source", filter.source.as_str()),
+            ("status", filter.status.as_str()),
+            ("event_type", filter.event_type.as_str()),
+            ("id_prefix", filter.id_prefix.as_str()),
+            ("cursor", &c.to_token()),
+        ];
+        format!("/console/deliveries?{}", form_query(&query))
+    });
+    Ok(html(
+        StatusCode::OK,
+        pages::deliveries(
+            &session.csrf,
+            &sources,
+            &pages::Filters {
+                source: &filter.source,
+                status: &filter.status,
+                event_type: &filter.event_type,
+                id_prefix: &filter.id_prefix,
+            },
+            &shown,
+            next.as_deref(),
+        ),
+    ))
+}
+
+/// `application/x-www-form-urlencoded` of `pairs`.
+fn form_query(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={}", percent_encode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986).
+pub(crate) fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+async fn delivery(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> HttpResponse {
+    answer(delivery_page(&req, &state, &path.0, &path.1).await)
+}
+
+async fn delivery_page(
+    req: &HttpRequest,
+    state: &AppState,
+    source: &str,
+    id: &str,
+) -> Result<HttpResponse, Refusal> {
+    let session = signed_in(req, state)?;
+    let key = DeliveryKey::new(source, id);
+    let Some(record) = state.store.record(&key).await? else {
+        return Err(Refusal::Page(
+            StatusCode::NOT_FOUND,
+            pages::message("Not found", "No delivery of that source has that id."),
+        ));
+    };
+    let body = state.store.body(&key).await?.unwrap_or_default();
+    let mut jobs: Vec<(String, Option<JobState>, String)> = Vec::new();
+    for handler in &record.handlers {
+        let job = key.job(handler);
+        jobs.push((
+            handler.clone(),
+            state.store.job(&job).await?,
+            job.idempotency_key(),
+        ));
+    }
+    let states: Vec<Option<JobState>> = jobs.iter().map(|(_, s, _)| s.clone()).collect();
+    let status = DeliveryStatus::of(&record, &states);
+    Ok(html(
+        StatusCode::OK,
+        pages::delivery(&session.csrf, &record, status, &body, &jobs),
+    ))
+}
+
+async fn retry(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+    form: Option<web::Form<CsrfForm>>,
+) -> HttpResponse {
+    answer(
+        async {
+            authorized_post(&req, &state, csrf_of(&form))?;
+            let key = DeliveryKey::new(&path.0, &path.1);
+            if state.store.record(&key).await?.is_none() {
+                return Err(crate::error::ApiError::NotFound.into());
+            }
+            let requeued = state.store.retry(&key, state.clock.now_ms()).await?;
+            state.ingest.dispatch_waker.notify_one();
+            tracing::info!(source = %key.source, delivery_id = %key.id, ?requeued, "retry requested in the console");
+            Ok(see_other(&format!(
+                "/console/deliveries/{}/{}",
+                percent_encode(&key.source),
+                percent_encode(&key.id)
+            )))
+        }
+        .await,
+    )
+}
+
+async fn fixture(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> HttpResponse {
+    answer(
+        async {
+            signed_in(&req, &state)?;
+            let fixture = crate::export::fixture_of(&*state.store, &state.config, &path.0, &path.1)
+                .await?
+                .ok_or(crate::error::ApiError::NotFound)?;
+            // A file name of safe characters only, whatever the id holds.
+            let name: String = path
+                .1
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            Ok(secured(HttpResponse::Ok())
+                .content_type("application/json")
+                .insert_header((
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"{name}.json\""),
+                ))
+                .body(serde_json::to_string_pretty(&fixture).unwrap_or_default()))
+        }
+        .await,
+    )
+}
+
+/// The filters of the dead letters page and of its bulk retry.
+#[derive(Debug, Default, Deserialize)]
+pub struct DeadFilter {
+    #[serde(default)]
+    source: String,
+    #[serde(default)]
+    handler: String,
+    #[serde(default)]
+    since: String,
+    #[serde(default)]
+    until: String,
+    /// Set after a bulk retry: how many pairs it requeued.
+    #[serde(default)]
+    retried: Option<usize>,
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn dead_letters(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    filter: web::Query<DeadFilter>,
+) -> HttpResponse {
+    answer(
+        async {
+            let session = signed_in(&req, &state)?;
+            let source = (!filter.source.is_empty()).then_some(filter.source.as_str());
+            let (since, until) = (time(&filter.since)?, time(&filter.until)?);
+            let mut shown = Vec::new();
+            let mut cursor = None;
+            for _ in 0..SCAN_PAGES {
+                let page = state
+                    .store
+                    .list(
+                        source,
+                        Some(DeliveryStatus::Dead),
+                        PAGE_SIZE,
+                        cursor.as_ref(),
+                    )
+                    .await?;
+                shown.extend(page.deliveries.into_iter().filter(|d| {
+                    let at = d.record.received_at_ms;
+                    (filter.handler.is_empty() || d.record.handlers.contains(&filter.handler))
+                        && since.is_none_or(|t| at >= t)
+                        && until.is_none_or(|t| at < t)
+                }));
+                cursor = page.next;
+                if cursor.is_none() || shown.len() >= PAGE_SIZE {
+                    break;
+                }
+            }
+            let sources: Vec<&str> = state.config.sources.keys().map(String::as_str).collect();
+            let handlers: Vec<&str> = state.ingest.registry.limits().map(|(n, _)| n).collect();
+            Ok(html(
+                StatusCode::OK,
+                pages::dead_letters(
+                    &session.csrf,
+                    &sources,
+                    &handlers,
+                    &pages::DeadFilters {
+                        source: &filter.source,
+                        handler: &filter.handler,
+                        since: &filter.since,
+                        until: &filter.until,
+                    },
+                    &shown,
+                    filter.retried,
+                ),
+            ))
+        }
+        .await,
+    )
+}
+
+/// An RFC 3339 time of a form, or nothing.
+fn time(text: &str) -> Result<Option<u64>, Refusal> {
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    humantime::parse_rfc3339_weak(text.trim())
+        .map(|t| Some(crate::clock::to_ms(t)))
+        .map_err(|_| {
+            Refusal::Page(
+                StatusCode::BAD_REQUEST,
+                pages::message(
+                    "Not a time",
+                    "Times are RFC 3339, like 2026-11-28T09:00:00Z.",
+                ),
+            )
+        })
+}
+
+async fn retry_all(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    form: Option<web::Form<DeadFilter>>,
+) -> HttpResponse {
+    answer(
+        async {
+            let Some(form) = form else {
+                return Err(Refusal::Csrf);
+            };
+            authorized_post(&req, &state, &form.csrf)?;
+            let filter = RetryFilter {
+                source: (!form.source.is_empty()).then(|| form.source.clone()),
+                handler: (!form.handler.is_empty()).then(|| form.handler.clone()),
+                status: JobStatus::Dead,
+                since_ms: time(&form.since)?,
+                until_ms: time(&form.until)?,
+            };
+            let retried = state.store.retry_all(&filter, state.clock.now_ms()).await?;
+            state.ingest.dispatch_waker.notify_one();
+            tracing::info!(?filter, retried, "bulk retry requested in the console");
+            Ok(see_other(&format!(
+                "/console/dead?{}",
+                form_query(&[
+                    ("source", &form.source),
+                    ("handler", &form.handler),
+                    ("since", &form.since),
+                    ("until", &form.until),
+                    ("retried", &retried.to_string()),
+                ])
+            )))
+        }
+        .await,
+    )
+}
+
+async fn handlers(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    answer(
+        async {
+            let session = signed_in(&req, &state)?;
+            let views = handler_views(&state, None).await?;
+            Ok(html(StatusCode::OK, pages::handlers(&session.csrf, &views)))
+        }
+        .await,
+    )
+}
+
+async fn pause_or_resume(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+    form: Option<web::Form<CsrfForm>>,
+) -> HttpResponse {
+    answer(
+        async {
+            authorized_post(&req, &state, csrf_of(&form))?;
+            let (name, action) = path.into_inner();
+            let paused = match action.as_str() {
+                "pause" => true,
+                "resume" => false,
+                _ => return Err(crate::error::ApiError::NotFound.into()),
+            };
+            if !state.ingest.registry.contains(&name) {
+                return Err(crate::error::ApiError::UnknownHandler.into());
+            }
+            state
+                .store
+                .set_paused(&name, paused, state.clock.now_ms())
+                .await?;
+            state.ingest.dispatch_waker.notify_one();
+            tracing::info!(handler = %name, paused, "handler {} in the console", if paused { "paused" } else { "resumed" });
+            Ok(see_other("/console/handlers"))
+        }
+        .await,
+    )
+}
