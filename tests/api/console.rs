@@ -183,6 +183,30 @@ impl Browser {
         }
     }
 
+    /// The page loaded whole and from this server only: its stylesheet applied, every
+    /// resource same-origin (nothing a CSP would block, nothing that would log an error).
+    async fn page_is_whole(&self) {
+        let report: serde_json::Value = self
+            .client
+            .execute(
+                "return { sheets: Array.from(document.styleSheets).map(s => s.cssRules.length), \
+                          foreign: performance.getEntriesByType('resource') \
+                              .filter(r => new URL(r.name).origin !== location.origin).length, \
+                          scripts: document.scripts.length }",
+                vec![],
+            )
+            .await
+            .expect("script");
+        assert_eq!(report["foreign"], 0, "{report}");
+        assert_eq!(report["scripts"], 0, "no script on the page: {report}");
+        assert!(
+            report["sheets"]
+                .as_array()
+                .is_some_and(|s| s.len() == 1 && s[0].as_u64() > Some(0)),
+            "the stylesheet loaded: {report}"
+        );
+    }
+
     async fn screenshot(&self, path: &Path) {
         if let Ok(png) = self.client.screenshot().await {
             let _ = std::fs::write(path, png);
@@ -208,6 +232,15 @@ impl Browser {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Polls `check` for at most 30 s.
+async fn eventually_async_ok<F, Fut>(check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    crate::helpers::eventually_async(Duration::from_secs(30), check).await
 }
 
 /// Sends every credicorp fixture through the real endpoint.
@@ -248,15 +281,21 @@ async fn console_scenario(b: &Browser, app: &TestApp, downstream: &Downstream) {
         .expect("type");
     b.click("form button[type=submit]").await;
     assert!(b.text("p.error").await.contains("not the admin token"));
+    // With the keyboard alone: the field has the focus, Enter submits.
+    let before = b.client.find(Locator::Css("html")).await.expect("page");
     b.client
-        .find(Locator::Css("#token"))
+        .active_element()
         .await
-        .expect("token field")
-        .send_keys("admin-token")
+        .expect("a focused element")
+        .send_keys("admin-token\u{E007}")
         .await
         .expect("type");
-    b.click("form button[type=submit]").await;
-    assert_eq!(b.text("h1").await, "Overview");
+    assert!(
+        eventually_async_ok(|| async { before.tag_name().await.is_err() }).await,
+        "Enter submitted the form"
+    );
+    b.wait_text("h1", "Overview").await;
+    b.page_is_whole().await;
 
     // Fixtures through the real endpoint; the downstream refuses them all: dead letters.
     downstream.refuse.store(true, Ordering::SeqCst);
@@ -427,6 +466,35 @@ async fn console_scenario(b: &Browser, app: &TestApp, downstream: &Downstream) {
         303,
         "with the token it works"
     );
+
+    // On a phone's width every page fits (tables scroll inside their box).
+    b.client.set_window_size(390, 844).await.expect("resize");
+    for path in [
+        "/console/".to_owned(),
+        "/console/deliveries".to_owned(),
+        format!("/console/deliveries/credicorp/{first}"),
+        "/console/dead".to_owned(),
+        "/console/handlers".to_owned(),
+    ] {
+        b.client
+            .goto(&format!("{}{path}", app.admin_address))
+            .await
+            .expect("goto");
+        b.page_is_whole().await;
+        let overflow: serde_json::Value = b
+            .client
+            .execute(
+                "return document.documentElement.scrollWidth - window.innerWidth",
+                vec![],
+            )
+            .await
+            .expect("script");
+        assert!(
+            overflow.as_i64().is_some_and(|o| o <= 1),
+            "{path} is wider than a phone: {overflow}"
+        );
+    }
+    b.client.set_window_size(1280, 900).await.expect("resize");
 
     // Sign out ends the session.
     b.click("header form button").await;
