@@ -83,17 +83,12 @@ pub async fn list(
         Some(token) => Some(Cursor::from_token(token).ok_or(ApiError::InvalidQuery)?),
         None => None,
     };
-    // The sled store reads synchronously: on a blocking thread, so a long listing never
-    // holds up the listener's workers (health probes, metrics).
-    let store = state.store.clone();
-    let source = query.source.clone();
-    let runtime = tokio::runtime::Handle::current();
-    let page = tokio::task::spawn_blocking(move || {
-        runtime.block_on(store.list(source.as_deref(), status, limit, cursor.as_ref()))
-    })
-    .await
-    .map_err(|_| ApiError::StorageUnavailable)?
-    .map_err(storage)?;
+    let page = list_off_the_workers(&state, query.source.clone(), status, limit, cursor)
+        .await
+        .map_err(|e| match e {
+            Some(e) => storage(e),
+            None => ApiError::StorageUnavailable,
+        })?;
     Ok(json(&PageView {
         deliveries: page
             .deliveries
@@ -105,6 +100,26 @@ pub async fn list(
             .collect(),
         next_cursor: page.next.map(|c| c.to_token()),
     }))
+}
+
+/// A page of [`crate::store::DeliveryStore::list`], read on a blocking thread: the sled
+/// store reads synchronously, and a long listing must never hold up the admin listener's
+/// workers (health probes, metrics). `Err(None)`: the read task itself failed.
+pub(crate) async fn list_off_the_workers(
+    state: &AppState,
+    source: Option<String>,
+    status: Option<DeliveryStatus>,
+    limit: usize,
+    cursor: Option<Cursor>,
+) -> Result<crate::store::Page, Option<crate::store::StoreError>> {
+    let store = state.store.clone();
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        runtime.block_on(store.list(source.as_deref(), status, limit, cursor.as_ref()))
+    })
+    .await
+    .map_err(|_| None)?
+    .map_err(Some)
 }
 
 /// The `status` filter: one of the [`DeliveryStatus`] names.

@@ -377,10 +377,7 @@ async fn deliveries_page(
     };
     let mut shown = Vec::new();
     for _ in 0..SCAN_PAGES {
-        let page = state
-            .store
-            .list(source, status, PAGE_SIZE, cursor.as_ref())
-            .await?;
+        let page = list(state, source, status, cursor.take()).await?;
         shown.extend(page.deliveries.into_iter().filter(|d| filter.keeps(d)));
         cursor = page.next;
         if cursor.is_none() || shown.len() >= PAGE_SIZE {
@@ -413,6 +410,21 @@ async fn deliveries_page(
             next.as_deref(),
         ),
     ))
+}
+
+/// A page of deliveries, read off the listener's workers (as the admin API does).
+async fn list(
+    state: &AppState,
+    source: Option<&str>,
+    status: Option<DeliveryStatus>,
+    cursor: Option<Cursor>,
+) -> Result<crate::store::Page, Refusal> {
+    super::admin::list_off_the_workers(state, source.map(str::to_owned), status, PAGE_SIZE, cursor)
+        .await
+        .map_err(|e| match e {
+            Some(e) => e.into(),
+            None => crate::error::ApiError::StorageUnavailable.into(),
+        })
 }
 
 /// `application/x-www-form-urlencoded` of `pairs`.
@@ -569,15 +581,7 @@ async fn dead_letters(
             let mut shown = Vec::new();
             let mut cursor = None;
             for _ in 0..SCAN_PAGES {
-                let page = state
-                    .store
-                    .list(
-                        source,
-                        Some(DeliveryStatus::Dead),
-                        PAGE_SIZE,
-                        cursor.as_ref(),
-                    )
-                    .await?;
+                let page = list(&state, source, Some(DeliveryStatus::Dead), cursor.take()).await?;
                 shown.extend(page.deliveries.into_iter().filter(|d| {
                     let at = d.record.received_at_ms;
                     (filter.handler.is_empty() || d.record.handlers.contains(&filter.handler))
