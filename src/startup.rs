@@ -213,6 +213,7 @@ impl ApplicationBuilder {
             clock: self.clock,
             cancel: cancel_handlers.clone(),
             metrics: metrics.clone(),
+            start_gates: Default::default(),
         };
         let dispatcher = Dispatcher::new(runner.clone());
         let ingest = Ingest {

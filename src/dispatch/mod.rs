@@ -77,9 +77,33 @@ pub struct Runner {
     pub cancel: CancellationToken,
     /// Where runs are counted.
     pub metrics: Arc<Metrics>,
+    /// When each rate-limited handler may next be called (see [`Runner::wait_for_turn`]).
+    pub start_gates: StartGates,
 }
 
+/// Per rate-limited handler, the earliest time its next run may start.
+pub type StartGates = Arc<std::sync::Mutex<HashMap<String, tokio::time::Instant>>>;
+
 impl Runner {
+    /// Spaces the calls of a handler with a `rate` by its interval, measured where the
+    /// handler is called: the dispatcher paces the runs it takes from the queue, but the
+    /// durable start of a run takes a disk wait of its own length, so two runs paced apart
+    /// could otherwise reach the handler closer together than the rate allows. The first
+    /// call goes at once (a burst of one).
+    async fn wait_for_turn(&self, handler: &str) {
+        let Some(rate) = self.registry.limits_of(handler).and_then(|l| l.rate) else {
+            return;
+        };
+        let at = {
+            let mut gates = self.start_gates.lock().unwrap_or_else(|p| p.into_inner());
+            let now = tokio::time::Instant::now();
+            let at = gates.get(handler).map_or(now, |next| (*next).max(now));
+            gates.insert(handler.to_owned(), at + rate.interval());
+            at
+        };
+        tokio::time::sleep_until(at).await;
+    }
+
     /// Runs `job` once. Taken from the queue entry due at `queued_due`, a failure is
     /// rescheduled through the queue (or dead-lettered); run inline (`None`), it is only
     /// recorded (the sender's retry re-runs it).
@@ -111,6 +135,7 @@ impl Runner {
             attempt = attempt.attempt,
             result = tracing::field::Empty,
         );
+        self.wait_for_turn(&job.handler).await;
         let started = std::time::Instant::now();
         let result = async {
             let Some(handler) = self.registry.get(&job.handler) else {

@@ -437,6 +437,14 @@ impl HandlerRegistry {
         self.entries.iter().map(|r| (r.name.as_str(), r.limits))
     }
 
+    /// The limits of the handler named `name`.
+    pub fn limits_of(&self, name: &str) -> Option<HandlerLimits> {
+        self.entries
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.limits)
+    }
+
     /// Whether a handler of this name is registered.
     pub fn contains(&self, name: &str) -> bool {
         self.entries.iter().any(|r| r.name == name)

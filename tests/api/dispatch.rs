@@ -136,6 +136,7 @@ fn start(
         config: dispatch_config(),
         clock,
         cancel: CancellationToken::new(),
+        start_gates: Default::default(),
     });
     let stop = CancellationToken::new();
     let task = tokio::spawn(dispatcher.run(stop.clone()));
