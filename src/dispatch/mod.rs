@@ -77,7 +77,8 @@ pub struct Runner {
     pub cancel: CancellationToken,
     /// Where runs are counted.
     pub metrics: Arc<Metrics>,
-    /// When each rate-limited handler may next be called (see [`Runner::wait_for_turn`]).
+    /// When each rate-limited handler may next be called: its calls are spaced by its
+    /// `rate` where the handler is called, whatever the disk wait before each.
     pub start_gates: StartGates,
 }
 
