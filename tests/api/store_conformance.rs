@@ -863,3 +863,34 @@ async fn one_replica_sweeps_retention_at_a_time() {
     sweeping.rollback().await.expect("release");
     assert_eq!(store.expire(NOW, 100).await.expect("expire").removed, 1);
 }
+
+/// `store copy` from sled keeps `order_by` lines: a line's waiting pairs arrive waiting,
+/// one pair of each line due, and the line hands on in received order on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_copy_keeps_order_by_lines() {
+    let Some(server) = crate::helpers::test_postgres_url("store copy of order_by lines") else {
+        return;
+    };
+    let dir = tempfile::TempDir::new().expect("dir");
+    let sled = Arc::new(
+        webhook_inbox::store::SledStore::open(&dir.path().join("data"), Durability::Fsync, 8 << 20)
+            .expect("sled"),
+    );
+    for (id, at) in [("l1", NOW - 3000), ("l2", NOW - 2000), ("l3", NOW - 1000)] {
+        sled.claim(ordered(id, "L", at)).await.expect("claim");
+    }
+    let from: Store = sled.clone();
+    assert_eq!(due_ids(&from, u64::MAX / 2).await, ["l1"]);
+    let pg = crate::helpers::postgres_store(&server).await;
+    let report = webhook_inbox::store::copy::sled_to_postgres(&sled, &pg)
+        .await
+        .expect("copy");
+    assert_eq!(report.deliveries, 3);
+    let pg: Store = pg;
+    assert_eq!(due_ids(&pg, u64::MAX / 2).await, ["l1"]);
+    for (id, next) in [("l1", Some("l2")), ("l2", Some("l3")), ("l3", None)] {
+        run_once(&pg, id, AttemptOutcome::Succeeded).await;
+        let due = due_ids(&pg, u64::MAX / 2).await;
+        assert_eq!(due, next.into_iter().collect::<Vec<_>>(), "after {id}");
+    }
+}
