@@ -402,6 +402,9 @@ impl Dispatcher {
         // alone until their lease ends: their queue entry stays, so nothing is lost by
         // waiting.
         let mut deferred: HashMap<JobKey, u64> = HashMap::new();
+        // The pairs the queue reads pass over: those in flight and those deferred. Kept as
+        // they change, not rebuilt each pass (a pass per finished run).
+        let mut skip: HashSet<JobKey> = HashSet::new();
         // Other processes sharing the store announce their work; a notice can be lost (the
         // listening connection drops), so then the queue is also looked at every so often.
         let shared = self.runner.store.work_signal();
@@ -417,14 +420,18 @@ impl Dispatcher {
         let mut handlers = HandlerTurns::new(&self.runner.registry);
         loop {
             let now = self.runner.clock.now_ms();
-            deferred.retain(|_, until| *until > now);
+            deferred.retain(|job, until| {
+                let keep = *until > now;
+                if !keep {
+                    skip.remove(job);
+                }
+                keep
+            });
             let mut store_failed = false;
             if let Err(e) = handlers.refresh(&*self.runner.store).await {
                 tracing::error!(error = %e, "reading the handlers' state failed");
                 store_failed = true;
             }
-            let skip: HashSet<JobKey> =
-                in_flight.values().chain(deferred.keys()).cloned().collect();
             let mut free = concurrency.saturating_sub(running.len());
             let mut more_due = false;
             let mut running_of: HashMap<String, usize> = HashMap::new();
@@ -472,11 +479,10 @@ impl Dispatcher {
                             }
                         }
                     });
+                    skip.insert(entry.job.clone());
                     in_flight.insert(handle.id(), entry.job);
                 }
             }
-            let skip: HashSet<JobKey> =
-                in_flight.values().chain(deferred.keys()).cloned().collect();
             let first_deferred = deferred.values().min().copied();
             let wait = if store_failed {
                 Duration::from_secs(1)
@@ -507,16 +513,21 @@ impl Dispatcher {
                 () = self.wake.notified() => {}
                 () = announced() => {}
                 Some(done) = running.join_next_with_id(), if !running.is_empty() => {
-                    let id = match done {
-                        Ok((id, busy)) => {
-                            if let Some((job, until)) = busy {
-                                deferred.insert(job, until);
-                            }
-                            id
-                        }
-                        Err(e) => e.id(),
+                    let (id, busy) = match done {
+                        Ok((id, busy)) => (id, busy),
+                        Err(e) => (e.id(), None),
                     };
-                    in_flight.remove(&id);
+                    if let Some(job) = in_flight.remove(&id) {
+                        match busy {
+                            // Held by another runner: skipped until its hold ends.
+                            Some((held, until)) => {
+                                deferred.insert(held, until);
+                            }
+                            None => {
+                                skip.remove(&job);
+                            }
+                        }
+                    }
                 }
                 () = tokio::time::sleep(wait) => {}
             }

@@ -525,7 +525,7 @@ async fn the_console_in_a_real_browser() {
     let outcome = std::panic::AssertUnwindSafe(console_scenario(&b, &app, &downstream))
         .catch_unwind()
         .await;
-    if let Err(panic) = outcome {
+    if outcome.is_err() {
         // A temp dir of its own, kept past the test, for the screenshot.
         let kept = tempfile::TempDir::new().expect("dir").keep();
         let shot = kept.join("failure.png");
@@ -540,6 +540,12 @@ async fn the_console_in_a_real_browser() {
             "console test failed on {url}; screenshot: {}",
             shot.display()
         );
+    }
+    // Ending the WebDriver session quits Chromium (killing ChromeDriver alone would leave
+    // the browser running).
+    let _ = b.client.clone().close().await;
+    drop(b);
+    if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
     app.stop().await;
