@@ -156,23 +156,33 @@ pub struct HandlerView {
     pub idempotency_key: String,
 }
 
-/// `GET /admin/deliveries/{source}/{id}`
-pub async fn show(
-    req: HttpRequest,
-    path: web::Path<(String, String)>,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
-    let key = DeliveryKey::new(&path.0, &path.1);
+/// One delivery as the admin API and the console show it: its record, raw body, status
+/// and each handler's state with its idempotency key.
+pub(crate) struct DeliveryDetail {
+    /// The record.
+    pub record: DeliveryRecord,
+    /// The raw body.
+    pub body: bytes::Bytes,
+    /// Where it stands, from its handlers' states.
+    pub status: DeliveryStatus,
+    /// Each bound handler, in the record's order.
+    pub handlers: Vec<HandlerView>,
+}
+
+/// Reads one delivery whole; [`ApiError::NotFound`] when there is none.
+pub(crate) async fn delivery_detail(
+    state: &AppState,
+    key: &DeliveryKey,
+) -> Result<DeliveryDetail, ApiError> {
     let record = state
         .store
-        .record(&key)
+        .record(key)
         .await
         .map_err(storage)?
         .ok_or(ApiError::NotFound)?;
     let body = state
         .store
-        .body(&key)
+        .body(key)
         .await
         .map_err(storage)?
         .unwrap_or_default();
@@ -187,6 +197,27 @@ pub async fn show(
     }
     let jobs: Vec<Option<JobState>> = handlers.iter().map(|h| h.state.clone()).collect();
     let status = DeliveryStatus::of(&record, &jobs);
+    Ok(DeliveryDetail {
+        record,
+        body,
+        status,
+        handlers,
+    })
+}
+
+/// `GET /admin/deliveries/{source}/{id}`
+pub async fn show(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let DeliveryDetail {
+        record,
+        body,
+        status,
+        handlers,
+    } = delivery_detail(&state, &DeliveryKey::new(&path.0, &path.1)).await?;
     let (body_text, body_base64) = match std::str::from_utf8(&body) {
         Ok(text) => (Some(text.to_owned()), None),
         Err(_) => (
@@ -204,6 +235,25 @@ pub async fn show(
     })))
 }
 
+/// An operator retry of one delivery (see [`crate::store::DeliveryStore::retry`]): the
+/// handlers now due, the dispatcher woken. Shared by the admin API and the console.
+pub(crate) async fn retry_delivery(
+    state: &AppState,
+    key: &DeliveryKey,
+) -> Result<Vec<String>, ApiError> {
+    if state.store.record(key).await.map_err(storage)?.is_none() {
+        return Err(ApiError::NotFound);
+    }
+    let requeued = state
+        .store
+        .retry(key, state.clock.now_ms())
+        .await
+        .map_err(storage)?;
+    state.ingest.dispatch_waker.notify_one();
+    tracing::info!(source = %key.source, delivery_id = %key.id, ?requeued, "retry requested");
+    Ok(requeued)
+}
+
 /// `POST /admin/deliveries/{source}/{id}/retry`
 pub async fn retry(
     req: HttpRequest,
@@ -211,17 +261,7 @@ pub async fn retry(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
-    let key = DeliveryKey::new(&path.0, &path.1);
-    if state.store.record(&key).await.map_err(storage)?.is_none() {
-        return Err(ApiError::NotFound);
-    }
-    let requeued = state
-        .store
-        .retry(&key, state.clock.now_ms())
-        .await
-        .map_err(storage)?;
-    state.ingest.dispatch_waker.notify_one();
-    tracing::info!(source = %key.source, delivery_id = %key.id, ?requeued, "retry requested");
+    let requeued = retry_delivery(&state, &DeliveryKey::new(&path.0, &path.1)).await?;
     Ok(json(&serde_json::json!({ "requeued": requeued })))
 }
 
@@ -265,30 +305,41 @@ pub async fn retry_all(
         Some("failed") => JobStatus::Failed,
         Some(_) => return Err(ApiError::InvalidQuery),
     };
-    let time = |t: &Option<String>| -> Result<Option<u64>, ApiError> {
-        t.as_deref()
-            .map(|t| {
-                humantime::parse_rfc3339_weak(t)
-                    .map(crate::clock::to_ms)
-                    .map_err(|_| ApiError::InvalidQuery)
-            })
-            .transpose()
-    };
     let filter = RetryFilter {
         source: request.source,
         handler: request.handler,
         status,
-        since_ms: time(&request.since)?,
-        until_ms: time(&request.until)?,
+        since_ms: rfc3339_ms(request.since.as_deref())?,
+        until_ms: rfc3339_ms(request.until.as_deref())?,
     };
+    let retried = retry_matching(&state, &filter).await?;
+    Ok(json(&serde_json::json!({ "retried": retried })))
+}
+
+/// A filter's time: RFC 3339 to ms since the epoch; blank is no bound.
+pub(crate) fn rfc3339_ms(text: Option<&str>) -> Result<Option<u64>, ApiError> {
+    match text.map(str::trim).filter(|t| !t.is_empty()) {
+        None => Ok(None),
+        Some(t) => humantime::parse_rfc3339_weak(t)
+            .map(|t| Some(crate::clock::to_ms(t)))
+            .map_err(|_| ApiError::InvalidQuery),
+    }
+}
+
+/// A bulk operator retry (see [`crate::store::DeliveryStore::retry_all`]): how many pairs
+/// it requeued, the dispatcher woken. Shared by the admin API and the console.
+pub(crate) async fn retry_matching(
+    state: &AppState,
+    filter: &RetryFilter,
+) -> Result<usize, ApiError> {
     let retried = state
         .store
-        .retry_all(&filter, state.clock.now_ms())
+        .retry_all(filter, state.clock.now_ms())
         .await
         .map_err(storage)?;
     state.ingest.dispatch_waker.notify_one();
     tracing::info!(?filter, retried, "bulk retry requested");
-    Ok(json(&serde_json::json!({ "retried": retried })))
+    Ok(retried)
 }
 
 /// `GET /admin/deliveries/{source}/{id}/fixture`
@@ -399,18 +450,29 @@ async fn set_paused(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
     let name = path.into_inner();
-    if !state.ingest.registry.contains(&name) {
+    pause_handler(&state, &name, paused).await?;
+    let view = handler_views(&state, Some(&name)).await?;
+    Ok(json(&view.into_iter().next()))
+}
+
+/// Pauses or resumes a configured handler, the dispatcher woken. Shared by the admin API
+/// and the console.
+pub(crate) async fn pause_handler(
+    state: &AppState,
+    name: &str,
+    paused: bool,
+) -> Result<(), ApiError> {
+    if !state.ingest.registry.contains(name) {
         return Err(ApiError::UnknownHandler);
     }
     state
         .store
-        .set_paused(&name, paused, state.clock.now_ms())
+        .set_paused(name, paused, state.clock.now_ms())
         .await
         .map_err(storage)?;
     state.ingest.dispatch_waker.notify_one();
     tracing::info!(handler = %name, paused, "handler {}", if paused { "paused" } else { "resumed" });
-    let view = handler_views(&state, Some(&name)).await?;
-    Ok(json(&view.into_iter().next()))
+    Ok(())
 }
 
 /// `GET /metrics`: Prometheus text exposition.

@@ -620,6 +620,47 @@ async fn the_console_is_locked_down_without_a_session_or_a_token() {
     for attribute in ["HttpOnly", "SameSite=Strict", "Path=/console", "Max-Age="] {
         assert!(cookie.contains(attribute), "{cookie}");
     }
+    // Signed in, bad requests get their error page, not a crash or an empty list.
+    let session = cookie.split(';').next().expect("name=value").to_owned();
+    let get = |path: &str| {
+        http.get(format!("{admin}{path}"))
+            .header("cookie", &session)
+            .send()
+    };
+    for (path, status) in [
+        ("/console/deliveries/credicorp/no-such-id", 404),
+        ("/console/deliveries?status=bogus", 400),
+        ("/console/deliveries?cursor=zz", 400),
+        ("/console/dead?since=yesterday", 400),
+        ("/console/deliveries?status=dead&id_prefix=x", 200),
+    ] {
+        let r = get(path).await.expect("sent");
+        assert_eq!(r.status(), status, "{path}");
+        assert!(
+            r.headers().contains_key("content-security-policy"),
+            "{path}"
+        );
+    }
+    let page = get("/console/handlers")
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("page");
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a CSRF token in the page")
+        .to_owned();
+    let unknown = http
+        .post(format!("{admin}/console/handlers/no-such-handler/pause"))
+        .header("cookie", &session)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(unknown.status(), 404);
     // A state-changing POST without a session is refused, not redirected into.
     let r = http
         .post(format!("{admin}/console/handlers/recorder/pause"))

@@ -23,8 +23,11 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 
 use super::AppState;
-use super::admin::{handler_views, tokens_match};
-use crate::store::{Cursor, DeliveryKey, DeliveryStatus, JobState, JobStatus, RetryFilter};
+use super::admin::{
+    delivery_detail, handler_views, pause_handler, retry_delivery, retry_matching, rfc3339_ms,
+    tokens_match,
+};
+use crate::store::{Cursor, DeliveryKey, DeliveryStatus, JobStatus, RetryFilter};
 
 /// How long a session lasts after sign-in.
 pub const SESSION_TTL_MS: u64 = 8 * 60 * 60 * 1000;
@@ -393,7 +396,7 @@ async fn deliveries_page(
             ("id_prefix", filter.id_prefix.as_str()),
             ("cursor", &c.to_token()),
         ];
-        format!("/console/deliveries?{}", form_query(&query))
+        console_url(&["deliveries"], &query)
     });
     Ok(html(
         StatusCode::OK,
@@ -427,26 +430,24 @@ async fn list(
         })
 }
 
-/// `application/x-www-form-urlencoded` of `pairs`.
-fn form_query(pairs: &[(&str, &str)]) -> String {
-    pairs
-        .iter()
-        .map(|(k, v)| format!("{k}={}", percent_encode(v)))
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
-/// Percent-encodes everything but unreserved characters (RFC 3986).
-pub(crate) fn percent_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
+/// A console path: `/console/`, then `segments` (each percent-encoded, so an id with `/`
+/// or `?` stays one segment), then `query` form-encoded. Built with the URL type the
+/// admin client uses.
+pub(crate) fn console_url(segments: &[&str], query: &[(&str, &str)]) -> String {
+    // Any base will do: only the path and the query are kept. A constant, so it parses.
+    let mut url = reqwest::Url::parse("http://console.invalid/console/").expect("a valid base");
+    if !segments.is_empty()
+        && let Ok(mut path) = url.path_segments_mut()
+    {
+        path.pop_if_empty().extend(segments);
     }
-    out
+    if !query.is_empty() {
+        url.query_pairs_mut().extend_pairs(query);
+    }
+    match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_owned(),
+    }
 }
 
 async fn delivery(
@@ -464,28 +465,10 @@ async fn delivery_page(
     id: &str,
 ) -> Result<HttpResponse, Refusal> {
     let session = signed_in(req, state)?;
-    let key = DeliveryKey::new(source, id);
-    let Some(record) = state.store.record(&key).await? else {
-        return Err(Refusal::Page(
-            StatusCode::NOT_FOUND,
-            pages::message("Not found", "No delivery of that source has that id."),
-        ));
-    };
-    let body = state.store.body(&key).await?.unwrap_or_default();
-    let mut jobs: Vec<(String, Option<JobState>, String)> = Vec::new();
-    for handler in &record.handlers {
-        let job = key.job(handler);
-        jobs.push((
-            handler.clone(),
-            state.store.job(&job).await?,
-            job.idempotency_key(),
-        ));
-    }
-    let states: Vec<Option<JobState>> = jobs.iter().map(|(_, s, _)| s.clone()).collect();
-    let status = DeliveryStatus::of(&record, &states);
+    let detail = delivery_detail(state, &DeliveryKey::new(source, id)).await?;
     Ok(html(
         StatusCode::OK,
-        pages::delivery(&session.csrf, &record, status, &body, &jobs),
+        pages::delivery(&session.csrf, &detail),
     ))
 }
 
@@ -498,17 +481,10 @@ async fn retry(
     answer(
         async {
             authorized_post(&req, &state, csrf_of(&form))?;
-            let key = DeliveryKey::new(&path.0, &path.1);
-            if state.store.record(&key).await?.is_none() {
-                return Err(crate::error::ApiError::NotFound.into());
-            }
-            let requeued = state.store.retry(&key, state.clock.now_ms()).await?;
-            state.ingest.dispatch_waker.notify_one();
-            tracing::info!(source = %key.source, delivery_id = %key.id, ?requeued, "retry requested in the console");
-            Ok(see_other(&format!(
-                "/console/deliveries/{}/{}",
-                percent_encode(&key.source),
-                percent_encode(&key.id)
+            retry_delivery(&state, &DeliveryKey::new(&path.0, &path.1)).await?;
+            Ok(see_other(&console_url(
+                &["deliveries", &path.0, &path.1],
+                &[],
             )))
         }
         .await,
@@ -577,7 +553,10 @@ async fn dead_letters(
         async {
             let session = signed_in(&req, &state)?;
             let source = (!filter.source.is_empty()).then_some(filter.source.as_str());
-            let (since, until) = (time(&filter.since)?, time(&filter.until)?);
+            let (since, until) = (
+                rfc3339_ms(Some(&filter.since))?,
+                rfc3339_ms(Some(&filter.until))?,
+            );
             let mut shown = Vec::new();
             let mut cursor = None;
             for _ in 0..SCAN_PAGES {
@@ -616,24 +595,6 @@ async fn dead_letters(
     )
 }
 
-/// An RFC 3339 time of a form, or nothing.
-fn time(text: &str) -> Result<Option<u64>, Refusal> {
-    if text.trim().is_empty() {
-        return Ok(None);
-    }
-    humantime::parse_rfc3339_weak(text.trim())
-        .map(|t| Some(crate::clock::to_ms(t)))
-        .map_err(|_| {
-            Refusal::Page(
-                StatusCode::BAD_REQUEST,
-                pages::message(
-                    "Not a time",
-                    "Times are RFC 3339, like 2026-11-28T09:00:00Z.",
-                ),
-            )
-        })
-}
-
 async fn retry_all(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -649,21 +610,19 @@ async fn retry_all(
                 source: (!form.source.is_empty()).then(|| form.source.clone()),
                 handler: (!form.handler.is_empty()).then(|| form.handler.clone()),
                 status: JobStatus::Dead,
-                since_ms: time(&form.since)?,
-                until_ms: time(&form.until)?,
+                since_ms: rfc3339_ms(Some(&form.since))?,
+                until_ms: rfc3339_ms(Some(&form.until))?,
             };
-            let retried = state.store.retry_all(&filter, state.clock.now_ms()).await?;
-            state.ingest.dispatch_waker.notify_one();
-            tracing::info!(?filter, retried, "bulk retry requested in the console");
-            Ok(see_other(&format!(
-                "/console/dead?{}",
-                form_query(&[
+            let retried = retry_matching(&state, &filter).await?;
+            Ok(see_other(&console_url(
+                &["dead"],
+                &[
                     ("source", &form.source),
                     ("handler", &form.handler),
                     ("since", &form.since),
                     ("until", &form.until),
                     ("retried", &retried.to_string()),
-                ])
+                ],
             )))
         }
         .await,
@@ -696,17 +655,30 @@ async fn pause_or_resume(
                 "resume" => false,
                 _ => return Err(crate::error::ApiError::NotFound.into()),
             };
-            if !state.ingest.registry.contains(&name) {
-                return Err(crate::error::ApiError::UnknownHandler.into());
-            }
-            state
-                .store
-                .set_paused(&name, paused, state.clock.now_ms())
-                .await?;
-            state.ingest.dispatch_waker.notify_one();
-            tracing::info!(handler = %name, paused, "handler {} in the console", if paused { "paused" } else { "resumed" });
+            pause_handler(&state, &name, paused).await?;
             Ok(see_other("/console/handlers"))
         }
         .await,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::console_url;
+
+    #[test]
+    fn console_urls_keep_each_segment_whole_and_encode_the_query() {
+        assert_eq!(
+            console_url(&["deliveries", "credicorp", "a/b?c d#e"], &[]),
+            "/console/deliveries/credicorp/a%2Fb%3Fc%20d%23e"
+        );
+        assert_eq!(
+            console_url(
+                &["dead"],
+                &[("since", "2026-11-28T09:00:00Z"), ("handler", "a&b")]
+            ),
+            "/console/dead?since=2026-11-28T09%3A00%3A00Z&handler=a%26b"
+        );
+        assert_eq!(console_url(&[], &[]), "/console/");
+    }
 }

@@ -4,10 +4,10 @@
 
 use maud::{DOCTYPE, Markup, html};
 
-use super::percent_encode;
+use super::console_url;
 use crate::domain::fingerprint;
 use crate::metrics::{ACTIVITY_MINUTES, ActivityKind};
-use crate::routes::admin::HandlerStatusView;
+use crate::routes::admin::{DeliveryDetail, HandlerStatusView};
 use crate::store::{DeliveryRecord, DeliveryStatus, DeliverySummary, JobState, JobStatus};
 
 /// The statuses a delivery can be filtered by, as the API names them.
@@ -217,7 +217,7 @@ fn handler_table(csrf: &str, handlers: &[HandlerStatusView], buttons: bool) -> M
                             @if buttons {
                                 td {
                                     @let action = if h.paused { "resume" } else { "pause" };
-                                    form.inline method="post" action=(format!("/console/handlers/{}/{action}", percent_encode(&h.name))) {
+                                    form.inline method="post" action=(console_url(&["handlers", &h.name, action], &[])) {
                                         input type="hidden" name="csrf" value=(csrf);
                                         button type="submit" name="do" value=(action) { (if h.paused { "Resume" } else { "Pause" }) " " (h.name) }
                                     }
@@ -257,11 +257,7 @@ pub struct Filters<'a> {
 }
 
 fn delivery_href(record: &DeliveryRecord) -> String {
-    format!(
-        "/console/deliveries/{}/{}",
-        percent_encode(&record.source),
-        percent_encode(&record.id)
-    )
+    console_url(&["deliveries", &record.source, &record.id], &[])
 }
 
 fn status_name(status: DeliveryStatus) -> String {
@@ -351,13 +347,14 @@ fn job_status_name(state: Option<&JobState>) -> &'static str {
 }
 
 /// One delivery: what came in and what each handler did with it.
-pub fn delivery(
-    csrf: &str,
-    record: &DeliveryRecord,
-    status: DeliveryStatus,
-    body: &[u8],
-    jobs: &[(String, Option<JobState>, String)],
-) -> Markup {
+pub fn delivery(csrf: &str, detail: &DeliveryDetail) -> Markup {
+    let DeliveryDetail {
+        record,
+        body,
+        status,
+        handlers: jobs,
+    } = detail;
+    let status = *status;
     let href = delivery_href(record);
     layout(
         &format!("Delivery {}", record.id),
@@ -387,14 +384,15 @@ pub fn delivery(
                 table #jobs {
                     thead { tr { th { "handler" } th { "status" } th.num { "attempts" } th { "last error" } th { "updated" } th { "idempotency key" } } }
                     tbody {
-                        @for (name, state, key) in jobs {
-                            tr data-handler=(name) {
-                                td { (name) }
+                        @for job in jobs {
+                            @let state = &job.state;
+                            tr data-handler=(job.name) {
+                                td { (job.name) }
                                 td { span class=(format!("badge {}", job_status_name(state.as_ref()))) { (job_status_name(state.as_ref())) } }
                                 td.num.attempts { (state.as_ref().map_or(0, |s| s.attempts)) }
                                 td.error-text { (state.as_ref().and_then(|s| s.last_error.as_deref()).unwrap_or("")) }
                                 td { (state.as_ref().filter(|s| s.updated_ms > 0).map(|s| crate::clock::rfc3339_ms(s.updated_ms)).unwrap_or_default()) }
-                                td { code { (key) } }
+                                td { code { (job.idempotency_key) } }
                             }
                         }
                         @if jobs.is_empty() {
