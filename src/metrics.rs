@@ -298,9 +298,13 @@ impl RecentActivity {
     fn record(&self, source: &str, kind: ActivityKind, now_ms: u64) {
         let minute = now_ms / 60_000;
         let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
-        let ring = rings
-            .entry(source.to_owned())
-            .or_insert_with(|| Ring([(0, [0; 4]); ACTIVITY_MINUTES]));
+        // On every request: the source's name is copied only the first time it is seen.
+        if !rings.contains_key(source) {
+            rings.insert(source.to_owned(), Ring([(0, [0; 4]); ACTIVITY_MINUTES]));
+        }
+        let Some(ring) = rings.get_mut(source) else {
+            return;
+        };
         let slot = &mut ring.0[(minute % ACTIVITY_MINUTES as u64) as usize];
         if slot.0 != minute {
             *slot = (minute, [0; 4]);
@@ -362,5 +366,29 @@ mod activity_tests {
             hour[0].1.iter().map(|m| m.iter().sum::<u64>()).sum::<u64>(),
             2
         );
+    }
+
+    #[test]
+    fn concurrent_records_are_all_counted() {
+        let a = std::sync::Arc::new(RecentActivity::default());
+        let t0 = 2_000 * 60_000;
+        let threads: Vec<_> = (0..8)
+            .map(|n| {
+                let a = a.clone();
+                std::thread::spawn(move || {
+                    for i in 0..1000 {
+                        let source = if (n + i) % 2 == 0 { "a" } else { "b" };
+                        a.record(source, ActivityKind::Replayed, t0);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        let hour = a.last_hour(t0);
+        let total: u64 = hour.iter().map(|(_, m)| m[ACTIVITY_MINUTES - 1][1]).sum();
+        assert_eq!(total, 8000);
+        assert_eq!(hour.len(), 2);
     }
 }

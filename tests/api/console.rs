@@ -147,15 +147,28 @@ impl Browser {
 
     /// Waits until `css` shows `expected` on the current page (no reload), for at most 30 s.
     async fn wait_text(&self, css: &str, expected: &str) {
+        self.poll_text(None, css, expected).await;
+    }
+
+    /// Reloads `url` until `css` holds `expected`, for at most 30 s.
+    async fn until_text(&self, url: &str, css: &str, expected: &str) {
+        self.poll_text(Some(url), css, expected).await;
+    }
+
+    async fn poll_text(&self, reload: Option<&str>, css: &str, expected: &str) {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
+            if let Some(url) = reload {
+                self.client.goto(url).await.expect("goto");
+            }
             let text = self.text(css).await;
             if text.contains(expected) {
                 return;
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "{css} shows {text:?}, expected {expected:?}"
+                "{}: {css} shows {text:?}, expected {expected:?}",
+                reload.unwrap_or("the page")
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -210,26 +223,6 @@ impl Browser {
     async fn screenshot(&self, path: &Path) {
         if let Ok(png) = self.client.screenshot().await {
             let _ = std::fs::write(path, png);
-        }
-    }
-
-    /// Reloads `url` until `css` holds `expected`, for at most 30 s.
-    async fn until_text(&self, url: &str, css: &str, expected: &str) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            self.client.goto(url).await.expect("goto");
-            let found = match self.client.find(Locator::Css(css)).await {
-                Ok(e) => e.text().await.unwrap_or_default(),
-                Err(_) => String::new(),
-            };
-            if found.contains(expected) {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{url}: {css} shows {found:?}, expected {expected:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }

@@ -72,6 +72,23 @@ pub async fn send_until_acknowledged(
     }
 }
 
+/// Runs `store check` on the stopped server's store and asserts it found no violation;
+/// returns its report.
+pub fn assert_store_check_clean(config_path: &std::path::Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
+        .args(["store", "check", "--config"])
+        .arg(config_path)
+        .output()
+        .expect("store check runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && text.contains("0 violation(s)"),
+        "store check after the crashes: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 #[derive(Debug, Clone)]
 struct RunLine {
     phase: String,
@@ -239,18 +256,8 @@ fn crash_cycles(contended: bool) {
     );
 
     if contended {
-        let out = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
-            .args(["store", "check", "--config"])
-            .arg(&config_path)
-            .output()
-            .expect("store check runs");
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && text.contains("0 violation(s)"),
-            "store check after the crashes: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        eprintln!("store check: {}", text.trim());
+        let report = assert_store_check_clean(&config_path);
+        eprintln!("store check: {}", report.trim());
     }
 
     let runs = read_runs();

@@ -317,17 +317,7 @@ fn order_holds_across_kill_dash_nine_and_restart() {
         .args(["-TERM", &child.id().to_string()])
         .status();
     assert!(child.wait().expect("exit").success(), "graceful exit");
-    let out = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
-        .args(["store", "check", "--config"])
-        .arg(&config_path)
-        .output()
-        .expect("store check runs");
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && report.contains("0 violation(s)"),
-        "store check after the crashes: {report}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::crash::assert_store_check_clean(&config_path);
 
     // Per key, in the log's order: (phase, seq).
     let mut per_key: HashMap<usize, Vec<(String, usize)>> = HashMap::new();
