@@ -226,6 +226,29 @@ impl<'de> serde::Deserialize<'de> for Rate {
 }
 
 #[cfg(test)]
+mod order_key_tests {
+    use super::order_key_at;
+
+    #[test]
+    fn an_order_key_is_the_value_at_the_pointer_and_null_or_absent_is_none() {
+        let body = serde_json::json!({
+            "data": {"id": "app_1", "n": 42, "s": "42", "none": null, "obj": {"a": 1}}
+        });
+        assert_eq!(order_key_at(&body, "/data/id").as_deref(), Some("app_1"));
+        assert_eq!(
+            order_key_at(&body, "/data/n"),
+            order_key_at(&body, "/data/s")
+        );
+        assert_eq!(
+            order_key_at(&body, "/data/obj").as_deref(),
+            Some(r#"{"a":1}"#)
+        );
+        assert_eq!(order_key_at(&body, "/data/none"), None);
+        assert_eq!(order_key_at(&body, "/data/missing"), None);
+    }
+}
+
+#[cfg(test)]
 mod rate_tests {
     use super::Rate;
     use std::time::Duration;

@@ -883,28 +883,19 @@ async fn requeue_in_line(
         .await
         .map_err(backend)?
     };
+    // Due now, or (`$5` false) back in line behind the active pair, promoted in its turn.
     sqlx::query(&format!(
-        "UPDATE inbox_jobs SET {REQUEUE} WHERE source = $1 AND id = $2 AND handler = $3"
+        "UPDATE inbox_jobs SET {REQUEUE_STATE}, due_ms = CASE WHEN $5 THEN $4 END \
+         WHERE source = $1 AND id = $2 AND handler = $3"
     ))
     .bind(&job.delivery.source)
     .bind(&job.delivery.id)
     .bind(&job.handler)
     .bind(now)
+    .bind(due_now)
     .execute(&mut **tx)
     .await
     .map_err(backend)?;
-    if !due_now {
-        // Back in line, behind the active pair: promoted in its turn.
-        sqlx::query(
-            "UPDATE inbox_jobs SET due_ms = NULL WHERE source = $1 AND id = $2 AND handler = $3",
-        )
-        .bind(&job.delivery.source)
-        .bind(&job.delivery.id)
-        .bind(&job.handler)
-        .execute(&mut **tx)
-        .await
-        .map_err(backend)?;
-    }
     Ok(true)
 }
 
@@ -1835,9 +1826,20 @@ impl DeliveryStore for PgStore {
     }
 }
 
-/// An operator retry of one pair, as an `UPDATE … SET` list (`$4` is now): due now, with a
-/// fresh `max_attempts` if it failed or died, any hold released.
-const REQUEUE: &str = "retry_base = CASE WHEN status IN ('failed', 'dead') THEN attempts ELSE retry_base END, \
-     status = CASE WHEN status = 'pending' THEN 'pending' ELSE 'failed' END, \
-     lease_owner = NULL, lease_until_ms = NULL, reserved_by = NULL, reserved_until_ms = NULL, \
-     updated_ms = $4, due_ms = $4";
+/// The state an operator retry gives a pair, as an `UPDATE … SET` list (`$4` is now): a
+/// fresh `max_attempts` if it failed or died, any hold released (its due time is set
+/// beside it: see [`REQUEUE`]).
+macro_rules! requeue_state {
+    () => {
+        "retry_base = CASE WHEN status IN ('failed', 'dead') THEN attempts ELSE retry_base END, \
+         status = CASE WHEN status = 'pending' THEN 'pending' ELSE 'failed' END, \
+         lease_owner = NULL, lease_until_ms = NULL, reserved_by = NULL, reserved_until_ms = NULL, \
+         updated_ms = $4"
+    };
+}
+
+/// [`requeue_state`] alone, for a statement that sets the due time itself.
+const REQUEUE_STATE: &str = requeue_state!();
+
+/// An operator retry of one pair, due now.
+const REQUEUE: &str = concat!(requeue_state!(), ", due_ms = $4");
