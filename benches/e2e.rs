@@ -47,6 +47,9 @@ struct BenchOptions {
     postgres_url: Option<String>,
     /// Skip the sled cases.
     postgres_only: bool,
+    /// Only the sled cases whose name contains one of these (none: all; the bare endpoint
+    /// always runs).
+    only: Vec<String>,
 }
 
 /// One case's figures.
@@ -638,7 +641,13 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
     } else {
         &cases[..]
     };
+    let wanted = |name: &str| {
+        options.only.is_empty() || options.only.iter().any(|o| name.contains(o.as_str()))
+    };
     for &(name, durability, size, duplicate_every, replay_only) in cases {
+        if !wanted(name) {
+            continue;
+        }
         let dir = tempfile::TempDir::new().map_err(|e| e.to_string())?;
         let (server, _) = start_inbox(dir.path(), durability, options.workers).await?;
         let mut recorded = 0;
@@ -693,7 +702,7 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
         results.push(r);
     }
 
-    if options.sustain_seconds > 0 && !options.postgres_only {
+    if options.sustain_seconds > 0 && !options.postgres_only && wanted("sustained") {
         let ceiling = results
             .iter()
             .find(|r| r.name == "fsync, unique, 1 KiB")
@@ -908,6 +917,10 @@ struct Args {
     /// Only the bare endpoint and the PostgreSQL cases.
     #[arg(long)]
     postgres_only: bool,
+    /// Only the sled cases whose name contains this text; repeatable. "sustained" names the
+    /// sustained case, which takes its offered load from the "fsync, unique, 1 KiB" case.
+    #[arg(long)]
+    only: Vec<String>,
     /// Serve the bare endpoint at `--listen` instead (the benchmark starts itself so).
     #[arg(long, hide = true)]
     bare: bool,
@@ -949,6 +962,7 @@ fn main() -> std::process::ExitCode {
         sustain_seconds: args.sustain_seconds,
         postgres_url: args.postgres_url,
         postgres_only: args.postgres_only,
+        only: args.only,
     };
     match runtime.block_on(run(&options)) {
         Ok(results) => {

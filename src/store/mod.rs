@@ -33,7 +33,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use postgres::PgStore;
-pub use sled::{ExportPosition, FlushHook, Op, SledOptions, SledStore, StoreProbe};
+pub use sled::{
+    BodyLogSettings, ExportPosition, FlushHook, Op, SledOptions, SledStore, StoreProbe,
+};
 
 use crate::verify::{AuthenticatedDelivery, Headers};
 

@@ -24,8 +24,8 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use webhook_inbox::config::{Config, Durability};
 use webhook_inbox::store::{
-    AttemptOutcome, Begin, Claim, DeliveryKey, DeliveryStore, JobStatus, NewDelivery, Op,
-    RetryFilter, SledOptions, SledStore, StoreProbe, StoredResponse,
+    AttemptOutcome, Begin, BodyLogSettings, Claim, DeliveryKey, DeliveryStore, JobStatus,
+    NewDelivery, Op, RetryFilter, SledOptions, SledStore, StoreProbe, StoredResponse,
 };
 use webhook_inbox::verify::Source;
 
@@ -138,9 +138,12 @@ fn source() -> Source {
     Source::named(&config, "credicorp").expect("source")
 }
 
+/// Long enough for the body log (`BODY_LOG_MIN`), so its append and reclaim are among the
+/// steps paused.
 fn body(tag: &str) -> Bytes {
+    let pad = "p".repeat(300);
     Bytes::from(format!(
-        r#"{{"type":"application.created","data":{{"tag":"{tag}"}}}}"#
+        r#"{{"type":"application.created","data":{{"tag":"{tag}","pad":"{pad}"}}}}"#
     ))
 }
 
@@ -287,9 +290,11 @@ enum Injected {
 }
 
 /// The state every scenario starts from, received before `NOW` (so a sweep finds them
-/// expired): `y`, whose handlers both failed once and wait in the queue, and `z`, whose
-/// handlers both succeeded.
+/// expired): `w` and `z`, whose handlers both succeeded, and `y`, whose handlers both
+/// failed once and wait in the queue. `w` came first, alone in its body log segment: a
+/// sweep reclaims that segment while `y` is kept.
 async fn setup(w: &World) {
+    claim(w, "w", &body("w"), NOW - 20_000).await;
     claim(w, "y", &body("y"), NOW - 10_000).await;
     claim(w, "z", &body("z"), NOW - 10_000).await;
     let due = w
@@ -306,12 +311,12 @@ async fn setup(w: &World) {
         else {
             panic!("{} is runnable", entry.job)
         };
-        let outcome = if entry.job.delivery.id == "z" {
+        let outcome = if entry.job.delivery.id != "y" {
             *w.ledger
                 .successes
                 .lock()
                 .expect("lock")
-                .entry(("z".into(), entry.job.handler.clone()))
+                .entry((entry.job.delivery.id.clone(), entry.job.handler.clone()))
                 .or_default() += 1;
             AttemptOutcome::Succeeded
         } else {
@@ -422,6 +427,12 @@ fn world(probe: Arc<Probe>, ordered: bool) -> World {
         4 << 20,
         SledOptions {
             probe: Some(probe),
+            // About two bodies a segment, bounds to the millisecond: appends seal segments,
+            // and sweeps reclaim them.
+            body_log: BodyLogSettings {
+                segment_bytes: 700,
+                bound_step_ms: 1,
+            },
             ..SledOptions::default()
         },
     )
@@ -642,6 +653,10 @@ fn every_gap(ordered: bool) {
         }
     }
     assert!(scenarios > 100, "only {scenarios} scenarios");
+    // The body log's append and the deletion of a reclaimed segment have their gaps tried.
+    for step in ["after-body-log", "before-body-reclaim"] {
+        assert!(seen.contains(step), "no scenario reaches {step}");
+    }
     if ordered {
         // Every write of a line's hand-on and of a dead pair's return has its gaps tried.
         for step in [

@@ -1,5 +1,6 @@
-//! What "on disk" means for sled 0.34: `db.flush()`, then a real `fsync` of its data file
-//! and of every blob file it wrote (sled writes those without one). Run by the group
+//! What "on disk" means for sled 0.34: the body log's segments synced, then `db.flush()`,
+//! then a real `fsync` of its data file and of every blob file it wrote (sled writes those
+//! without one). Run by the group
 //! commit thread, once per batch of waiting writers.
 
 use std::collections::HashSet;
@@ -11,6 +12,8 @@ use super::FlushHook;
 /// `db.flush()` then a real fsync of what sled wrote: its log file `db` and any blob files
 /// (sled keeps pages over a quarter of a segment in `blobs/`, written without fsync).
 pub(super) struct DiskSync {
+    /// Synced first: no record may reach the disk ahead of its body.
+    pub(super) bodies: std::sync::Arc<super::bodies::BodyLog>,
     pub(super) db: sled::Db,
     pub(super) data_file: File,
     pub(super) blobs_dir: PathBuf,
@@ -23,6 +26,7 @@ impl DiskSync {
         if let Some(hook) = &self.hook {
             hook()?;
         }
+        self.bodies.sync()?;
         self.db.flush().map_err(std::io::Error::other)?;
         self.data_file.sync_data()?;
         self.sync_blobs()

@@ -2,6 +2,7 @@
 //! order), the delivery value (record JSON, then the raw body), and the body index entry.
 
 use super::super::{DeliveryKey, DeliveryRecord, JobState, JobStatus, KeptFingerprint, StoreError};
+use super::bodies::BodyRef;
 
 pub(super) fn backend(e: sled::Error) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -56,26 +57,71 @@ pub(super) fn split_time_key(k: &[u8]) -> Option<(u64, &[u8])> {
     Some((u64::from_be_bytes(*t), rest))
 }
 
+/// Set in a delivery value's length word when the body is in the body log: the tail is then
+/// a [`BodyRef`], not the body. A record's JSON is far below 2 GiB, so stores written
+/// before the body log never have it set.
+const LOGGED: u32 = 1 << 31;
+
 /// A delivery's value: the record's JSON length (u32 BE), the JSON, then the raw body, so
 /// a replay parses the small record and never copies the body around.
 pub(super) fn encode_delivery(record: &DeliveryRecord, body: &[u8]) -> Vec<u8> {
-    let meta = to_json(record);
-    let mut v = Vec::with_capacity(4 + meta.len() + body.len());
-    v.extend_from_slice(&(meta.len() as u32).to_be_bytes());
-    v.extend_from_slice(&meta);
-    v.extend_from_slice(body);
+    encode_value(&to_json(record), 0, body)
+}
+
+/// A delivery's value whose body is in the body log at `at`.
+pub(super) fn encode_logged_delivery(record: &DeliveryRecord, at: &BodyRef) -> Vec<u8> {
+    encode_value(&to_json(record), LOGGED, &at.encode())
+}
+
+/// `value` with its record replaced by `record`, its body (or body reference) kept.
+pub(super) fn reencode_delivery(
+    record: &DeliveryRecord,
+    value: &[u8],
+) -> Result<Vec<u8>, StoreError> {
+    let (flag, _, tail) = split_value(value)?;
+    Ok(encode_value(&to_json(record), flag, tail))
+}
+
+fn encode_value(meta: &[u8], flag: u32, tail: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + meta.len() + tail.len());
+    v.extend_from_slice(&(meta.len() as u32 | flag).to_be_bytes());
+    v.extend_from_slice(meta);
+    v.extend_from_slice(tail);
     v
 }
 
-pub(super) fn split_delivery(value: &[u8]) -> Result<(&[u8], &[u8]), StoreError> {
-    let (len, rest) = value
+fn split_value(value: &[u8]) -> Result<(u32, &[u8], &[u8]), StoreError> {
+    let (word, rest) = value
         .split_first_chunk::<4>()
         .ok_or_else(|| StoreError::Corrupt("short delivery value".into()))?;
-    let len = u32::from_be_bytes(*len) as usize;
+    let word = u32::from_be_bytes(*word);
+    let len = (word & !LOGGED) as usize;
     if rest.len() < len {
         return Err(StoreError::Corrupt("truncated delivery value".into()));
     }
-    Ok(rest.split_at(len))
+    let (meta, tail) = rest.split_at(len);
+    Ok((word & LOGGED, meta, tail))
+}
+
+/// Where a delivery value's body is.
+pub(super) enum StoredBody<'a> {
+    /// In the value itself.
+    Inline(&'a [u8]),
+    /// In the body log.
+    Logged(BodyRef),
+}
+
+/// A delivery value's record JSON and where its body is.
+pub(super) fn split_delivery(value: &[u8]) -> Result<(&[u8], StoredBody<'_>), StoreError> {
+    let (flag, meta, tail) = split_value(value)?;
+    let body = if flag == LOGGED {
+        StoredBody::Logged(
+            BodyRef::decode(tail).ok_or_else(|| StoreError::Corrupt("body reference".into()))?,
+        )
+    } else {
+        StoredBody::Inline(tail)
+    };
+    Ok((meta, body))
 }
 
 pub(super) fn decode_record(value: &[u8]) -> Result<DeliveryRecord, StoreError> {

@@ -1,8 +1,6 @@
 //! Reading a whole sled store out, page by page, for `store copy` (see
 //! [`crate::store::copy`]).
 
-use bytes::Bytes;
-
 use super::super::{DeliveryKey, StoreError, StoredItem};
 use super::SledStore;
 use super::encoding::{BodyEntry, backend, decode_delivery_key, split_delivery};
@@ -49,7 +47,7 @@ impl SledStore {
                     .collect::<Result<Vec<_>, StoreError>>()?;
                 items.push(StoredItem::Delivery {
                     record,
-                    body: Bytes::copy_from_slice(body),
+                    body: self.body_of(body)?,
                     jobs,
                 });
                 position.after = Some(key.to_vec());

@@ -72,6 +72,8 @@ use std::hash::{Hash as _, Hasher as _};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
+mod bodies;
+pub use bodies::BodyLogSettings;
 mod check;
 mod disk;
 mod encoding;
@@ -81,11 +83,13 @@ mod order;
 
 pub use export::ExportPosition;
 
+use bodies::{BODY_LOG_MIN, BodyLog};
 use disk::DiskSync;
 use encoding::{
-    BodyEntry, KEPT, backend, body_index_key, corrupt, decode_delivery_key, decode_order_keys,
-    decode_record, encode_delivery, handler_queue_prefix, job_queue_key, pending_job, queue_key,
-    split_delivery, split_job_queue_key, split_time_key, to_json,
+    BodyEntry, KEPT, StoredBody, backend, body_index_key, corrupt, decode_delivery_key,
+    decode_order_keys, decode_record, encode_delivery, encode_logged_delivery,
+    handler_queue_prefix, job_queue_key, pending_job, queue_key, reencode_delivery, split_delivery,
+    split_job_queue_key, split_time_key, to_json,
 };
 use listing::{LIST_SCAN_LIMIT, cursor_before};
 use order::{line_entry, line_locks};
@@ -149,6 +153,8 @@ pub struct SledOptions {
     /// Repair what a crash left among recent deliveries when opening (the server does;
     /// `store check` does not, so that it reports what it finds).
     pub repair_on_open: bool,
+    /// How the body log cuts segments (tests make them small, to see them come and go).
+    pub body_log: BodyLogSettings,
 }
 
 impl Default for SledOptions {
@@ -157,6 +163,7 @@ impl Default for SledOptions {
             flush_hook: None,
             probe: None,
             repair_on_open: true,
+            body_log: BodyLogSettings::default(),
         }
     }
 }
@@ -173,6 +180,8 @@ pub struct SledStore {
     meta: sled::Tree,
     fp_expiry: sled::Tree,
     order: sled::Tree,
+    /// Bodies of [`BODY_LOG_MIN`] bytes or more.
+    bodies: Arc<BodyLog>,
     durability: Durability,
     commit: GroupCommit,
     stripes: Box<[Mutex<()>]>,
@@ -276,7 +285,14 @@ impl SledStore {
         File::open(path)
             .and_then(|d| d.sync_all())
             .map_err(|e| StoreError::Backend(format!("syncing the data directory: {e}")))?;
+        let bodies = Arc::new(BodyLog::open(
+            &path.join("bodies"),
+            meta.clone(),
+            options.body_log,
+            options.repair_on_open,
+        )?);
         let mut disk = DiskSync {
+            bodies: bodies.clone(),
             db: db.clone(),
             data_file,
             blobs_dir: path.join("blobs"),
@@ -295,6 +311,7 @@ impl SledStore {
             meta,
             fp_expiry,
             order,
+            bodies,
             durability,
             commit: GroupCommit::start(sync),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -302,6 +319,11 @@ impl SledStore {
             instance: rand::random(),
             sweep_from: Mutex::new(None),
         })
+    }
+
+    /// The body log's segment files present, oldest first (for tests).
+    pub fn body_segments(&self) -> Result<Vec<u64>, StoreError> {
+        self.bodies.segments()
     }
 
     /// The group committer, for its counters.
@@ -443,18 +465,58 @@ impl SledStore {
         let (meta, body) = split_delivery(&value)?;
         Ok(Some((
             serde_json::from_slice(meta).map_err(corrupt)?,
-            Bytes::copy_from_slice(body),
+            self.body_of(body)?,
         )))
+    }
+
+    fn body_of(&self, body: StoredBody<'_>) -> Result<Bytes, StoreError> {
+        match body {
+            StoredBody::Inline(body) => Ok(Bytes::copy_from_slice(body)),
+            StoredBody::Logged(at) => self.bodies.read(&at),
+        }
+    }
+
+    /// A new delivery's value: a body of [`BODY_LOG_MIN`] bytes or more is appended to the
+    /// body log first (see [`bodies`]), and the value points at it.
+    fn new_delivery_value(
+        &self,
+        record: &DeliveryRecord,
+        body: &[u8],
+    ) -> Result<Vec<u8>, StoreError> {
+        if body.len() >= BODY_LOG_MIN {
+            let at = self.bodies.append(body, record.received_at_ms)?;
+            self.step(Op::Claim, "after-body-log");
+            Ok(encode_logged_delivery(record, &at))
+        } else {
+            Ok(encode_delivery(record, body))
+        }
     }
 
     fn write_record(&self, key: &[u8], record: &DeliveryRecord) -> Result<(), StoreError> {
         let Some(value) = self.deliveries.get(key).map_err(backend)? else {
             return Ok(());
         };
-        let (_, body) = split_delivery(&value)?;
         self.deliveries
-            .insert(key, encode_delivery(record, body))
+            .insert(key, reencode_delivery(record, &value)?)
             .map_err(backend)?;
+        Ok(())
+    }
+
+    /// Deletes the body log's segments that no stored delivery points into any more, once
+    /// the removals that freed them are durable (see [`bodies`]).
+    async fn reclaim_bodies(&self) -> Result<(), StoreError> {
+        let segments = self.bodies.reclaimable(|| {
+            Ok(self
+                .received
+                .first()
+                .map_err(backend)?
+                .and_then(|(k, _)| split_time_key(&k).map(|(t, _)| t)))
+        })?;
+        if !segments.is_empty() {
+            self.commit.wait().await?;
+            self.step(Op::Expire, "before-body-reclaim");
+            self.bodies.reclaim(&segments)?;
+        }
         Ok(())
     }
 
@@ -816,9 +878,8 @@ impl DeliveryStore for SledStore {
                         .map_err(backend)?;
                     self.step(Op::Claim, "after-body-index");
                 }
-                self.deliveries
-                    .insert(&key, encode_delivery(record, new.body()))
-                    .map_err(backend)?;
+                let value = self.new_delivery_value(record, new.body())?;
+                self.deliveries.insert(&key, value).map_err(backend)?;
                 // Line entries after the record: one a crash left without its record would
                 // hold up its line (the start-up repair puts a missing one back).
                 for handler in record.order_keys.keys() {
@@ -1246,6 +1307,7 @@ impl DeliveryStore for SledStore {
             self.commit.wait().await?;
         }
         drop(guard);
+        self.reclaim_bodies().await?;
         Ok(done)
     }
 
