@@ -185,7 +185,16 @@ fn crash_cycles(contended: bool) {
                         return;
                     };
                     let id = id_of(i, copy, contended);
-                    let body = format!(r#"{{"type":"application.created","data":{{"n":{i}}}}}"#);
+                    // Every other body is long enough for the body log, so both kinds
+                    // of stored body are cut by the kills.
+                    let pad = if i % 2 == 0 {
+                        "p".repeat(400)
+                    } else {
+                        String::new()
+                    };
+                    let body = format!(
+                        r#"{{"type":"application.created","data":{{"n":{i},"pad":"{pad}"}}}}"#
+                    );
                     send_until_acknowledged(&client, &port, &cfg, &id, &body).await;
                     acked.fetch_add(1, Ordering::SeqCst);
                 }

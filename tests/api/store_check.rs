@@ -337,3 +337,61 @@ async fn a_store_of_the_old_queue_layout_is_upgraded_and_its_queue_runs() {
         .await
     );
 }
+
+/// A body in the body log whose bytes changed on disk is a violation `store check` names
+/// (its CRC no longer matches), where a clean one passes.
+#[tokio::test]
+async fn store_check_reports_a_body_log_entry_that_no_longer_matches() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let path = dir.path().join("data");
+    {
+        let store = open_raw(&path, true);
+        let config = Config::parse(
+            &format!("[sources.credicorp]\nsecrets = [\"{SECRET}\"]\n"),
+            "t.toml",
+        )
+        .expect("config");
+        let source = Source::named(&config, "credicorp").expect("source");
+        let pad = "p".repeat(500);
+        let body = Bytes::from(format!(r#"{{"type":"application.created","pad":"{pad}"}}"#));
+        let delivery =
+            webhook_inbox::testing::authenticated(&source, "msg_long", &body, SystemTime::now())
+                .expect("signed");
+        let now = webhook_inbox::clock::Clock::System.now_ms();
+        let new = NewDelivery::new(delivery, now, vec![], false).acknowledged(StoredResponse {
+            status: 202,
+            body: "{}".into(),
+        });
+        assert!(matches!(store.claim(new).await.expect("claim"), Claim::New));
+        assert_eq!(
+            store
+                .body(&DeliveryKey::new("credicorp", "msg_long"))
+                .await
+                .expect("body")
+                .as_deref(),
+            Some(&body[..])
+        );
+        assert_eq!(store.body_segments().expect("segments").len(), 1);
+        store.flush().await.expect("flush");
+    }
+    let config = config_file(dir.path());
+    let (code, text) = store_check(&config, false);
+    assert_eq!(code, 0, "{text}");
+
+    let segment = std::fs::read_dir(path.join("bodies"))
+        .expect("bodies dir")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.extension().is_some_and(|e| e == "log"))
+        .expect("a segment");
+    let mut bytes = std::fs::read(&segment).expect("read");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x20;
+    std::fs::write(&segment, bytes).expect("write");
+
+    let (code, text) = store_check(&config, false);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("credicorp/msg_long") && text.contains("checksum mismatch"),
+        "{text}"
+    );
+}

@@ -5,8 +5,8 @@ use std::collections::{HashMap, HashSet};
 
 use super::super::{CheckReport, DeliveryRecord, JobKey, JobState, JobStatus, StoreError};
 use super::encoding::{
-    backend, decode_delivery_key, decode_record, job_queue_key, pending_job, queue_key,
-    split_job_queue_key, split_time_key,
+    StoredBody, backend, decode_delivery_key, decode_record, job_queue_key, pending_job, queue_key,
+    split_delivery, split_job_queue_key, split_time_key,
 };
 use super::{Op, SledStore};
 
@@ -228,6 +228,15 @@ impl SledStore {
             let (k, v) = entry.map_err(backend)?;
             let record = decode_record(&v)?;
             report.deliveries += 1;
+            // A body in the body log must be there, whole (a record is never written
+            // ahead of its body).
+            if let (_, StoredBody::Logged(at)) = split_delivery(&v)?
+                && let Err(e) = self.bodies.read(&at)
+            {
+                report
+                    .violations
+                    .push(format!("{}: its body cannot be read: {e}", record.key()));
+            }
             if !indexed.contains(k.as_ref()) {
                 report.leftovers.push(format!(
                     "{}: missing from the received_at index (would never expire)",
