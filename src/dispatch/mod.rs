@@ -12,7 +12,7 @@
 //! Failures back off exponentially with jitter ([`backoff`]); after `max_attempts`, or a
 //! [`HandlerError::Permanent`], the pair is dead-lettered and kept.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +27,7 @@ use crate::clock::Clock;
 use crate::config::DispatchConfig;
 use crate::handlers::{Delivery, HandlerContext, HandlerError, HandlerRegistry};
 use crate::metrics::Metrics;
-use crate::store::{AttemptOutcome, Begin, DeliveryStore, JobKey, StoreError};
+use crate::store::{AttemptOutcome, Begin, DeliveryStore, JobKey, QueuedJob, SkipSet, StoreError};
 
 /// The delay before retry number `attempt` (1 after the first failure): doubling from
 /// `initial`, capped at `max`, plus up to half again of random jitter so that a burst of
@@ -44,6 +44,17 @@ pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
     };
     (base + Duration::from_millis(jitter)).min(max)
 }
+
+/// With a store of this process alone: how many due entries of a handler one queue read
+/// takes, kept in memory and started as slots free up. The entries being run stay at the
+/// front of the queue until their outcome is written, so a read that took only the free
+/// slots would walk past every running entry again for each run (the profile in
+/// BENCHMARKS.md: a quarter of the server's instructions). An entry that went stale while
+/// it waited here (an operator retry moved it, a pause) is caught by
+/// [`DeliveryStore::begin_attempt`], which re-checks it under the delivery's lock. With a
+/// shared store a read reserves its entries for this process, so there it takes only what
+/// it starts.
+pub const READ_AHEAD: usize = 64;
 
 /// With a store other processes share: how often the queue is read even without a notice
 /// of new work.
@@ -404,7 +415,7 @@ impl Dispatcher {
         let mut deferred: HashMap<JobKey, u64> = HashMap::new();
         // The pairs the queue reads pass over: those in flight and those deferred. Kept as
         // they change, not rebuilt each pass (a pass per finished run).
-        let mut skip: HashSet<JobKey> = HashSet::new();
+        let mut skip = SkipSet::default();
         // Other processes sharing the store announce their work; a notice can be lost (the
         // listening connection drops), so then the queue is also looked at every so often.
         let shared = self.runner.store.work_signal();
@@ -417,6 +428,9 @@ impl Dispatcher {
             Some(signal) => signal.notified().await,
             None => std::future::pending().await,
         };
+        let read_ahead = if shared.is_some() { 0 } else { READ_AHEAD };
+        // Due entries read ahead, per handler, not yet started.
+        let mut ready: HashMap<String, VecDeque<QueuedJob>> = HashMap::new();
         let mut handlers = HandlerTurns::new(&self.runner.registry);
         loop {
             let now = self.runner.clock.now_ms();
@@ -434,6 +448,9 @@ impl Dispatcher {
             }
             let mut free = concurrency.saturating_sub(running.len());
             let mut more_due = false;
+            // What this pass's queue reads found next, per handler: spares a second read
+            // to know when to look again.
+            let mut next_found: HashMap<String, Option<u64>> = HashMap::new();
             let mut running_of: HashMap<String, usize> = HashMap::new();
             for job in in_flight.values() {
                 *running_of.entry(job.handler.clone()).or_default() += 1;
@@ -448,20 +465,29 @@ impl Dispatcher {
                 if cap == 0 {
                     continue;
                 }
-                let due = match self
-                    .runner
-                    .store
-                    .due_jobs_of(&handler, now, cap, &skip)
-                    .await
-                {
-                    Ok(due) => due,
-                    Err(e) => {
-                        tracing::error!(error = %e, "reading the queue failed");
-                        store_failed = true;
-                        break;
+                let buffered = ready.entry(handler.clone()).or_default();
+                if buffered.is_empty() {
+                    let want = cap.max(read_ahead);
+                    match self
+                        .runner
+                        .store
+                        .due_jobs_and_next_of(&handler, now, want, &skip)
+                        .await
+                    {
+                        Ok((due, next)) => {
+                            buffered.extend(due);
+                            next_found.insert(handler.clone(), next);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "reading the queue failed");
+                            store_failed = true;
+                            break;
+                        }
                     }
-                };
-                more_due |= due.len() == cap;
+                }
+                let take = cap.min(buffered.len());
+                let due: Vec<QueuedJob> = buffered.drain(..take).collect();
+                more_due |= take == cap && (!buffered.is_empty() || read_ahead == 0);
                 for entry in due {
                     handlers.started(&handler, now);
                     *running_of.entry(handler.clone()).or_default() += 1;
@@ -494,7 +520,14 @@ impl Dispatcher {
             } else {
                 let mut next = first_deferred;
                 for handler in handlers.runnable(&running_of) {
-                    match self.runner.store.next_due_of(&handler, &skip).await {
+                    let read = match ready.get(&handler).and_then(|b| b.front()) {
+                        Some(entry) => Ok(Some(entry.due_ms)),
+                        None => match next_found.get(&handler) {
+                            Some(next) => Ok(*next),
+                            None => self.runner.store.next_due_of(&handler, &skip).await,
+                        },
+                    };
+                    match read {
                         Ok(Some(due)) => {
                             let at = due.max(handlers.next_start(&handler));
                             next = Some(next.map_or(at, |n| n.min(at)));

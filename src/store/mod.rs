@@ -533,6 +533,60 @@ pub struct QueuedJob {
     pub job: JobKey,
 }
 
+/// The pairs a queue read passes over (those running here, or held by another runner),
+/// each kept with its encoded key as well, so that a store can test its raw queue entries
+/// without decoding them: the entries being run stay at the front of the queue until their
+/// outcome is written, and every read walks past them.
+#[derive(Debug, Clone, Default)]
+pub struct SkipSet {
+    keys: HashSet<JobKey>,
+    encoded: HashSet<Vec<u8>>,
+}
+
+impl SkipSet {
+    /// Adds `job`; false if it was there.
+    pub fn insert(&mut self, job: JobKey) -> bool {
+        self.encoded.insert(job.encode());
+        self.keys.insert(job)
+    }
+
+    /// Removes `job`; false if it was not there.
+    pub fn remove(&mut self, job: &JobKey) -> bool {
+        self.encoded.remove(&job.encode());
+        self.keys.remove(job)
+    }
+
+    /// Whether `job` is passed over.
+    pub fn contains(&self, job: &JobKey) -> bool {
+        self.keys.contains(job)
+    }
+
+    /// Whether the job whose [`JobKey::encode`] is `encoded` is passed over.
+    pub fn contains_encoded(&self, encoded: &[u8]) -> bool {
+        !self.encoded.is_empty() && self.encoded.contains(encoded)
+    }
+
+    /// How many pairs are passed over.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+impl FromIterator<JobKey> for SkipSet {
+    fn from_iter<I: IntoIterator<Item = JobKey>>(iter: I) -> Self {
+        let mut set = SkipSet::default();
+        for job in iter {
+            set.insert(job);
+        }
+        set
+    }
+}
+
 /// Everything a handler run needs, read at the start of an attempt.
 #[derive(Debug, Clone)]
 pub struct AttemptContext {
@@ -662,11 +716,11 @@ pub trait DeliveryStore: Send + Sync + 'static {
         &self,
         now_ms: u64,
         limit: usize,
-        skip: &HashSet<JobKey>,
+        skip: &SkipSet,
     ) -> Result<Vec<QueuedJob>, StoreError>;
 
     /// Due time of the earliest queue entry not in `skip`.
-    async fn next_due_ms(&self, skip: &HashSet<JobKey>) -> Result<Option<u64>, StoreError>;
+    async fn next_due_ms(&self, skip: &SkipSet) -> Result<Option<u64>, StoreError>;
 
     /// [`DeliveryStore::due_jobs`] of one handler only: what the dispatcher reads, for the
     /// handlers it may run now, so that a paused or limited handler's backlog costs nothing.
@@ -675,15 +729,32 @@ pub trait DeliveryStore: Send + Sync + 'static {
         handler: &str,
         now_ms: u64,
         limit: usize,
-        skip: &HashSet<JobKey>,
+        skip: &SkipSet,
     ) -> Result<Vec<QueuedJob>, StoreError>;
 
     /// [`DeliveryStore::next_due_ms`] of one handler only.
-    async fn next_due_of(
+    async fn next_due_of(&self, handler: &str, skip: &SkipSet) -> Result<Option<u64>, StoreError>;
+
+    /// [`DeliveryStore::due_jobs_of`], and the due time of the first entry after those
+    /// returned (not in `skip`; due or not, `None`: there is none): what the dispatcher
+    /// needs to know when to look again, in one read where the two calls make two. The
+    /// default makes the two; a store whose read walks past the running entries each time
+    /// does better in one.
+    async fn due_jobs_and_next_of(
         &self,
         handler: &str,
-        skip: &HashSet<JobKey>,
-    ) -> Result<Option<u64>, StoreError>;
+        now_ms: u64,
+        limit: usize,
+        skip: &SkipSet,
+    ) -> Result<(Vec<QueuedJob>, Option<u64>), StoreError> {
+        let due = self.due_jobs_of(handler, now_ms, limit, skip).await?;
+        let mut past = skip.clone();
+        for q in &due {
+            past.insert(q.job.clone());
+        }
+        let next = self.next_due_of(handler, &past).await?;
+        Ok((due, next))
+    }
 
     /// Starts a run of `job`: marks it running under a lease until `lease_until_ms` and
     /// counts the attempt, durably, so a run interrupted by a crash is retried with a

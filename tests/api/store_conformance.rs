@@ -690,7 +690,71 @@ async fn a_bulk_retry_of_dead_ordered_pairs_keeps_one_per_line_running(store: St
     assert_eq!(store.dead_letters().await.expect("dead"), 0);
 }
 
+/// One queue read gives the due entries (up to the limit, past the skipped ones) and the due
+/// time of the first entry after them, due or not: what the dispatcher looks again by.
+async fn a_queue_read_tells_when_the_next_entry_is_due(store: Store) {
+    for id in ["q1", "q2", "q3"] {
+        store
+            .claim(new(id, &format!("{{\"n\":\"{id}\"}}"), &["h"], false))
+            .await
+            .expect("claim");
+    }
+    let none = webhook_inbox::store::SkipSet::default();
+    let (due, next) = store
+        .due_jobs_and_next_of("h", NOW, 2, &none)
+        .await
+        .expect("read");
+    assert_eq!(due.len(), 2);
+    assert_eq!(next, Some(NOW - 1000), "a third entry, due too");
+    let first = due[0].job.clone();
+    let skip: webhook_inbox::store::SkipSet = [first.clone()].into_iter().collect();
+    let (due, next) = store
+        .due_jobs_and_next_of("h", NOW, 5, &skip)
+        .await
+        .expect("read");
+    assert_eq!(due.len(), 2);
+    assert!(
+        due.iter().all(|q| q.job != first),
+        "the skipped entry is passed over"
+    );
+    assert_eq!(next, None);
+    // One entry moved to later: read past the due ones, its time comes back.
+    let Begin::Started(a) = store
+        .begin_attempt(&first, Some(NOW - 1000), NOW, LEASE)
+        .await
+        .expect("begin")
+    else {
+        panic!("runnable")
+    };
+    store
+        .finish_attempt(
+            &first,
+            a.attempt,
+            AttemptOutcome::RetryAt {
+                due_ms: NOW + 5000,
+                error: "down".into(),
+            },
+            NOW,
+        )
+        .await
+        .expect("finish");
+    let (due, next) = store
+        .due_jobs_and_next_of("h", NOW, 5, &none)
+        .await
+        .expect("read");
+    assert_eq!(due.len(), 2);
+    assert_eq!(next, Some(NOW + 5000));
+    let (due, next) = store
+        .due_jobs_and_next_of("other", NOW, 5, &none)
+        .await
+        .expect("read");
+    assert!(due.is_empty() && next.is_none());
+}
+
 const CASES: &[(&str, Case)] = &[
+    ("a_queue_read_tells_when_the_next_entry_is_due", |s| {
+        Box::pin(a_queue_read_tells_when_the_next_entry_is_due(s))
+    }),
     (
         "an_ordered_line_runs_one_pair_at_a_time_in_received_order",
         |s| Box::pin(an_ordered_line_runs_one_pair_at_a_time_in_received_order(s)),

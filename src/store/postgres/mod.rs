@@ -75,8 +75,8 @@ pub use schema::migrate;
 use super::{
     AttemptContext, AttemptOutcome, Begin, Claim, Cursor, DeliveryKey, DeliveryRecord,
     DeliveryStatus, DeliveryStore, DeliverySummary, Expired, JobKey, JobState, JobStatus,
-    KeptFingerprint, Lease, NewDelivery, Page, QueuedJob, RetryFilter, StoreError, StoredResponse,
-    TakeOver,
+    KeptFingerprint, Lease, NewDelivery, Page, QueuedJob, RetryFilter, SkipSet, StoreError,
+    StoredResponse, TakeOver,
 };
 use crate::config::Durability;
 
@@ -580,7 +580,7 @@ impl PgStore {
         handler: Option<&str>,
         now_ms: u64,
         limit: usize,
-        skip: &HashSet<JobKey>,
+        skip: &SkipSet,
     ) -> Result<Vec<QueuedJob>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());
@@ -635,7 +635,7 @@ impl PgStore {
     async fn next_due(
         &self,
         handler: Option<&str>,
-        skip: &HashSet<JobKey>,
+        skip: &SkipSet,
     ) -> Result<Option<u64>, StoreError> {
         let of_handler = if handler.is_some() {
             "AND handler = $2"
@@ -1123,7 +1123,7 @@ impl DeliveryStore for PgStore {
         &self,
         now_ms: u64,
         limit: usize,
-        skip: &HashSet<JobKey>,
+        skip: &SkipSet,
     ) -> Result<Vec<QueuedJob>, StoreError> {
         self.reserve_due(None, now_ms, limit, skip).await
     }
@@ -1133,20 +1133,16 @@ impl DeliveryStore for PgStore {
         handler: &str,
         now_ms: u64,
         limit: usize,
-        skip: &HashSet<JobKey>,
+        skip: &SkipSet,
     ) -> Result<Vec<QueuedJob>, StoreError> {
         self.reserve_due(Some(handler), now_ms, limit, skip).await
     }
 
-    async fn next_due_ms(&self, skip: &HashSet<JobKey>) -> Result<Option<u64>, StoreError> {
+    async fn next_due_ms(&self, skip: &SkipSet) -> Result<Option<u64>, StoreError> {
         self.next_due(None, skip).await
     }
 
-    async fn next_due_of(
-        &self,
-        handler: &str,
-        skip: &HashSet<JobKey>,
-    ) -> Result<Option<u64>, StoreError> {
+    async fn next_due_of(&self, handler: &str, skip: &SkipSet) -> Result<Option<u64>, StoreError> {
         self.next_due(Some(handler), skip).await
     }
 
