@@ -12,9 +12,13 @@
 //! # Durability and crashes
 //!
 //! A body is appended (a `write` to the OS) *before* the record that points at it is
-//! inserted into sled, and the group commit syncs the body segments *before* sled's log
-//! ([`super::disk`]). So a record that is on disk has its body on disk, after a kill -9
-//! (the OS holds both) and, for what was acknowledged, after a power loss. Bytes a crash
+//! inserted into sled, and the group commit syncs the body segments alongside sled's log
+//! ([`super::disk`]) before it wakes anyone. So after a kill -9 every record has its body
+//! (the OS holds both), and after a power loss every *acknowledged* record has. A record
+//! nobody was told of may reach the disk without its body if the power fails between the
+//! two syncs (or when the OS writes sled's pages back first, as it may at any time): its
+//! sender retries, is answered from the record, and its runs fail on the body's checksum
+//! (dead-lettered, and named by `store check`) rather than see wrong bytes. Bytes a crash
 //! left without a record (a claim that lost its race, or died before its record) are
 //! never read; they go with their segment. A body whose bytes do not match its CRC reads
 //! as [`StoreError::Corrupt`], never as a wrong body.
@@ -315,6 +319,16 @@ impl BodyLog {
             )));
         }
         Ok(Bytes::from(body))
+    }
+
+    /// Whether some body appended is not synced yet.
+    pub fn has_unsynced(&self) -> bool {
+        !self
+            .unsynced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .files
+            .is_empty()
     }
 
     /// Makes every body appended so far durable. Run by the group commit before sled's
