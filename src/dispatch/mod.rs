@@ -9,6 +9,14 @@
 //! runs again with `attempt + 1` and the same idempotency key. Start-up therefore costs what
 //! is queued, not what is stored.
 //!
+//! What a pass costs is kept off the number of runs in flight, since the entries being
+//! run stay at the front of the queue: with a store of this process alone the dispatcher
+//! reads [`READ_AHEAD`] due entries at once and starts them as slots free up, the next
+//! read starts past the last entry read (and from the front at least every
+//! [`FRONT_READ_EVERY_MS`]), the same read tells when to look next, and skipped entries
+//! are recognised by their raw keys ([`crate::store::SkipSet`]). Whatever went stale in
+//! between is caught by `begin_attempt`, under the delivery's lock.
+//!
 //! Failures back off exponentially with jitter ([`backoff`]); after `max_attempts`, or a
 //! [`HandlerError::Permanent`], the pair is dead-lettered and kept.
 
@@ -55,6 +63,21 @@ pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
 /// shared store a read reserves its entries for this process, so there it takes only what
 /// it starts.
 pub const READ_AHEAD: usize = 64;
+
+/// With read-ahead, a handler's queue is read from past the last entry read, not from its
+/// front (past every entry being run, again); but entries queued before that one (a
+/// delivery whose request began earlier, a retry due earlier) are then only seen by a read
+/// from the front, which comes at least this often while the handler has work.
+const FRONT_READ_EVERY_MS: u64 = 500;
+
+/// Where the next read of a handler's queue starts.
+#[derive(Default)]
+struct ReadPosition {
+    /// The last entry read: the next read starts past it. `None`: at the front.
+    after: Option<QueuedJob>,
+    /// When the queue was last read from its front (ms since the epoch).
+    front_read_ms: u64,
+}
 
 /// With a store other processes share: how often the queue is read even without a notice
 /// of new work.
@@ -431,6 +454,9 @@ impl Dispatcher {
         let read_ahead = if shared.is_some() { 0 } else { READ_AHEAD };
         // Due entries read ahead, per handler, not yet started.
         let mut ready: HashMap<String, VecDeque<QueuedJob>> = HashMap::new();
+        let mut positions: HashMap<String, ReadPosition> = HashMap::new();
+        // Runs in flight per handler, kept as runs start and end.
+        let mut running_of: HashMap<String, usize> = HashMap::new();
         let mut handlers = HandlerTurns::new(&self.runner.registry);
         loop {
             let now = self.runner.clock.now_ms();
@@ -451,10 +477,6 @@ impl Dispatcher {
             // What this pass's queue reads found next, per handler: spares a second read
             // to know when to look again.
             let mut next_found: HashMap<String, Option<u64>> = HashMap::new();
-            let mut running_of: HashMap<String, usize> = HashMap::new();
-            for job in in_flight.values() {
-                *running_of.entry(job.handler.clone()).or_default() += 1;
-            }
             // Each handler's own queue, only of the handlers that may start a run now: a
             // paused or limited handler's backlog is not read at all.
             for handler in handlers.in_turn() {
@@ -468,13 +490,38 @@ impl Dispatcher {
                 let buffered = ready.entry(handler.clone()).or_default();
                 if buffered.is_empty() {
                     let want = cap.max(read_ahead);
-                    match self
+                    let position = positions.entry(handler.clone()).or_default();
+                    let from_front = read_ahead == 0
+                        || position.after.is_none()
+                        || now >= position.front_read_ms + FRONT_READ_EVERY_MS;
+                    let after = if from_front {
+                        None
+                    } else {
+                        position.after.as_ref()
+                    };
+                    let read = self
                         .runner
                         .store
-                        .due_jobs_and_next_of(&handler, now, want, &skip)
-                        .await
-                    {
+                        .due_jobs_and_next_of(&handler, now, want, &skip, after)
+                        .await;
+                    match read {
                         Ok((due, next)) => {
+                            if from_front {
+                                position.front_read_ms = now;
+                            }
+                            // A front read that found nothing: the queue is drained, and the
+                            // next read starts at the front again.
+                            if due.last().is_some() || from_front {
+                                position.after = due.last().cloned();
+                            }
+                            // What a read past the last one cannot see is seen by the next
+                            // read from the front: by then at the latest.
+                            let next = if position.after.is_some() {
+                                let front = position.front_read_ms + FRONT_READ_EVERY_MS;
+                                Some(next.map_or(front, |n| n.min(front)))
+                            } else {
+                                next
+                            };
                             buffered.extend(due);
                             next_found.insert(handler.clone(), next);
                         }
@@ -551,6 +598,9 @@ impl Dispatcher {
                         Err(e) => (e.id(), None),
                     };
                     if let Some(job) = in_flight.remove(&id) {
+                        if let Some(n) = running_of.get_mut(&job.handler) {
+                            *n = n.saturating_sub(1);
+                        }
                         match busy {
                             // Held by another runner: skipped until its hold ends.
                             Some((held, until)) => {

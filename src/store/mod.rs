@@ -737,16 +737,22 @@ pub trait DeliveryStore: Send + Sync + 'static {
 
     /// [`DeliveryStore::due_jobs_of`], and the due time of the first entry after those
     /// returned (not in `skip`; due or not, `None`: there is none): what the dispatcher
-    /// needs to know when to look again, in one read where the two calls make two. The
-    /// default makes the two; a store whose read walks past the running entries each time
-    /// does better in one.
+    /// needs to know when to look again, in one read where the two calls make two.
+    ///
+    /// `after` is a hint: the read may start past that entry instead of at the front of the
+    /// queue, so that it does not walk again past the entries being run (they stay at the
+    /// front until their outcome is written). Entries queued before it are then not seen:
+    /// the caller reads from the front now and then. The default ignores it and makes the
+    /// two calls; a store whose read walks past the running entries does better.
     async fn due_jobs_and_next_of(
         &self,
         handler: &str,
         now_ms: u64,
         limit: usize,
         skip: &SkipSet,
+        after: Option<&QueuedJob>,
     ) -> Result<(Vec<QueuedJob>, Option<u64>), StoreError> {
+        let _ = after;
         let due = self.due_jobs_of(handler, now_ms, limit, skip).await?;
         let mut past = skip.clone();
         for q in &due {

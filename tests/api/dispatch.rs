@@ -427,3 +427,41 @@ async fn retention_forgets_expired_ids_and_keeps_the_rest() {
         1
     );
 }
+
+/// The dispatcher reads a handler's queue from past the last entry it read; entries queued
+/// behind that point (a request that began earlier, a retry due earlier) are still run, by
+/// the read from the front that comes at least every half second.
+#[tokio::test(start_paused = true)]
+async fn entries_queued_behind_the_read_position_still_run() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let store = open(dir.path());
+    let clock = Clock::tokio();
+    let steady = Timed::new(clock, 0);
+    let now = clock.now_ms();
+    for i in 0..100 {
+        claim(&*store, &format!("msg_now_{i}"), &["steady"], now).await;
+    }
+    let (stop, task) = start(
+        store.clone(),
+        clock,
+        vec![Registration::new("steady", steady.clone())],
+    );
+    until(async || steady.runs().len() >= 100).await;
+    // Received a minute before everything already read: queued ahead of the read position.
+    for i in 0..20 {
+        claim(
+            &*store,
+            &format!("msg_earlier_{i}"),
+            &["steady"],
+            now - 60_000,
+        )
+        .await;
+    }
+    until(async || steady.runs().len() >= 120).await;
+    stop.cancel();
+    task.await.expect("dispatcher stops");
+    let keys: std::collections::HashSet<String> =
+        steady.runs().into_iter().map(|(_, key, _)| key).collect();
+    assert_eq!(keys.len(), 120, "each delivery ran once");
+    assert_eq!(steady.runs().len(), 120);
+}

@@ -701,7 +701,7 @@ async fn a_queue_read_tells_when_the_next_entry_is_due(store: Store) {
     }
     let none = webhook_inbox::store::SkipSet::default();
     let (due, next) = store
-        .due_jobs_and_next_of("h", NOW, 2, &none)
+        .due_jobs_and_next_of("h", NOW, 2, &none, None)
         .await
         .expect("read");
     assert_eq!(due.len(), 2);
@@ -709,7 +709,7 @@ async fn a_queue_read_tells_when_the_next_entry_is_due(store: Store) {
     let first = due[0].job.clone();
     let skip: webhook_inbox::store::SkipSet = [first.clone()].into_iter().collect();
     let (due, next) = store
-        .due_jobs_and_next_of("h", NOW, 5, &skip)
+        .due_jobs_and_next_of("h", NOW, 5, &skip, None)
         .await
         .expect("read");
     assert_eq!(due.len(), 2);
@@ -739,13 +739,13 @@ async fn a_queue_read_tells_when_the_next_entry_is_due(store: Store) {
         .await
         .expect("finish");
     let (due, next) = store
-        .due_jobs_and_next_of("h", NOW, 5, &none)
+        .due_jobs_and_next_of("h", NOW, 5, &none, None)
         .await
         .expect("read");
     assert_eq!(due.len(), 2);
     assert_eq!(next, Some(NOW + 5000));
     let (due, next) = store
-        .due_jobs_and_next_of("other", NOW, 5, &none)
+        .due_jobs_and_next_of("other", NOW, 5, &none, None)
         .await
         .expect("read");
     assert!(due.is_empty() && next.is_none());

@@ -560,26 +560,48 @@ impl SledStore {
         handler: &str,
         skip: &SkipSet,
     ) -> impl Iterator<Item = Result<QueuedJob, StoreError>> {
-        self.queue
-            .scan_prefix(handler_queue_prefix(handler.as_bytes()))
-            .keys()
-            .filter_map(move |k| {
-                let k = match k {
-                    Ok(k) => k,
-                    Err(e) => return Some(Err(backend(e))),
-                };
-                let Some((due_ms, job)) = split_job_queue_key(&k) else {
-                    return Some(Err(StoreError::Corrupt("queue key".into())));
-                };
-                // Tested raw: most of what is skipped is decoded for nothing otherwise.
-                if skip.contains_encoded(job) {
-                    return None;
-                }
-                Some(Ok(QueuedJob {
-                    due_ms,
-                    job: JobKey::decode(job)?,
-                }))
-            })
+        self.handler_queue_after(handler, None, skip)
+    }
+
+    /// [`SledStore::handler_queue`] from past the entry `after` (its front if `None`).
+    fn handler_queue_after(
+        &self,
+        handler: &str,
+        after: Option<&QueuedJob>,
+        skip: &SkipSet,
+    ) -> impl Iterator<Item = Result<QueuedJob, StoreError>> {
+        let prefix = handler_queue_prefix(handler.as_bytes());
+        let start = match after {
+            // The least key past `after`'s.
+            Some(q) => {
+                let mut k = job_queue_key(q.due_ms, &q.job.encode());
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        // Past every key of this handler: `handler \x01` sorts after `handler \0 …`.
+        let mut end = prefix;
+        if let Some(last) = end.last_mut() {
+            *last = 1;
+        }
+        self.queue.range(start..end).keys().filter_map(move |k| {
+            let k = match k {
+                Ok(k) => k,
+                Err(e) => return Some(Err(backend(e))),
+            };
+            let Some((due_ms, job)) = split_job_queue_key(&k) else {
+                return Some(Err(StoreError::Corrupt("queue key".into())));
+            };
+            // Tested raw: most of what is skipped is decoded for nothing otherwise.
+            if skip.contains_encoded(job) {
+                return None;
+            }
+            Some(Ok(QueuedJob {
+                due_ms,
+                job: JobKey::decode(job)?,
+            }))
+        })
     }
 
     /// The handlers with queue entries: one seek per handler, not a walk of the queue.
@@ -961,9 +983,10 @@ impl DeliveryStore for SledStore {
         now_ms: u64,
         limit: usize,
         skip: &SkipSet,
+        after: Option<&QueuedJob>,
     ) -> Result<(Vec<QueuedJob>, Option<u64>), StoreError> {
         let mut out = Vec::new();
-        for entry in self.handler_queue(handler, skip) {
+        for entry in self.handler_queue_after(handler, after, skip) {
             let entry = entry?;
             if entry.due_ms > now_ms || out.len() >= limit {
                 return Ok((out, Some(entry.due_ms)));
