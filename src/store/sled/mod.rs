@@ -1,12 +1,13 @@
 //! The sled implementation of [`DeliveryStore`].
 //!
 //! Files: this one (opening, locks, the trait), `encoding` (key and value layouts), `disk`
-//! (what a flush to disk is), `check` (invariant check and start-up repair), `listing`
+//! (what a flush to disk is), `bodies` (the body log: bodies of 256 bytes or more, in
+//! segment files beside sled's), `check` (invariant check and start-up repair), `listing`
 //! (admin listings), `order` (the `order_by` lines).
 //!
 //! | tree         | key                              | value                                   |
 //! |--------------|----------------------------------|-----------------------------------------|
-//! | `deliveries` | `source \0 id`                   | u32 BE length, [`DeliveryRecord`] JSON, raw body |
+//! | `deliveries` | `source \0 id`                   | u32 BE length, [`DeliveryRecord`] JSON, then the raw body, or (length's top bit set) where it lies in the body log |
 //! | `jobs`       | `source \0 id \0 handler`        | [`JobState`], JSON (absent: pending)    |
 //! | `handler_queue` | handler `\0` due ms (u64 BE) ++ job key | empty (the queue, per handler; a store of the older layout, one tree `queue` keyed by due ms first, is moved here when opened) |
 //! | `received`   | received ms (u64 BE) ++ `source \0 id` | empty                            |
@@ -14,7 +15,7 @@
 //! | `fp_expiry`  | received ms (u64 BE) ++ body index key | empty: fingerprints kept past their delivery |
 //! | `dead`       | job key                          | empty (dead letters)                    |
 //! | `order`      | handler `\0` value hash (16 bytes) received ms (u64 BE) `source \0 id` | empty: the `order_by` lines (see `order`) |
-//! | `meta`       | name                             | the start-up repair's watermark; `paused\0` ++ handler: a paused handler |
+//! | `meta`       | name                             | the start-up repair's watermark; `paused\0` ++ handler: a paused handler; `body-segment\0` ++ segment (u64 BE): its bound (see `bodies`) |
 //!
 //! Big-endian times make sled's key order the time order, so "what is due" and "what has
 //! expired" are range scans from the front. JSON keeps records readable and lets later
@@ -41,7 +42,8 @@
 //! sled recovers a prefix of its log, so within an operation the order of writes is the
 //! order a crash can cut. Each operation writes the ways in before what they lead to and
 //! removes old ways in last:
-//! - claim: received_at index, queue entries, body index, then the record (a crash before
+//! - claim: received_at index, queue entries, body index, the body appended to the body
+//!   log (and its segment's bound raised, when needed), then the record (a crash before
 //!   the record leaves entries that point at nothing: dispatch and retention drop them),
 //!   then its `order_by` line entries (a crash before them leaves a pair outside its line:
 //!   the start-up repair puts it back);
