@@ -27,6 +27,16 @@ fn config_file(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
+/// The `credicorp` source of a minimal config, to sign deliveries with.
+fn credicorp() -> Source {
+    let config = Config::parse(
+        &format!("[sources.credicorp]\nsecrets = [\"{SECRET}\"]\n"),
+        "t.toml",
+    )
+    .expect("config");
+    Source::named(&config, "credicorp").expect("source")
+}
+
 /// Waits for sled's file lock of a store dropped in this process to be released.
 fn open_raw(path: &std::path::Path, repair: bool) -> SledStore {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -61,12 +71,7 @@ async fn damaged_store(dir: &std::path::Path) {
     let path = dir.join("data");
     {
         let store = open_raw(&path, true);
-        let config = Config::parse(
-            &format!("[sources.credicorp]\nsecrets = [\"{SECRET}\"]\n"),
-            "t.toml",
-        )
-        .expect("config");
-        let source = Source::named(&config, "credicorp").expect("source");
+        let source = credicorp();
         let body = Bytes::from_static(br#"{"type":"application.created"}"#);
         let delivery =
             webhook_inbox::testing::authenticated(&source, "msg_lost", &body, SystemTime::now())
@@ -346,12 +351,7 @@ async fn store_check_reports_a_body_log_entry_that_no_longer_matches() {
     let path = dir.path().join("data");
     {
         let store = open_raw(&path, true);
-        let config = Config::parse(
-            &format!("[sources.credicorp]\nsecrets = [\"{SECRET}\"]\n"),
-            "t.toml",
-        )
-        .expect("config");
-        let source = Source::named(&config, "credicorp").expect("source");
+        let source = credicorp();
         let pad = "p".repeat(500);
         let body = Bytes::from(format!(r#"{{"type":"application.created","pad":"{pad}"}}"#));
         let delivery =

@@ -221,17 +221,7 @@ impl BodyLog {
             u32::try_from(body.len()).map_err(|_| StoreError::Backend("body over 4 GiB".into()))?;
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
         if active.file.is_some() && active.len + body.len() as u64 > self.settings.segment_bytes {
-            let sealed = active.segment;
-            self.sealed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(sealed, active.bound);
-            *active = Active {
-                segment: sealed + 1,
-                file: None,
-                len: 0,
-                bound: 0,
-            };
+            self.seal(&mut active);
         }
         if received_at_ms > active.bound {
             let bound = received_at_ms.saturating_add(self.settings.bound_step_ms);
@@ -266,17 +256,7 @@ impl BodyLog {
         if let Err(e) = (&*file).write_all(body) {
             // Part of it may be in the file: nothing more goes after it, so that the
             // offsets of this segment stay right.
-            let broken = active.segment;
-            self.sealed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(broken, active.bound);
-            *active = Active {
-                segment: broken + 1,
-                file: None,
-                len: 0,
-                bound: 0,
-            };
+            self.seal(&mut active);
             return Err(io(e));
         }
         let at = BodyRef {
@@ -292,6 +272,21 @@ impl BodyLog {
             .files
             .insert(active.segment, file);
         Ok(at)
+    }
+
+    /// Seals the active segment (with the bound it has) and makes the next one active; its
+    /// file is created at its first append.
+    fn seal(&self, active: &mut Active) {
+        self.sealed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(active.segment, active.bound);
+        *active = Active {
+            segment: active.segment + 1,
+            file: None,
+            len: 0,
+            bound: 0,
+        };
     }
 
     /// The body at `at`, checked against its CRC.
