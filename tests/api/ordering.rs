@@ -410,18 +410,27 @@ mod cut {
             .block_on(f)
     }
 
+    /// Opens the store. A store dropped a moment ago in this process (the one that "died")
+    /// may still hold sled's file lock while sled's own threads wind down: retried until
+    /// a deadline.
     pub fn open(path: &std::path::Path, probe: Option<Arc<DieAt>>, repair: bool) -> SledStore {
-        SledStore::open_with(
-            path,
-            Durability::Fsync,
-            4 << 20,
-            SledOptions {
-                probe: probe.map(|p| p as Arc<dyn StoreProbe>),
-                repair_on_open: repair,
-                ..SledOptions::default()
-            },
-        )
-        .expect("store")
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            match SledStore::open_with(
+                path,
+                Durability::Fsync,
+                4 << 20,
+                SledOptions {
+                    probe: probe.clone().map(|p| p as Arc<dyn StoreProbe>),
+                    repair_on_open: repair,
+                    ..SledOptions::default()
+                },
+            ) {
+                Ok(store) => return store,
+                Err(e) if std::time::Instant::now() > deadline => panic!("store: {e:?}"),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
     }
 
     /// Delivery `seq` of application 0, ordered by it for handler `h`.
