@@ -719,25 +719,15 @@ async fn a_queue_read_tells_when_the_next_entry_is_due(store: Store) {
     );
     assert_eq!(next, None);
     // One entry moved to later: read past the due ones, its time comes back.
-    let Begin::Started(a) = store
-        .begin_attempt(&first, Some(NOW - 1000), NOW, LEASE)
-        .await
-        .expect("begin")
-    else {
-        panic!("runnable")
-    };
-    store
-        .finish_attempt(
-            &first,
-            a.attempt,
-            AttemptOutcome::RetryAt {
-                due_ms: NOW + 5000,
-                error: "down".into(),
-            },
-            NOW,
-        )
-        .await
-        .expect("finish");
+    run_once(
+        &store,
+        &first.delivery.id,
+        AttemptOutcome::RetryAt {
+            due_ms: NOW + 5000,
+            error: "down".into(),
+        },
+    )
+    .await;
     let (due, next) = store
         .due_jobs_and_next_of("h", NOW, 5, &none, None)
         .await

@@ -150,6 +150,13 @@ fn io(e: std::io::Error) -> StoreError {
     StoreError::Backend(format!("body log: {e}"))
 }
 
+/// The segment number of a file named like [`BodyLog::path`] makes them; `None` for any
+/// other file.
+fn segment_of(name: &std::ffi::OsStr) -> Option<u64> {
+    let name = name.to_str()?.strip_suffix(".log")?;
+    u64::from_str_radix(name, 16).ok()
+}
+
 fn bound_key(segment: u64) -> Vec<u8> {
     [BOUND, &segment.to_be_bytes()[..]].concat()
 }
@@ -181,12 +188,7 @@ impl BodyLog {
         let mut last = sealed.keys().next_back().copied().unwrap_or(0);
         for entry in std::fs::read_dir(dir).map_err(io)? {
             let entry = entry.map_err(io)?;
-            let name = entry.file_name();
-            let Some(segment) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".log"))
-                .and_then(|n| u64::from_str_radix(n, 16).ok())
-            else {
+            let Some(segment) = segment_of(&entry.file_name()) else {
                 continue;
             };
             last = last.max(segment);
@@ -388,12 +390,7 @@ impl BodyLog {
     pub fn segments(&self) -> Result<Vec<u64>, StoreError> {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&self.dir).map_err(io)? {
-            let name = entry.map_err(io)?.file_name();
-            if let Some(segment) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".log"))
-                .and_then(|n| u64::from_str_radix(n, 16).ok())
-            {
+            if let Some(segment) = segment_of(&entry.map_err(io)?.file_name()) {
                 out.push(segment);
             }
         }

@@ -968,15 +968,9 @@ impl DeliveryStore for SledStore {
         limit: usize,
         skip: &SkipSet,
     ) -> Result<Vec<QueuedJob>, StoreError> {
-        let mut out = Vec::new();
-        for entry in self.handler_queue(handler, skip) {
-            let entry = entry?;
-            if entry.due_ms > now_ms || out.len() >= limit {
-                break;
-            }
-            out.push(entry);
-        }
-        Ok(out)
+        self.due_jobs_and_next_of(handler, now_ms, limit, skip, None)
+            .await
+            .map(|(due, _)| due)
     }
 
     async fn due_jobs_and_next_of(
