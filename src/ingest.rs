@@ -23,12 +23,12 @@ use tracing::Instrument as _;
 
 use crate::clock::Clock;
 use crate::config::AckMode;
-use crate::dispatch::{RunResult, Runner};
+use crate::dispatch::{Held, RunResult, Runner, hold_lease};
 use crate::domain::Headers;
 use crate::handlers::HandlerRegistry;
 use crate::store::{
-    Claim, DeliveryRecord, DeliveryStore, JobStatus, NewDelivery, StoreError, StoredResponse,
-    TakeOver,
+    Claim, DeliveryRecord, DeliveryStore, JobStatus, Lease, NewDelivery, StoreError,
+    StoredResponse, TakeOver,
 };
 use crate::verify::{AuthError, Authenticated, AuthenticatedDelivery, Source};
 
@@ -253,7 +253,10 @@ impl Ingest {
                 let response = first_response(new.record(), false);
                 new.acknowledged(response).ordered(routing.order_keys)
             }
-            AckMode::Processed => new.leased_until(received_at_ms + lease_ms(source)),
+            AckMode::Processed => new.leased(Lease {
+                owner: Lease::new_owner(),
+                until_ms: received_at_ms + lease_ms(source),
+            }),
         }
     }
 
@@ -272,7 +275,14 @@ impl Ingest {
         let now = self.clock.now_ms();
         match self
             .store
-            .take_over(&existing.key(), now, now + lease_ms(source))
+            .take_over(
+                &existing.key(),
+                now,
+                Lease {
+                    owner: Lease::new_owner(),
+                    until_ms: now + lease_ms(source),
+                },
+            )
             .await?
         {
             TakeOver::Final(r) => {
@@ -289,8 +299,10 @@ impl Ingest {
     /// `ack = "processed"`: run every handler that has not yet succeeded, then store the 200
     /// (all succeeded) or release the lease and fail with [`IngestError::HandlerFailed`]
     /// (the sender's retry re-runs only the failures). The lease is renewed while the
-    /// handlers run, so a slow handler never lets a second copy take over beside it; a
-    /// handler that another runner holds (an operator retry running in the background)
+    /// handlers run, so a slow handler never lets a second copy take over beside it; when
+    /// it can no longer be proven held, the handlers are stopped and the sender gets 503
+    /// (invariant 6). A handler that another runner holds (an operator retry running in the
+    /// background), or whose turn (`concurrency`, `rate`) does not come within the lease,
     /// makes it [`IngestError::InProgress`]. Runs as its own task so a sender hanging up
     /// does not cut a handler short.
     async fn process_inline(
@@ -306,65 +318,109 @@ impl Ingest {
                 .instrument(tracing::Span::current()),
         );
         match task.await {
-            Ok(Ok(Ok(Some(response)))) => Ok(Outcome::Processed(response)),
-            Ok(Ok(Ok(None))) => Err(IngestError::HandlerFailed),
-            Ok(Ok(Err(busy_until))) => Err(in_progress(busy_until, self.clock.now_ms())),
+            Ok(Ok(Inline::Processed(response))) => Ok(Outcome::Processed(response)),
+            Ok(Ok(Inline::Failed)) => Err(IngestError::HandlerFailed),
+            Ok(Ok(Inline::Busy(busy_until))) => Err(in_progress(busy_until, self.clock.now_ms())),
             Ok(Err(e)) => Err(IngestError::Storage(e)),
             Err(_) => Err(IngestError::HandlerFailed),
         }
     }
 }
 
-/// The body of [`Ingest::process_inline`]'s task: `Ok(Err(until))` when another runner
-/// holds a handler until then; `Ok(Ok(None))` when a handler failed.
+/// How [`run_inline`] ended, when the store did its part.
+enum Inline {
+    /// Every handler succeeded: the stored 200.
+    Processed(StoredResponse),
+    /// A handler failed; nothing final stored.
+    Failed,
+    /// Another runner holds a handler, or its turn did not come: retry at this time.
+    Busy(u64),
+}
+
+/// The body of [`Ingest::process_inline`]'s task, holding the delivery's processed lease
+/// (`record.lease_owner`'s) with [`hold_lease`].
 async fn run_inline(
     runner: Runner,
     lease: Duration,
     record: DeliveryRecord,
-) -> Result<Result<Option<StoredResponse>, u64>, StoreError> {
+) -> Result<Inline, StoreError> {
     let key = record.key();
+    let Some(held) = record.processed_lease() else {
+        return Err(StoreError::Corrupt(
+            "a processed-mode delivery without its lease".into(),
+        ));
+    };
+    // The handlers stop when the delivery's lease can no longer be proven held: their
+    // tokens are children of this one.
+    let stop = runner.cancel.child_token();
+    let mut inner = runner.clone();
+    inner.cancel = stop.clone();
     let work = async {
         let mut all_succeeded = true;
         for handler in &record.handlers {
             let job = key.job(handler);
-            if let RunResult::Busy(until) = runner.run(&job, None).await? {
-                return Ok(Err(until));
+            match inner.run_inline(&job, lease).await? {
+                RunResult::Busy(until) | RunResult::AtLimit(until) => {
+                    return Ok(Inline::Busy(until));
+                }
+                RunResult::NoTurn => {
+                    return Ok(Inline::Busy(inner.clock.now_ms() + 1000));
+                }
+                RunResult::LeaseLost(why) => return Err(StoreError::LeaseLost(why)),
+                RunResult::Skipped | RunResult::Succeeded | RunResult::Failed(_) => {}
             }
-            let done = runner
+            let done = inner
                 .store
                 .job(&job)
                 .await?
                 .is_some_and(|j| j.status == JobStatus::Succeeded);
             all_succeeded &= done;
         }
-        Ok::<_, StoreError>(Ok(all_succeeded))
+        Ok::<_, StoreError>(if all_succeeded {
+            Inline::Processed(first_response(&record, true))
+        } else {
+            Inline::Failed
+        })
     };
-    tokio::pin!(work);
-    let mut renew = tokio::time::interval(lease / 3);
-    renew.tick().await;
-    let outcome = loop {
-        tokio::select! {
-            outcome = &mut work => break outcome,
-            _ = renew.tick() => {
-                let until = runner.clock.now_ms() + lease.as_millis() as u64;
-                if let Err(e) = runner.store.renew_lease(&key, until).await {
-                    tracing::warn!(error = %e, "renewing the processing lease failed");
-                }
+    // The lease surely holds until the end the claim (or take-over) wrote.
+    let held_until = tokio::time::Instant::now() + runner.clock.until_ms(held.until_ms);
+    let outcome = hold_lease(work, lease, held_until, runner.clock, &stop, |until_ms| {
+        Box::pin(runner.store.renew_lease(
+            &key,
+            Lease {
+                owner: held.owner,
+                until_ms,
+            },
+        ))
+    })
+    .await;
+    let outcome = match outcome {
+        Held::Finished(outcome) => outcome,
+        // Reports nothing: not even a release, the lease may be someone else's by now.
+        Held::Lost(why) => return Err(StoreError::LeaseLost(why)),
+    };
+    match outcome {
+        Ok(Inline::Processed(response)) => {
+            if !runner
+                .store
+                .release(&key, held.owner, Some(response.clone()))
+                .await?
+            {
+                return Err(StoreError::LeaseLost(
+                    "the delivery was taken over before its answer was stored".into(),
+                ));
             }
+            Ok(Inline::Processed(response))
         }
-    };
-    let response = match outcome {
-        Ok(Ok(all_succeeded)) => all_succeeded.then(|| first_response(&record, true)),
-        Ok(Err(busy_until)) => {
-            runner.store.release(&key, None).await?;
-            return Ok(Err(busy_until));
+        Ok(other) => {
+            runner.store.release(&key, held.owner, None).await?;
+            Ok(other)
         }
+        Err(e @ StoreError::LeaseLost(_)) => Err(e),
         Err(e) => {
             // Best effort: let the sender's retry take over without waiting.
-            let _ = runner.store.release(&key, None).await;
-            return Err(e);
+            let _ = runner.store.release(&key, held.owner, None).await;
+            Err(e)
         }
-    };
-    runner.store.release(&key, response.clone()).await?;
-    Ok(Ok(response))
+    }
 }

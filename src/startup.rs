@@ -206,15 +206,14 @@ impl ApplicationBuilder {
         let admin_token = (self.env)(&config.admin.token_env).filter(|t| !t.is_empty());
         let cancel_handlers = CancellationToken::new();
         let stopping = CancellationToken::new();
-        let runner = Runner {
-            store: store.clone(),
-            registry: registry.clone(),
-            config: config.dispatch.clone(),
-            clock: self.clock,
-            cancel: cancel_handlers.clone(),
-            metrics: metrics.clone(),
-            start_gates: Default::default(),
-        };
+        let runner = Runner::new(
+            store.clone(),
+            registry.clone(),
+            config.dispatch.clone(),
+            self.clock,
+            cancel_handlers.clone(),
+            metrics.clone(),
+        );
         let dispatcher = Dispatcher::new(runner.clone());
         let ingest = Ingest {
             sources,

@@ -37,6 +37,12 @@ use crate::handlers::{Delivery, HandlerContext, HandlerError, HandlerRegistry};
 use crate::metrics::Metrics;
 use crate::store::{AttemptOutcome, Begin, DeliveryStore, JobKey, QueuedJob, SkipSet, StoreError};
 
+pub mod hold;
+pub mod turns;
+
+pub use hold::{Held, hold_lease};
+pub use turns::{Turn, Turns};
+
 /// The delay before retry number `attempt` (1 after the first failure): doubling from
 /// `initial`, capped at `max`, plus up to half again of random jitter so that a burst of
 /// failures does not retry in lock-step. Each delay is at least the previous one's maximum
@@ -90,6 +96,15 @@ pub enum RunResult {
     Skipped,
     /// Another runner holds the pair until this time (ms since the epoch): nothing ran.
     Busy(u64),
+    /// The handler runs as many pairs as its `concurrency` allows on every replica
+    /// together: nothing ran; look again at this time (ms since the epoch).
+    AtLimit(u64),
+    /// An inline run did not get its turn (`concurrency`, `rate`) within its wait: nothing
+    /// ran.
+    NoTurn,
+    /// The run's lease could not be proven held: the handler was stopped and no outcome
+    /// recorded (invariant 6); the pair runs again once the lease is past its grace.
+    LeaseLost(String),
     /// The handler succeeded.
     Succeeded,
     /// The handler failed.
@@ -111,56 +126,94 @@ pub struct Runner {
     pub cancel: CancellationToken,
     /// Where runs are counted.
     pub metrics: Arc<Metrics>,
-    /// When each rate-limited handler may next be called: its calls are spaced by its
-    /// `rate` where the handler is called, whatever the disk wait before each.
-    pub start_gates: StartGates,
+    /// Each handler's `concurrency` and `rate`, for every run of this process.
+    pub turns: Arc<Turns>,
 }
 
-/// Per rate-limited handler, the earliest time its next run may start.
-pub type StartGates = Arc<std::sync::Mutex<HashMap<String, tokio::time::Instant>>>;
-
 impl Runner {
-    /// Spaces the calls of a handler with a `rate` by its interval, measured where the
-    /// handler is called: the dispatcher paces the runs it takes from the queue, but the
-    /// durable start of a run takes a disk wait of its own length, so two runs paced apart
-    /// could otherwise reach the handler closer together than the rate allows. The first
-    /// call goes at once (a burst of one).
-    async fn wait_for_turn(&self, handler: &str) {
-        let Some(rate) = self.registry.limits_of(handler).and_then(|l| l.rate) else {
-            return;
-        };
-        let at = {
-            let mut gates = self.start_gates.lock().unwrap_or_else(|p| p.into_inner());
-            let now = tokio::time::Instant::now();
-            let at = gates.get(handler).map_or(now, |next| (*next).max(now));
-            gates.insert(handler.to_owned(), at + rate.interval());
-            at
-        };
-        tokio::time::sleep_until(at).await;
+    /// A runner over `store` and `registry`, with a gate per handler.
+    pub fn new(
+        store: Arc<dyn DeliveryStore>,
+        registry: Arc<HandlerRegistry>,
+        config: DispatchConfig,
+        clock: Clock,
+        cancel: CancellationToken,
+        metrics: Arc<Metrics>,
+    ) -> Runner {
+        let turns = Arc::new(Turns::new(&registry, store.clone(), clock));
+        Runner {
+            store,
+            registry,
+            config,
+            clock,
+            cancel,
+            metrics,
+            turns,
+        }
     }
 
-    /// Runs `job` once. Taken from the queue entry due at `queued_due`, a failure is
-    /// rescheduled through the queue (or dead-lettered); run inline (`None`), it is only
-    /// recorded (the sender's retry re-runs it).
-    pub async fn run(
+    /// Runs `job` once, taken from the queue entry due at `queued_due`: waits for the
+    /// handler's turn, then starts it under a lease; a failure is rescheduled through the
+    /// queue (or dead-lettered).
+    pub async fn run(&self, job: &JobKey, queued_due: u64) -> Result<RunResult, StoreError> {
+        self.run_once(job, Some(queued_due), None).await
+    }
+
+    /// Runs `job` once inline (`ack = "processed"`), its sender waiting: a failure is only
+    /// recorded (the sender's retry re-runs it). Gives up ([`RunResult::NoTurn`]) when the
+    /// handler's turn does not come within `wait`.
+    pub async fn run_inline(&self, job: &JobKey, wait: Duration) -> Result<RunResult, StoreError> {
+        self.run_once(job, None, Some(wait)).await
+    }
+
+    async fn run_once(
         &self,
         job: &JobKey,
         queued_due: Option<u64>,
+        wait: Option<Duration>,
     ) -> Result<RunResult, StoreError> {
         let queued = queued_due.is_some();
-        let now = self.clock.now_ms();
+        let deadline = wait.map(|w| tokio::time::Instant::now() + w);
+        // The turn first, holding no lease (invariant 6): a run waiting for its rate or a
+        // slot has not started, and no lease can lapse under it.
+        let Some(_turn) = self.turns.take(&job.handler, wait).await? else {
+            return Ok(RunResult::NoTurn);
+        };
+        let concurrency = self.turns.concurrency_of(&job.handler);
         // Held this long unless renewed: renewed every third of it while the handler runs,
         // so a long handler keeps it and a process that died loses it.
         let lease = self.config.run_lease;
-        let attempt = match self
-            .store
-            .begin_attempt(job, queued_due, now, now + lease.as_millis() as u64)
-            .await?
-        {
-            Begin::Started(attempt) => attempt,
-            Begin::Busy { until_ms } => return Ok(RunResult::Busy(until_ms)),
-            Begin::Skipped => return Ok(RunResult::Skipped),
+        let attempt = loop {
+            let now = self.clock.now_ms();
+            // The lease surely holds until this instant: taken before the write is issued.
+            let held_until = tokio::time::Instant::now() + lease;
+            let begin = self
+                .store
+                .begin_limited_attempt(
+                    job,
+                    queued_due,
+                    now,
+                    now + lease.as_millis() as u64,
+                    concurrency,
+                )
+                .await?;
+            match begin {
+                Begin::Started(attempt) => break (attempt, held_until),
+                Begin::Busy { until_ms } => return Ok(RunResult::Busy(until_ms)),
+                Begin::Skipped => return Ok(RunResult::Skipped),
+                Begin::AtLimit { retry_at_ms } => {
+                    // Inline, the sender waits for a slot on another replica as long as it
+                    // may; the dispatcher leaves the handler alone until then instead.
+                    let again = tokio::time::Instant::now() + self.clock.until_ms(retry_at_ms);
+                    match deadline {
+                        Some(d) if again <= d => tokio::time::sleep_until(again).await,
+                        Some(_) => return Ok(RunResult::NoTurn),
+                        None => return Ok(RunResult::AtLimit(retry_at_ms)),
+                    }
+                }
+            }
         };
+        let (attempt, held_until) = attempt;
         let record = &attempt.record;
         let span = tracing::info_span!(
             "handler",
@@ -170,14 +223,15 @@ impl Runner {
             attempt = attempt.attempt,
             result = tracing::field::Empty,
         );
-        self.wait_for_turn(&job.handler).await;
         let started = std::time::Instant::now();
+        // The handler's own token: shutdown, or a lease that can no longer be proven held.
+        let stop = self.cancel.child_token();
         let result = async {
             let Some(handler) = self.registry.get(&job.handler) else {
-                return Err(HandlerError::Permanent(format!(
+                return Ok(Err(HandlerError::Permanent(format!(
                     "handler `{}` is no longer configured",
                     job.handler
-                )));
+                ))));
             };
             let delivery = Delivery {
                 source: record.source.clone(),
@@ -190,33 +244,38 @@ impl Runner {
             };
             let ctx = HandlerContext {
                 idempotency_key: job.idempotency_key(),
-                shutdown: self.cancel.clone(),
+                shutdown: stop.clone(),
             };
             let run = AssertUnwindSafe(handler.handle(&delivery, &ctx)).catch_unwind();
-            tokio::pin!(run);
-            // Keep the lease while the handler runs, however long it takes.
-            let mut renew = tokio::time::interval(lease / 3);
-            renew.tick().await;
-            loop {
-                tokio::select! {
-                    result = &mut run => {
-                        break result.unwrap_or_else(|_| {
-                            Err(HandlerError::Retryable("handler panicked".into()))
-                        });
-                    }
-                    _ = renew.tick() => {
-                        let until = self.clock.now_ms() + lease.as_millis() as u64;
-                        match self.store.renew_job_lease(job, attempt.attempt, until).await {
-                            Ok(true) => {}
-                            Ok(false) => tracing::warn!("the run's lease was lost; its outcome may be ignored"),
-                            Err(e) => tracing::warn!(error = %e, "renewing the run's lease failed"),
-                        }
-                    }
-                }
+            // Keep the lease while the handler runs, however long it takes; stop it when the
+            // lease can no longer be proven held.
+            let number = attempt.attempt;
+            let held = hold_lease(run, lease, held_until, self.clock, &stop, |until| {
+                Box::pin(self.store.renew_job_lease(job, number, until))
+            })
+            .await;
+            match held {
+                Held::Finished(result) => Ok(result
+                    .unwrap_or_else(|_| Err(HandlerError::Retryable("handler panicked".into())))),
+                Held::Lost(why) => Err(why),
             }
         }
         .instrument(span.clone())
         .await;
+        let result = match result {
+            Ok(result) => result,
+            Err(why) => {
+                // No outcome: whoever runs it next (after the grace) counts the attempt.
+                span.record("result", "lease_lost");
+                self.metrics.handler_run(
+                    &job.handler,
+                    "lease_lost",
+                    started.elapsed().as_secs_f64(),
+                );
+                tracing::warn!(parent: &span, reason = %why, "run stopped: its lease could not be proven held; no outcome recorded");
+                return Ok(RunResult::LeaseLost(why));
+            }
+        };
 
         let now = self.clock.now_ms();
         let outcome = match &result {
@@ -351,16 +410,15 @@ impl HandlerTurns {
         now: u64,
     ) -> usize {
         let limits = self.limits.get(handler).copied().unwrap_or_default();
+        if self.next_start(handler) > now {
+            return 0;
+        }
         let mut cap = free;
         if let Some(limit) = limits.concurrency {
             cap = cap.min(limit.saturating_sub(running_of.get(handler).copied().unwrap_or(0)));
         }
         if limits.rate.is_some() {
-            cap = if self.next_start(handler) > now {
-                0
-            } else {
-                cap.min(1)
-            };
+            cap = cap.min(1);
         }
         cap
     }
@@ -374,7 +432,14 @@ impl HandlerTurns {
         }
     }
 
-    /// The earliest time `rate` lets `handler` start a run (0: any time).
+    /// Starts no run of `handler` before `until_ms` (its `concurrency` is reached on every
+    /// replica together).
+    fn hold(&mut self, handler: &str, until_ms: u64) {
+        let at = self.next_start(handler).max(until_ms);
+        self.next_start.insert(handler.to_owned(), at);
+    }
+
+    /// The earliest time `rate`, or a hold, lets `handler` start a run (0: any time).
     fn next_start(&self, handler: &str) -> u64 {
         self.next_start.get(handler).copied().unwrap_or(0)
     }
@@ -430,7 +495,9 @@ impl Dispatcher {
         let concurrency = self.runner.config.concurrency;
         self.running
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let mut running: JoinSet<Option<(JobKey, u64)>> = JoinSet::new();
+        // A run that did not start ends with the pair and until when it is held (`.2`: the
+        // handler is at its `concurrency` on every replica together).
+        let mut running: JoinSet<Option<(JobKey, u64, bool)>> = JoinSet::new();
         let mut in_flight: HashMap<tokio::task::Id, JobKey> = HashMap::new();
         // Pairs another runner holds (an inline processed-mode run, another replica), left
         // alone until their lease ends: their queue entry stays, so nothing is lost by
@@ -543,8 +610,9 @@ impl Dispatcher {
                     let job = entry.job.clone();
                     let due = entry.due_ms;
                     let handle = running.spawn(async move {
-                        match runner.run(&job, Some(due)).await {
-                            Ok(RunResult::Busy(until)) => Some((job, until)),
+                        match runner.run(&job, due).await {
+                            Ok(RunResult::Busy(until)) => Some((job, until, false)),
+                            Ok(RunResult::AtLimit(until)) => Some((job, until, true)),
                             Ok(_) => None,
                             Err(e) => {
                                 tracing::error!(job = %job, error = %e, "recording a handler run failed");
@@ -603,7 +671,10 @@ impl Dispatcher {
                         }
                         match busy {
                             // Held by another runner: skipped until its hold ends.
-                            Some((held, until)) => {
+                            Some((held, until, at_limit)) => {
+                                if at_limit {
+                                    handlers.hold(&held.handler, until);
+                                }
                                 deferred.insert(held, until);
                             }
                             None => {

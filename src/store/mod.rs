@@ -21,6 +21,7 @@
 
 pub mod copy;
 pub mod group_commit;
+pub mod lease;
 pub mod postgres;
 mod sled;
 
@@ -32,6 +33,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use lease::{Lease, TAKE_OVER_GRACE_MS, lease_margin};
 pub use postgres::PgStore;
 pub use sled::{
     BodyLogSettings, ExportPosition, FlushHook, Op, SledOptions, SledStore, StoreProbe,
@@ -51,6 +53,10 @@ pub enum StoreError {
     /// A stored value could not be decoded.
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// A lease could not be proven held (renewals failing, or taken over): the work under
+    /// it was stopped and nothing was recorded (invariant 6).
+    #[error("lease lost: {0}")]
+    LeaseLost(String),
 }
 
 /// `(source, delivery id)`, the key every delivery is deduplicated under.
@@ -165,6 +171,10 @@ pub struct DeliveryRecord {
     /// `ack = "processed"`: until when the current claimant holds the delivery.
     #[serde(default)]
     pub lease_until_ms: Option<u64>,
+    /// `ack = "processed"`: the token of the request that holds the delivery; only it may
+    /// renew or release the lease (see [`lease`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_owner: Option<u64>,
     /// Handlers bound to this delivery when it arrived; each has a [`JobState`].
     pub handlers: Vec<String>,
     /// Whether the source deduplicates bodies across ids (invariant 4 is checked for
@@ -247,16 +257,6 @@ impl JobState {
     }
 }
 
-/// A runner's hold on a running pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Lease {
-    /// The store instance (process) that runs it. sled is opened by one process at a time,
-    /// so a lease of another instance belongs to a process that has died.
-    pub owner: u64,
-    /// Until when it holds, ms since the epoch.
-    pub until_ms: u64,
-}
-
 /// How a run ended, as the store records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttemptOutcome {
@@ -292,7 +292,7 @@ pub struct NewDelivery {
 
 impl NewDelivery {
     /// A delivery received at `received_at_ms`, bound to `handlers`, not yet answered (see
-    /// [`NewDelivery::acknowledged`] and [`NewDelivery::leased_until`]). With `body_dedup`,
+    /// [`NewDelivery::acknowledged`] and [`NewDelivery::leased`]). With `body_dedup`,
     /// the claim also takes the body's fingerprint within the source: a body already
     /// recorded under another id makes the claim [`Claim::BodyDuplicate`].
     pub fn new(
@@ -312,6 +312,7 @@ impl NewDelivery {
                 headers,
                 response: None,
                 lease_until_ms: None,
+                lease_owner: None,
                 handlers,
                 body_dedup,
                 alias_of: None,
@@ -330,9 +331,10 @@ impl NewDelivery {
         self
     }
 
-    /// `ack = "processed"`: the claimant holds the delivery until `lease_until_ms`.
-    pub fn leased_until(mut self, lease_until_ms: u64) -> NewDelivery {
-        self.record.lease_until_ms = Some(lease_until_ms);
+    /// `ack = "processed"`: the claimant holds the delivery under `lease`.
+    pub fn leased(mut self, lease: Lease) -> NewDelivery {
+        self.record.lease_until_ms = Some(lease.until_ms);
+        self.record.lease_owner = Some(lease.owner);
         self.enqueue = false;
         self.record.order_keys.clear();
         self
@@ -395,6 +397,12 @@ pub enum Begin {
     /// Nothing to run: the pair is final, its delivery expired or never landed, or the
     /// queue entry it was taken from has been moved (an operator retry) or removed.
     Skipped,
+    /// The handler runs as many pairs as its `concurrency` allows, across every process
+    /// sharing the store: nothing started; try again at this time.
+    AtLimit {
+        /// When to look again, ms since the epoch.
+        retry_at_ms: u64,
+    },
 }
 
 /// Which pairs a bulk retry requeues.
@@ -460,6 +468,7 @@ impl KeptFingerprint {
             headers: Default::default(),
             response: Some(self.response.clone()),
             lease_until_ms: None,
+            lease_owner: None,
             handlers: Vec::new(),
             body_dedup: true,
             alias_of: None,
@@ -474,8 +483,8 @@ pub enum StoredItem {
     /// A delivery (or an alias made by body dedup), its body and every handler's state
     /// (`None`: pending, never run).
     Delivery {
-        /// The record.
-        record: DeliveryRecord,
+        /// The record (boxed: it is most of the item).
+        record: Box<DeliveryRecord>,
         /// The raw body (empty for an alias).
         body: Bytes,
         /// `(handler, state)` for each of `record.handlers`.
@@ -780,8 +789,41 @@ pub trait DeliveryStore: Send + Sync + 'static {
         lease_until_ms: u64,
     ) -> Result<Begin, StoreError>;
 
-    /// Extends the lease of a running attempt; false when the attempt is no longer the
-    /// current one (nothing changed).
+    /// [`DeliveryStore::begin_attempt`], counting the handler's `concurrency` across every
+    /// process that shares the store: with `concurrency` and as many of the handler's pairs
+    /// running under leases that block a take-over, nothing starts and the answer is
+    /// [`Begin::AtLimit`]. A store of one process leaves the limit to the runner's gate
+    /// (`crate::dispatch::turns`), as the default does.
+    async fn begin_limited_attempt(
+        &self,
+        job: &JobKey,
+        queued_due: Option<u64>,
+        now_ms: u64,
+        lease_until_ms: u64,
+        concurrency: Option<usize>,
+    ) -> Result<Begin, StoreError> {
+        let _ = concurrency;
+        self.begin_attempt(job, queued_due, now_ms, lease_until_ms)
+            .await
+    }
+
+    /// `rate` across every process sharing the store: reserves the next start of `handler`,
+    /// `interval_ms` after the one reserved before it (a burst of one), and returns when it
+    /// may be (ms since the epoch). `None`: the store is this process's alone, and the
+    /// runner keeps the spacing in memory (the default).
+    async fn reserve_start(
+        &self,
+        handler: &str,
+        interval_ms: u64,
+        now_ms: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let _ = (handler, interval_ms, now_ms);
+        Ok(None)
+    }
+
+    /// Extends this process's lease on running attempt `attempt`; false (nothing changed)
+    /// when the attempt is no longer the current one or another runner holds the pair: the
+    /// attempt number only grows, so it fences a runner that was taken over.
     async fn renew_job_lease(
         &self,
         job: &JobKey,
@@ -802,25 +844,27 @@ pub trait DeliveryStore: Send + Sync + 'static {
         now_ms: u64,
     ) -> Result<(), StoreError>;
 
-    /// `ack = "processed"`: takes over an unfinished delivery whose lease has expired.
+    /// `ack = "processed"`: takes over an unfinished delivery for `lease` once the current
+    /// holder's lease is [`TAKE_OVER_GRACE_MS`] past its end ([`DeliveryRecord::take_over`]).
     async fn take_over(
         &self,
         key: &DeliveryKey,
         now_ms: u64,
-        lease_until_ms: u64,
+        lease: Lease,
     ) -> Result<TakeOver, StoreError>;
 
-    /// `ack = "processed"`: extends the claimant's lease while its handlers run; false
-    /// when the delivery is final or gone.
-    async fn renew_lease(&self, key: &DeliveryKey, lease_until_ms: u64)
-    -> Result<bool, StoreError>;
+    /// `ack = "processed"`: extends `lease.owner`'s lease while its handlers run; false
+    /// (nothing changed) when the delivery is final or gone, or another owner holds it.
+    async fn renew_lease(&self, key: &DeliveryKey, lease: Lease) -> Result<bool, StoreError>;
 
-    /// `ack = "processed"`: ends the lease, storing the final response if there is one.
+    /// `ack = "processed"`: ends `owner`'s lease, storing the final response if there is
+    /// one; false (nothing changed) when `owner` no longer holds it.
     async fn release(
         &self,
         key: &DeliveryKey,
+        owner: u64,
         response: Option<StoredResponse>,
-    ) -> Result<(), StoreError>;
+    ) -> Result<bool, StoreError>;
 
     /// Removes up to `limit` deliveries received before `cutoff_ms` with their bodies, jobs
     /// and queue entries, oldest first. A delivery with a handler still due or running is

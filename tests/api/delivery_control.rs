@@ -572,3 +572,131 @@ async fn processed_mode_waits_for_a_paused_handler() {
     assert_eq!(answer, 200);
     assert_eq!(app.recorder.runs_of("msg_processed_paused"), 1);
 }
+
+/// Sends `id` as a processed-mode sender does until it gets 200: every answer before is 409
+/// (in progress, or waiting for its turn) or 500 (a handler failed), and it comes back.
+async fn send_until_processed(app: &crate::helpers::TestApp, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = app.deliver(id, "{}").await;
+        let status = answer.status().as_u16();
+        if status == 200 {
+            return;
+        }
+        assert!(
+            [409, 500].contains(&status),
+            "{id}: {status} {:?}",
+            answer.text().await
+        );
+        assert!(Instant::now() < deadline, "{id} never processed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 22.2, invariants 6 and 7: a run waits for its `rate` turn before it starts and
+/// holds no lease meanwhile. Four processed-mode senders at once to a handler allowed one
+/// start every 2 s, with a 1 s run lease, so the later ones wait longer than a lease; an
+/// operator retry of each delivery and a bulk retry race them while they wait. Each
+/// delivery runs the handler once, and each sender gets its 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_waiting_for_its_rate_turn_holds_no_lease_and_runs_once() {
+    let limited = Recorder::default();
+    let app = Arc::new(
+        spawn_with(Options {
+            ack: "processed",
+            admin_token: Some("admin-token"),
+            dispatch_toml: "run_lease = \"1s\"".into(),
+            handlers: vec![
+                Registration::new("limited", limited.clone())
+                    .source("credicorp")
+                    .rate("30/m".parse().expect("rate")),
+            ],
+            ..Options::default()
+        })
+        .await,
+    );
+    let ids: Vec<String> = (0..4).map(|i| format!("msg_rate_race_{i}")).collect();
+    let senders: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (app, id) = (app.clone(), id.clone());
+            tokio::spawn(async move { send_until_processed(&app, &id).await })
+        })
+        .collect();
+    // The last sender waits 6 s for its turn: past a lease and its grace (3 s) when the
+    // third run starts, and then retries race it.
+    assert!(eventually(Duration::from_secs(30), || limited.runs().len() >= 3).await);
+    for id in &ids {
+        let retried = app
+            .client
+            .post(format!(
+                "{}/admin/deliveries/credicorp/{id}/retry",
+                app.admin_address
+            ))
+            .bearer_auth("admin-token")
+            .send()
+            .await
+            .expect("retry");
+        assert!(retried.status().is_success(), "{id}: {}", retried.status());
+    }
+    for status in ["failed", "dead"] {
+        let bulk = app
+            .client
+            .post(format!("{}/admin/retry", app.admin_address))
+            .bearer_auth("admin-token")
+            .json(&serde_json::json!({ "status": status }))
+            .send()
+            .await
+            .expect("bulk retry");
+        assert!(bulk.status().is_success());
+    }
+    for sender in senders {
+        sender.await.expect("sender");
+    }
+    // Every pair succeeded: from then on none can run again, so the counts are final.
+    for id in &ids {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while app.admin_show("credicorp", id).await["status"] != "succeeded" {
+            assert!(Instant::now() < deadline, "{id} never settled");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for id in &ids {
+        assert_eq!(limited.runs_of(id), 1, "{id}: {:?}", limited.runs());
+    }
+}
+
+/// Issue 22.3: `concurrency` holds for processed-mode inline runs too (one gate with the
+/// dispatcher's): four processed-mode senders at once to a handler of `concurrency = 1`
+/// never run it twice at once; the senders over the limit wait for their turn (or are told
+/// to come back with 409) and all get their 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_holds_for_processed_mode_inline_runs() {
+    let paced = Paced {
+        work: Duration::from_millis(300),
+        ..Paced::default()
+    };
+    let app = Arc::new(
+        spawn_with(Options {
+            ack: "processed",
+            handlers: vec![
+                Registration::new("paced", paced.clone())
+                    .source("credicorp")
+                    .concurrency(1),
+            ],
+            ..Options::default()
+        })
+        .await,
+    );
+    let senders: Vec<_> = (0..4)
+        .map(|i| {
+            let app = app.clone();
+            tokio::spawn(async move { send_until_processed(&app, &format!("msg_one_{i}")).await })
+        })
+        .collect();
+    for sender in senders {
+        sender.await.expect("sender");
+    }
+    assert_eq!(paced.runs(), 4);
+    assert_eq!(paced.most_at_once.load(Ordering::SeqCst), 1);
+}

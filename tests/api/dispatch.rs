@@ -129,15 +129,14 @@ fn start(
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let registry = HandlerRegistry::build(&config(), handlers).expect("registry");
     let metrics = Arc::new(webhook_inbox::metrics::Metrics::new());
-    let dispatcher = Dispatcher::new(Runner {
-        metrics,
+    let dispatcher = Dispatcher::new(Runner::new(
         store,
-        registry: Arc::new(registry),
-        config: dispatch_config(),
+        Arc::new(registry),
+        dispatch_config(),
         clock,
-        cancel: CancellationToken::new(),
-        start_gates: Default::default(),
-    });
+        CancellationToken::new(),
+        metrics,
+    ));
     let stop = CancellationToken::new();
     let task = tokio::spawn(dispatcher.run(stop.clone()));
     (stop, task)

@@ -77,6 +77,8 @@ pub struct Options {
     pub extra_toml: String,
     /// TOML added to its `[server]` table.
     pub server_toml: String,
+    /// TOML added to its `[dispatch]` table.
+    pub dispatch_toml: String,
     /// Reuse a data directory (restart tests).
     pub dir: Option<Arc<TempDir>>,
     /// Use this store instead of opening one.
@@ -102,6 +104,7 @@ impl Default for Options {
             max_body_bytes: 64 * 1024,
             extra_toml: String::new(),
             server_toml: String::new(),
+            dispatch_toml: String::new(),
             dir: None,
             store: None,
             recorder: Recorder::default(),
@@ -153,6 +156,7 @@ concurrency = 4
 max_attempts = 3
 initial_backoff = "20ms"
 max_backoff = "100ms"
+{dispatch}
 
 [sources.credicorp]
 scheme = "standard-webhooks"
@@ -167,6 +171,7 @@ ack = "{ack}"
         ack = o.ack,
         extra = o.extra_toml,
         server = o.server_toml,
+        dispatch = o.dispatch_toml,
         retention = o.retention,
         fingerprint_retention = o
             .fingerprint_retention

@@ -12,7 +12,8 @@ use webhook_inbox::config::Config;
 use webhook_inbox::verify::Source;
 
 use crate::helpers::{
-    SECRET, Serving, eventually_async, fresh_postgres_schema, test_postgres_url, try_spawn_serve,
+    SECRET, Serving, eventually, eventually_async, fresh_postgres_schema, test_postgres_url,
+    try_spawn_serve,
 };
 
 /// Appends `source id attempt key serve-pid` per run; the first run ever (with `$2` given)
@@ -823,7 +824,7 @@ async fn migrate_applies_the_embedded_migrations_once() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert!(migrate().starts_with("3 migration(s) applied"));
+    assert!(migrate().starts_with("4 migration(s) applied"));
     assert!(migrate().starts_with("0 migration(s) applied"));
     let mut db = sqlx::PgConnection::connect(&url).await.expect("db");
     let tables: i64 = sqlx::query_scalar(
@@ -1081,4 +1082,142 @@ async fn an_order_by_line_holds_across_replicas() {
     assert_eq!(per_key.len(), KEYS);
     assert!(breaches.is_empty(), "{}", breaches.join("\n"));
     println!("ordered runs spread over {} replica(s)", pids.len());
+}
+
+/// A processed-mode handler that works for 12 s, writing `tick ATTEMPT` every quarter of a
+/// second while it lives, between `start ATTEMPT` and `end ATTEMPT`: the file's order shows
+/// whether two runs were alive at once.
+const TICKING_SCRIPT: &str = r#"echo "start $WEBHOOK_ATTEMPT" >> "$1"; cat > /dev/null; i=0; while [ $i -lt 48 ]; do echo "tick $WEBHOOK_ATTEMPT" >> "$1"; sleep 0.25; i=$((i+1)); done; echo "end $WEBHOOK_ATTEMPT" >> "$1""#;
+
+/// Issue 22.1, invariant 6: two replicas, `ack = "processed"`, 3 s leases, a handler that
+/// takes 12 s. The database goes away while replica A runs it: A can no longer prove its
+/// leases, so it stops the handler and answers 503 by the lease's end; once the database is
+/// back, the sender's retry to replica B takes over (after the grace) and runs it again. No
+/// tick of the first run comes after the second run's start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_longer_than_the_lease_never_lets_two_runs_overlap() {
+    if test_postgres_url("replicas: lease fencing under a database outage").is_none() {
+        return;
+    }
+    let Some(pg) = OwnPostgres::create() else {
+        return;
+    };
+    pg.start();
+    let dir = tempfile::TempDir::new().expect("dir");
+    let runs = dir.path().join("runs.log");
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+workers = 2
+
+[storage]
+backend = "postgres"
+postgres_url = "{url}"
+pool_size = 4
+
+[dispatch]
+run_lease = "3s"
+
+[sources.credicorp]
+secrets = ["{SECRET}"]
+ack = "processed"
+processed_lease = "3s"
+
+[[handlers]]
+name = "slow-effect"
+kind = "command"
+timeout = "60s"
+command = ["sh", "-c", {TICKING_SCRIPT:?}, "sh", "{runs}"]
+"#,
+        url = pg.url(),
+        runs = runs.display(),
+    );
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, &text).expect("write config");
+    let config = Config::parse(&text, "fencing.toml").expect("config");
+    let mut a = try_spawn_serve(&config_path).unwrap_or_else(|e| panic!("{e}"));
+    let mut b = try_spawn_serve(&config_path).unwrap_or_else(|e| panic!("{e}"));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client");
+    for admin in [a.admin_port, b.admin_port] {
+        assert!(
+            eventually_async(Duration::from_secs(30), || async {
+                readyz(&client, admin).await == 200
+            })
+            .await,
+            "ready"
+        );
+    }
+    let body = br#"{"type":"application.created","data":{"id":"app_1"}}"#.to_vec();
+    let sign = || {
+        Source::from_config("credicorp", &config.sources["credicorp"], "t", &|_| None)
+            .expect("source")
+            .sign("msg_fenced", &body, SystemTime::now())
+    };
+    let first = {
+        let (client, headers, body, port) = (client.clone(), sign(), body.clone(), a.port);
+        tokio::spawn(async move { post(&client, port, "credicorp", &headers, &body).await })
+    };
+    let lines = || std::fs::read_to_string(&runs).unwrap_or_default();
+    assert!(
+        eventually(Duration::from_secs(30), || lines().contains("start 1")).await,
+        "replica A started the handler"
+    );
+    // The outage: longer than the lease and its grace, or until A has answered.
+    pg.stop();
+    let outage_end = Instant::now() + Duration::from_secs(8);
+    while !first.is_finished() && Instant::now() < outage_end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pg.start();
+    let (status, answer) = first.await.expect("first request");
+    assert_eq!(
+        status, 503,
+        "A cannot prove its lease: 503, not a result: {answer}"
+    );
+    assert!(answer.contains("storage_unavailable"), "{answer}");
+    // The sender retries, at replica B, as its Retry-After says.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, answer) = post(&client, b.port, "credicorp", &sign(), &body).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            [409, 503].contains(&status),
+            "only in progress or unavailable before the take-over: {status} {answer}"
+        );
+        assert!(Instant::now() < deadline, "never processed: {answer}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let log = lines();
+    let second_start = log
+        .lines()
+        .position(|l| l.starts_with("start ") && l != "start 1")
+        .unwrap_or_else(|| panic!("a second run started: {log}"));
+    let late_ticks: Vec<&str> = log
+        .lines()
+        .skip(second_start)
+        .filter(|l| *l == "tick 1")
+        .collect();
+    assert!(
+        late_ticks.is_empty(),
+        "the first run was still alive after the second started ({} ticks):\n{log}",
+        late_ticks.len()
+    );
+    assert!(!log.contains("end 1"), "the first run was stopped: {log}");
+    assert_eq!(
+        log.lines().filter(|l| l.starts_with("end ")).count(),
+        1,
+        "one run completed: {log}"
+    );
+    for r in [&mut a, &mut b] {
+        let _ = r.child.kill();
+        let _ = r.child.wait();
+    }
+    drop(pg);
 }

@@ -10,8 +10,8 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use webhook_inbox::config::{Config, Durability};
 use webhook_inbox::store::{
-    AttemptOutcome, Begin, Claim, DeliveryKey, DeliveryStore, JobStatus, NewDelivery,
-    StoredResponse, TakeOver,
+    AttemptOutcome, Begin, Claim, DeliveryKey, DeliveryStore, JobStatus, Lease, NewDelivery,
+    StoredResponse, TAKE_OVER_GRACE_MS, TakeOver,
 };
 use webhook_inbox::verify::Source;
 
@@ -210,7 +210,7 @@ async fn a_run_has_one_runner_and_a_success_is_final(store: Store) {
     // A second runner (same entry, or inline) is refused while the lease lives.
     assert!(matches!(
         store.begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE).await.expect("begin"),
-        Begin::Busy { until_ms } if until_ms == LEASE
+        Begin::Busy { until_ms } if until_ms == LEASE + TAKE_OVER_GRACE_MS
     ));
     assert!(matches!(
         store
@@ -413,53 +413,180 @@ async fn a_forgotten_body_is_still_a_replay_by_its_fingerprint(store: Store) {
     ));
 }
 
-async fn a_processed_lease_is_taken_over_only_once_lapsed(store: Store) {
+async fn a_processed_lease_is_taken_over_only_past_its_grace(store: Store) {
     let d = webhook_inbox::testing::authenticated(&source(), "p1", b"{}", SystemTime::now())
         .expect("signed");
-    let pending = NewDelivery::new(d, NOW, vec!["h".into()], false).leased_until(NOW + 1000);
+    let first = Lease {
+        owner: 1,
+        until_ms: NOW + 1000,
+    };
+    let pending = NewDelivery::new(d, NOW, vec!["h".into()], false).leased(first);
     assert!(matches!(
         store.claim(pending).await.expect("claim"),
         Claim::New
     ));
+    let second = |until_ms| Lease { owner: 2, until_ms };
     assert!(matches!(
-        store.take_over(&key("p1"), NOW, NOW + 2000).await.expect("take over"),
-        TakeOver::Held { until_ms } if until_ms == NOW + 1000
+        store.take_over(&key("p1"), NOW, second(NOW + 2000)).await.expect("take over"),
+        TakeOver::Held { until_ms } if until_ms == NOW + 1000 + TAKE_OVER_GRACE_MS
     ));
     assert!(
         store
-            .renew_lease(&key("p1"), NOW + 5000)
+            .renew_lease(
+                &key("p1"),
+                Lease {
+                    owner: 1,
+                    until_ms: NOW + 5000
+                }
+            )
             .await
             .expect("renew")
     );
-    assert!(matches!(
-        store.take_over(&key("p1"), NOW + 2000, NOW + 9000).await.expect("take over"),
-        TakeOver::Held { until_ms } if until_ms == NOW + 5000
-    ));
+    // Lapsed, but within the grace: its holder may still be stopping.
     assert!(matches!(
         store
-            .take_over(&key("p1"), NOW + 6000, NOW + 9000)
+            .take_over(
+                &key("p1"),
+                NOW + 5000 + TAKE_OVER_GRACE_MS - 1,
+                second(NOW + 99_000)
+            )
             .await
             .expect("take over"),
-        TakeOver::Acquired(_)
+        TakeOver::Held { .. }
+    ));
+    let taken_at = NOW + 5000 + TAKE_OVER_GRACE_MS;
+    assert!(matches!(
+        store
+            .take_over(&key("p1"), taken_at, second(taken_at + 9000))
+            .await
+            .expect("take over"),
+        TakeOver::Acquired(r) if r.lease_owner == Some(2)
     ));
     let answer = StoredResponse {
         status: 200,
         body: "{}".into(),
     };
     store
-        .release(&key("p1"), Some(answer.clone()))
+        .release(&key("p1"), 2, Some(answer.clone()))
         .await
         .expect("release");
     assert!(matches!(
-        store.take_over(&key("p1"), NOW + 99_000, NOW + 99_999).await.expect("take over"),
+        store.take_over(&key("p1"), NOW + 99_000, second(NOW + 99_999)).await.expect("take over"),
         TakeOver::Final(r) if r.response == Some(answer)
     ));
     assert!(
         !store
-            .renew_lease(&key("p1"), NOW + 99_999)
+            .renew_lease(&key("p1"), second(NOW + 99_999))
             .await
             .expect("renew")
     );
+}
+
+async fn renew_or_release_by_a_non_owner_changes_nothing(store: Store) {
+    // The processed lease: the old holder, taken over, can neither extend nor clear it.
+    let d = webhook_inbox::testing::authenticated(&source(), "p2", b"{}", SystemTime::now())
+        .expect("signed");
+    let old = Lease {
+        owner: 1,
+        until_ms: NOW,
+    };
+    let pending = NewDelivery::new(d, NOW - 10_000, vec!["h".into()], false).leased(old);
+    store.claim(pending).await.expect("claim");
+    let new = Lease {
+        owner: 2,
+        until_ms: NOW + 60_000,
+    };
+    assert!(matches!(
+        store
+            .take_over(&key("p2"), NOW + TAKE_OVER_GRACE_MS, new)
+            .await
+            .expect("take over"),
+        TakeOver::Acquired(_)
+    ));
+    let before = store
+        .record(&key("p2"))
+        .await
+        .expect("read")
+        .expect("stored");
+    assert!(
+        !store
+            .renew_lease(
+                &key("p2"),
+                Lease {
+                    owner: 1,
+                    until_ms: NOW + 999_000
+                }
+            )
+            .await
+            .expect("renew")
+    );
+    let answer = StoredResponse {
+        status: 200,
+        body: "{}".into(),
+    };
+    assert!(
+        !store
+            .release(&key("p2"), 1, Some(answer))
+            .await
+            .expect("release")
+    );
+    assert!(!store.release(&key("p2"), 1, None).await.expect("release"));
+    assert_eq!(
+        store
+            .record(&key("p2"))
+            .await
+            .expect("read")
+            .expect("stored"),
+        before,
+        "a non-owner's renew and release change nothing"
+    );
+    assert!(matches!(
+        store
+            .take_over(&key("p2"), NOW + 30_000, old)
+            .await
+            .expect("take over"),
+        TakeOver::Held { .. }
+    ));
+
+    // The run lease: a runner whose attempt was taken over renews nothing.
+    store
+        .claim(new_delivery_for_run("r2"))
+        .await
+        .expect("claim");
+    let entry = due_now(&store, NOW).await[0].clone();
+    let Begin::Started(a) = store
+        .begin_attempt(&entry.job, Some(entry.due_ms), NOW, NOW + 1000)
+        .await
+        .expect("begin")
+    else {
+        panic!("runnable")
+    };
+    let later = NOW + 1000 + TAKE_OVER_GRACE_MS;
+    let Begin::Started(b) = store
+        .begin_attempt(&entry.job, Some(entry.due_ms), later, later + 30_000)
+        .await
+        .expect("begin")
+    else {
+        panic!("taken over past the grace")
+    };
+    assert_eq!((a.attempt, b.attempt), (1, 2));
+    let state = store.job(&entry.job).await.expect("read");
+    assert!(
+        !store
+            .renew_job_lease(&entry.job, a.attempt, later + 999_000)
+            .await
+            .expect("renew"),
+        "the superseded attempt cannot renew"
+    );
+    assert_eq!(
+        store.job(&entry.job).await.expect("read"),
+        state,
+        "nothing changed"
+    );
+}
+
+fn new_delivery_for_run(id: &str) -> NewDelivery {
+    new(id, "{}", &["h"], false)
 }
 
 async fn a_run_whose_lease_lapsed_is_started_again_with_the_next_attempt(store: Store) {
@@ -487,10 +614,22 @@ async fn a_run_whose_lease_lapsed_is_started_again_with_the_next_attempt(store: 
             ),
         "not before the lease lapses"
     );
-    let due = due_now(&store, LEASE + 1).await;
-    assert_eq!(due.len(), 1, "due again once the lease lapsed");
+    // Lapsed, within the grace: its runner may still be stopping.
+    assert!(
+        due_now(&store, LEASE + 1).await.is_empty()
+            || matches!(
+                store
+                    .begin_attempt(&entry.job, Some(entry.due_ms), LEASE + 1, LEASE + 30_000)
+                    .await,
+                Ok(Begin::Busy { until_ms }) if until_ms == LEASE + TAKE_OVER_GRACE_MS
+            ),
+        "not within the grace past the lease"
+    );
+    let past = LEASE + TAKE_OVER_GRACE_MS;
+    let due = due_now(&store, past).await;
+    assert_eq!(due.len(), 1, "due again once the lease is past its grace");
     let Begin::Started(b) = store
-        .begin_attempt(&due[0].job, Some(due[0].due_ms), LEASE + 1, LEASE + 30_000)
+        .begin_attempt(&due[0].job, Some(due[0].due_ms), past, past + 30_000)
         .await
         .expect("begin")
     else {
@@ -788,8 +927,11 @@ const CASES: &[(&str, Case)] = &[
         "a_forgotten_body_is_still_a_replay_by_its_fingerprint",
         |s| Box::pin(a_forgotten_body_is_still_a_replay_by_its_fingerprint(s)),
     ),
-    ("a_processed_lease_is_taken_over_only_once_lapsed", |s| {
-        Box::pin(a_processed_lease_is_taken_over_only_once_lapsed(s))
+    ("renew_or_release_by_a_non_owner_changes_nothing", |s| {
+        Box::pin(renew_or_release_by_a_non_owner_changes_nothing(s))
+    }),
+    ("a_processed_lease_is_taken_over_only_past_its_grace", |s| {
+        Box::pin(a_processed_lease_is_taken_over_only_past_its_grace(s))
     }),
 ];
 

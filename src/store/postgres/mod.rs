@@ -76,9 +76,13 @@ use super::{
     AttemptContext, AttemptOutcome, Begin, Claim, Cursor, DeliveryKey, DeliveryRecord,
     DeliveryStatus, DeliveryStore, DeliverySummary, Expired, JobKey, JobState, JobStatus,
     KeptFingerprint, Lease, NewDelivery, Page, QueuedJob, RetryFilter, SkipSet, StoreError,
-    StoredResponse, TakeOver,
+    StoredResponse, TAKE_OVER_GRACE_MS, TakeOver,
 };
 use crate::config::Durability;
+
+/// A handler at its `concurrency` on every replica together is looked at again this much
+/// later (a run ending elsewhere frees a slot without telling this replica).
+const AT_LIMIT_RETRY_MS: u64 = 200;
 
 /// How often the paused handlers are read from the database (see `PgStore::pauses`).
 pub const PAUSES_READ_EVERY: Duration = Duration::from_millis(250);
@@ -476,6 +480,7 @@ impl PgStore {
         alias.handlers = Vec::new();
         alias.response = first.response.clone();
         alias.lease_until_ms = None;
+        alias.lease_owner = None;
         alias.order_keys.clear();
         sqlx::query(
             "UPDATE inbox_deliveries SET record = $3, alias_of = $4, body = '' \
@@ -546,6 +551,90 @@ impl PgStore {
         Ok(())
     }
 
+    /// The start of a run as one check-and-set: started only if not final, still queued
+    /// where the caller found it, not running under a lease that blocks a take-over
+    /// (whoever's), not reserved by another replica, and its handler not paused (a pause
+    /// committed before this statement holds, whatever the dispatcher read earlier).
+    fn start_query<'q>(
+        &self,
+        job: &'q JobKey,
+        queued_due: Option<u64>,
+        now_ms: u64,
+        lease_until_ms: u64,
+    ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+        sqlx::query(concat!(
+            "UPDATE inbox_jobs j SET status = 'running', attempts = j.attempts + 1, \
+                updated_ms = $4, lease_owner = $6, lease_until_ms = $7, \
+                reserved_by = NULL, reserved_until_ms = NULL \
+             FROM inbox_deliveries d \
+             WHERE j.source = $1 AND j.id = $2 AND j.handler = $3 \
+               AND d.source = j.source AND d.id = j.id \
+               AND j.status NOT IN ('succeeded', 'dead') \
+               AND ($5::bigint IS NULL OR j.due_ms = $5) \
+               AND NOT (j.status = 'running' AND COALESCE(j.lease_until_ms, 0) + ",
+            grace!(),
+            " > $4) \
+               AND NOT (COALESCE(j.reserved_until_ms, 0) > $4 AND j.reserved_by <> $6) \
+               AND NOT EXISTS (SELECT 1 FROM inbox_handlers h WHERE h.name = j.handler AND h.paused) \
+             RETURNING j.attempts, j.retry_base, d.record, d.body",
+        ))
+        .bind(&job.delivery.source)
+        .bind(&job.delivery.id)
+        .bind(&job.handler)
+        .bind(db_ms(now_ms))
+        .bind(queued_due.map(db_ms))
+        .bind(self.instance)
+        .bind(db_ms(lease_until_ms))
+    }
+
+    /// Why [`PgStore::start_query`] started nothing: busy (someone holds it) or nothing to
+    /// run.
+    async fn not_started(
+        &self,
+        job: &JobKey,
+        queued_due: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Begin, StoreError> {
+        let now = db_ms(now_ms);
+        let queued = queued_due.map(db_ms);
+        let row = sqlx::query(
+            "SELECT status, due_ms, lease_until_ms, reserved_until_ms, \
+                EXISTS (SELECT 1 FROM inbox_handlers h WHERE h.name = $3 AND h.paused) AS paused \
+             FROM inbox_jobs WHERE source = $1 AND id = $2 AND handler = $3",
+        )
+        .bind(&job.delivery.source)
+        .bind(&job.delivery.id)
+        .bind(&job.handler)
+        .fetch_optional(self.dispatch()?)
+        .await
+        .map_err(backend)?;
+        let Some(row) = row else {
+            return Ok(Begin::Skipped);
+        };
+        let status = parse_status(&row.try_get::<String, _>("status").map_err(backend)?)?;
+        let due: Option<i64> = row.try_get("due_ms").map_err(backend)?;
+        let lease: Option<i64> = row.try_get("lease_until_ms").map_err(backend)?;
+        let reserved: Option<i64> = row.try_get("reserved_until_ms").map_err(backend)?;
+        let moved = queued.is_some() && due != queued;
+        if matches!(status, JobStatus::Succeeded | JobStatus::Dead) || moved {
+            return Ok(Begin::Skipped);
+        }
+        let paused: bool = row.try_get("paused").map_err(backend)?;
+        let grace = TAKE_OVER_GRACE_MS as i64;
+        let held = match (status, lease, reserved) {
+            (JobStatus::Running, Some(lease), _) if lease.saturating_add(grace) > now => {
+                Some(lease.saturating_add(grace))
+            }
+            (_, _, Some(reserved)) if reserved > now => Some(reserved),
+            _ if paused => Some(now.saturating_add(super::PAUSED_RETRY_MS as i64)),
+            _ => None,
+        };
+        // Without a live hold it changed between the two statements: the next pass decides.
+        Ok(Begin::Busy {
+            until_ms: held.map_or(now_ms, ms),
+        })
+    }
+
     /// Reads a delivery's record under a row lock, lets `change` edit it, writes it back if
     /// `change` says so; one transaction (the processed-mode lease operations).
     async fn update_record<T>(
@@ -597,13 +686,14 @@ impl PgStore {
             "WITH c AS ( \
                 SELECT source, id, handler FROM inbox_jobs \
                 WHERE due_ms <= $1 {of_handler} \
-                  AND NOT (status = 'running' AND COALESCE(lease_until_ms, 0) > $1) \
+                  AND NOT (status = 'running' AND COALESCE(lease_until_ms, 0) + {grace} > $1) \
                   AND (COALESCE(reserved_until_ms, 0) <= $1 OR reserved_by = $3) \
                 ORDER BY due_ms LIMIT $2 FOR UPDATE SKIP LOCKED \
              ) \
              UPDATE inbox_jobs j SET reserved_by = $3, reserved_until_ms = $4 FROM c \
              WHERE j.source = c.source AND j.id = c.id AND j.handler = c.handler \
-             RETURNING j.source, j.id, j.handler, j.due_ms"
+             RETURNING j.source, j.id, j.handler, j.due_ms",
+            grace = grace!()
         ))
         .bind(now)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
@@ -644,9 +734,10 @@ impl PgStore {
         };
         let rows = sqlx::query(&format!(
             "SELECT source, id, handler, GREATEST(due_ms, \
-                CASE WHEN status = 'running' THEN COALESCE(lease_until_ms, 0) ELSE 0 END, \
+                CASE WHEN status = 'running' THEN COALESCE(lease_until_ms, 0) + {grace} ELSE 0 END, \
                 COALESCE(reserved_until_ms, 0)) AS at \
-             FROM inbox_jobs WHERE due_ms IS NOT NULL {of_handler} ORDER BY due_ms LIMIT $1"
+             FROM inbox_jobs WHERE due_ms IS NOT NULL {of_handler} ORDER BY due_ms LIMIT $1",
+            grace = grace!()
         ))
         .bind(i64::try_from(skip.len() + 64).unwrap_or(i64::MAX))
         .bind(handler)
@@ -721,6 +812,18 @@ impl Drop for PgStore {
 
 /// A delivery's record read under a row lock (`FOR UPDATE` or `FOR SHARE`) held until `tx`
 /// ends.
+/// The run a [`PgStore::start_query`] row started.
+fn started(row: &PgRow) -> Result<Begin, StoreError> {
+    let attempt = row.try_get::<i32, _>("attempts").map_err(backend)?.max(0) as u32;
+    let base = row.try_get::<i32, _>("retry_base").map_err(backend)?.max(0) as u32;
+    Ok(Begin::Started(Box::new(AttemptContext {
+        record: decode_record(&row.try_get::<String, _>("record").map_err(backend)?)?,
+        body: Bytes::from(row.try_get::<Vec<u8>, _>("body").map_err(backend)?),
+        attempt,
+        attempts_in_round: attempt.saturating_sub(base),
+    })))
+}
+
 async fn locked_record(
     tx: &mut Transaction<'static, Postgres>,
     key: &DeliveryKey,
@@ -864,7 +967,8 @@ async fn requeue_in_line(
     let lease: Option<i64> = row.try_get("lease_until_ms").map_err(backend)?;
     let line: Option<String> = row.try_get("order_key").map_err(backend)?;
     let now = db_ms(now_ms);
-    let live_lease = status == JobStatus::Running && lease.is_some_and(|l| l > now);
+    let live_lease = status == JobStatus::Running
+        && lease.is_some_and(|l| l.saturating_add(TAKE_OVER_GRACE_MS as i64) > now);
     if status == JobStatus::Succeeded
         || live_lease
         || only.is_some_and(|wanted| wanted != status)
@@ -1153,80 +1257,90 @@ impl DeliveryStore for PgStore {
         now_ms: u64,
         lease_until_ms: u64,
     ) -> Result<Begin, StoreError> {
-        let now = db_ms(now_ms);
-        let queued = queued_due.map(db_ms);
-        // One check-and-set: started only if not final, still queued where the caller
-        // found it, not running under a live lease (whoever's), not reserved by another
-        // replica, and its handler not paused (a pause committed before this statement
-        // holds, whatever the dispatcher read earlier).
-        let row = sqlx::query(
-            "UPDATE inbox_jobs j SET status = 'running', attempts = j.attempts + 1, \
-                updated_ms = $4, lease_owner = $6, lease_until_ms = $7, \
-                reserved_by = NULL, reserved_until_ms = NULL \
-             FROM inbox_deliveries d \
-             WHERE j.source = $1 AND j.id = $2 AND j.handler = $3 \
-               AND d.source = j.source AND d.id = j.id \
-               AND j.status NOT IN ('succeeded', 'dead') \
-               AND ($5::bigint IS NULL OR j.due_ms = $5) \
-               AND NOT (j.status = 'running' AND COALESCE(j.lease_until_ms, 0) > $4) \
-               AND NOT (COALESCE(j.reserved_until_ms, 0) > $4 AND j.reserved_by <> $6) \
-               AND NOT EXISTS (SELECT 1 FROM inbox_handlers h WHERE h.name = j.handler AND h.paused) \
-             RETURNING j.attempts, j.retry_base, d.record, d.body",
-        )
-        .bind(&job.delivery.source)
-        .bind(&job.delivery.id)
+        let row = self
+            .start_query(job, queued_due, now_ms, lease_until_ms)
+            .fetch_optional(self.dispatch()?)
+            .await
+            .map_err(backend)?;
+        match row {
+            Some(row) => started(&row),
+            None => self.not_started(job, queued_due, now_ms).await,
+        }
+    }
+
+    async fn begin_limited_attempt(
+        &self,
+        job: &JobKey,
+        queued_due: Option<u64>,
+        now_ms: u64,
+        lease_until_ms: u64,
+        concurrency: Option<usize>,
+    ) -> Result<Begin, StoreError> {
+        let Some(limit) = concurrency else {
+            return self
+                .begin_attempt(job, queued_due, now_ms, lease_until_ms)
+                .await;
+        };
+        // The handler's slots are its pairs running under leases that block a take-over,
+        // counted and taken under the handler's transaction-scoped lock, so that replicas
+        // starting runs at once count each other (`concurrency` across every replica).
+        let mut tx = self.dispatch()?.begin().await.map_err(backend)?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(format!("slots/{}", job.handler))
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        let running: i64 = sqlx::query_scalar(concat!(
+            "SELECT count(*) FROM inbox_jobs WHERE handler = $1 AND status = 'running' \
+               AND COALESCE(lease_until_ms, 0) + ",
+            grace!(),
+            " > $2"
+        ))
         .bind(&job.handler)
-        .bind(now)
-        .bind(queued)
-        .bind(self.instance)
-        .bind(db_ms(lease_until_ms))
-        .fetch_optional(self.dispatch()?)
+        .bind(db_ms(now_ms))
+        .fetch_one(&mut *tx)
         .await
         .map_err(backend)?;
-        if let Some(row) = row {
-            let attempt = row.try_get::<i32, _>("attempts").map_err(backend)?.max(0) as u32;
-            let base = row.try_get::<i32, _>("retry_base").map_err(backend)?.max(0) as u32;
-            return Ok(Begin::Started(Box::new(AttemptContext {
-                record: decode_record(&row.try_get::<String, _>("record").map_err(backend)?)?,
-                body: Bytes::from(row.try_get::<Vec<u8>, _>("body").map_err(backend)?),
-                attempt,
-                attempts_in_round: attempt.saturating_sub(base),
-            })));
+        if usize::try_from(running).unwrap_or(usize::MAX) >= limit {
+            tx.rollback().await.map_err(backend)?;
+            return Ok(Begin::AtLimit {
+                retry_at_ms: now_ms + AT_LIMIT_RETRY_MS,
+            });
         }
-        // Not started: busy (someone holds it) or nothing to run.
-        let row = sqlx::query(
-            "SELECT status, due_ms, lease_until_ms, reserved_until_ms, \
-                EXISTS (SELECT 1 FROM inbox_handlers h WHERE h.name = $3 AND h.paused) AS paused \
-             FROM inbox_jobs WHERE source = $1 AND id = $2 AND handler = $3",
+        let row = self
+            .start_query(job, queued_due, now_ms, lease_until_ms)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        match row {
+            Some(row) => started(&row),
+            None => self.not_started(job, queued_due, now_ms).await,
+        }
+    }
+
+    async fn reserve_start(
+        &self,
+        handler: &str,
+        interval_ms: u64,
+        now_ms: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        // One statement: the handler's next start moves on by the interval, from now at the
+        // earliest (a burst of one), and this start takes the time it moved from.
+        let at: i64 = sqlx::query_scalar(
+            "INSERT INTO inbox_handlers (name, paused, updated_ms, next_start_ms) \
+             VALUES ($1, false, $2, $2 + $3) \
+             ON CONFLICT (name) DO UPDATE SET next_start_ms = \
+                GREATEST(COALESCE(inbox_handlers.next_start_ms, 0), $2) + $3 \
+             RETURNING next_start_ms - $3",
         )
-        .bind(&job.delivery.source)
-        .bind(&job.delivery.id)
-        .bind(&job.handler)
-        .fetch_optional(self.dispatch()?)
+        .bind(handler)
+        .bind(db_ms(now_ms))
+        .bind(db_ms(interval_ms))
+        .fetch_one(self.relaxed()?)
         .await
         .map_err(backend)?;
-        let Some(row) = row else {
-            return Ok(Begin::Skipped);
-        };
-        let status = parse_status(&row.try_get::<String, _>("status").map_err(backend)?)?;
-        let due: Option<i64> = row.try_get("due_ms").map_err(backend)?;
-        let lease: Option<i64> = row.try_get("lease_until_ms").map_err(backend)?;
-        let reserved: Option<i64> = row.try_get("reserved_until_ms").map_err(backend)?;
-        let moved = queued.is_some() && due != queued;
-        if matches!(status, JobStatus::Succeeded | JobStatus::Dead) || moved {
-            return Ok(Begin::Skipped);
-        }
-        let paused: bool = row.try_get("paused").map_err(backend)?;
-        let held = match (status, lease, reserved) {
-            (JobStatus::Running, Some(lease), _) if lease > now => Some(lease),
-            (_, _, Some(reserved)) if reserved > now => Some(reserved),
-            _ if paused => Some(now.saturating_add(super::PAUSED_RETRY_MS as i64)),
-            _ => None,
-        };
-        // Without a live hold it changed between the two statements: the next pass decides.
-        Ok(Begin::Busy {
-            until_ms: held.map_or(now_ms, ms),
-        })
+        Ok(Some(ms(at)))
     }
 
     async fn renew_job_lease(
@@ -1238,7 +1352,7 @@ impl DeliveryStore for PgStore {
         let done = sqlx::query(
             "UPDATE inbox_jobs SET lease_owner = $5, lease_until_ms = $6 \
              WHERE source = $1 AND id = $2 AND handler = $3 \
-               AND status = 'running' AND attempts = $4",
+               AND status = 'running' AND attempts = $4 AND lease_owner = $5",
         )
         .bind(&job.delivery.source)
         .bind(&job.delivery.id)
@@ -1327,42 +1441,32 @@ impl DeliveryStore for PgStore {
         &self,
         key: &DeliveryKey,
         now_ms: u64,
-        lease_until_ms: u64,
+        lease: Lease,
     ) -> Result<TakeOver, StoreError> {
-        self.update_record(key, |record| {
-            let Some(record) = record else {
-                return (
-                    Err(StoreError::Corrupt(
-                        "record vanished during take-over".into(),
-                    )),
-                    false,
-                );
-            };
-            if record.response.is_some() {
-                return (Ok(TakeOver::Final(record.clone())), false);
+        self.update_record(key, |record| match record {
+            Some(record) => {
+                let (taken, changed) = record.take_over(now_ms, lease);
+                (Ok(taken), changed)
             }
-            if let Some(until_ms) = record.lease_until_ms
-                && until_ms > now_ms
-            {
-                return (Ok(TakeOver::Held { until_ms }), false);
-            }
-            record.lease_until_ms = Some(lease_until_ms);
-            (Ok(TakeOver::Acquired(record.clone())), true)
+            None => (
+                Err(StoreError::Corrupt(
+                    "record vanished during take-over".into(),
+                )),
+                false,
+            ),
         })
         .await?
     }
 
-    async fn renew_lease(
-        &self,
-        key: &DeliveryKey,
-        lease_until_ms: u64,
-    ) -> Result<bool, StoreError> {
+    async fn renew_lease(&self, key: &DeliveryKey, lease: Lease) -> Result<bool, StoreError> {
+        // The owner is in the condition: the row is locked, read, and changed only if
+        // `lease.owner` holds it.
         self.update_record(key, |record| match record {
-            Some(record) if record.response.is_none() => {
-                record.lease_until_ms = Some(lease_until_ms);
-                (true, true)
+            Some(record) => {
+                let renewed = record.renew_processed_lease(lease);
+                (renewed, renewed)
             }
-            _ => (false, false),
+            None => (false, false),
         })
         .await
     }
@@ -1370,17 +1474,15 @@ impl DeliveryStore for PgStore {
     async fn release(
         &self,
         key: &DeliveryKey,
+        owner: u64,
         response: Option<StoredResponse>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         self.update_record(key, |record| match record {
             Some(record) => {
-                record.lease_until_ms = None;
-                if response.is_some() {
-                    record.response = response;
-                }
-                ((), true)
+                let released = record.release_processed_lease(owner, response);
+                (released, released)
             }
-            None => ((), false),
+            None => (false, false),
         })
         .await
     }
@@ -1428,13 +1530,15 @@ impl DeliveryStore for PgStore {
         let sources: Vec<&str> = candidates.iter().map(|r| r.source.as_str()).collect();
         let ids: Vec<&str> = candidates.iter().map(|r| r.id.as_str()).collect();
         // A delivery with a handler still due or running is kept (invariant 2).
-        let busy: HashSet<(String, String)> = sqlx::query(
+        let busy: HashSet<(String, String)> = sqlx::query(concat!(
             "SELECT DISTINCT source, id FROM inbox_jobs \
              WHERE (source, id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
                AND status NOT IN ('succeeded', 'dead') \
                AND (due_ms IS NOT NULL OR order_key IS NOT NULL \
-                    OR (status = 'running' AND COALESCE(lease_until_ms, 0) > $3))",
-        )
+                    OR (status = 'running' AND COALESCE(lease_until_ms, 0) + ",
+            grace!(),
+            " > $3))",
+        ))
         .bind(&sources)
         .bind(&ids)
         .bind(now)
@@ -1607,9 +1711,10 @@ impl DeliveryStore for PgStore {
         let mut requeued: Vec<String> = sqlx::query_scalar(&format!(
             "UPDATE inbox_jobs SET {REQUEUE} \
              WHERE source = $1 AND id = $2 AND handler = ANY($3) AND status <> 'succeeded' \
-               AND NOT (status = 'running' AND COALESCE(lease_until_ms, 0) > $4) \
+               AND NOT (status = 'running' AND COALESCE(lease_until_ms, 0) + {grace} > $4) \
                AND order_key IS NULL \
-             RETURNING handler"
+             RETURNING handler",
+            grace = grace!()
         ))
         .bind(&key.source)
         .bind(&key.id)
@@ -1822,6 +1927,15 @@ impl DeliveryStore for PgStore {
     }
 }
 
+/// [`TAKE_OVER_GRACE_MS`] as SQL text: a lapsed run lease blocks others until this long past
+/// its end (`lease_until_ms + grace > now`), so that its runner has stopped (invariant 6).
+macro_rules! grace {
+    () => {
+        "2000"
+    };
+}
+use grace;
+
 /// The state an operator retry gives a pair, as an `UPDATE … SET` list (`$4` is now): a
 /// fresh `max_attempts` if it failed or died, any hold released (its due time is set
 /// beside it: see [`REQUEUE`]).
@@ -1839,3 +1953,11 @@ const REQUEUE_STATE: &str = requeue_state!();
 
 /// An operator retry of one pair, due now.
 const REQUEUE: &str = concat!(requeue_state!(), ", due_ms = $4");
+
+#[cfg(test)]
+mod grace_tests {
+    #[test]
+    fn the_sql_grace_is_the_store_s_grace() {
+        assert_eq!(grace!(), super::TAKE_OVER_GRACE_MS.to_string());
+    }
+}

@@ -30,6 +30,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "order lines",
         include_str!("../../../migrations/0003_order_lines.sql"),
     ),
+    (
+        4,
+        "global limits",
+        include_str!("../../../migrations/0004_global_limits.sql"),
+    ),
 ];
 
 #[derive(Debug)]

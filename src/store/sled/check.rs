@@ -31,7 +31,7 @@ impl SledStore {
             Some(s) => {
                 if s.status == JobStatus::Running
                     && s.lease
-                        .is_some_and(|l| l.owner == self.instance && l.until_ms > now_ms)
+                        .is_some_and(|l| l.owner == self.instance && l.blocks_at(now_ms))
                 {
                     return Ok(true);
                 }

@@ -46,7 +46,7 @@ impl SledStore {
                     .map(|h| Ok((h.clone(), self.read_job(&delivery.job(h).encode())?)))
                     .collect::<Result<Vec<_>, StoreError>>()?;
                 items.push(StoredItem::Delivery {
-                    record,
+                    record: Box::new(record),
                     body: self.body_of(body)?,
                     jobs,
                 });

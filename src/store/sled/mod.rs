@@ -668,7 +668,7 @@ impl SledStore {
             Some(s)
                 if s.status == JobStatus::Running
                     && s.lease
-                        .is_some_and(|l| l.owner == self.instance && l.until_ms > now_ms) =>
+                        .is_some_and(|l| l.owner == self.instance && l.blocks_at(now_ms)) =>
             {
                 return Ok(false);
             }
@@ -866,6 +866,7 @@ impl DeliveryStore for SledStore {
                     alias.handlers = Vec::new();
                     alias.response = first.response.clone();
                     alias.lease_until_ms = None;
+                    alias.lease_owner = None;
                     alias.order_keys.clear();
                     self.received.insert(&received_key, &[]).map_err(backend)?;
                     self.step(Op::Claim, "after-alias-index");
@@ -1037,14 +1038,17 @@ impl DeliveryStore for SledStore {
                 self.drop_stale(queued_due, &job_key)?;
                 return Ok((Begin::Skipped, false));
             }
+            // A lease of another instance belongs to a process that died (sled is opened
+            // by one process at a time); one of this process is taken over only once past
+            // its end and the grace (invariant 6).
             if state.status == JobStatus::Running
                 && let Some(lease) = state.lease
                 && lease.owner == self.instance
-                && lease.until_ms > now_ms
+                && lease.blocks_at(now_ms)
             {
                 return Ok((
                     Begin::Busy {
-                        until_ms: lease.until_ms,
+                        until_ms: lease.taken_over_from(),
                     },
                     false,
                 ));
@@ -1097,7 +1101,11 @@ impl DeliveryStore for SledStore {
         let Some(mut state) = self.read_job(&job_key)? else {
             return Ok(false);
         };
-        if state.status != JobStatus::Running || state.attempts != attempt {
+        // Fenced: the attempt number only grows, and the owner is in the condition.
+        if state.status != JobStatus::Running
+            || state.attempts != attempt
+            || state.lease.is_none_or(|l| l.owner != self.instance)
+        {
             return Ok(false);
         }
         state.lease = Some(Lease {
@@ -1195,7 +1203,7 @@ impl DeliveryStore for SledStore {
         &self,
         key: &DeliveryKey,
         now_ms: u64,
-        lease_until_ms: u64,
+        lease: Lease,
     ) -> Result<TakeOver, StoreError> {
         let k = key.encode();
         self.locked_write(Op::TakeOver, &[&k], || {
@@ -1204,35 +1212,24 @@ impl DeliveryStore for SledStore {
                     "record vanished during take-over".into(),
                 ));
             };
-            if record.response.is_some() {
-                return Ok((TakeOver::Final(record), false));
+            let (taken, changed) = record.take_over(now_ms, lease);
+            if changed {
+                self.write_record(&k, &record)?;
             }
-            if let Some(until_ms) = record.lease_until_ms
-                && until_ms > now_ms
-            {
-                return Ok((TakeOver::Held { until_ms }, false));
-            }
-            record.lease_until_ms = Some(lease_until_ms);
-            self.write_record(&k, &record)?;
-            Ok((TakeOver::Acquired(record), true))
+            Ok((taken, changed))
         })
         .await
     }
 
-    async fn renew_lease(
-        &self,
-        key: &DeliveryKey,
-        lease_until_ms: u64,
-    ) -> Result<bool, StoreError> {
+    async fn renew_lease(&self, key: &DeliveryKey, lease: Lease) -> Result<bool, StoreError> {
         let k = key.encode();
         let _locks = self.lock(Op::TakeOver, &[&k]);
         let Some(mut record) = self.read_record(&k)? else {
             return Ok(false);
         };
-        if record.response.is_some() {
+        if !record.renew_processed_lease(lease) {
             return Ok(false);
         }
-        record.lease_until_ms = Some(lease_until_ms);
         // Not waited for: a renewal lost in a crash only shortens the lease.
         self.write_record(&k, &record)?;
         Ok(true)
@@ -1241,19 +1238,19 @@ impl DeliveryStore for SledStore {
     async fn release(
         &self,
         key: &DeliveryKey,
+        owner: u64,
         response: Option<StoredResponse>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let k = key.encode();
         self.locked_write(Op::Release, &[&k], || {
             let Some(mut record) = self.read_record(&k)? else {
-                return Ok(((), false));
+                return Ok((false, false));
             };
-            record.lease_until_ms = None;
-            if response.is_some() {
-                record.response = response.clone();
+            if !record.release_processed_lease(owner, response) {
+                return Ok((false, false));
             }
             self.write_record(&k, &record)?;
-            Ok(((), true))
+            Ok((true, true))
         })
         .await
     }
