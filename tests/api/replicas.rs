@@ -1221,3 +1221,148 @@ command = ["sh", "-c", {TICKING_SCRIPT:?}, "sh", "{runs}"]
     }
     drop(pg);
 }
+
+/// Appends `start NS` and `end NS` (nanoseconds of the wall clock) around a run that takes
+/// `$2` seconds.
+const TIMED_SCRIPT: &str = r#"echo "start $(date +%s%N)" >> "$1"; cat > /dev/null; sleep "$2"; echo "end $(date +%s%N)" >> "$1""#;
+
+/// (start, end) of every run in a file of [`TIMED_SCRIPT`], in ns, paired in file order per
+/// process is not needed: only the starts and the most alive at once are read.
+fn timed_events(path: &Path) -> Vec<(u128, bool)> {
+    let mut events: Vec<(u128, bool)> = std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (kind, ns) = l.split_once(' ')?;
+            Some((ns.trim().parse().ok()?, kind == "start"))
+        })
+        .collect();
+    // Ends before starts at the same instant: a run that ended frees its slot.
+    events.sort_by_key(|&(at, start)| (at, start));
+    events
+}
+
+/// Issue 22.3: with PostgreSQL, a handler's `concurrency` and `rate` hold across all
+/// replicas together. Three replicas share 30 deliveries; `slots` (`concurrency = 2`) never
+/// runs more than twice at once anywhere, and `paced` (`rate = "5/s"`) never starts more
+/// than 5 times in a second anywhere (less the spawn jitter of a program: windows of
+/// 850 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_and_rate_hold_across_three_replicas() {
+    let Some(server) = test_postgres_url("replicas: global concurrency and rate") else {
+        return;
+    };
+    let url = fresh_postgres_schema(&server).await;
+    let dir = tempfile::TempDir::new().expect("dir");
+    let (slots, paced) = (dir.path().join("slots.log"), dir.path().join("paced.log"));
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+workers = 2
+
+[storage]
+backend = "postgres"
+postgres_url = "{url}"
+pool_size = 4
+
+[dispatch]
+concurrency = 8
+
+[sources.credicorp]
+secrets = ["{SECRET}"]
+
+[[handlers]]
+name = "slots"
+kind = "command"
+concurrency = 2
+command = ["sh", "-c", {TIMED_SCRIPT:?}, "sh", "{slots}", "0.2"]
+
+[[handlers]]
+name = "paced"
+kind = "command"
+rate = "5/s"
+command = ["sh", "-c", {TIMED_SCRIPT:?}, "sh", "{paced}", "0"]
+"#,
+        slots = slots.display(),
+        paced = paced.display(),
+    );
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, &text).expect("write config");
+    let config = Config::parse(&text, "limits.toml").expect("config");
+    let mut replicas: Vec<Serving> = (0..3)
+        .map(|_| try_spawn_serve(&config_path).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    let client = reqwest::Client::new();
+    for r in &replicas {
+        let admin = r.admin_port;
+        assert!(
+            eventually_async(Duration::from_secs(30), || async {
+                readyz(&client, admin).await == 200
+            })
+            .await
+        );
+    }
+    const DELIVERIES: usize = 30;
+    let source = Source::from_config("credicorp", &config.sources["credicorp"], "t", &|_| None)
+        .expect("source");
+    for i in 0..DELIVERIES {
+        let id = format!("msg_limits_{i:02}");
+        let body = format!(r#"{{"type":"application.created","n":{i}}}"#);
+        let headers = source.sign(&id, body.as_bytes(), SystemTime::now());
+        let port = replicas[i % 3].port;
+        let (status, answer) = post(&client, port, "credicorp", &headers, body.as_bytes()).await;
+        assert_eq!(status, 202, "{answer}");
+    }
+    let ends = |path: &Path| {
+        timed_events(path)
+            .iter()
+            .filter(|(_, start)| !start)
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(90), || {
+            ends(&slots) == DELIVERIES && ends(&paced) == DELIVERIES
+        })
+        .await,
+        "every run ended: slots {}, paced {}",
+        ends(&slots),
+        ends(&paced)
+    );
+    let mut alive = 0usize;
+    let mut most = 0usize;
+    for (_, start) in timed_events(&slots) {
+        if start {
+            alive += 1;
+            most = most.max(alive);
+        } else {
+            alive = alive.saturating_sub(1);
+        }
+    }
+    assert!(most <= 2, "`slots` ran {most} at once across the replicas");
+    assert!(most >= 1);
+    let starts: Vec<u128> = timed_events(&paced)
+        .into_iter()
+        .filter_map(|(at, start)| start.then_some(at))
+        .collect();
+    let window = 850_000_000u128;
+    let busiest = starts
+        .iter()
+        .map(|&from| {
+            starts
+                .iter()
+                .filter(|&&t| t >= from && t < from + window)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        busiest <= 5,
+        "`paced` started {busiest} times within 850 ms across the replicas"
+    );
+    for r in &mut replicas {
+        let _ = r.child.kill();
+        let _ = r.child.wait();
+    }
+}
