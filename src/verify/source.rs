@@ -76,6 +76,24 @@ impl Source {
                 "set id_header or id_pointer, not both",
             ));
         }
+        // A tolerance applied to a timestamp nobody signed protects nothing: a captured
+        // request with a refreshed header would pass, and run again once its id is forgotten.
+        if let SchemeConfig::HmacSha256(hmac) = &config.scheme
+            && hmac.timestamp_header.is_some()
+            && hmac
+                .signed_content
+                .as_deref()
+                .is_some_and(|t| !t.contains("{timestamp}"))
+        {
+            return Err(ConfigError::new(
+                file,
+                format!(
+                    "sources.{name}.timestamp_header is set but sources.{name}.signed_content does \
+                     not sign {{timestamp}}: the tolerance would apply to a value nobody signed \
+                     (add {{timestamp}} to signed_content, or remove timestamp_header)"
+                ),
+            ));
+        }
         let secrets_error =
             |e: SchemeError| ConfigError::new(file, format!("sources.{name}.secrets: {e}"));
         let scheme: Box<dyn SignatureScheme> = match &config.scheme {

@@ -226,3 +226,29 @@ fn serve_refuses_a_bad_config_with_the_same_message() {
         "{err}"
     );
 }
+
+/// Issue 22.5: `hmac-sha256` with a `timestamp_header` its `signed_content` does not sign is
+/// refused at start, naming the source and both keys (the tolerance would check a value
+/// nobody signed, so a captured request with a fresh header would pass).
+#[test]
+fn an_unsigned_timestamp_header_is_named() {
+    let text = r#"
+[sources.partner]
+scheme = "hmac-sha256"
+secrets = ["s3cret"]
+signature_header = "X-Signature"
+id_header = "X-Id"
+timestamp_header = "X-Timestamp"
+signed_content = "{id}.{body}"
+"#;
+    let (ok, out) = check_config(text);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("sources.partner.timestamp_header")
+            && out.contains("sources.partner.signed_content"),
+        "{out}"
+    );
+    // Signed, it is fine.
+    let (ok, out) = check_config(&text.replace("{id}.{body}", "{id}.{timestamp}.{body}"));
+    assert!(ok, "{out}");
+}
