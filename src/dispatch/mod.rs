@@ -166,6 +166,31 @@ impl Runner {
         self.run_once(job, None, Some(wait)).await
     }
 
+    /// A delivery that cannot be read back intact (invariant 8): its pair is dead-lettered
+    /// with the reason, through the same outcome path as any dead run, so it never blocks its
+    /// `order_by` line or comes back to the dispatcher.
+    async fn dead_letter_unreadable(
+        &self,
+        job: &JobKey,
+        attempt: u32,
+        error: String,
+    ) -> Result<RunResult, StoreError> {
+        let error = format!("body unreadable: {error}");
+        tracing::error!(job = %job, %error, "dead-lettering a delivery that cannot be read back");
+        self.metrics.handler_run(&job.handler, "dead", 0.0);
+        self.store
+            .finish_attempt(
+                job,
+                attempt,
+                AttemptOutcome::Dead {
+                    error: error.clone(),
+                },
+                self.clock.now_ms(),
+            )
+            .await?;
+        Ok(RunResult::Failed(HandlerError::Permanent(error)))
+    }
+
     async fn run_once(
         &self,
         job: &JobKey,
@@ -199,6 +224,9 @@ impl Runner {
                 .await?;
             match begin {
                 Begin::Started(attempt) => break (attempt, held_until),
+                Begin::Unreadable { attempt, error } => {
+                    return self.dead_letter_unreadable(job, attempt, error).await;
+                }
                 Begin::Busy { until_ms } => return Ok(RunResult::Busy(until_ms)),
                 Begin::Skipped => return Ok(RunResult::Skipped),
                 Begin::AtLimit { retry_at_ms } => {

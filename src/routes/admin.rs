@@ -16,6 +16,7 @@ use super::AppState;
 use crate::error::ApiError;
 use crate::store::{
     Cursor, DeliveryKey, DeliveryRecord, DeliveryStatus, JobState, JobStatus, RetryFilter,
+    StoreError,
 };
 
 fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
@@ -161,8 +162,10 @@ pub struct HandlerView {
 pub(crate) struct DeliveryDetail {
     /// The record.
     pub record: DeliveryRecord,
-    /// The raw body.
+    /// The raw body (empty when it cannot be read back: see `body_error`).
     pub body: bytes::Bytes,
+    /// Why the body cannot be read back intact (invariant 8), if it cannot.
+    pub body_error: Option<String>,
     /// Where it stands, from its handlers' states.
     pub status: DeliveryStatus,
     /// Each bound handler, in the record's order.
@@ -180,12 +183,12 @@ pub(crate) async fn delivery_detail(
         .await
         .map_err(storage)?
         .ok_or(ApiError::NotFound)?;
-    let body = state
-        .store
-        .body(key)
-        .await
-        .map_err(storage)?
-        .unwrap_or_default();
+    // A body that fails its checksum is shown as such, not as a failed page (invariant 8).
+    let (body, body_error) = match state.store.body(key).await {
+        Ok(body) => (body.unwrap_or_default(), None),
+        Err(StoreError::Corrupt(e)) => (bytes::Bytes::new(), Some(format!("body unreadable: {e}"))),
+        Err(e) => return Err(storage(e)),
+    };
     let mut handlers = Vec::new();
     for name in &record.handlers {
         let job = key.job(name);
@@ -200,6 +203,7 @@ pub(crate) async fn delivery_detail(
     Ok(DeliveryDetail {
         record,
         body,
+        body_error,
         status,
         handlers,
     })
@@ -215,6 +219,7 @@ pub async fn show(
     let DeliveryDetail {
         record,
         body,
+        body_error,
         status,
         handlers,
     } = delivery_detail(&state, &DeliveryKey::new(&path.0, &path.1)).await?;
@@ -230,8 +235,9 @@ pub async fn show(
         "status": status,
         "received_at": crate::clock::rfc3339_ms(record.received_at_ms),
         "handlers": handlers,
-        "body": body_text,
-        "body_base64": body_base64,
+        "body": body_error.is_none().then_some(body_text).flatten(),
+        "body_base64": body_error.is_none().then_some(body_base64).flatten(),
+        "body_error": body_error,
     })))
 }
 

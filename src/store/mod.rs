@@ -397,6 +397,16 @@ pub enum Begin {
     /// Nothing to run: the pair is final, its delivery expired or never landed, or the
     /// queue entry it was taken from has been moved (an operator retry) or removed.
     Skipped,
+    /// The attempt is counted and leased to the caller, but the delivery cannot be read
+    /// back intact (its body fails its checksum, or its record does not decode): the caller
+    /// dead-letters it with this reason through [`DeliveryStore::finish_attempt`]
+    /// (invariant 8), which also hands an `order_by` line on.
+    Unreadable {
+        /// The attempt number counted.
+        attempt: u32,
+        /// What could not be read.
+        error: String,
+    },
     /// The handler runs as many pairs as its `concurrency` allows, across every process
     /// sharing the store: nothing started; try again at this time.
     AtLimit {

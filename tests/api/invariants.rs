@@ -313,3 +313,117 @@ async fn an_operator_retry_never_runs_beside_the_senders_retry() {
         0
     );
 }
+
+/// Issue 22.4, invariant 8: a logged body that fails its checksum is dead-lettered for its
+/// handler with the reason, hands its `order_by` line on (the next delivery of the key
+/// runs), and stays inspectable: the admin API answers 200 with `body_error` instead of 503.
+/// Reproduced as reported: the handler paused, two 400-byte bodies of one key, the server
+/// stopped, a byte of the first body flipped in `bodies/*.log`, restarted, resumed.
+#[tokio::test]
+async fn a_body_failing_its_checksum_is_dead_lettered_and_hands_its_line_on() {
+    let in_line = crate::helpers::Recorder::default();
+    let options = |dir: Option<std::sync::Arc<tempfile::TempDir>>| crate::helpers::Options {
+        admin_token: Some("admin-token"),
+        sled_only: true,
+        dir,
+        handlers: vec![
+            webhook_inbox::Registration::new("in-line", in_line.clone())
+                .source("credicorp")
+                .ordered_by("/key"),
+        ],
+        ..crate::helpers::Options::default()
+    };
+    let app = crate::helpers::spawn_with(options(None)).await;
+    let toggle = |app: &crate::helpers::TestApp, verb: &'static str| {
+        app.client
+            .post(format!(
+                "{}/admin/handlers/in-line/{verb}",
+                app.admin_address
+            ))
+            .bearer_auth("admin-token")
+            .send()
+    };
+    assert!(
+        toggle(&app, "pause")
+            .await
+            .expect("pause")
+            .status()
+            .is_success()
+    );
+    let body = |marker: &str| {
+        format!(
+            r#"{{"type":"application.created","key":"k1","marker":"{marker}","pad":"{}"}}"#,
+            "x".repeat(330)
+        )
+    };
+    for (id, marker) in [("msg_crc_1", "FIRSTBODY"), ("msg_crc_2", "SECONDBODY")] {
+        assert_eq!(app.deliver(id, &body(marker)).await.status().as_u16(), 202);
+    }
+    let dir = app.stop().await;
+    // Flip one byte of the first body where it lies in the body log.
+    let segments: Vec<_> = std::fs::read_dir(dir.path().join("data").join("bodies"))
+        .expect("body log")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    let mut flipped = false;
+    for segment in segments {
+        let mut bytes = std::fs::read(&segment).expect("segment");
+        if let Some(at) = bytes.windows(9).position(|w| w == b"FIRSTBODY") {
+            bytes[at] ^= 0x01;
+            std::fs::write(&segment, bytes).expect("write segment");
+            flipped = true;
+        }
+    }
+    assert!(flipped, "the first body is in the body log");
+
+    let app = crate::helpers::spawn_with(options(Some(dir))).await;
+    assert!(
+        toggle(&app, "resume")
+            .await
+            .expect("resume")
+            .status()
+            .is_success()
+    );
+    let settled = crate::helpers::eventually_async(std::time::Duration::from_secs(30), || async {
+        let first = app.admin_show("credicorp", "msg_crc_1").await;
+        let second = app.admin_show("credicorp", "msg_crc_2").await;
+        let state = |v: &serde_json::Value| {
+            v["handlers"]
+                .as_array()
+                .and_then(|h| h.iter().find(|h| h["name"] == "in-line"))
+                .map(|h| h["state"]["status"].clone())
+        };
+        state(&first) == Some("dead".into()) && state(&second) == Some("succeeded".into())
+    })
+    .await;
+    let first = app.admin_show("credicorp", "msg_crc_1").await;
+    assert!(
+        settled,
+        "the unreadable one dead, the next of its line run: {first:#}"
+    );
+    assert!(
+        first["body_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("body unreadable") && e.contains("checksum")),
+        "{first:#}"
+    );
+    assert!(first["body"].is_null(), "no wrong bytes shown: {first:#}");
+    let handler = first["handlers"]
+        .as_array()
+        .and_then(|h| h.iter().find(|h| h["name"] == "in-line"))
+        .expect("in-line");
+    assert!(
+        handler["state"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("body unreadable")),
+        "{handler:#}"
+    );
+    let ran: Vec<String> = in_line.runs().into_iter().map(|r| r.id).collect();
+    assert_eq!(
+        ran,
+        vec!["msg_crc_2".to_owned()],
+        "never run on wrong bytes"
+    );
+    app.stop().await;
+}

@@ -351,6 +351,7 @@ pub fn delivery(csrf: &str, detail: &DeliveryDetail) -> Markup {
     let DeliveryDetail {
         record,
         body,
+        body_error,
         status,
         handlers: jobs,
     } = detail;
@@ -412,8 +413,12 @@ pub fn delivery(csrf: &str, detail: &DeliveryDetail) -> Markup {
                 }
             }
             h2 { "Body" }
-            p.muted { (body.len()) " bytes; SHA-256 " code { (fingerprint(body)) } }
-            pre #body { (readable_body(body)) }
+            @if let Some(error) = body_error {
+                p #body-error { (error) }
+            } @else {
+                p.muted { (body.len()) " bytes; SHA-256 " code { (fingerprint(body)) } }
+                pre #body { (readable_body(body)) }
+            }
         },
     )
 }

@@ -816,8 +816,18 @@ impl Drop for PgStore {
 fn started(row: &PgRow) -> Result<Begin, StoreError> {
     let attempt = row.try_get::<i32, _>("attempts").map_err(backend)?.max(0) as u32;
     let base = row.try_get::<i32, _>("retry_base").map_err(backend)?.max(0) as u32;
+    // Started all the same: the runner dead-letters it with the reason (invariant 8).
+    let record = match decode_record(&row.try_get::<String, _>("record").map_err(backend)?) {
+        Ok(record) => record,
+        Err(e) => {
+            return Ok(Begin::Unreadable {
+                attempt,
+                error: e.to_string(),
+            });
+        }
+    };
     Ok(Begin::Started(Box::new(AttemptContext {
-        record: decode_record(&row.try_get::<String, _>("record").map_err(backend)?)?,
+        record,
         body: Bytes::from(row.try_get::<Vec<u8>, _>("body").map_err(backend)?),
         attempt,
         attempts_in_round: attempt.saturating_sub(base),

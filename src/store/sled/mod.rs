@@ -1020,9 +1020,17 @@ impl DeliveryStore for SledStore {
         let job_key = job.encode();
         let dk = job.delivery.encode();
         self.locked_write(Op::BeginAttempt, &[&dk], || {
-            let Some((record, body)) = self.read_delivery(&dk)? else {
-                self.drop_stale(queued_due, &job_key)?;
-                return Ok((Begin::Skipped, false));
+            // A delivery that cannot be read back intact is started all the same (the attempt
+            // counted, under a lease), so that the runner dead-letters it through the one
+            // path that records a final outcome and hands its line on (invariant 8).
+            let delivery = match self.read_delivery(&dk) {
+                Ok(None) => {
+                    self.drop_stale(queued_due, &job_key)?;
+                    return Ok((Begin::Skipped, false));
+                }
+                Ok(Some(delivery)) => Ok(delivery),
+                Err(StoreError::Corrupt(e)) => Err(e),
+                Err(e) => return Err(e),
             };
             if let Some(due) = queued_due
                 && !self
@@ -1077,15 +1085,19 @@ impl DeliveryStore for SledStore {
                 state.queued_at_ms = queued_due;
             }
             self.write_job(&job_key, &state)?;
-            Ok((
-                Begin::Started(Box::new(AttemptContext {
+            let begin = match delivery {
+                Ok((record, body)) => Begin::Started(Box::new(AttemptContext {
                     record,
                     body,
                     attempt: state.attempts,
                     attempts_in_round: state.attempts.saturating_sub(state.retry_base),
                 })),
-                true,
-            ))
+                Err(error) => Begin::Unreadable {
+                    attempt: state.attempts,
+                    error,
+                },
+            };
+            Ok((begin, true))
         })
         .await
     }
@@ -1132,9 +1144,12 @@ impl DeliveryStore for SledStore {
         let line = match outcome {
             AttemptOutcome::Succeeded | AttemptOutcome::Dead { .. } => {
                 match self.deliveries.get(&dk).map_err(backend)? {
-                    Some(value) => decode_order_keys(&value)?
-                        .get(&job.handler)
-                        .map(|v| order::line_prefix(&job.handler, v)),
+                    // A record that does not decode has no line this can find (its pair is
+                    // dead-lettered all the same: invariant 8).
+                    Some(value) => decode_order_keys(&value)
+                        .ok()
+                        .and_then(|keys| keys.get(&job.handler).cloned())
+                        .map(|v| order::line_prefix(&job.handler, &v)),
                     None => None,
                 }
             }
