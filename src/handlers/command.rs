@@ -23,6 +23,8 @@ use super::{Delivery, Handler, HandlerContext, HandlerError};
 pub const EXIT_PERMANENT: i32 = 65;
 /// How much of the program's stderr is kept as the error.
 const STDERR_KEPT: usize = 1024;
+/// How much of the program's stderr is held while it runs (its end; the rest is counted).
+const STDERR_READ_KEPT: usize = 4 * STDERR_KEPT;
 
 /// Variables of the service's environment every program gets.
 pub const INHERITED_ENV: [&str; 3] = ["PATH", "HOME", "LANG"];
@@ -51,6 +53,29 @@ impl CommandHandler {
         self.pass_env = names;
         self
     }
+}
+
+/// The last [`STDERR_READ_KEPT`] bytes of the program's stderr, read as it comes, and how
+/// many bytes came before them: memory stays bounded whatever the program writes.
+async fn stderr_tail(stderr: Option<tokio::process::ChildStderr>) -> (Vec<u8>, u64) {
+    use tokio::io::AsyncReadExt as _;
+    let Some(mut stderr) = stderr else {
+        return (Vec::new(), 0);
+    };
+    let mut tail = std::collections::VecDeque::with_capacity(STDERR_READ_KEPT);
+    let mut dropped = 0u64;
+    let mut chunk = [0u8; 8192];
+    while let Ok(n) = stderr.read(&mut chunk).await {
+        if n == 0 {
+            break;
+        }
+        tail.extend(&chunk[..n]);
+        while tail.len() > STDERR_READ_KEPT {
+            tail.pop_front();
+            dropped += 1;
+        }
+    }
+    (tail.into_iter().collect(), dropped)
 }
 
 /// Ends the program's whole process group (it leads it: `process_group(0)`).
@@ -98,16 +123,20 @@ impl Handler for CommandHandler {
 
         let pid = child.id();
         let mut stdin = child.stdin.take();
+        let stderr = child.stderr.take();
         let body = d.body.clone();
         let run = async move {
-            if let Some(stdin) = stdin.as_mut() {
-                // A program that exits without reading its input is fine: ignore EPIPE.
-                let _ = stdin.write_all(&body).await;
-            }
-            drop(stdin);
-            child.wait_with_output().await
+            let feed = async {
+                if let Some(stdin) = stdin.as_mut() {
+                    // A program that exits without reading its input is fine: ignore EPIPE.
+                    let _ = stdin.write_all(&body).await;
+                }
+                drop(stdin);
+            };
+            let (_, tail, status) = tokio::join!(feed, stderr_tail(stderr), child.wait());
+            status.map(|status| (status, tail))
         };
-        let output = tokio::select! {
+        let (status, (tail, dropped)) = tokio::select! {
             out = tokio::time::timeout(self.timeout, run) => match out {
                 Ok(out) => out.map_err(|e| HandlerError::Retryable(format!("waiting for `{program}`: {e}")))?,
                 Err(_) => {
@@ -122,9 +151,9 @@ impl Handler for CommandHandler {
                 return Err(HandlerError::Retryable("stopped by shutdown".into()));
             }
         };
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stderr = String::from_utf8_lossy(&tail);
         let stderr = stderr.trim();
-        let tail: String = stderr
+        let kept: String = stderr
             .char_indices()
             .rev()
             .take_while(|(i, _)| stderr.len() - i <= STDERR_KEPT)
@@ -133,7 +162,13 @@ impl Handler for CommandHandler {
             .into_iter()
             .rev()
             .collect();
-        match output.status.code() {
+        let dropped = dropped + (stderr.len() - kept.len()) as u64;
+        let tail = if dropped > 0 {
+            format!("({dropped} earlier bytes of stderr not kept) {kept}")
+        } else {
+            kept
+        };
+        match status.code() {
             Some(0) => Ok(()),
             Some(EXIT_PERMANENT) => Err(HandlerError::Permanent(format!(
                 "`{program}` exited {EXIT_PERMANENT}: {tail}"

@@ -69,11 +69,41 @@ impl HttpHandler {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(UrlError::Scheme(shown));
         }
+        // No redirects: a 302 to a page that answers 200 is not the target's success.
         let client = reqwest::Client::builder()
             .timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(UrlError::Client)?;
         Ok(HttpHandler { url, shown, client })
+    }
+}
+
+/// The most of an error answer's body read: the rest is not read at all (a target that
+/// answers an endless body costs nothing beyond this).
+pub const ERROR_BODY_READ_MAX: usize = 64 * 1024;
+
+/// The start of an error answer's body, kept as the run's error (at most [`BODY_KEPT`]
+/// characters), with how much more there was: the body is read a chunk at a time, never
+/// past [`ERROR_BODY_READ_MAX`].
+async fn error_excerpt(mut response: reqwest::Response) -> String {
+    let mut kept = Vec::new();
+    let mut read = 0usize;
+    while let Ok(Some(chunk)) = response.chunk().await {
+        read += chunk.len();
+        let room = (BODY_KEPT * 4).saturating_sub(kept.len());
+        kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if read >= ERROR_BODY_READ_MAX {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&kept);
+    let excerpt: String = text.chars().take(BODY_KEPT).collect();
+    let more = read.saturating_sub(excerpt.len());
+    match more {
+        0 => excerpt,
+        _ if read >= ERROR_BODY_READ_MAX => format!("{excerpt}… (at least {more} more bytes)"),
+        _ => format!("{excerpt}… ({more} more bytes)"),
     }
 }
 
@@ -104,8 +134,20 @@ impl Handler for HttpHandler {
         if response.status().is_success() {
             return Ok(());
         }
-        let text = response.text().await.unwrap_or_default();
-        let excerpt: String = text.chars().take(BODY_KEPT).collect();
+        if response.status().is_redirection() {
+            // Final: the target moved, and following it would post the delivery elsewhere.
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| self.url.join(l).ok())
+                .map_or_else(|| "no usable Location".to_owned(), |l| redact(&l));
+            return Err(HandlerError::Permanent(format!(
+                "POST {} answered {status}, a redirect to {location}: redirects are not followed",
+                self.shown
+            )));
+        }
+        let excerpt = error_excerpt(response).await;
         let message = format!("POST {} answered {status}: {excerpt}", self.shown);
         if is_permanent(status) {
             Err(HandlerError::Permanent(message))

@@ -247,3 +247,39 @@ async fn a_timeout_kills_the_programs_children_too() {
     }
     assert!(gone, "the background child {pid} outlived the timeout");
 }
+
+/// Issue 22.6: a program that writes megabytes to stderr costs bounded memory; its error
+/// keeps the end of what it wrote and says how much came before.
+#[tokio::test]
+async fn a_program_s_stderr_is_kept_bounded() {
+    use webhook_inbox::Handler as _;
+    let handler = webhook_inbox::handlers::CommandHandler::new(
+        vec![
+            "sh".into(),
+            "-c".into(),
+            "head -c 8000000 /dev/zero | tr '\\0' 'e' >&2; echo THE-END >&2; exit 3".into(),
+        ],
+        Duration::from_secs(60),
+    );
+    let delivery = webhook_inbox::Delivery {
+        source: "credicorp".into(),
+        id: "msg_1".into(),
+        event_type: None,
+        received_at: std::time::SystemTime::now(),
+        attempt: 1,
+        headers: Default::default(),
+        body: bytes::Bytes::from_static(b"{}"),
+    };
+    let ctx = webhook_inbox::HandlerContext {
+        idempotency_key: "k".into(),
+        shutdown: tokio_util::sync::CancellationToken::new(),
+    };
+    match handler.handle(&delivery, &ctx).await {
+        Err(webhook_inbox::HandlerError::Retryable(m)) => {
+            assert!(m.len() < 2048, "bounded: {} bytes", m.len());
+            assert!(m.contains("exited 3") && m.ends_with("THE-END"), "{m}");
+            assert!(m.contains("earlier bytes of stderr not kept"), "{m}");
+        }
+        other => panic!("exit 3 is retried: {other:?}"),
+    }
+}

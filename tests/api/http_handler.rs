@@ -189,3 +189,67 @@ async fn a_refused_connection_is_retried() {
     let state = wait_for_job(&*store, &job, JobStatus::Dead).await;
     assert_eq!(state.attempts, 3, "retried up to max_attempts");
 }
+
+/// Issue 22.6: the `http` handler follows no redirect (a 3xx is a final failure naming the
+/// Location, without its credentials or query), and reads an error body only up to its
+/// cap, saying how much more there was.
+#[tokio::test]
+async fn a_redirect_is_a_final_failure_and_an_error_body_is_capped() {
+    async fn target(req: HttpRequest) -> HttpResponse {
+        match req.path() {
+            "/moved" => HttpResponse::Found()
+                .insert_header(("Location", "http://user:pw@127.0.0.1:9/elsewhere?token=x"))
+                .finish(),
+            "/huge" => HttpResponse::InternalServerError().body("E".repeat(4 << 20)),
+            _ => HttpResponse::Ok().finish(),
+        }
+    }
+    let server = HttpServer::new(|| App::new().default_service(web::to(target)))
+        .workers(1)
+        .disable_signals()
+        .bind(("127.0.0.1", 0))
+        .expect("bind");
+    let port = server.addrs()[0].port();
+    let server = server.run();
+    let handle = server.handle();
+    tokio::spawn(server);
+    let delivery = webhook_inbox::Delivery {
+        source: "credicorp".into(),
+        id: "msg_1".into(),
+        event_type: None,
+        received_at: std::time::SystemTime::now(),
+        attempt: 1,
+        headers: Default::default(),
+        body: bytes::Bytes::from_static(b"{}"),
+    };
+    let ctx = webhook_inbox::HandlerContext {
+        idempotency_key: "k".into(),
+        shutdown: tokio_util::sync::CancellationToken::new(),
+    };
+    let call = |path: &str| {
+        webhook_inbox::handlers::HttpHandler::new(
+            &format!("http://127.0.0.1:{port}{path}"),
+            std::time::Duration::from_secs(10),
+        )
+        .expect("url")
+    };
+    use webhook_inbox::Handler as _;
+    match call("/moved").handle(&delivery, &ctx).await {
+        Err(webhook_inbox::HandlerError::Permanent(m)) => {
+            assert!(
+                m.contains("302") && m.contains("127.0.0.1:9/elsewhere"),
+                "{m}"
+            );
+            assert!(!m.contains("pw") && !m.contains("token"), "{m}");
+        }
+        other => panic!("a redirect is final: {other:?}"),
+    }
+    match call("/huge").handle(&delivery, &ctx).await {
+        Err(webhook_inbox::HandlerError::Retryable(m)) => {
+            assert!(m.len() < 2048, "capped: {} bytes", m.len());
+            assert!(m.contains("more bytes"), "{m}");
+        }
+        other => panic!("a 500 is retried: {other:?}"),
+    }
+    handle.stop(false).await;
+}
