@@ -416,9 +416,10 @@ async fn run_inline(
             runner.store.release(&key, held.owner, None).await?;
             Ok(other)
         }
-        Err(e @ StoreError::LeaseLost(_)) => Err(e),
         Err(e) => {
-            // Best effort: let the sender's retry take over without waiting.
+            // Best effort: let the sender's retry take over without waiting. The delivery's
+            // lease is still ours here (a lost *pair* lease lands here too); `release` is
+            // owner-checked, so it never clears a lease someone else took.
             let _ = runner.store.release(&key, held.owner, None).await;
             Err(e)
         }

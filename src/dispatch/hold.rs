@@ -109,119 +109,107 @@ pub async fn hold_lease<'a, T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicU32, Ordering};
 
     const LEASE: Duration = Duration::from_secs(9);
 
-    /// A handler that honours its token: stops when told, else runs `length`.
-    async fn handler(length: Duration, token: CancellationToken) -> &'static str {
-        tokio::select! {
-            () = tokio::time::sleep(length) => "done",
-            () = token.cancelled() => "stopped",
-        }
-    }
+    /// What renewal `n` (from 0) answers: `None`, never.
+    type Answers = fn(u32) -> Option<Result<bool, StoreError>>;
 
-    #[tokio::test(start_paused = true)]
-    async fn renewed_work_runs_to_its_end() {
-        let token = CancellationToken::new();
-        let renewals = Arc::new(AtomicU32::new(0));
-        let r = renewals.clone();
-        let out = hold_lease(
-            handler(Duration::from_secs(60), token.clone()),
-            LEASE,
-            Instant::now() + LEASE,
-            Clock::tokio(),
-            &token,
-            move |_| {
-                r.fetch_add(1, Ordering::SeqCst);
-                Box::pin(async { Ok(true) })
-            },
-        )
-        .await;
-        assert!(matches!(out, Held::Finished("done")), "{out:?}");
-        assert!(renewals.load(Ordering::SeqCst) >= 60 / 3 - 1);
-        assert!(!token.is_cancelled());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn failing_renewals_cancel_the_work_before_the_lease_ends() {
+    /// Holds a [`LEASE`] over `work(token)` with renewals answered by `answer`: what
+    /// `hold_lease` said, whether the token fired, how long it took, how many renewals.
+    async fn hold<F: Future<Output = &'static str>>(
+        work: impl FnOnce(CancellationToken) -> F,
+        answer: Answers,
+    ) -> (Held<&'static str>, bool, Duration, u32) {
         let token = CancellationToken::new();
         let start = Instant::now();
+        let calls = AtomicU32::new(0);
         let out = hold_lease(
-            handler(Duration::from_secs(60), token.clone()),
+            work(token.clone()),
             LEASE,
             start + LEASE,
             Clock::tokio(),
             &token,
-            |_| Box::pin(async { Err(StoreError::Backend("database unreachable".into())) }),
-        )
-        .await;
-        assert!(matches!(out, Held::Lost(_)), "{out:?}");
-        assert!(token.is_cancelled());
-        assert!(Instant::now() <= start + LEASE - lease_margin(LEASE));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_renewal_that_hangs_proves_nothing_and_work_that_ignores_its_token_is_dropped() {
-        let token = CancellationToken::new();
-        let start = Instant::now();
-        let out = hold_lease(
-            // Ignores the token.
-            tokio::time::sleep(Duration::from_secs(60)),
-            LEASE,
-            start + LEASE,
-            Clock::tokio(),
-            &token,
-            |_| Box::pin(std::future::pending()),
-        )
-        .await;
-        assert!(matches!(out, Held::Lost(_)), "{out:?}");
-        assert!(token.is_cancelled());
-        assert_eq!(Instant::now(), start + LEASE, "dropped at the lease's end");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_lease_taken_over_stops_the_work_at_once() {
-        let token = CancellationToken::new();
-        let start = Instant::now();
-        let out = hold_lease(
-            handler(Duration::from_secs(60), token.clone()),
-            LEASE,
-            start + LEASE,
-            Clock::tokio(),
-            &token,
-            |_| Box::pin(async { Ok(false) }),
-        )
-        .await;
-        assert!(matches!(out, Held::Lost(_)), "{out:?}");
-        assert_eq!(Instant::now(), start + LEASE / 3, "at the first renewal");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_outage_shorter_than_the_lease_is_ridden_out() {
-        let token = CancellationToken::new();
-        let calls = Arc::new(AtomicU32::new(0));
-        let c = calls.clone();
-        let out = hold_lease(
-            handler(Duration::from_secs(30), token.clone()),
-            LEASE,
-            Instant::now() + LEASE,
-            Clock::tokio(),
-            &token,
-            move |_| {
-                // The second renewal fails; the others succeed.
-                let n = c.fetch_add(1, Ordering::SeqCst);
+            |_| {
+                let answer = answer(calls.fetch_add(1, Ordering::SeqCst));
                 Box::pin(async move {
-                    if n == 1 {
-                        Err(StoreError::Backend("blip".into()))
-                    } else {
-                        Ok(true)
+                    match answer {
+                        Some(answer) => answer,
+                        None => std::future::pending().await,
                     }
                 })
             },
         )
         .await;
+        let renewals = calls.load(Ordering::SeqCst);
+        (out, token.is_cancelled(), start.elapsed(), renewals)
+    }
+
+    /// A handler that honours its token: stops when told, else runs `length`.
+    fn handler(
+        length: Duration,
+    ) -> impl FnOnce(CancellationToken) -> BoxFuture<'static, &'static str> {
+        move |token| {
+            Box::pin(async move {
+                tokio::select! {
+                    () = tokio::time::sleep(length) => "done",
+                    () = token.cancelled() => "stopped",
+                }
+            })
+        }
+    }
+
+    fn unreachable(_: u32) -> Option<Result<bool, StoreError>> {
+        Some(Err(StoreError::Backend("database unreachable".into())))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewed_work_runs_to_its_end() {
+        let (out, cancelled, _, renewals) =
+            hold(handler(Duration::from_secs(60)), |_| Some(Ok(true))).await;
         assert!(matches!(out, Held::Finished("done")), "{out:?}");
+        assert!(renewals >= 60 / 3 - 1);
+        assert!(!cancelled);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failing_renewals_cancel_the_work_before_the_lease_ends() {
+        let (out, cancelled, took, _) = hold(handler(Duration::from_secs(60)), unreachable).await;
+        assert!(matches!(out, Held::Lost(_)), "{out:?}");
+        assert!(cancelled);
+        assert!(took <= LEASE - lease_margin(LEASE));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_that_hangs_proves_nothing_and_work_that_ignores_its_token_is_dropped() {
+        let ignores_its_token = |_| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            "done"
+        };
+        let (out, cancelled, took, _) = hold(ignores_its_token, |_| None).await;
+        assert!(matches!(out, Held::Lost(_)), "{out:?}");
+        assert!(cancelled);
+        assert_eq!(took, LEASE, "dropped at the lease's end");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_taken_over_stops_the_work_at_once() {
+        let (out, cancelled, took, _) =
+            hold(handler(Duration::from_secs(60)), |_| Some(Ok(false))).await;
+        assert!(matches!(out, Held::Lost(_)), "{out:?}");
+        assert!(cancelled);
+        assert_eq!(took, LEASE / 3, "at the first renewal");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_shorter_than_the_lease_is_ridden_out() {
+        // The second renewal fails; the others succeed.
+        let (out, cancelled, _, _) = hold(handler(Duration::from_secs(30)), |n| {
+            Some(if n == 1 { unreachable(n)? } else { Ok(true) })
+        })
+        .await;
+        assert!(matches!(out, Held::Finished("done")), "{out:?}");
+        assert!(!cancelled);
     }
 }

@@ -261,19 +261,8 @@ async fn a_program_s_stderr_is_kept_bounded() {
         ],
         Duration::from_secs(60),
     );
-    let delivery = webhook_inbox::Delivery {
-        source: "credicorp".into(),
-        id: "msg_1".into(),
-        event_type: None,
-        received_at: std::time::SystemTime::now(),
-        attempt: 1,
-        headers: Default::default(),
-        body: bytes::Bytes::from_static(b"{}"),
-    };
-    let ctx = webhook_inbox::HandlerContext {
-        idempotency_key: "k".into(),
-        shutdown: tokio_util::sync::CancellationToken::new(),
-    };
+    let delivery = webhook_inbox::testing::delivery("credicorp", "msg_1", None, "{}");
+    let ctx = webhook_inbox::testing::context("noisy", &delivery);
     match handler.handle(&delivery, &ctx).await {
         Err(webhook_inbox::HandlerError::Retryable(m)) => {
             assert!(m.len() < 2048, "bounded: {} bytes", m.len());

@@ -213,19 +213,8 @@ async fn a_redirect_is_a_final_failure_and_an_error_body_is_capped() {
     let server = server.run();
     let handle = server.handle();
     tokio::spawn(server);
-    let delivery = webhook_inbox::Delivery {
-        source: "credicorp".into(),
-        id: "msg_1".into(),
-        event_type: None,
-        received_at: std::time::SystemTime::now(),
-        attempt: 1,
-        headers: Default::default(),
-        body: bytes::Bytes::from_static(b"{}"),
-    };
-    let ctx = webhook_inbox::HandlerContext {
-        idempotency_key: "k".into(),
-        shutdown: tokio_util::sync::CancellationToken::new(),
-    };
+    let delivery = webhook_inbox::testing::delivery("credicorp", "msg_1", None, "{}");
+    let ctx = webhook_inbox::testing::context("forward", &delivery);
     let call = |path: &str| {
         webhook_inbox::handlers::HttpHandler::new(
             &format!("http://127.0.0.1:{port}{path}"),

@@ -1089,6 +1089,49 @@ async fn an_order_by_line_holds_across_replicas() {
 /// whether two runs were alive at once.
 const TICKING_SCRIPT: &str = r#"echo "start $WEBHOOK_ATTEMPT" >> "$1"; cat > /dev/null; i=0; while [ $i -lt 48 ]; do echo "tick $WEBHOOK_ATTEMPT" >> "$1"; sleep 0.25; i=$((i+1)); done; echo "end $WEBHOOK_ATTEMPT" >> "$1""#;
 
+/// Replicas of the test's own config on `url`: `[server]` and `[storage]` as every replica
+/// test has them, then `rest` (dispatch, sources, handlers); written into `dir`, `replicas`
+/// started, each ready before this returns.
+async fn ready_replicas(
+    dir: &Path,
+    url: &str,
+    rest: &str,
+    replicas: usize,
+) -> (Config, Vec<Serving>) {
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+workers = 2
+
+[storage]
+backend = "postgres"
+postgres_url = "{url}"
+pool_size = 4
+{rest}"#
+    );
+    let config_path = dir.join("config.toml");
+    std::fs::write(&config_path, &text).expect("write config");
+    let config = Config::parse(&text, "replicas.toml").expect("config");
+    let serving: Vec<Serving> = (0..replicas)
+        .map(|_| try_spawn_serve(&config_path).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    let client = reqwest::Client::new();
+    for r in &serving {
+        let admin = r.admin_port;
+        assert!(
+            eventually_async(Duration::from_secs(30), || async {
+                readyz(&client, admin).await == 200
+            })
+            .await,
+            "replica on port {} never became ready",
+            r.port
+        );
+    }
+    (config, serving)
+}
+
 /// Issue 22.1, invariant 6: two replicas, `ack = "processed"`, 3 s leases, a handler that
 /// takes 12 s. The database goes away while replica A runs it: A can no longer prove its
 /// leases, so it stops the handler and answers 503 by the lease's end; once the database is
@@ -1105,18 +1148,8 @@ async fn a_database_outage_longer_than_the_lease_never_lets_two_runs_overlap() {
     pg.start();
     let dir = tempfile::TempDir::new().expect("dir");
     let runs = dir.path().join("runs.log");
-    let text = format!(
+    let rest = format!(
         r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-workers = 2
-
-[storage]
-backend = "postgres"
-postgres_url = "{url}"
-pool_size = 4
-
 [dispatch]
 run_lease = "3s"
 
@@ -1131,27 +1164,14 @@ kind = "command"
 timeout = "60s"
 command = ["sh", "-c", {TICKING_SCRIPT:?}, "sh", "{runs}"]
 "#,
-        url = pg.url(),
         runs = runs.display(),
     );
-    let config_path = dir.path().join("config.toml");
-    std::fs::write(&config_path, &text).expect("write config");
-    let config = Config::parse(&text, "fencing.toml").expect("config");
-    let mut a = try_spawn_serve(&config_path).unwrap_or_else(|e| panic!("{e}"));
-    let mut b = try_spawn_serve(&config_path).unwrap_or_else(|e| panic!("{e}"));
+    let (config, mut replicas) = ready_replicas(dir.path(), &pg.url(), &rest, 2).await;
+    let (a, b) = (&replicas[0], &replicas[1]);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
         .expect("client");
-    for admin in [a.admin_port, b.admin_port] {
-        assert!(
-            eventually_async(Duration::from_secs(30), || async {
-                readyz(&client, admin).await == 200
-            })
-            .await,
-            "ready"
-        );
-    }
     let body = br#"{"type":"application.created","data":{"id":"app_1"}}"#.to_vec();
     let sign = || {
         Source::from_config("credicorp", &config.sources["credicorp"], "t", &|_| None)
@@ -1215,7 +1235,7 @@ command = ["sh", "-c", {TICKING_SCRIPT:?}, "sh", "{runs}"]
         1,
         "one run completed: {log}"
     );
-    for r in [&mut a, &mut b] {
+    for r in &mut replicas {
         let _ = r.child.kill();
         let _ = r.child.wait();
     }
@@ -1226,8 +1246,8 @@ command = ["sh", "-c", {TICKING_SCRIPT:?}, "sh", "{runs}"]
 /// `$2` seconds.
 const TIMED_SCRIPT: &str = r#"echo "start $(date +%s%N)" >> "$1"; cat > /dev/null; sleep "$2"; echo "end $(date +%s%N)" >> "$1""#;
 
-/// (start, end) of every run in a file of [`TIMED_SCRIPT`], in ns, paired in file order per
-/// process is not needed: only the starts and the most alive at once are read.
+/// Every line of a file of [`TIMED_SCRIPT`] as (ns, is a start), in time order: enough for
+/// the starts and for how many runs were alive at once.
 fn timed_events(path: &Path) -> Vec<(u128, bool)> {
     let mut events: Vec<(u128, bool)> = std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -1255,18 +1275,8 @@ async fn concurrency_and_rate_hold_across_three_replicas() {
     let url = fresh_postgres_schema(&server).await;
     let dir = tempfile::TempDir::new().expect("dir");
     let (slots, paced) = (dir.path().join("slots.log"), dir.path().join("paced.log"));
-    let text = format!(
+    let rest = format!(
         r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-workers = 2
-
-[storage]
-backend = "postgres"
-postgres_url = "{url}"
-pool_size = 4
-
 [dispatch]
 concurrency = 8
 
@@ -1288,22 +1298,8 @@ command = ["sh", "-c", {TIMED_SCRIPT:?}, "sh", "{paced}", "0"]
         slots = slots.display(),
         paced = paced.display(),
     );
-    let config_path = dir.path().join("config.toml");
-    std::fs::write(&config_path, &text).expect("write config");
-    let config = Config::parse(&text, "limits.toml").expect("config");
-    let mut replicas: Vec<Serving> = (0..3)
-        .map(|_| try_spawn_serve(&config_path).unwrap_or_else(|e| panic!("{e}")))
-        .collect();
+    let (config, mut replicas) = ready_replicas(dir.path(), &url, &rest, 3).await;
     let client = reqwest::Client::new();
-    for r in &replicas {
-        let admin = r.admin_port;
-        assert!(
-            eventually_async(Duration::from_secs(30), || async {
-                readyz(&client, admin).await == 200
-            })
-            .await
-        );
-    }
     const DELIVERIES: usize = 30;
     let source = Source::from_config("credicorp", &config.sources["credicorp"], "t", &|_| None)
         .expect("source");
