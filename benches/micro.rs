@@ -51,7 +51,7 @@ fn verification(c: &mut Criterion) {
         group.bench_function(name.as_str(), |b| {
             b.iter(|| {
                 source
-                    .authenticate(headers.clone(), body.clone(), SystemTime::now())
+                    .authenticate(headers.clone(), &[], body.clone(), SystemTime::now())
                     .expect("valid")
             })
         });

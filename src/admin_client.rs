@@ -271,12 +271,28 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// A value as one line of terminal text: every control character (C0, DEL, C1) escaped as
+/// Rust writes it (`\u{1b}`, `\n`), so a program's stderr or a sender's header cannot move
+/// the cursor, recolour the terminal or set its title (OSC) when an operator reads it.
 fn text(v: &serde_json::Value) -> String {
     match v {
-        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::String(s) => printable(s),
         serde_json::Value::Null => "-".into(),
-        other => other.to_string(),
+        other => printable(&other.to_string()),
     }
+}
+
+/// `s` with its control characters escaped; see [`text`].
+pub fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The listing as a table.

@@ -173,8 +173,8 @@ impl Ingest {
     }
 
     /// Authenticates a request to `source` and answers it: claim, ack policy, replay.
-    /// `not_utf8` names the headers whose values were not text (never an id or an event
-    /// type). Records `delivery_id` and `event_type` on `span` once known.
+    /// `not_utf8` names the headers whose values were not text (never read by a check; see
+    /// [`Source::authenticate`]). Records `delivery_id` and `event_type` on `span` once known.
     pub async fn receive(
         &self,
         source: &Source,
@@ -183,20 +183,10 @@ impl Ingest {
         body: Bytes,
         span: &tracing::Span,
     ) -> Result<Outcome, IngestError> {
-        let delivery = match source.authenticate(headers, body, self.clock.now())? {
+        let delivery = match source.authenticate(headers, not_utf8, body, self.clock.now())? {
             Authenticated::Delivery(d) => d,
             Authenticated::Handshake(answer) => return Ok(Outcome::Handshake(answer)),
         };
-        // A value that is not UTF-8 is never an id or an event type (read lossily, two
-        // different byte strings could become one id).
-        let not_text =
-            |h: Option<&str>| h.is_some_and(|h| not_utf8.iter().any(|n| n.eq_ignore_ascii_case(h)));
-        if not_text(source.id_header()) {
-            return Err(AuthError::InvalidDeliveryId.into());
-        }
-        if not_text(source.event_type_header()) {
-            return Err(AuthError::InvalidEventType.into());
-        }
         let delivery = delivery.without_headers(|name| unstored(name, &self.unstored_headers));
         span.record("delivery_id", delivery.id().as_str());
         if let Some(t) = delivery.event_type() {

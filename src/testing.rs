@@ -98,6 +98,7 @@ pub fn delivery_from_fixture(config: &Config, path: &Path) -> Result<Delivery, K
     let request = fixture.sign_as(&source, &fixture.id, SystemTime::now(), false)?;
     match source.authenticate(
         Headers::from_pairs(request.headers),
+        &[],
         Bytes::from(request.body),
         SystemTime::now(),
     )? {
@@ -127,7 +128,7 @@ pub fn authenticated(
     now: SystemTime,
 ) -> Result<AuthenticatedDelivery, KitError> {
     let headers = Headers::from_pairs(source.sign(id, body, now));
-    match source.authenticate(headers, Bytes::copy_from_slice(body), now)? {
+    match source.authenticate(headers, &[], Bytes::copy_from_slice(body), now)? {
         Authenticated::Delivery(d) => Ok(d),
         Authenticated::Handshake(_) => Err(KitError::Handshake),
     }

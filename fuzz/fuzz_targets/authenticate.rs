@@ -56,5 +56,5 @@ fuzz_target!(|data: &[u8]| {
     let (sig, ts, id) = (text(), text(), text());
     let body = bytes::Bytes::copy_from_slice(parts.next().unwrap_or_default());
     let headers = Headers::from_pairs([(names[0], sig), (names[1], ts), (names[2], id)]);
-    let _ = source.authenticate(headers, body, UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+    let _ = source.authenticate(headers, &[], body, UNIX_EPOCH + Duration::from_secs(1_700_000_000));
 });

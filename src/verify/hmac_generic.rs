@@ -257,6 +257,14 @@ impl SignatureScheme for HmacScheme {
         vec![&self.settings.signature_header]
     }
 
+    fn read_headers(&self) -> Vec<&str> {
+        let s = &self.settings;
+        std::iter::once(s.signature_header.as_str())
+            .chain(s.timestamp_header.as_deref())
+            .chain(s.id_header.as_deref())
+            .collect()
+    }
+
     fn default_id_field(&self) -> Field {
         self.settings.id_field.clone()
     }

@@ -170,6 +170,13 @@ pub trait SignatureScheme: Send + Sync + std::fmt::Debug {
     /// stored with the delivery.
     fn signature_headers(&self) -> Vec<&str>;
 
+    /// Every header [`verify`](Self::verify) reads (signatures, timestamp, a signed id,
+    /// every alternative name): each must be text on the wire, since a value read lossily
+    /// would be checked as bytes the sender never sent.
+    fn read_headers(&self) -> Vec<&str> {
+        self.signature_headers()
+    }
+
     /// Header names and values a sender would attach to `body` with delivery id `id`,
     /// signed with the first secret at time `now`. Used by `sign`, `replay` and tests.
     fn sign(&self, id: &str, body: &[u8], now: SystemTime) -> Vec<(String, String)>;

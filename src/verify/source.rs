@@ -194,12 +194,31 @@ impl Source {
     }
 
     /// Runs the signature, id and JSON checks of design.md, in the contract's order.
+    /// `not_text` names the request headers whose values were not UTF-8 (held lossily in
+    /// `headers`): a header this source reads must be text, or the request is refused at
+    /// the check that header belongs to, since its lossy form is not what was sent.
     pub fn authenticate(
         &self,
         headers: Headers,
+        not_text: &[String],
         body: Bytes,
         now: SystemTime,
     ) -> Result<Authenticated, AuthError> {
+        let is_not_text = |name: &str| not_text.iter().any(|n| n.eq_ignore_ascii_case(name));
+        let is_id_header = |name: &str| {
+            self.scheme.signs_header(name)
+                || self
+                    .id_header()
+                    .is_some_and(|h| h.eq_ignore_ascii_case(name))
+        };
+        if self
+            .scheme
+            .read_headers()
+            .into_iter()
+            .any(|h| is_not_text(h) && !is_id_header(h))
+        {
+            return Err(AuthError::Signature(super::VerifyError::Invalid));
+        }
         let verified = self
             .scheme
             .verify(&headers, &body, now, self.tolerance)
@@ -227,10 +246,16 @@ impl Source {
             (Field::Header(h), Some(signed)) if self.scheme.signs_header(h) => Some(signed),
             _ => read(&self.id_field)?,
         };
+        if not_text.iter().any(|n| is_id_header(n)) {
+            return Err(AuthError::InvalidDeliveryId);
+        }
         let id = raw_id
             .as_deref()
             .and_then(DeliveryId::parse)
             .ok_or(AuthError::InvalidDeliveryId)?;
+        if self.event_type_header().is_some_and(is_not_text) {
+            return Err(AuthError::InvalidEventType);
+        }
         let event_type = read(&self.event_type_field)?;
         if event_type
             .as_deref()

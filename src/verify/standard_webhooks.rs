@@ -181,6 +181,10 @@ impl SignatureScheme for StandardWebhooks {
         SIGNATURE.to_vec()
     }
 
+    fn read_headers(&self) -> Vec<&str> {
+        [SIGNATURE, TIMESTAMP, ID].concat()
+    }
+
     fn default_id_field(&self) -> Field {
         Field::Header("webhook-id".into())
     }

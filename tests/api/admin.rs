@@ -614,3 +614,89 @@ fn base64_decode(text: &str) -> Vec<u8> {
         .decode(text)
         .expect("base64")
 }
+
+/// Issue 22, item 6: a program's stderr is shown by `deliveries show` and `handlers list`
+/// with every control character escaped: an ANSI colour, an OSC title sequence and a C1 CSI
+/// written by the handler reach the operator's terminal as text.
+#[tokio::test]
+async fn cli_renderings_escape_control_characters_from_a_programs_stderr() {
+    let dir = Arc::new(tempfile::TempDir::new().expect("dir"));
+    let script = r"printf '\033[31mred\033]0;pwned\007\302\233end' >&2; exit 65";
+    let app = spawn_with(Options {
+        admin_token: Some(TOKEN),
+        dir: Some(dir.clone()),
+        extra_toml: format!(
+            r#"
+[[handlers]]
+name = "noisy"
+kind = "command"
+source = "credicorp"
+command = ["sh", "-c", {script:?}]
+"#
+        ),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(
+        app.deliver("msg_ansi", &event("application.created", 1))
+            .await
+            .status(),
+        202
+    );
+    let dead = crate::helpers::eventually_async(Duration::from_secs(20), || async {
+        let d: serde_json::Value = get(&app, "/admin/deliveries/credicorp/msg_ansi", Some(TOKEN))
+            .await
+            .json()
+            .await
+            .expect("json");
+        d["handlers"]
+            .as_array()
+            .is_some_and(|hs| hs.iter().any(|h| h["state"]["status"] == "dead"))
+    })
+    .await;
+    assert!(
+        dead,
+        "the handler failed for good: {}",
+        get(&app, "/admin/deliveries/credicorp/msg_ansi", Some(TOKEN))
+            .await
+            .text()
+            .await
+            .expect("text")
+    );
+
+    let config_path = dir.path().join("cli.toml");
+    std::fs::write(
+        &config_path,
+        crate::helpers::config_text(dir.path(), &Options::default()),
+    )
+    .expect("write");
+    for args in [
+        vec!["deliveries", "show", "credicorp", "msg_ansi"],
+        vec!["handlers", "list"],
+    ] {
+        let config_path = config_path.clone();
+        let admin = app.admin_address.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
+                .args(&args)
+                .arg("--config")
+                .arg(&config_path)
+                .args(["--admin", &admin])
+                .env("WEBHOOK_INBOX_ADMIN_TOKEN", TOKEN)
+                .output()
+                .expect("binary runs")
+        })
+        .await
+        .expect("join");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(
+            text.contains(r"\u{1b}[31mred\u{1b}]0;pwned\u{7}\u{9b}end"),
+            "the stderr shown escaped: {text}"
+        );
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "no control character reaches the terminal: {text:?}"
+        );
+    }
+}

@@ -292,6 +292,96 @@ async fn ids_and_event_types_that_are_not_text_are_refused() {
     );
 }
 
+/// Issue 22, item 6: every header a scheme reads must be text. A `svix-id` that is not
+/// UTF-8 was read lossily and checked against a signature over its lossy form (202); now it
+/// is 400 `invalid_delivery_id`, and a signature or timestamp header that is not text is 401.
+#[tokio::test]
+async fn standard_webhooks_headers_that_are_not_text_are_refused() {
+    let app = spawn_with(Options {
+        admin_token: Some("admin-token"),
+        ..Options::default()
+    })
+    .await;
+    let body = event("application.created", 1);
+    let raw_id: &[u8] = b"msg_\xff\xfe";
+    // What a sender would sign if it signed the lossy reading of those bytes.
+    let lossy = String::from_utf8_lossy(raw_id).into_owned();
+    let send = |raw: Vec<(String, Vec<u8>)>| {
+        let mut request = app
+            .client
+            .post(format!("{}/webhooks/credicorp", app.address))
+            .header("content-type", "application/json")
+            .body(body.clone());
+        for (name, value) in raw {
+            request = request.header(
+                name,
+                reqwest::header::HeaderValue::from_bytes(&value).expect("obs-text is allowed"),
+            );
+        }
+        request.send()
+    };
+    let svix = |id: &[u8], bytes_of: &dyn Fn(&str, String) -> Vec<u8>| {
+        app.sign(&lossy, body.as_bytes())
+            .into_iter()
+            .map(|(k, v)| {
+                let name = k.replace("webhook-", "svix-");
+                let value = if name == "svix-id" {
+                    id.to_vec()
+                } else {
+                    bytes_of(&name, v)
+                };
+                (name, value)
+            })
+            .collect::<Vec<_>>()
+    };
+    let as_sent = |_: &str, v: String| v.into_bytes();
+    assert_error(
+        send(svix(raw_id, &as_sent)).await.expect("sent"),
+        400,
+        "invalid_delivery_id",
+    )
+    .await;
+    // A signature list whose one bad entry is not text, beside a valid entry.
+    let signature_not_text = |name: &str, v: String| {
+        if name == "svix-signature" {
+            [b"v1,\xff ".as_slice(), v.as_bytes()].concat()
+        } else {
+            v.into_bytes()
+        }
+    };
+    let good_id = app.sign("msg_text", body.as_bytes());
+    let with_good_id = |bytes_of: &dyn Fn(&str, String) -> Vec<u8>| {
+        good_id
+            .iter()
+            .map(|(k, v)| {
+                let name = k.replace("webhook-", "svix-");
+                let value = bytes_of(&name, v.clone());
+                (name, value)
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_error(
+        send(with_good_id(&signature_not_text)).await.expect("sent"),
+        401,
+        "invalid_signature",
+    )
+    .await;
+    let listed: serde_json::Value = app
+        .admin_get("/admin/deliveries")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        listed["deliveries"],
+        serde_json::json!([]),
+        "nothing stored"
+    );
+    // The same signed request, all text, is accepted.
+    let response = send(with_good_id(&as_sent)).await.expect("sent");
+    assert_eq!(response.status(), 202);
+}
+
 /// Item 8: an event type over 255 bytes or with a control character is 400
 /// `invalid_event_type`, and nothing is stored.
 #[tokio::test]
