@@ -282,7 +282,7 @@ fn text(v: &serde_json::Value) -> String {
     }
 }
 
-/// `s` with its control characters escaped; see [`text`].
+/// `s` with every control character (C0, DEL, C1) escaped as Rust writes it (`\u{1b}`).
 pub fn printable(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {

@@ -48,6 +48,9 @@ pub struct Config {
     /// The admin API.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// The web console.
+    #[serde(default)]
+    pub console: ConsoleConfig,
     /// Partners, by the name used in `POST /webhooks/{source}`.
     #[serde(default)]
     pub sources: BTreeMap<String, SourceConfig>,
@@ -241,6 +244,15 @@ impl Default for AdminConfig {
             token_env: "WEBHOOK_INBOX_ADMIN_TOKEN".into(),
         }
     }
+}
+
+/// `[console]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// Mark the session cookie `Secure` whatever the request says (a proxy terminating TLS
+    /// without `X-Forwarded-Proto`); it is marked so anyway when the request came over HTTPS.
+    pub secure_cookie: bool,
 }
 
 /// How a source's deliveries are signed.

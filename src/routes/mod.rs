@@ -41,6 +41,6 @@ pub struct AppState {
     /// Cancelled when shutdown starts: a body still being read is abandoned (503), so a
     /// stalled client never holds the shutdown up.
     pub stopping: CancellationToken,
-    /// The web console's sessions.
-    pub console: console::Sessions,
+    /// The web console's sessions and sign-in throttle.
+    pub console: console::ConsoleState,
 }

@@ -36,7 +36,8 @@ use sha2::{Digest, Sha256};
 pub use lease::{Lease, TAKE_OVER_GRACE_MS, lease_margin};
 pub use postgres::PgStore;
 pub use sled::{
-    BodyLogSettings, ExportPosition, FlushHook, Op, SledOptions, SledStore, StoreProbe,
+    BodyLogSettings, ExportPosition, FlushHook, Op, RETRY_BATCH, SledInner, SledOptions, SledStore,
+    StoreProbe,
 };
 
 use crate::verify::{AuthenticatedDelivery, Headers};
@@ -441,7 +442,7 @@ pub struct Expired {
     pub examined: usize,
 }
 
-/// What [`SledStore::check`] found.
+/// What [`SledInner::check`] found.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CheckReport {
     /// Breaches of design.md's invariants 1, 2 and 4, one line each.

@@ -679,3 +679,77 @@ async fn the_console_is_locked_down_without_a_session_or_a_token() {
     );
     off.stop().await;
 }
+
+/// Issue 22, item 6: sign-in attempts are throttled per client address (five at once, then
+/// one per 12 s, right or wrong: 429 with `Retry-After`), and the session cookie is `Secure`
+/// when the request came over HTTPS (a TLS-terminating proxy's `X-Forwarded-Proto`) or
+/// `console.secure_cookie` says so.
+#[tokio::test]
+async fn sign_in_is_throttled_per_address_and_the_cookie_is_secure_over_https() {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let sign_in = |admin: String, token: &'static str, https: bool| {
+        let mut request = http
+            .post(format!("{admin}/console/sign-in"))
+            .form(&[("token", token)]);
+        if https {
+            request = request.header("x-forwarded-proto", "https");
+        }
+        async move { request.send().await.expect("sent") }
+    };
+    let cookie_of =
+        |r: &reqwest::Response| r.headers()["set-cookie"].to_str().expect("text").to_owned();
+
+    let app = spawn_with(Options {
+        admin_token: Some("admin-token"),
+        ..Options::default()
+    })
+    .await;
+    let admin = app.admin_address.clone();
+    let plain = sign_in(admin.clone(), "admin-token", false).await;
+    assert_eq!(plain.status(), 303);
+    assert!(
+        !cookie_of(&plain).contains("Secure"),
+        "{}",
+        cookie_of(&plain)
+    );
+    let https = sign_in(admin.clone(), "admin-token", true).await;
+    assert_eq!(https.status(), 303);
+    assert!(
+        cookie_of(&https).ends_with("; Secure"),
+        "{}",
+        cookie_of(&https)
+    );
+    for n in 3..=webhook_inbox::routes::console::SIGN_IN_BURST {
+        assert_eq!(
+            sign_in(admin.clone(), "wrong", false).await.status(),
+            401,
+            "attempt {n}"
+        );
+    }
+    for token in ["wrong", "admin-token"] {
+        let refused = sign_in(admin.clone(), token, false).await;
+        assert_eq!(refused.status(), 429, "{token}: past the burst");
+        assert!(refused.headers().get("set-cookie").is_none());
+        let retry_after: u64 = refused.headers()["retry-after"]
+            .to_str()
+            .expect("text")
+            .parse()
+            .expect("seconds");
+        assert!((1..=12).contains(&retry_after), "{retry_after}");
+    }
+    app.stop().await;
+
+    let configured = spawn_with(Options {
+        admin_token: Some("admin-token"),
+        extra_toml: "[console]\nsecure_cookie = true\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let r = sign_in(configured.admin_address.clone(), "admin-token", false).await;
+    assert_eq!(r.status(), 303);
+    assert!(cookie_of(&r).ends_with("; Secure"), "{}", cookie_of(&r));
+    configured.stop().await;
+}

@@ -689,3 +689,138 @@ fn every_gap_of_every_store_operation_keeps_the_invariants() {
 fn every_gap_keeps_an_order_by_line_to_one_runner_in_received_order() {
     every_gap(true);
 }
+
+/// Parks the first pair a bulk retry has locked until the test releases it, and counts the
+/// batches. If the retry ran on the test's only runtime thread, nothing could release it:
+/// the park gives up after a while and says so.
+#[derive(Default)]
+struct ParkFirstRetry {
+    armed: AtomicBool,
+    parked: AtomicBool,
+    released: Mutex<bool>,
+    wake: std::sync::Condvar,
+    held_the_runtime: AtomicBool,
+    batches: std::sync::atomic::AtomicUsize,
+}
+
+impl StoreProbe for ParkFirstRetry {
+    fn at(&self, op: Op, step: &'static str) {
+        if op != Op::Retry {
+            return;
+        }
+        if step == "batch" {
+            self.batches.fetch_add(1, Ordering::SeqCst);
+        }
+        if step == "locked" && self.armed.swap(false, Ordering::SeqCst) {
+            self.parked.store(true, Ordering::SeqCst);
+            let released = self.released.lock().expect("lock");
+            let (_released, wait) = self
+                .wake
+                .wait_timeout_while(released, std::time::Duration::from_secs(10), |r| !*r)
+                .expect("lock");
+            if wait.timed_out() {
+                self.held_the_runtime.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Issue 22, item 6: a bulk retry on sled runs off the async worker, in batches of
+/// `RETRY_BATCH` index entries: while it works, the same runtime thread serves other
+/// requests (it held the admin worker for a second over 30 001 pairs, and `/readyz` with it).
+#[tokio::test]
+async fn a_bulk_retry_runs_in_batches_off_the_async_worker() {
+    let probe = Arc::new(ParkFirstRetry::default());
+    let dir = tempfile::TempDir::new().expect("dir");
+    let store = Arc::new(
+        SledStore::open_with(
+            &dir.path().join("data"),
+            Durability::Buffered,
+            8 << 20,
+            SledOptions {
+                probe: Some(probe.clone()),
+                ..SledOptions::default()
+            },
+        )
+        .expect("store"),
+    );
+    let source = source();
+    let pairs = 2 * webhook_inbox::store::RETRY_BATCH + 10;
+    for i in 0..pairs {
+        let id = format!("bulk{i:05}");
+        let delivery = webhook_inbox::testing::authenticated(
+            &source,
+            &id,
+            format!(r#"{{"type":"application.created","n":{i}}}"#).as_bytes(),
+            SystemTime::now(),
+        )
+        .expect("signed");
+        let new =
+            NewDelivery::new(delivery, NOW, vec!["a".into()], false).acknowledged(StoredResponse {
+                status: 202,
+                body: "{}".into(),
+            });
+        store.claim(new).await.expect("claim");
+    }
+    loop {
+        let due = store
+            .due_jobs(u64::MAX / 2, 1000, &Default::default())
+            .await
+            .expect("queue");
+        if due.is_empty() {
+            break;
+        }
+        for entry in due {
+            let Begin::Started(a) = store
+                .begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
+                .await
+                .expect("begin")
+            else {
+                panic!("starts")
+            };
+            let dead = AttemptOutcome::Dead {
+                error: "down".into(),
+            };
+            store
+                .finish_attempt(&entry.job, a.attempt, dead, NOW)
+                .await
+                .expect("finish");
+        }
+    }
+    probe.armed.store(true, Ordering::SeqCst);
+    let retry = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let filter = RetryFilter {
+                source: None,
+                handler: None,
+                status: JobStatus::Dead,
+                since_ms: None,
+                until_ms: None,
+            };
+            store.retry_all(&filter, NOW).await.expect("bulk retry")
+        })
+    };
+    // This test's runtime has one thread: it gets here only if the retry let go of it.
+    let parked = crate::helpers::eventually(std::time::Duration::from_secs(20), || {
+        probe.parked.load(Ordering::SeqCst)
+    })
+    .await;
+    *probe.released.lock().expect("lock") = true;
+    probe.wake.notify_all();
+    assert_eq!(
+        retry.await.expect("joined"),
+        pairs,
+        "every dead pair requeued"
+    );
+    assert!(parked);
+    assert!(
+        !probe.held_the_runtime.load(Ordering::SeqCst),
+        "the bulk retry held the async worker while it worked"
+    );
+    assert!(
+        probe.batches.load(Ordering::SeqCst) >= 3,
+        "{pairs} dead pairs in batches of {}",
+        webhook_inbox::store::RETRY_BATCH
+    );
+}

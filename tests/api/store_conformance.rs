@@ -831,6 +831,70 @@ async fn a_bulk_retry_of_dead_ordered_pairs_keeps_one_per_line_running(store: St
 
 /// One queue read gives the due entries (up to the limit, past the skipped ones) and the due
 /// time of the first entry after them, due or not: what the dispatcher looks again by.
+/// A bulk retry over more dead letters than one batch looks at (sled works in batches of
+/// [`webhook_inbox::store::RETRY_BATCH`]) requeues every pair its filter selects, once.
+async fn a_bulk_retry_larger_than_a_batch_requeues_every_selected_pair_once(store: Store) {
+    let deliveries = webhook_inbox::store::RETRY_BATCH / 2 + 40;
+    for i in 0..deliveries {
+        let id = format!("b{i:04}");
+        store
+            .claim(new(&id, &format!("{{\"n\":{i}}}"), &["g", "h"], false))
+            .await
+            .expect("claim");
+    }
+    loop {
+        let due = due_now(&store, u64::MAX / 2).await;
+        if due.is_empty() {
+            break;
+        }
+        for entry in due {
+            let Begin::Started(a) = store
+                .begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
+                .await
+                .expect("begin")
+            else {
+                panic!("starts")
+            };
+            store
+                .finish_attempt(
+                    &entry.job,
+                    a.attempt,
+                    AttemptOutcome::Dead {
+                        error: "down".into(),
+                    },
+                    NOW,
+                )
+                .await
+                .expect("finish");
+        }
+    }
+    assert_eq!(store.dead_letters().await.expect("dead"), 2 * deliveries);
+    let filter = webhook_inbox::store::RetryFilter {
+        source: Some("credicorp".into()),
+        handler: Some("h".into()),
+        status: JobStatus::Dead,
+        since_ms: None,
+        until_ms: None,
+    };
+    assert_eq!(
+        store.retry_all(&filter, NOW).await.expect("bulk"),
+        deliveries
+    );
+    assert_eq!(
+        store.dead_letters().await.expect("dead"),
+        deliveries,
+        "g's stay dead"
+    );
+    let due = due_now(&store, u64::MAX / 2).await;
+    assert_eq!(due.len(), deliveries);
+    assert!(due.iter().all(|q| q.job.handler == "h"));
+    assert_eq!(
+        store.retry_all(&filter, NOW).await.expect("bulk"),
+        0,
+        "nothing dead left"
+    );
+}
+
 async fn a_queue_read_tells_when_the_next_entry_is_due(store: Store) {
     for id in ["q1", "q2", "q3"] {
         store
@@ -926,6 +990,10 @@ const CASES: &[(&str, Case)] = &[
     (
         "a_forgotten_body_is_still_a_replay_by_its_fingerprint",
         |s| Box::pin(a_forgotten_body_is_still_a_replay_by_its_fingerprint(s)),
+    ),
+    (
+        "a_bulk_retry_larger_than_a_batch_requeues_every_selected_pair_once",
+        |s| Box::pin(a_bulk_retry_larger_than_a_batch_requeues_every_selected_pair_once(s)),
     ),
     ("renew_or_release_by_a_non_owner_changes_nothing", |s| {
         Box::pin(renew_or_release_by_a_non_owner_changes_nothing(s))

@@ -3,9 +3,11 @@
 //!
 //! - Sign-in with the admin token (a form) starts a session: a random id in an `HttpOnly`,
 //!   `SameSite=Strict` cookie scoped to `/console`, the session itself (its expiry and its
-//!   CSRF token) kept here in memory ([`Sessions`]); sign-out, a restart or
-//!   [`SESSION_TTL_MS`] ends it. No admin token configured: the console says so and offers
-//!   nothing.
+//!   CSRF token) kept here in memory ([`Sessions`], at most [`MAX_SESSIONS`]); sign-out, a
+//!   restart or [`SESSION_TTL_MS`] ends it. The cookie is `Secure` when the request came
+//!   over HTTPS or `console.secure_cookie` says so. Sign-in attempts are throttled per
+//!   client address ([`SignInThrottle`]: 429 with `Retry-After`). No admin token
+//!   configured: the console says so and offers nothing.
 //! - Every state-changing action is a form `POST` carrying the session's CSRF token (403
 //!   without it). Pages are rendered on the server (`pages`, maud: every value escaped, so an
 //!   attacker-controlled body or header is text), with no script at all; the one stylesheet
@@ -14,9 +16,7 @@
 //!   dispatcher wake-up.
 
 mod pages;
-
-use std::collections::HashMap;
-use std::sync::Mutex;
+mod sessions;
 
 use actix_web::http::{StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -28,9 +28,11 @@ use super::admin::{
     tokens_match,
 };
 use crate::store::{Cursor, DeliveryKey, DeliveryStatus, JobStatus, RetryFilter};
+pub use sessions::{
+    MAX_SESSIONS, SESSION_TTL_MS, SIGN_IN_BURST, SIGN_IN_INTERVAL_MS, Session, Sessions,
+    SignInThrottle,
+};
 
-/// How long a session lasts after sign-in.
-pub const SESSION_TTL_MS: u64 = 8 * 60 * 60 * 1000;
 /// The session cookie.
 const COOKIE: &str = "webhook_inbox_console";
 /// Deliveries per page.
@@ -39,47 +41,11 @@ const PAGE_SIZE: usize = 50;
 /// short, with a link to go on).
 const SCAN_PAGES: usize = 20;
 
-/// The console's sessions: id -> (expiry, CSRF token). In memory: a restart signs everyone
-/// out, which for an operator console is a feature.
+/// The console's in-memory state: its sessions and the sign-in throttle.
 #[derive(Debug, Default)]
-pub struct Sessions {
-    live: Mutex<HashMap<String, Session>>,
-}
-
-#[derive(Debug, Clone)]
-struct Session {
-    expires_ms: u64,
-    csrf: String,
-}
-
-fn random_token() -> String {
-    hex::encode(rand::random::<[u8; 32]>())
-}
-
-impl Sessions {
-    fn start(&self, now_ms: u64) -> (String, Session) {
-        let id = random_token();
-        let session = Session {
-            expires_ms: now_ms + SESSION_TTL_MS,
-            csrf: random_token(),
-        };
-        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        live.retain(|_, s| s.expires_ms > now_ms);
-        live.insert(id.clone(), session.clone());
-        (id, session)
-    }
-
-    fn get(&self, id: &str, now_ms: u64) -> Option<Session> {
-        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        live.get(id).filter(|s| s.expires_ms > now_ms).cloned()
-    }
-
-    fn end(&self, id: &str) {
-        self.live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-    }
+pub struct ConsoleState {
+    sessions: Sessions,
+    throttle: SignInThrottle,
 }
 
 /// Registers the console's routes.
@@ -201,7 +167,7 @@ fn signed_in(req: &HttpRequest, state: &AppState) -> Result<Session, Refusal> {
         return Err(Refusal::Disabled);
     }
     session_id(req)
-        .and_then(|id| state.console.get(&id, state.clock.now_ms()))
+        .and_then(|id| state.console.sessions.get(&id, state.clock.now_ms()))
         .ok_or(Refusal::SignIn)
 }
 
@@ -258,10 +224,32 @@ pub struct SignInForm {
     token: String,
 }
 
-async fn sign_in(state: web::Data<AppState>, form: web::Form<SignInForm>) -> HttpResponse {
+async fn sign_in(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    form: web::Form<SignInForm>,
+) -> HttpResponse {
     let Some(expected) = state.admin_token.as_deref() else {
         return answer(Err(Refusal::Disabled));
     };
+    let now_ms = state.clock.now_ms();
+    // The peer, not a forwarded-for header a client writes itself: behind a proxy every
+    // operator shares the proxy's allowance, which errs on the side of the guesser's.
+    let address = req
+        .peer_addr()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+    if let Err(wait_ms) = state.console.throttle.attempt(address, now_ms) {
+        tracing::warn!(%address, "console sign-in throttled");
+        return secured(HttpResponse::TooManyRequests())
+            .insert_header((header::RETRY_AFTER, wait_ms.div_ceil(1000).to_string()))
+            .content_type("text/html; charset=utf-8")
+            .body(
+                pages::sign_in(Some(
+                    "Too many sign-in attempts from this address; wait a moment and try again.",
+                ))
+                .into_string(),
+            );
+    }
     if !tokens_match(&form.token, expected) {
         tracing::warn!("console sign-in with a wrong token");
         return html(
@@ -269,18 +257,28 @@ async fn sign_in(state: web::Data<AppState>, form: web::Form<SignInForm>) -> Htt
             pages::sign_in(Some("That is not the admin token.")),
         );
     }
-    let (id, _) = state.console.start(state.clock.now_ms());
+    let (id, _) = state.console.sessions.start(now_ms);
     tracing::info!("console sign-in");
     secured(HttpResponse::SeeOther())
         .insert_header((header::LOCATION, "/console/"))
         .insert_header((
             header::SET_COOKIE,
-            format!(
-                "{COOKIE}={id}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}",
-                SESSION_TTL_MS / 1000
-            ),
+            session_cookie(&req, &state, &id, SESSION_TTL_MS / 1000),
         ))
         .finish()
+}
+
+/// The session cookie's `Set-Cookie` value. `Secure` when the request came over HTTPS (as
+/// the connection or a TLS-terminating proxy's `Forwarded`/`X-Forwarded-Proto` says: a
+/// client claiming HTTPS can only make its own cookie stricter) or `console.secure_cookie`
+/// says so.
+fn session_cookie(req: &HttpRequest, state: &AppState, value: &str, max_age_s: u64) -> String {
+    let secure = state.config.console.secure_cookie
+        || req.connection_info().scheme().eq_ignore_ascii_case("https");
+    format!(
+        "{COOKIE}={value}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={max_age_s}{}",
+        if secure { "; Secure" } else { "" }
+    )
 }
 
 async fn sign_out(
@@ -290,14 +288,11 @@ async fn sign_out(
 ) -> HttpResponse {
     answer(authorized_post(&req, &state, csrf_of(&form)).map(|_| {
         if let Some(id) = session_id(&req) {
-            state.console.end(&id);
+            state.console.sessions.end(&id);
         }
         secured(HttpResponse::SeeOther())
             .insert_header((header::LOCATION, "/console/sign-in"))
-            .insert_header((
-                header::SET_COOKIE,
-                format!("{COOKIE}=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0"),
-            ))
+            .insert_header((header::SET_COOKIE, session_cookie(&req, &state, "", 0)))
             .finish()
     }))
 }

@@ -8,14 +8,14 @@ use super::encoding::{
     StoredBody, backend, decode_delivery_key, decode_record, job_queue_key, pending_job, queue_key,
     split_delivery, split_job_queue_key, split_time_key,
 };
-use super::{Op, SledStore};
+use super::{Op, SledInner};
 
 /// The start-up repair's watermark: every delivery received before it has been checked.
 pub(super) const WATERMARK: &[u8] = b"checked_through_ms";
 /// How far behind "now" the watermark is kept: longer than any claim takes.
 pub(super) const WATERMARK_LAG_MS: u64 = 60_000;
 
-impl SledStore {
+impl SledInner {
     /// Whether a pair has a way to run: a queue entry that leads to it (the initial one
     /// while it has no state), or a live lease of this process.
     pub(super) fn has_way_to_run(

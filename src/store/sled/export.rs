@@ -2,7 +2,7 @@
 //! [`crate::store::copy`]).
 
 use super::super::{DeliveryKey, StoreError, StoredItem};
-use super::SledStore;
+use super::SledInner;
 use super::encoding::{BodyEntry, backend, decode_delivery_key, split_delivery};
 
 /// Where an export goes on: deliveries first (phase 0), then fingerprints kept past their
@@ -13,7 +13,7 @@ pub struct ExportPosition {
     after: Option<Vec<u8>>,
 }
 
-impl SledStore {
+impl SledInner {
     /// Up to `limit` stored items from `from` on, and where the next page starts (`None`
     /// once everything was read). Each delivery comes with all its job states; the store
     /// should not be written meanwhile (the server stopped).

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use super::super::{
     Cursor, DeliveryKey, DeliveryStatus, DeliverySummary, JobKey, Page, StoreError,
 };
-use super::SledStore;
+use super::SledInner;
 use super::encoding::{backend, queue_key};
 
 /// received_at index entries one admin listing reads at most (it then returns what it
@@ -21,7 +21,7 @@ pub(super) fn cursor_before(index_key: &[u8]) -> Cursor {
     Cursor::from_position(first_not_returned)
 }
 
-impl SledStore {
+impl SledInner {
     /// A delivery and its status, for listings.
     pub(super) fn summary(&self, key: &DeliveryKey) -> Result<Option<DeliverySummary>, StoreError> {
         let Some(record) = self.read_record(&key.encode())? else {

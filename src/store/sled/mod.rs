@@ -170,8 +170,23 @@ impl Default for SledOptions {
     }
 }
 
-/// Deliveries in an embedded sled database.
-pub struct SledStore {
+/// Index entries one batch of a bulk retry looks at (its memory bound, and how long it
+/// holds a blocking thread between two looks at the rest of the world).
+pub const RETRY_BATCH: usize = 512;
+
+/// Deliveries in an embedded sled database: a cheap handle on [`SledInner`], so a long
+/// operation (a bulk retry) can move to a blocking thread with its own handle.
+pub struct SledStore(Arc<SledInner>);
+
+impl std::ops::Deref for SledStore {
+    type Target = SledInner;
+    fn deref(&self) -> &SledInner {
+        &self.0
+    }
+}
+
+/// The state of a [`SledStore`]: its trees, body log, group commit and lock stripes.
+pub struct SledInner {
     db: sled::Db,
     deliveries: sled::Tree,
     jobs: sled::Tree,
@@ -280,7 +295,7 @@ impl SledStore {
             tree("fp_expiry")?,
             tree("order")?,
         );
-        Self::migrate_queue_layout(&db, &queue)?;
+        SledInner::migrate_queue_layout(&db, &queue)?;
         let data_file = File::open(path.join("db"))
             .map_err(|e| StoreError::Backend(format!("opening sled's data file: {e}")))?;
         // Make the directory entries of a new store durable too.
@@ -302,7 +317,7 @@ impl SledStore {
             hook: options.flush_hook,
         };
         let sync: SyncFn = Box::new(move || disk.sync());
-        Ok(SledStore {
+        Ok(SledStore(Arc::new(SledInner {
             db,
             deliveries,
             jobs,
@@ -320,7 +335,78 @@ impl SledStore {
             probe: options.probe,
             instance: rand::random(),
             sweep_from: Mutex::new(None),
-        })
+        })))
+    }
+}
+
+impl SledInner {
+    /// One batch of a bulk retry: looks at up to [`RETRY_BATCH`] index entries after
+    /// `after` (the dead letters, or every job state for failed pairs) and requeues the
+    /// pairs `filter` selects, each checked again under its delivery's lock. Returns how
+    /// many it requeued, and the last entry looked at when there may be more.
+    fn retry_batch(
+        &self,
+        filter: &RetryFilter,
+        after: Option<&[u8]>,
+        now_ms: u64,
+    ) -> Result<(usize, Option<Vec<u8>>), StoreError> {
+        self.step(Op::Retry, "batch");
+        let wanted = |job: &JobKey| {
+            filter
+                .source
+                .as_deref()
+                .is_none_or(|s| s == job.delivery.source)
+                && filter.handler.as_deref().is_none_or(|h| h == job.handler)
+        };
+        let tree = if filter.status == JobStatus::Dead {
+            &self.dead
+        } else {
+            &self.jobs
+        };
+        let from = after.map_or(std::ops::Bound::Unbounded, |k| {
+            std::ops::Bound::Excluded(k.to_vec())
+        });
+        let mut candidates: Vec<JobKey> = Vec::new();
+        let mut last = None;
+        let mut seen = 0;
+        for entry in tree.range::<Vec<u8>, _>((from, std::ops::Bound::Unbounded)) {
+            let (key, value) = entry.map_err(backend)?;
+            seen += 1;
+            if let Some(job) = JobKey::decode(&key)
+                && wanted(&job)
+                && (filter.status == JobStatus::Dead
+                    || serde_json::from_slice::<JobState>(&value)
+                        .is_ok_and(|s| s.status == filter.status))
+            {
+                candidates.push(job);
+            }
+            if seen == RETRY_BATCH {
+                last = Some(key.to_vec());
+                break;
+            }
+        }
+        let mut retried = 0;
+        for job in candidates {
+            let dk = job.delivery.encode();
+            self.step(Op::Retry, "start");
+            let locks = self.delivery_and_line_locks(&dk)?;
+            let lock_keys: Vec<&[u8]> = locks.iter().map(Vec::as_slice).collect();
+            let _locks = self.lock(Op::Retry, &lock_keys);
+            self.step(Op::Retry, "locked");
+            let Some(record) = self.read_record(&dk)? else {
+                continue;
+            };
+            let received = record.received_at_ms;
+            if filter.since_ms.is_some_and(|t| received < t)
+                || filter.until_ms.is_some_and(|t| received >= t)
+            {
+                continue;
+            }
+            if self.requeue_pair(&record, &job.handler, Some(filter.status), now_ms)? {
+                retried += 1;
+            }
+        }
+        Ok((retried, last))
     }
 
     /// The body log's segment files present, oldest first (for tests).
@@ -397,7 +483,7 @@ impl SledStore {
         Ok(out)
     }
 
-    /// Like [`SledStore::locked_write`], but returns without waiting for the disk: for
+    /// Like [`SledInner::locked_write`], but returns without waiting for the disk: for
     /// writes that acknowledge nothing to anyone, whose loss in a crash the design already
     /// allows for (the outcome of a run: lost, the pair runs again after the restart, with
     /// `attempt + 1` — the start of every run is durable — and the same idempotency key).
@@ -565,7 +651,7 @@ impl SledStore {
         self.handler_queue_after(handler, None, skip)
     }
 
-    /// [`SledStore::handler_queue`] from past the entry `after` (its front if `None`).
+    /// [`SledInner::handler_queue`] from past the entry `after` (its front if `None`).
     fn handler_queue_after(
         &self,
         handler: &str,
@@ -954,7 +1040,7 @@ impl DeliveryStore for SledStore {
         skip: &SkipSet,
     ) -> Result<Vec<QueuedJob>, StoreError> {
         let mut out = Vec::new();
-        for handler in self.queued_handlers()? {
+        for handler in SledInner::queued_handlers(self)? {
             out.extend(self.due_jobs_of(&handler, now_ms, limit, skip).await?);
         }
         out.sort_by_key(|q| q.due_ms);
@@ -995,7 +1081,7 @@ impl DeliveryStore for SledStore {
 
     async fn next_due_ms(&self, skip: &SkipSet) -> Result<Option<u64>, StoreError> {
         let mut next: Option<u64> = None;
-        for handler in self.queued_handlers()? {
+        for handler in SledInner::queued_handlers(self)? {
             if let Some(due) = self.next_due_of(&handler, skip).await? {
                 next = Some(next.map_or(due, |n| n.min(due)));
             }
@@ -1450,36 +1536,9 @@ impl DeliveryStore for SledStore {
     }
 
     async fn retry_all(&self, filter: &RetryFilter, now_ms: u64) -> Result<usize, StoreError> {
-        // Candidates from the dead letters, or the job states for failed pairs; each is
-        // checked again under its delivery's lock.
-        let mut candidates: Vec<JobKey> = Vec::new();
-        let wanted = |job: &JobKey| {
-            filter
-                .source
-                .as_deref()
-                .is_none_or(|s| s == job.delivery.source)
-                && filter.handler.as_deref().is_none_or(|h| h == job.handler)
-        };
-        if filter.status == JobStatus::Dead {
-            for key in self.dead.iter().keys() {
-                if let Some(job) = JobKey::decode(&key.map_err(backend)?)
-                    && wanted(&job)
-                {
-                    candidates.push(job);
-                }
-            }
-        } else {
-            for entry in self.jobs.iter() {
-                let (key, value) = entry.map_err(backend)?;
-                if let Some(job) = JobKey::decode(&key)
-                    && wanted(&job)
-                    && serde_json::from_slice::<JobState>(&value)
-                        .is_ok_and(|s| s.status == filter.status)
-                {
-                    candidates.push(job);
-                }
-            }
-        }
+        // Batch by batch on a blocking thread: a bulk retry over many thousand pairs holds
+        // neither an async worker (the admin listener's `/readyz` answers meanwhile) nor
+        // more than one batch of candidates in memory.
         let fsync = self.durability == Durability::Fsync;
         let guard = if fsync {
             Some(self.commit.begin_write()?)
@@ -1487,24 +1546,19 @@ impl DeliveryStore for SledStore {
             None
         };
         let mut retried = 0;
-        for job in candidates {
-            let dk = job.delivery.encode();
-            self.step(Op::Retry, "start");
-            let locks = self.delivery_and_line_locks(&dk)?;
-            let lock_keys: Vec<&[u8]> = locks.iter().map(Vec::as_slice).collect();
-            let _locks = self.lock(Op::Retry, &lock_keys);
-            self.step(Op::Retry, "locked");
-            let Some(record) = self.read_record(&dk)? else {
-                continue;
-            };
-            let received = record.received_at_ms;
-            if filter.since_ms.is_some_and(|t| received < t)
-                || filter.until_ms.is_some_and(|t| received >= t)
-            {
-                continue;
-            }
-            if self.requeue_pair(&record, &job.handler, Some(filter.status), now_ms)? {
-                retried += 1;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let inner = self.0.clone();
+            let batch_filter = filter.clone();
+            let (n, next) = tokio::task::spawn_blocking(move || {
+                inner.retry_batch(&batch_filter, after.as_deref(), now_ms)
+            })
+            .await
+            .map_err(|e| StoreError::Backend(format!("bulk retry: {e}")))??;
+            retried += n;
+            match next {
+                Some(last) => after = Some(last),
+                None => break,
             }
         }
         if fsync && retried > 0 {
@@ -1515,7 +1569,7 @@ impl DeliveryStore for SledStore {
     }
 
     async fn queue_depths(&self) -> Result<Vec<(String, usize)>, StoreError> {
-        self.queued_handlers()?
+        SledInner::queued_handlers(self)?
             .into_iter()
             .map(|h| {
                 let n = self
@@ -1528,7 +1582,7 @@ impl DeliveryStore for SledStore {
     }
 
     async fn queued_handlers(&self) -> Result<Vec<String>, StoreError> {
-        SledStore::queued_handlers(self)
+        SledInner::queued_handlers(self)
     }
 
     async fn handler_stats(
@@ -1637,7 +1691,7 @@ impl DeliveryStore for SledStore {
     }
 }
 
-impl Drop for SledStore {
+impl Drop for SledInner {
     fn drop(&mut self) {
         self.commit.close();
         // Best effort: the group commit already made every acknowledged write durable.

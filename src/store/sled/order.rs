@@ -12,7 +12,7 @@
 //!   in, as it puts back a missing queue entry).
 //! - When the active pair becomes final (succeeded or dead), the first live entry of the
 //!   line after it is made active, then its own entry is removed. A crash between the final
-//!   state and that promotion leaves a line with nobody active: [`SledStore::repair_lines`]
+//!   state and that promotion leaves a line with nobody active: [`SledInner::repair_lines`]
 //!   finds it at the next start, before the dispatcher runs.
 //! - An operator retry of a dead pair puts it back in its line (at its received_at place):
 //!   it runs at once if the line is empty, else after the active one.
@@ -26,7 +26,7 @@
 
 use super::super::{DeliveryKey, DeliveryRecord, JobState, StoreError, line_id};
 use super::encoding::{backend, decode_delivery_key, job_queue_key, split_time_key};
-use super::{Op, SledStore};
+use super::{Op, SledInner};
 
 /// Bytes of [`line_id`] in a line's key.
 const VALUE_HASH_LEN: usize = 16;
@@ -83,7 +83,7 @@ struct Entry {
     delivery: DeliveryKey,
 }
 
-impl SledStore {
+impl SledInner {
     /// The entries of the line with `prefix`, in received order.
     fn line(&self, prefix: &[u8]) -> impl Iterator<Item = Result<Entry, StoreError>> {
         let at = prefix.len();
