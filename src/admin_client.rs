@@ -276,23 +276,10 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 /// the cursor, recolour the terminal or set its title (OSC) when an operator reads it.
 fn text(v: &serde_json::Value) -> String {
     match v {
-        serde_json::Value::String(s) => printable(s),
+        serde_json::Value::String(s) => crate::domain::printable(s),
         serde_json::Value::Null => "-".into(),
-        other => printable(&other.to_string()),
+        other => crate::domain::printable(&other.to_string()),
     }
-}
-
-/// `s` with every control character (C0, DEL, C1) escaped as Rust writes it (`\u{1b}`).
-pub fn printable(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The listing as a table.

@@ -85,6 +85,36 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigPath,
     },
+    /// Make one step of a handler's downstream calls (design.md, "Downstream calls"):
+    /// inside a `command` handler through the service (journal, key, retries), by hand
+    /// directly (same key and retries, no journal). Prints the response body; exits 0 for
+    /// 2xx, 65 for a final non-2xx (the status on stderr), 75 when the retries ran out.
+    Call {
+        /// The step: 1–64 of `A-Z a-z 0-9 . _ -`, one per logical operation.
+        step: String,
+        /// The HTTP method.
+        method: String,
+        /// The URL.
+        url: String,
+        /// A request header, `"Name: value"` (repeatable; never journaled).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// The body: text, `@FILE`, or `@-` for stdin.
+        #[arg(long)]
+        data: Option<String>,
+        /// The delivery's source, by hand (a `command` handler's environment has it).
+        #[arg(long, env = "WEBHOOK_SOURCE")]
+        source: Option<String>,
+        /// The delivery id, by hand.
+        #[arg(long, env = "WEBHOOK_ID")]
+        id: Option<String>,
+        /// The handler, by hand.
+        #[arg(long, env = "WEBHOOK_HANDLER")]
+        handler: Option<String>,
+        /// The run's loopback URL (set by the service in a `command` handler's run).
+        #[arg(long, env = crate::calls::loopback::ENV_URL, hide = true)]
+        through: Option<String>,
+    },
     /// Print the headers and body a sender would send for a fixture, signed now.
     Sign {
         /// The configuration file.
@@ -306,6 +336,26 @@ pub async fn run(cli: Cli) -> ExitCode {
             command: StoreCommand::Copy { from, to },
         } => store_copy(&from, &to).await,
         Command::Migrate { config } => migrate(&config).await,
+        Command::Call {
+            step,
+            method,
+            url,
+            headers,
+            data,
+            source,
+            id,
+            handler,
+            through,
+        } => {
+            let request = CallArgs {
+                step,
+                method,
+                url,
+                headers,
+                data,
+            };
+            call(request, (source, id, handler), through).await
+        }
         Command::Sign { config, fixture } => {
             match load(&config)
                 .map_err(CliError::from)
@@ -580,6 +630,113 @@ async fn postgres_of(config: &Config) -> Result<crate::store::PgStore, String> {
 }
 
 /// `migrate`: exit 0 once the schema is current.
+/// `webhook-inbox call`'s request, as given.
+struct CallArgs {
+    step: String,
+    method: String,
+    url: String,
+    headers: Vec<String>,
+    data: Option<String>,
+}
+
+async fn call(
+    args: CallArgs,
+    (source, id, handler): (Option<String>, Option<String>, Option<String>),
+    through: Option<String>,
+) -> ExitCode {
+    use crate::calls::loopback::{WireAnswer, WireRequest};
+    let retry_later = ExitCode::from(75);
+    let body = match &args.data {
+        None => Vec::new(),
+        Some(d) if d == "@-" => {
+            let mut buf = Vec::new();
+            if let Err(e) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf) {
+                eprintln!("error: reading the body from stdin: {e}");
+                return ExitCode::from(65);
+            }
+            buf
+        }
+        Some(d) => match d.strip_prefix('@') {
+            Some(path) => match std::fs::read(path) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    eprintln!("error: reading the body from {path}: {e}");
+                    return ExitCode::from(65);
+                }
+            },
+            None => d.clone().into_bytes(),
+        },
+    };
+    let mut headers = Vec::new();
+    for h in &args.headers {
+        let Some((name, value)) = h.split_once(':') else {
+            eprintln!(
+                "error: header `{}`: write it as \"Name: value\"",
+                crate::domain::printable(h)
+            );
+            return ExitCode::from(65);
+        };
+        headers.push((name.trim().to_owned(), value.trim().to_owned()));
+    }
+    let wire = WireRequest {
+        step: args.step,
+        method: args.method.to_ascii_uppercase(),
+        url: args.url,
+        headers,
+        body_base64: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &body),
+    };
+    let answer = match through {
+        Some(loopback) => match crate::calls::loopback::call_through(&loopback, &wire).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return retry_later;
+            }
+        },
+        None => {
+            let (Some(source), Some(id), Some(handler)) = (source, id, handler) else {
+                eprintln!(
+                    "error: by hand, name the pair: --source, --id and --handler (or \
+                     WEBHOOK_SOURCE, WEBHOOK_ID, WEBHOOK_HANDLER)"
+                );
+                return ExitCode::from(65);
+            };
+            let job = crate::store::DeliveryKey::new(&source, &id).job(&handler);
+            let calls = crate::calls::Calls::direct(job, crate::config::CallsConfig::default());
+            match wire.into_request() {
+                Ok((step, request)) => calls.execute(&step, request).await.into(),
+                Err(e) => Err(e).into(),
+            }
+        }
+    };
+    match answer {
+        WireAnswer::Response {
+            status,
+            body_base64,
+            replayed,
+            ..
+        } => {
+            let body =
+                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, body_base64)
+                    .unwrap_or_default();
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &body);
+            if replayed {
+                eprintln!("(answered from the journal)");
+            }
+            if (200..300).contains(&status) {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("status {status}");
+                ExitCode::from(65)
+            }
+        }
+        WireAnswer::Failed { message, exit_code } => {
+            eprintln!("error: {}", crate::domain::printable(&message));
+            ExitCode::from(exit_code)
+        }
+    }
+}
+
 async fn migrate(path: &std::path::Path) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,

@@ -51,6 +51,9 @@ pub struct Config {
     /// The web console.
     #[serde(default)]
     pub console: ConsoleConfig,
+    /// Downstream calls made through the handlers' client: defaults for every handler.
+    #[serde(default)]
+    pub calls: CallsConfig,
     /// Partners, by the name used in `POST /webhooks/{source}`.
     #[serde(default)]
     pub sources: BTreeMap<String, SourceConfig>,
@@ -243,6 +246,103 @@ impl Default for AdminConfig {
         Self {
             token_env: "WEBHOOK_INBOX_ADMIN_TOKEN".into(),
         }
+    }
+}
+
+/// `[calls]`: how a handler's downstream calls are made and journaled (design.md,
+/// "Downstream calls"); each `[[handlers]]` may override any key in its own `calls` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallsConfig {
+    /// One HTTP exchange.
+    #[serde(with = "humantime_duration")]
+    pub timeout: Duration,
+    /// Exchanges of one call inside one run; then the run fails, retryable.
+    pub max_attempts: u32,
+    /// The first back-off's upper bound (full jitter: a random wait up to it).
+    #[serde(with = "humantime_duration")]
+    pub initial_backoff: Duration,
+    /// The largest back-off bound.
+    #[serde(with = "humantime_duration")]
+    pub max_backoff: Duration,
+    /// Every exchange of one call within one run, back-offs included.
+    #[serde(with = "humantime_duration")]
+    pub max_elapsed: Duration,
+    /// The largest response body the journal keeps (and a handler is given).
+    pub journal_max_bytes: usize,
+}
+
+impl Default for CallsConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+            max_elapsed: Duration::from_secs(30),
+            journal_max_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// A handler's `calls` table: any `[calls]` key, for that handler only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallsOverride {
+    /// See [`CallsConfig::timeout`].
+    #[serde(with = "humantime_duration_option")]
+    pub timeout: Option<Duration>,
+    /// See [`CallsConfig::max_attempts`].
+    pub max_attempts: Option<u32>,
+    /// See [`CallsConfig::initial_backoff`].
+    #[serde(with = "humantime_duration_option")]
+    pub initial_backoff: Option<Duration>,
+    /// See [`CallsConfig::max_backoff`].
+    #[serde(with = "humantime_duration_option")]
+    pub max_backoff: Option<Duration>,
+    /// See [`CallsConfig::max_elapsed`].
+    #[serde(with = "humantime_duration_option")]
+    pub max_elapsed: Option<Duration>,
+    /// See [`CallsConfig::journal_max_bytes`].
+    pub journal_max_bytes: Option<usize>,
+}
+
+impl CallsConfig {
+    /// These defaults with `over`'s keys applied.
+    pub fn with(self, over: &CallsOverride) -> CallsConfig {
+        CallsConfig {
+            timeout: over.timeout.unwrap_or(self.timeout),
+            max_attempts: over.max_attempts.unwrap_or(self.max_attempts),
+            initial_backoff: over.initial_backoff.unwrap_or(self.initial_backoff),
+            max_backoff: over.max_backoff.unwrap_or(self.max_backoff),
+            max_elapsed: over.max_elapsed.unwrap_or(self.max_elapsed),
+            journal_max_bytes: over.journal_max_bytes.unwrap_or(self.journal_max_bytes),
+        }
+    }
+
+    /// Why these settings cannot work, naming the key under `prefix` (`calls` or
+    /// `handlers.<name>.calls`).
+    pub fn problem(&self, prefix: &str) -> Option<String> {
+        if self.timeout.is_zero() {
+            return Some(format!("{prefix}.timeout must be greater than 0"));
+        }
+        if self.max_attempts == 0 {
+            return Some(format!("{prefix}.max_attempts must be at least 1"));
+        }
+        if self.initial_backoff > self.max_backoff {
+            return Some(format!(
+                "{prefix}.initial_backoff must not exceed {prefix}.max_backoff"
+            ));
+        }
+        if self.max_elapsed < self.timeout {
+            return Some(format!(
+                "{prefix}.max_elapsed ({}) is shorter than {prefix}.timeout ({}): not even one \
+                 exchange would fit",
+                humantime::format_duration(self.max_elapsed),
+                humantime::format_duration(self.timeout)
+            ));
+        }
+        None
     }
 }
 
@@ -510,6 +610,9 @@ pub struct Binding {
     /// one at a time, in received order (those without it run unordered).
     #[serde(default)]
     pub order_by: Option<String>,
+    /// `calls`: this handler's own `[calls]` keys.
+    #[serde(default)]
+    pub calls: CallsOverride,
 }
 
 fn default_events() -> Vec<String> {
@@ -562,6 +665,9 @@ pub struct LogHandlerConfig {
     /// See [`Binding::order_by`].
     #[serde(default)]
     pub order_by: Option<String>,
+    /// See [`Binding::calls`].
+    #[serde(default)]
+    pub calls: CallsOverride,
 }
 
 /// `kind = "command"`
@@ -587,6 +693,9 @@ pub struct CommandHandlerConfig {
     /// See [`Binding::order_by`].
     #[serde(default)]
     pub order_by: Option<String>,
+    /// See [`Binding::calls`].
+    #[serde(default)]
+    pub calls: CallsOverride,
     /// Program and arguments; run directly, no shell.
     pub command: Vec<String>,
     /// Variables of the service's environment to pass on, beyond `PATH`, `HOME` and
@@ -621,6 +730,9 @@ pub struct HttpHandlerConfig {
     /// See [`Binding::order_by`].
     #[serde(default)]
     pub order_by: Option<String>,
+    /// See [`Binding::calls`].
+    #[serde(default)]
+    pub calls: CallsOverride,
     /// Where to POST the raw body.
     pub url: String,
     /// Give up on one request (and retry) after this long.
@@ -645,6 +757,7 @@ macro_rules! binding_of {
                     concurrency: self.concurrency,
                     rate: self.rate,
                     order_by: self.order_by.clone(),
+                    calls: self.calls,
                 }
             }
         }
@@ -759,6 +872,16 @@ impl Config {
         }
         if self.dispatch.initial_backoff > self.dispatch.max_backoff {
             return err("dispatch.initial_backoff must not exceed dispatch.max_backoff".into());
+        }
+        if let Some(problem) = self.calls.problem("calls") {
+            return err(problem);
+        }
+        for handler in &self.handlers {
+            let binding = handler.binding();
+            let prefix = format!("handlers.{}.calls", binding.name);
+            if let Some(problem) = self.calls.with(&binding.calls).problem(&prefix) {
+                return err(problem);
+            }
         }
         for (name, source) in &self.sources {
             if !is_valid_name(name) {
@@ -939,6 +1062,16 @@ mod humantime_duration {
                 "invalid duration `{text}`: {e} (write it like \"30s\", \"5m\", \"7d\")"
             ))
         })
+    }
+}
+
+/// An optional humantime duration (a handler's `calls` overrides).
+mod humantime_duration_option {
+    use serde::Deserializer;
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::humantime_duration::deserialize(d).map(Some)
     }
 }
 

@@ -33,6 +33,19 @@ impl Headers {
     }
 }
 
+/// `s` with every control character (C0, DEL, C1) escaped as Rust writes it (`\u{1b}`).
+pub fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A delivery id: 1 to 255 bytes, no control characters.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeliveryId(String);

@@ -206,6 +206,30 @@ impl ApplicationBuilder {
         let admin_token = (self.env)(&config.admin.token_env).filter(|t| !t.is_empty());
         let cancel_handlers = CancellationToken::new();
         let stopping = CancellationToken::new();
+        let calls = crate::calls::CallService::new(
+            Some(store.clone()),
+            self.clock,
+            config.calls,
+            config
+                .handlers
+                .iter()
+                .map(|h| {
+                    let binding = h.binding();
+                    (binding.name, config.calls.with(&binding.calls))
+                })
+                .collect(),
+        );
+        // `webhook-inbox call` in a `command` handler reaches this process on the admin
+        // listener, over loopback when it listens on every address.
+        if let Ok(admin) = admin_listener.local_addr() {
+            let host = match admin.ip() {
+                ip if ip.is_unspecified() && ip.is_ipv6() => "[::1]".to_owned(),
+                ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                ip => ip.to_string(),
+            };
+            calls.set_loopback_base(format!("http://{host}:{}/calls", admin.port()));
+        }
         let runner = Runner::new(
             store.clone(),
             registry.clone(),
@@ -213,6 +237,7 @@ impl ApplicationBuilder {
             self.clock,
             cancel_handlers.clone(),
             metrics.clone(),
+            calls.clone(),
         );
         let dispatcher = Dispatcher::new(runner.clone());
         let ingest = Ingest {
@@ -239,6 +264,7 @@ impl ApplicationBuilder {
             )),
             stopping: stopping.clone(),
             console: Default::default(),
+            calls,
         });
 
         let workers = match config.server.workers {
@@ -290,6 +316,8 @@ impl ApplicationBuilder {
                     "/admin/handlers/{name}/resume",
                     web::post().to(routes::admin::resume),
                 )
+                .route("/calls/{token}", web::post().to(routes::calls::call))
+                .app_data(web::PayloadConfig::new(routes::calls::MAX_REQUEST_BYTES))
                 .configure(routes::console::configure)
         })
         // Two workers: a slow admin query never queues a health probe behind it.

@@ -135,13 +135,14 @@ pub fn authenticated(
 }
 
 /// The context the service gives handler `handler_name` for `delivery`: its production
-/// idempotency key and a shutdown signal that never fires.
+/// idempotency key, a shutdown signal that never fires, and a downstream client without a
+/// journal (the same keys and retry rules).
 pub fn context(handler_name: &str, delivery: &Delivery) -> HandlerContext {
+    let job = DeliveryKey::new(&delivery.source, &delivery.id).job(handler_name);
     HandlerContext {
-        idempotency_key: DeliveryKey::new(&delivery.source, &delivery.id)
-            .job(handler_name)
-            .idempotency_key(),
+        idempotency_key: job.idempotency_key(),
         shutdown: CancellationToken::new(),
+        calls: crate::calls::Calls::direct(job, crate::config::CallsConfig::default()),
     }
 }
 

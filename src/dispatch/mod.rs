@@ -31,6 +31,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use crate::calls::CallService;
 use crate::clock::Clock;
 use crate::config::DispatchConfig;
 use crate::handlers::{Delivery, HandlerContext, HandlerError, HandlerRegistry};
@@ -128,6 +129,8 @@ pub struct Runner {
     pub metrics: Arc<Metrics>,
     /// Each handler's `concurrency` and `rate`, for every run of this process.
     pub turns: Arc<Turns>,
+    /// The downstream client every run's context carries.
+    pub calls: Arc<CallService>,
 }
 
 impl Runner {
@@ -139,6 +142,7 @@ impl Runner {
         clock: Clock,
         cancel: CancellationToken,
         metrics: Arc<Metrics>,
+        calls: Arc<CallService>,
     ) -> Runner {
         let turns = Arc::new(Turns::new(&registry, store.clone(), clock));
         Runner {
@@ -149,6 +153,7 @@ impl Runner {
             cancel,
             metrics,
             turns,
+            calls,
         }
     }
 
@@ -273,6 +278,7 @@ impl Runner {
             let ctx = HandlerContext {
                 idempotency_key: job.idempotency_key(),
                 shutdown: stop.clone(),
+                calls: self.calls.for_run(job.clone(), stop.clone()),
             };
             let run = AssertUnwindSafe(handler.handle(&delivery, &ctx)).catch_unwind();
             // Keep the lease while the handler runs, however long it takes; stop it when the

@@ -1,7 +1,9 @@
 //! `kind = "command"`: runs a program per delivery, in any language.
 //!
 //! Contract: no shell; the raw body on stdin; env `WEBHOOK_SOURCE`, `WEBHOOK_ID`,
-//! `WEBHOOK_EVENT_TYPE`, `WEBHOOK_ATTEMPT`, `IDEMPOTENCY_KEY`. Exit 0 succeeded; exit 65
+//! `WEBHOOK_EVENT_TYPE`, `WEBHOOK_ATTEMPT`, `IDEMPOTENCY_KEY`, and for `webhook-inbox
+//! call` `WEBHOOK_HANDLER` and `WEBHOOK_INBOX_CALLS` (the run's loopback URL, valid while
+//! the run lives; see [`crate::calls::loopback`]). Exit 0 succeeded; exit 65
 //! (`EX_DATAERR`) failed for good; anything else, a signal, or the timeout is retried.
 //!
 //! The program gets a clean environment: only `PATH`, `HOME` and `LANG` of the service's
@@ -106,8 +108,14 @@ impl Handler for CommandHandler {
                 command.env(name, value);
             }
         }
+        // Kept until the program has ended: its token is refused after that.
+        let loopback = ctx.calls.open_loopback();
+        if let Some(loopback) = &loopback {
+            command.env(crate::calls::loopback::ENV_URL, &loopback.url);
+        }
         let mut child = command
             .args(args)
+            .env("WEBHOOK_HANDLER", &ctx.calls.job().handler)
             .process_group(0)
             .env("WEBHOOK_SOURCE", &d.source)
             .env("WEBHOOK_ID", &d.id)

@@ -1,18 +1,27 @@
-//! `kind = "http"`: POSTs the raw body to a URL, for handlers written as web services.
+//! `kind = "http"`: POSTs the raw body to a URL, for handlers written as web services — one
+//! step (`forward`) of the downstream client ([`crate::calls`]).
 //!
-//! Headers: `Idempotency-Key`, `Webhook-Source`, `Webhook-Id`, `Webhook-Event-Type`, and
-//! the delivery's `Content-Type`. 2xx succeeded; a 4xx other than 408, 409, 425 and 429
-//! failed for good (the request itself is wrong); everything else — 408/409/425/429, 5xx,
-//! timeouts, refused connections — is retried.
+//! Headers: `Idempotency-Key` (the pair's key, as it always was: the one step of this
+//! handler keeps it, so an upgrade changes no pending delivery's key), `Webhook-Source`,
+//! `Webhook-Id`, `Webhook-Event-Type`, and the delivery's `Content-Type`. The client retries
+//! connection errors, time-outs, 408, 409, 425, 429 and 5xx inside the run (honouring
+//! `Retry-After`), then fails the run retryably; 2xx succeeded; a 3xx (redirects are not
+//! followed) or another 4xx failed for good; a 422 too, as the client's refusal.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use super::{Delivery, Handler, HandlerContext, HandlerError};
+use crate::calls::{CallRequest, Method};
+
+pub use crate::calls::redact;
 
 /// How much of an error response body is kept as the error.
 const BODY_KEPT: usize = 512;
+
+/// The step this handler's one call is.
+pub const STEP: &str = "forward";
 
 /// POSTs each delivery to `url`.
 #[derive(Clone)]
@@ -20,7 +29,7 @@ pub struct HttpHandler {
     url: reqwest::Url,
     /// `url` without credentials or query: the only form that reaches an error or a log.
     shown: String,
-    client: reqwest::Client,
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for HttpHandler {
@@ -40,28 +49,10 @@ pub enum UrlError {
     /// Not http or https.
     #[error("url `{0}`: only http and https are supported")]
     Scheme(String),
-    /// The HTTP client could not be built.
-    #[error("building the HTTP client: {0}")]
-    Client(reqwest::Error),
-}
-
-/// A URL as it may be shown: no user, password, query or fragment (where secrets go).
-pub fn redact(url: &reqwest::Url) -> String {
-    let mut shown = url.clone();
-    let _ = shown.set_username("");
-    let _ = shown.set_password(None);
-    shown.set_query(None);
-    shown.set_fragment(None);
-    let credentials = !url.username().is_empty() || url.password().is_some();
-    let mut text = shown.to_string();
-    if credentials || url.query().is_some() {
-        text.push_str(" (credentials and query redacted)");
-    }
-    text
 }
 
 impl HttpHandler {
-    /// A handler posting to `url`, giving up on a request after `timeout`.
+    /// A handler posting to `url`, giving up on one exchange after `timeout`.
     pub fn new(url: &str, timeout: Duration) -> Result<HttpHandler, UrlError> {
         // The text may hold credentials: an unparsable one is not repeated.
         let url = reqwest::Url::parse(url).map_err(UrlError::Parse)?;
@@ -69,77 +60,59 @@ impl HttpHandler {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(UrlError::Scheme(shown));
         }
-        // No redirects: a 302 to a page that answers 200 is not the target's success.
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(UrlError::Client)?;
-        Ok(HttpHandler { url, shown, client })
+        Ok(HttpHandler {
+            url,
+            shown,
+            timeout,
+        })
     }
 }
 
-/// The most of an error answer's body read: the rest is not read at all (a target that
-/// answers an endless body costs nothing beyond this).
-pub const ERROR_BODY_READ_MAX: usize = 64 * 1024;
-
-/// The start of an error answer's body, kept as the run's error (at most [`BODY_KEPT`]
-/// characters), with how much more there was: the body is read a chunk at a time, never
-/// past [`ERROR_BODY_READ_MAX`].
-async fn error_excerpt(mut response: reqwest::Response) -> String {
-    let mut kept = Vec::new();
-    let mut read = 0usize;
-    while let Ok(Some(chunk)) = response.chunk().await {
-        read += chunk.len();
-        let room = (BODY_KEPT * 4).saturating_sub(kept.len());
-        kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if read >= ERROR_BODY_READ_MAX {
-            break;
-        }
-    }
-    let text = String::from_utf8_lossy(&kept);
+/// The start of an error answer's body (at most [`BODY_KEPT`] characters), with how much
+/// more there was.
+fn excerpt(body: &[u8], truncated: bool) -> String {
+    let text = String::from_utf8_lossy(body);
     let excerpt: String = text.chars().take(BODY_KEPT).collect();
-    let more = read.saturating_sub(excerpt.len());
-    match more {
-        0 => excerpt,
-        _ if read >= ERROR_BODY_READ_MAX => format!("{excerpt}… (at least {more} more bytes)"),
+    let more = body.len().saturating_sub(excerpt.len());
+    match (more, truncated) {
+        (0, false) => excerpt,
+        (_, true) => format!("{excerpt}… (at least {more} more bytes)"),
         _ => format!("{excerpt}… ({more} more bytes)"),
     }
-}
-
-/// Whether a status means "never retry".
-pub fn is_permanent(status: u16) -> bool {
-    (400..500).contains(&status) && !matches!(status, 408 | 409 | 425 | 429)
 }
 
 #[async_trait]
 impl Handler for HttpHandler {
     async fn handle(&self, d: &Delivery, ctx: &HandlerContext) -> Result<(), HandlerError> {
         let content_type = d.headers.get("content-type").unwrap_or("application/json");
-        let request = self
-            .client
-            .post(self.url.clone())
-            .header("Idempotency-Key", &ctx.idempotency_key)
-            .header("Webhook-Source", &d.source)
-            .header("Webhook-Id", &d.id)
-            .header("Webhook-Event-Type", d.event_type.as_deref().unwrap_or(""))
-            .header("Content-Type", content_type)
-            .body(d.body.clone())
-            .send();
-        let response = tokio::select! {
-            r = request => r.map_err(|e| HandlerError::Retryable(format!("POST {}: {}", self.shown, e.without_url())))?,
-            () = ctx.shutdown.cancelled() => return Err(HandlerError::Retryable("stopped by shutdown".into())),
+        let request = CallRequest {
+            method: Method::POST,
+            url: self.url.to_string(),
+            headers: vec![
+                ("Webhook-Source".into(), d.source.clone()),
+                ("Webhook-Id".into(), d.id.clone()),
+                (
+                    "Webhook-Event-Type".into(),
+                    d.event_type.clone().unwrap_or_default(),
+                ),
+                ("Content-Type".into(), content_type.to_owned()),
+            ],
+            body: d.body.clone(),
+            timeout: Some(self.timeout),
         };
-        let status = response.status().as_u16();
-        if response.status().is_success() {
+        let response = ctx
+            .calls
+            .execute_keyed(STEP, &ctx.idempotency_key, request)
+            .await?;
+        let status = response.status;
+        if response.is_success() {
             return Ok(());
         }
-        if response.status().is_redirection() {
+        if (300..400).contains(&status) {
             // Final: the target moved, and following it would post the delivery elsewhere.
             let location = response
-                .headers()
-                .get(reqwest::header::LOCATION)
-                .and_then(|l| l.to_str().ok())
+                .location
+                .as_deref()
                 .and_then(|l| self.url.join(l).ok())
                 .map_or_else(|| "no usable Location".to_owned(), |l| redact(&l));
             return Err(HandlerError::Permanent(format!(
@@ -147,9 +120,12 @@ impl Handler for HttpHandler {
                 self.shown
             )));
         }
-        let excerpt = error_excerpt(response).await;
-        let message = format!("POST {} answered {status}: {excerpt}", self.shown);
-        if is_permanent(status) {
+        let message = format!(
+            "POST {} answered {status}: {}",
+            self.shown,
+            excerpt(&response.body, response.body_truncated)
+        );
+        if (400..500).contains(&status) {
             Err(HandlerError::Permanent(message))
         } else {
             Err(HandlerError::Retryable(message))
@@ -177,15 +153,5 @@ mod tests {
         );
         let handler = HttpHandler::new(url.as_str(), Duration::from_secs(1)).expect("handler");
         assert!(!format!("{handler:?}").contains("hunter2"));
-    }
-
-    #[test]
-    fn retry_split_by_status() {
-        for s in [400, 401, 403, 404, 410, 413, 422] {
-            assert!(is_permanent(s), "{s}");
-        }
-        for s in [408, 409, 425, 429, 500, 502, 503, 504, 302] {
-            assert!(!is_permanent(s), "{s}");
-        }
     }
 }

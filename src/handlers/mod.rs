@@ -24,6 +24,7 @@ pub use command::CommandHandler;
 pub use http::HttpHandler;
 pub use log::LogHandler;
 
+use crate::calls::{CallBuilder, CallError, Calls};
 use crate::config::{Binding, Config, HandlerConfig};
 use crate::domain::Headers;
 
@@ -84,6 +85,30 @@ pub struct HandlerContext {
     /// Cancelled when the service shuts down and the grace period is over; long work should
     /// stop (and fail retryably) when it fires.
     pub shutdown: CancellationToken,
+    /// The downstream client of this run: one named step per logical operation, each with
+    /// its own key, retried, and answered from the journal on a later run (see
+    /// [`crate::calls`]).
+    pub calls: Calls,
+}
+
+impl HandlerContext {
+    /// Starts step `step` of this run's downstream calls:
+    /// `ctx.call("create-payment-link").post(url).json(&body).send().await?`.
+    pub fn call(&self, step: &str) -> CallBuilder<'_> {
+        self.calls.step(step)
+    }
+}
+
+/// A call that gave no answer fails the run: for good where the contract says so (a bad
+/// step name or request, a 422, a step that changed), retryably otherwise.
+impl From<CallError> for HandlerError {
+    fn from(e: CallError) -> HandlerError {
+        if e.is_permanent() {
+            HandlerError::Permanent(e.to_string())
+        } else {
+            HandlerError::Retryable(e.to_string())
+        }
+    }
 }
 
 /// How a run failed: [`HandlerError::Retryable`] is run again after a back-off (up to

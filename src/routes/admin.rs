@@ -155,6 +155,28 @@ pub struct HandlerView {
     pub state: Option<JobState>,
     /// The idempotency key it runs with.
     pub idempotency_key: String,
+    /// Its downstream calls' steps, as the journal keeps them.
+    pub steps: Vec<StepView>,
+}
+
+/// One journaled step in `show` (never a request header, a URL's credentials or query,
+/// nor the answer's body).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StepView {
+    /// The step's name.
+    pub step: String,
+    /// `METHOD url`, the URL without credentials or query.
+    pub request: String,
+    /// The kept answer's status.
+    pub status: u16,
+    /// Exchanges it took.
+    pub attempts: u32,
+    /// When the answer came (RFC 3339).
+    pub at: String,
+    /// How many later runs got it from the journal.
+    pub replayed: u32,
+    /// Its `Idempotency-Key`.
+    pub idempotency_key: String,
 }
 
 /// One delivery as the admin API and the console show it: its record, raw body, status
@@ -189,13 +211,28 @@ pub(crate) async fn delivery_detail(
         Err(StoreError::Corrupt(e)) => (bytes::Bytes::new(), Some(format!("body unreadable: {e}"))),
         Err(e) => return Err(storage(e)),
     };
+    let journal = state.store.journal_of(key).await.map_err(storage)?;
     let mut handlers = Vec::new();
     for name in &record.handlers {
         let job = key.job(name);
+        let steps = journal
+            .iter()
+            .filter(|e| &e.handler == name)
+            .map(|e| StepView {
+                step: e.step.clone(),
+                request: e.record.request.clone(),
+                status: e.record.status,
+                attempts: e.record.attempts,
+                at: crate::clock::rfc3339_ms(e.record.at_ms),
+                replayed: e.record.replayed,
+                idempotency_key: job.step_key(&e.step),
+            })
+            .collect();
         handlers.push(HandlerView {
             name: name.clone(),
             state: state.store.job(&job).await.map_err(storage)?,
             idempotency_key: job.idempotency_key(),
+            steps,
         });
     }
     let jobs: Vec<Option<JobState>> = handlers.iter().map(|h| h.state.clone()).collect();

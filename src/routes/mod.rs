@@ -3,6 +3,7 @@
 //! [`crate::error`].
 
 pub mod admin;
+pub mod calls;
 pub mod console;
 pub mod health;
 pub mod webhook;
@@ -41,6 +42,8 @@ pub struct AppState {
     /// Cancelled when shutdown starts: a body still being read is abandoned (503), so a
     /// stalled client never holds the shutdown up.
     pub stopping: CancellationToken,
+    /// The downstream client (the loopback endpoint serves its live runs).
+    pub calls: Arc<crate::calls::CallService>,
     /// The web console's sessions and sign-in throttle.
     pub console: console::ConsoleState,
 }

@@ -21,6 +21,7 @@
 
 pub mod copy;
 pub mod group_commit;
+pub mod journal;
 pub mod lease;
 pub mod postgres;
 mod sled;
@@ -33,6 +34,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use journal::{CallRecord, JournalEntry};
 pub use lease::{Lease, TAKE_OVER_GRACE_MS, lease_margin};
 pub use postgres::PgStore;
 pub use sled::{
@@ -133,6 +135,17 @@ impl JobKey {
     /// every attempt and restart, different for any other triple; 64 hex characters.
     pub fn idempotency_key(&self) -> String {
         hex::encode(Sha256::digest(self.encode()))
+    }
+
+    /// The `Idempotency-Key` of step `step` of this pair's downstream calls: hex SHA-256 of
+    /// `source \0 id \0 handler \0 step` — the pair's key material with the step appended,
+    /// so the same for every attempt, restart and replica, different for any other step,
+    /// handler or delivery (a step name holds no `\0`); 64 hex characters.
+    pub fn step_key(&self, step: &str) -> String {
+        let mut material = self.encode();
+        material.push(0);
+        material.extend_from_slice(step.as_bytes());
+        hex::encode(Sha256::digest(material))
     }
 }
 
@@ -500,6 +513,8 @@ pub enum StoredItem {
         body: Bytes,
         /// `(handler, state)` for each of `record.handlers`.
         jobs: Vec<(String, Option<JobState>)>,
+        /// The call journal's steps of its handlers.
+        calls: Vec<JournalEntry>,
     },
     /// A body fingerprint kept past its delivery.
     Fingerprint {
@@ -935,6 +950,26 @@ pub trait DeliveryStore: Send + Sync + 'static {
 
     /// Flushes everything to disk (at shutdown).
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// The call journal's answer for `step` of pair `job`, if a run kept one.
+    async fn journal_get(&self, job: &JobKey, step: &str)
+    -> Result<Option<CallRecord>, StoreError>;
+
+    /// Keeps `record` as the answer of `step` of pair `job` unless one is kept already
+    /// (first writer wins); returns what is kept. Does not wait for the disk.
+    async fn journal_put(
+        &self,
+        job: &JobKey,
+        step: &str,
+        record: &CallRecord,
+    ) -> Result<CallRecord, StoreError>;
+
+    /// Counts one replay of the kept answer of `step` of pair `job` (best effort, not
+    /// waiting for the disk; nothing when no answer is kept).
+    async fn journal_replayed(&self, job: &JobKey, step: &str) -> Result<(), StoreError>;
+
+    /// Every step kept for delivery `key`, by handler then step name.
+    async fn journal_of(&self, key: &DeliveryKey) -> Result<Vec<JournalEntry>, StoreError>;
 
     /// Notified when new work may have been queued by another process sharing the store
     /// (PostgreSQL's LISTEN/NOTIFY); `None` for a store only this process writes. The

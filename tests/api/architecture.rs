@@ -8,13 +8,14 @@
 //! 0  domain, clock, telemetry          shared types and leaves: import nothing of the crate
 //! 1  config                            typed config.toml
 //! 2  verify                            signature schemes; what a verified delivery is
-//! 3  store, handlers                   durable memory; the Handler trait and built-ins
-//! 4  metrics, fixture                  Prometheus metrics; fixture files
-//! 5  dispatch, retention, export, replay, admin_client, testing
-//! 6  ingest                            HTTP-free: authenticate, claim, ack policy
-//! 7  error                             the one table from errors to HTTP
-//! 8  routes                            thin HTTP endpoints
-//! 9  startup                           builds and runs the service
+//! 3  store                             durable memory
+//! 4  calls                             downstream calls: the client and its journal
+//! 5  handlers, metrics, fixture        the Handler trait and built-ins; metrics; fixtures
+//! 6  dispatch, retention, export, replay, admin_client, testing
+//! 7  ingest                            HTTP-free: authenticate, claim, ack policy
+//! 8  error                             the one table from errors to HTTP
+//! 9  routes                            thin HTTP endpoints
+//! 10 startup                           builds and runs the service
 //! 11 cli                               the command line
 //! ```
 
@@ -28,19 +29,20 @@ const LAYERS: &[(&str, u8)] = &[
     ("config", 1),
     ("verify", 2),
     ("store", 3),
-    ("handlers", 3),
-    ("metrics", 4),
-    ("fixture", 4),
-    ("dispatch", 5),
-    ("retention", 5),
-    ("export", 5),
-    ("replay", 5),
-    ("admin_client", 5),
-    ("testing", 5),
-    ("ingest", 6),
-    ("error", 7),
-    ("routes", 8),
-    ("startup", 9),
+    ("calls", 4),
+    ("handlers", 5),
+    ("metrics", 5),
+    ("fixture", 5),
+    ("dispatch", 6),
+    ("retention", 6),
+    ("export", 6),
+    ("replay", 6),
+    ("admin_client", 6),
+    ("testing", 6),
+    ("ingest", 7),
+    ("error", 8),
+    ("routes", 9),
+    ("startup", 10),
     ("cli", 11),
 ];
 

@@ -129,6 +129,12 @@ fn start(
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let registry = HandlerRegistry::build(&config(), handlers).expect("registry");
     let metrics = Arc::new(webhook_inbox::metrics::Metrics::new());
+    let calls = webhook_inbox::calls::CallService::new(
+        Some(store.clone()),
+        clock,
+        Default::default(),
+        Default::default(),
+    );
     let dispatcher = Dispatcher::new(Runner::new(
         store,
         Arc::new(registry),
@@ -136,6 +142,7 @@ fn start(
         clock,
         CancellationToken::new(),
         metrics,
+        calls,
     ));
     let stop = CancellationToken::new();
     let task = tokio::spawn(dispatcher.run(stop.clone()));

@@ -82,32 +82,42 @@ async fn sends_the_documented_headers_and_splits_retry_from_give_up_by_status() 
     let store = open_store(dir.path(), Durability::Fsync, None).await;
     let cases = [
         ("ok", "/status/200", JobStatus::Succeeded, 1),
+        // Retried inside the one run, with the same key (the `forward` step's client).
         (
             "unavailable-then-ok",
             "/status/503",
             JobStatus::Succeeded,
-            2,
+            1,
         ),
         (
             "throttled-then-ok",
             "/status/429/408",
             JobStatus::Succeeded,
-            3,
+            1,
         ),
         (
             "conflict-then-ok",
             "/status/409/425",
             JobStatus::Succeeded,
-            3,
+            1,
         ),
         ("rejected", "/status/422", JobStatus::Dead, 1),
         ("gone", "/status/404", JobStatus::Dead, 1),
-        ("always-5xx", "/status/500/502/500/500", JobStatus::Dead, 3),
+        // Out of exchanges in each run (three here), then dispatch's back-off: three runs.
+        (
+            "always-5xx",
+            "/status/500/502/500/500/503/503/500/500/500",
+            JobStatus::Dead,
+            3,
+        ),
     ];
-    let extra: String = cases
+    let mut extra: String = cases
         .iter()
         .map(|(name, path, ..)| http_handler(name, port, path))
         .collect();
+    extra.push_str(
+        "\n[calls]\nmax_attempts = 3\ninitial_backoff = \"10ms\"\nmax_backoff = \"20ms\"\n",
+    );
     let app = spawn_with(Options {
         extra_toml: extra,
         dir: Some(dir),
@@ -158,7 +168,10 @@ async fn sends_the_documented_headers_and_splits_retry_from_give_up_by_status() 
         .expect("job")
         .last_error
         .unwrap_or_default();
-    assert!(error.contains("422"), "{error}");
+    assert_eq!(
+        error,
+        "permanent: step forward: the partner refused a reused key with a different request"
+    );
 }
 
 #[tokio::test]
@@ -191,8 +204,9 @@ async fn a_refused_connection_is_retried() {
 }
 
 /// Issue 22.6: the `http` handler follows no redirect (a 3xx is a final failure naming the
-/// Location, without its credentials or query), and reads an error body only up to its
-/// cap, saying how much more there was.
+/// Location, without its credentials or query), and reads a final error's body only up to
+/// `calls.journal_max_bytes`, keeping its start and saying there was more; a 5xx's body is
+/// not read at all (the exchange is retried, then the run fails retryably).
 #[tokio::test]
 async fn a_redirect_is_a_final_failure_and_an_error_body_is_capped() {
     async fn target(req: HttpRequest) -> HttpResponse {
@@ -200,7 +214,8 @@ async fn a_redirect_is_a_final_failure_and_an_error_body_is_capped() {
             "/moved" => HttpResponse::Found()
                 .insert_header(("Location", "http://user:pw@127.0.0.1:9/elsewhere?token=x"))
                 .finish(),
-            "/huge" => HttpResponse::InternalServerError().body("E".repeat(4 << 20)),
+            "/huge" => HttpResponse::BadRequest().body("E".repeat(4 << 20)),
+            "/down" => HttpResponse::InternalServerError().body("E".repeat(4 << 20)),
             _ => HttpResponse::Ok().finish(),
         }
     }
@@ -234,9 +249,16 @@ async fn a_redirect_is_a_final_failure_and_an_error_body_is_capped() {
         other => panic!("a redirect is final: {other:?}"),
     }
     match call("/huge").handle(&delivery, &ctx).await {
-        Err(webhook_inbox::HandlerError::Retryable(m)) => {
+        Err(webhook_inbox::HandlerError::Permanent(m)) => {
             assert!(m.len() < 2048, "capped: {} bytes", m.len());
-            assert!(m.contains("more bytes"), "{m}");
+            assert!(m.contains("400") && m.contains("at least"), "{m}");
+        }
+        other => panic!("a 400 is final: {other:?}"),
+    }
+    match call("/down").handle(&delivery, &ctx).await {
+        Err(webhook_inbox::HandlerError::Retryable(m)) => {
+            assert!(m.starts_with("step forward: no final answer after"), "{m}");
+            assert!(m.contains("answered 500") && m.len() < 512, "{m}");
         }
         other => panic!("a 500 is retried: {other:?}"),
     }

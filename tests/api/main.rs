@@ -5,6 +5,7 @@ mod helpers;
 
 mod admin;
 mod architecture;
+mod calls;
 mod checks;
 mod claim;
 mod command;

@@ -824,7 +824,7 @@ async fn migrate_applies_the_embedded_migrations_once() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert!(migrate().starts_with("4 migration(s) applied"));
+    assert!(migrate().starts_with("5 migration(s) applied"));
     assert!(migrate().starts_with("0 migration(s) applied"));
     let mut db = sqlx::PgConnection::connect(&url).await.expect("db");
     let tables: i64 = sqlx::query_scalar(

@@ -15,7 +15,12 @@ impl PgStore {
         let mut lines = std::collections::BTreeSet::new();
         for item in items {
             match item {
-                StoredItem::Delivery { record, body, jobs } => {
+                StoredItem::Delivery {
+                    record,
+                    body,
+                    jobs,
+                    calls,
+                } => {
                     if !insert_delivery(&mut tx, record, body).await? {
                         continue;
                     }
@@ -64,6 +69,20 @@ impl PgStore {
                         .bind(None::<i64>)
                         .bind(&line)
                         .bind(line.as_ref().map(|_| db_ms(record.received_at_ms)))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(backend)?;
+                    }
+                    for entry in calls {
+                        sqlx::query(
+                            "INSERT INTO inbox_calls (source, id, handler, step, record) \
+                             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                        )
+                        .bind(&record.source)
+                        .bind(&record.id)
+                        .bind(&entry.handler)
+                        .bind(&entry.step)
+                        .bind(to_json(&entry.record))
                         .execute(&mut *tx)
                         .await
                         .map_err(backend)?;

@@ -35,6 +35,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "global limits",
         include_str!("../../../migrations/0004_global_limits.sql"),
     ),
+    (
+        5,
+        "call journal",
+        include_str!("../../../migrations/0005_call_journal.sql"),
+    ),
 ];
 
 #[derive(Debug)]

@@ -45,10 +45,12 @@ impl SledInner {
                     .iter()
                     .map(|h| Ok((h.clone(), self.read_job(&delivery.job(h).encode())?)))
                     .collect::<Result<Vec<_>, StoreError>>()?;
+                let calls = self.journal_entries(&delivery)?;
                 items.push(StoredItem::Delivery {
                     record: Box::new(record),
                     body: self.body_of(body)?,
                     jobs,
+                    calls,
                 });
                 position.after = Some(key.to_vec());
                 if items.len() == limit {

@@ -101,9 +101,10 @@ use bytes::Bytes;
 
 use super::group_commit::{GroupCommit, SyncFn};
 use super::{
-    AttemptContext, AttemptOutcome, Begin, Claim, Cursor, DeliveryKey, DeliveryRecord,
-    DeliveryStatus, DeliveryStore, Expired, JobKey, JobState, JobStatus, KeptFingerprint, Lease,
-    NewDelivery, Page, QueuedJob, RetryFilter, SkipSet, StoreError, StoredResponse, TakeOver,
+    AttemptContext, AttemptOutcome, Begin, CallRecord, Claim, Cursor, DeliveryKey, DeliveryRecord,
+    DeliveryStatus, DeliveryStore, Expired, JobKey, JobState, JobStatus, JournalEntry,
+    KeptFingerprint, Lease, NewDelivery, Page, QueuedJob, RetryFilter, SkipSet, StoreError,
+    StoredResponse, TakeOver,
 };
 use crate::config::Durability;
 
@@ -170,6 +171,19 @@ impl Default for SledOptions {
     }
 }
 
+/// The journal keys of pair `job_key` (an encoded [`JobKey`]) start with this.
+fn journal_prefix(job_key: &[u8]) -> Vec<u8> {
+    let mut prefix = job_key.to_vec();
+    prefix.push(0);
+    prefix
+}
+
+fn journal_key(job: &JobKey, step: &str) -> Vec<u8> {
+    let mut key = journal_prefix(&job.encode());
+    key.extend_from_slice(step.as_bytes());
+    key
+}
+
 /// Index entries one batch of a bulk retry looks at (its memory bound, and how long it
 /// holds a blocking thread between two looks at the rest of the world).
 pub const RETRY_BATCH: usize = 512;
@@ -197,6 +211,8 @@ pub struct SledInner {
     meta: sled::Tree,
     fp_expiry: sled::Tree,
     order: sled::Tree,
+    /// The call journal: `source \0 id \0 handler \0 step` -> [`CallRecord`] as JSON.
+    calls: sled::Tree,
     /// Bodies of [`BODY_LOG_MIN`] bytes or more.
     bodies: Arc<BodyLog>,
     durability: Durability,
@@ -289,11 +305,12 @@ impl SledStore {
             tree("received")?,
             tree("body_index")?,
         );
-        let (dead, meta, fp_expiry, order) = (
+        let (dead, meta, fp_expiry, order, calls) = (
             tree("dead")?,
             tree("meta")?,
             tree("fp_expiry")?,
             tree("order")?,
+            tree("calls")?,
         );
         SledInner::migrate_queue_layout(&db, &queue)?;
         let data_file = File::open(path.join("db"))
@@ -328,6 +345,7 @@ impl SledStore {
             meta,
             fp_expiry,
             order,
+            calls,
             bodies,
             durability,
             commit: GroupCommit::start(sync),
@@ -407,6 +425,26 @@ impl SledInner {
             }
         }
         Ok((retried, last))
+    }
+
+    /// Every journal step of delivery `key`, by handler then step.
+    pub fn journal_entries(&self, key: &DeliveryKey) -> Result<Vec<JournalEntry>, StoreError> {
+        let mut prefix = key.encode();
+        prefix.push(0);
+        let mut entries = Vec::new();
+        for entry in self.calls.scan_prefix(&prefix) {
+            let (k, v) = entry.map_err(backend)?;
+            let mut parts = k[prefix.len()..].splitn(2, |b| *b == 0);
+            let (Some(handler), Some(step)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            entries.push(JournalEntry {
+                handler: String::from_utf8_lossy(handler).into_owned(),
+                step: String::from_utf8_lossy(step).into_owned(),
+                record: serde_json::from_slice(&v).map_err(corrupt)?,
+            });
+        }
+        Ok(entries)
     }
 
     /// The body log's segment files present, oldest first (for tests).
@@ -862,6 +900,9 @@ impl SledInner {
             }
             self.jobs.remove(jk.as_slice()).map_err(backend)?;
             self.dead.remove(jk.as_slice()).map_err(backend)?;
+            for step in self.calls.scan_prefix(journal_prefix(jk)).keys() {
+                self.calls.remove(step.map_err(backend)?).map_err(backend)?;
+            }
         }
         self.step(Op::Expire, "after-jobs");
         let fp_key = body_index_key(&record.source, &record.fingerprint);
@@ -1566,6 +1607,58 @@ impl DeliveryStore for SledStore {
         }
         drop(guard);
         Ok(retried)
+    }
+
+    async fn journal_get(
+        &self,
+        job: &JobKey,
+        step: &str,
+    ) -> Result<Option<CallRecord>, StoreError> {
+        self.calls
+            .get(journal_key(job, step))
+            .map_err(backend)?
+            .map(|v| serde_json::from_slice(&v).map_err(corrupt))
+            .transpose()
+    }
+
+    async fn journal_put(
+        &self,
+        job: &JobKey,
+        step: &str,
+        record: &CallRecord,
+    ) -> Result<CallRecord, StoreError> {
+        if self.durability == Durability::Fsync && self.commit.is_poisoned() {
+            return Err(StoreError::Flush(
+                "an earlier flush failed; restart to recover".into(),
+            ));
+        }
+        let key = journal_key(job, step);
+        match self
+            .calls
+            .compare_and_swap(&key, None::<&[u8]>, Some(to_json(record)))
+            .map_err(backend)?
+        {
+            Ok(()) => Ok(record.clone()),
+            Err(existing) => match existing.current {
+                Some(v) => serde_json::from_slice(&v).map_err(corrupt),
+                None => Ok(record.clone()),
+            },
+        }
+    }
+
+    async fn journal_replayed(&self, job: &JobKey, step: &str) -> Result<(), StoreError> {
+        self.calls
+            .fetch_and_update(journal_key(job, step), |old| {
+                let mut record: CallRecord = serde_json::from_slice(old?).ok()?;
+                record.replayed = record.replayed.saturating_add(1);
+                Some(to_json(&record))
+            })
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn journal_of(&self, key: &DeliveryKey) -> Result<Vec<JournalEntry>, StoreError> {
+        self.journal_entries(key)
     }
 
     async fn queue_depths(&self) -> Result<Vec<(String, usize)>, StoreError> {
