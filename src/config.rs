@@ -1085,6 +1085,32 @@ mod tests {
     "#;
 
     #[test]
+    fn calls_settings_are_validated_naming_the_key() {
+        let with = |extra: &str| Config::parse(&format!("{MINIMAL}\n{extra}"), "t.toml");
+        let c = with("[calls]\nmax_attempts = 3\n").expect("valid");
+        assert_eq!(c.calls.max_attempts, 3);
+        assert_eq!(c.calls.timeout, Duration::from_secs(10), "the default");
+        let e = with("[calls]\nmax_attempts = 0\n").expect_err("zero attempts");
+        assert!(
+            e.to_string()
+                .contains("calls.max_attempts must be at least 1"),
+            "{e}"
+        );
+        let e = with("[calls]\nretries = 3\n").expect_err("unknown key");
+        assert!(e.to_string().contains("retries"), "{e}");
+        let e = with(
+            "[[handlers]]\nname = \"pay\"\nkind = \"log\"\ncalls = { max_elapsed = \"1s\", timeout = \"5s\" }\n",
+        )
+        .expect_err("a handler's override");
+        assert!(
+            e.to_string().contains("handlers.pay.calls.max_elapsed (1s) is shorter than handlers.pay.calls.timeout (5s)"),
+            "{e}"
+        );
+        let e = with("[calls]\ninitial_backoff = \"soon\"\n").expect_err("a bad duration");
+        assert!(e.to_string().contains("invalid duration `soon`"), "{e}");
+    }
+
+    #[test]
     fn only_the_named_environment_overrides_apply() {
         let mut c = Config::parse(MINIMAL, "t.toml").expect("valid");
         let env = |k: &str| match k {

@@ -156,6 +156,42 @@ async fn a_later_run_replays_journaled_steps_and_calls_the_rest_once() {
     assert_eq!(steps[2]["replayed"], 0);
     let text = shown.to_string();
     assert!(!text.contains("partner-secret"), "{text}");
+
+    // The console's delivery page shows the same steps.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let signed_in = http
+        .post(format!("{}/console/sign-in", app.admin_address))
+        .form(&[("token", "admin-token")])
+        .send()
+        .await
+        .expect("sign in");
+    let cookie = signed_in.headers()["set-cookie"]
+        .to_str()
+        .expect("cookie")
+        .split(';')
+        .next()
+        .expect("name=value")
+        .to_owned();
+    let page = http
+        .get(format!(
+            "{}/console/deliveries/credicorp/msg_steps",
+            app.admin_address
+        ))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .expect("page")
+        .text()
+        .await
+        .expect("html");
+    assert!(page.contains("Downstream calls"), "{page}");
+    for key in keys("msg_steps", "steps") {
+        assert!(page.contains(&key), "the page shows step key {key}");
+    }
+    assert!(!page.contains("partner-secret"));
 }
 
 /// Every fault of the simulator in turn, one per step: each step still acts exactly once at
@@ -480,4 +516,76 @@ if [ "$WEBHOOK_ATTEMPT" = 1 ]; then touch "$1/waiting"; sleep 60; fi
     assert_eq!(stale.status(), 404);
     child.kill().expect("stop");
     let _ = child.wait();
+}
+
+/// An answer over `journal_max_bytes`: the handler is given its first bytes, flagged
+/// `body_truncated`, live and replayed alike (the rest is never read).
+#[tokio::test]
+async fn an_answer_over_journal_max_bytes_is_kept_cut_and_flagged() {
+    use actix_web::{App, HttpResponse, HttpServer, web};
+    let server = HttpServer::new(|| {
+        App::new().default_service(web::to(|| async {
+            HttpResponse::Created()
+                .content_type("text/plain")
+                .body("x".repeat(5000))
+        }))
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(("127.0.0.1", 0))
+    .expect("bind");
+    let port = server.addrs()[0].port();
+    let server = server.run();
+    let handle = server.handle();
+    tokio::spawn(server);
+
+    type Bodies = Arc<Mutex<Vec<(usize, bool, bool)>>>;
+    #[derive(Clone)]
+    struct Big {
+        url: String,
+        seen: Bodies,
+    }
+    #[async_trait]
+    impl Handler for Big {
+        async fn handle(&self, d: &Delivery, ctx: &HandlerContext) -> Result<(), HandlerError> {
+            let r = ctx.call("fetch").post(&self.url).send().await?;
+            self.seen
+                .lock()
+                .expect("lock")
+                .push((r.body.len(), r.body_truncated, r.replayed));
+            if d.attempt == 1 {
+                return Err(HandlerError::Retryable("once more".into()));
+            }
+            Ok(())
+        }
+    }
+    let seen = Bodies::default();
+    let app = spawn_with(Options {
+        extra_toml: format!("{FAST_CALLS}journal_max_bytes = 1024\n"),
+        handlers: vec![
+            Registration::new(
+                "big",
+                Big {
+                    url: format!("http://127.0.0.1:{port}/big"),
+                    seen: seen.clone(),
+                },
+            )
+            .source("credicorp"),
+        ],
+        admin_token: Some("admin-token"),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(
+        app.deliver("msg_big", &event("application.created", 1))
+            .await
+            .status(),
+        202
+    );
+    wait_for(&app, "msg_big", "big", "succeeded").await;
+    assert_eq!(
+        seen.lock().expect("lock").clone(),
+        vec![(1024, true, false), (1024, true, true)]
+    );
+    handle.stop(false).await;
 }

@@ -834,7 +834,7 @@ async fn migrate_applies_the_embedded_migrations_once() {
     .fetch_one(&mut db)
     .await
     .expect("count");
-    assert_eq!(tables, 4);
+    assert_eq!(tables, 5);
 }
 
 /// A pause asked of one replica holds on the others (it is in the database), and a resume

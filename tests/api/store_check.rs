@@ -99,6 +99,14 @@ async fn damaged_store(dir: &std::path::Path) {
         .expect("old queue")
         .insert(dangling, &[])
         .expect("insert");
+    // A call journal step of a delivery that is gone (written after retention took it).
+    db.open_tree("calls")
+        .expect("journal")
+        .insert(
+            b"credicorp\0msg_expired\0recorder\0open".to_vec(),
+            b"{}".to_vec(),
+        )
+        .expect("insert");
     db.flush().expect("flush");
 }
 
@@ -141,6 +149,10 @@ async fn store_check_lists_a_lost_delivery_and_repair_puts_it_back() {
     assert!(
         text.contains("msg_never_landed"),
         "leftovers listed: {text}"
+    );
+    assert!(
+        text.contains("call journal step of credicorp/msg_expired without its delivery"),
+        "journal leftovers listed: {text}"
     );
     assert!(text.contains("1 violation(s)"), "{text}");
 

@@ -10,8 +10,8 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use webhook_inbox::config::{Config, Durability};
 use webhook_inbox::store::{
-    AttemptOutcome, Begin, Claim, DeliveryKey, DeliveryStore, JobStatus, Lease, NewDelivery,
-    StoredResponse, TAKE_OVER_GRACE_MS, TakeOver,
+    AttemptOutcome, Begin, CallRecord, Claim, DeliveryKey, DeliveryStore, JobStatus, Lease,
+    NewDelivery, StoredResponse, TAKE_OVER_GRACE_MS, TakeOver,
 };
 use webhook_inbox::verify::Source;
 
@@ -379,6 +379,87 @@ async fn retention_keeps_what_is_due_and_forgets_what_is_final(store: Store) {
             .expect("claim"),
         Claim::New
     ));
+}
+
+fn call_record(status: u16, fingerprint: &str) -> CallRecord {
+    CallRecord {
+        request: "POST http://partner.test/links".into(),
+        fingerprint: fingerprint.into(),
+        status,
+        content_type: Some("application/json".into()),
+        location: None,
+        body: br#"{"id":"res_1"}"#.to_vec(),
+        body_truncated: false,
+        attempts: 1,
+        at_ms: NOW,
+        replayed: 0,
+    }
+}
+
+/// The call journal: first writer wins, a replay is counted, the steps list by handler
+/// then step, and they go with their delivery when retention removes it.
+async fn the_call_journal_keeps_the_first_answer_and_goes_with_its_delivery(store: Store) {
+    store
+        .claim(new("j1", r#"{"n":1}"#, &["g", "h"], false))
+        .await
+        .expect("claim");
+    let job = key("j1").job("h");
+    assert_eq!(store.journal_get(&job, "open").await.expect("get"), None);
+    let first = call_record(201, "f1");
+    assert_eq!(
+        store.journal_put(&job, "open", &first).await.expect("put"),
+        first
+    );
+    // A second writer (a run that lost its lease) gets the kept answer, not its own.
+    assert_eq!(
+        store
+            .journal_put(&job, "open", &call_record(500, "f2"))
+            .await
+            .expect("put"),
+        first
+    );
+    store
+        .journal_replayed(&job, "open")
+        .await
+        .expect("replayed");
+    store
+        .journal_replayed(&job, "none")
+        .await
+        .expect("nothing kept: nothing done");
+    let kept = store
+        .journal_get(&job, "open")
+        .await
+        .expect("get")
+        .expect("kept");
+    assert_eq!((kept.status, kept.replayed), (201, 1));
+    store
+        .journal_put(&key("j1").job("g"), "z", &call_record(200, "g1"))
+        .await
+        .expect("put");
+    store
+        .journal_put(&job, "close", &call_record(204, "f3"))
+        .await
+        .expect("put");
+    let steps: Vec<(String, String)> = store
+        .journal_of(&key("j1"))
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|e| (e.handler, e.step))
+        .collect();
+    assert_eq!(
+        steps,
+        [("g", "z"), ("h", "close"), ("h", "open")].map(|(h, s)| (h.to_owned(), s.to_owned()))
+    );
+    // Another delivery whose id starts the same way shares nothing.
+    assert!(store.journal_of(&key("j")).await.expect("list").is_empty());
+    // Both pairs final, so retention may take the delivery.
+    for _ in 0..2 {
+        run_once(&store, "j1", AttemptOutcome::Succeeded).await;
+    }
+    assert_eq!(store.expire(NOW, 100).await.expect("expire").removed, 1);
+    assert!(store.journal_of(&key("j1")).await.expect("list").is_empty());
+    assert_eq!(store.journal_get(&job, "open").await.expect("get"), None);
 }
 
 async fn a_forgotten_body_is_still_a_replay_by_its_fingerprint(store: Store) {
@@ -992,6 +1073,10 @@ const CASES: &[(&str, Case)] = &[
         |s| Box::pin(a_forgotten_body_is_still_a_replay_by_its_fingerprint(s)),
     ),
     (
+        "the_call_journal_keeps_the_first_answer_and_goes_with_its_delivery",
+        |s| Box::pin(the_call_journal_keeps_the_first_answer_and_goes_with_its_delivery(s)),
+    ),
+    (
         "a_bulk_retry_larger_than_a_batch_requeues_every_selected_pair_once",
         |s| Box::pin(a_bulk_retry_larger_than_a_batch_requeues_every_selected_pair_once(s)),
     ),
@@ -1143,6 +1228,10 @@ async fn a_store_copy_keeps_order_by_lines() {
     for (id, at) in [("l1", NOW - 3000), ("l2", NOW - 2000), ("l3", NOW - 1000)] {
         sled.claim(ordered(id, "L", at)).await.expect("claim");
     }
+    let kept = call_record(201, "copied");
+    sled.journal_put(&key("l1").job("h"), "open", &kept)
+        .await
+        .expect("journal");
     let from: Store = sled.clone();
     assert_eq!(due_ids(&from, u64::MAX / 2).await, ["l1"]);
     let pg = crate::helpers::postgres_store(&server).await;
@@ -1151,6 +1240,13 @@ async fn a_store_copy_keeps_order_by_lines() {
         .expect("copy");
     assert_eq!(report.deliveries, 3);
     let pg: Store = pg;
+    assert_eq!(
+        pg.journal_get(&key("l1").job("h"), "open")
+            .await
+            .expect("get"),
+        Some(kept),
+        "the call journal goes with its delivery"
+    );
     assert_eq!(due_ids(&pg, u64::MAX / 2).await, ["l1"]);
     for (id, next) in [("l1", Some("l2")), ("l2", Some("l3")), ("l3", None)] {
         run_once(&pg, id, AttemptOutcome::Succeeded).await;

@@ -402,6 +402,30 @@ pub fn delivery(csrf: &str, detail: &DeliveryDetail) -> Markup {
                     }
                 }
             }
+            @if jobs.iter().any(|j| !j.steps.is_empty()) {
+                h2 { "Downstream calls" }
+                div.scroll {
+                    table #steps {
+                        thead { tr { th { "handler" } th { "step" } th { "request" } th.num { "status" } th.num { "attempts" } th { "when" } th.num { "replayed" } th { "idempotency key" } } }
+                        tbody {
+                            @for job in jobs {
+                                @for step in &job.steps {
+                                    tr data-handler=(job.name) data-step=(step.step) {
+                                        td { (job.name) }
+                                        td { (step.step) }
+                                        td { code { (step.request) } }
+                                        td.num { (step.status) }
+                                        td.num { (step.attempts) }
+                                        td { (step.at) }
+                                        td.num.replayed { (step.replayed) }
+                                        td { code { (step.idempotency_key) } }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
             h2 { "Headers" }
             div.scroll {
                 table #headers {

@@ -307,10 +307,40 @@ impl SledInner {
                 }
             }
         }
+        // The call journal: a step of a pair whose delivery is gone (a run that wrote it
+        // after retention took the delivery) is a leftover.
+        for entry in self.calls.iter().keys() {
+            let k = entry.map_err(backend)?;
+            let Some((source, id)) = journal_delivery(&k) else {
+                continue;
+            };
+            let delivery = crate::store::DeliveryKey::new(&source, &id);
+            if !self
+                .deliveries
+                .contains_key(delivery.encode())
+                .map_err(backend)?
+            {
+                report.leftovers.push(format!(
+                    "call journal step of {delivery} without its delivery"
+                ));
+                if repair {
+                    self.calls.remove(&k).map_err(backend)?;
+                }
+            }
+        }
         if repair {
             self.advance_watermark(now_ms)?;
             self.db.flush().map_err(backend)?;
         }
         Ok(report)
     }
+}
+
+/// The (source, id) of a journal key `source \0 id \0 handler \0 step`.
+fn journal_delivery(key: &[u8]) -> Option<(String, String)> {
+    let mut parts = key.splitn(3, |b| *b == 0);
+    let source = std::str::from_utf8(parts.next()?).ok()?;
+    let id = std::str::from_utf8(parts.next()?).ok()?;
+    parts.next()?;
+    Some((source.to_owned(), id.to_owned()))
 }
