@@ -102,10 +102,7 @@ async fn damaged_store(dir: &std::path::Path) {
     // A call journal step of a delivery that is gone (written after retention took it).
     db.open_tree("calls")
         .expect("journal")
-        .insert(
-            b"credicorp\0msg_expired\0recorder\0open".to_vec(),
-            b"{}".to_vec(),
-        )
+        .insert(b"credicorp\0msg_expired\0recorder\0open", b"{}".to_vec())
         .expect("insert");
     db.flush().expect("flush");
 }
