@@ -589,3 +589,126 @@ async fn an_answer_over_journal_max_bytes_is_kept_cut_and_flagged() {
     );
     handle.stop(false).await;
 }
+
+/// On PostgreSQL with two replicas: the replica running a two-step `command` handler is
+/// killed after both steps; the other takes the pair over (after the run lease and its
+/// grace), its attempt 2 gets both steps from the journal, and the partner acted once per
+/// step, under the same keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_s_steps_are_replayed_by_the_replica_that_takes_over() {
+    let Some(server) = crate::helpers::test_postgres_url("calls: replica take-over") else {
+        return;
+    };
+    let url = crate::helpers::fresh_postgres_schema(&server).await;
+    let partner = partner(false).await;
+    let dir = tempfile::TempDir::new().expect("dir");
+    let marks = dir.path().join("marks");
+    std::fs::create_dir_all(&marks).expect("marks");
+    let bin = env!("CARGO_BIN_EXE_webhook-inbox");
+    let script = format!(
+        r#"set -e
+"{bin}" call one POST "{p}/links/one" --data '{{"n":1}}' > /dev/null
+"{bin}" call two POST "{p}/links/two" --data '{{"n":2}}' > "$1/two.$WEBHOOK_ATTEMPT" 2> "$1/two.err.$WEBHOOK_ATTEMPT"
+echo "$PPID" > "$1/pid.$WEBHOOK_ATTEMPT"
+if [ "$WEBHOOK_ATTEMPT" = 1 ]; then sleep 60; fi
+"#,
+        p = partner.url()
+    );
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[storage]
+backend = "postgres"
+postgres_url = "{url}"
+pool_size = 4
+
+[dispatch]
+initial_backoff = "50ms"
+max_backoff = "200ms"
+run_lease = "2s"
+
+{FAST_CALLS}
+
+[sources.credicorp]
+secrets = ["{secret}"]
+
+[[handlers]]
+name = "caller"
+kind = "command"
+source = "credicorp"
+command = ["sh", "-c", {script:?}, "sh", "{marks}"]
+timeout = "90s"
+"#,
+        secret = crate::helpers::SECRET,
+        marks = marks.display(),
+    );
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, &config).expect("config");
+    let mut replicas: Vec<crate::helpers::Serving> = (0..2)
+        .map(|_| crate::helpers::try_spawn_serve(&config_path).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    let client = reqwest::Client::new();
+    let source = webhook_inbox::config::Config::parse(&config, "t.toml")
+        .expect("config")
+        .sources["credicorp"]
+        .clone();
+    let port = std::sync::atomic::AtomicU16::new(replicas[0].port);
+    crate::crash::send_until_acknowledged(
+        &client,
+        &port,
+        &source,
+        "msg_takeover_calls",
+        &event("application.created", 3),
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(60), || marks.join("pid.1").exists()).await,
+        "attempt 1 made both steps"
+    );
+    let runner: u32 = std::fs::read_to_string(marks.join("pid.1"))
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let victim = replicas
+        .iter()
+        .position(|r| r.child.id() == runner)
+        .expect("the run belongs to a replica");
+    let mut killed = replicas.remove(victim);
+    killed.child.kill().expect("SIGKILL");
+    let _ = killed.child.wait();
+    assert!(
+        eventually(Duration::from_secs(60), || marks.join("pid.2").exists()).await,
+        "the surviving replica ran attempt 2"
+    );
+    let taken_over_by: u32 = std::fs::read_to_string(marks.join("pid.2"))
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    assert_eq!(taken_over_by, replicas[0].child.id());
+    let job = DeliveryKey::new("credicorp", "msg_takeover_calls").job("caller");
+    assert_eq!(
+        (
+            partner.actions(&job.step_key("one")),
+            partner.actions(&job.step_key("two"))
+        ),
+        (1, 1)
+    );
+    assert_eq!(
+        std::fs::read_to_string(marks.join("two.2")).expect("answer"),
+        std::fs::read_to_string(marks.join("two.1")).expect("answer"),
+    );
+    assert!(
+        std::fs::read_to_string(marks.join("two.err.2"))
+            .unwrap_or_default()
+            .contains("answered from the journal")
+    );
+    for mut r in replicas {
+        let _ = r.child.kill();
+        let _ = r.child.wait();
+    }
+}

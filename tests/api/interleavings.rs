@@ -10,7 +10,8 @@
 //! - every handler of every delivery that was claimed new ran to success exactly once per
 //!   such claim (nothing acknowledged left behind, nothing run twice; invariants 1, 2, 5);
 //! - one body under several ids ran its handlers once (invariant 4);
-//! - `SledStore::check` finds no violation.
+//! - `SledStore::check` finds no violation, and no call journal step without its delivery
+//!   (every run of a dispatch pass writes one, as a run making a downstream call does).
 //!
 //! The first version of the store fails the very first gap of this test: a dispatcher pass
 //! between a claim's queue entry and its record dropped the entry (issue 10).
@@ -209,6 +210,23 @@ async fn dispatch_pass(w: &World, end: RunEnd) -> usize {
             continue;
         };
         started += 1;
+        // The run makes a downstream call: its journal step is written while it runs.
+        let record = webhook_inbox::store::CallRecord {
+            request: "POST http://partner.test/links".into(),
+            fingerprint: "f".into(),
+            status: 201,
+            content_type: None,
+            location: None,
+            body: Vec::new(),
+            body_truncated: false,
+            attempts: 1,
+            at_ms: NOW,
+            replayed: 0,
+        };
+        w.store
+            .journal_put(&entry.job, "call", &record)
+            .await
+            .expect("journal");
         if entry.job.handler == "a" {
             w.ledger
                 .starts_of_a
@@ -604,6 +622,14 @@ fn scenario(
     }
     let report = w.store.check(false, NOW).expect("check");
     failures.extend(report.violations);
+    // A journal step never outlives its delivery (retention takes it with the delivery,
+    // and no run of a final pair writes one).
+    failures.extend(
+        report
+            .leftovers
+            .into_iter()
+            .filter(|l| l.starts_with("call journal")),
+    );
     if failures.is_empty() {
         Ok(steps)
     } else {
