@@ -1,6 +1,8 @@
 #![allow(missing_docs)] // criterion_group! generates an undocumented public function
-//! Micro-benchmarks: signature verification per scheme on a 1 KiB body, and the claim of a
-//! new and of a duplicate delivery id in the sled store.
+//! Micro-benchmarks: signature verification per scheme on a 1 KiB body, the claim of a
+//! new and of a duplicate delivery id in the sled store, and a downstream call: a first
+//! call to the partner simulator (one HTTP exchange, one unsynced journal write) against a
+//! journal replay of it (no network), and the same call without a journal.
 //!
 //! `cargo bench --bench micro`
 
@@ -104,9 +106,70 @@ fn claims(c: &mut Criterion) {
     });
 }
 
+#[path = "../examples/partner/simulator.rs"]
+mod simulator;
+
+fn calls(c: &mut Criterion) {
+    use std::sync::Arc;
+    use webhook_inbox::calls::{CallService, Calls};
+    use webhook_inbox::store::DeliveryKey;
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::TempDir::new().expect("dir");
+    let store: Arc<dyn DeliveryStore> = Arc::new(
+        SledStore::open(&dir.path().join("data"), Durability::Fsync, 64 << 20).expect("store"),
+    );
+    let partner = runtime
+        .block_on(simulator::Partner::start(
+            "127.0.0.1:0".parse().expect("addr"),
+            false,
+        ))
+        .expect("simulator");
+    let url = format!("{}/links", partner.url());
+    let service = CallService::new(
+        Some(store.clone()),
+        webhook_inbox::clock::Clock::System,
+        Default::default(),
+        Default::default(),
+    );
+    let job = DeliveryKey::new("bench", "msg_1").job("pay");
+    let calls = service.for_run(job.clone(), Default::default());
+    let body = body();
+    let mut n = 0u64;
+    c.bench_function("call: first (simulator + journal write)", |b| {
+        b.iter(|| {
+            n += 1;
+            let step = format!("s{n}");
+            runtime
+                .block_on(calls.step(&step).post(&url).body(body.clone()).send())
+                .expect("answer")
+        })
+    });
+    runtime
+        .block_on(calls.step("replayed").post(&url).body(body.clone()).send())
+        .expect("answer");
+    c.bench_function("call: journal replay (no network)", |b| {
+        b.iter(|| {
+            let r = runtime
+                .block_on(calls.step("replayed").post(&url).body(body.clone()).send())
+                .expect("answer");
+            assert!(r.replayed);
+        })
+    });
+    let direct = Calls::direct(job, Default::default());
+    c.bench_function("call: no journal (simulator only)", |b| {
+        b.iter(|| {
+            n += 1;
+            let step = format!("d{n}");
+            runtime
+                .block_on(direct.step(&step).post(&url).body(body.clone()).send())
+                .expect("answer")
+        })
+    });
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = verification, claims
+    targets = verification, claims, calls
 }
 criterion_main!(benches);

@@ -73,8 +73,8 @@ async fn a_handler_never_runs_more_than_its_concurrency_at_once() {
     }
 }
 
-/// `rate = "20/s"`: over 5 s, no second holds more than 20 starts (plus a burst of one),
-/// while the backlog is large enough to go faster.
+/// `rate = "20/s"`: over 5 s, no second holds more than 20 starts (plus a burst of one,
+/// and the lag of a start behind its turn), while the backlog is large enough to go faster.
 #[tokio::test]
 async fn a_handler_starts_no_more_runs_than_its_rate() {
     let paced = Paced::default();
@@ -98,15 +98,17 @@ async fn a_handler_starts_no_more_runs_than_its_rate() {
     }
     assert!(eventually(Duration::from_secs(30), || paced.runs() >= 100).await);
     let starts = paced.starts.lock().expect("lock").clone();
+    // The limiter spaces the turns; a handler starts a store write after its turn, which on
+    // a loaded machine can lag by tens of milliseconds, so two starts can come closer than
+    // their turns did. Windows of 900 ms allow each start up to 100 ms behind its turn: at
+    // most 20 turns a second (plus a burst of one) fit, where an unpaced handler would
+    // start the whole backlog at once.
     for (i, first) in starts.iter().enumerate() {
         let within = starts[i..]
             .iter()
-            .take_while(|t| t.duration_since(*first) < Duration::from_secs(1))
+            .take_while(|t| t.duration_since(*first) < Duration::from_millis(900))
             .count();
-        assert!(
-            within <= 21,
-            "{within} starts within one second of start {i}"
-        );
+        assert!(within <= 21, "{within} starts within 900 ms of start {i}");
     }
     let span = starts[99].duration_since(starts[0]);
     assert!(
