@@ -629,6 +629,10 @@ pub enum HandlerConfig {
     Command(CommandHandlerConfig),
     /// POSTs the body to a URL with an `Idempotency-Key`.
     Http(HttpHandlerConfig),
+    /// Publishes the body to NATS JetStream.
+    Nats(NatsHandlerConfig),
+    /// Appends the body to a Redis stream.
+    Redis(RedisHandlerConfig),
 }
 
 impl HandlerConfig {
@@ -638,6 +642,8 @@ impl HandlerConfig {
             HandlerConfig::Log(c) => c.binding(),
             HandlerConfig::Command(c) => c.binding(),
             HandlerConfig::Http(c) => c.binding(),
+            HandlerConfig::Nats(c) => c.binding(),
+            HandlerConfig::Redis(c) => c.binding(),
         }
     }
 }
@@ -740,6 +746,76 @@ pub struct HttpHandlerConfig {
     pub timeout: Duration,
 }
 
+/// `kind = "nats"`: a JetStream publish per delivery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsHandlerConfig {
+    /// See [`Binding::name`].
+    pub name: String,
+    /// See [`Binding::source`].
+    pub source: Option<String>,
+    /// See [`Binding::events`].
+    #[serde(default = "default_events")]
+    pub events: Vec<String>,
+    /// See [`Binding::body_match`].
+    #[serde(default, rename = "match")]
+    pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
+    /// See [`Binding::concurrency`].
+    #[serde(default)]
+    pub concurrency: Option<i64>,
+    /// See [`Binding::rate`].
+    #[serde(default)]
+    pub rate: Option<crate::domain::Rate>,
+    /// See [`Binding::order_by`].
+    #[serde(default)]
+    pub order_by: Option<String>,
+    /// See [`Binding::calls`].
+    #[serde(default)]
+    pub calls: CallsOverride,
+    /// The broker's URL (credentials allowed: never shown).
+    pub url: Option<String>,
+    /// Or the environment variable holding it, read at start.
+    pub url_env: Option<String>,
+    /// The subject, a template of `{source}`, `{event_type}`, `{handler}`.
+    pub subject: String,
+}
+
+/// `kind = "redis"`: an entry of a Redis stream per delivery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisHandlerConfig {
+    /// See [`Binding::name`].
+    pub name: String,
+    /// See [`Binding::source`].
+    pub source: Option<String>,
+    /// See [`Binding::events`].
+    #[serde(default = "default_events")]
+    pub events: Vec<String>,
+    /// See [`Binding::body_match`].
+    #[serde(default, rename = "match")]
+    pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
+    /// See [`Binding::concurrency`].
+    #[serde(default)]
+    pub concurrency: Option<i64>,
+    /// See [`Binding::rate`].
+    #[serde(default)]
+    pub rate: Option<crate::domain::Rate>,
+    /// See [`Binding::order_by`].
+    #[serde(default)]
+    pub order_by: Option<String>,
+    /// See [`Binding::calls`].
+    #[serde(default)]
+    pub calls: CallsOverride,
+    /// The broker's URL (credentials allowed: never shown).
+    pub url: Option<String>,
+    /// Or the environment variable holding it, read at start.
+    pub url_env: Option<String>,
+    /// The stream's key, a template of `{source}`, `{event_type}`, `{handler}`.
+    pub stream: String,
+    /// Trim the stream to about this many entries (`XADD MAXLEN ~`).
+    pub max_len: Option<u64>,
+}
+
 fn default_handler_timeout() -> Duration {
     Duration::from_secs(30)
 }
@@ -763,7 +839,13 @@ macro_rules! binding_of {
         }
     )*};
 }
-binding_of!(LogHandlerConfig, CommandHandlerConfig, HttpHandlerConfig);
+binding_of!(
+    LogHandlerConfig,
+    CommandHandlerConfig,
+    HttpHandlerConfig,
+    NatsHandlerConfig,
+    RedisHandlerConfig
+);
 
 impl Config {
     /// The key the PostgreSQL URL comes from, as error messages name it.

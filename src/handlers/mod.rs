@@ -12,6 +12,7 @@
 mod command;
 mod http;
 mod log;
+pub mod sinks;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -368,6 +369,14 @@ pub enum RegistryError {
         /// What is wrong.
         source: http::UrlError,
     },
+    /// A sink's URL or template is unusable.
+    #[error("handler `{handler}`: {source}")]
+    Sink {
+        /// The handler.
+        handler: String,
+        /// What is wrong.
+        source: sinks::SinkError,
+    },
 }
 
 /// Every handler of the service, routed by source and event type.
@@ -398,6 +407,32 @@ impl HandlerRegistry {
                         }
                     })?)
                 }
+                HandlerConfig::Nats(c) => Arc::new(
+                    sinks::nats::NatsSink::new(
+                        &c.name,
+                        c.url.as_deref(),
+                        c.url_env.as_deref(),
+                        &c.subject,
+                    )
+                    .map_err(|source| RegistryError::Sink {
+                        handler: c.name.clone(),
+                        source,
+                    })?,
+                ),
+                HandlerConfig::Redis(c) => Arc::new(
+                    sinks::redis::RedisSink::new(
+                        &c.name,
+                        c.url.as_deref(),
+                        c.url_env.as_deref(),
+                        &c.stream,
+                        c.max_len,
+                        config.storage.retention,
+                    )
+                    .map_err(|source| RegistryError::Sink {
+                        handler: c.name.clone(),
+                        source,
+                    })?,
+                ),
             };
             entries.push(Registration::from_binding(handler.binding(), built)?);
         }

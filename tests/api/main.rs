@@ -27,6 +27,7 @@ mod replicas;
 mod robustness;
 mod schemes;
 mod shutdown;
+mod sinks;
 mod soak;
 mod store_check;
 mod store_conformance;

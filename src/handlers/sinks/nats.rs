@@ -1,0 +1,121 @@
+//! `kind = "nats"`: a JetStream publish per delivery, acknowledged by the stream.
+//!
+//! The message is the raw body with the [`super::Metadata`] as headers and `Nats-Msg-Id` =
+//! the pair's idempotency key: within the stream's duplicate window (`duplicate_window`,
+//! two minutes unless the stream says otherwise) a rerun's publish is acknowledged as a
+//! duplicate and stored once. A subject no stream binds fails the run (retryably: create
+//! the stream and it goes on), as does a server that is down or slow to acknowledge.
+
+use async_trait::async_trait;
+use tokio::sync::Mutex;
+
+use super::{Metadata, SinkError, Template, resolve_url, shown_url};
+use crate::handlers::{Delivery, Handler, HandlerContext, HandlerError};
+
+/// Publishes each delivery to a JetStream subject.
+pub struct NatsSink {
+    url: String,
+    shown: String,
+    subject: Template,
+    handler: String,
+    context: Mutex<Option<async_nats::jetstream::Context>>,
+}
+
+impl std::fmt::Debug for NatsSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSink")
+            .field("url", &self.shown)
+            .field("subject", &self.subject)
+            .finish()
+    }
+}
+
+impl NatsSink {
+    /// A sink for handler `handler` from its config keys, checked now (the connection is
+    /// made on first use, so a broker that is down does not stop the service from starting).
+    pub fn new(
+        handler: &str,
+        url: Option<&str>,
+        url_env: Option<&str>,
+        subject: &str,
+    ) -> Result<NatsSink, SinkError> {
+        let url = resolve_url(url, url_env)?;
+        let shown = shown_url(&url);
+        match reqwest::Url::parse(&url) {
+            Ok(u) if matches!(u.scheme(), "nats" | "tls" | "ws" | "wss") => {}
+            _ => {
+                return Err(SinkError::BadUrl(format!(
+                    "{shown}: a nats:// URL is expected"
+                )));
+            }
+        }
+        let subject = Template::parse(subject).map_err(|why| SinkError::Template {
+            key: "subject",
+            why,
+        })?;
+        Ok(NatsSink {
+            url,
+            shown,
+            subject,
+            handler: handler.to_owned(),
+            context: Mutex::new(None),
+        })
+    }
+
+    /// The JetStream context, connecting first if need be (the client then reconnects by
+    /// itself).
+    async fn context(&self) -> Result<async_nats::jetstream::Context, String> {
+        let mut held = self.context.lock().await;
+        if let Some(context) = held.as_ref() {
+            return Ok(context.clone());
+        }
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(std::time::Duration::from_secs(5))
+            .connect(self.url.as_str())
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", self.shown))?;
+        let context = async_nats::jetstream::new(client);
+        *held = Some(context.clone());
+        Ok(context)
+    }
+}
+
+#[async_trait]
+impl Handler for NatsSink {
+    async fn handle(&self, d: &Delivery, ctx: &HandlerContext) -> Result<(), HandlerError> {
+        let subject = self.subject.render(d, &self.handler);
+        let context = self.context().await.map_err(HandlerError::Retryable)?;
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, value) in Metadata::of(d, &ctx.idempotency_key).0 {
+            headers.insert(name, value.as_str());
+        }
+        headers.insert("Nats-Msg-Id", ctx.idempotency_key.as_str());
+        let failed = |e: &dyn std::fmt::Display| {
+            HandlerError::Retryable(format!(
+                "publish to {} subject `{subject}`: {e}",
+                self.shown
+            ))
+        };
+        let publish = async {
+            let ack = context
+                .publish_with_headers(subject.clone(), headers, d.body.clone())
+                .await
+                .map_err(|e| failed(&e))?;
+            ack.await.map_err(|e| {
+                if e.kind() == async_nats::jetstream::context::PublishErrorKind::StreamNotFound {
+                    failed(&"no JetStream stream binds this subject")
+                } else {
+                    failed(&e)
+                }
+            })
+        };
+        let ack = tokio::select! {
+            r = publish => r?,
+            () = ctx.shutdown.cancelled() => {
+                return Err(HandlerError::Retryable("stopped by shutdown".into()));
+            }
+        };
+        tracing::debug!(stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "published");
+        Ok(())
+    }
+}

@@ -1,0 +1,143 @@
+//! `kind = "redis"`: an entry of a Redis stream per delivery.
+//!
+//! The entry holds the raw body in the field `body` beside the [`super::Metadata`] fields.
+//! It is appended by a script that first looks for the pair's key
+//! (`webhook-inbox:published:<key>`, kept for `storage.retention`): a rerun finds it and
+//! appends nothing, so the stream holds one entry per pair whatever is retried. `max_len`
+//! trims the stream approximately (`XADD MAXLEN ~`).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Mutex;
+
+use super::{Metadata, SinkError, Template, resolve_url, shown_url};
+use crate::handlers::{Delivery, Handler, HandlerContext, HandlerError};
+
+/// Appends the entry once per key; returns its id (the first one's, on a rerun).
+const APPEND_ONCE: &str = r"
+local seen = redis.call('GET', KEYS[2])
+if seen then return seen end
+local args = {KEYS[1]}
+if ARGV[1] ~= '' then
+  table.insert(args, 'MAXLEN'); table.insert(args, '~'); table.insert(args, ARGV[1])
+end
+table.insert(args, '*')
+for i = 3, #ARGV do table.insert(args, ARGV[i]) end
+local id = redis.call('XADD', unpack(args))
+redis.call('SET', KEYS[2], id, 'PX', ARGV[2])
+return id
+";
+
+/// Appends each delivery to a stream.
+pub struct RedisSink {
+    client: redis::Client,
+    shown: String,
+    stream: Template,
+    max_len: Option<u64>,
+    remember: Duration,
+    handler: String,
+    script: redis::Script,
+    connection: Mutex<Option<redis::aio::ConnectionManager>>,
+}
+
+impl std::fmt::Debug for RedisSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSink")
+            .field("url", &self.shown)
+            .field("stream", &self.stream)
+            .finish()
+    }
+}
+
+impl RedisSink {
+    /// A sink for handler `handler`, remembering published keys for `remember`
+    /// (`storage.retention`); checked now, connected on first use.
+    pub fn new(
+        handler: &str,
+        url: Option<&str>,
+        url_env: Option<&str>,
+        stream: &str,
+        max_len: Option<u64>,
+        remember: Duration,
+    ) -> Result<RedisSink, SinkError> {
+        let url = resolve_url(url, url_env)?;
+        let shown = shown_url(&url);
+        let client = redis::Client::open(url.as_str())
+            .map_err(|_| SinkError::BadUrl(format!("{shown}: a redis:// URL is expected")))?;
+        let stream =
+            Template::parse(stream).map_err(|why| SinkError::Template { key: "stream", why })?;
+        Ok(RedisSink {
+            client,
+            shown,
+            stream,
+            max_len,
+            remember,
+            handler: handler.to_owned(),
+            script: redis::Script::new(APPEND_ONCE),
+            connection: Mutex::new(None),
+        })
+    }
+
+    /// The shared connection, made first if need be (it reconnects by itself after that).
+    async fn connection(&self) -> Result<redis::aio::ConnectionManager, String> {
+        let mut held = self.connection.lock().await;
+        if let Some(c) = held.as_ref() {
+            return Ok(c.clone());
+        }
+        let connect = self.client.get_connection_manager();
+        let c = tokio::time::timeout(Duration::from_secs(5), connect)
+            .await
+            .map_err(|_| format!("cannot connect to {}: timed out", self.shown))?
+            .map_err(|e| format!("cannot connect to {}: {}", self.shown, e.kind_text()))?;
+        *held = Some(c.clone());
+        Ok(c)
+    }
+}
+
+/// A redis error without anything that could hold a URL.
+trait KindText {
+    fn kind_text(&self) -> String;
+}
+
+impl KindText for redis::RedisError {
+    fn kind_text(&self) -> String {
+        match self.detail() {
+            Some(detail) => format!("{:?}: {detail}", self.kind()),
+            None => format!("{:?}", self.kind()),
+        }
+    }
+}
+
+#[async_trait]
+impl Handler for RedisSink {
+    async fn handle(&self, d: &Delivery, ctx: &HandlerContext) -> Result<(), HandlerError> {
+        let stream = self.stream.render(d, &self.handler);
+        let mut connection = self.connection().await.map_err(HandlerError::Retryable)?;
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(&stream)
+            .key(format!("webhook-inbox:published:{}", ctx.idempotency_key))
+            .arg(self.max_len.map(|n| n.to_string()).unwrap_or_default())
+            .arg(self.remember.as_millis().max(1) as u64)
+            .arg("body")
+            .arg(d.body.as_ref());
+        for (name, value) in Metadata::of(d, &ctx.idempotency_key).0 {
+            invocation.arg(name).arg(value);
+        }
+        let append = tokio::time::timeout(
+            Duration::from_secs(10),
+            invocation.invoke_async::<String>(&mut connection),
+        );
+        let id = tokio::select! {
+            r = append => r
+                .map_err(|_| HandlerError::Retryable(format!("append to {} stream `{stream}`: timed out", self.shown)))?
+                .map_err(|e| HandlerError::Retryable(format!("append to {} stream `{stream}`: {}", self.shown, e.kind_text())))?,
+            () = ctx.shutdown.cancelled() => {
+                return Err(HandlerError::Retryable("stopped by shutdown".into()));
+            }
+        };
+        tracing::debug!(%stream, %id, "appended");
+        Ok(())
+    }
+}
