@@ -631,6 +631,8 @@ pub enum HandlerConfig {
     Http(HttpHandlerConfig),
     /// Publishes the body to NATS JetStream.
     Nats(NatsHandlerConfig),
+    /// Publishes the body to a RabbitMQ exchange.
+    Amqp(AmqpHandlerConfig),
     /// Appends the body to a Redis stream.
     Redis(RedisHandlerConfig),
 }
@@ -643,6 +645,7 @@ impl HandlerConfig {
             HandlerConfig::Command(c) => c.binding(),
             HandlerConfig::Http(c) => c.binding(),
             HandlerConfig::Nats(c) => c.binding(),
+            HandlerConfig::Amqp(c) => c.binding(),
             HandlerConfig::Redis(c) => c.binding(),
         }
     }
@@ -780,6 +783,42 @@ pub struct NatsHandlerConfig {
     pub subject: String,
 }
 
+/// `kind = "amqp"`: a RabbitMQ publish per delivery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpHandlerConfig {
+    /// See [`Binding::name`].
+    pub name: String,
+    /// See [`Binding::source`].
+    pub source: Option<String>,
+    /// See [`Binding::events`].
+    #[serde(default = "default_events")]
+    pub events: Vec<String>,
+    /// See [`Binding::body_match`].
+    #[serde(default, rename = "match")]
+    pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
+    /// See [`Binding::concurrency`].
+    #[serde(default)]
+    pub concurrency: Option<i64>,
+    /// See [`Binding::rate`].
+    #[serde(default)]
+    pub rate: Option<crate::domain::Rate>,
+    /// See [`Binding::order_by`].
+    #[serde(default)]
+    pub order_by: Option<String>,
+    /// See [`Binding::calls`].
+    #[serde(default)]
+    pub calls: CallsOverride,
+    /// The broker's URL, `amqp://user:pass@host:5672/vhost` (credentials never shown).
+    pub url: Option<String>,
+    /// Or the environment variable holding it, read at start.
+    pub url_env: Option<String>,
+    /// The exchange (`""` is the default exchange, which routes by queue name).
+    pub exchange: String,
+    /// The routing key, a template of `{source}`, `{event_type}`, `{handler}`.
+    pub routing_key: String,
+}
+
 /// `kind = "redis"`: an entry of a Redis stream per delivery.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -844,6 +883,7 @@ binding_of!(
     CommandHandlerConfig,
     HttpHandlerConfig,
     NatsHandlerConfig,
+    AmqpHandlerConfig,
     RedisHandlerConfig
 );
 

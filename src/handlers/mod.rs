@@ -393,6 +393,7 @@ impl HandlerRegistry {
         extra: Vec<Registration>,
     ) -> Result<HandlerRegistry, RegistryError> {
         let mut entries = Vec::new();
+        let connections = sinks::SinkConnections::default();
         for handler in &config.handlers {
             let built: Arc<dyn Handler> = match handler {
                 HandlerConfig::Log(_) => Arc::new(LogHandler),
@@ -409,6 +410,7 @@ impl HandlerRegistry {
                 }
                 HandlerConfig::Nats(c) => Arc::new(
                     sinks::nats::NatsSink::new(
+                        &connections,
                         &c.name,
                         c.url.as_deref(),
                         c.url_env.as_deref(),
@@ -419,8 +421,23 @@ impl HandlerRegistry {
                         source,
                     })?,
                 ),
+                HandlerConfig::Amqp(c) => Arc::new(
+                    sinks::amqp::AmqpSink::new(
+                        &connections,
+                        &c.name,
+                        c.url.as_deref(),
+                        c.url_env.as_deref(),
+                        &c.exchange,
+                        &c.routing_key,
+                    )
+                    .map_err(|source| RegistryError::Sink {
+                        handler: c.name.clone(),
+                        source,
+                    })?,
+                ),
                 HandlerConfig::Redis(c) => Arc::new(
                     sinks::redis::RedisSink::new(
+                        &connections,
                         &c.name,
                         c.url.as_deref(),
                         c.url_env.as_deref(),

@@ -94,6 +94,8 @@ pub struct Options {
     pub admin_token: Option<&'static str>,
     /// The test is about sled itself: sled even when the suite runs against PostgreSQL.
     pub sled_only: bool,
+    /// `dispatch.max_attempts`.
+    pub max_attempts: u32,
 }
 
 impl Default for Options {
@@ -114,6 +116,7 @@ impl Default for Options {
             tolerance: "5m",
             admin_token: None,
             sled_only: false,
+            max_attempts: 3,
         }
     }
 }
@@ -153,7 +156,7 @@ retention = "{retention}"
 
 [dispatch]
 concurrency = 4
-max_attempts = 3
+max_attempts = {max_attempts}
 initial_backoff = "20ms"
 max_backoff = "100ms"
 {dispatch}
@@ -178,6 +181,7 @@ ack = "{ack}"
             .map(|f| format!("fingerprint_retention = \"{f}\""))
             .unwrap_or_default(),
         tolerance = o.tolerance,
+        max_attempts = o.max_attempts,
     )
 }
 

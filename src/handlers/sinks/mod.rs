@@ -1,5 +1,5 @@
 //! Sinks (design.md, "Sinks"): handlers that put each verified, deduplicated delivery on a
-//! broker — `nats` (JetStream) and `redis` (a stream).
+//! broker — `nats` (JetStream), `amqp` (RabbitMQ) and `redis` (a stream).
 //!
 //! Shared here: the name [`Template`]s (`{source}`, `{event_type}`, `{handler}`, checked at
 //! start; a value's dots stay dots, its wildcards `*` `>` `#` and whitespace become `_`),
@@ -8,16 +8,24 @@
 //! (`url` or `url_env`; the URL may hold credentials and is only ever shown redacted).
 //!
 //! A run succeeds only once the broker has taken the message durably (the JetStream
-//! publish acknowledgement; the `XADD` reply). A rerun of the pair publishes no duplicate
-//! where the broker can tell: NATS drops a message whose `Nats-Msg-Id` (the pair's key) it
-//! saw within the stream's duplicate window; Redis runs `XADD` in a script that first
-//! remembers the key for `storage.retention`. A broker that is down fails the run
-//! retryably with a message that says so; connections are made on first use, shared per
-//! URL within a handler, and made again after a failure.
+//! publish acknowledgement; a RabbitMQ publisher confirm of a `mandatory` message that was
+//! routed; the `XADD` reply). A rerun of the pair publishes no duplicate where the broker
+//! can tell: NATS drops a message whose `Nats-Msg-Id` (the pair's key) it saw within the
+//! stream's duplicate window; Redis runs `XADD` in a script that first remembers the key
+//! for `storage.retention`; RabbitMQ cannot tell, and its consumers drop a second copy by
+//! `message_id` (the key). A broker that is down fails the run retryably with a message
+//! that says so; connections are made on first use, shared per URL by every sink of the
+//! service ([`SinkConnections`]), and made again after a failure — readiness never depends
+//! on a broker.
 
+pub mod amqp;
 pub mod nats;
 pub mod redis;
 
+use std::any::Any;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use super::Delivery;
@@ -146,7 +154,7 @@ pub enum SinkError {
     /// A template is wrong.
     #[error("{key}: {why}")]
     Template {
-        /// The key (`subject`, `stream`).
+        /// The key (`subject`, `stream`, `routing_key`).
         key: &'static str,
         /// What is wrong.
         why: String,
@@ -162,6 +170,76 @@ pub fn resolve_url(url: Option<&str>, url_env: Option<&str>) -> Result<String, S
             .filter(|v| !v.is_empty())
             .ok_or_else(|| SinkError::UnsetUrl(var.to_owned())),
         _ => Err(SinkError::NoUrl),
+    }
+}
+
+/// The broker connections of one service, one per (kind, URL), shared by every sink that
+/// names that URL.
+#[derive(Default)]
+pub struct SinkConnections {
+    slots: std::sync::Mutex<HashMap<(&'static str, String), AnySlot>>,
+}
+
+/// A [`Slot`]'s shared state, its connection type erased.
+type AnySlot = Arc<dyn Any + Send + Sync>;
+
+impl std::fmt::Debug for SinkConnections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkConnections").finish_non_exhaustive()
+    }
+}
+
+impl SinkConnections {
+    /// The slot of the `kind` connection to `url` (the same slot for every caller).
+    pub fn slot<T: Clone + Send + 'static>(&self, kind: &'static str, url: &str) -> Slot<T> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let any = slots
+            .entry((kind, url.to_owned()))
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(None::<T>)))
+            .clone();
+        match any.downcast::<tokio::sync::Mutex<Option<T>>>() {
+            Ok(slot) => Slot(slot),
+            // A kind names one connection type; a mismatch is a bug here, not a user error,
+            // and an unshared slot still works.
+            Err(_) => Slot(Arc::new(tokio::sync::Mutex::new(None))),
+        }
+    }
+}
+
+/// One shared connection: made on first use, and again once it is no longer live.
+pub struct Slot<T>(Arc<tokio::sync::Mutex<Option<T>>>);
+
+impl<T: Clone> Slot<T> {
+    /// The connection, if it is `live`; otherwise a new one from `connect` (at most one
+    /// caller connects at a time, the others then share what it made).
+    pub async fn get<F>(&self, live: impl Fn(&T) -> bool, connect: F) -> Result<T, String>
+    where
+        F: Future<Output = Result<T, String>>,
+    {
+        let mut held = self.0.lock().await;
+        if let Some(c) = held.as_ref().filter(|c| live(c)) {
+            return Ok(c.clone());
+        }
+        let c = connect.await?;
+        *held = Some(c.clone());
+        Ok(c)
+    }
+}
+
+/// `message` with the password of `url` (if any, and if it somehow appears) blanked: a
+/// client library's error text is not trusted to leave it out.
+pub fn scrub(message: &str, url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => {
+            let mut out = message.to_owned();
+            for secret in [u.password().unwrap_or(""), u.username()] {
+                if secret.len() >= 3 {
+                    out = out.replace(secret, "***");
+                }
+            }
+            out
+        }
+        Err(_) => message.to_owned(),
     }
 }
 
@@ -216,6 +294,35 @@ mod tests {
             let e = Template::parse(text).expect_err(text);
             assert!(e.contains(says), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn scrub_blanks_credentials_a_library_might_echo() {
+        let url = "amqp://webhooks:s3cr3t@broker:5672/prod";
+        let m = scrub("cannot log in as webhooks with s3cr3t", url);
+        assert_eq!(m, "cannot log in as *** with ***");
+        assert_eq!(scrub("refused", "nats://127.0.0.1:4222"), "refused");
+    }
+
+    #[tokio::test]
+    async fn a_slot_is_shared_per_kind_and_url_and_reconnects_when_not_live() {
+        let connections = SinkConnections::default();
+        let a: Slot<u32> = connections.slot("test", "u1");
+        let b: Slot<u32> = connections.slot("test", "u1");
+        let other: Slot<u32> = connections.slot("test", "u2");
+        assert_eq!(a.get(|_| true, async { Ok(1) }).await, Ok(1));
+        assert_eq!(b.get(|_| true, async { Ok(2) }).await, Ok(1), "shared");
+        assert_eq!(other.get(|_| true, async { Ok(3) }).await, Ok(3));
+        assert_eq!(b.get(|c| *c != 1, async { Ok(4) }).await, Ok(4), "remade");
+        assert_eq!(a.get(|_| true, async { Ok(5) }).await, Ok(4));
+        let failed: Slot<u32> = connections.slot("test", "u3");
+        assert!(
+            failed
+                .get(|_| true, async { Err("down".into()) })
+                .await
+                .is_err()
+        );
+        assert_eq!(failed.get(|_| true, async { Ok(6) }).await, Ok(6));
     }
 
     #[test]

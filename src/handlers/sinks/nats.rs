@@ -6,11 +6,9 @@
 //! duplicate and stored once. A subject no stream binds fails the run (retryably: create
 //! the stream and it goes on), as does a server that is down or slow to acknowledge.
 
-use async_trait::async_trait;
-use tokio::sync::Mutex;
-
-use super::{Metadata, SinkError, Template, resolve_url, shown_url};
+use super::{Metadata, SinkConnections, SinkError, Slot, Template, resolve_url, scrub, shown_url};
 use crate::handlers::{Delivery, Handler, HandlerContext, HandlerError};
+use async_trait::async_trait;
 
 /// Publishes each delivery to a JetStream subject.
 pub struct NatsSink {
@@ -18,7 +16,7 @@ pub struct NatsSink {
     shown: String,
     subject: Template,
     handler: String,
-    context: Mutex<Option<async_nats::jetstream::Context>>,
+    context: Slot<async_nats::jetstream::Context>,
 }
 
 impl std::fmt::Debug for NatsSink {
@@ -31,9 +29,11 @@ impl std::fmt::Debug for NatsSink {
 }
 
 impl NatsSink {
-    /// A sink for handler `handler` from its config keys, checked now (the connection is
-    /// made on first use, so a broker that is down does not stop the service from starting).
+    /// A sink for handler `handler` from its config keys, checked now (the connection, from
+    /// `connections`, is made on first use, so a broker that is down does not stop the
+    /// service from starting).
     pub fn new(
+        connections: &SinkConnections,
         handler: &str,
         url: Option<&str>,
         url_env: Option<&str>,
@@ -54,29 +54,32 @@ impl NatsSink {
             why,
         })?;
         Ok(NatsSink {
+            context: connections.slot("nats", &url),
             url,
             shown,
             subject,
             handler: handler.to_owned(),
-            context: Mutex::new(None),
         })
     }
 
     /// The JetStream context, connecting first if need be (the client then reconnects by
     /// itself).
     async fn context(&self) -> Result<async_nats::jetstream::Context, String> {
-        let mut held = self.context.lock().await;
-        if let Some(context) = held.as_ref() {
-            return Ok(context.clone());
-        }
-        let client = async_nats::ConnectOptions::new()
-            .connection_timeout(std::time::Duration::from_secs(5))
-            .connect(self.url.as_str())
-            .await
-            .map_err(|e| format!("cannot connect to {}: {e}", self.shown))?;
-        let context = async_nats::jetstream::new(client);
-        *held = Some(context.clone());
-        Ok(context)
+        let connect = async {
+            let client = async_nats::ConnectOptions::new()
+                .connection_timeout(std::time::Duration::from_secs(5))
+                .connect(self.url.as_str())
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot connect to {}: {}",
+                        self.shown,
+                        scrub(&e.to_string(), &self.url)
+                    )
+                })?;
+            Ok(async_nats::jetstream::new(client))
+        };
+        self.context.get(|_| true, connect).await
     }
 }
 
@@ -92,8 +95,9 @@ impl Handler for NatsSink {
         headers.insert("Nats-Msg-Id", ctx.idempotency_key.as_str());
         let failed = |e: &dyn std::fmt::Display| {
             HandlerError::Retryable(format!(
-                "publish to {} subject `{subject}`: {e}",
-                self.shown
+                "publish to {} subject `{subject}`: {}",
+                self.shown,
+                scrub(&e.to_string(), &self.url)
             ))
         };
         let publish = async {

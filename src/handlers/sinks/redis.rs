@@ -2,17 +2,16 @@
 //!
 //! The entry holds the raw body in the field `body` beside the [`super::Metadata`] fields.
 //! It is appended by a script that first looks for the pair's key
-//! (`webhook-inbox:published:<key>`, kept for `storage.retention`): a rerun finds it and
-//! appends nothing, so the stream holds one entry per pair whatever is retried. `max_len`
+//! (`webhook-inbox:published:{<stream>}:<key>`, kept for `storage.retention`): a rerun
+//! finds it and appends nothing, so the stream holds one entry per pair whatever is
+//! retried. `max_len`
 //! trims the stream approximately (`XADD MAXLEN ~`).
 
 use std::time::Duration;
 
-use async_trait::async_trait;
-use tokio::sync::Mutex;
-
-use super::{Metadata, SinkError, Template, resolve_url, shown_url};
+use super::{Metadata, SinkConnections, SinkError, Slot, Template, resolve_url, shown_url};
 use crate::handlers::{Delivery, Handler, HandlerContext, HandlerError};
+use async_trait::async_trait;
 
 /// Appends the entry once per key; returns its id (the first one's, on a rerun).
 const APPEND_ONCE: &str = r"
@@ -29,6 +28,13 @@ redis.call('SET', KEYS[2], id, 'PX', ARGV[2])
 return id
 ";
 
+/// The key that remembers `key` was appended to `stream`: per stream (another stream is
+/// another publish), in the stream's Redis Cluster slot (the `{stream}` hash tag), since a
+/// script may only touch keys of one slot.
+fn published_marker(stream: &str, key: &str) -> String {
+    format!("webhook-inbox:published:{{{stream}}}:{key}")
+}
+
 /// Appends each delivery to a stream.
 pub struct RedisSink {
     client: redis::Client,
@@ -38,7 +44,7 @@ pub struct RedisSink {
     remember: Duration,
     handler: String,
     script: redis::Script,
-    connection: Mutex<Option<redis::aio::ConnectionManager>>,
+    connection: Slot<redis::aio::ConnectionManager>,
 }
 
 impl std::fmt::Debug for RedisSink {
@@ -52,8 +58,9 @@ impl std::fmt::Debug for RedisSink {
 
 impl RedisSink {
     /// A sink for handler `handler`, remembering published keys for `remember`
-    /// (`storage.retention`); checked now, connected on first use.
+    /// (`storage.retention`); checked now, connected on first use (from `connections`).
     pub fn new(
+        connections: &SinkConnections,
         handler: &str,
         url: Option<&str>,
         url_env: Option<&str>,
@@ -68,6 +75,7 @@ impl RedisSink {
         let stream =
             Template::parse(stream).map_err(|why| SinkError::Template { key: "stream", why })?;
         Ok(RedisSink {
+            connection: connections.slot("redis", &url),
             client,
             shown,
             stream,
@@ -75,23 +83,18 @@ impl RedisSink {
             remember,
             handler: handler.to_owned(),
             script: redis::Script::new(APPEND_ONCE),
-            connection: Mutex::new(None),
         })
     }
 
     /// The shared connection, made first if need be (it reconnects by itself after that).
     async fn connection(&self) -> Result<redis::aio::ConnectionManager, String> {
-        let mut held = self.connection.lock().await;
-        if let Some(c) = held.as_ref() {
-            return Ok(c.clone());
-        }
-        let connect = self.client.get_connection_manager();
-        let c = tokio::time::timeout(Duration::from_secs(5), connect)
-            .await
-            .map_err(|_| format!("cannot connect to {}: timed out", self.shown))?
-            .map_err(|e| format!("cannot connect to {}: {}", self.shown, e.kind_text()))?;
-        *held = Some(c.clone());
-        Ok(c)
+        let connect = async {
+            tokio::time::timeout(Duration::from_secs(5), self.client.get_connection_manager())
+                .await
+                .map_err(|_| format!("cannot connect to {}: timed out", self.shown))?
+                .map_err(|e| format!("cannot connect to {}: {}", self.shown, e.kind_text()))
+        };
+        self.connection.get(|_| true, connect).await
     }
 }
 
@@ -117,7 +120,7 @@ impl Handler for RedisSink {
         let mut invocation = self.script.prepare_invoke();
         invocation
             .key(&stream)
-            .key(format!("webhook-inbox:published:{}", ctx.idempotency_key))
+            .key(published_marker(&stream, &ctx.idempotency_key))
             .arg(self.max_len.map(|n| n.to_string()).unwrap_or_default())
             .arg(self.remember.as_millis().max(1) as u64)
             .arg("body")
@@ -139,5 +142,16 @@ impl Handler for RedisSink {
         };
         tracing::debug!(%stream, %id, "appended");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_marker_is_per_stream_and_in_the_stream_s_cluster_slot() {
+        assert_eq!(
+            super::published_marker("webhooks:credicorp", "k1"),
+            "webhook-inbox:published:{webhooks:credicorp}:k1"
+        );
     }
 }
