@@ -134,6 +134,17 @@ fn config_text(dir: &Path, durability: &str, port: u16, admin: u16, workers: usi
 }
 
 fn config_with_storage(storage: &str, port: u16, admin: u16, workers: usize) -> String {
+    config_with_handler(storage, port, admin, workers, "kind = \"log\"")
+}
+
+/// The bench config with the handler `noop` of `kind_keys` (its kind and the kind's keys).
+fn config_with_handler(
+    storage: &str,
+    port: u16,
+    admin: u16,
+    workers: usize,
+    kind_keys: &str,
+) -> String {
     format!(
         r#"[server]
 listen = "127.0.0.1:{port}"
@@ -149,8 +160,8 @@ secrets = ["{SECRET}"]
 
 [[handlers]]
 name = "noop"
-kind = "log"
 source = "bench"
+{kind_keys}
 "#
     )
 }
@@ -702,6 +713,9 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
         results.push(r);
     }
 
+    if !options.postgres_only && wanted("sink") {
+        results.extend(sinks(options, source.clone(), bare_rate[&1024]).await?);
+    }
     if options.sustain_seconds > 0 && !options.postgres_only && wanted("sustained") {
         let ceiling = results
             .iter()
@@ -722,6 +736,177 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
         results.extend(large_store(options, source.clone(), bare_rate[&1024]).await?);
     }
     Ok(results)
+}
+
+/// The sink cases: 1 KiB unique deliveries, fsync acks, handler `noop` publishing to each
+/// broker (`WEBHOOK_INBOX_TEST_NATS_URL`, `…_AMQP_URL`, `…_REDIS_URL`, or the local
+/// defaults), beside the `log` handler in the same run: accepted/s, and published/s (runs
+/// that succeeded) over the same window. A broker that cannot be reached is skipped.
+async fn sinks(
+    options: &BenchOptions,
+    source: Arc<Source>,
+    bare: f64,
+) -> Result<Vec<CaseResult>, String> {
+    let env_or = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+    let nats = env_or("WEBHOOK_INBOX_TEST_NATS_URL", "nats://127.0.0.1:4222");
+    let amqp = env_or(
+        "WEBHOOK_INBOX_TEST_AMQP_URL",
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+    );
+    let redis = env_or("WEBHOOK_INBOX_TEST_REDIS_URL", "redis://127.0.0.1:6379");
+    let run_id = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let prefix = format!("bench{run_id}");
+    let mut cases = vec![(
+        "sink: log (the same run's baseline)",
+        "kind = \"log\"".to_owned(),
+    )];
+    match prepare_nats(&nats, &prefix).await {
+        Ok(()) => cases.push((
+            "sink: nats (JetStream)",
+            format!("kind = \"nats\"\nurl = \"{nats}\"\nsubject = \"{prefix}.{{source}}.{{event_type}}\""),
+        )),
+        Err(e) => eprintln!("sink: nats: skipped: {e}"),
+    }
+    match prepare_amqp(&amqp, &prefix).await {
+        Ok(()) => cases.push((
+            "sink: amqp (RabbitMQ)",
+            format!("kind = \"amqp\"\nurl = \"{amqp}\"\nexchange = \"{prefix}\"\nrouting_key = \"{{source}}.{{event_type}}\""),
+        )),
+        Err(e) => eprintln!("sink: amqp: skipped: {e}"),
+    }
+    match prepare_redis(&redis).await {
+        Ok(()) => cases.push((
+            "sink: redis (stream)",
+            format!("kind = \"redis\"\nurl = \"{redis}\"\nstream = \"{prefix}:{{source}}\"\nmax_len = 1000000"),
+        )),
+        Err(e) => eprintln!("sink: redis: skipped: {e}"),
+    }
+    let mut results = Vec::new();
+    for (name, kind_keys) in cases {
+        let dir = tempfile::TempDir::new().map_err(|e| e.to_string())?;
+        let (port, admin) = (free_port(), free_port());
+        let storage = format!(
+            "path = \"{}\"\ndurability = \"fsync\"",
+            dir.path().join("data").display()
+        );
+        let config = dir.path().join("bench.toml");
+        std::fs::write(
+            &config,
+            config_with_handler(&storage, port, admin, options.workers, &kind_keys),
+        )
+        .map_err(|e| e.to_string())?;
+        let (server, _) = start_with(&config, port, admin).await?;
+        let sampler = RunSampler::start(vec![admin]);
+        let (mut r, _) = drive(
+            port,
+            source.clone(),
+            Load {
+                body_size: 1024,
+                duplicate_every: None,
+                replay_only: false,
+            },
+            options,
+            0,
+        )
+        .await;
+        let (published, max_depth) = sampler.finish().await?;
+        r.name = name.to_owned();
+        r.rss = rss_bytes(server.child.id());
+        r.vs_bare = r.rate / bare;
+        r.processed = Some(published);
+        r.max_queue_depth = Some(max_depth);
+        eprintln!(
+            "{name}: accepted {:.0}/s ({:.2}x bare), published {published:.0}/s",
+            r.rate, r.vs_bare
+        );
+        results.push(r);
+    }
+    Ok(results)
+}
+
+/// A JetStream stream over `<prefix>.>` (memory storage is not used: the sink's
+/// acknowledgement is the file store's).
+async fn prepare_nats(url: &str, prefix: &str) -> Result<(), String> {
+    let client = tokio::time::timeout(Duration::from_secs(5), async_nats::connect(url))
+        .await
+        .map_err(|_| "connection timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    async_nats::jetstream::new(client)
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: prefix.to_uppercase(),
+            subjects: vec![format!("{prefix}.>")],
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Redis answers.
+async fn prepare_redis(url: &str) -> Result<(), String> {
+    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    let mut connection = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .map_err(|_| "connection timed out".to_owned())?
+    .map_err(|e| e.to_string())?;
+    redis::cmd("PING")
+        .query_async::<String>(&mut connection)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// A durable topic exchange `prefix` and a durable queue bound to it with `#`.
+async fn prepare_amqp(url: &str, prefix: &str) -> Result<(), String> {
+    use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let connect = lapin::Connection::connect(url, lapin::ConnectionProperties::default());
+    let connection = tokio::time::timeout(Duration::from_secs(5), connect)
+        .await
+        .map_err(|_| "connection timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| e.to_string())?;
+    channel
+        .exchange_declare(
+            prefix.into(),
+            lapin::ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    channel
+        .queue_declare(
+            prefix.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    channel
+        .queue_bind(
+            prefix.into(),
+            prefix.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// `replicas` servers on one PostgreSQL database (a fresh schema), the connections spread
