@@ -206,6 +206,71 @@ impl AdminClient {
     }
 }
 
+impl AdminClient {
+    /// `POST /admin/handlers/{name}/backfill` with `body`, reading its progress lines:
+    /// `progress` is called with each batch's line; the last line (the report) is returned.
+    pub async fn backfill(
+        &self,
+        name: &str,
+        body: &serde_json::Value,
+        mut progress: impl FnMut(&serde_json::Value),
+    ) -> Result<serde_json::Value, AdminClientError> {
+        use futures_util::StreamExt as _;
+        let url = self.url(&["admin", "handlers", name, "backfill"])?;
+        let mut request = self
+            .client
+            .post(url.clone())
+            .header(reqwest::header::ACCEPT, "application/x-ndjson")
+            .json(body);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let failed = |source| AdminClientError::Request {
+            url: url.clone(),
+            source,
+        };
+        let response = request.send().await.map_err(failed)?;
+        let status = response.status();
+        if !status.is_success() {
+            let body: serde_json::Value = response.json().await.unwrap_or_default();
+            return Err(AdminClientError::Api {
+                status,
+                message: body["message"].as_str().unwrap_or("no message").to_owned(),
+            });
+        }
+        let mut stream = response.bytes_stream();
+        let mut pending = Vec::new();
+        let mut last = serde_json::Value::Null;
+        while let Some(chunk) = stream.next().await {
+            pending.extend_from_slice(&chunk.map_err(failed)?);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let Ok(value) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if value.get("done").is_some() || value.get("error").is_some() {
+                    last = value;
+                } else {
+                    progress(&value);
+                }
+            }
+        }
+        if let Some(message) = last.get("message").and_then(|m| m.as_str()) {
+            return Err(AdminClientError::Api {
+                status: reqwest::StatusCode::SERVICE_UNAVAILABLE,
+                message: message.to_owned(),
+            });
+        }
+        if last.is_null() {
+            return Err(AdminClientError::Api {
+                status,
+                message: "the backfill's answer ended before its report".into(),
+            });
+        }
+        Ok(last)
+    }
+}
+
 /// The handlers as a table.
 pub fn render_handlers(list: &serde_json::Value) -> String {
     let rows: Vec<Vec<String>> = list["handlers"]

@@ -151,6 +151,46 @@ pub enum HandlersCommand {
         /// The handler's name.
         name: String,
     },
+    /// Runs a handler over the deliveries already stored that it would bind today and has
+    /// no pair with yet (a handler added after they arrived); a second backfill binds
+    /// nothing new. Prints a progress line, then how many it bound.
+    Backfill {
+        #[command(flatten)]
+        /// Common options.
+        common: AdminArgs,
+        /// The handler's name.
+        name: String,
+        /// Deliveries received at or after this time (RFC 3339, or a duration ago: "24h").
+        #[arg(long)]
+        since: Option<String>,
+        /// Deliveries received before this time (RFC 3339, or a duration ago; default now).
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this source's deliveries.
+        #[arg(long)]
+        source: Option<String>,
+        /// Only event types this pattern matches (`application.*`).
+        #[arg(long)]
+        events: Option<String>,
+        /// Count what would be bound; bind nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// A `--since`/`--until` of `handlers backfill`: RFC 3339 as it is, or a duration ago
+/// ("24h", "7d") as RFC 3339.
+fn time_arg(text: &str) -> Result<String, CliError> {
+    if humantime::parse_rfc3339_weak(text).is_ok() {
+        return Ok(text.to_owned());
+    }
+    let ago = humantime::parse_duration(text).map_err(|_| -> CliError {
+        format!("`{text}`: expected an RFC 3339 time or a duration ago (\"24h\")").into()
+    })?;
+    let at = std::time::SystemTime::now()
+        .checked_sub(ago)
+        .unwrap_or(std::time::UNIX_EPOCH);
+    Ok(humantime::format_rfc3339_millis(at).to_string())
 }
 
 /// `store …`, on the data directory of a stopped server.
@@ -395,6 +435,58 @@ async fn handlers(command: HandlersCommand) -> ExitCode {
             HandlersCommand::List { common } => (common, None),
             HandlersCommand::Pause { common, name } => (common, Some((name, true))),
             HandlersCommand::Resume { common, name } => (common, Some((name, false))),
+            HandlersCommand::Backfill {
+                common,
+                name,
+                since,
+                until,
+                source,
+                events,
+                dry_run,
+            } => {
+                let config = load(&common.config)?;
+                let client =
+                    crate::admin_client::AdminClient::new(&config, common.admin.as_deref())?;
+                let body = serde_json::json!({
+                    "since": since.as_deref().map(time_arg).transpose()?,
+                    "until": until.as_deref().map(time_arg).transpose()?,
+                    "source": source,
+                    "events": events,
+                    "dry_run": dry_run,
+                });
+                let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+                let report = client
+                    .backfill(name, &body, |p| {
+                        let line = format!(
+                            "{name}: looked at {}, bound {}, already {}",
+                            p["scanned"], p["bound"], p["already"]
+                        );
+                        if terminal {
+                            eprint!("\r{line}");
+                        } else {
+                            eprintln!("{line}");
+                        }
+                    })
+                    .await;
+                if terminal {
+                    eprintln!();
+                }
+                let report = report?;
+                let text = if common.json {
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                } else if *dry_run {
+                    format!(
+                        "{name}: would bind {}, already bound {} (dry run: nothing bound)",
+                        report["bound"], report["already"]
+                    )
+                } else {
+                    format!(
+                        "{name}: bound {}, already bound {}",
+                        report["bound"], report["already"]
+                    )
+                };
+                return Ok(crate::admin_client::emit(&text, None)?);
+            }
         };
         let config = load(&common.config)?;
         let client = crate::admin_client::AdminClient::new(&config, common.admin.as_deref())?;

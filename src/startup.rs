@@ -316,6 +316,10 @@ impl ApplicationBuilder {
                     "/admin/handlers/{name}/resume",
                     web::post().to(routes::admin::resume),
                 )
+                .route(
+                    "/admin/handlers/{name}/backfill",
+                    web::post().to(routes::admin::backfill),
+                )
                 .route("/calls/{token}", web::post().to(routes::calls::call))
                 .app_data(web::PayloadConfig::new(routes::calls::MAX_REQUEST_BYTES))
                 .configure(routes::console::configure)

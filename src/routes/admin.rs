@@ -518,6 +518,154 @@ pub(crate) async fn pause_handler(
     Ok(())
 }
 
+/// The body of `POST /admin/handlers/{name}/backfill`; every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackfillBody {
+    /// RFC 3339: deliveries received at or after it.
+    pub since: Option<String>,
+    /// RFC 3339: deliveries received before it (default: now).
+    pub until: Option<String>,
+    /// Only this source's deliveries.
+    pub source: Option<String>,
+    /// Only event types this pattern matches (`*`, `application.*`, `application.created`).
+    pub events: Option<String>,
+    /// Count, bind nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// `POST /admin/handlers/{name}/backfill`: binds the handler to the stored deliveries it
+/// would bind today and has no pair with yet (see [`crate::backfill`]); answers
+/// `{"bound": N, "already": M}`.
+pub async fn backfill(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let request: BackfillBody = if body.iter().all(u8::is_ascii_whitespace) {
+        BackfillBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|_| ApiError::InvalidQuery)?
+    };
+    let request = backfill_request(path.into_inner(), request)?;
+    let wants_progress = req
+        .headers()
+        .get(actix_web::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains(PROGRESS_TYPE));
+    if !wants_progress {
+        let report = run_backfill(&state, request, |_| {}).await?;
+        return Ok(json(&report));
+    }
+    if !state.ingest.registry.contains(&request.handler) {
+        return Err(ApiError::UnknownHandler);
+    }
+    // Progress as it goes: one JSON line per batch, then the report (`"done": true`) or
+    // the error, so `webhook-inbox handlers backfill` can show a progress line.
+    let (lines, receiver) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let state = state.into_inner();
+    tokio::spawn(async move {
+        let progress = lines.clone();
+        let last = match run_backfill(&state, request, move |r| {
+            let line = serde_json::json!({
+                "scanned": r.scanned, "bound": r.bound, "already": r.already
+            });
+            let _ = progress.send(format!("{line}\n"));
+        })
+        .await
+        {
+            Ok(r) => serde_json::json!({ "bound": r.bound, "already": r.already, "done": true }),
+            Err(e) => serde_json::json!({ "error": e.code(), "message": e.to_string() }),
+        };
+        let _ = lines.send(format!("{last}\n"));
+    });
+    let body = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        let line = receiver.recv().await?;
+        Some((Ok::<_, actix_web::Error>(web::Bytes::from(line)), receiver))
+    });
+    Ok(HttpResponse::Ok()
+        .content_type(PROGRESS_TYPE)
+        .streaming(body))
+}
+
+/// The media type of a backfill's progress lines.
+pub const PROGRESS_TYPE: &str = "application/x-ndjson";
+
+/// A backfill request from its fields as the API and the console take them.
+pub(crate) fn backfill_request(
+    handler: String,
+    body: BackfillBody,
+) -> Result<crate::backfill::BackfillRequest, ApiError> {
+    let events = match body
+        .events
+        .as_deref()
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+    {
+        Some(pattern) => {
+            Some(crate::domain::EventPattern::parse(pattern).map_err(|_| ApiError::InvalidQuery)?)
+        }
+        None => None,
+    };
+    Ok(crate::backfill::BackfillRequest {
+        handler,
+        since_ms: rfc3339_ms(body.since.as_deref())?,
+        until_ms: rfc3339_ms(body.until.as_deref())?,
+        source: body.source.filter(|s| !s.trim().is_empty()),
+        events,
+        dry_run: body.dry_run,
+    })
+}
+
+/// Runs a backfill on a blocking thread (it reads and binds batch after batch: the admin
+/// listener's workers keep answering probes meanwhile), the dispatcher woken. Shared by the
+/// admin API and the console.
+pub(crate) async fn run_backfill(
+    state: &AppState,
+    request: crate::backfill::BackfillRequest,
+    mut progress: impl FnMut(&crate::backfill::BackfillReport) + Send + 'static,
+) -> Result<crate::backfill::BackfillReport, ApiError> {
+    if !state.ingest.registry.contains(&request.handler) {
+        return Err(ApiError::UnknownHandler);
+    }
+    let store = state.store.clone();
+    let registry = state.ingest.registry.clone();
+    let now_ms = state.clock.now_ms();
+    let runtime = tokio::runtime::Handle::current();
+    let waker = state.ingest.dispatch_waker.clone();
+    let job = request.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        runtime.block_on(crate::backfill::backfill(
+            &store,
+            &registry,
+            &job,
+            now_ms,
+            |r| {
+                waker.notify_one();
+                progress(r);
+            },
+        ))
+    })
+    .await
+    .map_err(|_| ApiError::StorageUnavailable)?
+    .map_err(|e| match e {
+        crate::backfill::BackfillError::UnknownHandler(_) => ApiError::UnknownHandler,
+        crate::backfill::BackfillError::Store(e) => storage(e),
+    })?;
+    state.ingest.dispatch_waker.notify_one();
+    tracing::info!(
+        handler = %request.handler,
+        bound = report.bound,
+        already = report.already,
+        dry_run = request.dry_run,
+        "backfill"
+    );
+    Ok(report)
+}
+
 /// `GET /metrics`: Prometheus text exposition.
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()

@@ -444,6 +444,27 @@ pub struct RetryFilter {
     pub until_ms: Option<u64>,
 }
 
+/// What a backfill did with one stored delivery ([`DeliveryStore::bind_handler`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binding {
+    /// It had no pair with the handler: it has one now, pending.
+    Bound,
+    /// It had one already (bound when it arrived, or by an earlier backfill): untouched.
+    Already,
+    /// Not bound: gone (expired in between), an alias (which runs nothing), or a
+    /// processed-mode delivery whose sender has not had its final answer yet.
+    Skipped,
+}
+
+/// A stored delivery by when it arrived: a backfill's cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// When the first copy arrived, ms since the epoch.
+    pub received_at_ms: u64,
+    /// Which delivery.
+    pub key: DeliveryKey,
+}
+
 /// What one retention call did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Expired {
@@ -901,6 +922,27 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// Forgets up to `limit` body fingerprints kept past their delivery (body dedup) whose
     /// delivery was received before `cutoff_ms`. Returns how many were looked at.
     async fn expire_fingerprints(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError>;
+
+    /// Up to `limit` stored deliveries received in `[since_ms, until_ms)`, oldest first
+    /// (then by key), after `after` (the last of the previous batch).
+    async fn received_between(
+        &self,
+        since_ms: u64,
+        until_ms: u64,
+        after: Option<&Received>,
+        limit: usize,
+    ) -> Result<Vec<Received>, StoreError>;
+
+    /// Backfill: binds `handler` to each delivery of `batch` (with the value its runs are
+    /// ordered by, if the handler has `order_by` and the body holds it) that has no pair
+    /// with it yet, as a claim would have — a pending pair, due at its received_at, or
+    /// waiting in its `order_by` line behind the pairs of that line still live. An existing
+    /// pair is never touched. Durable (as configured) before it returns.
+    async fn bind_handler(
+        &self,
+        handler: &str,
+        batch: &[(DeliveryKey, Option<String>)],
+    ) -> Result<Vec<Binding>, StoreError>;
 
     /// Deliveries newest first, optionally of one source and one status, `limit` at most,
     /// starting after `cursor` (from the previous page).

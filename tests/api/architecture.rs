@@ -11,7 +11,7 @@
 //! 3  store                             durable memory
 //! 4  calls                             downstream calls: the client and its journal
 //! 5  handlers, metrics, fixture        the Handler trait and built-ins; metrics; fixtures
-//! 6  dispatch, retention, export, replay, admin_client, testing
+//! 6  dispatch, retention, export, replay, admin_client, testing, backfill
 //! 7  ingest                            HTTP-free: authenticate, claim, ack policy
 //! 8  error                             the one table from errors to HTTP
 //! 9  routes                            thin HTTP endpoints
@@ -39,6 +39,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("replay", 6),
     ("admin_client", 6),
     ("testing", 6),
+    ("backfill", 6),
     ("ingest", 7),
     ("error", 8),
     ("routes", 9),

@@ -5,6 +5,7 @@ mod helpers;
 
 mod admin;
 mod architecture;
+mod backfill;
 mod calls;
 mod checks;
 mod claim;

@@ -69,6 +69,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/console/dead", web::get().to(dead_letters))
         .route("/console/retry", web::post().to(retry_all))
         .route("/console/handlers", web::get().to(handlers))
+        .route("/console/backfill", web::post().to(backfill))
         .route(
             "/console/handlers/{name}/{action}",
             web::post().to(pause_or_resume),
@@ -624,12 +625,98 @@ async fn retry_all(
     )
 }
 
-async fn handlers(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+/// What the handlers page shows after a backfill (the redirect's query).
+#[derive(Debug, Default, Deserialize)]
+struct BackfillDone {
+    #[serde(default)]
+    backfilled: Option<String>,
+    #[serde(default)]
+    bound: Option<usize>,
+    #[serde(default)]
+    already: Option<usize>,
+    #[serde(default)]
+    dry_run: Option<bool>,
+}
+
+async fn handlers(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    done: web::Query<BackfillDone>,
+) -> HttpResponse {
     answer(
         async {
             let session = signed_in(&req, &state)?;
             let views = handler_views(&state, None).await?;
-            Ok(html(StatusCode::OK, pages::handlers(&session.csrf, &views)))
+            let sources: Vec<&str> = state.config.sources.keys().map(String::as_str).collect();
+            let result = match (&done.backfilled, done.bound, done.already) {
+                (Some(handler), Some(bound), Some(already)) => Some(pages::BackfillResult {
+                    handler,
+                    bound,
+                    already,
+                    dry_run: done.dry_run.unwrap_or(false),
+                }),
+                _ => None,
+            };
+            Ok(html(
+                StatusCode::OK,
+                pages::handlers(&session.csrf, &views, &sources, result),
+            ))
+        }
+        .await,
+    )
+}
+
+/// The backfill form of the handlers page.
+#[derive(Debug, Deserialize)]
+struct BackfillForm {
+    handler: String,
+    #[serde(default)]
+    since: String,
+    #[serde(default)]
+    until: String,
+    #[serde(default)]
+    source: String,
+    #[serde(default)]
+    events: String,
+    #[serde(default)]
+    dry_run: Option<String>,
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn backfill(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    form: Option<web::Form<BackfillForm>>,
+) -> HttpResponse {
+    answer(
+        async {
+            let Some(form) = form else {
+                return Err(Refusal::Csrf);
+            };
+            authorized_post(&req, &state, &form.csrf)?;
+            let form = form.into_inner();
+            let dry_run = form.dry_run.is_some();
+            let request = crate::routes::admin::backfill_request(
+                form.handler.clone(),
+                crate::routes::admin::BackfillBody {
+                    since: Some(form.since),
+                    until: Some(form.until),
+                    source: Some(form.source),
+                    events: Some(form.events),
+                    dry_run,
+                },
+            )?;
+            let report = crate::routes::admin::run_backfill(&state, request, |_| {}).await?;
+            Ok(see_other(&console_url(
+                &["handlers"],
+                &[
+                    ("backfilled", &form.handler),
+                    ("bound", &report.bound.to_string()),
+                    ("already", &report.already.to_string()),
+                    ("dry_run", if dry_run { "true" } else { "false" }),
+                ],
+            )))
         }
         .await,
     )

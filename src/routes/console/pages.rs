@@ -231,8 +231,25 @@ fn handler_table(csrf: &str, handlers: &[HandlerStatusView], buttons: bool) -> M
     }
 }
 
-/// The handlers, with pause and resume.
-pub fn handlers(csrf: &str, handlers: &[HandlerStatusView]) -> Markup {
+/// What a backfill did, shown on the handlers page after it.
+pub struct BackfillResult<'a> {
+    /// The handler.
+    pub handler: &'a str,
+    /// Pairs bound (or, dry, that would be).
+    pub bound: usize,
+    /// Deliveries it had a pair with already.
+    pub already: usize,
+    /// Nothing was bound.
+    pub dry_run: bool,
+}
+
+/// The handlers, with pause and resume, and the backfill form.
+pub fn handlers(
+    csrf: &str,
+    handlers: &[HandlerStatusView],
+    sources: &[&str],
+    result: Option<BackfillResult<'_>>,
+) -> Markup {
     layout(
         "Handlers",
         "Handlers",
@@ -240,6 +257,32 @@ pub fn handlers(csrf: &str, handlers: &[HandlerStatusView]) -> Markup {
         html! {
             p { "A paused handler starts no run, on any replica, until resumed; its deliveries are still accepted and queued." }
             (handler_table(csrf, handlers, true))
+            h2 { "Backfill" }
+            p { "Runs a handler over the deliveries already stored that it would bind today and has no pair with yet (one added after they arrived). A second backfill binds nothing new." }
+            @if let Some(r) = result {
+                p.notice #backfill-result {
+                    @if r.dry_run {
+                        (r.handler) ": would bind " (r.bound) ", already bound " (r.already) " (dry run: nothing bound)."
+                    } @else {
+                        (r.handler) ": bound " (r.bound) ", already bound " (r.already) "."
+                    }
+                }
+            }
+            form.filters #backfill method="post" action="/console/backfill" {
+                input type="hidden" name="csrf" value=(csrf);
+                label { "handler " select name="handler" {
+                    @for h in handlers { option value=(h.name) { (h.name) } }
+                } }
+                label { "source " select name="source" {
+                    option value="" { "any" }
+                    @for s in sources { option value=(s) { (s) } }
+                } }
+                label { "events " input type="text" name="events" placeholder="application.*"; }
+                label { "since " input type="text" name="since" placeholder="2026-12-01T00:00:00Z"; }
+                label { "until " input type="text" name="until" placeholder="now"; }
+                label { input type="checkbox" name="dry_run" value="1"; " dry run" }
+                button type="submit" { "Backfill" }
+            }
         },
     )
 }

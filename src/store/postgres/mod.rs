@@ -73,10 +73,10 @@ use tokio::sync::Notify;
 pub use schema::migrate;
 
 use super::{
-    AttemptContext, AttemptOutcome, Begin, CallRecord, Claim, Cursor, DeliveryKey, DeliveryRecord,
-    DeliveryStatus, DeliveryStore, DeliverySummary, Expired, JobKey, JobState, JobStatus,
-    JournalEntry, KeptFingerprint, Lease, NewDelivery, Page, QueuedJob, RetryFilter, SkipSet,
-    StoreError, StoredResponse, TAKE_OVER_GRACE_MS, TakeOver,
+    AttemptContext, AttemptOutcome, Begin, Binding, CallRecord, Claim, Cursor, DeliveryKey,
+    DeliveryRecord, DeliveryStatus, DeliveryStore, DeliverySummary, Expired, JobKey, JobState,
+    JobStatus, JournalEntry, KeptFingerprint, Lease, NewDelivery, Page, QueuedJob, Received,
+    RetryFilter, SkipSet, StoreError, StoredResponse, TAKE_OVER_GRACE_MS, TakeOver,
 };
 use crate::config::Durability;
 
@@ -499,6 +499,92 @@ impl PgStore {
         .map_err(backend)?;
         tx.commit().await.map_err(backend)?;
         Ok(Attempt::Decided(Box::new(Claim::BodyDuplicate(first))))
+    }
+
+    /// Backfill of one delivery, in one transaction: under its line's lock (taken first, as
+    /// a claim does) and the delivery row's, a job row for `handler` — due at received_at,
+    /// or without a due time behind a live pair of its line — and the record naming it.
+    async fn bind_one(
+        &self,
+        handler: &str,
+        key: &DeliveryKey,
+        order_key: Option<&str>,
+    ) -> Result<Binding, StoreError> {
+        let mut tx = self.begin().await?;
+        let line = order_key.map(line_key);
+        if let Some(line) = &line {
+            lock_line(&mut tx, handler, line).await?;
+        }
+        let row = sqlx::query(
+            "SELECT record, received_at_ms FROM inbox_deliveries \
+             WHERE source = $1 AND id = $2 FOR UPDATE",
+        )
+        .bind(&key.source)
+        .bind(&key.id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let Some(row) = row else {
+            return Ok(Binding::Skipped);
+        };
+        let mut record: DeliveryRecord =
+            serde_json::from_str(&row.try_get::<String, _>("record").map_err(backend)?)
+                .map_err(corrupt)?;
+        if record.alias_of.is_some() || record.response.is_none() {
+            return Ok(Binding::Skipped);
+        }
+        if record.handlers.iter().any(|h| h == handler) {
+            return Ok(Binding::Already);
+        }
+        let received_at_ms: i64 = row.try_get("received_at_ms").map_err(backend)?;
+        let parked = match &line {
+            Some(line) => sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM inbox_jobs WHERE handler = $1 AND order_key = $2 \
+                   AND status NOT IN ('succeeded', 'dead'))",
+            )
+            .bind(handler)
+            .bind(line)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend)?,
+            None => false,
+        };
+        let inserted = sqlx::query(
+            "INSERT INTO inbox_jobs (source, id, handler, status, due_ms, order_key, order_at_ms) \
+             VALUES ($1, $2, $3, 'pending', $4, $5, CASE WHEN $5::text IS NULL THEN NULL ELSE $6 END) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&key.source)
+        .bind(&key.id)
+        .bind(handler)
+        .bind((!parked).then_some(received_at_ms))
+        .bind(&line)
+        .bind(received_at_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?
+        .rows_affected();
+        if inserted == 0 {
+            return Ok(Binding::Already);
+        }
+        record.handlers.push(handler.to_owned());
+        if let Some(value) = order_key {
+            record
+                .order_keys
+                .insert(handler.to_owned(), value.to_owned());
+        }
+        sqlx::query("UPDATE inbox_deliveries SET record = $3 WHERE source = $1 AND id = $2")
+            .bind(&key.source)
+            .bind(&key.id)
+            .bind(to_json(&record))
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        if !parked {
+            notify_work(&mut tx).await?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(Binding::Bound)
     }
 
     /// The final outcome of a pair in an `order_by` line (or of a superseded attempt,
@@ -1752,6 +1838,61 @@ impl DeliveryStore for PgStore {
             .into_iter()
             .filter(|h| requeued.contains(h))
             .collect())
+    }
+
+    async fn received_between(
+        &self,
+        since_ms: u64,
+        until_ms: u64,
+        after: Option<&Received>,
+        limit: usize,
+    ) -> Result<Vec<Received>, StoreError> {
+        let (after_ms, after_source, after_id) = match after {
+            Some(a) => (
+                Some(db_ms(a.received_at_ms)),
+                Some(a.key.source.as_str()),
+                Some(a.key.id.as_str()),
+            ),
+            None => (None, None, None),
+        };
+        let rows = sqlx::query(
+            "SELECT source, id, received_at_ms FROM inbox_deliveries \
+             WHERE received_at_ms >= $1 AND received_at_ms < $2 \
+               AND ($3::bigint IS NULL OR (received_at_ms, source, id) > ($3, $4, $5)) \
+             ORDER BY received_at_ms, source, id LIMIT $6",
+        )
+        .bind(db_ms(since_ms))
+        .bind(db_ms(until_ms))
+        .bind(after_ms)
+        .bind(after_source)
+        .bind(after_id)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(self.relaxed()?)
+        .await
+        .map_err(backend)?;
+        rows.iter()
+            .map(|row| {
+                Ok(Received {
+                    received_at_ms: ms(row.try_get("received_at_ms").map_err(backend)?),
+                    key: DeliveryKey::new(
+                        row.try_get::<String, _>("source").map_err(backend)?,
+                        row.try_get::<String, _>("id").map_err(backend)?,
+                    ),
+                })
+            })
+            .collect()
+    }
+
+    async fn bind_handler(
+        &self,
+        handler: &str,
+        batch: &[(DeliveryKey, Option<String>)],
+    ) -> Result<Vec<Binding>, StoreError> {
+        let mut out = Vec::with_capacity(batch.len());
+        for (key, order_key) in batch {
+            out.push(self.bind_one(handler, key, order_key.as_deref()).await?);
+        }
+        Ok(out)
     }
 
     async fn retry_all(&self, filter: &RetryFilter, now_ms: u64) -> Result<usize, StoreError> {

@@ -74,6 +74,7 @@ use std::hash::{Hash as _, Hasher as _};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
+mod backfill;
 mod bodies;
 pub use bodies::BodyLogSettings;
 mod check;
@@ -101,10 +102,10 @@ use bytes::Bytes;
 
 use super::group_commit::{GroupCommit, SyncFn};
 use super::{
-    AttemptContext, AttemptOutcome, Begin, CallRecord, Claim, Cursor, DeliveryKey, DeliveryRecord,
-    DeliveryStatus, DeliveryStore, Expired, JobKey, JobState, JobStatus, JournalEntry,
-    KeptFingerprint, Lease, NewDelivery, Page, QueuedJob, RetryFilter, SkipSet, StoreError,
-    StoredResponse, TakeOver,
+    AttemptContext, AttemptOutcome, Begin, Binding, CallRecord, Claim, Cursor, DeliveryKey,
+    DeliveryRecord, DeliveryStatus, DeliveryStore, Expired, JobKey, JobState, JobStatus,
+    JournalEntry, KeptFingerprint, Lease, NewDelivery, Page, QueuedJob, Received, RetryFilter,
+    SkipSet, StoreError, StoredResponse, TakeOver,
 };
 use crate::config::Durability;
 
@@ -135,6 +136,8 @@ pub enum Op {
     TakeOver,
     /// [`DeliveryStore::release`].
     Release,
+    /// [`DeliveryStore::bind_handler`] (backfill), per delivery.
+    Bind,
 }
 
 /// Observes the store between its writes, for the interleaving tests.
@@ -1168,6 +1171,15 @@ impl DeliveryStore for SledStore {
                 // Read before an operator retry moved it, or a run finished: stale.
                 return Ok((Begin::Skipped, false));
             }
+            let listed = match &delivery {
+                Ok((record, _)) => record.handlers.contains(&job.handler),
+                Err(_) => true,
+            };
+            if !listed {
+                // A backfill cut by a crash before the record that names its pair.
+                self.drop_stale(queued_due, &job_key)?;
+                return Ok((Begin::Skipped, false));
+            }
             let mut state = self.read_job(&job_key)?.unwrap_or_else(pending_job);
             if state.is_final() {
                 self.drop_stale(queued_due, &job_key)?;
@@ -1574,6 +1586,47 @@ impl DeliveryStore for SledStore {
             Ok((requeued, wrote))
         })
         .await
+    }
+
+    async fn received_between(
+        &self,
+        since_ms: u64,
+        until_ms: u64,
+        after: Option<&Received>,
+        limit: usize,
+    ) -> Result<Vec<Received>, StoreError> {
+        self.received_between_sync(since_ms, until_ms, after, limit)
+    }
+
+    async fn bind_handler(
+        &self,
+        handler: &str,
+        batch: &[(DeliveryKey, Option<String>)],
+    ) -> Result<Vec<Binding>, StoreError> {
+        // On a blocking thread, as a bulk retry: the batch's locks and writes hold no
+        // async worker; then one wait for the disk covers the whole batch.
+        let fsync = self.durability == Durability::Fsync;
+        let guard = if fsync {
+            Some(self.commit.begin_write()?)
+        } else {
+            None
+        };
+        let inner = self.0.clone();
+        let handler = handler.to_owned();
+        let batch = batch.to_vec();
+        let bindings = tokio::task::spawn_blocking(move || {
+            batch
+                .iter()
+                .map(|(key, order_key)| inner.bind_one(&handler, key, order_key.as_deref()))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("backfill: {e}")))??;
+        if fsync && bindings.contains(&Binding::Bound) {
+            self.commit.wait().await?;
+        }
+        drop(guard);
+        Ok(bindings)
     }
 
     async fn retry_all(&self, filter: &RetryFilter, now_ms: u64) -> Result<usize, StoreError> {

@@ -109,7 +109,11 @@ impl SledInner {
         let record = self.read_record(&entry.delivery.encode())?;
         let state = self.read_job(&entry.delivery.job(handler).encode())?;
         match record {
-            Some(record) if !state.as_ref().is_some_and(JobState::is_final) => {
+            // A record that does not list the handler: a backfill cut by a crash before it.
+            Some(record)
+                if !state.as_ref().is_some_and(JobState::is_final)
+                    && record.handlers.iter().any(|h| h == handler) =>
+            {
                 Ok(Some((record, state)))
             }
             _ => {
