@@ -271,6 +271,29 @@ async fn sweep(w: &World) {
     while w.store.expire(NOW + 1, 2).await.expect("expire").examined == 2 {}
 }
 
+/// A backfill of handler `c` (configured later: no claim binds it) over every stored
+/// delivery, two at a time; in the ordered world `c` is ordered by the same value as `a`.
+async fn backfill_c(w: &World) {
+    let mut after = None;
+    loop {
+        let batch = w
+            .store
+            .received_between(0, u64::MAX / 2, after.as_ref(), 2)
+            .await
+            .expect("received");
+        let Some(last) = batch.last().cloned() else {
+            break;
+        };
+        let order = w.ordered.then(|| "K".to_owned());
+        let pairs: Vec<_> = batch
+            .iter()
+            .map(|r| (r.key.clone(), order.clone()))
+            .collect();
+        w.store.bind_handler("c", &pairs).await.expect("bind");
+        after = Some(last);
+    }
+}
+
 async fn retry(w: &World, id: &str) {
     w.store
         .retry(&DeliveryKey::new("credicorp", id), NOW)
@@ -294,6 +317,7 @@ enum Paused {
     OperatorRetry,
     RetentionSweep,
     BulkRetry,
+    Backfill,
 }
 
 /// The operations run in the gap.
@@ -305,6 +329,7 @@ enum Injected {
     OperatorRetry,
     RetentionSweep,
     BulkRetry,
+    Backfill,
 }
 
 /// The state every scenario starts from, received before `NOW` (so a sweep finds them
@@ -394,6 +419,7 @@ async fn run_paused(w: &World, op: Paused) {
             };
             w.store.retry_all(&filter, NOW).await.expect("bulk retry");
         }
+        Paused::Backfill => backfill_c(w).await,
     }
 }
 
@@ -426,6 +452,7 @@ async fn run_injected(w: &World, op: Injected) {
                 w.store.retry_all(&filter, NOW).await.expect("bulk retry");
             }
         }
+        Injected::Backfill => backfill_c(w).await,
     }
 }
 
@@ -591,6 +618,23 @@ fn scenario(
             }
         }
     }
+    // The backfilled handler: at most one run per delivery, and one for every delivery
+    // still stored that a backfill bound (its record lists `c`).
+    for id in news.keys() {
+        let ran = successes
+            .get(&(id.clone(), "c".to_owned()))
+            .copied()
+            .unwrap_or(0);
+        let record =
+            block_on(w.store.record(&DeliveryKey::new("credicorp", id.as_str()))).expect("record");
+        let bound = record.is_some_and(|r| r.handlers.iter().any(|h| h == "c"));
+        let died = deaths.contains(&(id.clone(), "c".to_owned()));
+        if ran > 1 || (bound && ran == 0 && !died) {
+            failures.push(format!(
+                "{id}#c (backfilled): bound {bound}, succeeded {ran} time(s)"
+            ));
+        }
+    }
     for ((id, h), ran) in &successes {
         if !news.contains_key(id) {
             failures.push(format!(
@@ -646,6 +690,7 @@ fn every_gap(ordered: bool) {
         Injected::OperatorRetry,
         Injected::RetentionSweep,
         Injected::BulkRetry,
+        Injected::Backfill,
     ];
     let paused_ops = [
         Paused::ClaimNew,
@@ -658,6 +703,7 @@ fn every_gap(ordered: bool) {
         Paused::OperatorRetry,
         Paused::RetentionSweep,
         Paused::BulkRetry,
+        Paused::Backfill,
     ];
     let mut failures = Vec::new();
     let mut scenarios = 0;

@@ -10,8 +10,8 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use webhook_inbox::config::{Config, Durability};
 use webhook_inbox::store::{
-    AttemptOutcome, Begin, CallRecord, Claim, DeliveryKey, DeliveryStore, JobStatus, Lease,
-    NewDelivery, StoredResponse, TAKE_OVER_GRACE_MS, TakeOver,
+    AttemptOutcome, Begin, Binding, CallRecord, Claim, DeliveryKey, DeliveryStore, JobStatus,
+    Lease, NewDelivery, StoredResponse, TAKE_OVER_GRACE_MS, TakeOver,
 };
 use webhook_inbox::verify::Source;
 
@@ -1025,7 +1025,113 @@ async fn a_queue_read_tells_when_the_next_entry_is_due(store: Store) {
     assert!(due.is_empty() && next.is_none());
 }
 
+/// Backfill: a stored delivery gets a pending pair with the new handler, due at its
+/// received_at; a second bind is `Already` and makes no second entry; an existing pair
+/// (bound at the claim, or run) is never reset; a delivery that is gone is `Skipped`; the
+/// window read walks the deliveries oldest first, batch after batch.
+async fn a_backfill_binds_a_stored_delivery_once_and_never_resets_a_pair(store: Store) {
+    for id in ["k1", "k2", "k3"] {
+        store
+            .claim(new(id, "{}", &["h"], false))
+            .await
+            .expect("claim");
+    }
+    let first = store
+        .received_between(0, NOW, None, 2)
+        .await
+        .expect("window");
+    assert_eq!(first.len(), 2);
+    let rest = store
+        .received_between(0, NOW, first.last(), 2)
+        .await
+        .expect("window");
+    assert_eq!(rest.len(), 1);
+    let mut seen: Vec<String> = first
+        .iter()
+        .chain(&rest)
+        .map(|r| r.key.id.clone())
+        .collect();
+    seen.sort();
+    assert_eq!(seen, ["k1", "k2", "k3"]);
+    assert!(
+        store
+            .received_between(NOW - 999, NOW, None, 10)
+            .await
+            .expect("window")
+            .is_empty(),
+        "received before the window"
+    );
+    // k1's pair with h has run to success: binding h again changes nothing.
+    let entry = due_now(&store, NOW)
+        .await
+        .into_iter()
+        .find(|e| e.job.delivery.id == "k1")
+        .expect("due");
+    let Begin::Started(a) = store
+        .begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
+        .await
+        .expect("begin")
+    else {
+        panic!("runnable")
+    };
+    store
+        .finish_attempt(&entry.job, a.attempt, AttemptOutcome::Succeeded, NOW)
+        .await
+        .expect("finish");
+    let bindings = store
+        .bind_handler(
+            "later",
+            &[(key("k1"), None), (key("k2"), None), (key("gone"), None)],
+        )
+        .await
+        .expect("bind");
+    assert_eq!(bindings, [Binding::Bound, Binding::Bound, Binding::Skipped]);
+    let again = store
+        .bind_handler("later", &[(key("k1"), None), (key("k2"), None)])
+        .await
+        .expect("bind");
+    assert_eq!(again, [Binding::Already, Binding::Already]);
+    assert_eq!(
+        store
+            .bind_handler("h", &[(key("k1"), None)])
+            .await
+            .expect("bind"),
+        [Binding::Already],
+        "bound at the claim"
+    );
+    let record = store
+        .record(&key("k2"))
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(record.handlers, ["h", "later"], "named once");
+    let later: Vec<_> = due_now(&store, NOW)
+        .await
+        .into_iter()
+        .filter(|e| e.job.handler == "later")
+        .collect();
+    assert_eq!(later.len(), 2, "one entry per bound pair: {later:?}");
+    assert!(
+        later.iter().all(|e| e.due_ms == NOW - 1000),
+        "due at received_at"
+    );
+    assert_eq!(
+        store
+            .job(&key("k1").job("h"))
+            .await
+            .expect("job")
+            .expect("state")
+            .status,
+        JobStatus::Succeeded,
+        "never reset"
+    );
+}
+
 const CASES: &[(&str, Case)] = &[
+    (
+        "a_backfill_binds_a_stored_delivery_once_and_never_resets_a_pair",
+        |s| Box::pin(a_backfill_binds_a_stored_delivery_once_and_never_resets_a_pair(s)),
+    ),
     ("a_queue_read_tells_when_the_next_entry_is_due", |s| {
         Box::pin(a_queue_read_tells_when_the_next_entry_is_due(s))
     }),
