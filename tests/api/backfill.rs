@@ -545,3 +545,148 @@ async fn a_backfill_racing_new_deliveries_binds_each_once() {
     );
     app.stop().await;
 }
+
+/// The real binary killed with SIGKILL in the middle of a backfill of 10 000 stored
+/// deliveries: `store check` finds nothing broken, and the rerun binds the rest — every
+/// delivery bound once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_cut_by_kill_dash_nine_leaves_a_clean_store_and_the_rerun_binds_the_rest() {
+    use std::io::BufRead as _;
+    const STORED: usize = 10_000;
+    let dir = tempfile::TempDir::new().expect("dir");
+    let options = Options {
+        extra_toml: "[admin]\ntoken_env = \"WEBHOOK_INBOX_TEST_ADMIN_TOKEN\"\n\n\
+                     [[handlers]]\nname = \"a\"\nkind = \"log\"\nsource = \"credicorp\"\n"
+            .into(),
+        ..Options::default()
+    };
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(
+        &config_path,
+        crate::helpers::config_text(dir.path(), &options),
+    )
+    .expect("config");
+    // Stored while only `a` was configured (the store itself, as a long-running server
+    // would have filled it).
+    {
+        let config = webhook_inbox::config::Config::load(&config_path).expect("config");
+        let source = webhook_inbox::verify::Source::named(&config, "credicorp").expect("source");
+        let store = crate::helpers::open_store(
+            dir.path(),
+            webhook_inbox::config::Durability::Buffered,
+            None,
+        )
+        .await;
+        let received = webhook_inbox::clock::to_ms(SystemTime::now()) - 3_600_000;
+        for i in 0..STORED {
+            let id = format!("stored_{i:05}");
+            let body = event("application.created", i as u32);
+            let d = webhook_inbox::testing::authenticated(
+                &source,
+                &id,
+                body.as_bytes(),
+                SystemTime::now(),
+            )
+            .expect("signed");
+            let new = webhook_inbox::store::NewDelivery::new(
+                d,
+                received + i as u64,
+                vec!["a".into()],
+                false,
+            )
+            .acknowledged(webhook_inbox::store::StoredResponse {
+                status: 202,
+                body: format!("{{\"delivery_id\":\"{id}\"}}"),
+            });
+            webhook_inbox::store::DeliveryStore::claim(&*store, new)
+                .await
+                .expect("claim");
+        }
+        webhook_inbox::store::DeliveryStore::flush(&*store)
+            .await
+            .expect("flush");
+    }
+    // `b` added.
+    let with_b = format!(
+        "{}\n[[handlers]]\nname = \"b\"\nkind = \"log\"\nsource = \"credicorp\"\n",
+        crate::helpers::config_text(dir.path(), &options)
+    );
+    std::fs::write(&config_path, &with_b).expect("config");
+    let backfill_cli = |admin_port: u16| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
+            .args(["handlers", "backfill", "b", "--admin"])
+            .arg(format!("http://127.0.0.1:{admin_port}"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("WEBHOOK_INBOX_TEST_ADMIN_TOKEN", TOKEN)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the CLI runs")
+    };
+
+    let mut serving =
+        crate::helpers::try_spawn_serve(&config_path).unwrap_or_else(|e| panic!("{e}"));
+    let mut cli = backfill_cli(serving.admin_port);
+    let stderr = cli.stderr.take().expect("stderr");
+    // Killed as soon as the first batch is reported bound (a batch is durable before its
+    // progress line is sent).
+    let first = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("bound"))
+    })
+    .await
+    .expect("join")
+    .expect("a progress line");
+    serving.child.kill().expect("SIGKILL");
+    let _ = serving.child.wait();
+    let _ = cli.wait();
+    assert!(first.contains("b: looked at 256, bound 256"), "{first}");
+    crate::crash::assert_store_check_clean(&config_path);
+
+    let mut serving =
+        crate::helpers::try_spawn_serve(&config_path).unwrap_or_else(|e| panic!("{e}"));
+    let cli = backfill_cli(serving.admin_port);
+    let out = tokio::task::spawn_blocking(move || cli.wait_with_output().expect("CLI"))
+        .await
+        .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let numbers: Vec<usize> = stdout
+        .trim()
+        .trim_start_matches("b: bound ")
+        .split(", already bound ")
+        .map(|n| n.trim().parse().expect("a count"))
+        .collect();
+    let (bound, already) = (numbers[0], numbers[1]);
+    assert_eq!(bound + already, STORED, "{stdout}");
+    assert!(
+        already >= 256 && bound > 0,
+        "the kill cut the first backfill: {stdout}"
+    );
+    serving.child.kill().expect("stop");
+    let _ = serving.child.wait();
+    crate::crash::assert_store_check_clean(&config_path);
+    let store = crate::helpers::open_store(
+        dir.path(),
+        webhook_inbox::config::Durability::Buffered,
+        None,
+    )
+    .await;
+    for i in (0..STORED).step_by(997) {
+        let record = webhook_inbox::store::DeliveryStore::record(
+            &*store,
+            &webhook_inbox::store::DeliveryKey::new("credicorp", format!("stored_{i:05}")),
+        )
+        .await
+        .expect("read")
+        .expect("stored");
+        assert_eq!(record.handlers, ["a", "b"], "bound once");
+    }
+}
