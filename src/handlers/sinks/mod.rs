@@ -276,7 +276,7 @@ mod tests {
         );
         assert_eq!(
             t.render(&delivery(Some("a.* >#b c")), "h"),
-            "webhooks.credicorp.a.___b_c"
+            "webhooks.credicorp.a.____b_c"
         );
         assert_eq!(t.render(&delivery(None), "h"), "webhooks.credicorp._");
         let h = Template::parse("{handler}:{source}").expect("template");
