@@ -28,6 +28,9 @@ use webhook_inbox::config::{Config, Durability};
 use webhook_inbox::store::{DeliveryStore, NewDelivery, SledStore};
 use webhook_inbox::verify::Source;
 
+/// The admin token of every server the benchmark starts.
+const BENCH_TOKEN: &str = "bench-admin-token";
+
 const SECRET: &str = "whsec_YmVuY2htYXJrLXNlY3JldC1ub3QtZm9yLXByb2R1Y3Rpb24=";
 
 /// What the run measures.
@@ -39,6 +42,8 @@ struct BenchOptions {
     seconds: u64,
     /// Deliveries pre-filled for the large-store case (0 skips it).
     prefill: usize,
+    /// Deliveries stored before a handler is backfilled over them (0 skips the case).
+    backfill: usize,
     /// actix-web workers of both servers.
     workers: usize,
     /// Seconds of the sustained case (0 skips it).
@@ -242,6 +247,7 @@ async fn start_with(config: &Path, port: u16, admin: u16) -> Result<(Server, Dur
         .args(["serve", "--config"])
         .arg(config)
         .env("RUST_LOG", "warn")
+        .env("WEBHOOK_INBOX_ADMIN_TOKEN", BENCH_TOKEN)
         .env_remove("WEBHOOK_INBOX_LISTEN")
         .env_remove("WEBHOOK_INBOX_ADMIN_LISTEN")
         .env_remove("WEBHOOK_INBOX_DATA_DIR")
@@ -732,6 +738,9 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
             "postgres cases: skipped: pass --postgres-url (or set WEBHOOK_INBOX_TEST_POSTGRES_URL)"
         );
     }
+    if options.backfill > 0 && !options.postgres_only && wanted("backfill") {
+        results.extend(backfill_case(options, source.clone(), bare_rate[&1024]).await?);
+    }
     if options.prefill > 0 {
         results.extend(large_store(options, source.clone(), bare_rate[&1024]).await?);
     }
@@ -979,6 +988,104 @@ async fn postgres(
     Ok(r)
 }
 
+/// The backfill case: `options.backfill` deliveries stored with no handler bound, a
+/// server with handler `later` added; fsync acks of new deliveries measured first alone,
+/// then while `POST /admin/handlers/later/backfill` binds `later` to every stored one
+/// (acks' p99 must stay within 2x; RSS before and after shows the batches' flat memory).
+async fn backfill_case(
+    options: &BenchOptions,
+    source: Arc<Source>,
+    bare: f64,
+) -> Result<Vec<CaseResult>, String> {
+    let dir = tempfile::TempDir::new().map_err(|e| e.to_string())?;
+    {
+        let store = SledStore::open(&dir.path().join("data"), Durability::Buffered, 64 << 20)
+            .map_err(|e| e.to_string())?;
+        let received = webhook_inbox::clock::to_ms(SystemTime::now()) - 3_600_000;
+        for n in 0..options.backfill as u64 {
+            let b = Bytes::from(body(n + 20_000_000, 1024));
+            let delivery = webhook_inbox::testing::authenticated(
+                &source,
+                &format!("msg_stored_{n}"),
+                &b,
+                SystemTime::now(),
+            )
+            .map_err(|e| e.to_string())?;
+            let new = NewDelivery::new(delivery, received + n, Vec::new(), false).acknowledged(
+                webhook_inbox::store::StoredResponse {
+                    status: 202,
+                    body: "{}".into(),
+                },
+            );
+            store.claim(new).await.map_err(|e| e.to_string())?;
+        }
+        store.flush().await.map_err(|e| e.to_string())?;
+    }
+    let (port, admin) = (free_port(), free_port());
+    let storage = format!(
+        "path = \"{}\"\ndurability = \"fsync\"",
+        dir.path().join("data").display()
+    );
+    let config = dir.path().join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[[handlers]]\nname = \"later\"\nkind = \"log\"\nsource = \"bench\"\n",
+            config_with_handler(&storage, port, admin, options.workers, "kind = \"log\"")
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let (server, _) = start_with(&config, port, admin).await?;
+    let load = || Load {
+        body_size: 1024,
+        duplicate_every: None,
+        replay_only: false,
+    };
+    let (mut alone, sent) = drive(port, source.clone(), load(), options, 0).await;
+    alone.name = format!(
+        "fsync, unique, 1 KiB, {} stored, no backfill (the same server just before)",
+        options.backfill
+    );
+    alone.rss = rss_bytes(server.child.id());
+    alone.vs_bare = alone.rate / bare;
+    eprintln!("{}: {:.0}/s, p99 {:.2?}", alone.name, alone.rate, alone.p99);
+    let before_rss = alone.rss;
+    let started = Instant::now();
+    let backfill = tokio::spawn(async move {
+        let answer = reqwest::Client::new()
+            .post(format!(
+                "http://127.0.0.1:{admin}/admin/handlers/later/backfill"
+            ))
+            .bearer_auth(BENCH_TOKEN)
+            .json(&serde_json::json!({}))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let report: serde_json::Value = answer.json().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((report, started.elapsed()))
+    });
+    let (mut during, _) = drive(port, source, load(), options, sent).await;
+    let (report, took) = backfill.await.map_err(|e| e.to_string())??;
+    during.rss = rss_bytes(server.child.id());
+    during.vs_bare = during.rate / bare;
+    during.name = format!(
+        "the same, during a backfill of {} stored (bound {} in {:.1} s; RSS {} -> {} MiB)",
+        options.backfill,
+        report["bound"],
+        took.as_secs_f64(),
+        before_rss >> 20,
+        during.rss >> 20
+    );
+    eprintln!(
+        "{}: {:.0}/s, p99 {:.2?} ({:.2}x the p99 without)",
+        during.name,
+        during.rate,
+        during.p99,
+        during.p99.as_secs_f64() / alone.p99.as_secs_f64().max(1e-9)
+    );
+    Ok(vec![alone, during])
+}
+
 /// Pre-fills `options.prefill` deliveries through the store API, then measures start-up,
 /// RSS and throughput against an empty store in the same conditions.
 async fn large_store(
@@ -1092,6 +1199,9 @@ struct Args {
     /// Deliveries to pre-fill for the large-store case (0 skips it).
     #[arg(long, default_value_t = 1_000_000)]
     prefill: usize,
+    /// Deliveries stored before the backfill case backfills a handler over them (0 skips).
+    #[arg(long, default_value_t = 100_000)]
+    backfill: usize,
     /// actix-web workers of both servers.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -1146,6 +1256,7 @@ fn main() -> std::process::ExitCode {
         concurrency: args.concurrency,
         seconds: args.seconds,
         prefill: args.prefill,
+        backfill: args.backfill,
         workers: args.workers,
         sustain_seconds: args.sustain_seconds,
         postgres_url: args.postgres_url,
