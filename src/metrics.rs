@@ -9,8 +9,15 @@
 //!   `handler_duration_seconds{handler}`.
 //! - `queue_depth`, `dead_letters`: read from the store at scrape time; likewise, per
 //!   handler, `handler_queue_depth{handler}` and `handler_paused{handler}` (1 when paused).
+//! - `answer_duration_seconds{source}`: from a request's arrival to its answer (every
+//!   outcome), per configured source (`_unknown` otherwise).
+//! - `calls_total{handler,outcome}`: downstream call steps (`succeeded`, `refused`,
+//!   `replayed` from the journal, `failed`), registered from the call service at start-up.
 //! - `store_flush_seconds`: one group commit of the sled store (registered at start-up
 //!   when the service opened that store itself).
+//!
+//! `deploy/grafana-dashboard.json` charts these; a test fails if it names a metric the
+//! binary does not export.
 //!
 //! Beside the counters, [`RecentActivity`] keeps the last hour of deliveries per source and
 //! minute, for the console's overview chart (Prometheus keeps no history itself).
@@ -46,6 +53,13 @@ pub struct RunLabels {
     pub result: String,
 }
 
+/// Labels of `answer_duration_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// Source name (or `_unknown`).
+    pub source: String,
+}
+
 /// Labels of `handler_duration_seconds`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandlerLabels {
@@ -55,6 +69,11 @@ pub struct HandlerLabels {
 
 fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// From 100 µs to about 6.5 s: an fsync'd ack is a millisecond or a few.
+fn answer_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
 }
 
 /// Every metric of the service.
@@ -67,6 +86,7 @@ pub struct Metrics {
     dead_letters: Gauge<i64, AtomicI64>,
     handler_queue_depth: Family<HandlerLabels, Gauge<i64, AtomicI64>>,
     handler_paused: Family<HandlerLabels, Gauge<i64, AtomicI64>>,
+    answer_duration: Family<SourceLabels, Histogram, fn() -> Histogram>,
     /// The configured handlers, so each has its gauges even when idle.
     handlers: Vec<String>,
     /// The last hour, per source and minute.
@@ -134,9 +154,19 @@ impl Metrics {
             "1 for a handler an operator has paused",
             handler_paused.clone(),
         );
+        let answer_duration =
+            Family::<SourceLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                answer_histogram,
+            );
+        registry.register(
+            "answer_duration_seconds",
+            "From a webhook request's arrival to its answer",
+            answer_duration.clone(),
+        );
         Metrics {
             registry,
             deliveries,
+            answer_duration,
             handler_runs,
             handler_duration,
             queue_depth,
@@ -171,6 +201,24 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// How long a request of `source` took to answer.
+    pub fn answered_in(&self, source: &str, seconds: f64) {
+        self.answer_duration
+            .get_or_create(&SourceLabels {
+                source: source.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// Registers the call service's step counts as `calls_total`.
+    pub fn register_calls(&mut self, outcomes: crate::calls::CallOutcomes) {
+        self.registry.register(
+            "calls",
+            "Downstream call steps by handler and outcome",
+            outcomes,
+        );
     }
 
     /// Counts one handler run and its duration.

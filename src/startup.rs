@@ -202,10 +202,6 @@ impl ApplicationBuilder {
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
         let admin_port = admin_listener.local_addr().map(|a| a.port()).unwrap_or(0);
 
-        let metrics = Arc::new(metrics);
-        let admin_token = (self.env)(&config.admin.token_env).filter(|t| !t.is_empty());
-        let cancel_handlers = CancellationToken::new();
-        let stopping = CancellationToken::new();
         let calls = crate::calls::CallService::new(
             Some(store.clone()),
             self.clock,
@@ -219,6 +215,11 @@ impl ApplicationBuilder {
                 })
                 .collect(),
         );
+        metrics.register_calls(calls.outcomes());
+        let metrics = Arc::new(metrics);
+        let admin_token = (self.env)(&config.admin.token_env).filter(|t| !t.is_empty());
+        let cancel_handlers = CancellationToken::new();
+        let stopping = CancellationToken::new();
         // `webhook-inbox call` in a `command` handler reaches this process on the admin
         // listener, over loopback when it listens on every address.
         if let Ok(admin) = admin_listener.local_addr() {

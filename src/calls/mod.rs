@@ -248,7 +248,25 @@ pub struct CallService {
     per_handler: HashMap<String, CallsConfig>,
     live: loopback::LiveRuns,
     loopback_base: Mutex<Option<String>>,
+    outcomes: CallOutcomes,
 }
+
+/// Labels of `calls_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct CallLabels {
+    /// The handler whose run made the call.
+    pub handler: String,
+    /// `succeeded` (an answer under 400), `refused` (a final answer of 400 or more),
+    /// `replayed` (from the journal, no network call), `failed` (no answer: retries ran
+    /// out, a bad request, a changed step).
+    pub outcome: &'static str,
+}
+
+/// Steps by handler and outcome, registered by the metrics as `calls_total`.
+pub type CallOutcomes = prometheus_client::metrics::family::Family<
+    CallLabels,
+    prometheus_client::metrics::counter::Counter,
+>;
 
 impl std::fmt::Debug for CallService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -273,6 +291,17 @@ impl CallService {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
+        // Every configured handler's counts exist from the start, at zero: a dashboard
+        // finds the series before the first call.
+        let outcomes = CallOutcomes::default();
+        for handler in per_handler.keys() {
+            for outcome in ["succeeded", "refused", "replayed", "failed"] {
+                let _ = outcomes.get_or_create(&CallLabels {
+                    handler: handler.clone(),
+                    outcome,
+                });
+            }
+        }
         Arc::new(CallService {
             http,
             store,
@@ -281,7 +310,13 @@ impl CallService {
             per_handler,
             live: loopback::LiveRuns::default(),
             loopback_base: Mutex::new(None),
+            outcomes,
         })
+    }
+
+    /// The count of steps by handler and outcome (for `/metrics`).
+    pub fn outcomes(&self) -> CallOutcomes {
+        self.outcomes.clone()
     }
 
     /// The settings of `handler`'s calls.
@@ -368,6 +403,29 @@ impl Calls {
     /// [`Calls::execute`] with an explicit key (the `http` handler's `forward` step keeps
     /// the pair's key it always sent, so an upgrade changes no key of a pending delivery).
     pub async fn execute_keyed(
+        &self,
+        step: &str,
+        key: &str,
+        request: CallRequest,
+    ) -> Result<CallResponse, CallError> {
+        let result = self.answer(step, key, request).await;
+        let outcome = match &result {
+            Ok(r) if r.replayed => "replayed",
+            Ok(r) if r.status < 400 => "succeeded",
+            Ok(_) => "refused",
+            Err(_) => "failed",
+        };
+        self.service
+            .outcomes
+            .get_or_create(&CallLabels {
+                handler: self.job.handler.clone(),
+                outcome,
+            })
+            .inc();
+        result
+    }
+
+    async fn answer(
         &self,
         step: &str,
         key: &str,

@@ -183,6 +183,7 @@ pub async fn receive(
     } else {
         "_unknown"
     };
+    let arrived = std::time::Instant::now();
     let span = tracing::info_span!(
         "delivery",
         source = %source_label,
@@ -208,6 +209,9 @@ pub async fn receive(
     };
     span.record("outcome", if reason.is_empty() { outcome } else { reason });
     state.metrics.delivery(source_label, outcome, reason);
+    state
+        .metrics
+        .answered_in(source_label, arrived.elapsed().as_secs_f64());
     let _entered = span.enter();
     match &result {
         Err(ApiError::StorageUnavailable | ApiError::HandlerFailed | ApiError::ServerBusy) => {

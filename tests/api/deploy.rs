@@ -70,3 +70,93 @@ fn the_binary_reports_its_version() {
         format!("webhook-inbox {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+const DASHBOARD: &str = include_str!("../../deploy/grafana-dashboard.json");
+
+/// The metric names a PromQL text uses (`webhook_inbox_…`), as the exposition types them:
+/// a histogram's `_bucket`/`_sum`/`_count` and a counter's `_total` name their family.
+fn metric_families(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("webhook_inbox_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        let family = ["_bucket", "_sum", "_count", "_total"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(&name)
+            .to_owned();
+        out.push(family);
+    }
+    out
+}
+
+/// The Grafana dashboard in `deploy/` names only metrics the binary exports: every family
+/// its queries use is in a scrape of `/metrics` of the real app (with a handler and the
+/// sled store, as deployed), and it charts what an operator needs first.
+#[tokio::test]
+async fn the_grafana_dashboard_names_only_metrics_the_binary_exports() {
+    let dashboard: serde_json::Value = serde_json::from_str(DASHBOARD).expect("JSON");
+    let mut used = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            used.extend(metric_families(target["expr"].as_str().expect("expr")));
+        }
+    }
+    for wanted in [
+        "webhook_inbox_deliveries",
+        "webhook_inbox_answer_duration_seconds",
+        "webhook_inbox_handler_queue_depth",
+        "webhook_inbox_handler_runs",
+        "webhook_inbox_dead_letters",
+        "webhook_inbox_store_flush_seconds",
+        "webhook_inbox_calls",
+    ] {
+        assert!(used.contains(wanted), "the dashboard charts {wanted}");
+    }
+    // A configured handler (the recorder is a plugin): its call counts exist at zero.
+    let app = crate::helpers::spawn_with(crate::helpers::Options {
+        extra_toml: "[[handlers]]\nname = \"audit\"\nkind = \"log\"\n".into(),
+        ..crate::helpers::Options::default()
+    })
+    .await;
+    assert_eq!(
+        app.deliver(
+            "msg_metrics",
+            &crate::helpers::event("application.created", 1)
+        )
+        .await
+        .status(),
+        202
+    );
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.admin_address))
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    let exported: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    for family in &used {
+        // The store's flush histogram exists only where the service opened sled itself.
+        if family == "webhook_inbox_store_flush_seconds"
+            && crate::helpers::backend_under_test().is_some()
+        {
+            continue;
+        }
+        assert!(
+            exported.contains(family.as_str()),
+            "the dashboard uses {family}, which /metrics does not export:\n{text}"
+        );
+    }
+    app.stop().await;
+}
