@@ -60,9 +60,92 @@ pub struct Config {
     /// Built-in handlers (`log`, `command`, `http`).
     #[serde(default)]
     pub handlers: Vec<HandlerConfig>,
+    /// Operational webhooks: endpoints told when handlers fail, work backs up, a source is
+    /// refused or the store is unavailable.
+    #[serde(default)]
+    pub alerts: Vec<AlertConfig>,
     /// The file this configuration was read from; set by [`Config::load`].
     #[serde(skip)]
     pub file: String,
+}
+
+/// `[[alerts]]`: one endpoint of operational webhooks (see `crate::alerts`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertConfig {
+    /// Where alerts are POSTed (http or https).
+    pub url: String,
+    /// The variable holding the `whsec_…` secret they are signed with (Standard Webhooks;
+    /// required for that format, read at start).
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// `standard-webhooks` (signed JSON events) or `slack` (an incoming-webhook message).
+    #[serde(default)]
+    pub format: AlertFormat,
+    /// The alert kinds sent here (default: all).
+    #[serde(default = "all_alert_events")]
+    pub events: Vec<String>,
+    /// One alert per (kind, subject) at most this often; the rest are counted into the next.
+    #[serde(default = "default_min_interval", with = "humantime_duration")]
+    pub min_interval: Duration,
+    /// `handler.failing` after this many consecutive failed runs of a handler.
+    #[serde(default = "default_failing_after")]
+    pub failing_after: u32,
+    /// `queue.backlog` when more than this many pairs are queued …
+    #[serde(default = "default_backlog_over")]
+    pub backlog_over: u64,
+    /// … for this long.
+    #[serde(default = "default_backlog_for", with = "humantime_duration")]
+    pub backlog_for: Duration,
+    /// `source.rejections` when a source's 401s within a minute pass this.
+    #[serde(default = "default_rejections_over")]
+    pub rejections_over: u64,
+}
+
+/// How alerts are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AlertFormat {
+    /// Signed JSON events (`webhook-id`, `webhook-timestamp`, `webhook-signature`).
+    #[default]
+    StandardWebhooks,
+    /// `{"text": "…"}` for a Slack incoming webhook.
+    Slack,
+}
+
+/// Every alert kind, in design.md's order.
+pub const ALERT_EVENTS: [&str; 7] = [
+    "delivery.dead",
+    "handler.failing",
+    "handler.recovered",
+    "queue.backlog",
+    "source.rejections",
+    "storage.unavailable",
+    "storage.recovered",
+];
+
+fn all_alert_events() -> Vec<String> {
+    ALERT_EVENTS.iter().map(|e| (*e).to_owned()).collect()
+}
+
+fn default_min_interval() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_failing_after() -> u32 {
+    5
+}
+
+fn default_backlog_over() -> u64 {
+    10_000
+}
+
+fn default_backlog_for() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_rejections_over() -> u64 {
+    100
 }
 
 /// `[server]`
@@ -997,6 +1080,32 @@ impl Config {
         }
         if let Some(problem) = self.calls.problem("calls") {
             return err(problem);
+        }
+        for (i, alert) in self.alerts.iter().enumerate() {
+            let key = format!("alerts[{i}]");
+            match reqwest::Url::parse(&alert.url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                _ => return err(format!("{key}.url: an http or https URL is expected")),
+            }
+            if let Some(unknown) = alert
+                .events
+                .iter()
+                .find(|e| !ALERT_EVENTS.contains(&e.as_str()))
+            {
+                return err(format!(
+                    "{key}.events: unknown alert `{}` (known: {})",
+                    crate::domain::printable(unknown),
+                    ALERT_EVENTS.join(", ")
+                ));
+            }
+            if alert.format == AlertFormat::StandardWebhooks && alert.secret_env.is_none() {
+                return err(format!(
+                    "{key}.secret_env: the standard-webhooks format signs every alert: name the variable holding its whsec_ secret"
+                ));
+            }
+            if alert.failing_after == 0 {
+                return err(format!("{key}.failing_after must be at least 1"));
+            }
         }
         for handler in &self.handlers {
             let binding = handler.binding();

@@ -27,6 +27,7 @@
 //! - [`cli`], [`telemetry`], [`clock`]: the command line, logs, time.
 
 pub mod admin_client;
+pub mod alerts;
 pub mod backfill;
 pub mod calls;
 pub mod cli;

@@ -13,6 +13,8 @@
 //!   outcome), per configured source (`_unknown` otherwise).
 //! - `calls_total{handler,outcome}`: downstream call steps (`succeeded`, `refused`,
 //!   `replayed` from the journal, `failed`), registered from the call service at start-up.
+//! - `alerts_total{event,result}`: operational webhooks `sent`, `failed` (retries ran
+//!   out) or `dropped` (too many unsent).
 //! - `store_flush_seconds`: one group commit of the sled store (registered at start-up
 //!   when the service opened that store itself).
 //!
@@ -217,6 +219,15 @@ impl Metrics {
         self.registry.register(
             "calls",
             "Downstream call steps by handler and outcome",
+            outcomes,
+        );
+    }
+
+    /// Registers the operational webhooks' counts as `alerts_total`.
+    pub fn register_alerts(&mut self, outcomes: crate::alerts::AlertOutcomes) {
+        self.registry.register(
+            "alerts",
+            "Operational webhooks by kind and result (sent, failed, dropped)",
             outcomes,
         );
     }

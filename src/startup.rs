@@ -31,6 +31,9 @@ pub enum StartupError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// An `[[alerts]]` endpoint cannot be set up.
+    #[error(transparent)]
+    Alerts(#[from] crate::alerts::AlertError),
     /// The store could not be opened.
     #[error("opening the store at {path}: {source}")]
     Store {
@@ -202,6 +205,7 @@ impl ApplicationBuilder {
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
         let admin_port = admin_listener.local_addr().map(|a| a.port()).unwrap_or(0);
 
+        let cancel_handlers = CancellationToken::new();
         let calls = crate::calls::CallService::new(
             Some(store.clone()),
             self.clock,
@@ -216,9 +220,11 @@ impl ApplicationBuilder {
                 .collect(),
         );
         metrics.register_calls(calls.outcomes());
+        let alerts = crate::alerts::Alerts::start(&config, &*self.env, cancel_handlers.clone())?;
+        metrics.register_alerts(alerts.outcomes());
+        tokio::spawn(alerts.clone().watch(store.clone(), cancel_handlers.clone()));
         let metrics = Arc::new(metrics);
         let admin_token = (self.env)(&config.admin.token_env).filter(|t| !t.is_empty());
-        let cancel_handlers = CancellationToken::new();
         let stopping = CancellationToken::new();
         // `webhook-inbox call` in a `command` handler reaches this process on the admin
         // listener, over loopback when it listens on every address.
@@ -239,7 +245,8 @@ impl ApplicationBuilder {
             cancel_handlers.clone(),
             metrics.clone(),
             calls.clone(),
-        );
+        )
+        .with_alerts(alerts.clone());
         let dispatcher = Dispatcher::new(runner.clone());
         let ingest = Ingest {
             sources,
@@ -266,6 +273,7 @@ impl ApplicationBuilder {
             stopping: stopping.clone(),
             console: Default::default(),
             calls,
+            alerts,
         });
 
         let workers = match config.server.workers {

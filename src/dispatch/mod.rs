@@ -131,6 +131,8 @@ pub struct Runner {
     pub turns: Arc<Turns>,
     /// The downstream client every run's context carries.
     pub calls: Arc<CallService>,
+    /// Told how each run ended (operational webhooks).
+    pub alerts: Arc<crate::alerts::Alerts>,
 }
 
 impl Runner {
@@ -154,7 +156,14 @@ impl Runner {
             metrics,
             turns,
             calls,
+            alerts: crate::alerts::Alerts::none(),
         }
+    }
+
+    /// The runner, telling `alerts` how each run ends.
+    pub fn with_alerts(mut self, alerts: Arc<crate::alerts::Alerts>) -> Runner {
+        self.alerts = alerts;
+        self
     }
 
     /// Runs `job` once, taken from the queue entry due at `queued_due`: waits for the
@@ -183,6 +192,13 @@ impl Runner {
         let error = format!("body unreadable: {error}");
         tracing::error!(job = %job, %error, "dead-lettering a delivery that cannot be read back");
         self.metrics.handler_run(&job.handler, "dead", 0.0);
+        self.alerts.run_finished(
+            &job.handler,
+            &job.delivery.source,
+            &job.delivery.id,
+            crate::alerts::RunEnd::Dead,
+            &error,
+        );
         self.store
             .finish_attempt(
                 job,
@@ -347,6 +363,20 @@ impl Runner {
         span.record("result", label);
         self.metrics
             .handler_run(&job.handler, label, started.elapsed().as_secs_f64());
+        let (end, error) = match &outcome {
+            AttemptOutcome::Succeeded => (crate::alerts::RunEnd::Succeeded, ""),
+            AttemptOutcome::RetryAt { error, .. } | AttemptOutcome::Failed { error } => {
+                (crate::alerts::RunEnd::Failed, error.as_str())
+            }
+            AttemptOutcome::Dead { error } => (crate::alerts::RunEnd::Dead, error.as_str()),
+        };
+        self.alerts.run_finished(
+            &job.handler,
+            &job.delivery.source,
+            &job.delivery.id,
+            end,
+            error,
+        );
         match &outcome {
             AttemptOutcome::Succeeded => {
                 tracing::debug!(parent: &span, "handler succeeded")

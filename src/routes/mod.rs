@@ -44,6 +44,8 @@ pub struct AppState {
     pub stopping: CancellationToken,
     /// The downstream client (the loopback endpoint serves its live runs).
     pub calls: Arc<crate::calls::CallService>,
+    /// Operational webhooks (told of refused requests).
+    pub alerts: Arc<crate::alerts::Alerts>,
     /// The web console's sessions and sign-in throttle.
     pub console: console::ConsoleState,
 }

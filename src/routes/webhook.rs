@@ -209,6 +209,12 @@ pub async fn receive(
     };
     span.record("outcome", if reason.is_empty() { outcome } else { reason });
     state.metrics.delivery(source_label, outcome, reason);
+    if source_label != "_unknown"
+        && let Err(e) = &result
+        && actix_web::ResponseError::status_code(e) == actix_web::http::StatusCode::UNAUTHORIZED
+    {
+        state.alerts.rejected(source_label, state.clock.now_ms());
+    }
     state
         .metrics
         .answered_in(source_label, arrived.elapsed().as_secs_f64());

@@ -9,7 +9,8 @@
 //! 1  config                            typed config.toml
 //! 2  verify                            signature schemes; what a verified delivery is
 //! 3  store                             durable memory
-//! 4  calls                             downstream calls: the client and its journal
+//! 4  calls, alerts                     downstream calls: the client and its journal;
+//!                                      operational webhooks
 //! 5  handlers, metrics, fixture        the Handler trait and built-ins; metrics; fixtures
 //! 6  dispatch, retention, export, replay, admin_client, testing, backfill
 //! 7  ingest                            HTTP-free: authenticate, claim, ack policy
@@ -30,6 +31,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("verify", 2),
     ("store", 3),
     ("calls", 4),
+    ("alerts", 4),
     ("handlers", 5),
     ("metrics", 5),
     ("fixture", 5),

@@ -121,6 +121,10 @@ impl Default for Options {
     }
 }
 
+/// The variable an `[[alerts]]` table of a test names as its `secret_env`, and its value.
+pub const ALERT_SECRET_ENV: &str = "WEBHOOK_INBOX_TEST_ALERT_SECRET";
+pub const ALERT_SECRET: &str = "whsec_YWxlcnRzLXNlY3JldC1mb3ItdGVzdHM=";
+
 pub struct TestApp {
     pub address: String,
     pub admin_address: String,
@@ -233,6 +237,9 @@ async fn spawn_config_with_token(
     init_logs();
     let token_env = config.admin.token_env.clone();
     let mut builder = ApplicationBuilder::new(config.clone()).env(move |k| {
+        if k == ALERT_SECRET_ENV {
+            return Some(ALERT_SECRET.to_owned());
+        }
         (k == token_env)
             .then(|| admin_token.map(String::from))
             .flatten()

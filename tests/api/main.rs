@@ -4,6 +4,7 @@
 mod helpers;
 
 mod admin;
+mod alerts;
 mod architecture;
 mod backfill;
 mod calls;
