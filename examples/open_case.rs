@@ -98,7 +98,7 @@ impl Handler for OpenCase {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    webhook_inbox::telemetry::init(webhook_inbox::telemetry::LogFormat::Pretty);
+    let _ = webhook_inbox::telemetry::init(webhook_inbox::telemetry::LogFormat::Pretty, None);
     let path = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "config.toml".into());

@@ -330,6 +330,26 @@ pub enum DeliveriesCommand {
     },
 }
 
+/// Where `serve` exports traces: `[telemetry]` of its config, or
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`; none for the other commands (or a config that does not
+/// load, which `serve` then reports).
+pub fn otlp_settings(cli: &Cli) -> Option<crate::telemetry::OtlpSettings> {
+    let Command::Serve { config } = &cli.command else {
+        return None;
+    };
+    let config = load(&config.path).ok()?;
+    let endpoint = config.telemetry.otlp_endpoint.clone().or_else(|| {
+        std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .ok()
+            .filter(|e| !e.is_empty())
+    })?;
+    Some(crate::telemetry::OtlpSettings {
+        endpoint,
+        sample_ratio: config.telemetry.sample_ratio,
+        service_name: config.telemetry.service_name,
+    })
+}
+
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> ExitCode {
     match cli.command {
@@ -927,8 +947,16 @@ async fn serve(path: PathBuf) -> ExitCode {
     // The bound ports, which differ from the configured ones when those are 0.
     listen.set_port(app.port());
     admin.set_port(app.admin_port());
-    tracing::info!(%listen, %admin, "webhook-inbox serving");
-    match app.run_until_stopped(shutdown).await {
+    tracing::info!(
+        %listen,
+        %admin,
+        traces = crate::telemetry::exporting(),
+        "webhook-inbox serving"
+    );
+    let ended = app.run_until_stopped(shutdown).await;
+    // Off the runtime's threads: the exporter's last batch is sent on this runtime.
+    let _ = tokio::task::spawn_blocking(crate::telemetry::shutdown_otlp).await;
+    match ended {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e.to_string()),
     }

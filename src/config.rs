@@ -64,9 +64,35 @@ pub struct Config {
     /// refused or the store is unavailable.
     #[serde(default)]
     pub alerts: Vec<AlertConfig>,
+    /// Trace export.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
     /// The file this configuration was read from; set by [`Config::load`].
     #[serde(skip)]
     pub file: String,
+}
+
+/// `[telemetry]`: OpenTelemetry traces over OTLP/HTTP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// The collector's OTLP/HTTP URL (`http://127.0.0.1:4318`); unset:
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, else nothing is exported.
+    pub otlp_endpoint: Option<String>,
+    /// The share of traces kept, 0.0 to 1.0 (a sender's sampled flag is followed).
+    pub sample_ratio: f64,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            sample_ratio: 1.0,
+            service_name: "webhook-inbox".into(),
+        }
+    }
 }
 
 /// `[[alerts]]`: one endpoint of operational webhooks (see `crate::alerts`).
@@ -1080,6 +1106,15 @@ impl Config {
         }
         if let Some(problem) = self.calls.problem("calls") {
             return err(problem);
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {
+            return err("telemetry.sample_ratio must be between 0.0 and 1.0".into());
+        }
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint {
+            match reqwest::Url::parse(endpoint) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                _ => return err("telemetry.otlp_endpoint: an http or https URL is expected".into()),
+            }
         }
         for (i, alert) in self.alerts.iter().enumerate() {
             let key = format!("alerts[{i}]");

@@ -237,7 +237,8 @@ impl Ingest {
         received_at_ms: u64,
     ) -> NewDelivery {
         let routing = self.registry.matching(d.source(), d.event_type(), d.body());
-        let new = NewDelivery::new(d, received_at_ms, routing.handlers, source.body_dedup);
+        let new = NewDelivery::new(d, received_at_ms, routing.handlers, source.body_dedup)
+            .traced(crate::telemetry::traceparent(&tracing::Span::current()));
         match source.ack {
             AckMode::Durable => {
                 let response = first_response(new.record(), false);

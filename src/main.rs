@@ -13,6 +13,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    webhook_inbox::telemetry::init(cli.log_format);
+    let otlp = cli::otlp_settings(&cli);
+    if let Err(e) = webhook_inbox::telemetry::init(cli.log_format, otlp.as_ref()) {
+        tracing::warn!(error = %e, "traces are not exported");
+    }
     cli::run(cli).await
 }

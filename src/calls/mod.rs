@@ -345,6 +345,7 @@ impl CallService {
             service: self.clone(),
             job,
             shutdown,
+            run_span: tracing::Span::current(),
         }
     }
 }
@@ -357,6 +358,9 @@ pub struct Calls {
     job: JobKey,
     settings: CallsConfig,
     shutdown: CancellationToken,
+    /// The run's span: every `call` span is its child, also when a program calls through
+    /// the loopback endpoint (whose request has no span of the run).
+    run_span: tracing::Span,
 }
 
 impl std::fmt::Debug for Calls {
@@ -408,7 +412,15 @@ impl Calls {
         key: &str,
         request: CallRequest,
     ) -> Result<CallResponse, CallError> {
-        let result = self.answer(step, key, request).await;
+        let span = tracing::info_span!(
+            parent: &self.run_span,
+            "call",
+            otel.name = "call",
+            step = %crate::domain::printable(step),
+            handler = %self.job.handler,
+            method = %request.method,
+        );
+        let result = tracing::Instrument::instrument(self.answer(step, key, request), span).await;
         let outcome = match &result {
             Ok(r) if r.replayed => "replayed",
             Ok(r) if r.status < 400 => "succeeded",
@@ -633,6 +645,16 @@ async fn exchange(
             .timeout(timeout);
         for (name, value) in &call.request.headers {
             builder = builder.header(name.as_str(), value.as_str());
+        }
+        let has_traceparent = call
+            .request
+            .headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("traceparent"));
+        if !has_traceparent
+            && let Some(traceparent) = crate::telemetry::traceparent(&tracing::Span::current())
+        {
+            builder = builder.header("traceparent", traceparent);
         }
         let send = builder
             .header("Idempotency-Key", call.key)

@@ -266,12 +266,14 @@ impl Runner {
         let record = &attempt.record;
         let span = tracing::info_span!(
             "handler",
+            otel.name = "run",
             handler = %job.handler,
             source = %record.source,
             delivery_id = %record.id,
             attempt = attempt.attempt,
             result = tracing::field::Empty,
         );
+        crate::telemetry::link_to(&span, record.trace_parent.as_deref());
         let started = std::time::Instant::now();
         // The handler's own token: shutdown, or a lease that can no longer be proven held.
         let stop = self.cancel.child_token();

@@ -186,10 +186,17 @@ pub async fn receive(
     let arrived = std::time::Instant::now();
     let span = tracing::info_span!(
         "delivery",
+        otel.name = "receive",
         source = %source_label,
         delivery_id = tracing::field::Empty,
         event_type = tracing::field::Empty,
         outcome = tracing::field::Empty,
+    );
+    crate::telemetry::continue_trace(
+        &span,
+        req.headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok()),
     );
     let result = handle(&req, &source, payload, &state, &span)
         .instrument(span.clone())

@@ -154,6 +154,7 @@ mod tests {
             body_dedup: false,
             alias_of: None,
             order_keys: Default::default(),
+            trace_parent: None,
         };
         r.set_processed_lease(lease);
         r

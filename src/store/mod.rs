@@ -205,6 +205,10 @@ pub struct DeliveryRecord {
     /// it in the line is final for the handler.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub order_keys: BTreeMap<String, String>,
+    /// The W3C `traceparent` of the request's `receive` span, when traces are exported:
+    /// every run of the delivery links to it (on any replica, after any restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_parent: Option<String>,
 }
 
 impl DeliveryRecord {
@@ -331,6 +335,7 @@ impl NewDelivery {
                 body_dedup,
                 alias_of: None,
                 order_keys: BTreeMap::new(),
+                trace_parent: None,
             },
             body,
             enqueue: false,
@@ -351,6 +356,12 @@ impl NewDelivery {
         self.record.lease_owner = Some(lease.owner);
         self.enqueue = false;
         self.record.order_keys.clear();
+        self
+    }
+
+    /// The `traceparent` of the request's `receive` span, kept for the runs to link to.
+    pub fn traced(mut self, trace_parent: Option<String>) -> NewDelivery {
+        self.record.trace_parent = trace_parent;
         self
     }
 
@@ -518,6 +529,7 @@ impl KeptFingerprint {
             body_dedup: true,
             alias_of: None,
             order_keys: BTreeMap::new(),
+            trace_parent: None,
         }
     }
 }

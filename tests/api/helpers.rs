@@ -138,7 +138,7 @@ pub struct TestApp {
 
 pub fn init_logs() {
     if std::env::var("TEST_LOG").is_ok() {
-        webhook_inbox::telemetry::init(webhook_inbox::telemetry::LogFormat::Pretty);
+        let _ = webhook_inbox::telemetry::init(webhook_inbox::telemetry::LogFormat::Pretty, None);
     }
 }
 

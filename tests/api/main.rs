@@ -33,3 +33,4 @@ mod sinks;
 mod soak;
 mod store_check;
 mod store_conformance;
+mod traces;

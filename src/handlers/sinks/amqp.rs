@@ -139,6 +139,13 @@ impl AmqpSink {
                 AMQPValue::LongString(LongString::from(value)),
             );
         }
+        let span = super::publish_span("amqp", &routing_key);
+        if let Some(traceparent) = crate::telemetry::traceparent(&span) {
+            headers.insert(
+                ShortString::from("traceparent"),
+                AMQPValue::LongString(LongString::from(traceparent)),
+            );
+        }
         let content_type = d
             .headers
             .get("content-type")
@@ -165,6 +172,7 @@ impl AmqpSink {
                 .map_err(|e| failed(&e))?;
             confirm.await.map_err(|e| failed(&e))
         };
+        let publish = tracing::Instrument::instrument(publish, span);
         let confirmation = tokio::time::timeout(BROKER_TIMEOUT, publish)
             .await
             .map_err(|_| failed(&"no confirm in time"))??;

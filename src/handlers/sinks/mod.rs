@@ -7,6 +7,9 @@
 //! `webhook-event-type`, `webhook-received-at`, `idempotency-key`), and the URL handling
 //! (`url` or `url_env`; the URL may hold credentials and is only ever shown redacted).
 //!
+//! With traces exported, each message carries the `traceparent` of its `publish` span (a
+//! header; a field of the Redis entry).
+//!
 //! A run succeeds only once the broker has taken the message durably (the JetStream
 //! publish acknowledgement; a RabbitMQ publisher confirm of a `mandatory` message that was
 //! routed; the `XADD` reply). A rerun of the pair publishes no duplicate where the broker
@@ -171,6 +174,12 @@ pub fn resolve_url(url: Option<&str>, url_env: Option<&str>) -> Result<String, S
             .ok_or_else(|| SinkError::UnsetUrl(var.to_owned())),
         _ => Err(SinkError::NoUrl),
     }
+}
+
+/// The `publish` span of one message (`otel.name`), whose `traceparent` the message
+/// carries when traces are exported.
+pub fn publish_span(broker: &'static str, destination: &str) -> tracing::Span {
+    tracing::info_span!("publish", otel.name = "publish", broker, destination = %destination)
 }
 
 /// The broker connections of one service, one per (kind, URL), shared by every sink that

@@ -93,6 +93,10 @@ impl Handler for NatsSink {
             headers.insert(name, value.as_str());
         }
         headers.insert("Nats-Msg-Id", ctx.idempotency_key.as_str());
+        let span = super::publish_span("nats", &subject);
+        if let Some(traceparent) = crate::telemetry::traceparent(&span) {
+            headers.insert("traceparent", traceparent.as_str());
+        }
         let failed = |e: &dyn std::fmt::Display| {
             HandlerError::Retryable(format!(
                 "publish to {} subject `{subject}`: {}",
@@ -113,6 +117,7 @@ impl Handler for NatsSink {
                 }
             })
         };
+        let publish = tracing::Instrument::instrument(publish, span);
         let ack = tokio::select! {
             r = publish => r?,
             () = ctx.shutdown.cancelled() => {

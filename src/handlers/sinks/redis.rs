@@ -128,9 +128,16 @@ impl Handler for RedisSink {
         for (name, value) in Metadata::of(d, &ctx.idempotency_key).0 {
             invocation.arg(name).arg(value);
         }
-        let append = tokio::time::timeout(
-            Duration::from_secs(10),
-            invocation.invoke_async::<String>(&mut connection),
+        let span = super::publish_span("redis", &stream);
+        if let Some(traceparent) = crate::telemetry::traceparent(&span) {
+            invocation.arg("traceparent").arg(traceparent);
+        }
+        let append = tracing::Instrument::instrument(
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                invocation.invoke_async::<String>(&mut connection),
+            ),
+            span,
         );
         let id = tokio::select! {
             r = append => r
