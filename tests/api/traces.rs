@@ -106,10 +106,38 @@ async fn a_delivery_s_trace_runs_from_the_sender_through_every_attempt_to_the_pa
     let (endpoint, spans) = otlp_receiver().await;
     let (partner_url, partner_seen) = partner().await;
     let dir = tempfile::TempDir::new().expect("dir");
+    // A Redis stream sink beside it, when Redis is there (CI requires it).
+    let redis_url = std::env::var("WEBHOOK_INBOX_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let stream = format!("traces{}", hex::encode(rand::random::<[u8; 6]>()));
+    let redis = match redis::Client::open(redis_url.as_str()) {
+        Ok(client) => tokio::time::timeout(
+            Duration::from_secs(5),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok),
+        Err(_) => None,
+    };
+    if redis.is_none() {
+        assert!(
+            std::env::var("WEBHOOK_INBOX_TEST_BROKERS").as_deref() != Ok("required"),
+            "Redis required"
+        );
+        println!("skipped: the broker message's traceparent (no Redis)");
+    }
+    let sink = if redis.is_some() {
+        format!(
+            "[[handlers]]\nname = \"to-redis\"\nkind = \"redis\"\nsource = \"credicorp\"\nurl = \"{redis_url}\"\nstream = \"{stream}\"\n"
+        )
+    } else {
+        String::new()
+    };
     let options = Options {
         extra_toml: format!(
             "[telemetry]\notlp_endpoint = \"{endpoint}\"\n\n[calls]\nmax_attempts = 1\n\n\
-             [[handlers]]\nname = \"open-case\"\nkind = \"http\"\nsource = \"credicorp\"\nurl = \"{partner_url}\"\n"
+             [[handlers]]\nname = \"open-case\"\nkind = \"http\"\nsource = \"credicorp\"\nurl = \"{partner_url}\"\n{sink}"
         ),
         ..Options::default()
     };
@@ -142,6 +170,40 @@ async fn a_delivery_s_trace_runs_from_the_sender_through_every_attempt_to_the_pa
         .await,
         "the partner saw both attempts"
     );
+    let broker_traceparent = if let Some(mut redis) = redis.clone() {
+        let entry = || {
+            let mut redis = redis.clone();
+            let stream = stream.clone();
+            async move {
+                type Entry = (String, Vec<(String, String)>);
+                let entries: Vec<Entry> = redis::cmd("XRANGE")
+                    .arg(&stream)
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut redis)
+                    .await
+                    .unwrap_or_default();
+                entries.into_iter().next()
+            }
+        };
+        assert!(
+            crate::helpers::eventually_async(Duration::from_secs(30), || async {
+                entry().await.is_some()
+            })
+            .await,
+            "the sink published"
+        );
+        let (_, fields) = entry().await.expect("an entry");
+        let traceparent = fields
+            .iter()
+            .find(|(k, _)| k == "traceparent")
+            .map(|(_, v)| v.clone())
+            .expect("the message carries a traceparent");
+        let _: Result<(), _> = redis::cmd("DEL").arg(&stream).query_async(&mut redis).await;
+        Some(traceparent)
+    } else {
+        None
+    };
     // A graceful stop exports what is buffered.
     let pid = nix::unistd::Pid::from_raw(serving.child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
@@ -177,7 +239,10 @@ async fn a_delivery_s_trace_runs_from_the_sender_through_every_attempt_to_the_pa
         attribute(receive, "delivery_id").as_deref(),
         Some("msg_traced")
     );
-    let mut runs: Vec<&Span> = spans.iter().filter(|s| s.name == "run").collect();
+    let mut runs: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.name == "run" && attribute(s, "handler").as_deref() == Some("open-case"))
+        .collect();
     runs.sort_by_key(|s| attribute(s, "attempt"));
     assert_eq!(runs.len(), 2, "one run span per attempt");
     for (run, (attempt, result)) in runs.iter().zip([("1", "failed"), ("2", "succeeded")]) {
@@ -194,6 +259,29 @@ async fn a_delivery_s_trace_runs_from_the_sender_through_every_attempt_to_the_pa
             .find(|s| s.name == "call" && s.parent_span_id == run.span_id)
             .unwrap_or_else(|| panic!("run {attempt} has its call"));
         assert_eq!(attribute(call, "step").as_deref(), Some("forward"));
+    }
+    if let Some(traceparent) = broker_traceparent {
+        let run = spans
+            .iter()
+            .find(|s| s.name == "run" && attribute(s, "handler").as_deref() == Some("to-redis"))
+            .expect("the sink's run");
+        assert!(
+            run.links.iter().any(|l| l.span_id == receive.span_id),
+            "the sink's run links to receive"
+        );
+        let publish = spans
+            .iter()
+            .find(|s| s.name == "publish" && s.parent_span_id == run.span_id)
+            .expect("a publish span in the sink's run");
+        assert_eq!(
+            traceparent,
+            format!(
+                "00-{}-{}-01",
+                hex::encode(&publish.trace_id),
+                hex::encode(&publish.span_id)
+            ),
+            "the broker message carries its publish span's traceparent"
+        );
     }
     let second_run = runs[1];
     let partner = partner_seen.lock().expect("lock").clone();
