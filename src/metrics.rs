@@ -13,6 +13,8 @@
 //!   outcome), per configured source (`_unknown` otherwise).
 //! - `calls_total{handler,outcome}`: downstream call steps (`succeeded`, `refused`,
 //!   `replayed` from the journal, `failed`), registered from the call service at start-up.
+//! - `sink_publishes_total{handler,broker,result}`: sink messages `published`, `duplicate`
+//!   (the broker already held it) or `failed`.
 //! - `alerts_total{event,result}`: operational webhooks `sent`, `failed` (retries ran
 //!   out) or `dropped` (too many unsent).
 //! - `store_flush_seconds`: one group commit of the sled store (registered at start-up
@@ -221,6 +223,18 @@ impl Metrics {
             "Downstream call steps by handler and outcome",
             outcomes,
         );
+    }
+
+    /// Registers a metric another part keeps itself (`name` without the prefix; a
+    /// counter's `_total` is added): the sinks' `sink_publishes_total`, kept by the
+    /// handlers.
+    pub fn register(
+        &mut self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        self.registry.register(name, help, metric);
     }
 
     /// Registers the operational webhooks' counts as `alerts_total`.

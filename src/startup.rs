@@ -220,6 +220,11 @@ impl ApplicationBuilder {
                 .collect(),
         );
         metrics.register_calls(calls.outcomes());
+        metrics.register(
+            "sink_publishes",
+            "Sink messages by handler, broker and result (published, duplicate, failed)",
+            crate::handlers::sinks::publish_counts().clone(),
+        );
         let alerts = crate::alerts::Alerts::start(&config, &*self.env, cancel_handlers.clone())?;
         metrics.register_alerts(alerts.outcomes());
         tokio::spawn(alerts.clone().watch(store.clone(), cancel_handlers.clone()));

@@ -222,3 +222,86 @@ fn alert_configuration_errors_name_the_key() {
         assert!(e.contains(says), "{table}: {e}");
     }
 }
+
+/// An endpoint that refuses an alert at first gets it again (about a second later) with the
+/// same `webhook-id`, signed afresh; the alert is counted sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_alert_is_retried_with_the_same_id() {
+    use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+    let seen: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let kept = seen.clone();
+    let server = HttpServer::new(move || {
+        let kept = kept.clone();
+        App::new().default_service(web::to(move |req: HttpRequest| {
+            let kept = kept.clone();
+            async move {
+                let header = |name: &str| {
+                    req.headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned()
+                };
+                let mut kept = kept.lock().expect("lock");
+                kept.push((header("webhook-id"), header("webhook-signature")));
+                if kept.len() == 1 {
+                    HttpResponse::ServiceUnavailable().finish()
+                } else {
+                    HttpResponse::NoContent().finish()
+                }
+            }
+        }))
+    })
+    .workers(1)
+    .bind("127.0.0.1:0")
+    .expect("bind");
+    let port = server.addrs()[0].port();
+    tokio::spawn(server.run());
+    let app = spawn_with(Options {
+        extra_toml: format!(
+            "[[alerts]]\nurl = \"http://127.0.0.1:{port}/hooks\"\nsecret_env = \"{ALERT_SECRET_ENV}\"\nevents = [\"delivery.dead\"]\n"
+        ),
+        handlers: vec![Registration::new("payments", FailsBad).source("credicorp")],
+        max_attempts: 1,
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(
+        app.deliver("bad_1", &event("application.created", 1))
+            .await
+            .status(),
+        202
+    );
+    let requests = seen.clone();
+    assert!(
+        eventually(Duration::from_secs(30), || requests
+            .lock()
+            .expect("lock")
+            .len()
+            == 2)
+        .await,
+        "retried after the refusal"
+    );
+    let requests = seen.lock().expect("lock").clone();
+    assert_eq!(requests[0].0, requests[1].0, "the same webhook-id");
+    assert!(requests[0].0.starts_with("alert_"));
+    assert!(
+        requests
+            .iter()
+            .all(|(_, signature)| signature.starts_with("v1,"))
+    );
+    let sent = crate::helpers::eventually_async(Duration::from_secs(10), || async {
+        app.client
+            .get(format!("{}/metrics", app.admin_address))
+            .send()
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("text")
+            .contains(r#"webhook_inbox_alerts_total{event="delivery.dead",result="sent"} 1"#)
+    })
+    .await;
+    assert!(sent, "counted sent once");
+    app.stop().await;
+}

@@ -246,6 +246,15 @@ impl Broker {
             .ok()
     }
 
+    /// The `broker` label of this broker's sink.
+    fn kind(&self) -> &'static str {
+        match self {
+            Broker::Nats { .. } => "nats",
+            Broker::Amqp { .. } => "amqp",
+            Broker::Redis { .. } => "redis",
+        }
+    }
+
     /// How many copies of one pair a rerun may leave: RabbitMQ keeps no window of seen ids.
     fn copies_a_rerun_may_leave(&self) -> usize {
         match self {
@@ -579,6 +588,28 @@ async fn each_delivery_arrives_once_with_its_metadata(mut broker: Broker) {
         .read_until(|m| copies_of(m, "msg_sink_rerun") >= may_leave)
         .await;
     assert_eq!(copies_of(&messages, "msg_sink_rerun"), may_leave);
+    // `sink_publishes_total` tells a duplicate the broker dropped from a publish.
+    let kind = broker.kind();
+    let count = |result: &'static str| {
+        webhook_inbox::handlers::sinks::publish_counts()
+            .get_or_create(&webhook_inbox::handlers::sinks::PublishLabels {
+                handler: "to-broker".into(),
+                broker: kind,
+                result,
+            })
+            .get()
+    };
+    if may_leave == 1 {
+        assert!(
+            count("duplicate") >= 1,
+            "{kind}: the rerun counted as a duplicate"
+        );
+    }
+    assert!(
+        count("published") >= 3,
+        "{kind}: {} published",
+        count("published")
+    );
     broker.clean_up().await;
 }
 

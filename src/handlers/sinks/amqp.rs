@@ -191,11 +191,18 @@ impl AmqpSink {
 #[async_trait]
 impl Handler for AmqpSink {
     async fn handle(&self, d: &Delivery, ctx: &HandlerContext) -> Result<(), HandlerError> {
-        tokio::select! {
+        let result = tokio::select! {
             r = self.publish(d, &ctx.idempotency_key) => r,
             () = ctx.shutdown.cancelled() => {
-                Err(HandlerError::Retryable("stopped by shutdown".into()))
+                return Err(HandlerError::Retryable("stopped by shutdown".into()));
             }
-        }
+        };
+        let counted = if result.is_ok() {
+            "published"
+        } else {
+            "failed"
+        };
+        super::count_publish(&self.handler, "amqp", counted);
+        result
     }
 }

@@ -176,6 +176,42 @@ pub fn resolve_url(url: Option<&str>, url_env: Option<&str>) -> Result<String, S
     }
 }
 
+/// Labels of `sink_publishes_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct PublishLabels {
+    /// The sink (handler) name.
+    pub handler: String,
+    /// `nats`, `amqp` or `redis`.
+    pub broker: &'static str,
+    /// `published` (the broker took it), `duplicate` (the broker already held it: NATS's
+    /// duplicate window, Redis's remembered key) or `failed`.
+    pub result: &'static str,
+}
+
+/// Messages published by the sinks of this process, by handler, broker and result; the
+/// metrics register it as `sink_publishes_total`.
+pub type PublishCounts = prometheus_client::metrics::family::Family<
+    PublishLabels,
+    prometheus_client::metrics::counter::Counter,
+>;
+
+/// The process's publish counts (one family, whatever registry built the sinks).
+pub fn publish_counts() -> &'static PublishCounts {
+    static COUNTS: std::sync::OnceLock<PublishCounts> = std::sync::OnceLock::new();
+    COUNTS.get_or_init(PublishCounts::default)
+}
+
+/// Counts one publish of sink `handler`.
+pub(crate) fn count_publish(handler: &str, broker: &'static str, result: &'static str) {
+    publish_counts()
+        .get_or_create(&PublishLabels {
+            handler: handler.to_owned(),
+            broker,
+            result,
+        })
+        .inc();
+}
+
 /// The `publish` span of one message (`otel.name`), whose `traceparent` the message
 /// carries when traces are exported.
 pub fn publish_span(broker: &'static str, destination: &str) -> tracing::Span {

@@ -87,7 +87,10 @@ impl NatsSink {
 impl Handler for NatsSink {
     async fn handle(&self, d: &Delivery, ctx: &HandlerContext) -> Result<(), HandlerError> {
         let subject = self.subject.render(d, &self.handler);
-        let context = self.context().await.map_err(HandlerError::Retryable)?;
+        let context = self.context().await.map_err(|e| {
+            super::count_publish(&self.handler, "nats", "failed");
+            HandlerError::Retryable(e)
+        })?;
         let mut headers = async_nats::HeaderMap::new();
         for (name, value) in Metadata::of(d, &ctx.idempotency_key).0 {
             headers.insert(name, value.as_str());
@@ -119,9 +122,24 @@ impl Handler for NatsSink {
         };
         let publish = tracing::Instrument::instrument(publish, span);
         let ack = tokio::select! {
-            r = publish => r?,
+            r = publish => r,
             () = ctx.shutdown.cancelled() => {
                 return Err(HandlerError::Retryable("stopped by shutdown".into()));
+            }
+        };
+        let ack = match ack {
+            Ok(ack) => {
+                let result = if ack.duplicate {
+                    "duplicate"
+                } else {
+                    "published"
+                };
+                super::count_publish(&self.handler, "nats", result);
+                ack
+            }
+            Err(e) => {
+                super::count_publish(&self.handler, "nats", "failed");
+                return Err(e);
             }
         };
         tracing::debug!(stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "published");

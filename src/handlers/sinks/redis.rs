@@ -13,10 +13,11 @@ use super::{Metadata, SinkConnections, SinkError, Slot, Template, resolve_url, s
 use crate::handlers::{Delivery, Handler, HandlerContext, HandlerError};
 use async_trait::async_trait;
 
-/// Appends the entry once per key; returns its id (the first one's, on a rerun).
+/// Appends the entry once per key; returns its id (the first one's, on a rerun) and 1 when
+/// it appended now, 0 when the key was already there.
 const APPEND_ONCE: &str = r"
 local seen = redis.call('GET', KEYS[2])
-if seen then return seen end
+if seen then return {seen, 0} end
 local args = {KEYS[1]}
 if ARGV[1] ~= '' then
   table.insert(args, 'MAXLEN'); table.insert(args, '~'); table.insert(args, ARGV[1])
@@ -25,7 +26,7 @@ table.insert(args, '*')
 for i = 3, #ARGV do table.insert(args, ARGV[i]) end
 local id = redis.call('XADD', unpack(args))
 redis.call('SET', KEYS[2], id, 'PX', ARGV[2])
-return id
+return {id, 1}
 ";
 
 /// The key that remembers `key` was appended to `stream`: per stream (another stream is
@@ -115,6 +116,20 @@ impl KindText for redis::RedisError {
 #[async_trait]
 impl Handler for RedisSink {
     async fn handle(&self, d: &Delivery, ctx: &HandlerContext) -> Result<(), HandlerError> {
+        let result = self.append(d, ctx).await;
+        let counted = match &result {
+            Ok(true) => "published",
+            Ok(false) => "duplicate",
+            Err(_) => "failed",
+        };
+        super::count_publish(&self.handler, "redis", counted);
+        result.map(drop)
+    }
+}
+
+impl RedisSink {
+    /// Appends the entry unless its key was; `Ok(true)` when it appended now.
+    async fn append(&self, d: &Delivery, ctx: &HandlerContext) -> Result<bool, HandlerError> {
         let stream = self.stream.render(d, &self.handler);
         let mut connection = self.connection().await.map_err(HandlerError::Retryable)?;
         let mut invocation = self.script.prepare_invoke();
@@ -135,11 +150,11 @@ impl Handler for RedisSink {
         let append = tracing::Instrument::instrument(
             tokio::time::timeout(
                 Duration::from_secs(10),
-                invocation.invoke_async::<String>(&mut connection),
+                invocation.invoke_async::<(String, i64)>(&mut connection),
             ),
             span,
         );
-        let id = tokio::select! {
+        let (id, appended) = tokio::select! {
             r = append => r
                 .map_err(|_| HandlerError::Retryable(format!("append to {} stream `{stream}`: timed out", self.shown)))?
                 .map_err(|e| HandlerError::Retryable(format!("append to {} stream `{stream}`: {}", self.shown, e.kind_text())))?,
@@ -147,8 +162,8 @@ impl Handler for RedisSink {
                 return Err(HandlerError::Retryable("stopped by shutdown".into()));
             }
         };
-        tracing::debug!(%stream, %id, "appended");
-        Ok(())
+        tracing::debug!(%stream, %id, appended, "appended");
+        Ok(appended == 1)
     }
 }
 
