@@ -738,6 +738,9 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
             "postgres cases: skipped: pass --postgres-url (or set WEBHOOK_INBOX_TEST_POSTGRES_URL)"
         );
     }
+    if !options.postgres_only && wanted("writes") {
+        writes_per_delivery(options, source.clone()).await?;
+    }
     if options.backfill > 0 && !options.postgres_only && wanted("backfill") {
         results.extend(backfill_case(options, source.clone(), bare_rate[&1024]).await?);
     }
@@ -986,6 +989,55 @@ async fn postgres(
         r.processed.unwrap_or_default()
     );
     Ok(r)
+}
+
+/// Store writes per delivery (`store_writes_total{tree}` over `deliveries_total`
+/// accepted): unique 1 KiB deliveries, fsync, one `log` handler, for `options.seconds`, then
+/// until every run is over; printed per tree (claim and run together).
+async fn writes_per_delivery(options: &BenchOptions, source: Arc<Source>) -> Result<(), String> {
+    let dir = tempfile::TempDir::new().map_err(|e| e.to_string())?;
+    let (server, _) = start_inbox(dir.path(), "fsync", options.workers).await?;
+    let load = Load {
+        body_size: 1024,
+        duplicate_every: None,
+        replay_only: false,
+    };
+    let _ = drive(server.port, source, load, options, 0).await;
+    wait_queue_drained(server.admin, Duration::from_secs(120)).await?;
+    let text = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/metrics", server.admin))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .text()
+        .await
+        .map_err(|e| e.to_string())?;
+    let value = |line: &str| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+    let accepted: f64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("webhook_inbox_deliveries_total{") && l.contains("outcome=\"accepted\"")
+        })
+        .filter_map(value)
+        .sum();
+    let mut per_tree: Vec<(String, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with("webhook_inbox_store_writes_total{"))
+        .filter_map(|l| {
+            let tree = l.split('"').nth(1)?.to_owned();
+            Some((tree, value(l)?))
+        })
+        .collect();
+    per_tree.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = per_tree.iter().map(|(_, n)| n).sum();
+    eprintln!(
+        "store writes per accepted delivery (claim + its run), {accepted:.0} deliveries: {:.2}",
+        total / accepted.max(1.0)
+    );
+    for (tree, n) in per_tree {
+        eprintln!("  {tree:<14} {:.2}", n / accepted.max(1.0));
+    }
+    Ok(())
 }
 
 /// The backfill case: `options.backfill` deliveries stored with no handler bound, a

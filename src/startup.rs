@@ -54,6 +54,10 @@ pub enum StartupError {
 
 pub use crate::routes::AppState;
 
+/// `store_writes_total{tree}`: what each operation costs the sled store.
+const STORE_WRITES: &str = "store_writes";
+const STORE_WRITES_HELP: &str = "Writes to the sled store, by tree";
+
 /// Assembles an [`Application`] from a config, a user's handlers, and optionally a store:
 /// the very service `webhook-inbox serve` runs, with your plugins in it.
 ///
@@ -78,6 +82,7 @@ pub struct ApplicationBuilder {
     handlers: Vec<Registration>,
     store: Option<Arc<dyn DeliveryStore>>,
     flush_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
+    store_writes: Option<crate::store::WriteCounts>,
     clock: Clock,
     env: EnvLookup,
 }
@@ -93,6 +98,7 @@ impl ApplicationBuilder {
             handlers: Vec::new(),
             store: None,
             flush_seconds: None,
+            store_writes: None,
             clock: Clock::System,
             env: Box::new(|k| std::env::var(k).ok()),
         }
@@ -110,10 +116,11 @@ impl ApplicationBuilder {
         self
     }
 
-    /// Uses this sled store, and reports its group commits as `store_flush_seconds` (as the
-    /// store `build` opens itself does).
+    /// Uses this sled store, and reports its group commits as `store_flush_seconds` and its
+    /// writes as `store_writes_total` (as the store `build` opens itself does).
     pub fn sled_store(mut self, store: Arc<SledStore>) -> ApplicationBuilder {
         self.flush_seconds = Some(store.flush_seconds());
+        self.store_writes = Some(store.write_counts());
         self.store = Some(store);
         self
     }
@@ -170,6 +177,9 @@ impl ApplicationBuilder {
         let config = self.config;
         let mut metrics = crate::metrics::Metrics::new();
         metrics.set_handlers(registry.limits().map(|(name, _)| name.to_owned()));
+        if let Some(writes) = self.store_writes {
+            metrics.register(STORE_WRITES, STORE_WRITES_HELP, writes);
+        }
         if let Some(histogram) = self.flush_seconds {
             metrics.register_flush_seconds(histogram);
         }
@@ -191,6 +201,7 @@ impl ApplicationBuilder {
                     source,
                 })?;
                 metrics.register_flush_seconds(sled.flush_seconds());
+                metrics.register(STORE_WRITES, STORE_WRITES_HELP, sled.write_counts());
                 Arc::new(sled)
             }
         };

@@ -39,7 +39,7 @@ pub use lease::{Lease, TAKE_OVER_GRACE_MS, lease_margin};
 pub use postgres::PgStore;
 pub use sled::{
     BodyLogSettings, ExportPosition, FlushHook, Op, RETRY_BATCH, SledInner, SledOptions, SledStore,
-    StoreProbe,
+    StoreProbe, WriteCounts,
 };
 
 use crate::verify::{AuthenticatedDelivery, Headers};

@@ -78,6 +78,7 @@ mod backfill;
 mod bodies;
 pub use bodies::BodyLogSettings;
 mod check;
+mod counted;
 mod disk;
 mod encoding;
 mod export;
@@ -87,6 +88,8 @@ mod order;
 pub use export::ExportPosition;
 
 use bodies::{BODY_LOG_MIN, BodyLog};
+use counted::CountedTree;
+pub use counted::WriteCounts;
 use disk::DiskSync;
 use encoding::{
     BodyEntry, KEPT, StoredBody, backend, body_index_key, corrupt, decode_delivery_key,
@@ -205,17 +208,19 @@ impl std::ops::Deref for SledStore {
 /// The state of a [`SledStore`]: its trees, body log, group commit and lock stripes.
 pub struct SledInner {
     db: sled::Db,
-    deliveries: sled::Tree,
-    jobs: sled::Tree,
-    queue: sled::Tree,
-    received: sled::Tree,
-    body_index: sled::Tree,
-    dead: sled::Tree,
-    meta: sled::Tree,
-    fp_expiry: sled::Tree,
-    order: sled::Tree,
+    /// Writes per tree (`store_writes_total`).
+    writes: WriteCounts,
+    deliveries: CountedTree,
+    jobs: CountedTree,
+    queue: CountedTree,
+    received: CountedTree,
+    body_index: CountedTree,
+    dead: CountedTree,
+    meta: CountedTree,
+    fp_expiry: CountedTree,
+    order: CountedTree,
     /// The call journal: `source \0 id \0 handler \0 step` -> [`CallRecord`] as JSON.
-    calls: sled::Tree,
+    calls: CountedTree,
     /// Bodies of [`BODY_LOG_MIN`] bytes or more.
     bodies: Arc<BodyLog>,
     durability: Durability,
@@ -316,6 +321,32 @@ impl SledStore {
             tree("calls")?,
         );
         SledInner::migrate_queue_layout(&db, &queue)?;
+        let writes = WriteCounts::default();
+        let body_log_meta = meta.clone();
+        let [
+            deliveries,
+            jobs,
+            queue,
+            received,
+            body_index,
+            dead,
+            meta,
+            fp_expiry,
+            order,
+            calls,
+        ] = [
+            (deliveries, "deliveries"),
+            (jobs, "jobs"),
+            (queue, "handler_queue"),
+            (received, "received"),
+            (body_index, "body_index"),
+            (dead, "dead"),
+            (meta, "meta"),
+            (fp_expiry, "fp_expiry"),
+            (order, "order"),
+            (calls, "calls"),
+        ]
+        .map(|(tree, name)| CountedTree::new(tree, name, &writes));
         let data_file = File::open(path.join("db"))
             .map_err(|e| StoreError::Backend(format!("opening sled's data file: {e}")))?;
         // Make the directory entries of a new store durable too.
@@ -324,7 +355,7 @@ impl SledStore {
             .map_err(|e| StoreError::Backend(format!("syncing the data directory: {e}")))?;
         let bodies = Arc::new(BodyLog::open(
             &path.join("bodies"),
-            meta.clone(),
+            body_log_meta,
             options.body_log,
             options.repair_on_open,
         )?);
@@ -338,6 +369,7 @@ impl SledStore {
         };
         let sync: SyncFn = Box::new(move || disk.sync());
         Ok(SledStore(Arc::new(SledInner {
+            writes,
             db,
             deliveries,
             jobs,
@@ -458,6 +490,11 @@ impl SledInner {
     /// The group committer, for its counters.
     pub fn group_commit(&self) -> &GroupCommit {
         &self.commit
+    }
+
+    /// The writes per tree, for a metrics registry (`store_writes_total{tree}`).
+    pub fn write_counts(&self) -> WriteCounts {
+        self.writes.clone()
     }
 
     /// The duration of each group commit (db.flush and fsync), for a metrics registry.
