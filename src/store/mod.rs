@@ -131,10 +131,10 @@ impl JobKey {
         Some(DeliveryKey::new(source, id).job(handler))
     }
 
-    /// The deterministic idempotency key of this (source, delivery, handler): the same for
-    /// every attempt and restart, different for any other triple; 64 hex characters.
+    /// The deterministic idempotency key of this (source, delivery, handler): see
+    /// [`crate::domain::idempotency_key`] (not this store key's layout).
     pub fn idempotency_key(&self) -> String {
-        hex::encode(Sha256::digest(self.encode()))
+        crate::domain::idempotency_key(&self.delivery.source, &self.delivery.id, &self.handler)
     }
 
     /// The `Idempotency-Key` of step `step` of this pair's downstream calls: hex SHA-256 of
@@ -142,10 +142,12 @@ impl JobKey {
     /// so the same for every attempt, restart and replica, different for any other step,
     /// handler or delivery (a step name holds no `\0`); 64 hex characters.
     pub fn step_key(&self, step: &str) -> String {
-        let mut material = self.encode();
-        material.push(0);
-        material.extend_from_slice(step.as_bytes());
-        hex::encode(Sha256::digest(material))
+        crate::domain::step_key(
+            &self.delivery.source,
+            &self.delivery.id,
+            &self.handler,
+            step,
+        )
     }
 }
 
@@ -1036,6 +1038,21 @@ pub trait DeliveryStore: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upgrade_changes_no_idempotency_key() {
+        // Computed by the binary of 2026-12-04 (before the formula moved to `domain`):
+        // every stored pair keeps the key its handler already sent.
+        let job = DeliveryKey::new("credicorp", "msg_1").job("open-case");
+        assert_eq!(
+            job.idempotency_key(),
+            "643ed3651b6fe3a825a68843a33a1fabeed6c049d805e35ebf56153f2b3abce0"
+        );
+        assert_eq!(
+            job.step_key("create-payment-link"),
+            "dfe00ff56ebc8cb5bebabaef6bad7f721db6b0cf51e94c099ffdf90633b218ac"
+        );
+    }
 
     #[test]
     fn job_keys_round_trip_and_idempotency_keys_are_distinct_and_short() {
