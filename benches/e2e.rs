@@ -1082,12 +1082,52 @@ async fn backfill_case(
     std::fs::write(
         &config,
         format!(
-            "{}\n[[handlers]]\nname = \"later\"\nkind = \"log\"\nsource = \"bench\"\n",
+            "{}\n[[handlers]]\nname = \"later\"\nkind = \"log\"\nsource = \"bench\"\n\n[[handlers]]\nname = \"alone\"\nkind = \"log\"\nsource = \"bench\"\n",
             config_with_handler(&storage, port, admin, options.workers, "kind = \"log\"")
         ),
     )
     .map_err(|e| e.to_string())?;
     let (server, _) = start_with(&config, port, admin).await?;
+    // First a backfill with nothing else going on (handler `alone`), RSS sampled while it
+    // binds: the memory of the backfill itself.
+    let idle_rss = rss_bytes(server.child.id());
+    let pid = server.child.id();
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        tokio::spawn(async move {
+            let mut peak = 0;
+            while sampling.load(Ordering::Relaxed) {
+                peak = peak.max(rss_bytes(pid));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            peak
+        })
+    };
+    let started = Instant::now();
+    let alone: serde_json::Value = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{admin}/admin/handlers/alone/backfill"
+        ))
+        .bearer_auth(BENCH_TOKEN)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let took_alone = started.elapsed();
+    sampling.store(false, Ordering::Relaxed);
+    let peak = sampler.await.map_err(|e| e.to_string())?;
+    eprintln!(
+        "backfill alone: bound {} in {:.1} s; RSS {} MiB idle, at most {} MiB while binding",
+        alone["bound"],
+        took_alone.as_secs_f64(),
+        idle_rss >> 20,
+        peak >> 20
+    );
+    wait_queue_drained(admin, Duration::from_secs(300)).await?;
     let load = || Load {
         body_size: 1024,
         duplicate_every: None,
