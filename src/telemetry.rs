@@ -162,6 +162,9 @@ pub fn shutdown_otlp() {
 
 /// The W3C `traceparent` of `span`, when traces are exported and it is sampled.
 pub fn traceparent(span: &tracing::Span) -> Option<String> {
+    if !exporting() {
+        return None;
+    }
     let cx = span.context();
     let sc = cx.span().span_context().clone();
     sc.is_valid().then(|| {
@@ -186,6 +189,9 @@ fn parse_traceparent(value: &str) -> Option<opentelemetry::trace::SpanContext> {
 
 /// Makes a sender's `traceparent` the parent of `span` (a malformed one is ignored).
 pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
+    if !exporting() {
+        return; // nothing to parent: not even the header is parsed on the request path
+    }
     if let Some(sc) = traceparent.and_then(parse_traceparent) {
         let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(sc));
     }
@@ -194,6 +200,9 @@ pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
 /// Links `span` to the span a stored `traceparent` names (a run to its delivery's
 /// `receive`).
 pub fn link_to(span: &tracing::Span, traceparent: Option<&str>) {
+    if !exporting() {
+        return;
+    }
     if let Some(sc) = traceparent.and_then(parse_traceparent) {
         span.add_link(sc);
     }
