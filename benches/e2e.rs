@@ -55,6 +55,12 @@ struct BenchOptions {
     /// Only the sled cases whose name contains one of these (none: all; the bare endpoint
     /// always runs).
     only: Vec<String>,
+    /// Alternated rounds of the fsync, unique, 1 KiB case (bare, this binary, each baseline).
+    rounds: usize,
+    /// Other builds of the service (earlier commits) measured in the same rounds.
+    baselines: Vec<PathBuf>,
+    /// TOML appended to this build's config, each a further variant in the same rounds.
+    variants: Vec<String>,
 }
 
 /// One case's figures.
@@ -243,7 +249,17 @@ async fn start_inbox(
 }
 
 async fn start_with(config: &Path, port: u16, admin: u16) -> Result<(Server, Duration), String> {
-    let child = Command::new(exe()?)
+    start_binary(&exe()?, config, port, admin).await
+}
+
+/// Starts `binary serve --config config` and waits for its readiness.
+async fn start_binary(
+    binary: &Path,
+    config: &Path,
+    port: u16,
+    admin: u16,
+) -> Result<(Server, Duration), String> {
+    let child = Command::new(binary)
         .args(["serve", "--config"])
         .arg(config)
         .env("RUST_LOG", "warn")
@@ -738,6 +754,9 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
             "postgres cases: skipped: pass --postgres-url (or set WEBHOOK_INBOX_TEST_POSTGRES_URL)"
         );
     }
+    if options.rounds > 0 {
+        rounds(options, source.clone()).await?;
+    }
     if !options.postgres_only && wanted("writes") {
         writes_per_delivery(options, source.clone()).await?;
     }
@@ -1040,6 +1059,95 @@ async fn writes_per_delivery(options: &BenchOptions, source: Arc<Source>) -> Res
     Ok(())
 }
 
+/// Handler runs that succeeded and deliveries accepted so far, from `/metrics`.
+async fn runs_and_accepted(client: &reqwest::Client, admin: u16) -> (f64, f64) {
+    let Ok(response) = client
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .send()
+        .await
+    else {
+        return (0.0, 0.0);
+    };
+    let text = response.text().await.unwrap_or_default();
+    let sum = |wanted: &dyn Fn(&str) -> bool| {
+        text.lines()
+            .filter(|l| wanted(l))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    (
+        sum(&|l| l.starts_with("webhook_inbox_handler_runs_total{") && l.contains("succeeded")),
+        sum(&|l| {
+            l.starts_with("webhook_inbox_deliveries_total{") && l.contains("outcome=\"accepted\"")
+        }),
+    )
+}
+
+/// Alternated rounds of the fsync, unique, 1 KiB case with a `log` handler bound: in each
+/// round the bare endpoint, this build, then every `--baseline` build, so that a change is
+/// compared with the code before it under the same machine's moment (issue 26). Prints, per
+/// round and as medians, acks per second as a ratio to bare, p99, and the share of what was
+/// accepted that the dispatcher had already run when the window closed.
+async fn rounds(options: &BenchOptions, source: Arc<Source>) -> Result<(), String> {
+    // (name, binary, TOML appended to its config)
+    let mut binaries = vec![("this build".to_owned(), exe()?, String::new())];
+    for extra in &options.variants {
+        let name = format!("this build with `{}`", extra.replace('\n', "; "));
+        binaries.push((name, exe()?, extra.clone()));
+    }
+    for path in &options.baselines {
+        binaries.push((path.display().to_string(), path.clone(), String::new()));
+    }
+    // Per binary: (ratio to bare, p99 ms, processed share) of every round.
+    let mut figures: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); binaries.len()];
+    let load = || Load {
+        body_size: 1024,
+        duplicate_every: None,
+        replay_only: false,
+    };
+    let client = reqwest::Client::new();
+    for round in 1..=options.rounds {
+        let bare = start_bare(options.workers).await?;
+        let (b, _) = drive(bare.port, source.clone(), load(), options, 0).await;
+        drop(bare);
+        eprintln!("round {round}: bare {:.0}/s", b.rate);
+        for (i, (name, binary, extra)) in binaries.iter().enumerate() {
+            let dir = tempfile::TempDir::new().map_err(|e| e.to_string())?;
+            let (port, admin) = (free_port(), free_port());
+            let config = dir.path().join("bench.toml");
+            let text = config_text(dir.path(), "fsync", port, admin, options.workers);
+            std::fs::write(&config, format!("{text}\n{extra}\n")).map_err(|e| e.to_string())?;
+            let (server, _) = start_binary(binary, &config, port, admin).await?;
+            let (r, _) = drive(server.port, source.clone(), load(), options, 0).await;
+            let (runs, accepted) = runs_and_accepted(&client, admin).await;
+            let processed_share = if accepted > 0.0 { runs / accepted } else { 0.0 };
+            let ratio = r.rate / b.rate.max(1.0);
+            let p99 = r.p99.as_secs_f64() * 1000.0;
+            eprintln!(
+                "round {round}: {name}: {:.0} acks/s ({ratio:.2}x bare), p99 {p99:.1} ms, \
+                 {:.0} % of the accepted already run",
+                r.rate,
+                processed_share * 100.0
+            );
+            figures[i].push((ratio, p99, processed_share));
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    eprintln!("medians over {} rounds:", options.rounds);
+    for ((name, _, _), runs) in binaries.iter().zip(figures) {
+        eprintln!(
+            "  {name}: {:.2}x bare, p99 {:.1} ms, {:.0} % run by the window's end",
+            median(runs.iter().map(|f| f.0).collect()),
+            median(runs.iter().map(|f| f.1).collect()),
+            median(runs.iter().map(|f| f.2).collect()) * 100.0
+        );
+    }
+    Ok(())
+}
+
 /// The backfill case: `options.backfill` deliveries stored with no handler bound, a
 /// server with handler `later` added; fsync acks of new deliveries measured first alone,
 /// then while `POST /admin/handlers/later/backfill` binds `later` to every stored one
@@ -1311,6 +1419,18 @@ struct Args {
     /// sustained case, which takes its offered load from the "fsync, unique, 1 KiB" case.
     #[arg(long)]
     only: Vec<String>,
+    /// Alternated rounds of bare / this build / each `--baseline` (fsync, unique, 1 KiB,
+    /// a `log` handler bound); 0 skips them. Combine with `--only rounds` to run only them.
+    #[arg(long, default_value_t = 0)]
+    rounds: usize,
+    /// A build of an earlier commit (`target/release/webhook-inbox` copied aside), measured
+    /// in the same rounds; repeatable.
+    #[arg(long = "baseline")]
+    baselines: Vec<PathBuf>,
+    /// TOML appended to this build's config (e.g. "[dispatch]\nconcurrency = 64"), measured
+    /// as a further variant in the same rounds; repeatable.
+    #[arg(long = "variant")]
+    variants: Vec<String>,
     /// Serve the bare endpoint at `--listen` instead (the benchmark starts itself so).
     #[arg(long, hide = true)]
     bare: bool,
@@ -1354,6 +1474,9 @@ fn main() -> std::process::ExitCode {
         postgres_url: args.postgres_url,
         postgres_only: args.postgres_only,
         only: args.only,
+        rounds: args.rounds,
+        baselines: args.baselines,
+        variants: args.variants,
     };
     match runtime.block_on(run(&options)) {
         Ok(results) => {

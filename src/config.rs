@@ -290,7 +290,11 @@ impl Default for StorageConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DispatchConfig {
-    /// Handler runs in flight at once.
+    /// Runs in flight at once in this process, every handler together (default 64). A run
+    /// holds its slot from its durable start, which waits for a group commit, to its
+    /// outcome: at 16 the slots spent most of their time waiting for the disk and dispatch
+    /// fell behind the acknowledgements (BENCHMARKS.md, session 9). A handler's own
+    /// `concurrency` caps it further.
     pub concurrency: usize,
     /// Attempts per (delivery, handler) before it is dead-lettered.
     pub max_attempts: u32,
@@ -313,7 +317,7 @@ pub struct DispatchConfig {
 impl Default for DispatchConfig {
     fn default() -> Self {
         Self {
-            concurrency: 16,
+            concurrency: 64,
             max_attempts: 8,
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(600),
