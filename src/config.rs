@@ -291,8 +291,8 @@ impl Default for StorageConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct DispatchConfig {
     /// Runs in flight at once in this process, every handler together (default 64). A run
-    /// holds its slot from its durable start, which waits for a group commit, to its
-    /// outcome: at 16 the slots spent most of their time waiting for the disk and dispatch
+    /// holds its slot from its start to its outcome; at 16, when a start still waited for a
+    /// group commit, the slots spent most of their time waiting for the disk and dispatch
     /// fell behind the acknowledgements (BENCHMARKS.md, session 9). A handler's own
     /// `concurrency` caps it further.
     pub concurrency: usize,

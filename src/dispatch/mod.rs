@@ -3,11 +3,12 @@
 //! The queue lives in the store, one per handler ordered by due time, and its entries are
 //! written with the claim, before the acknowledgement; the [`Dispatcher`] reads, in turns,
 //! only the front of the queues of the handlers that may start a run now (not paused,
-//! under their `concurrency` and `rate`), so a held-back handler's backlog costs nothing. A run is counted durably *before* the
-//! handler starts ([`DeliveryStore::begin_attempt`]) and its queue entry stays until the
-//! outcome is recorded, so a crash mid-run leaves the entry due: on the next start the pair
-//! runs again with `attempt + 1` and the same idempotency key. Start-up therefore costs what
-//! is queued, not what is stored.
+//! under their `concurrency` and `rate`), so a held-back handler's backlog costs nothing. A
+//! run is counted *before* the handler starts ([`DeliveryStore::begin_attempt`]: durably
+//! with PostgreSQL; in memory with sled, where a crash is counted at the next opening
+//! instead) and its queue entry stays until the outcome is recorded, so a crash mid-run
+//! leaves the entry due: on the next start the pair runs again with `attempt + 1` and the
+//! same idempotency key. Start-up therefore costs what is queued, not what is stored.
 //!
 //! What a pass costs is kept off the number of runs in flight, since the entries being
 //! run stay at the front of the queue: with a store of this process alone the dispatcher

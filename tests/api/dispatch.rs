@@ -325,6 +325,59 @@ async fn a_run_interrupted_by_a_crash_resumes_with_the_next_attempt_and_the_same
     );
 }
 
+/// sled keeps the start of a run in memory (its outcome is its one write): readers see it
+/// while it runs; a clean close writes the starts in flight, so a run the shutdown cut comes
+/// back with attempt + 1, while a pair that never started is not counted as run. (A crash,
+/// which writes nothing, is `crash.rs`'s: there the unclean start is what counts.)
+#[tokio::test(start_paused = true)]
+async fn a_clean_close_counts_the_runs_it_cut_and_no_others() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let clock = Clock::tokio();
+    let cut = DeliveryKey::new("credicorp", "msg_cut").job("worker");
+    let waiting = DeliveryKey::new("credicorp", "msg_waiting").job("worker");
+    {
+        let store = open(dir.path());
+        let arrived = clock.now_ms();
+        claim(&*store, "msg_cut", &["worker"], arrived).await;
+        claim(&*store, "msg_waiting", &["worker"], arrived).await;
+        let lease = clock.now_ms() + 30_000;
+        let Begin::Started(started) = store
+            .begin_attempt(&cut, Some(arrived), clock.now_ms(), lease)
+            .await
+            .expect("begin")
+        else {
+            panic!("runnable")
+        };
+        assert_eq!(started.attempt, 1);
+        assert_eq!(
+            status(&*store, "msg_cut", "worker").await,
+            Some((JobStatus::Running, 1)),
+            "a start in memory is what readers see"
+        );
+        store.flush().await.expect("the final flush");
+    }
+    let store = open(dir.path());
+    let arrived = clock.now_ms();
+    let lease = clock.now_ms() + 30_000;
+    for (job, expected) in [(&cut, 2), (&waiting, 1)] {
+        let due = store
+            .due_jobs(clock.now_ms() + 1, 10, &Default::default())
+            .await
+            .expect("due")
+            .into_iter()
+            .find(|q| &q.job == job)
+            .map(|q| q.due_ms);
+        let Begin::Started(started) = store
+            .begin_attempt(job, due.or(Some(arrived)), clock.now_ms(), lease)
+            .await
+            .expect("begin")
+        else {
+            panic!("{job} is runnable after the restart")
+        };
+        assert_eq!(started.attempt, expected, "{job}");
+    }
+}
+
 /// Retention walks the received_at index: what is older than the retention and final goes
 /// (with its jobs and queue entries) and its id counts as new; what is younger stays, and so
 /// does an old delivery whose handler is still due (invariant 2), until that handler is final.

@@ -3,7 +3,8 @@
 //! Files: this one (opening, locks, the trait), `encoding` (key and value layouts), `disk`
 //! (what a flush to disk is), `bodies` (the body log: bodies of 256 bytes or more, in
 //! segment files beside sled's), `check` (invariant check and start-up repair), `listing`
-//! (admin listings), `order` (the `order_by` lines).
+//! (admin listings), `order` (the `order_by` lines), `starts` (run starts kept in memory,
+//! and the count of unclean starts that keeps `attempt + 1` across a crash).
 //!
 //! | tree         | key                              | value                                   |
 //! |--------------|----------------------------------|-----------------------------------------|
@@ -15,7 +16,7 @@
 //! | `fp_expiry`  | received ms (u64 BE) ++ body index key | empty: fingerprints kept past their delivery |
 //! | `dead`       | job key                          | empty (dead letters)                    |
 //! | `order`      | handler `\0` value hash (16 bytes) received ms (u64 BE) `source \0 id` | empty: the `order_by` lines (see `order`) |
-//! | `meta`       | name                             | the start-up repair's watermark; `paused\0` ++ handler: a paused handler; `body-segment\0` ++ segment (u64 BE): its bound (see `bodies`) |
+//! | `meta`       | name                             | the start-up repair's watermark; `paused\0` ++ handler: a paused handler; `body-segment\0` ++ segment (u64 BE): its bound (see `bodies`); `open` while run starts may be in memory only, `unclean-starts` (see `starts`) |
 //!
 //! Big-endian times make sled's key order the time order, so "what is due" and "what has
 //! expired" are range scans from the front. JSON keeps records readable and lets later
@@ -84,6 +85,7 @@ mod encoding;
 mod export;
 mod listing;
 mod order;
+mod starts;
 
 pub use export::ExportPosition;
 
@@ -231,6 +233,8 @@ pub struct SledInner {
     instance: u64,
     /// Where the retention sweep goes on from (past deliveries it had to keep).
     sweep_from: Mutex<Option<Vec<u8>>>,
+    /// The starts of this process's runs, kept in memory (see `starts`).
+    starts: starts::RunStarts,
 }
 
 fn stripe_of(key: &[u8]) -> usize {
@@ -322,6 +326,7 @@ impl SledStore {
         );
         SledInner::migrate_queue_layout(&db, &queue)?;
         let writes = WriteCounts::default();
+        let unclean_meta = meta.clone();
         let body_log_meta = meta.clone();
         let [
             deliveries,
@@ -368,6 +373,11 @@ impl SledStore {
             hook: options.flush_hook,
         };
         let sync: SyncFn = Box::new(move || disk.sync());
+        let starts = starts::RunStarts::open(
+            &db,
+            &CountedTree::new(unclean_meta, "meta", &writes),
+            crate::clock::Clock::System.now_ms(),
+        )?;
         Ok(SledStore(Arc::new(SledInner {
             writes,
             db,
@@ -388,6 +398,7 @@ impl SledStore {
             probe: options.probe,
             instance: rand::random(),
             sweep_from: Mutex::new(None),
+            starts,
         })))
     }
 }
@@ -564,7 +575,8 @@ impl SledInner {
     /// Like [`SledInner::locked_write`], but returns without waiting for the disk: for
     /// writes that acknowledge nothing to anyone, whose loss in a crash the design already
     /// allows for (the outcome of a run: lost, the pair runs again after the restart, with
-    /// `attempt + 1` — the start of every run is durable — and the same idempotency key).
+    /// `attempt + 1` — the crash is counted at the next opening, see `starts` — and the
+    /// same idempotency key).
     /// sled writes its log in order, so any later durable write (an ack, a processed-mode
     /// answer) makes these durable too.
     fn locked_write_unsynced<T>(
@@ -707,7 +719,16 @@ impl SledInner {
         Ok(())
     }
 
+    /// A job's state: a start of this process's still in memory, or what is written.
     fn read_job(&self, key: &[u8]) -> Result<Option<JobState>, StoreError> {
+        if let Some(started) = self.starts.get(key) {
+            return Ok(Some(started));
+        }
+        self.read_written_job(key)
+    }
+
+    /// A job's state as written, ignoring a start in memory.
+    fn read_written_job(&self, key: &[u8]) -> Result<Option<JobState>, StoreError> {
         self.jobs
             .get(key)
             .map_err(backend)?
@@ -715,8 +736,10 @@ impl SledInner {
             .transpose()
     }
 
+    /// Writes a job's state; it replaces a start of this process's kept in memory.
     fn write_job(&self, key: &[u8], state: &JobState) -> Result<(), StoreError> {
         self.jobs.insert(key, to_json(state)).map_err(backend)?;
+        self.starts.forget(key);
         Ok(())
     }
 
@@ -939,6 +962,7 @@ impl SledInner {
                 self.queue.remove(job_queue_key(due, jk)).map_err(backend)?;
             }
             self.jobs.remove(jk.as_slice()).map_err(backend)?;
+            self.starts.forget(jk);
             self.dead.remove(jk.as_slice()).map_err(backend)?;
             for step in self.calls.scan_prefix(journal_prefix(jk)).keys() {
                 self.calls.remove(step.map_err(backend)?).map_err(backend)?;
@@ -1217,7 +1241,23 @@ impl DeliveryStore for SledStore {
                 self.drop_stale(queued_due, &job_key)?;
                 return Ok((Begin::Skipped, false));
             }
-            let mut state = self.read_job(&job_key)?.unwrap_or_else(pending_job);
+            let in_memory = self.starts.get(&job_key);
+            let from_memory = in_memory.is_some();
+            let read = match in_memory {
+                Some(state) => Some(state),
+                None => self.read_written_job(&job_key)?,
+            };
+            // Runs a crash interrupted count too (see `starts`).
+            let attempts_so_far = starts::bumped_attempts(
+                &self.starts,
+                read.as_ref(),
+                from_memory,
+                match &delivery {
+                    Ok((record, _)) => record.received_at_ms,
+                    Err(_) => 0,
+                },
+            );
+            let mut state = read.unwrap_or_else(pending_job);
             if state.is_final() {
                 self.drop_stale(queued_due, &job_key)?;
                 return Ok((Begin::Skipped, false));
@@ -1251,7 +1291,7 @@ impl DeliveryStore for SledStore {
                 ));
             }
             state.status = JobStatus::Running;
-            state.attempts += 1;
+            state.attempts = attempts_so_far + 1;
             state.updated_ms = now_ms;
             state.lease = Some(Lease {
                 owner: self.instance,
@@ -1260,7 +1300,9 @@ impl DeliveryStore for SledStore {
             if queued_due.is_some() {
                 state.queued_at_ms = queued_due;
             }
-            self.write_job(&job_key, &state)?;
+            // Kept in memory, not written: the run's outcome is its one write. Only the
+            // first start after an open (or a clean close) waits, for the mark `open`.
+            let wait = self.starts.start(&self.meta, &job_key, state.clone())?;
             let begin = match delivery {
                 Ok((record, body)) => Begin::Started(Box::new(AttemptContext {
                     record,
@@ -1273,7 +1315,7 @@ impl DeliveryStore for SledStore {
                     error,
                 },
             };
-            Ok((begin, true))
+            Ok((begin, wait))
         })
         .await
     }
@@ -1300,9 +1342,12 @@ impl DeliveryStore for SledStore {
             owner: self.instance,
             until_ms: lease_until_ms,
         });
-        // Not waited for: a renewal lost in a crash only shortens a lease that died with
-        // the process anyway.
-        self.write_job(&job_key, &state)?;
+        // A start in memory is renewed there; one written (by a flush while it ran) is
+        // rewritten, not waited for: a renewal lost in a crash only shortens a lease that
+        // died with the process anyway.
+        if !self.starts.update(&job_key, &state) {
+            self.write_job(&job_key, &state)?;
+        }
         Ok(true)
     }
 
@@ -1870,12 +1915,15 @@ impl DeliveryStore for SledStore {
             return Err(StoreError::Flush("an earlier flush failed".into()));
         }
         self.advance_watermark(crate::clock::Clock::System.now_ms())?;
+        self.close_starts()?;
         self.commit.wait().await
     }
 }
 
 impl Drop for SledInner {
     fn drop(&mut self) {
+        // No run of this process goes on past this: its starts are written as they stand.
+        let _ = self.close_starts();
         self.commit.close();
         // Best effort: the group commit already made every acknowledged write durable.
         let _ = self.db.flush();
