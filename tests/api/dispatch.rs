@@ -378,6 +378,84 @@ async fn a_clean_close_counts_the_runs_it_cut_and_no_others() {
     }
 }
 
+/// The first starts after an opening wait for the disk until the mark that counts them
+/// (`open`) is durable — not only the start that set it: a run started beside it must not
+/// begin before a crash could be counted for it (the crash test caught that gap, 2 runs in
+/// 16). The group commit's fsync is held shut, and the second start must still be waiting.
+#[tokio::test]
+async fn starts_beside_the_one_that_set_the_open_mark_wait_for_it_too() {
+    /// The fsync held shut while `shut`; opened when dropped, so that a failing assertion
+    /// does not leave the group commit (and the store's drop) waiting forever.
+    #[derive(Clone, Default)]
+    struct Gate(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+    impl Gate {
+        fn set(&self, shut: bool) {
+            *self.0.0.lock().expect("gate") = shut;
+            self.0.1.notify_all();
+        }
+        fn pass(&self) {
+            let mut shut = self.0.0.lock().expect("gate");
+            while *shut {
+                shut = self.0.1.wait(shut).expect("gate");
+            }
+        }
+    }
+    struct OpenOnDrop(Gate);
+    impl Drop for OpenOnDrop {
+        fn drop(&mut self) {
+            self.0.set(false);
+        }
+    }
+    let dir = tempfile::TempDir::new().expect("dir");
+    let gate = Gate::default();
+    let hook_gate = gate.clone();
+    let hook: webhook_inbox::store::FlushHook = Box::new(move || {
+        hook_gate.pass();
+        Ok(())
+    });
+    let store = SledStore::open_with_hook(
+        &dir.path().join("data"),
+        Durability::Fsync,
+        8 << 20,
+        Some(hook),
+    )
+    .expect("open");
+    let _open_at_the_end = OpenOnDrop(gate.clone());
+    let now = Clock::System.now_ms();
+    claim(&store, "msg_first", &["worker"], now).await;
+    claim(&store, "msg_beside", &["worker"], now).await;
+    gate.set(true);
+    let lease = now + 30_000;
+    let first = DeliveryKey::new("credicorp", "msg_first").job("worker");
+    let beside = DeliveryKey::new("credicorp", "msg_beside").job("worker");
+    let mut first_begin = Box::pin(store.begin_attempt(&first, Some(now), now, lease));
+    assert!(
+        futures_util::poll!(&mut first_begin).is_pending(),
+        "the start that sets the mark waits for the disk"
+    );
+    let mut beside_begin = Box::pin(store.begin_attempt(&beside, Some(now), now, lease));
+    assert!(
+        futures_util::poll!(&mut beside_begin).is_pending(),
+        "a start beside it waits for the mark too"
+    );
+    gate.set(false);
+    for begin in [first_begin, beside_begin] {
+        assert!(matches!(begin.await.expect("begin"), Begin::Started(_)));
+    }
+    // Once the mark is durable, starts no longer wait: a third one is done at its first poll
+    // even with the disk held shut again.
+    claim(&store, "msg_later", &["worker"], now).await;
+    gate.set(true);
+    let later = DeliveryKey::new("credicorp", "msg_later").job("worker");
+    let mut later_begin = Box::pin(store.begin_attempt(&later, Some(now), now, lease));
+    let polled = futures_util::poll!(&mut later_begin);
+    gate.set(false);
+    assert!(
+        matches!(polled, std::task::Poll::Ready(Ok(Begin::Started(_)))),
+        "a start after the mark is durable does not wait for the disk"
+    );
+}
+
 /// Retention walks the received_at index: what is older than the retention and final goes
 /// (with its jobs and queue entries) and its id counts as new; what is younger stays, and so
 /// does an old delivery whose handler is still due (invariant 2), until that handler is final.

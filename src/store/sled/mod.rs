@@ -1210,114 +1210,121 @@ impl DeliveryStore for SledStore {
     ) -> Result<Begin, StoreError> {
         let job_key = job.encode();
         let dk = job.delivery.encode();
-        self.locked_write(Op::BeginAttempt, &[&dk], || {
-            // A delivery that cannot be read back intact is started all the same (the attempt
-            // counted, under a lease), so that the runner dead-letters it through the one
-            // path that records a final outcome and hands its line on (invariant 8).
-            let delivery = match self.read_delivery(&dk) {
-                Ok(None) => {
+        let mut mark_to_sync = None;
+        let begun = self
+            .locked_write(Op::BeginAttempt, &[&dk], || {
+                // A delivery that cannot be read back intact is started all the same (the attempt
+                // counted, under a lease), so that the runner dead-letters it through the one
+                // path that records a final outcome and hands its line on (invariant 8).
+                let delivery = match self.read_delivery(&dk) {
+                    Ok(None) => {
+                        self.drop_stale(queued_due, &job_key)?;
+                        return Ok((Begin::Skipped, false));
+                    }
+                    Ok(Some(delivery)) => Ok(delivery),
+                    Err(StoreError::Corrupt(e)) => Err(e),
+                    Err(e) => return Err(e),
+                };
+                if let Some(due) = queued_due
+                    && !self
+                        .queue
+                        .contains_key(job_queue_key(due, &job_key))
+                        .map_err(backend)?
+                {
+                    // Read before an operator retry moved it, or a run finished: stale.
+                    return Ok((Begin::Skipped, false));
+                }
+                let listed = match &delivery {
+                    Ok((record, _)) => record.handlers.contains(&job.handler),
+                    Err(_) => true,
+                };
+                if !listed {
+                    // A backfill cut by a crash before the record that names its pair.
                     self.drop_stale(queued_due, &job_key)?;
                     return Ok((Begin::Skipped, false));
                 }
-                Ok(Some(delivery)) => Ok(delivery),
-                Err(StoreError::Corrupt(e)) => Err(e),
-                Err(e) => return Err(e),
-            };
-            if let Some(due) = queued_due
-                && !self
-                    .queue
-                    .contains_key(job_queue_key(due, &job_key))
+                let in_memory = self.starts.get(&job_key);
+                let from_memory = in_memory.is_some();
+                let read = match in_memory {
+                    Some(state) => Some(state),
+                    None => self.read_written_job(&job_key)?,
+                };
+                // Runs a crash interrupted count too (see `starts`).
+                let attempts_so_far = starts::bumped_attempts(
+                    &self.starts,
+                    read.as_ref(),
+                    from_memory,
+                    match &delivery {
+                        Ok((record, _)) => record.received_at_ms,
+                        Err(_) => 0,
+                    },
+                );
+                let mut state = read.unwrap_or_else(pending_job);
+                if state.is_final() {
+                    self.drop_stale(queued_due, &job_key)?;
+                    return Ok((Begin::Skipped, false));
+                }
+                // A lease of another instance belongs to a process that died (sled is opened
+                // by one process at a time); one of this process is taken over only once past
+                // its end and the grace (invariant 6).
+                if state.status == JobStatus::Running
+                    && let Some(lease) = state.lease
+                    && lease.owner == self.instance
+                    && lease.blocks_at(now_ms)
+                {
+                    return Ok((
+                        Begin::Busy {
+                            until_ms: lease.taken_over_from(),
+                        },
+                        false,
+                    ));
+                }
+                // A pause recorded before this check holds, whatever the caller read earlier.
+                if self
+                    .meta
+                    .contains_key([PAUSED, job.handler.as_bytes()].concat())
                     .map_err(backend)?
-            {
-                // Read before an operator retry moved it, or a run finished: stale.
-                return Ok((Begin::Skipped, false));
-            }
-            let listed = match &delivery {
-                Ok((record, _)) => record.handlers.contains(&job.handler),
-                Err(_) => true,
-            };
-            if !listed {
-                // A backfill cut by a crash before the record that names its pair.
-                self.drop_stale(queued_due, &job_key)?;
-                return Ok((Begin::Skipped, false));
-            }
-            let in_memory = self.starts.get(&job_key);
-            let from_memory = in_memory.is_some();
-            let read = match in_memory {
-                Some(state) => Some(state),
-                None => self.read_written_job(&job_key)?,
-            };
-            // Runs a crash interrupted count too (see `starts`).
-            let attempts_so_far = starts::bumped_attempts(
-                &self.starts,
-                read.as_ref(),
-                from_memory,
-                match &delivery {
-                    Ok((record, _)) => record.received_at_ms,
-                    Err(_) => 0,
-                },
-            );
-            let mut state = read.unwrap_or_else(pending_job);
-            if state.is_final() {
-                self.drop_stale(queued_due, &job_key)?;
-                return Ok((Begin::Skipped, false));
-            }
-            // A lease of another instance belongs to a process that died (sled is opened
-            // by one process at a time); one of this process is taken over only once past
-            // its end and the grace (invariant 6).
-            if state.status == JobStatus::Running
-                && let Some(lease) = state.lease
-                && lease.owner == self.instance
-                && lease.blocks_at(now_ms)
-            {
-                return Ok((
-                    Begin::Busy {
-                        until_ms: lease.taken_over_from(),
+                {
+                    return Ok((
+                        Begin::Busy {
+                            until_ms: now_ms + super::PAUSED_RETRY_MS,
+                        },
+                        false,
+                    ));
+                }
+                state.status = JobStatus::Running;
+                state.attempts = attempts_so_far + 1;
+                state.updated_ms = now_ms;
+                state.lease = Some(Lease {
+                    owner: self.instance,
+                    until_ms: lease_until_ms,
+                });
+                if queued_due.is_some() {
+                    state.queued_at_ms = queued_due;
+                }
+                // Kept in memory, not written: the run's outcome is its one write. Only the
+                // starts before the mark `open` is known durable wait for the disk.
+                let mark = self.starts.start(&self.meta, &job_key, state.clone())?;
+                mark_to_sync = mark;
+                let begin = match delivery {
+                    Ok((record, body)) => Begin::Started(Box::new(AttemptContext {
+                        record,
+                        body,
+                        attempt: state.attempts,
+                        attempts_in_round: state.attempts.saturating_sub(state.retry_base),
+                    })),
+                    Err(error) => Begin::Unreadable {
+                        attempt: state.attempts,
+                        error,
                     },
-                    false,
-                ));
-            }
-            // A pause recorded before this check holds, whatever the caller read earlier.
-            if self
-                .meta
-                .contains_key([PAUSED, job.handler.as_bytes()].concat())
-                .map_err(backend)?
-            {
-                return Ok((
-                    Begin::Busy {
-                        until_ms: now_ms + super::PAUSED_RETRY_MS,
-                    },
-                    false,
-                ));
-            }
-            state.status = JobStatus::Running;
-            state.attempts = attempts_so_far + 1;
-            state.updated_ms = now_ms;
-            state.lease = Some(Lease {
-                owner: self.instance,
-                until_ms: lease_until_ms,
-            });
-            if queued_due.is_some() {
-                state.queued_at_ms = queued_due;
-            }
-            // Kept in memory, not written: the run's outcome is its one write. Only the
-            // first start after an open (or a clean close) waits, for the mark `open`.
-            let wait = self.starts.start(&self.meta, &job_key, state.clone())?;
-            let begin = match delivery {
-                Ok((record, body)) => Begin::Started(Box::new(AttemptContext {
-                    record,
-                    body,
-                    attempt: state.attempts,
-                    attempts_in_round: state.attempts.saturating_sub(state.retry_base),
-                })),
-                Err(error) => Begin::Unreadable {
-                    attempt: state.attempts,
-                    error,
-                },
-            };
-            Ok((begin, wait))
-        })
-        .await
+                };
+                Ok((begin, mark.is_some()))
+            })
+            .await;
+        if let (Ok(_), Some(generation)) = (&begun, mark_to_sync) {
+            self.starts.mark_synced(generation);
+        }
+        begun
     }
 
     async fn renew_job_lease(

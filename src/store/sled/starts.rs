@@ -10,13 +10,14 @@
 //!
 //! How:
 //! - A start goes into [`RunStarts`] (job key → the state as it would have been written);
-//!   every read of a job state ([`SledInner::read_job`]) sees it first, every durable write
-//!   of that state ([`SledInner::write_job`]) replaces it. The outcome of the run is thus its
+//!   every read of a job state (`SledInner::read_job`) sees it first, every durable write
+//!   of that state (`SledInner::write_job`) replaces it. The outcome of the run is thus its
 //!   only write.
-//! - While any start may be unwritten, `meta` holds the mark `open`: set, and waited for on
-//!   disk, by the first start after the store was opened or closed cleanly
-//!   ([`RunStarts::needs_mark`]); removed by [`SledInner::close_starts`] (the final flush)
-//!   once every start in memory is written as it stands.
+//! - While any start may be unwritten, `meta` holds the mark `open`: set by the first start
+//!   after the store was opened or closed cleanly, and every start waits for the disk until
+//!   one such wait has ended after it was set ([`RunStarts::start`]); removed by
+//!   [`SledInner::close_starts`] (the final flush) once every start in memory is written as
+//!   it stands.
 //! - Opening a store that still carries the mark means the process before died with runs
 //!   possibly started: the time of that opening is added to `unclean-starts` (durably,
 //!   before anything runs). A pair's attempt count is then its written `attempts` plus one
@@ -58,6 +59,13 @@ struct Started {
     states: HashMap<Vec<u8>, JobState>,
     /// Whether `meta` holds [`OPEN_MARK`] (set by this process, or its removal pending).
     marked: bool,
+    /// Whether that mark is known to be on disk: until then every start waits for the
+    /// disk, not only the one that set it (a run started beside it must not begin before
+    /// the mark that counts it is durable).
+    mark_synced: bool,
+    /// Bumped at every setting of the mark, so that a wait that began before a later
+    /// setting does not vouch for it.
+    mark_generation: u64,
 }
 
 impl RunStarts {
@@ -123,23 +131,33 @@ impl RunStarts {
         }
     }
 
-    /// Records a start. Returns true when the mark `open` had to be set for it: the caller
-    /// then waits for the disk before the handler begins.
+    /// Records a start. Returns the mark's generation when the mark `open` is not known
+    /// to be on disk yet: the caller then waits for the disk before the handler begins, and
+    /// reports it with [`RunStarts::mark_synced`].
     pub(super) fn start(
         &self,
         meta: &CountedTree,
         job_key: &[u8],
         state: JobState,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         let mut started = self.lock();
-        let mut set_mark = false;
         if !started.marked {
             meta.insert(OPEN_MARK, &[]).map_err(backend)?;
             started.marked = true;
-            set_mark = true;
+            started.mark_synced = false;
+            started.mark_generation += 1;
         }
         started.states.insert(job_key.to_vec(), state);
-        Ok(set_mark)
+        Ok((!started.mark_synced).then_some(started.mark_generation))
+    }
+
+    /// A wait for the disk that began after the mark of `generation` was set has ended:
+    /// that mark is durable.
+    pub(super) fn mark_synced(&self, generation: u64) {
+        let mut started = self.lock();
+        if started.marked && started.mark_generation == generation {
+            started.mark_synced = true;
+        }
     }
 
     /// How many unclean starts came after `since_ms`.
@@ -181,6 +199,7 @@ impl SledInner {
         if unmark {
             self.meta.remove(OPEN_MARK).map_err(backend)?;
             started.marked = false;
+            started.mark_synced = false;
         }
         Ok(unmark || !pending.is_empty())
     }
