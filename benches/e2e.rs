@@ -1059,6 +1059,22 @@ async fn writes_per_delivery(options: &BenchOptions, source: Arc<Source>) -> Res
     Ok(())
 }
 
+/// CPU time (user and system) the process `pid` has used so far, in seconds, from
+/// `/proc/<pid>/stat` (clock ticks of 1/100 s, Linux's `USER_HZ`).
+fn cpu_seconds(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name, which is in parentheses and may hold spaces.
+            let rest = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = fields.get(11)?.parse().ok()?;
+            let stime: f64 = fields.get(12)?.parse().ok()?;
+            Some((utime + stime) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
 /// Handler runs that succeeded and deliveries accepted so far, from `/metrics`.
 async fn runs_and_accepted(client: &reqwest::Client, admin: u16) -> (f64, f64) {
     let Ok(response) = client
@@ -1098,8 +1114,9 @@ async fn rounds(options: &BenchOptions, source: Arc<Source>) -> Result<(), Strin
     for path in &options.baselines {
         binaries.push((path.display().to_string(), path.clone(), String::new()));
     }
-    // Per binary: (ratio to bare, p99 ms, processed share) of every round.
-    let mut figures: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); binaries.len()];
+    // Per binary: (ratio to bare, p99 ms, processed share, CPU µs per delivery) of every
+    // round.
+    let mut figures: Vec<Vec<(f64, f64, f64, f64)>> = vec![Vec::new(); binaries.len()];
     let load = || Load {
         body_size: 1024,
         duplicate_every: None,
@@ -1121,15 +1138,20 @@ async fn rounds(options: &BenchOptions, source: Arc<Source>) -> Result<(), Strin
             let (r, _) = drive(server.port, source.clone(), load(), options, 0).await;
             let (runs, accepted) = runs_and_accepted(&client, admin).await;
             let processed_share = if accepted > 0.0 { runs / accepted } else { 0.0 };
+            // Then every accepted delivery run, and the server's CPU time per delivery
+            // (start-up included): steadier than a rate on a shared machine.
+            wait_queue_drained(admin, Duration::from_secs(300)).await?;
+            let cpu_us = cpu_seconds(server.child.id()) * 1e6 / accepted.max(1.0);
             let ratio = r.rate / b.rate.max(1.0);
             let p99 = r.p99.as_secs_f64() * 1000.0;
             eprintln!(
                 "round {round}: {name}: {:.0} acks/s ({ratio:.2}x bare), p99 {p99:.1} ms, \
-                 {:.0} % of the accepted already run",
+                 {:.0} % of the accepted already run, {cpu_us:.0} µs of server CPU per \
+                 delivery acked and run",
                 r.rate,
                 processed_share * 100.0
             );
-            figures[i].push((ratio, p99, processed_share));
+            figures[i].push((ratio, p99, processed_share, cpu_us));
         }
     }
     let median = |mut v: Vec<f64>| {
@@ -1139,10 +1161,11 @@ async fn rounds(options: &BenchOptions, source: Arc<Source>) -> Result<(), Strin
     eprintln!("medians over {} rounds:", options.rounds);
     for ((name, _, _), runs) in binaries.iter().zip(figures) {
         eprintln!(
-            "  {name}: {:.2}x bare, p99 {:.1} ms, {:.0} % run by the window's end",
+            "  {name}: {:.2}x bare, p99 {:.1} ms, {:.0} % run by the window's end, {:.0} µs CPU per delivery",
             median(runs.iter().map(|f| f.0).collect()),
             median(runs.iter().map(|f| f.1).collect()),
-            median(runs.iter().map(|f| f.2).collect()) * 100.0
+            median(runs.iter().map(|f| f.2).collect()) * 100.0,
+            median(runs.iter().map(|f| f.3).collect())
         );
     }
     Ok(())
