@@ -746,8 +746,12 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
         results.push(sustained(options, source.clone(), ceiling, bare_rate[&1024]).await?);
     }
     if let Some(url) = &options.postgres_url {
-        for replicas in [1, 3] {
-            results.push(postgres(options, source.clone(), url, replicas, bare_rate[&1024]).await?);
+        // This build's config, then each `--variant` appended to it.
+        for extra in std::iter::once("").chain(options.variants.iter().map(String::as_str)) {
+            for replicas in [1, 3] {
+                let bare = bare_rate[&1024];
+                results.push(postgres(options, source.clone(), url, replicas, bare, extra).await?);
+            }
         }
     } else {
         eprintln!(
@@ -949,6 +953,7 @@ async fn postgres(
     server_url: &str,
     replicas: usize,
     bare: f64,
+    extra_config: &str,
 ) -> Result<CaseResult, String> {
     use sqlx::Connection as _;
     let schema = format!("bench_{}", rand::random::<u32>());
@@ -967,11 +972,8 @@ async fn postgres(
     for n in 0..replicas {
         let (port, admin) = (free_port(), free_port());
         let config = dir.path().join(format!("replica{n}.toml"));
-        std::fs::write(
-            &config,
-            config_with_storage(&storage, port, admin, options.workers),
-        )
-        .map_err(|e| e.to_string())?;
+        let text = config_with_storage(&storage, port, admin, options.workers);
+        std::fs::write(&config, format!("{text}\n{extra_config}\n")).map_err(|e| e.to_string())?;
         servers.push(start_with(&config, port, admin).await?.0);
     }
     let sampler = RunSampler::start(servers.iter().map(|s| s.admin).collect());
@@ -993,7 +995,14 @@ async fn postgres(
     let (processed, max_depth) = sampler.finish().await?;
     r.processed = Some(processed);
     r.max_queue_depth = Some(max_depth);
-    r.name = format!("postgres, {replicas} replica(s), unique, 1 KiB");
+    r.name = if extra_config.is_empty() {
+        format!("postgres, {replicas} replica(s), unique, 1 KiB")
+    } else {
+        format!(
+            "postgres, {replicas} replica(s), unique, 1 KiB, with `{}`",
+            extra_config.replace('\n', "; ")
+        )
+    };
     r.rss = servers.iter().map(|s| rss_bytes(s.child.id())).sum();
     r.vs_bare = r.rate / bare;
     drop(servers);
