@@ -309,3 +309,87 @@ fn crash_cycles(contended: bool) {
         pids.len()
     );
 }
+
+/// `store copy` takes a crashed sled store's count of unclean starts along: the pair a
+/// kill -9 cut mid-run, whose start was never written, is exported with that run counted,
+/// so on PostgreSQL it runs again with attempt 2, as it would have on sled.
+#[test]
+fn a_store_exported_after_a_crash_counts_the_run_it_cut() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let log = dir.path().join("runs.log");
+    let release = dir.path().join("release");
+    // Records its start, then waits until the test releases it (no stray sleeper left).
+    let script = r#"echo "start $WEBHOOK_ID $WEBHOOK_ATTEMPT" >> "$1"; cat > /dev/null; while [ ! -e "$2" ]; do sleep 0.05; done"#;
+    let extra = format!(
+        "\n[[handlers]]\nname = \"effect\"\nkind = \"command\"\nsource = \"credicorp\"\ncommand = [\"sh\", \"-c\", {script:?}, \"sh\", \"{}\", \"{}\"]\n",
+        log.display(),
+        release.display()
+    );
+    let text = config_text(
+        dir.path(),
+        &Options {
+            extra_toml: extra,
+            ..Options::default()
+        },
+    );
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, &text).expect("write config");
+    let config = Config::parse(&text, "t.toml").expect("config");
+    let (mut child, port) = start(&config_path);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let client = reqwest::Client::new();
+        send_until_acknowledged(
+            &client,
+            &AtomicU16::new(port),
+            &config.sources["credicorp"],
+            "msg_cut",
+            r#"{"type":"application.created"}"#,
+        )
+        .await;
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("start msg_cut 1")) {
+        assert!(Instant::now() < deadline, "the handler never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    std::fs::write(&release, b"").expect("release the handler");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let store = loop {
+        match webhook_inbox::store::SledStore::open(
+            &dir.path().join("data"),
+            webhook_inbox::config::Durability::Fsync,
+            8 << 20,
+        ) {
+            Ok(store) => break store,
+            Err(e) if e.to_string().contains("in use") && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let (items, _) = store
+        .export_page(&webhook_inbox::store::ExportPosition::default(), 10)
+        .expect("export");
+    let jobs = items
+        .iter()
+        .find_map(|item| match item {
+            webhook_inbox::store::StoredItem::Delivery { record, jobs, .. }
+                if record.id == "msg_cut" =>
+            {
+                Some(jobs.clone())
+            }
+            _ => None,
+        })
+        .expect("msg_cut is exported");
+    let state = jobs
+        .iter()
+        .find(|(handler, _)| handler == "effect")
+        .and_then(|(_, state)| state.clone())
+        .expect("a state that counts the run the crash cut");
+    assert_eq!(state.attempts, 1, "{state:?}");
+    assert!(!state.is_final(), "{state:?}");
+}

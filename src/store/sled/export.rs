@@ -43,7 +43,10 @@ impl SledInner {
                 let jobs = record
                     .handlers
                     .iter()
-                    .map(|h| Ok((h.clone(), self.read_job(&delivery.job(h).encode())?)))
+                    .map(|h| {
+                        let state = self.read_job(&delivery.job(h).encode())?;
+                        Ok((h.clone(), self.crashes_counted(state, &record)))
+                    })
                     .collect::<Result<Vec<_>, StoreError>>()?;
                 let calls = self.journal_entries(&delivery)?;
                 items.push(StoredItem::Delivery {

@@ -184,6 +184,35 @@ pub(super) fn bumped_attempts(
 }
 
 impl SledInner {
+    /// A pair's state as another store must take it over (`store copy`, which has no
+    /// unclean starts of its own to count): its attempts with this store's crashes counted
+    /// in, and a state for a pair never written once a crash counts for it.
+    pub(super) fn crashes_counted(
+        &self,
+        state: Option<JobState>,
+        record: &crate::store::DeliveryRecord,
+    ) -> Option<JobState> {
+        let attempts = bumped_attempts(&self.starts, state.as_ref(), false, record.received_at_ms);
+        match state {
+            Some(mut state) => {
+                state.attempts = attempts;
+                Some(state)
+            }
+            None if attempts > 0 => Some(JobState {
+                status: crate::store::JobStatus::Pending,
+                attempts,
+                last_error: None,
+                // Queued on arrival, as an acknowledged pair never run is.
+                queued_at_ms: (record.response.is_some() && record.alias_of.is_none())
+                    .then_some(record.received_at_ms),
+                updated_ms: record.received_at_ms,
+                retry_base: 0,
+                lease: None,
+            }),
+            None => None,
+        }
+    }
+
     /// At the final flush: writes every start still in memory as it stands (a run cut by
     /// the shutdown then counts as started) and, with none left, removes the mark `open`,
     /// so that the next opening is a clean one. Returns whether it wrote anything.
