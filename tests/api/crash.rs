@@ -121,6 +121,34 @@ fn id_of(i: usize, copy: usize, contended: bool) -> String {
     }
 }
 
+/// Writes `dir/config.toml`: the test config with `source_keys` added to the source and a
+/// `command` handler `effect` running `sh -c script sh args…`. Returns its path and config.
+fn write_config(
+    dir: &std::path::Path,
+    source_keys: &str,
+    script: &str,
+    args: &[&std::path::Path],
+) -> (std::path::PathBuf, Config) {
+    let args: String = args
+        .iter()
+        .map(|a| format!(", \"{}\"", a.display()))
+        .collect();
+    let extra = format!(
+        "{source_keys}\n[[handlers]]\nname = \"effect\"\nkind = \"command\"\nsource = \"credicorp\"\ncommand = [\"sh\", \"-c\", {script:?}, \"sh\"{args}]\n"
+    );
+    let text = config_text(
+        dir,
+        &Options {
+            extra_toml: extra,
+            ..Options::default()
+        },
+    );
+    let config_path = dir.join("config.toml");
+    std::fs::write(&config_path, &text).expect("write config");
+    let config = Config::parse(&text, "t.toml").expect("config");
+    (config_path, config)
+}
+
 fn crash_cycles(contended: bool) {
     let seed: u64 = std::env::var("CRASH_SEED")
         .ok()
@@ -132,25 +160,8 @@ fn crash_cycles(contended: bool) {
     let dir = tempfile::TempDir::new().expect("dir");
     let log = dir.path().join("runs.log");
     let script = r#"echo "start $WEBHOOK_ID $WEBHOOK_ATTEMPT $IDEMPOTENCY_KEY $PPID" >> "$1"; cat > /dev/null; sleep 0.02; echo "end $WEBHOOK_ID $WEBHOOK_ATTEMPT $IDEMPOTENCY_KEY $PPID" >> "$1""#;
-    let extra = format!(
-        "\n[[handlers]]\nname = \"effect\"\nkind = \"command\"\nsource = \"credicorp\"\ncommand = [\"sh\", \"-c\", {script:?}, \"sh\", \"{}\"]\n",
-        log.display()
-    );
-    let extra = if contended {
-        format!("body_dedup = true\n{extra}")
-    } else {
-        extra
-    };
-    let text = config_text(
-        dir.path(),
-        &Options {
-            extra_toml: extra,
-            ..Options::default()
-        },
-    );
-    let config_path = dir.path().join("config.toml");
-    std::fs::write(&config_path, &text).expect("write config");
-    let config = Config::parse(&text, "t.toml").expect("config");
+    let prefix = if contended { "body_dedup = true\n" } else { "" };
+    let (config_path, config) = write_config(dir.path(), prefix, script, &[&log]);
     let source = Source::from_config("credicorp", &config.sources["credicorp"], "t.toml", &|_| {
         None
     })
@@ -320,21 +331,7 @@ fn a_store_exported_after_a_crash_counts_the_run_it_cut() {
     let release = dir.path().join("release");
     // Records its start, then waits until the test releases it (no stray sleeper left).
     let script = r#"echo "start $WEBHOOK_ID $WEBHOOK_ATTEMPT" >> "$1"; cat > /dev/null; while [ ! -e "$2" ]; do sleep 0.05; done"#;
-    let extra = format!(
-        "\n[[handlers]]\nname = \"effect\"\nkind = \"command\"\nsource = \"credicorp\"\ncommand = [\"sh\", \"-c\", {script:?}, \"sh\", \"{}\", \"{}\"]\n",
-        log.display(),
-        release.display()
-    );
-    let text = config_text(
-        dir.path(),
-        &Options {
-            extra_toml: extra,
-            ..Options::default()
-        },
-    );
-    let config_path = dir.path().join("config.toml");
-    std::fs::write(&config_path, &text).expect("write config");
-    let config = Config::parse(&text, "t.toml").expect("config");
+    let (config_path, config) = write_config(dir.path(), "", script, &[&log, &release]);
     let (mut child, port) = start(&config_path);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {

@@ -326,7 +326,6 @@ impl SledStore {
         );
         SledInner::migrate_queue_layout(&db, &queue)?;
         let writes = WriteCounts::default();
-        let unclean_meta = meta.clone();
         let body_log_meta = meta.clone();
         let [
             deliveries,
@@ -373,11 +372,7 @@ impl SledStore {
             hook: options.flush_hook,
         };
         let sync: SyncFn = Box::new(move || disk.sync());
-        let starts = starts::RunStarts::open(
-            &db,
-            &CountedTree::new(unclean_meta, "meta", &writes),
-            crate::clock::Clock::System.now_ms(),
-        )?;
+        let starts = starts::RunStarts::open(&db, &meta, crate::clock::Clock::System.now_ms())?;
         Ok(SledStore(Arc::new(SledInner {
             writes,
             db,
@@ -1243,11 +1238,9 @@ impl DeliveryStore for SledStore {
                     self.drop_stale(queued_due, &job_key)?;
                     return Ok((Begin::Skipped, false));
                 }
-                let in_memory = self.starts.get(&job_key);
-                let from_memory = in_memory.is_some();
-                let read = match in_memory {
-                    Some(state) => Some(state),
-                    None => self.read_written_job(&job_key)?,
+                let (read, from_memory) = match self.starts.get(&job_key) {
+                    Some(state) => (Some(state), true),
+                    None => (self.read_written_job(&job_key)?, false),
                 };
                 // Runs a crash interrupted count too (see `starts`).
                 let attempts_so_far = starts::bumped_attempts(
