@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 
 use webhook_inbox::config::{Config, Durability};
-use webhook_inbox::store::{DeliveryStore, NewDelivery, SledStore};
+use webhook_inbox::store::{Claims, Maintenance, NewDelivery, SledStore};
 use webhook_inbox::verify::Source;
 
 /// The admin token of every server the benchmark starts.

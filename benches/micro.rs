@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use webhook_inbox::config::{Config, Durability};
-use webhook_inbox::store::{DeliveryStore, NewDelivery, SledStore};
+use webhook_inbox::store::{Claims, DeliveryStore, NewDelivery, SledStore};
 use webhook_inbox::verify::{Headers, Source};
 
 const CONFIG: &str = r#"

@@ -8,7 +8,7 @@
 //! source, event patterns and `match` ([`HandlerRegistry::matching`], the claim's own
 //! routing) — and the request's own `source` and `events` narrow the walk further. The store
 //! then binds each candidate that has no pair with the handler yet, atomically per delivery
-//! ([`DeliveryStore::bind_handler`]): a pair that exists is never reset, so a second backfill
+//! ([`Operations::bind_handler`](crate::store::Operations::bind_handler)): a pair that exists is never reset, so a second backfill
 //! binds nothing and counts them as `already`; a delivery retention removed in between is
 //! simply not bound; a live delivery racing the backfill was bound by its claim or is bound
 //! here, once. Each batch is durable before the next is read.

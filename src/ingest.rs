@@ -2,7 +2,7 @@
 //!
 //! The route ([`crate::routes::webhook`]) reads the body within its limits and hands the
 //! rest here: authenticate ([`Source::authenticate`]), claim `(source, delivery id)`
-//! atomically ([`DeliveryStore::claim`]), then apply the source's ack policy:
+//! atomically ([`Claims::claim`](crate::store::Claims::claim)), then apply the source's ack policy:
 //! - `ack = "durable"`: the first answer (202) is built into the record before the claim, so
 //!   it is on disk with it; the handlers run in the background from the durable queue;
 //! - `ack = "processed"`: the handlers run before the answer, under a lease on the delivery

@@ -4,7 +4,7 @@
 //! written with the claim, before the acknowledgement; the [`Dispatcher`] reads, in turns,
 //! only the front of the queues of the handlers that may start a run now (not paused,
 //! under their `concurrency` and `rate`), so a held-back handler's backlog costs nothing. A
-//! run is counted *before* the handler starts ([`DeliveryStore::begin_attempt`]: durably
+//! run is counted *before* the handler starts ([`JobQueue::begin_attempt`](crate::store::JobQueue::begin_attempt): durably
 //! with PostgreSQL; in memory with sled, where a crash is counted at the next opening
 //! instead) and its queue entry stays until the outcome is recorded, so a crash mid-run
 //! leaves the entry due: on the next start the pair runs again with `attempt + 1` and the
@@ -67,7 +67,7 @@ pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
 /// slots would walk past every running entry again for each run (the profile in
 /// BENCHMARKS.md: a quarter of the server's instructions). An entry that went stale while
 /// it waited here (an operator retry moved it, a pause) is caught by
-/// [`DeliveryStore::begin_attempt`], which re-checks it under the delivery's lock. With a
+/// [`JobQueue::begin_attempt`](crate::store::JobQueue::begin_attempt), which re-checks it under the delivery's lock. With a
 /// shared store a read reserves its entries for this process, so there it takes only what
 /// it starts.
 pub const READ_AHEAD: usize = 64;

@@ -103,7 +103,7 @@ pub async fn list(
     }))
 }
 
-/// A page of [`crate::store::DeliveryStore::list`], read on a blocking thread: the sled
+/// A page of [`crate::store::Operations::list`], read on a blocking thread: the sled
 /// store reads synchronously, and a long listing must never hold up the admin listener's
 /// workers (health probes, metrics). `Err(None)`: the read task itself failed.
 pub(crate) async fn list_off_the_workers(
@@ -278,7 +278,7 @@ pub async fn show(
     })))
 }
 
-/// An operator retry of one delivery (see [`crate::store::DeliveryStore::retry`]): the
+/// An operator retry of one delivery (see [`crate::store::Operations::retry`]): the
 /// handlers now due, the dispatcher woken. Shared by the admin API and the console.
 pub(crate) async fn retry_delivery(
     state: &AppState,
@@ -369,7 +369,7 @@ pub(crate) fn rfc3339_ms(text: Option<&str>) -> Result<Option<u64>, ApiError> {
     }
 }
 
-/// A bulk operator retry (see [`crate::store::DeliveryStore::retry_all`]): how many pairs
+/// A bulk operator retry (see [`crate::store::Operations::retry_all`]): how many pairs
 /// it requeued, the dispatcher woken. Shared by the admin API and the console.
 pub(crate) async fn retry_matching(
     state: &AppState,

@@ -426,7 +426,7 @@ pub enum Begin {
     Skipped,
     /// The attempt is counted and leased to the caller, but the delivery cannot be read
     /// back intact (its body fails its checksum, or its record does not decode): the caller
-    /// dead-letters it with this reason through [`DeliveryStore::finish_attempt`]
+    /// dead-letters it with this reason through [`JobQueue::finish_attempt`]
     /// (invariant 8), which also hands an `order_by` line on.
     Unreadable {
         /// The attempt number counted.
@@ -457,7 +457,7 @@ pub struct RetryFilter {
     pub until_ms: Option<u64>,
 }
 
-/// What a backfill did with one stored delivery ([`DeliveryStore::bind_handler`]).
+/// What a backfill did with one stored delivery ([`Operations::bind_handler`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Binding {
     /// It had no pair with the handler: it has one now, pending.
@@ -760,12 +760,20 @@ pub struct Page {
     pub next: Option<Cursor>,
 }
 
-/// The storage contract. sled is the embedded default; a shared backend (PostgreSQL) can
-/// serve several replicas behind the same trait.
+/// The storage contract, in roles: sled is the embedded default; a shared backend
+/// (PostgreSQL) can serve several replicas behind the same traits. A part of the service
+/// asks for the role it uses (`Arc<dyn JobQueue>`); what holds the whole store uses
+/// `Arc<dyn DeliveryStore>`, which every store that plays all the roles is.
 ///
 /// Every write method returns once the write is as durable as `storage.durability` says.
+pub trait DeliveryStore: Claims + JobQueue + CallJournal + Operations + Maintenance {}
+
+impl<T: Claims + JobQueue + CallJournal + Operations + Maintenance> DeliveryStore for T {}
+
+/// Taking deliveries in: the claim that decides a `(source, id)` once, the reads of a
+/// stored delivery, and `ack = "processed"`'s delivery lease (take-over, renewal, release).
 #[async_trait]
-pub trait DeliveryStore: Send + Sync + 'static {
+pub trait Claims: Send + Sync + 'static {
     /// Atomically claims `(source, id)`: writes the record, body, queue entries and indexes
     /// if the key is free, else returns the existing record. Any number of concurrent
     /// claims of one key yield exactly one [`Claim::New`]. A returned record is durable.
@@ -777,6 +785,33 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// Reads a delivery's raw body.
     async fn body(&self, key: &DeliveryKey) -> Result<Option<Bytes>, StoreError>;
 
+    /// `ack = "processed"`: takes over an unfinished delivery for `lease` once the current
+    /// holder's lease is [`TAKE_OVER_GRACE_MS`] past its end ([`DeliveryRecord::take_over`]).
+    async fn take_over(
+        &self,
+        key: &DeliveryKey,
+        now_ms: u64,
+        lease: Lease,
+    ) -> Result<TakeOver, StoreError>;
+
+    /// `ack = "processed"`: extends `lease.owner`'s lease while its handlers run; false
+    /// (nothing changed) when the delivery is final or gone, or another owner holds it.
+    async fn renew_lease(&self, key: &DeliveryKey, lease: Lease) -> Result<bool, StoreError>;
+
+    /// `ack = "processed"`: ends `owner`'s lease, storing the final response if there is
+    /// one; false (nothing changed) when `owner` no longer holds it.
+    async fn release(
+        &self,
+        key: &DeliveryKey,
+        owner: u64,
+        response: Option<StoredResponse>,
+    ) -> Result<bool, StoreError>;
+}
+
+/// The dispatcher's side: the queue of (delivery, handler) pairs, the start of a run under
+/// its lease, and how it ended.
+#[async_trait]
+pub trait JobQueue: Send + Sync + 'static {
     /// Reads a job's state.
     async fn job(&self, key: &JobKey) -> Result<Option<JobState>, StoreError>;
 
@@ -792,7 +827,7 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// Due time of the earliest queue entry not in `skip`.
     async fn next_due_ms(&self, skip: &SkipSet) -> Result<Option<u64>, StoreError>;
 
-    /// [`DeliveryStore::due_jobs`] of one handler only: what the dispatcher reads, for the
+    /// [`JobQueue::due_jobs`] of one handler only: what the dispatcher reads, for the
     /// handlers it may run now, so that a paused or limited handler's backlog costs nothing.
     async fn due_jobs_of(
         &self,
@@ -802,10 +837,10 @@ pub trait DeliveryStore: Send + Sync + 'static {
         skip: &SkipSet,
     ) -> Result<Vec<QueuedJob>, StoreError>;
 
-    /// [`DeliveryStore::next_due_ms`] of one handler only.
+    /// [`JobQueue::next_due_ms`] of one handler only.
     async fn next_due_of(&self, handler: &str, skip: &SkipSet) -> Result<Option<u64>, StoreError>;
 
-    /// [`DeliveryStore::due_jobs_of`], and the due time of the first entry after those
+    /// [`JobQueue::due_jobs_of`], and the due time of the first entry after those
     /// returned (not in `skip`; due or not, `None`: there is none): what the dispatcher
     /// needs to know when to look again, in one read where the two calls make two.
     ///
@@ -850,7 +885,7 @@ pub trait DeliveryStore: Send + Sync + 'static {
         lease_until_ms: u64,
     ) -> Result<Begin, StoreError>;
 
-    /// [`DeliveryStore::begin_attempt`], counting the handler's `concurrency` across every
+    /// [`JobQueue::begin_attempt`], counting the handler's `concurrency` across every
     /// process that shares the store: with `concurrency` and as many of the handler's pairs
     /// running under leases that block a take-over, nothing starts and the answer is
     /// [`Begin::AtLimit`]. A store of one process leaves the limit to the runner's gate
@@ -905,37 +940,84 @@ pub trait DeliveryStore: Send + Sync + 'static {
         now_ms: u64,
     ) -> Result<(), StoreError>;
 
-    /// `ack = "processed"`: takes over an unfinished delivery for `lease` once the current
-    /// holder's lease is [`TAKE_OVER_GRACE_MS`] past its end ([`DeliveryRecord::take_over`]).
-    async fn take_over(
+    /// The handlers with queue entries (the dispatcher also serves those no longer
+    /// configured: their pairs die with an error that says so).
+    async fn queued_handlers(&self) -> Result<Vec<String>, StoreError>;
+
+    /// The handlers an operator has paused: their pairs stay queued and none starts.
+    async fn paused_handlers(&self) -> Result<HashSet<String>, StoreError>;
+
+    /// Notified when new work may have been queued by another process sharing the store
+    /// (PostgreSQL's LISTEN/NOTIFY); `None` for a store only this process writes. The
+    /// dispatcher then also polls now and then, in case a notice is lost.
+    fn work_signal(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
+}
+
+/// The downstream call journal (`crate::calls`): the kept answer of each step of a pair.
+#[async_trait]
+pub trait CallJournal: Send + Sync + 'static {
+    /// The call journal's answer for `step` of pair `job`, if a run kept one.
+    async fn journal_get(&self, job: &JobKey, step: &str)
+    -> Result<Option<CallRecord>, StoreError>;
+
+    /// Keeps `record` as the answer of `step` of pair `job` unless one is kept already
+    /// (first writer wins); returns what is kept. Does not wait for the disk.
+    async fn journal_put(
         &self,
-        key: &DeliveryKey,
-        now_ms: u64,
-        lease: Lease,
-    ) -> Result<TakeOver, StoreError>;
+        job: &JobKey,
+        step: &str,
+        record: &CallRecord,
+    ) -> Result<CallRecord, StoreError>;
 
-    /// `ack = "processed"`: extends `lease.owner`'s lease while its handlers run; false
-    /// (nothing changed) when the delivery is final or gone, or another owner holds it.
-    async fn renew_lease(&self, key: &DeliveryKey, lease: Lease) -> Result<bool, StoreError>;
+    /// Counts one replay of the kept answer of `step` of pair `job` (best effort, not
+    /// waiting for the disk; nothing when no answer is kept).
+    async fn journal_replayed(&self, job: &JobKey, step: &str) -> Result<(), StoreError>;
 
-    /// `ack = "processed"`: ends `owner`'s lease, storing the final response if there is
-    /// one; false (nothing changed) when `owner` no longer holds it.
-    async fn release(
+    /// Every step kept for delivery `key`, by handler then step name.
+    async fn journal_of(&self, key: &DeliveryKey) -> Result<Vec<JournalEntry>, StoreError>;
+}
+
+/// What an operator does and reads, through the admin API, the console and the CLI:
+/// listings, retries, pauses, counts, backfill.
+#[async_trait]
+pub trait Operations: Send + Sync + 'static {
+    /// Deliveries newest first, optionally of one source and one status, `limit` at most,
+    /// starting after `cursor` (from the previous page).
+    async fn list(
         &self,
-        key: &DeliveryKey,
-        owner: u64,
-        response: Option<StoredResponse>,
-    ) -> Result<bool, StoreError>;
+        source: Option<&str>,
+        status: Option<DeliveryStatus>,
+        limit: usize,
+        cursor: Option<&Cursor>,
+    ) -> Result<Page, StoreError>;
 
-    /// Removes up to `limit` deliveries received before `cutoff_ms` with their bodies, jobs
-    /// and queue entries, oldest first. A delivery with a handler still due or running is
-    /// kept until that handler is final (invariant 2); the sweep moves past it and comes
-    /// back to it on a later pass.
-    async fn expire(&self, cutoff_ms: u64, limit: usize) -> Result<Expired, StoreError>;
+    /// Makes every handler of a delivery that is not succeeded due now: pending ones
+    /// (with or without a state), failed ones and dead ones (with a fresh `max_attempts`).
+    /// A pair running under a live lease and succeeded pairs are untouched. The queue
+    /// entry a dispatcher may already have read is moved, so a scheduled retry racing
+    /// this one runs the pair once (invariant 5). Returns the handlers now due.
+    async fn retry(&self, key: &DeliveryKey, now_ms: u64) -> Result<Vec<String>, StoreError>;
 
-    /// Forgets up to `limit` body fingerprints kept past their delivery (body dedup) whose
-    /// delivery was received before `cutoff_ms`. Returns how many were looked at.
-    async fn expire_fingerprints(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError>;
+    /// Bulk operator retry: every pair in `filter.status` (failed or dead) of the deliveries
+    /// the filter selects, due now with a fresh `max_attempts`, as [`Operations::retry`]
+    /// does for one delivery. Returns how many pairs were requeued.
+    async fn retry_all(&self, filter: &RetryFilter, now_ms: u64) -> Result<usize, StoreError>;
+
+    /// Jobs waiting in the queue (due or not), per handler (handlers with none are left
+    /// out); their sum is the queue's depth.
+    async fn queue_depths(&self) -> Result<Vec<(String, usize)>, StoreError>;
+
+    /// Per handler with anything queued, running, failed or dead: those counts and the
+    /// latest error.
+    async fn handler_stats(&self) -> Result<HashMap<String, HandlerStats>, StoreError>;
+
+    /// Pauses or resumes a handler, durably (a pause survives restarts).
+    async fn set_paused(&self, handler: &str, paused: bool, now_ms: u64) -> Result<(), StoreError>;
+
+    /// Dead-lettered (delivery, handler) pairs.
+    async fn dead_letters(&self) -> Result<usize, StoreError>;
 
     /// Up to `limit` stored deliveries received in `[since_ms, until_ms)`, oldest first
     /// (then by key), after `after` (the last of the previous batch).
@@ -957,82 +1039,26 @@ pub trait DeliveryStore: Send + Sync + 'static {
         handler: &str,
         batch: &[(DeliveryKey, Option<String>)],
     ) -> Result<Vec<Binding>, StoreError>;
+}
 
-    /// Deliveries newest first, optionally of one source and one status, `limit` at most,
-    /// starting after `cursor` (from the previous page).
-    async fn list(
-        &self,
-        source: Option<&str>,
-        status: Option<DeliveryStatus>,
-        limit: usize,
-        cursor: Option<&Cursor>,
-    ) -> Result<Page, StoreError>;
+/// Keeping the store: retention, health, flushing at shutdown.
+#[async_trait]
+pub trait Maintenance: Send + Sync + 'static {
+    /// Removes up to `limit` deliveries received before `cutoff_ms` with their bodies, jobs
+    /// and queue entries, oldest first. A delivery with a handler still due or running is
+    /// kept until that handler is final (invariant 2); the sweep moves past it and comes
+    /// back to it on a later pass.
+    async fn expire(&self, cutoff_ms: u64, limit: usize) -> Result<Expired, StoreError>;
 
-    /// Makes every handler of a delivery that is not succeeded due now: pending ones
-    /// (with or without a state), failed ones and dead ones (with a fresh `max_attempts`).
-    /// A pair running under a live lease and succeeded pairs are untouched. The queue
-    /// entry a dispatcher may already have read is moved, so a scheduled retry racing
-    /// this one runs the pair once (invariant 5). Returns the handlers now due.
-    async fn retry(&self, key: &DeliveryKey, now_ms: u64) -> Result<Vec<String>, StoreError>;
-
-    /// Bulk operator retry: every pair in `filter.status` (failed or dead) of the deliveries
-    /// the filter selects, due now with a fresh `max_attempts`, as [`DeliveryStore::retry`]
-    /// does for one delivery. Returns how many pairs were requeued.
-    async fn retry_all(&self, filter: &RetryFilter, now_ms: u64) -> Result<usize, StoreError>;
-
-    /// Jobs waiting in the queue (due or not), per handler (handlers with none are left
-    /// out); their sum is the queue's depth.
-    async fn queue_depths(&self) -> Result<Vec<(String, usize)>, StoreError>;
-
-    /// The handlers with queue entries (the dispatcher also serves those no longer
-    /// configured: their pairs die with an error that says so).
-    async fn queued_handlers(&self) -> Result<Vec<String>, StoreError>;
-
-    /// Per handler with anything queued, running, failed or dead: those counts and the
-    /// latest error.
-    async fn handler_stats(&self) -> Result<HashMap<String, HandlerStats>, StoreError>;
-
-    /// The handlers an operator has paused: their pairs stay queued and none starts.
-    async fn paused_handlers(&self) -> Result<HashSet<String>, StoreError>;
-
-    /// Pauses or resumes a handler, durably (a pause survives restarts).
-    async fn set_paused(&self, handler: &str, paused: bool, now_ms: u64) -> Result<(), StoreError>;
-
-    /// Dead-lettered (delivery, handler) pairs.
-    async fn dead_letters(&self) -> Result<usize, StoreError>;
+    /// Forgets up to `limit` body fingerprints kept past their delivery (body dedup) whose
+    /// delivery was received before `cutoff_ms`. Returns how many were looked at.
+    async fn expire_fingerprints(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError>;
 
     /// Whether the store accepts writes (false after a failed flush).
     async fn is_healthy(&self) -> bool;
 
     /// Flushes everything to disk (at shutdown).
     async fn flush(&self) -> Result<(), StoreError>;
-
-    /// The call journal's answer for `step` of pair `job`, if a run kept one.
-    async fn journal_get(&self, job: &JobKey, step: &str)
-    -> Result<Option<CallRecord>, StoreError>;
-
-    /// Keeps `record` as the answer of `step` of pair `job` unless one is kept already
-    /// (first writer wins); returns what is kept. Does not wait for the disk.
-    async fn journal_put(
-        &self,
-        job: &JobKey,
-        step: &str,
-        record: &CallRecord,
-    ) -> Result<CallRecord, StoreError>;
-
-    /// Counts one replay of the kept answer of `step` of pair `job` (best effort, not
-    /// waiting for the disk; nothing when no answer is kept).
-    async fn journal_replayed(&self, job: &JobKey, step: &str) -> Result<(), StoreError>;
-
-    /// Every step kept for delivery `key`, by handler then step name.
-    async fn journal_of(&self, key: &DeliveryKey) -> Result<Vec<JournalEntry>, StoreError>;
-
-    /// Notified when new work may have been queued by another process sharing the store
-    /// (PostgreSQL's LISTEN/NOTIFY); `None` for a store only this process writes. The
-    /// dispatcher then also polls now and then, in case a notice is lost.
-    fn work_signal(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
-        None
-    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use webhook_inbox::Registration;
 use webhook_inbox::config::Durability;
-use webhook_inbox::store::{DeliveryKey, DeliveryStore, JobStatus};
+use webhook_inbox::store::{DeliveryKey, JobStatus, Operations};
 
 use crate::helpers::{
     Options, Recorder, SECRET, TestApp, assert_error, event, eventually, open_store, spawn_app,

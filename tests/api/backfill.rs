@@ -598,11 +598,11 @@ async fn a_backfill_cut_by_kill_dash_nine_leaves_a_clean_store_and_the_rerun_bin
                 status: 202,
                 body: format!("{{\"delivery_id\":\"{id}\"}}"),
             });
-            webhook_inbox::store::DeliveryStore::claim(&*store, new)
+            webhook_inbox::store::Claims::claim(&*store, new)
                 .await
                 .expect("claim");
         }
-        webhook_inbox::store::DeliveryStore::flush(&*store)
+        webhook_inbox::store::Maintenance::flush(&*store)
             .await
             .expect("flush");
     }
@@ -680,7 +680,7 @@ async fn a_backfill_cut_by_kill_dash_nine_leaves_a_clean_store_and_the_rerun_bin
     )
     .await;
     for i in (0..STORED).step_by(997) {
-        let record = webhook_inbox::store::DeliveryStore::record(
+        let record = webhook_inbox::store::Claims::record(
             &*store,
             &webhook_inbox::store::DeliveryKey::new("credicorp", format!("stored_{i:05}")),
         )

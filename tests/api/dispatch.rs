@@ -13,7 +13,8 @@ use webhook_inbox::config::{Config, DispatchConfig, Durability};
 use webhook_inbox::dispatch::{Dispatcher, Runner};
 use webhook_inbox::handlers::HandlerRegistry;
 use webhook_inbox::store::{
-    Begin, Claim, DeliveryKey, DeliveryStore, JobStatus, NewDelivery, SledStore, StoredResponse,
+    Begin, Claim, Claims, DeliveryKey, DeliveryStore, JobQueue, JobStatus, Maintenance,
+    NewDelivery, SledStore, StoredResponse,
 };
 use webhook_inbox::verify::Source;
 use webhook_inbox::{Delivery, Handler, HandlerContext, HandlerError, Registration};

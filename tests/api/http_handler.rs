@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use webhook_inbox::config::Durability;
-use webhook_inbox::store::{DeliveryKey, DeliveryStore, JobStatus};
+use webhook_inbox::store::{DeliveryKey, JobQueue, JobStatus};
 
 use crate::helpers::{Options, event, open_store, spawn_with, wait_for_job};
 

@@ -25,8 +25,9 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use webhook_inbox::config::{Config, Durability};
 use webhook_inbox::store::{
-    AttemptOutcome, Begin, BodyLogSettings, Claim, DeliveryKey, DeliveryStore, JobStatus,
-    NewDelivery, Op, RetryFilter, SledOptions, SledStore, StoreProbe, StoredResponse,
+    AttemptOutcome, Begin, BodyLogSettings, CallJournal, Claim, Claims, DeliveryKey, JobQueue,
+    JobStatus, Maintenance, NewDelivery, Op, Operations, RetryFilter, SledOptions, SledStore,
+    StoreProbe, StoredResponse,
 };
 use webhook_inbox::verify::Source;
 

@@ -379,7 +379,7 @@ mod cut {
 
     use webhook_inbox::config::{Config, Durability};
     use webhook_inbox::store::{
-        AttemptOutcome, Begin, DeliveryStore, NewDelivery, Op, SledOptions, SledStore, StoreProbe,
+        AttemptOutcome, Begin, JobQueue, NewDelivery, Op, SledOptions, SledStore, StoreProbe,
         StoredResponse,
     };
 
@@ -495,7 +495,7 @@ mod cut {
 fn a_line_cut_between_an_outcome_and_its_promotion_is_repaired_at_start() {
     use cut::*;
     use std::sync::atomic::Ordering;
-    use webhook_inbox::store::{AttemptOutcome, DeliveryStore, Op};
+    use webhook_inbox::store::{AttemptOutcome, Claims, JobQueue, Op};
 
     let dir = tempfile::TempDir::new().expect("dir");
     let path = dir.path().join("data");
@@ -554,7 +554,7 @@ fn a_line_cut_between_an_outcome_and_its_promotion_is_repaired_at_start() {
 #[test]
 fn a_claim_cut_before_its_line_entry_is_put_back_in_line_at_start() {
     use cut::*;
-    use webhook_inbox::store::{DeliveryStore, Op};
+    use webhook_inbox::store::{Claims, Op};
 
     let dir = tempfile::TempDir::new().expect("dir");
     let path = dir.path().join("data");

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use webhook_inbox::config::{Config, Durability};
 use webhook_inbox::store::{
-    Claim, DeliveryKey, DeliveryStore, NewDelivery, SledOptions, SledStore, StoredResponse,
+    Claim, Claims, DeliveryKey, JobQueue, Maintenance, NewDelivery, Operations, SledOptions,
+    SledStore, StoredResponse,
 };
 use webhook_inbox::verify::Source;
 

@@ -10,8 +10,9 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use webhook_inbox::config::{Config, Durability};
 use webhook_inbox::store::{
-    AttemptOutcome, Begin, Binding, CallRecord, Claim, DeliveryKey, DeliveryStore, JobStatus,
-    Lease, NewDelivery, StoredResponse, TAKE_OVER_GRACE_MS, TakeOver,
+    AttemptOutcome, Begin, Binding, CallJournal, CallRecord, Claim, Claims, DeliveryKey,
+    DeliveryStore, JobQueue, JobStatus, Lease, Maintenance, NewDelivery, StoredResponse,
+    TAKE_OVER_GRACE_MS, TakeOver,
 };
 use webhook_inbox::verify::Source;
 

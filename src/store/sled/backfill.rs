@@ -14,7 +14,7 @@ use super::order::{line_entry, line_prefix};
 use super::{Op, SledInner};
 
 impl SledInner {
-    /// See [`super::super::DeliveryStore::received_between`].
+    /// See [`super::super::Operations::received_between`].
     pub(super) fn received_between_sync(
         &self,
         since_ms: u64,
@@ -45,7 +45,7 @@ impl SledInner {
         Ok(out)
     }
 
-    /// Binds `handler` to one delivery (see [`super::super::DeliveryStore::bind_handler`]);
+    /// Binds `handler` to one delivery (see [`super::super::Operations::bind_handler`]);
     /// the writes are not waited for.
     pub(super) fn bind_one(
         &self,

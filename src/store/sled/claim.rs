@@ -1,0 +1,201 @@
+//! Taking deliveries in: the claim, the reads of a stored delivery, and `ack = "processed"`'s
+//! delivery lease ([`crate::store::Claims`]).
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::encoding::{
+    BodyEntry, backend, body_index_key, encode_delivery, job_queue_key, queue_key,
+};
+use super::order::{line_entry, line_locks};
+use super::{Op, SledStore, order};
+use crate::store::Claims;
+use crate::store::{
+    Claim, DeliveryKey, DeliveryRecord, Lease, NewDelivery, StoreError, StoredResponse, TakeOver,
+};
+
+#[async_trait]
+impl Claims for SledStore {
+    async fn claim(&self, new: NewDelivery) -> Result<Claim, StoreError> {
+        let record = new.record();
+        let key = record.key().encode();
+        // Fast path for redeliveries, without the lock: a record is written last, so once
+        // it is visible, everything its claim wrote is too.
+        if let Some(existing) = self.read_resolved(&key)? {
+            self.settle_read().await?;
+            return Ok(Claim::Existing(existing));
+        }
+        let fp_key = body_index_key(&record.source, &record.fingerprint);
+        let lines = line_locks(record);
+        let mut lock_keys: Vec<&[u8]> = vec![&key];
+        if record.body_dedup {
+            lock_keys.push(&fp_key);
+        }
+        lock_keys.extend(lines.iter().map(Vec::as_slice));
+        let received_at = record.received_at_ms;
+        let received_key = queue_key(received_at, &key);
+        let claim = self
+            .locked_write(Op::Claim, &lock_keys, || {
+                if let Some(existing) = self.read_resolved(&key)? {
+                    // Lost the race to a concurrent copy; its writes are complete (we
+                    // hold the lock) but maybe not durable: wait for them (`true`).
+                    return Ok((Claim::Existing(existing), true));
+                }
+                let first = match self.body_index.get(&fp_key).map_err(backend)? {
+                    Some(value) if record.body_dedup => match BodyEntry::decode(&value)? {
+                        BodyEntry::Live(id) if id != record.id => {
+                            self.read_record(&DeliveryKey::new(&record.source, &id).encode())?
+                        }
+                        BodyEntry::Live(_) => None,
+                        // Expired, but its fingerprint is remembered: still a replay.
+                        BodyEntry::Kept(kept) => {
+                            let first = kept.as_record(&record.source, &record.fingerprint);
+                            if kept.id == record.id {
+                                return Ok((Claim::Existing(first), false));
+                            }
+                            Some(first)
+                        }
+                    },
+                    _ => None,
+                };
+                if let Some(first) = first {
+                    // The same body under a new id: recorded as an alias of the first
+                    // (visible to operators, replayed to its own redeliveries), no jobs.
+                    let mut alias = record.clone();
+                    alias.alias_of = Some(first.id.clone());
+                    alias.handlers = Vec::new();
+                    alias.response = first.response.clone();
+                    alias.lease_until_ms = None;
+                    alias.lease_owner = None;
+                    alias.order_keys.clear();
+                    self.received.insert(&received_key, &[]).map_err(backend)?;
+                    self.step(Op::Claim, "after-alias-index");
+                    self.deliveries
+                        .insert(&key, encode_delivery(&alias, &[]))
+                        .map_err(backend)?;
+                    return Ok((Claim::BodyDuplicate(first), true));
+                }
+                // An ordered handler whose line has someone in it waits there, unqueued.
+                let mut queue_keys = Vec::new();
+                if new.enqueue() {
+                    for handler in &record.handlers {
+                        let parked = match record.order_keys.get(handler) {
+                            Some(value) => self.line_occupied(
+                                handler,
+                                &order::line_prefix(handler, value),
+                                None,
+                            )?,
+                            None => false,
+                        };
+                        if !parked {
+                            queue_keys.push(job_queue_key(
+                                received_at,
+                                &record.key().job(handler).encode(),
+                            ));
+                        }
+                    }
+                }
+                // Index entries first: should the process die before the record lands,
+                // they point at nothing and are dropped when dispatch or retention meet them.
+                self.received.insert(&received_key, &[]).map_err(backend)?;
+                self.step(Op::Claim, "after-received-index");
+                for q in &queue_keys {
+                    self.queue.insert(q.as_slice(), &[]).map_err(backend)?;
+                    self.step(Op::Claim, "after-queue-entry");
+                }
+                if record.body_dedup {
+                    self.body_index
+                        .insert(&fp_key, record.id.as_bytes())
+                        .map_err(backend)?;
+                    self.step(Op::Claim, "after-body-index");
+                }
+                let value = self.new_delivery_value(record, new.body())?;
+                self.deliveries.insert(&key, value).map_err(backend)?;
+                // Line entries after the record: one a crash left without its record would
+                // hold up its line (the start-up repair puts a missing one back).
+                for handler in record.order_keys.keys() {
+                    if let Some(entry) = line_entry(record, handler) {
+                        self.step(Op::Claim, "after-record");
+                        self.order.insert(entry, &[]).map_err(backend)?;
+                    }
+                }
+                Ok((Claim::New, true))
+            })
+            .await?;
+        Ok(claim)
+    }
+
+    async fn record(&self, key: &DeliveryKey) -> Result<Option<DeliveryRecord>, StoreError> {
+        self.read_record(&key.encode())
+    }
+
+    async fn body(&self, key: &DeliveryKey) -> Result<Option<Bytes>, StoreError> {
+        let Some((record, body)) = self.read_delivery(&key.encode())? else {
+            return Ok(None);
+        };
+        match &record.alias_of {
+            // An alias keeps no copy of the body it shares with its first delivery.
+            Some(first) => Ok(self
+                .read_delivery(&DeliveryKey::new(&record.source, first).encode())?
+                .map(|(_, b)| b)
+                .or(Some(body))),
+            None => Ok(Some(body)),
+        }
+    }
+
+    async fn take_over(
+        &self,
+        key: &DeliveryKey,
+        now_ms: u64,
+        lease: Lease,
+    ) -> Result<TakeOver, StoreError> {
+        let k = key.encode();
+        self.locked_write(Op::TakeOver, &[&k], || {
+            let Some(mut record) = self.read_record(&k)? else {
+                return Err(StoreError::Corrupt(
+                    "record vanished during take-over".into(),
+                ));
+            };
+            let (taken, changed) = record.take_over(now_ms, lease);
+            if changed {
+                self.write_record(&k, &record)?;
+            }
+            Ok((taken, changed))
+        })
+        .await
+    }
+
+    async fn renew_lease(&self, key: &DeliveryKey, lease: Lease) -> Result<bool, StoreError> {
+        let k = key.encode();
+        let _locks = self.lock(Op::TakeOver, &[&k]);
+        let Some(mut record) = self.read_record(&k)? else {
+            return Ok(false);
+        };
+        if !record.renew_processed_lease(lease) {
+            return Ok(false);
+        }
+        // Not waited for: a renewal lost in a crash only shortens the lease.
+        self.write_record(&k, &record)?;
+        Ok(true)
+    }
+
+    async fn release(
+        &self,
+        key: &DeliveryKey,
+        owner: u64,
+        response: Option<StoredResponse>,
+    ) -> Result<bool, StoreError> {
+        let k = key.encode();
+        self.locked_write(Op::Release, &[&k], || {
+            let Some(mut record) = self.read_record(&k)? else {
+                return Ok((false, false));
+            };
+            if !record.release_processed_lease(owner, response) {
+                return Ok((false, false));
+            }
+            self.write_record(&k, &record)?;
+            Ok((true, true))
+        })
+        .await
+    }
+}

@@ -1,0 +1,255 @@
+//! What an operator does and reads: listings, retries, pauses, counts, backfill
+//! ([`crate::store::Operations`]).
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+
+use super::encoding::{
+    backend, decode_delivery_key, handler_queue_prefix, split_job_queue_key, split_time_key,
+};
+use super::listing::{LIST_SCAN_LIMIT, cursor_before};
+use super::{Op, PAUSED, SledInner, SledStore};
+use crate::config::Durability;
+use crate::store::Operations;
+use crate::store::{
+    Binding, Cursor, DeliveryKey, DeliveryStatus, JobKey, JobState, JobStatus, Page, Received,
+    RetryFilter, StoreError,
+};
+
+#[async_trait]
+impl Operations for SledStore {
+    async fn list(
+        &self,
+        source: Option<&str>,
+        status: Option<DeliveryStatus>,
+        limit: usize,
+        cursor: Option<&Cursor>,
+    ) -> Result<Page, StoreError> {
+        let end = match cursor {
+            Some(c) => c.position().to_vec(),
+            None => vec![0xFF; 9],
+        };
+        if status == Some(DeliveryStatus::Dead) {
+            return self.list_dead(source, limit, &end);
+        }
+        let mut deliveries = Vec::new();
+        let mut next = None;
+        let mut examined = 0;
+        for index_key in self.received.range(..end).keys().rev() {
+            let index_key = index_key.map_err(backend)?;
+            // A page may stop short of `limit` (with a cursor to go on) rather than read
+            // the whole store for a filter that matches little.
+            examined += 1;
+            if examined > LIST_SCAN_LIMIT || deliveries.len() == limit {
+                next = Some(cursor_before(&index_key));
+                break;
+            }
+            let Some(key) = split_time_key(&index_key).and_then(|(_, k)| decode_delivery_key(k))
+            else {
+                continue;
+            };
+            if source.is_some_and(|s| s != key.source) {
+                continue;
+            }
+            let Some(summary) = self.summary(&key)? else {
+                continue;
+            };
+            if status.is_some_and(|s| s != summary.status) {
+                continue;
+            }
+            deliveries.push(summary);
+        }
+        Ok(Page { deliveries, next })
+    }
+
+    async fn retry(&self, key: &DeliveryKey, now_ms: u64) -> Result<Vec<String>, StoreError> {
+        let dk = key.encode();
+        let locks = self.delivery_and_line_locks(&dk)?;
+        let lock_keys: Vec<&[u8]> = locks.iter().map(Vec::as_slice).collect();
+        self.locked_write(Op::Retry, &lock_keys, || {
+            let Some(record) = self.read_record(&dk)? else {
+                return Ok((Vec::new(), false));
+            };
+            let mut requeued = Vec::new();
+            for handler in &record.handlers {
+                if self.requeue_pair(&record, handler, None, now_ms)? {
+                    requeued.push(handler.clone());
+                }
+            }
+            let wrote = !requeued.is_empty();
+            Ok((requeued, wrote))
+        })
+        .await
+    }
+
+    async fn retry_all(&self, filter: &RetryFilter, now_ms: u64) -> Result<usize, StoreError> {
+        // Batch by batch on a blocking thread: a bulk retry over many thousand pairs holds
+        // neither an async worker (the admin listener's `/readyz` answers meanwhile) nor
+        // more than one batch of candidates in memory.
+        let fsync = self.durability == Durability::Fsync;
+        let guard = if fsync {
+            Some(self.commit.begin_write()?)
+        } else {
+            None
+        };
+        let mut retried = 0;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let inner = self.0.clone();
+            let batch_filter = filter.clone();
+            let (n, next) = tokio::task::spawn_blocking(move || {
+                inner.retry_batch(&batch_filter, after.as_deref(), now_ms)
+            })
+            .await
+            .map_err(|e| StoreError::Backend(format!("bulk retry: {e}")))??;
+            retried += n;
+            match next {
+                Some(last) => after = Some(last),
+                None => break,
+            }
+        }
+        if fsync && retried > 0 {
+            self.commit.wait().await?;
+        }
+        drop(guard);
+        Ok(retried)
+    }
+
+    async fn queue_depths(&self) -> Result<Vec<(String, usize)>, StoreError> {
+        SledInner::queued_handlers(self)?
+            .into_iter()
+            .map(|h| {
+                let n = self
+                    .queue
+                    .scan_prefix(handler_queue_prefix(h.as_bytes()))
+                    .count();
+                Ok((h, n))
+            })
+            .collect()
+    }
+
+    async fn handler_stats(
+        &self,
+    ) -> Result<std::collections::HashMap<String, crate::store::HandlerStats>, StoreError> {
+        let mut stats: std::collections::HashMap<String, crate::store::HandlerStats> =
+            Default::default();
+        let mut latest: std::collections::HashMap<String, u64> = Default::default();
+        let mut seen = HashSet::new();
+        let mut note = |job: &JobKey, state: &JobState, stats: &mut crate::store::HandlerStats| {
+            match state.status {
+                JobStatus::Running => stats.running += 1,
+                JobStatus::Failed => stats.failed += 1,
+                JobStatus::Dead => stats.dead += 1,
+                _ => {}
+            }
+            if matches!(state.status, JobStatus::Failed | JobStatus::Dead)
+                && state.last_error.is_some()
+                && latest
+                    .get(&job.handler)
+                    .is_none_or(|t| *t <= state.updated_ms)
+            {
+                latest.insert(job.handler.clone(), state.updated_ms);
+                stats.last_error = state.last_error.clone();
+            }
+        };
+        // Running and failed pairs are queued; dead ones are in their own tree: neither
+        // read walks the job states of everything stored.
+        for entry in self.queue.iter().keys() {
+            let k = entry.map_err(backend)?;
+            let Some(job) = split_job_queue_key(&k).and_then(|(_, j)| JobKey::decode(j)) else {
+                continue;
+            };
+            let handler_stats = stats.entry(job.handler.clone()).or_default();
+            handler_stats.queued += 1;
+            if seen.insert(job.clone())
+                && let Some(state) = self.read_job(&job.encode())?
+                && state.status != JobStatus::Dead
+            {
+                note(&job, &state, handler_stats);
+            }
+        }
+        for entry in self.dead.iter().keys() {
+            let k = entry.map_err(backend)?;
+            if let Some(job) = JobKey::decode(&k)
+                && let Some(state) = self.read_job(&k)?
+            {
+                note(&job, &state, stats.entry(job.handler.clone()).or_default());
+            }
+        }
+        for (handler, waiting) in self.waiting_in_lines(crate::clock::Clock::System.now_ms())? {
+            stats.entry(handler).or_default().waiting = waiting;
+        }
+        Ok(stats)
+    }
+
+    async fn set_paused(
+        &self,
+        handler: &str,
+        paused: bool,
+        _now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let fsync = self.durability == Durability::Fsync;
+        let guard = if fsync {
+            Some(self.commit.begin_write()?)
+        } else {
+            None
+        };
+        let key = [PAUSED, handler.as_bytes()].concat();
+        if paused {
+            self.meta.insert(key, &[]).map_err(backend)?;
+        } else {
+            self.meta.remove(key).map_err(backend)?;
+        }
+        if fsync {
+            self.commit.wait().await?;
+        }
+        drop(guard);
+        Ok(())
+    }
+
+    async fn dead_letters(&self) -> Result<usize, StoreError> {
+        Ok(self.dead.len())
+    }
+
+    async fn received_between(
+        &self,
+        since_ms: u64,
+        until_ms: u64,
+        after: Option<&Received>,
+        limit: usize,
+    ) -> Result<Vec<Received>, StoreError> {
+        self.received_between_sync(since_ms, until_ms, after, limit)
+    }
+
+    async fn bind_handler(
+        &self,
+        handler: &str,
+        batch: &[(DeliveryKey, Option<String>)],
+    ) -> Result<Vec<Binding>, StoreError> {
+        // On a blocking thread, as a bulk retry: the batch's locks and writes hold no
+        // async worker; then one wait for the disk covers the whole batch.
+        let fsync = self.durability == Durability::Fsync;
+        let guard = if fsync {
+            Some(self.commit.begin_write()?)
+        } else {
+            None
+        };
+        let inner = self.0.clone();
+        let handler = handler.to_owned();
+        let batch = batch.to_vec();
+        let bindings = tokio::task::spawn_blocking(move || {
+            batch
+                .iter()
+                .map(|(key, order_key)| inner.bind_one(&handler, key, order_key.as_deref()))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("backfill: {e}")))??;
+        if fsync && bindings.contains(&Binding::Bound) {
+            self.commit.wait().await?;
+        }
+        drop(guard);
+        Ok(bindings)
+    }
+}

@@ -1,0 +1,338 @@
+//! The queue of (delivery, handler) pairs and the runs' start and outcome
+//! ([`crate::store::JobQueue`]).
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+
+use super::encoding::{backend, decode_order_keys, job_queue_key, pending_job};
+use super::{Op, PAUSED, SledInner, SledStore, order, starts};
+use crate::store::JobQueue;
+use crate::store::{
+    AttemptContext, AttemptOutcome, Begin, JobKey, JobState, JobStatus, Lease, QueuedJob, SkipSet,
+    StoreError,
+};
+
+#[async_trait]
+impl JobQueue for SledStore {
+    async fn job(&self, key: &JobKey) -> Result<Option<JobState>, StoreError> {
+        self.read_job(&key.encode())
+    }
+
+    async fn due_jobs(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        skip: &SkipSet,
+    ) -> Result<Vec<QueuedJob>, StoreError> {
+        let mut out = Vec::new();
+        for handler in SledInner::queued_handlers(self)? {
+            out.extend(self.due_jobs_of(&handler, now_ms, limit, skip).await?);
+        }
+        out.sort_by_key(|q| q.due_ms);
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn next_due_ms(&self, skip: &SkipSet) -> Result<Option<u64>, StoreError> {
+        let mut next: Option<u64> = None;
+        for handler in SledInner::queued_handlers(self)? {
+            if let Some(due) = self.next_due_of(&handler, skip).await? {
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        Ok(next)
+    }
+
+    async fn due_jobs_of(
+        &self,
+        handler: &str,
+        now_ms: u64,
+        limit: usize,
+        skip: &SkipSet,
+    ) -> Result<Vec<QueuedJob>, StoreError> {
+        self.due_jobs_and_next_of(handler, now_ms, limit, skip, None)
+            .await
+            .map(|(due, _)| due)
+    }
+
+    async fn next_due_of(&self, handler: &str, skip: &SkipSet) -> Result<Option<u64>, StoreError> {
+        self.handler_queue(handler, skip)
+            .next()
+            .transpose()
+            .map(|e| e.map(|e| e.due_ms))
+    }
+
+    async fn due_jobs_and_next_of(
+        &self,
+        handler: &str,
+        now_ms: u64,
+        limit: usize,
+        skip: &SkipSet,
+        after: Option<&QueuedJob>,
+    ) -> Result<(Vec<QueuedJob>, Option<u64>), StoreError> {
+        let mut out = Vec::new();
+        for entry in self.handler_queue_after(handler, after, skip) {
+            let entry = entry?;
+            if entry.due_ms > now_ms || out.len() >= limit {
+                return Ok((out, Some(entry.due_ms)));
+            }
+            out.push(entry);
+        }
+        Ok((out, None))
+    }
+
+    async fn begin_attempt(
+        &self,
+        job: &JobKey,
+        queued_due: Option<u64>,
+        now_ms: u64,
+        lease_until_ms: u64,
+    ) -> Result<Begin, StoreError> {
+        let job_key = job.encode();
+        let dk = job.delivery.encode();
+        let mut mark_to_sync = None;
+        let begun = self
+            .locked_write(Op::BeginAttempt, &[&dk], || {
+                // A delivery that cannot be read back intact is started all the same (the attempt
+                // counted, under a lease), so that the runner dead-letters it through the one
+                // path that records a final outcome and hands its line on (invariant 8).
+                let delivery = match self.read_delivery(&dk) {
+                    Ok(None) => {
+                        self.drop_stale(queued_due, &job_key)?;
+                        return Ok((Begin::Skipped, false));
+                    }
+                    Ok(Some(delivery)) => Ok(delivery),
+                    Err(StoreError::Corrupt(e)) => Err(e),
+                    Err(e) => return Err(e),
+                };
+                if let Some(due) = queued_due
+                    && !self
+                        .queue
+                        .contains_key(job_queue_key(due, &job_key))
+                        .map_err(backend)?
+                {
+                    // Read before an operator retry moved it, or a run finished: stale.
+                    return Ok((Begin::Skipped, false));
+                }
+                let listed = match &delivery {
+                    Ok((record, _)) => record.handlers.contains(&job.handler),
+                    Err(_) => true,
+                };
+                if !listed {
+                    // A backfill cut by a crash before the record that names its pair.
+                    self.drop_stale(queued_due, &job_key)?;
+                    return Ok((Begin::Skipped, false));
+                }
+                let (read, from_memory) = match self.starts.get(&job_key) {
+                    Some(state) => (Some(state), true),
+                    None => (self.read_written_job(&job_key)?, false),
+                };
+                // Runs a crash interrupted count too (see `starts`).
+                let attempts_so_far = starts::bumped_attempts(
+                    &self.starts,
+                    read.as_ref(),
+                    from_memory,
+                    match &delivery {
+                        Ok((record, _)) => record.received_at_ms,
+                        Err(_) => 0,
+                    },
+                );
+                let mut state = read.unwrap_or_else(pending_job);
+                if state.is_final() {
+                    self.drop_stale(queued_due, &job_key)?;
+                    return Ok((Begin::Skipped, false));
+                }
+                // A lease of another instance belongs to a process that died (sled is opened
+                // by one process at a time); one of this process is taken over only once past
+                // its end and the grace (invariant 6).
+                if state.status == JobStatus::Running
+                    && let Some(lease) = state.lease
+                    && lease.owner == self.instance
+                    && lease.blocks_at(now_ms)
+                {
+                    return Ok((
+                        Begin::Busy {
+                            until_ms: lease.taken_over_from(),
+                        },
+                        false,
+                    ));
+                }
+                // A pause recorded before this check holds, whatever the caller read earlier.
+                if self
+                    .meta
+                    .contains_key([PAUSED, job.handler.as_bytes()].concat())
+                    .map_err(backend)?
+                {
+                    return Ok((
+                        Begin::Busy {
+                            until_ms: now_ms + crate::store::PAUSED_RETRY_MS,
+                        },
+                        false,
+                    ));
+                }
+                state.status = JobStatus::Running;
+                state.attempts = attempts_so_far + 1;
+                state.updated_ms = now_ms;
+                state.lease = Some(Lease {
+                    owner: self.instance,
+                    until_ms: lease_until_ms,
+                });
+                if queued_due.is_some() {
+                    state.queued_at_ms = queued_due;
+                }
+                // Kept in memory, not written: the run's outcome is its one write. Only the
+                // starts before the mark `open` is known durable wait for the disk.
+                let mark = self.starts.start(&self.meta, &job_key, state.clone())?;
+                mark_to_sync = mark;
+                let begin = match delivery {
+                    Ok((record, body)) => Begin::Started(Box::new(AttemptContext {
+                        record,
+                        body,
+                        attempt: state.attempts,
+                        attempts_in_round: state.attempts.saturating_sub(state.retry_base),
+                    })),
+                    Err(error) => Begin::Unreadable {
+                        attempt: state.attempts,
+                        error,
+                    },
+                };
+                Ok((begin, mark.is_some()))
+            })
+            .await;
+        if let (Ok(_), Some(generation)) = (&begun, mark_to_sync) {
+            self.starts.mark_synced(generation);
+        }
+        begun
+    }
+
+    async fn renew_job_lease(
+        &self,
+        job: &JobKey,
+        attempt: u32,
+        lease_until_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let job_key = job.encode();
+        let _locks = self.lock(Op::BeginAttempt, &[&job.delivery.encode()]);
+        let Some(mut state) = self.read_job(&job_key)? else {
+            return Ok(false);
+        };
+        // Fenced: the attempt number only grows, and the owner is in the condition.
+        if state.status != JobStatus::Running
+            || state.attempts != attempt
+            || state.lease.is_none_or(|l| l.owner != self.instance)
+        {
+            return Ok(false);
+        }
+        state.lease = Some(Lease {
+            owner: self.instance,
+            until_ms: lease_until_ms,
+        });
+        // A start in memory is renewed there; one written (by a flush while it ran) is
+        // rewritten, not waited for: a renewal lost in a crash only shortens a lease that
+        // died with the process anyway.
+        if !self.starts.update(&job_key, &state) {
+            self.write_job(&job_key, &state)?;
+        }
+        Ok(true)
+    }
+
+    async fn finish_attempt(
+        &self,
+        job: &JobKey,
+        attempt: u32,
+        outcome: AttemptOutcome,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let job_key = job.encode();
+        let dk = job.delivery.encode();
+        // A final outcome hands an ordered handler's line on to the next delivery: the
+        // line's lock too (its key is in the record, which does not change).
+        let line = match outcome {
+            AttemptOutcome::Succeeded | AttemptOutcome::Dead { .. } => {
+                match self.deliveries.get(&dk).map_err(backend)? {
+                    // A record that does not decode has no line this can find (its pair is
+                    // dead-lettered all the same: invariant 8).
+                    Some(value) => decode_order_keys(&value)
+                        .ok()
+                        .and_then(|keys| keys.get(&job.handler).cloned())
+                        .map(|v| order::line_prefix(&job.handler, &v)),
+                    None => None,
+                }
+            }
+            _ => None,
+        };
+        let mut lock_keys: Vec<&[u8]> = vec![&dk];
+        lock_keys.extend(line.as_deref());
+        // The outcome is not waited for (see `locked_write_unsynced`): half the disk waits of
+        // a run.
+        self.locked_write_unsynced(Op::FinishAttempt, &lock_keys, || {
+            let Some(mut state) = self.read_job(&job_key)? else {
+                return Ok(((), false));
+            };
+            if state.status == JobStatus::Succeeded {
+                return Ok(((), false));
+            }
+            let current = state.attempts == attempt;
+            if !current && outcome != AttemptOutcome::Succeeded {
+                // A superseded run's failure: the current run decides.
+                return Ok(((), false));
+            }
+            state.updated_ms = now_ms;
+            if current {
+                state.lease = None;
+            }
+            match &outcome {
+                AttemptOutcome::Succeeded | AttemptOutcome::Dead { .. } => {
+                    if let AttemptOutcome::Dead { error } = &outcome {
+                        self.dead.insert(job_key.as_slice(), &[]).map_err(backend)?;
+                        self.step(Op::FinishAttempt, "after-dead-letter");
+                        state.status = JobStatus::Dead;
+                        state.last_error = Some(error.clone());
+                    } else {
+                        state.status = JobStatus::Succeeded;
+                    }
+                    state.lease = None;
+                    let old = state.queued_at_ms.take();
+                    self.write_job(&job_key, &state)?;
+                    self.step(Op::FinishAttempt, "after-job-state");
+                    if line.is_some()
+                        && let Some(record) = self.read_record(&dk)?
+                    {
+                        self.leave_line(Op::FinishAttempt, &record, &job.handler, now_ms)?;
+                    }
+                    // The way in goes last, once the outcome that makes it unneeded is written.
+                    self.drop_stale(old, &job_key)?;
+                }
+                AttemptOutcome::RetryAt { due_ms, error } => {
+                    state.status = JobStatus::Failed;
+                    state.last_error = Some(error.clone());
+                    self.requeue(Op::FinishAttempt, &job_key, &mut state, *due_ms)?;
+                }
+                AttemptOutcome::Failed { error } => {
+                    // Processed mode: the sender's retry runs it again. A queue entry an
+                    // operator retry added stays, and runs it in the background.
+                    state.status = JobStatus::Failed;
+                    state.last_error = Some(error.clone());
+                    self.write_job(&job_key, &state)?;
+                }
+            }
+            Ok(((), true))
+        })
+    }
+
+    async fn queued_handlers(&self) -> Result<Vec<String>, StoreError> {
+        SledInner::queued_handlers(self)
+    }
+
+    async fn paused_handlers(&self) -> Result<HashSet<String>, StoreError> {
+        self.meta
+            .scan_prefix(PAUSED)
+            .keys()
+            .map(|k| {
+                let k = k.map_err(backend)?;
+                Ok(String::from_utf8_lossy(&k[PAUSED.len()..]).into_owned())
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,140 @@
+//! Retention, health and flushing ([`crate::store::Maintenance`]).
+
+use async_trait::async_trait;
+
+use super::encoding::{BodyEntry, backend, body_index_key, decode_delivery_key, split_time_key};
+use super::{Op, SledStore};
+use crate::config::Durability;
+use crate::store::Maintenance;
+use crate::store::{Expired, StoreError};
+
+#[async_trait]
+impl Maintenance for SledStore {
+    async fn expire(&self, cutoff_ms: u64, limit: usize) -> Result<Expired, StoreError> {
+        let now_ms = crate::clock::Clock::System.now_ms().max(cutoff_ms);
+        let from = self
+            .sweep_from
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default();
+        let candidates: Vec<sled::IVec> = self
+            .received
+            .range(from..cutoff_ms.to_be_bytes().to_vec())
+            .keys()
+            .take(limit)
+            .collect::<Result<_, _>>()
+            .map_err(backend)?;
+        let mut done = Expired {
+            examined: candidates.len(),
+            ..Expired::default()
+        };
+        let fsync = self.durability == Durability::Fsync;
+        let guard = if fsync {
+            Some(self.commit.begin_write()?)
+        } else {
+            None
+        };
+        for index_key in &candidates {
+            self.step(Op::Expire, "start");
+            let Some((t, key)) =
+                split_time_key(index_key).and_then(|(t, k)| Some((t, decode_delivery_key(k)?)))
+            else {
+                self.received.remove(index_key).map_err(backend)?;
+                continue;
+            };
+            let dk = key.encode();
+            // The body's lock too, so a claim of the same body under another id sees
+            // either the whole delivery or none of it.
+            let fp_key = self
+                .read_record(&dk)?
+                .map(|r| body_index_key(&r.source, &r.fingerprint));
+            let mut lock_keys: Vec<&[u8]> = vec![&dk];
+            if let Some(fp) = &fp_key {
+                lock_keys.push(fp);
+            }
+            let _locks = self.lock(Op::Expire, &lock_keys);
+            self.step(Op::Expire, "locked");
+            match self.read_record(&dk)? {
+                Some(record)
+                    if record.received_at_ms == t
+                        && fp_key.as_deref()
+                            == Some(&body_index_key(&record.source, &record.fingerprint)[..]) =>
+                {
+                    if self.expire_one(&key, &record, now_ms)? {
+                        done.removed += 1;
+                    } else {
+                        done.kept += 1;
+                        // Kept: its index entry stays, and the next pass comes back to it.
+                        continue;
+                    }
+                }
+                // Changed under us (expired and claimed again): the next pass sees it.
+                Some(record) if record.received_at_ms == t => {
+                    done.kept += 1;
+                    continue;
+                }
+                // Nothing there any more, or a newer delivery under the same key.
+                _ => {}
+            }
+            self.received.remove(index_key).map_err(backend)?;
+        }
+        {
+            let mut from = self.sweep_from.lock().unwrap_or_else(|p| p.into_inner());
+            *from = match candidates.last() {
+                Some(last) if candidates.len() == limit => {
+                    let mut next = last.to_vec();
+                    next.push(0);
+                    Some(next)
+                }
+                // The end of what has expired: the next pass starts from the front again.
+                _ => None,
+            };
+        }
+        if done.removed > 0 || done.examined < limit {
+            self.advance_watermark(now_ms)?;
+        }
+        if fsync && done.examined > 0 {
+            self.commit.wait().await?;
+        }
+        drop(guard);
+        self.reclaim_bodies().await?;
+        Ok(done)
+    }
+
+    async fn expire_fingerprints(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let expired: Vec<sled::IVec> = self
+            .fp_expiry
+            .range(..cutoff_ms.to_be_bytes().to_vec())
+            .keys()
+            .take(limit)
+            .collect::<Result<_, _>>()
+            .map_err(backend)?;
+        for index_key in &expired {
+            if let Some((t, fp_key)) = split_time_key(index_key) {
+                let _locks = self.lock(Op::Expire, &[fp_key]);
+                if let Some(value) = self.body_index.get(fp_key).map_err(backend)?
+                    && let BodyEntry::Kept(kept) = BodyEntry::decode(&value)?
+                    && kept.received_at_ms == t
+                {
+                    self.body_index.remove(fp_key).map_err(backend)?;
+                }
+            }
+            self.fp_expiry.remove(index_key).map_err(backend)?;
+        }
+        Ok(expired.len())
+    }
+
+    async fn is_healthy(&self) -> bool {
+        !self.commit.is_poisoned()
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        if self.commit.is_poisoned() {
+            return Err(StoreError::Flush("an earlier flush failed".into()));
+        }
+        self.advance_watermark(crate::clock::Clock::System.now_ms())?;
+        self.close_starts()?;
+        self.commit.wait().await
+    }
+}
