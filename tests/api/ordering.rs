@@ -488,6 +488,30 @@ mod cut {
     }
 }
 
+/// The run of the next pair of a line starts only once its predecessor's outcome is on
+/// disk: its start waits for a sync (a start of an unordered pair need not), so a `kill -9`
+/// right after it cannot bring the earlier delivery back to run after it.
+#[test]
+fn the_next_pair_of_a_line_starts_only_once_the_outcome_before_it_is_durable() {
+    use cut::*;
+    use std::sync::atomic::Ordering;
+    use webhook_inbox::store::Claims;
+
+    let dir = tempfile::TempDir::new().expect("dir");
+    let store = open(&dir.path().join("data"), None, true);
+    block_on(store.claim(ordered(0, NOW - 2000))).expect("claim");
+    block_on(store.claim(ordered(1, NOW - 1000))).expect("claim");
+    assert_eq!(startable(&store), [("msg_order_0_0".to_owned(), true)]);
+    succeed(&store, "msg_order_0_0");
+    let waiters = || store.group_commit().stats().waiters.load(Ordering::SeqCst);
+    let before = waiters();
+    assert_eq!(startable(&store), [("msg_order_0_1".to_owned(), true)]);
+    assert!(
+        waiters() > before,
+        "the second pair started before the first one's outcome was synced"
+    );
+}
+
 /// A process that dies between a pair's final outcome and the promotion of the next pair
 /// in its line leaves a line with nobody to run: `store check` reports it, and the next
 /// start repairs it before anything runs.

@@ -7,15 +7,16 @@ use std::sync::atomic::Ordering;
 use async_trait::async_trait;
 use sqlx::Row as _;
 use sqlx::postgres::PgRow;
+use sqlx::{Postgres, Transaction};
 
 use super::{
-    LIST_CHUNK, LIST_SCAN_LIMIT, PgStore, REQUEUE, backend, db_ms, decode_cursor, decode_record,
-    encode_cursor, grace, job_key_of, lock_line, lock_lines, locked_record, ms, notify_work,
-    requeue_in_line, status_name,
+    JOB_COLUMNS, PgStore, REQUEUE, REQUEUE_STATE, backend, corrupt, db_ms, decode_record, grace,
+    job_from_row, job_key_of, line_key, lock_line, lock_lines, locked_record, ms, notify_work,
+    parse_status, status_name, to_json,
 };
-use crate::store::Operations;
 use crate::store::{
-    Binding, Cursor, DeliveryKey, DeliveryStatus, Page, Received, RetryFilter, StoreError,
+    Binding, Cursor, DeliveryKey, DeliveryRecord, DeliveryStatus, DeliverySummary, JobKey,
+    JobState, JobStatus, Operations, Page, Received, RetryFilter, StoreError, TAKE_OVER_GRACE_MS,
 };
 
 #[async_trait]
@@ -336,4 +337,214 @@ impl Operations for PgStore {
         }
         Ok(out)
     }
+}
+
+impl PgStore {
+    /// Backfill of one delivery, in one transaction: under its line's lock (taken first, as
+    /// a claim does) and the delivery row's, a job row for `handler` — due at received_at,
+    /// or without a due time behind a live pair of its line — and the record naming it.
+    async fn bind_one(
+        &self,
+        handler: &str,
+        key: &DeliveryKey,
+        order_key: Option<&str>,
+    ) -> Result<Binding, StoreError> {
+        let mut tx = self.begin().await?;
+        let line = order_key.map(line_key);
+        if let Some(line) = &line {
+            lock_line(&mut tx, handler, line).await?;
+        }
+        let row = sqlx::query(
+            "SELECT record, received_at_ms FROM inbox_deliveries \
+             WHERE source = $1 AND id = $2 FOR UPDATE",
+        )
+        .bind(&key.source)
+        .bind(&key.id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let Some(row) = row else {
+            return Ok(Binding::Skipped);
+        };
+        let mut record: DeliveryRecord =
+            serde_json::from_str(&row.try_get::<String, _>("record").map_err(backend)?)
+                .map_err(corrupt)?;
+        if record.alias_of.is_some() || record.response.is_none() {
+            return Ok(Binding::Skipped);
+        }
+        if record.handlers.iter().any(|h| h == handler) {
+            return Ok(Binding::Already);
+        }
+        let received_at_ms: i64 = row.try_get("received_at_ms").map_err(backend)?;
+        let parked = match &line {
+            Some(line) => sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM inbox_jobs WHERE handler = $1 AND order_key = $2 \
+                   AND status NOT IN ('succeeded', 'dead'))",
+            )
+            .bind(handler)
+            .bind(line)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend)?,
+            None => false,
+        };
+        let inserted = sqlx::query(
+            "INSERT INTO inbox_jobs (source, id, handler, status, due_ms, order_key, order_at_ms) \
+             VALUES ($1, $2, $3, 'pending', $4, $5, CASE WHEN $5::text IS NULL THEN NULL ELSE $6 END) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&key.source)
+        .bind(&key.id)
+        .bind(handler)
+        .bind((!parked).then_some(received_at_ms))
+        .bind(&line)
+        .bind(received_at_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?
+        .rows_affected();
+        if inserted == 0 {
+            return Ok(Binding::Already);
+        }
+        record.handlers.push(handler.to_owned());
+        if let Some(value) = order_key {
+            record
+                .order_keys
+                .insert(handler.to_owned(), value.to_owned());
+        }
+        sqlx::query("UPDATE inbox_deliveries SET record = $3 WHERE source = $1 AND id = $2")
+            .bind(&key.source)
+            .bind(&key.id)
+            .bind(to_json(&record))
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        if !parked {
+            notify_work(&mut tx).await?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(Binding::Bound)
+    }
+
+    /// The statuses of `keys`' deliveries, from their job rows.
+    async fn summaries(
+        &self,
+        records: Vec<DeliveryRecord>,
+    ) -> Result<Vec<DeliverySummary>, StoreError> {
+        let sources: Vec<&str> = records.iter().map(|r| r.source.as_str()).collect();
+        let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        let rows = sqlx::query(&format!(
+            "SELECT source, id, handler, {JOB_COLUMNS} FROM inbox_jobs \
+             WHERE (source, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
+        ))
+        .bind(&sources)
+        .bind(&ids)
+        .fetch_all(self.db()?)
+        .await
+        .map_err(backend)?;
+        let mut jobs: HashMap<JobKey, Option<JobState>> = HashMap::new();
+        for row in &rows {
+            jobs.insert(job_key_of(row)?, job_from_row(row)?);
+        }
+        Ok(records
+            .into_iter()
+            .map(|record| {
+                let key = record.key();
+                let states: Vec<Option<JobState>> = record
+                    .handlers
+                    .iter()
+                    .map(|h| jobs.remove(&key.job(h)).flatten())
+                    .collect();
+                DeliverySummary {
+                    status: DeliveryStatus::of(&record, &states),
+                    record,
+                }
+            })
+            .collect())
+    }
+}
+
+/// Rows looked at per page of a filtered listing, and in all, before a page stops short.
+const LIST_CHUNK: i64 = 500;
+
+const LIST_SCAN_LIMIT: usize = 10_000;
+
+/// An operator retry of a pair in an `order_by` line (the caller holds the line's lock): a
+/// pair that waits in line stays there (a retry must not let it overtake); the active one is
+/// due now; a dead one goes back in line, due now when nobody else in the line is active.
+/// Returns whether it was requeued.
+async fn requeue_in_line(
+    tx: &mut Transaction<'static, Postgres>,
+    job: &JobKey,
+    only: Option<JobStatus>,
+    now_ms: u64,
+) -> Result<bool, StoreError> {
+    let row = sqlx::query(
+        "SELECT status, due_ms, lease_until_ms, order_key FROM inbox_jobs \
+         WHERE source = $1 AND id = $2 AND handler = $3 FOR UPDATE",
+    )
+    .bind(&job.delivery.source)
+    .bind(&job.delivery.id)
+    .bind(&job.handler)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(backend)?;
+    let Some(row) = row else {
+        return Ok(false);
+    };
+    let status = parse_status(&row.try_get::<String, _>("status").map_err(backend)?)?;
+    let due: Option<i64> = row.try_get("due_ms").map_err(backend)?;
+    let lease: Option<i64> = row.try_get("lease_until_ms").map_err(backend)?;
+    let line: Option<String> = row.try_get("order_key").map_err(backend)?;
+    let now = db_ms(now_ms);
+    let live_lease = status == JobStatus::Running
+        && lease.is_some_and(|l| l.saturating_add(TAKE_OVER_GRACE_MS as i64) > now);
+    if status == JobStatus::Succeeded
+        || live_lease
+        || only.is_some_and(|wanted| wanted != status)
+        || (status != JobStatus::Dead && due.is_none())
+    {
+        return Ok(false);
+    }
+    let due_now = status != JobStatus::Dead || {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT NOT EXISTS (SELECT 1 FROM inbox_jobs WHERE handler = $1 AND order_key = $2 \
+               AND status NOT IN ('succeeded', 'dead') AND due_ms IS NOT NULL)",
+        )
+        .bind(&job.handler)
+        .bind(&line)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(backend)?
+    };
+    // Due now, or (`$5` false) back in line behind the active pair, promoted in its turn.
+    sqlx::query(&format!(
+        "UPDATE inbox_jobs SET {REQUEUE_STATE}, due_ms = CASE WHEN $5 THEN $4 END \
+         WHERE source = $1 AND id = $2 AND handler = $3"
+    ))
+    .bind(&job.delivery.source)
+    .bind(&job.delivery.id)
+    .bind(&job.handler)
+    .bind(now)
+    .bind(due_now)
+    .execute(&mut **tx)
+    .await
+    .map_err(backend)?;
+    Ok(true)
+}
+
+/// The position of a listing cursor: received_at, source, id of the last row shown.
+fn encode_cursor(record: &DeliveryRecord) -> Cursor {
+    let mut bytes = record.received_at_ms.to_be_bytes().to_vec();
+    bytes.extend_from_slice(&record.key().encode());
+    Cursor::from_position(bytes)
+}
+
+fn decode_cursor(cursor: &Cursor) -> Option<(i64, String, String)> {
+    let bytes = cursor.position();
+    let (time, key) = bytes.split_at_checked(8)?;
+    let time = u64::from_be_bytes(time.try_into().ok()?);
+    let text = std::str::from_utf8(key).ok()?;
+    let (source, id) = text.split_once('\0')?;
+    Some((db_ms(time), source.to_owned(), id.to_owned()))
 }

@@ -6,14 +6,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
+use sqlx::Row as _;
 use tokio::sync::Notify;
 
 use super::{
-    AT_LIMIT_RETRY_MS, JOB_COLUMNS, PAUSES_READ_EVERY, PgStore, backend, db_ms, grace,
-    job_from_row, ms, started,
+    JOB_COLUMNS, PAUSES_READ_EVERY, PgStore, backend, db_ms, grace, job_from_row, job_key_of,
+    lock_line, ms, parse_status, promote_next, started,
 };
-use crate::store::JobQueue;
-use crate::store::{AttemptOutcome, Begin, JobKey, JobState, QueuedJob, SkipSet, StoreError};
+use crate::store::{
+    AttemptOutcome, Begin, JobKey, JobQueue, JobState, JobStatus, QueuedJob, SkipSet, StoreError,
+    TAKE_OVER_GRACE_MS,
+};
 
 #[async_trait]
 impl JobQueue for PgStore {
@@ -277,3 +280,206 @@ impl JobQueue for PgStore {
         Some(self.work.clone())
     }
 }
+
+impl PgStore {
+    /// The final outcome of a pair in an `order_by` line (or of a superseded attempt,
+    /// which changes nothing): under the line's lock, the outcome and the promotion of the
+    /// next pair of the line, in one transaction.
+    async fn finish_in_line(
+        &self,
+        job: &JobKey,
+        attempt: i32,
+        outcome: &AttemptOutcome,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.relaxed()?.begin().await.map_err(backend)?;
+        let line: Option<String> = sqlx::query_scalar(
+            "SELECT order_key FROM inbox_jobs WHERE source = $1 AND id = $2 AND handler = $3",
+        )
+        .bind(&job.delivery.source)
+        .bind(&job.delivery.id)
+        .bind(&job.handler)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?
+        .flatten();
+        let Some(line) = line else {
+            return Ok(());
+        };
+        lock_line(&mut tx, &job.handler, &line).await?;
+        let (status, error) = match outcome {
+            AttemptOutcome::Dead { error } => ("dead", Some(error.as_str())),
+            _ => ("succeeded", None),
+        };
+        let updated = sqlx::query(
+            "UPDATE inbox_jobs SET status = $4, due_ms = NULL, \
+                last_error = COALESCE($5, last_error), \
+                lease_owner = NULL, lease_until_ms = NULL, updated_ms = $6 \
+             WHERE source = $1 AND id = $2 AND handler = $3 AND status <> 'succeeded' \
+               AND ($4 = 'succeeded' OR attempts = $7)",
+        )
+        .bind(&job.delivery.source)
+        .bind(&job.delivery.id)
+        .bind(&job.handler)
+        .bind(status)
+        .bind(error)
+        .bind(db_ms(now_ms))
+        .bind(attempt)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?
+        .rows_affected();
+        if updated > 0 {
+            promote_next(&mut tx, &job.handler, &line, now_ms).await?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(())
+    }
+
+    /// Why [`PgStore::start_query`] started nothing: busy (someone holds it) or nothing to
+    /// run.
+    async fn not_started(
+        &self,
+        job: &JobKey,
+        queued_due: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Begin, StoreError> {
+        let now = db_ms(now_ms);
+        let queued = queued_due.map(db_ms);
+        let row = sqlx::query(
+            "SELECT status, due_ms, lease_until_ms, reserved_until_ms, \
+                EXISTS (SELECT 1 FROM inbox_handlers h WHERE h.name = $3 AND h.paused) AS paused \
+             FROM inbox_jobs WHERE source = $1 AND id = $2 AND handler = $3",
+        )
+        .bind(&job.delivery.source)
+        .bind(&job.delivery.id)
+        .bind(&job.handler)
+        .fetch_optional(self.dispatch()?)
+        .await
+        .map_err(backend)?;
+        let Some(row) = row else {
+            return Ok(Begin::Skipped);
+        };
+        let status = parse_status(&row.try_get::<String, _>("status").map_err(backend)?)?;
+        let due: Option<i64> = row.try_get("due_ms").map_err(backend)?;
+        let lease: Option<i64> = row.try_get("lease_until_ms").map_err(backend)?;
+        let reserved: Option<i64> = row.try_get("reserved_until_ms").map_err(backend)?;
+        let moved = queued.is_some() && due != queued;
+        if matches!(status, JobStatus::Succeeded | JobStatus::Dead) || moved {
+            return Ok(Begin::Skipped);
+        }
+        let paused: bool = row.try_get("paused").map_err(backend)?;
+        let grace = TAKE_OVER_GRACE_MS as i64;
+        let held = match (status, lease, reserved) {
+            (JobStatus::Running, Some(lease), _) if lease.saturating_add(grace) > now => {
+                Some(lease.saturating_add(grace))
+            }
+            (_, _, Some(reserved)) if reserved > now => Some(reserved),
+            _ if paused => Some(now.saturating_add(crate::store::PAUSED_RETRY_MS as i64)),
+            _ => None,
+        };
+        // Without a live hold it changed between the two statements: the next pass decides.
+        Ok(Begin::Busy {
+            until_ms: held.map_or(now_ms, ms),
+        })
+    }
+
+    /// Reserves up to `limit` due pairs (of `handler`, or of every handler) for this
+    /// replica, earliest first, so that replicas reading the queue at once take different
+    /// pairs; a pair running under a live lease, or reserved by another replica, is not due
+    /// here.
+    async fn reserve_due(
+        &self,
+        handler: Option<&str>,
+        now_ms: u64,
+        limit: usize,
+        skip: &SkipSet,
+    ) -> Result<Vec<QueuedJob>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let now = db_ms(now_ms);
+        // Two texts rather than `($5 IS NULL OR handler = $5)`, so that each gets the plan
+        // of its own index.
+        let of_handler = if handler.is_some() {
+            "AND handler = $5"
+        } else {
+            "AND $5::text IS NULL"
+        };
+        let rows = sqlx::query(&format!(
+            "WITH c AS ( \
+                SELECT source, id, handler FROM inbox_jobs \
+                WHERE due_ms <= $1 {of_handler} \
+                  AND NOT (status = 'running' AND COALESCE(lease_until_ms, 0) + {grace} > $1) \
+                  AND (COALESCE(reserved_until_ms, 0) <= $1 OR reserved_by = $3) \
+                ORDER BY due_ms LIMIT $2 FOR UPDATE SKIP LOCKED \
+             ) \
+             UPDATE inbox_jobs j SET reserved_by = $3, reserved_until_ms = $4 FROM c \
+             WHERE j.source = c.source AND j.id = c.id AND j.handler = c.handler \
+             RETURNING j.source, j.id, j.handler, j.due_ms",
+            grace = grace!()
+        ))
+        .bind(now)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(self.instance)
+        .bind(now.saturating_add(self.reservation.as_millis() as i64))
+        .bind(handler)
+        .fetch_all(self.relaxed()?)
+        .await
+        .map_err(backend)?;
+        let mut due = Vec::with_capacity(rows.len());
+        for row in rows {
+            let job = job_key_of(&row)?;
+            // A pair this process runs or has deferred is held, so the statement passed it
+            // by already; this only guards a race with its own lease.
+            if skip.contains(&job) {
+                continue;
+            }
+            due.push(QueuedJob {
+                due_ms: ms(row.try_get("due_ms").map_err(backend)?),
+                job,
+            });
+        }
+        due.sort_by_key(|q| q.due_ms);
+        Ok(due)
+    }
+
+    /// When the next pair (of `handler`, or of any) becomes due here: a pair someone holds
+    /// is due to the others when the hold lapses.
+    async fn next_due(
+        &self,
+        handler: Option<&str>,
+        skip: &SkipSet,
+    ) -> Result<Option<u64>, StoreError> {
+        let of_handler = if handler.is_some() {
+            "AND handler = $2"
+        } else {
+            "AND $2::text IS NULL"
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT source, id, handler, GREATEST(due_ms, \
+                CASE WHEN status = 'running' THEN COALESCE(lease_until_ms, 0) + {grace} ELSE 0 END, \
+                COALESCE(reserved_until_ms, 0)) AS at \
+             FROM inbox_jobs WHERE due_ms IS NOT NULL {of_handler} ORDER BY due_ms LIMIT $1",
+            grace = grace!()
+        ))
+        .bind(i64::try_from(skip.len() + 64).unwrap_or(i64::MAX))
+        .bind(handler)
+        .fetch_all(self.relaxed()?)
+        .await
+        .map_err(backend)?;
+        let mut next: Option<u64> = None;
+        for row in rows {
+            let job = job_key_of(&row)?;
+            if !skip.contains(&job) {
+                let at = ms(row.try_get("at").map_err(backend)?);
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+        Ok(next)
+    }
+}
+
+/// A handler at its `concurrency` on every replica together is looked at again this much
+/// later (a run ending elsewhere frees a slot without telling this replica).
+const AT_LIMIT_RETRY_MS: u64 = 200;

@@ -4,11 +4,14 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use super::bodies::BODY_LOG_MIN;
 use super::encoding::{
-    BodyEntry, backend, body_index_key, encode_delivery, job_queue_key, queue_key,
+    BodyEntry, backend, body_index_key, encode_delivery, encode_logged_delivery, job_queue_key,
+    queue_key,
 };
 use super::order::{line_entry, line_locks};
-use super::{Op, SledStore, order};
+use super::{Op, SledInner, SledStore, order};
+use crate::config::Durability;
 use crate::store::Claims;
 use crate::store::{
     Claim, DeliveryKey, DeliveryRecord, Lease, NewDelivery, StoreError, StoredResponse, TakeOver,
@@ -197,5 +200,55 @@ impl Claims for SledStore {
             Ok((true, true))
         })
         .await
+    }
+}
+
+impl SledInner {
+    /// A record read while writes are in flight may not be on disk yet: join the next
+    /// group commit before answering from it.
+    ///
+    /// After a failed flush nothing read can be vouched for: what is in memory may never
+    /// reach the disk, so replaying it could acknowledge a delivery that a crash then loses.
+    async fn settle_read(&self) -> Result<(), StoreError> {
+        if self.durability == Durability::Fsync && self.commit.is_poisoned() {
+            return Err(StoreError::Flush(
+                "an earlier flush failed; restart to recover".into(),
+            ));
+        }
+        if self.durability == Durability::Fsync && self.commit.writes_in_flight() {
+            self.commit.wait().await?;
+        }
+        Ok(())
+    }
+
+    /// The record under `key`, or, for an alias made by body dedup, the first delivery's
+    /// while it is still stored.
+    fn read_resolved(&self, key: &[u8]) -> Result<Option<DeliveryRecord>, StoreError> {
+        let Some(record) = self.read_record(key)? else {
+            return Ok(None);
+        };
+        if let Some(first) = &record.alias_of
+            && let Some(first) =
+                self.read_record(&DeliveryKey::new(&record.source, first).encode())?
+        {
+            return Ok(Some(first));
+        }
+        Ok(Some(record))
+    }
+
+    /// A new delivery's value: a body of [`BODY_LOG_MIN`] bytes or more is appended to the
+    /// body log first (see [`bodies`]), and the value points at it.
+    fn new_delivery_value(
+        &self,
+        record: &DeliveryRecord,
+        body: &[u8],
+    ) -> Result<Vec<u8>, StoreError> {
+        if body.len() >= BODY_LOG_MIN {
+            let at = self.bodies.append(body, record.received_at_ms)?;
+            self.step(Op::Claim, "after-body-log");
+            Ok(encode_logged_delivery(record, &at))
+        } else {
+            Ok(encode_delivery(record, body))
+        }
     }
 }

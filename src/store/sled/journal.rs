@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 
 use super::encoding::{backend, corrupt, to_json};
-use super::{SledStore, journal_key};
+use super::{SledStore, journal_prefix};
 use crate::config::Durability;
 use crate::store::CallJournal;
 use crate::store::{CallRecord, DeliveryKey, JobKey, JournalEntry, StoreError};
@@ -61,4 +61,10 @@ impl CallJournal for SledStore {
     async fn journal_of(&self, key: &DeliveryKey) -> Result<Vec<JournalEntry>, StoreError> {
         self.journal_entries(key)
     }
+}
+
+fn journal_key(job: &JobKey, step: &str) -> Vec<u8> {
+    let mut key = journal_prefix(&job.encode());
+    key.extend_from_slice(step.as_bytes());
+    key
 }

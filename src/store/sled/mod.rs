@@ -96,23 +96,20 @@ mod starts;
 
 pub use export::ExportPosition;
 
-use bodies::{BODY_LOG_MIN, BodyLog};
+use bodies::BodyLog;
 use counted::CountedTree;
 pub use counted::WriteCounts;
 use disk::DiskSync;
 use encoding::{
-    BodyEntry, KEPT, StoredBody, backend, body_index_key, corrupt, decode_record, encode_delivery,
-    encode_logged_delivery, handler_queue_prefix, job_queue_key, pending_job, queue_key,
+    StoredBody, backend, corrupt, decode_record, handler_queue_prefix, job_queue_key,
     reencode_delivery, split_delivery, split_job_queue_key, split_time_key, to_json,
 };
-use order::{line_entry, line_locks};
 
 use bytes::Bytes;
 
 use super::group_commit::{GroupCommit, SyncFn};
 use super::{
-    DeliveryKey, DeliveryRecord, JobKey, JobState, JobStatus, JournalEntry, KeptFingerprint,
-    QueuedJob, RetryFilter, SkipSet, StoreError,
+    DeliveryKey, DeliveryRecord, JobKey, JobState, JournalEntry, QueuedJob, SkipSet, StoreError,
 };
 use crate::config::Durability;
 
@@ -186,12 +183,6 @@ fn journal_prefix(job_key: &[u8]) -> Vec<u8> {
     let mut prefix = job_key.to_vec();
     prefix.push(0);
     prefix
-}
-
-fn journal_key(job: &JobKey, step: &str) -> Vec<u8> {
-    let mut key = journal_prefix(&job.encode());
-    key.extend_from_slice(step.as_bytes());
-    key
 }
 
 /// Index entries one batch of a bulk retry looks at (its memory bound, and how long it
@@ -401,75 +392,6 @@ impl SledStore {
 }
 
 impl SledInner {
-    /// One batch of a bulk retry: looks at up to [`RETRY_BATCH`] index entries after
-    /// `after` (the dead letters, or every job state for failed pairs) and requeues the
-    /// pairs `filter` selects, each checked again under its delivery's lock. Returns how
-    /// many it requeued, and the last entry looked at when there may be more.
-    fn retry_batch(
-        &self,
-        filter: &RetryFilter,
-        after: Option<&[u8]>,
-        now_ms: u64,
-    ) -> Result<(usize, Option<Vec<u8>>), StoreError> {
-        self.step(Op::Retry, "batch");
-        let wanted = |job: &JobKey| {
-            filter
-                .source
-                .as_deref()
-                .is_none_or(|s| s == job.delivery.source)
-                && filter.handler.as_deref().is_none_or(|h| h == job.handler)
-        };
-        let tree = if filter.status == JobStatus::Dead {
-            &self.dead
-        } else {
-            &self.jobs
-        };
-        let from = after.map_or(std::ops::Bound::Unbounded, |k| {
-            std::ops::Bound::Excluded(k.to_vec())
-        });
-        let mut candidates: Vec<JobKey> = Vec::new();
-        let mut last = None;
-        let mut seen = 0;
-        for entry in tree.range::<Vec<u8>, _>((from, std::ops::Bound::Unbounded)) {
-            let (key, value) = entry.map_err(backend)?;
-            seen += 1;
-            if let Some(job) = JobKey::decode(&key)
-                && wanted(&job)
-                && (filter.status == JobStatus::Dead
-                    || serde_json::from_slice::<JobState>(&value)
-                        .is_ok_and(|s| s.status == filter.status))
-            {
-                candidates.push(job);
-            }
-            if seen == RETRY_BATCH {
-                last = Some(key.to_vec());
-                break;
-            }
-        }
-        let mut retried = 0;
-        for job in candidates {
-            let dk = job.delivery.encode();
-            self.step(Op::Retry, "start");
-            let locks = self.delivery_and_line_locks(&dk)?;
-            let lock_keys: Vec<&[u8]> = locks.iter().map(Vec::as_slice).collect();
-            let _locks = self.lock(Op::Retry, &lock_keys);
-            self.step(Op::Retry, "locked");
-            let Some(record) = self.read_record(&dk)? else {
-                continue;
-            };
-            let received = record.received_at_ms;
-            if filter.since_ms.is_some_and(|t| received < t)
-                || filter.until_ms.is_some_and(|t| received >= t)
-            {
-                continue;
-            }
-            if self.requeue_pair(&record, &job.handler, Some(filter.status), now_ms)? {
-                retried += 1;
-            }
-        }
-        Ok((retried, last))
-    }
-
     /// Every journal step of delivery `key`, by handler then step.
     pub fn journal_entries(&self, key: &DeliveryKey) -> Result<Vec<JournalEntry>, StoreError> {
         let mut prefix = key.encode();
@@ -569,68 +491,12 @@ impl SledInner {
         Ok(out)
     }
 
-    /// Like [`SledInner::locked_write`], but returns without waiting for the disk: for
-    /// writes that acknowledge nothing to anyone, whose loss in a crash the design already
-    /// allows for (the outcome of a run: lost, the pair runs again after the restart, with
-    /// `attempt + 1` — the crash is counted at the next opening, see `starts` — and the
-    /// same idempotency key).
-    /// sled writes its log in order, so any later durable write (an ack, a processed-mode
-    /// answer) makes these durable too.
-    fn locked_write_unsynced<T>(
-        &self,
-        op: Op,
-        keys: &[&[u8]],
-        write: impl FnOnce() -> Result<(T, bool), StoreError>,
-    ) -> Result<T, StoreError> {
-        self.step(op, "start");
-        if self.durability == Durability::Fsync && self.commit.is_poisoned() {
-            return Err(StoreError::Flush(
-                "an earlier flush failed; restart to recover".into(),
-            ));
-        }
-        let _locks = self.lock(op, keys);
-        self.step(op, "locked");
-        write().map(|(out, _)| out)
-    }
-
-    /// A record read while writes are in flight may not be on disk yet: join the next
-    /// group commit before answering from it.
-    ///
-    /// After a failed flush nothing read can be vouched for: what is in memory may never
-    /// reach the disk, so replaying it could acknowledge a delivery that a crash then loses.
-    async fn settle_read(&self) -> Result<(), StoreError> {
-        if self.durability == Durability::Fsync && self.commit.is_poisoned() {
-            return Err(StoreError::Flush(
-                "an earlier flush failed; restart to recover".into(),
-            ));
-        }
-        if self.durability == Durability::Fsync && self.commit.writes_in_flight() {
-            self.commit.wait().await?;
-        }
-        Ok(())
-    }
-
     fn read_record(&self, key: &[u8]) -> Result<Option<DeliveryRecord>, StoreError> {
         self.deliveries
             .get(key)
             .map_err(backend)?
             .map(|v| decode_record(&v))
             .transpose()
-    }
-
-    /// The record under `key`, or, for an alias made by body dedup, the first delivery's
-    /// while it is still stored.
-    fn read_resolved(&self, key: &[u8]) -> Result<Option<DeliveryRecord>, StoreError> {
-        let Some(record) = self.read_record(key)? else {
-            return Ok(None);
-        };
-        if let Some(first) = &record.alias_of
-            && let Some(first) =
-                self.read_record(&DeliveryKey::new(&record.source, first).encode())?
-        {
-            return Ok(Some(first));
-        }
-        Ok(Some(record))
     }
 
     fn read_delivery(&self, key: &[u8]) -> Result<Option<(DeliveryRecord, Bytes)>, StoreError> {
@@ -651,22 +517,6 @@ impl SledInner {
         }
     }
 
-    /// A new delivery's value: a body of [`BODY_LOG_MIN`] bytes or more is appended to the
-    /// body log first (see [`bodies`]), and the value points at it.
-    fn new_delivery_value(
-        &self,
-        record: &DeliveryRecord,
-        body: &[u8],
-    ) -> Result<Vec<u8>, StoreError> {
-        if body.len() >= BODY_LOG_MIN {
-            let at = self.bodies.append(body, record.received_at_ms)?;
-            self.step(Op::Claim, "after-body-log");
-            Ok(encode_logged_delivery(record, &at))
-        } else {
-            Ok(encode_delivery(record, body))
-        }
-    }
-
     fn write_record(&self, key: &[u8], record: &DeliveryRecord) -> Result<(), StoreError> {
         let Some(value) = self.deliveries.get(key).map_err(backend)? else {
             return Ok(());
@@ -674,45 +524,6 @@ impl SledInner {
         self.deliveries
             .insert(key, reencode_delivery(record, &value)?)
             .map_err(backend)?;
-        Ok(())
-    }
-
-    /// Deletes the body log's segments that no stored delivery points into any more, once
-    /// the removals that freed them are durable (see [`bodies`]).
-    async fn reclaim_bodies(&self) -> Result<(), StoreError> {
-        let segments = self.bodies.reclaimable(|| {
-            Ok(self
-                .received
-                .first()
-                .map_err(backend)?
-                .and_then(|(k, _)| split_time_key(&k).map(|(t, _)| t)))
-        })?;
-        if !segments.is_empty() {
-            self.commit.wait().await?;
-            self.step(Op::Expire, "before-body-reclaim");
-            self.bodies.reclaim(&segments)?;
-        }
-        Ok(())
-    }
-
-    /// The lock keys of an operation on a delivery that may change its `order_by` lines:
-    /// the delivery's, then its lines' (read from the record, whose order keys never change).
-    fn delivery_and_line_locks(&self, dk: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
-        let mut keys = vec![dk.to_vec()];
-        if let Some(record) = self.read_record(dk)? {
-            keys.extend(line_locks(&record));
-        }
-        Ok(keys)
-    }
-
-    /// Removes a queue entry that no longer leads anywhere (its job finished, or its
-    /// delivery expired or never landed).
-    fn drop_stale(&self, queued_due: Option<u64>, job_key: &[u8]) -> Result<(), StoreError> {
-        if let Some(due) = queued_due {
-            self.queue
-                .remove(job_queue_key(due, job_key))
-                .map_err(backend)?;
-        }
         Ok(())
     }
 
@@ -833,73 +644,6 @@ impl SledInner {
         Ok(())
     }
 
-    /// An operator retry of one pair (the caller holds the delivery's lock): due now, with a
-    /// fresh `max_attempts` if it failed or died. Not a pair that succeeded or runs under a
-    /// live lease, nor (with `only`) one in another state. Returns whether it was requeued.
-    fn requeue_pair(
-        &self,
-        record: &DeliveryRecord,
-        handler: &str,
-        only: Option<JobStatus>,
-        now_ms: u64,
-    ) -> Result<bool, StoreError> {
-        if !record.handlers.iter().any(|h| h == handler) {
-            return Ok(false);
-        }
-        let jk = record.key().job(handler).encode();
-        let mut state = match self.read_job(&jk)? {
-            Some(s) if s.status == JobStatus::Succeeded => return Ok(false),
-            Some(s)
-                if s.status == JobStatus::Running
-                    && s.lease
-                        .is_some_and(|l| l.owner == self.instance && l.blocks_at(now_ms)) =>
-            {
-                return Ok(false);
-            }
-            Some(s) => s,
-            None => {
-                let mut s = pending_job();
-                // Its first entry, if there is one, is replaced by one due now.
-                if record.response.is_some() && record.alias_of.is_none() {
-                    s.queued_at_ms = Some(record.received_at_ms);
-                }
-                s
-            }
-        };
-        if only.is_some_and(|wanted| wanted != state.status) {
-            return Ok(false);
-        }
-        let ordered = record.order_keys.contains_key(handler);
-        let was_dead = state.status == JobStatus::Dead;
-        if ordered
-            && !was_dead
-            && self.in_line(record, handler)?
-            && !self.has_way_to_run(record, &jk, Some(&state), now_ms)?
-        {
-            // Parked: it runs in its turn; a retry must not let it overtake.
-            return Ok(false);
-        }
-        if matches!(state.status, JobStatus::Dead | JobStatus::Failed) {
-            // A fresh `max_attempts` from here.
-            state.retry_base = state.attempts;
-        }
-        if state.status == JobStatus::Dead {
-            self.dead.remove(jk.as_slice()).map_err(backend)?;
-        }
-        if state.status != JobStatus::Pending {
-            state.status = JobStatus::Failed;
-        }
-        state.lease = None;
-        state.updated_ms = now_ms;
-        if ordered && was_dead {
-            // A dead pair goes back in its line: now if nobody is in it, else in turn.
-            self.enter_line(Op::Retry, record, handler, &mut state, now_ms)?;
-            return Ok(true);
-        }
-        self.requeue(Op::Retry, &jk, &mut state, now_ms)?;
-        Ok(true)
-    }
-
     /// Moves a job's queue entry to `due_ms`: the new entry, then the state that names it,
     /// then removal of the old one (a crash in between leaves an extra entry).
     fn requeue(
@@ -924,81 +668,6 @@ impl SledInner {
                 .map_err(backend)?;
         }
         Ok(())
-    }
-
-    /// Removes one expired delivery unless a handler of it is still due; returns whether it
-    /// was removed. The caller holds the delivery's (and its body's) lock.
-    fn expire_one(
-        &self,
-        key: &DeliveryKey,
-        record: &DeliveryRecord,
-        now_ms: u64,
-    ) -> Result<bool, StoreError> {
-        let dk = key.encode();
-        let mut states = Vec::with_capacity(record.handlers.len());
-        for handler in &record.handlers {
-            let jk = key.job(handler).encode();
-            let state = self.read_job(&jk)?;
-            if self.still_due(record, handler, state.as_ref(), now_ms)? {
-                return Ok(false);
-            }
-            states.push((jk, state));
-        }
-        for handler in record.order_keys.keys() {
-            // Only what a crash left: a pair leaves its line when it becomes final.
-            if let Some(entry) = line_entry(record, handler) {
-                self.order.remove(entry).map_err(backend)?;
-            }
-        }
-        for (jk, state) in &states {
-            // Its first queue entry (due on arrival) and its current one.
-            self.queue
-                .remove(job_queue_key(record.received_at_ms, jk))
-                .map_err(backend)?;
-            if let Some(due) = state.as_ref().and_then(|s| s.queued_at_ms) {
-                self.queue.remove(job_queue_key(due, jk)).map_err(backend)?;
-            }
-            self.jobs.remove(jk.as_slice()).map_err(backend)?;
-            self.starts.forget(jk);
-            self.dead.remove(jk.as_slice()).map_err(backend)?;
-            for step in self.calls.scan_prefix(journal_prefix(jk)).keys() {
-                self.calls.remove(step.map_err(backend)?).map_err(backend)?;
-            }
-        }
-        self.step(Op::Expire, "after-jobs");
-        let fp_key = body_index_key(&record.source, &record.fingerprint);
-        let points_here = match self.body_index.get(&fp_key).map_err(backend)? {
-            Some(value) => {
-                matches!(BodyEntry::decode(&value)?, BodyEntry::Live(id) if id == record.id)
-            }
-            None => false,
-        };
-        if points_here {
-            match &record.response {
-                // The fingerprint outlives the delivery (`fingerprint_retention`): a captured
-                // request is still answered as the replay it is.
-                Some(response) if record.alias_of.is_none() => {
-                    let kept = KeptFingerprint {
-                        id: record.id.clone(),
-                        received_at_ms: record.received_at_ms,
-                        response: response.clone(),
-                    };
-                    self.fp_expiry
-                        .insert(queue_key(record.received_at_ms, &fp_key), &[])
-                        .map_err(backend)?;
-                    let mut value = vec![KEPT];
-                    value.extend_from_slice(&to_json(&kept));
-                    self.body_index.insert(&fp_key, value).map_err(backend)?;
-                }
-                _ => {
-                    self.body_index.remove(&fp_key).map_err(backend)?;
-                }
-            }
-        }
-        self.step(Op::Expire, "after-body-index");
-        self.deliveries.remove(&dk).map_err(backend)?;
-        self.step(Op::Expire, "after-record");
-        Ok(true)
     }
 }
 

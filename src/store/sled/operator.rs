@@ -6,15 +6,16 @@ use std::collections::HashSet;
 use async_trait::async_trait;
 
 use super::encoding::{
-    backend, decode_delivery_key, handler_queue_prefix, split_job_queue_key, split_time_key,
+    backend, decode_delivery_key, handler_queue_prefix, pending_job, split_job_queue_key,
+    split_time_key,
 };
 use super::listing::{LIST_SCAN_LIMIT, cursor_before};
-use super::{Op, PAUSED, SledInner, SledStore};
+use super::order::line_locks;
+use super::{Op, PAUSED, RETRY_BATCH, SledInner, SledStore};
 use crate::config::Durability;
-use crate::store::Operations;
 use crate::store::{
-    Binding, Cursor, DeliveryKey, DeliveryStatus, JobKey, JobState, JobStatus, Page, Received,
-    RetryFilter, StoreError,
+    Binding, Cursor, DeliveryKey, DeliveryRecord, DeliveryStatus, JobKey, JobState, JobStatus,
+    Operations, Page, Received, RetryFilter, StoreError,
 };
 
 #[async_trait]
@@ -251,5 +252,153 @@ impl Operations for SledStore {
         }
         drop(guard);
         Ok(bindings)
+    }
+}
+
+impl SledInner {
+    /// One batch of a bulk retry: looks at up to [`RETRY_BATCH`] index entries after
+    /// `after` (the dead letters, or every job state for failed pairs) and requeues the
+    /// pairs `filter` selects, each checked again under its delivery's lock. Returns how
+    /// many it requeued, and the last entry looked at when there may be more.
+    fn retry_batch(
+        &self,
+        filter: &RetryFilter,
+        after: Option<&[u8]>,
+        now_ms: u64,
+    ) -> Result<(usize, Option<Vec<u8>>), StoreError> {
+        self.step(Op::Retry, "batch");
+        let wanted = |job: &JobKey| {
+            filter
+                .source
+                .as_deref()
+                .is_none_or(|s| s == job.delivery.source)
+                && filter.handler.as_deref().is_none_or(|h| h == job.handler)
+        };
+        let tree = if filter.status == JobStatus::Dead {
+            &self.dead
+        } else {
+            &self.jobs
+        };
+        let from = after.map_or(std::ops::Bound::Unbounded, |k| {
+            std::ops::Bound::Excluded(k.to_vec())
+        });
+        let mut candidates: Vec<JobKey> = Vec::new();
+        let mut last = None;
+        let mut seen = 0;
+        for entry in tree.range::<Vec<u8>, _>((from, std::ops::Bound::Unbounded)) {
+            let (key, value) = entry.map_err(backend)?;
+            seen += 1;
+            if let Some(job) = JobKey::decode(&key)
+                && wanted(&job)
+                && (filter.status == JobStatus::Dead
+                    || serde_json::from_slice::<JobState>(&value)
+                        .is_ok_and(|s| s.status == filter.status))
+            {
+                candidates.push(job);
+            }
+            if seen == RETRY_BATCH {
+                last = Some(key.to_vec());
+                break;
+            }
+        }
+        let mut retried = 0;
+        for job in candidates {
+            let dk = job.delivery.encode();
+            self.step(Op::Retry, "start");
+            let locks = self.delivery_and_line_locks(&dk)?;
+            let lock_keys: Vec<&[u8]> = locks.iter().map(Vec::as_slice).collect();
+            let _locks = self.lock(Op::Retry, &lock_keys);
+            self.step(Op::Retry, "locked");
+            let Some(record) = self.read_record(&dk)? else {
+                continue;
+            };
+            let received = record.received_at_ms;
+            if filter.since_ms.is_some_and(|t| received < t)
+                || filter.until_ms.is_some_and(|t| received >= t)
+            {
+                continue;
+            }
+            if self.requeue_pair(&record, &job.handler, Some(filter.status), now_ms)? {
+                retried += 1;
+            }
+        }
+        Ok((retried, last))
+    }
+
+    /// An operator retry of one pair (the caller holds the delivery's lock): due now, with a
+    /// fresh `max_attempts` if it failed or died. Not a pair that succeeded or runs under a
+    /// live lease, nor (with `only`) one in another state. Returns whether it was requeued.
+    fn requeue_pair(
+        &self,
+        record: &DeliveryRecord,
+        handler: &str,
+        only: Option<JobStatus>,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        if !record.handlers.iter().any(|h| h == handler) {
+            return Ok(false);
+        }
+        let jk = record.key().job(handler).encode();
+        let mut state = match self.read_job(&jk)? {
+            Some(s) if s.status == JobStatus::Succeeded => return Ok(false),
+            Some(s)
+                if s.status == JobStatus::Running
+                    && s.lease
+                        .is_some_and(|l| l.owner == self.instance && l.blocks_at(now_ms)) =>
+            {
+                return Ok(false);
+            }
+            Some(s) => s,
+            None => {
+                let mut s = pending_job();
+                // Its first entry, if there is one, is replaced by one due now.
+                if record.response.is_some() && record.alias_of.is_none() {
+                    s.queued_at_ms = Some(record.received_at_ms);
+                }
+                s
+            }
+        };
+        if only.is_some_and(|wanted| wanted != state.status) {
+            return Ok(false);
+        }
+        let ordered = record.order_keys.contains_key(handler);
+        let was_dead = state.status == JobStatus::Dead;
+        if ordered
+            && !was_dead
+            && self.in_line(record, handler)?
+            && !self.has_way_to_run(record, &jk, Some(&state), now_ms)?
+        {
+            // Parked: it runs in its turn; a retry must not let it overtake.
+            return Ok(false);
+        }
+        if matches!(state.status, JobStatus::Dead | JobStatus::Failed) {
+            // A fresh `max_attempts` from here.
+            state.retry_base = state.attempts;
+        }
+        if state.status == JobStatus::Dead {
+            self.dead.remove(jk.as_slice()).map_err(backend)?;
+        }
+        if state.status != JobStatus::Pending {
+            state.status = JobStatus::Failed;
+        }
+        state.lease = None;
+        state.updated_ms = now_ms;
+        if ordered && was_dead {
+            // A dead pair goes back in its line: now if nobody is in it, else in turn.
+            self.enter_line(Op::Retry, record, handler, &mut state, now_ms)?;
+            return Ok(true);
+        }
+        self.requeue(Op::Retry, &jk, &mut state, now_ms)?;
+        Ok(true)
+    }
+
+    /// The lock keys of an operation on a delivery that may change its `order_by` lines:
+    /// the delivery's, then its lines' (read from the record, whose order keys never change).
+    fn delivery_and_line_locks(&self, dk: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut keys = vec![dk.to_vec()];
+        if let Some(record) = self.read_record(dk)? {
+            keys.extend(line_locks(&record));
+        }
+        Ok(keys)
     }
 }

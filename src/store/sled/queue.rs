@@ -7,6 +7,7 @@ use async_trait::async_trait;
 
 use super::encoding::{backend, decode_order_keys, job_queue_key, pending_job};
 use super::{Op, PAUSED, SledInner, SledStore, order, starts};
+use crate::config::Durability;
 use crate::store::JobQueue;
 use crate::store::{
     AttemptContext, AttemptOutcome, Begin, JobKey, JobState, JobStatus, Lease, QueuedJob, SkipSet,
@@ -197,7 +198,13 @@ impl JobQueue for SledStore {
                         error,
                     },
                 };
-                Ok((begin, mark.is_some()))
+                // The start of a pair in an `order_by` line waits for the disk even so: that
+                // wait makes its predecessor's outcome and hand-on durable first (sled keeps
+                // a prefix of its log), so a crash can never rerun the earlier delivery after
+                // this one has started.
+                let ordered = matches!(&begin, Begin::Started(context)
+                    if context.record.order_keys.contains_key(&job.handler));
+                Ok((begin, mark.is_some() || ordered))
             })
             .await;
         if let (Ok(_), Some(generation)) = (&begun, mark_to_sync) {
@@ -334,5 +341,42 @@ impl JobQueue for SledStore {
                 Ok(String::from_utf8_lossy(&k[PAUSED.len()..]).into_owned())
             })
             .collect()
+    }
+}
+
+impl SledInner {
+    /// Removes a queue entry that no longer leads anywhere (its job finished, or its
+    /// delivery expired or never landed).
+    fn drop_stale(&self, queued_due: Option<u64>, job_key: &[u8]) -> Result<(), StoreError> {
+        if let Some(due) = queued_due {
+            self.queue
+                .remove(job_queue_key(due, job_key))
+                .map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    /// Like [`SledInner::locked_write`], but returns without waiting for the disk: for
+    /// writes that acknowledge nothing to anyone, whose loss in a crash the design already
+    /// allows for (the outcome of a run: lost, the pair runs again after the restart, with
+    /// `attempt + 1` — the crash is counted at the next opening, see `starts` — and the
+    /// same idempotency key).
+    /// sled writes its log in order, so any later durable write (an ack, a processed-mode
+    /// answer) makes these durable too.
+    fn locked_write_unsynced<T>(
+        &self,
+        op: Op,
+        keys: &[&[u8]],
+        write: impl FnOnce() -> Result<(T, bool), StoreError>,
+    ) -> Result<T, StoreError> {
+        self.step(op, "start");
+        if self.durability == Durability::Fsync && self.commit.is_poisoned() {
+            return Err(StoreError::Flush(
+                "an earlier flush failed; restart to recover".into(),
+            ));
+        }
+        let _locks = self.lock(op, keys);
+        self.step(op, "locked");
+        write().map(|(out, _)| out)
     }
 }

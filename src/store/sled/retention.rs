@@ -2,11 +2,16 @@
 
 use async_trait::async_trait;
 
-use super::encoding::{BodyEntry, backend, body_index_key, decode_delivery_key, split_time_key};
-use super::{Op, SledStore};
+use super::encoding::{
+    BodyEntry, KEPT, backend, body_index_key, decode_delivery_key, job_queue_key, queue_key,
+    split_time_key, to_json,
+};
+use super::order::line_entry;
+use super::{Op, SledInner, SledStore, journal_prefix};
 use crate::config::Durability;
-use crate::store::Maintenance;
-use crate::store::{Expired, StoreError};
+use crate::store::{
+    DeliveryKey, DeliveryRecord, Expired, KeptFingerprint, Maintenance, StoreError,
+};
 
 #[async_trait]
 impl Maintenance for SledStore {
@@ -136,5 +141,100 @@ impl Maintenance for SledStore {
         self.advance_watermark(crate::clock::Clock::System.now_ms())?;
         self.close_starts()?;
         self.commit.wait().await
+    }
+}
+
+impl SledInner {
+    /// Deletes the body log's segments that no stored delivery points into any more, once
+    /// the removals that freed them are durable (see [`bodies`]).
+    async fn reclaim_bodies(&self) -> Result<(), StoreError> {
+        let segments = self.bodies.reclaimable(|| {
+            Ok(self
+                .received
+                .first()
+                .map_err(backend)?
+                .and_then(|(k, _)| split_time_key(&k).map(|(t, _)| t)))
+        })?;
+        if !segments.is_empty() {
+            self.commit.wait().await?;
+            self.step(Op::Expire, "before-body-reclaim");
+            self.bodies.reclaim(&segments)?;
+        }
+        Ok(())
+    }
+
+    /// Removes one expired delivery unless a handler of it is still due; returns whether it
+    /// was removed. The caller holds the delivery's (and its body's) lock.
+    fn expire_one(
+        &self,
+        key: &DeliveryKey,
+        record: &DeliveryRecord,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let dk = key.encode();
+        let mut states = Vec::with_capacity(record.handlers.len());
+        for handler in &record.handlers {
+            let jk = key.job(handler).encode();
+            let state = self.read_job(&jk)?;
+            if self.still_due(record, handler, state.as_ref(), now_ms)? {
+                return Ok(false);
+            }
+            states.push((jk, state));
+        }
+        for handler in record.order_keys.keys() {
+            // Only what a crash left: a pair leaves its line when it becomes final.
+            if let Some(entry) = line_entry(record, handler) {
+                self.order.remove(entry).map_err(backend)?;
+            }
+        }
+        for (jk, state) in &states {
+            // Its first queue entry (due on arrival) and its current one.
+            self.queue
+                .remove(job_queue_key(record.received_at_ms, jk))
+                .map_err(backend)?;
+            if let Some(due) = state.as_ref().and_then(|s| s.queued_at_ms) {
+                self.queue.remove(job_queue_key(due, jk)).map_err(backend)?;
+            }
+            self.jobs.remove(jk.as_slice()).map_err(backend)?;
+            self.starts.forget(jk);
+            self.dead.remove(jk.as_slice()).map_err(backend)?;
+            for step in self.calls.scan_prefix(journal_prefix(jk)).keys() {
+                self.calls.remove(step.map_err(backend)?).map_err(backend)?;
+            }
+        }
+        self.step(Op::Expire, "after-jobs");
+        let fp_key = body_index_key(&record.source, &record.fingerprint);
+        let points_here = match self.body_index.get(&fp_key).map_err(backend)? {
+            Some(value) => {
+                matches!(BodyEntry::decode(&value)?, BodyEntry::Live(id) if id == record.id)
+            }
+            None => false,
+        };
+        if points_here {
+            match &record.response {
+                // The fingerprint outlives the delivery (`fingerprint_retention`): a captured
+                // request is still answered as the replay it is.
+                Some(response) if record.alias_of.is_none() => {
+                    let kept = KeptFingerprint {
+                        id: record.id.clone(),
+                        received_at_ms: record.received_at_ms,
+                        response: response.clone(),
+                    };
+                    self.fp_expiry
+                        .insert(queue_key(record.received_at_ms, &fp_key), &[])
+                        .map_err(backend)?;
+                    let mut value = vec![KEPT];
+                    value.extend_from_slice(&to_json(&kept));
+                    self.body_index.insert(&fp_key, value).map_err(backend)?;
+                }
+                _ => {
+                    self.body_index.remove(&fp_key).map_err(backend)?;
+                }
+            }
+        }
+        self.step(Op::Expire, "after-body-index");
+        self.deliveries.remove(&dk).map_err(backend)?;
+        self.step(Op::Expire, "after-record");
+        Ok(true)
     }
 }

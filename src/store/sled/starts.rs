@@ -26,6 +26,13 @@
 //!   comes back with a higher attempt; a pair that had not started before the crash also
 //!   counts one more than it ran (the store cannot tell the two apart), never fewer.
 //!
+//! - One kind of start still waits for the disk: that of a pair in an `order_by` line. The
+//!   outcome of the pair before it is written without waiting (`finish_attempt`), and sled
+//!   keeps a prefix of its log, so the wait makes that outcome and its hand-on durable before
+//!   the next delivery of the line runs; without it a crash could bring the earlier
+//!   delivery back to run after the later one had started (`order_holds_across_kill_dash_
+//!   nine_and_restart` caught it).
+//!
 //! The times compared are the wall clock's: a clock set back across a crash by more than
 //! the time the restart took could hide one bump (said in docs/leases.md).
 
