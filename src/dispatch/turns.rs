@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::clock::Clock;
 use crate::handlers::HandlerRegistry;
-use crate::store::{DeliveryStore, StoreError};
+use crate::store::{JobQueue, StoreError};
 
 /// Every handler's gate.
 pub struct Turns {
@@ -29,7 +29,7 @@ pub struct Turns {
     /// Per rate-limited handler, when its next start may be (this process's own spacing,
     /// used where the store does not keep one for every process).
     next_start: std::sync::Mutex<HashMap<String, Instant>>,
-    store: Arc<dyn DeliveryStore>,
+    store: Arc<dyn JobQueue>,
     clock: Clock,
 }
 
@@ -41,7 +41,7 @@ pub struct Turn {
 
 impl Turns {
     /// The gates of every handler in `registry`.
-    pub fn new(registry: &HandlerRegistry, store: Arc<dyn DeliveryStore>, clock: Clock) -> Turns {
+    pub fn new(registry: &HandlerRegistry, store: Arc<dyn JobQueue>, clock: Clock) -> Turns {
         let mut slots = HashMap::new();
         let mut concurrency = HashMap::new();
         let mut intervals = HashMap::new();
@@ -88,10 +88,22 @@ impl Turns {
             }
         };
         if let Some(&interval) = self.intervals.get(handler) {
-            let Some(start) = self.reserve_start(handler, interval, deadline).await? else {
-                return Ok(None);
-            };
-            tokio::time::sleep_until(start).await;
+            // A rate turn is a slot of time, not a ticket: a start woken too late for its
+            // slot (a loaded machine, a slow store) would crowd the next slot's start, so
+            // the slot is given up and a new one reserved. The lateness allowed grows with
+            // each slot given up, so that a run on a machine that is always late still
+            // starts.
+            let mut allowed = interval / 4;
+            loop {
+                let Some(start) = self.reserve_start(handler, interval, deadline).await? else {
+                    return Ok(None);
+                };
+                tokio::time::sleep_until(start).await;
+                if Instant::now().saturating_duration_since(start) <= allowed {
+                    break;
+                }
+                allowed = allowed.saturating_mul(2);
+            }
         }
         Ok(Some(Turn { _slot: slot }))
     }
@@ -110,7 +122,10 @@ impl Turns {
             .reserve_start(handler, interval.as_millis() as u64, now_ms)
             .await?
         {
-            let at = Instant::now() + Duration::from_millis(at_ms.saturating_sub(now_ms));
+            // From the clock as it is now the store answered, not as it was when asked: the
+            // time the reservation took must not push the start past its slot.
+            let waited = Duration::from_millis(at_ms.saturating_sub(self.clock.now_ms()));
+            let at = Instant::now() + waited;
             return Ok(deadline.is_none_or(|d| at <= d).then_some(at));
         }
         let mut next = self.next_start.lock().unwrap_or_else(|p| p.into_inner());
