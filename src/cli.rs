@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::startup::ApplicationBuilder;
+use crate::store::{OpenedStore, Opening};
 use crate::telemetry::LogFormat;
 
 /// An idempotent webhook receiver.
@@ -662,36 +663,19 @@ async fn store_check(path: &std::path::Path, repair: bool) -> ExitCode {
         Err(e) => return fail(e),
     };
     let now = crate::clock::Clock::System.now_ms();
-    if config.storage.backend == crate::config::Backend::Postgres {
-        let report = match postgres_of(&config).await {
-            Ok(store) => store.check(repair, now).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e),
-        };
-        return match report {
-            Ok(report) => print_check(&report, repair),
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        };
-    }
-    let options = crate::store::SledOptions {
+    let env = |k: &str| std::env::var(k).ok();
+    // Without --repair the store is looked at as the crash left it.
+    let opening = Opening::Tool {
         repair_on_open: false,
-        ..Default::default()
     };
-    let store = match crate::store::SledStore::open_with(
-        &config.storage.path,
-        config.storage.durability,
-        config.storage.cache_capacity,
-        options,
-    ) {
+    let store = match crate::store::open(&config, &env, opening).await {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: {}: {e}", config.storage.path.display());
+            eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
-    match store.check(repair, now) {
+    match store.check(repair, now).await {
         Ok(report) => print_check(&report, repair),
         Err(e) => {
             eprintln!("error: {e}");
@@ -720,25 +704,6 @@ fn print_check(report: &crate::store::CheckReport, repair: bool) -> ExitCode {
     } else {
         ExitCode::from(1)
     }
-}
-
-/// The PostgreSQL store of a config, connected and migrated, for the commands that need one
-/// now (unlike `serve`, which waits for the database).
-async fn postgres_of(config: &Config) -> Result<crate::store::PgStore, String> {
-    use crate::config::Backend;
-    if config.storage.backend != Backend::Postgres {
-        return Err(format!(
-            "{}: storage.backend is not \"postgres\"",
-            config.file
-        ));
-    }
-    let env = |k: &str| std::env::var(k).ok();
-    let store = crate::store::PgStore::from_config(config, &env).map_err(|e| e.to_string())?;
-    store
-        .wait_ready(std::time::Duration::from_secs(30))
-        .await
-        .map_err(|e| format!("{e} (see the log above)"))?;
-    Ok(store)
 }
 
 /// `migrate`: exit 0 once the schema is current.
@@ -887,30 +852,30 @@ async fn store_copy(from: &std::path::Path, to: &std::path::Path) -> ExitCode {
         (Ok(f), Ok(t)) => (f, t),
         (Err(e), _) | (_, Err(e)) => return fail(e),
     };
-    if from.storage.backend != crate::config::Backend::Sled {
+    use crate::config::Backend;
+    if (from.storage.backend, to.storage.backend) != (Backend::Sled, Backend::Postgres) {
         return fail(format!(
-            "{}: store copy reads a sled store (storage.backend = \"sled\")",
+            "{}: store copy reads a sled store (storage.backend = \"sled\") into PostgreSQL",
             from.file
         ));
     }
-    let options = crate::store::SledOptions {
+    let env = |k: &str| std::env::var(k).ok();
+    let opening = Opening::Tool {
         repair_on_open: true,
-        ..Default::default()
     };
-    let source = match crate::store::SledStore::open_with(
-        &from.storage.path,
-        from.storage.durability,
-        from.storage.cache_capacity,
-        options,
-    ) {
+    let source = match crate::store::open(&from, &env, opening).await {
         Ok(s) => s,
-        Err(e) => return fail(format!("{}: {e}", from.storage.path.display())),
+        Err(e) => return fail(e),
     };
-    let target = match postgres_of(&to).await {
+    let target = match crate::store::open(&to, &env, opening).await {
         Ok(t) => t,
         Err(e) => return fail(e),
     };
-    match crate::store::copy::sled_to_postgres(&source, &target).await {
+    let (OpenedStore::Sled(source), OpenedStore::Postgres(target)) = (&source, &target) else {
+        return fail("store copy: the stores opened are not the backends their configs name");
+    };
+    let copied = crate::store::copy::sled_to_postgres(source, target).await;
+    match copied {
         Ok(report) => {
             println!(
                 "copied {} deliveries and {} kept fingerprints ({} written, the rest were already there)",

@@ -3,15 +3,18 @@
 
 use crate::config::Config;
 use crate::fixture::Fixture;
-use crate::store::{DeliveryKey, DeliveryStore, SledStore, StoreError};
+use crate::store::{DeliveryKey, DeliveryStore, OpenError, Opening, StoreError};
 use crate::verify::Source;
 
 /// Why a delivery could not be exported.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    /// The store could not be opened or read (a running server holds it, say).
+    /// The store could not be opened (a running server holds sled's lock, say).
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// The store could not be read.
     #[error("{}: {source}", path.display())]
-    Store {
+    Read {
         /// `storage.path`.
         path: std::path::PathBuf,
         /// The cause.
@@ -46,29 +49,20 @@ pub async fn export_from_data_dir(
     source: &str,
     id: &str,
 ) -> Result<String, ExportError> {
-    let store_error = |source| ExportError::Store {
-        path: config.storage.path.clone(),
-        source,
-    };
-    let store: Box<dyn DeliveryStore> = match config.storage.backend {
-        crate::config::Backend::Sled => Box::new(
-            SledStore::open(&config.storage.path, config.storage.durability, 16 << 20)
-                .map_err(store_error)?,
-        ),
-        crate::config::Backend::Postgres => {
-            let env = |k: &str| std::env::var(k).ok();
-            let store = crate::store::PgStore::from_config(config, &env)
-                .map_err(|e| store_error(StoreError::Backend(e.to_string())))?;
-            store
-                .wait_ready(std::time::Duration::from_secs(30))
-                .await
-                .map_err(store_error)?;
-            Box::new(store)
-        }
-    };
-    let fixture = fixture_of(&*store, config, source, id)
+    let store = crate::store::open(
+        config,
+        &|k| std::env::var(k).ok(),
+        Opening::Tool {
+            repair_on_open: true,
+        },
+    )
+    .await?;
+    let fixture = fixture_of(store.as_dyn(), config, source, id)
         .await
-        .map_err(store_error)?
+        .map_err(|source| ExportError::Read {
+            path: config.storage.path.clone(),
+            source,
+        })?
         .ok_or_else(|| ExportError::NotFound(DeliveryKey::new(source, id)))?;
     // A fixture is strings and JSON values: it always serializes.
     Ok(serde_json::to_string_pretty(&fixture).expect("a fixture serializes"))

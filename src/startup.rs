@@ -22,7 +22,7 @@ use crate::dispatch::{Dispatcher, Runner};
 use crate::handlers::{HandlerRegistry, Registration};
 use crate::ingest::Ingest;
 use crate::routes;
-use crate::store::{DeliveryStore, PgStore, SledStore, StoreError};
+use crate::store::{DeliveryStore, OpenError, OpenedStore, Opening, PgStore, SledStore};
 use crate::verify::Source;
 
 /// Why the service could not start.
@@ -35,13 +35,8 @@ pub enum StartupError {
     #[error(transparent)]
     Alerts(#[from] crate::alerts::AlertError),
     /// The store could not be opened.
-    #[error("opening the store at {path}: {source}")]
-    Store {
-        /// `storage.path`.
-        path: String,
-        /// The cause.
-        source: StoreError,
-    },
+    #[error(transparent)]
+    Store(#[from] OpenError),
     /// A listener could not be bound.
     #[error("binding {addr}: {source}")]
     Bind {
@@ -185,25 +180,14 @@ impl ApplicationBuilder {
         }
         let store: Arc<dyn DeliveryStore> = match self.store {
             Some(s) => s,
-            // Not connected yet: an unreachable database is not a start-up failure (the
-            // store keeps trying, and `/readyz` says 503 meanwhile).
-            None if config.storage.backend == Backend::Postgres => {
-                Arc::new(PgStore::from_config(&config, &*self.env)?)
-            }
-            None => {
-                let sled = SledStore::open(
-                    &config.storage.path,
-                    config.storage.durability,
-                    config.storage.cache_capacity,
-                )
-                .map_err(|source| StartupError::Store {
-                    path: config.storage.path.display().to_string(),
-                    source,
-                })?;
-                metrics.register_flush_seconds(sled.flush_seconds());
-                metrics.register(STORE_WRITES, STORE_WRITES_HELP, sled.write_counts());
-                Arc::new(sled)
-            }
+            None => match crate::store::open(&config, &*self.env, Opening::Serve).await? {
+                OpenedStore::Sled(sled) => {
+                    metrics.register_flush_seconds(sled.flush_seconds());
+                    metrics.register(STORE_WRITES, STORE_WRITES_HELP, sled.write_counts());
+                    Arc::new(sled)
+                }
+                opened => opened.shared(),
+            },
         };
         let bind = |addr: std::net::SocketAddr| {
             TcpListener::bind(addr).map_err(|source| StartupError::Bind {

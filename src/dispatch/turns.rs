@@ -6,8 +6,8 @@
 //! ends), then the rate's spacing (the start is delayed until the previous start plus the
 //! rate's interval, a burst of one). With a store that several processes share
 //! (PostgreSQL) both hold across all of them: the spacing is reserved in the store
-//! ([`JobQueue::reserve_start`](crate::store::JobQueue::reserve_start)), and the store counts the handler's live run leases
-//! when it starts a run ([`JobQueue::begin_limited_attempt`](crate::store::JobQueue::begin_limited_attempt)). Only then is the lease
+//! ([`JobQueue::reserve_start`]), and the store counts the handler's live run leases
+//! when it starts a run ([`JobQueue::begin_limited_attempt`]). Only then is the lease
 //! taken, so a run waiting for its turn never holds one that could lapse under it.
 
 use std::collections::HashMap;

@@ -23,6 +23,7 @@ pub mod copy;
 pub mod group_commit;
 pub mod journal;
 pub mod lease;
+mod open;
 pub mod postgres;
 mod sled;
 
@@ -36,6 +37,7 @@ use sha2::{Digest, Sha256};
 
 pub use journal::{CallRecord, JournalEntry};
 pub use lease::{Lease, TAKE_OVER_GRACE_MS, lease_margin};
+pub use open::{OpenError, OpenedStore, Opening, open};
 pub use postgres::PgStore;
 pub use sled::{
     BodyLogSettings, ExportPosition, FlushHook, Op, RETRY_BATCH, SledInner, SledOptions, SledStore,
