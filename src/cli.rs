@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::startup::ApplicationBuilder;
-use crate::store::{OpenedStore, Opening};
+use crate::store::Opening;
 use crate::telemetry::LogFormat;
 
 /// An idempotent webhook receiver.
@@ -852,13 +852,6 @@ async fn store_copy(from: &std::path::Path, to: &std::path::Path) -> ExitCode {
         (Ok(f), Ok(t)) => (f, t),
         (Err(e), _) | (_, Err(e)) => return fail(e),
     };
-    use crate::config::Backend;
-    if (from.storage.backend, to.storage.backend) != (Backend::Sled, Backend::Postgres) {
-        return fail(format!(
-            "{}: store copy reads a sled store (storage.backend = \"sled\") into PostgreSQL",
-            from.file
-        ));
-    }
     let env = |k: &str| std::env::var(k).ok();
     let opening = Opening::Tool {
         repair_on_open: true,
@@ -871,10 +864,14 @@ async fn store_copy(from: &std::path::Path, to: &std::path::Path) -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(e),
     };
-    let (OpenedStore::Sled(source), OpenedStore::Postgres(target)) = (&source, &target) else {
-        return fail("store copy: the stores opened are not the backends their configs name");
-    };
-    let copied = crate::store::copy::sled_to_postgres(source, target).await;
+    let now = crate::clock::Clock::System.now_ms();
+    let copied = crate::store::copy::copy(
+        source.as_dyn(),
+        target.as_dyn(),
+        now,
+        crate::store::copy::PAGE,
+    )
+    .await;
     match copied {
         Ok(report) => {
             println!(

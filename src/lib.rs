@@ -15,7 +15,10 @@
 //! - [`config`]: the typed, strict `config.toml`.
 //! - [`verify`]: one [`verify::SignatureScheme`] per provider; only
 //!   [`verify::Source::authenticate`] makes a delivery that can be claimed.
-//! - [`store`]: the [`store::DeliveryStore`] trait, its sled implementation, group commit.
+//! - [`store`]: the store's roles ([`store::Claims`], [`store::JobQueue`],
+//!   [`store::CallJournal`], [`store::Operations`], [`store::Maintenance`]; a
+//!   [`store::DeliveryStore`] is all five), [`store::open()`], `store copy`, group commit;
+//!   the sled and PostgreSQL backends, a file per role each.
 //! - [`dispatch`]: the worker pool over the durable queue; retries, back-off, dead letters.
 //! - [`retention`]: forgets deliveries older than `storage.retention`.
 //! - [`handlers`]: the [`handlers::Handler`] trait, the registry, the built-ins.

@@ -1,4 +1,10 @@
-//! Durable memory of deliveries: the [`DeliveryStore`] trait and its sled implementation.
+//! Durable memory of deliveries: the store's roles and their two backends.
+//!
+//! The roles: [`Claims`] (ingest), [`JobQueue`] (dispatch), [`CallJournal`] (downstream
+//! calls), [`Operations`] (admin API, console, CLI), [`Maintenance`] (retention, health,
+//! `store copy`); a [`DeliveryStore`] is a store that plays all five. [`open()`] is the one
+//! place a store is opened from the config. sled (embedded, the default) and PostgreSQL
+//! (several replicas) each keep a file per role.
 //!
 //! What is kept per delivery (keyed by `(source, delivery id)`): the [`DeliveryRecord`]
 //! (body fingerprint, received_at, event type, headers, the first response once final), the
@@ -20,6 +26,7 @@
 //! record that survives a power loss.
 
 pub mod copy;
+pub use copy::ExportPosition;
 pub mod group_commit;
 pub mod journal;
 pub mod lease;
@@ -40,8 +47,8 @@ pub use lease::{Lease, TAKE_OVER_GRACE_MS, lease_margin};
 pub use open::{OpenError, OpenedStore, Opening, open};
 pub use postgres::PgStore;
 pub use sled::{
-    BodyLogSettings, ExportPosition, FlushHook, Op, RETRY_BATCH, SledInner, SledOptions, SledStore,
-    StoreProbe, WriteCounts,
+    BodyLogSettings, FlushHook, Op, RETRY_BATCH, SledInner, SledOptions, SledStore, StoreProbe,
+    WriteCounts,
 };
 
 use crate::verify::{AuthenticatedDelivery, Headers};
@@ -90,6 +97,13 @@ impl DeliveryKey {
         k.push(0);
         k.extend_from_slice(self.id.as_bytes());
         k
+    }
+
+    /// Inverse of [`DeliveryKey::encode`].
+    pub fn decode(bytes: &[u8]) -> Option<DeliveryKey> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let (source, id) = text.split_once('\0')?;
+        Some(DeliveryKey::new(source, id))
     }
 
     /// The job of `handler` for this delivery.
@@ -1061,6 +1075,25 @@ pub trait Maintenance: Send + Sync + 'static {
 
     /// Flushes everything to disk (at shutdown).
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// `store copy`: up to `limit` stored items from `from` on, and where the next page
+    /// starts (`None` once everything was read). Each delivery comes with every handler's
+    /// state and its call journal. The store should not be written meanwhile.
+    async fn export_page(
+        &self,
+        from: &ExportPosition,
+        limit: usize,
+    ) -> Result<(Vec<StoredItem>, Option<ExportPosition>), StoreError>;
+
+    /// `store copy`: writes `items` exported from another store; an item whose key is
+    /// already here is left as it is. A pair in an `order_by` line comes in parked (see
+    /// [`Maintenance::finish_import`]); a lease of the old store is dropped (its process has
+    /// stopped). Returns how many items were written.
+    async fn import(&self, items: &[StoredItem], now_ms: u64) -> Result<usize, StoreError>;
+
+    /// `store copy`, once every item is in: gives each `order_by` line that nobody runs its
+    /// first pair to run.
+    async fn finish_import(&self, now_ms: u64) -> Result<(), StoreError>;
 }
 
 #[cfg(test)]

@@ -1320,44 +1320,62 @@ async fn one_replica_sweeps_retention_at_a_time() {
     assert_eq!(store.expire(NOW, 100).await.expect("expire").removed, 1);
 }
 
-/// `store copy` from sled keeps `order_by` lines: a line's waiting pairs arrive waiting,
-/// one pair of each line due, and the line hands on in received order on PostgreSQL.
+/// `store copy` keeps `order_by` lines both ways, sled → PostgreSQL → sled, a page of one
+/// item at a time: a line's waiting pairs arrive waiting, one pair of each line due — the
+/// first *received*, though ids sort the other way and arrive on later pages — and the line
+/// hands on in received order in the target. The call journal goes with its delivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_copy_keeps_order_by_lines() {
+async fn a_store_copy_keeps_order_by_lines_both_ways() {
+    use webhook_inbox::store::copy::copy;
     let Some(server) = crate::helpers::test_postgres_url("store copy of order_by lines") else {
         return;
     };
     let dir = tempfile::TempDir::new().expect("dir");
-    let sled = Arc::new(
-        webhook_inbox::store::SledStore::open(&dir.path().join("data"), Durability::Fsync, 8 << 20)
+    let open_sled = |name: &str| {
+        Arc::new(
+            webhook_inbox::store::SledStore::open(
+                &dir.path().join(name),
+                Durability::Fsync,
+                8 << 20,
+            )
             .expect("sled"),
-    );
-    for (id, at) in [("l1", NOW - 3000), ("l2", NOW - 2000), ("l3", NOW - 1000)] {
+        )
+    };
+    let sled = open_sled("data");
+    // Received l3, l2, l1: the reverse of the key order the copy reads in.
+    for (id, at) in [("l3", NOW - 3000), ("l2", NOW - 2000), ("l1", NOW - 1000)] {
         sled.claim(ordered(id, "L", at)).await.expect("claim");
     }
     let kept = call_record(201, "copied");
-    sled.journal_put(&key("l1").job("h"), "open", &kept)
+    sled.journal_put(&key("l3").job("h"), "open", &kept)
         .await
         .expect("journal");
     let from: Store = sled.clone();
-    assert_eq!(due_ids(&from, u64::MAX / 2).await, ["l1"]);
+    assert_eq!(due_ids(&from, u64::MAX / 2).await, ["l3"]);
     let pg = crate::helpers::postgres_store(&server).await;
-    let report = webhook_inbox::store::copy::sled_to_postgres(&sled, &pg)
-        .await
-        .expect("copy");
-    assert_eq!(report.deliveries, 3);
+    let report = copy(&*sled, &*pg, NOW, 1).await.expect("copy");
+    assert_eq!((report.deliveries, report.written), (3, 3));
+    let back = open_sled("back");
+    let report = copy(&*pg, &*back, NOW, 1).await.expect("copy back");
+    assert_eq!((report.deliveries, report.written), (3, 3));
+    let again = copy(&*pg, &*back, NOW, 1).await.expect("copy again");
+    assert_eq!(again.written, 0, "what is there is left alone");
     let pg: Store = pg;
-    assert_eq!(
-        pg.journal_get(&key("l1").job("h"), "open")
-            .await
-            .expect("get"),
-        Some(kept),
-        "the call journal goes with its delivery"
-    );
-    assert_eq!(due_ids(&pg, u64::MAX / 2).await, ["l1"]);
-    for (id, next) in [("l1", Some("l2")), ("l2", Some("l3")), ("l3", None)] {
-        run_once(&pg, id, AttemptOutcome::Succeeded).await;
-        let due = due_ids(&pg, u64::MAX / 2).await;
-        assert_eq!(due, next.into_iter().collect::<Vec<_>>(), "after {id}");
+    let back: Store = back;
+    for target in [&pg, &back] {
+        assert_eq!(
+            target
+                .journal_get(&key("l3").job("h"), "open")
+                .await
+                .expect("get"),
+            Some(kept.clone()),
+            "the call journal goes with its delivery"
+        );
+        assert_eq!(due_ids(target, u64::MAX / 2).await, ["l3"]);
+        for (id, next) in [("l3", Some("l2")), ("l2", Some("l1")), ("l1", None)] {
+            run_once(target, id, AttemptOutcome::Succeeded).await;
+            let due = due_ids(target, u64::MAX / 2).await;
+            assert_eq!(due, next.into_iter().collect::<Vec<_>>(), "after {id}");
+        }
     }
 }

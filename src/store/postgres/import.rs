@@ -1,18 +1,23 @@
-//! Writing items exported from another store (`store copy`), one transaction per page.
+//! `store copy` on PostgreSQL: writing items exported from another store, one transaction
+//! per page, and reading this one out page by page.
+
+use sqlx::Row as _;
 
 use super::{
-    PgStore, backend, db_ms, insert_delivery, line_key, lock_line, promote_next, status_name,
-    take_fingerprint, to_json,
+    PgStore, backend, db_ms, decode_record, from_json, insert_delivery, line_key, lock_line, ms,
+    promote_next, status_name, take_fingerprint, to_json,
 };
-use crate::store::{JobState, StoreError, StoredItem};
+use crate::store::{
+    CallJournal, DeliveryKey, ExportPosition, JobQueue, JobState, KeptFingerprint, StoreError,
+    StoredItem,
+};
 
 impl PgStore {
     /// Writes `items` in one transaction; an item whose key is already here is left as it
-    /// is. Returns how many were written.
-    pub async fn import(&self, items: &[StoredItem]) -> Result<usize, StoreError> {
+    /// is. Returns how many were written. A pair in an `order_by` line comes in parked.
+    pub(super) async fn import_items(&self, items: &[StoredItem]) -> Result<usize, StoreError> {
         let mut tx = self.begin().await?;
         let mut written = 0;
-        let mut lines = std::collections::BTreeSet::new();
         for item in items {
             match item {
                 StoredItem::Delivery {
@@ -38,14 +43,11 @@ impl PgStore {
                             lease: None,
                         });
                         let has_state = state.updated_ms > 0 || state.attempts > 0;
-                        // A pair in an `order_by` line comes in parked; once the page is
-                        // written, each line's first pair is made due (`promote_next`).
+                        // A pair in an `order_by` line comes in parked; once everything
+                        // is in, each line's first pair is made due (`finish_import`).
                         let line = record.order_keys.get(handler).map(|v| line_key(v));
                         let due = match &line {
-                            Some(line) if !state.is_final() => {
-                                lines.insert((handler.clone(), line.clone()));
-                                None
-                            }
+                            Some(_) if !state.is_final() => None,
                             _ => state.queued_at_ms.map(db_ms),
                         };
                         sqlx::query(
@@ -113,12 +115,127 @@ impl PgStore {
                 }
             }
         }
-        let now = crate::clock::Clock::System.now_ms();
-        for (handler, line) in &lines {
-            lock_line(&mut tx, handler, line).await?;
-            promote_next(&mut tx, handler, line, now).await?;
-        }
         tx.commit().await.map_err(backend)?;
         Ok(written)
+    }
+
+    /// Gives every `order_by` line that nobody runs its first pair to run, a line per
+    /// transaction.
+    pub(super) async fn promote_every_line(&self, now_ms: u64) -> Result<(), StoreError> {
+        let lines: Vec<(String, String)> = sqlx::query_as(
+            "SELECT DISTINCT handler, order_key FROM inbox_jobs \
+             WHERE order_key IS NOT NULL AND status NOT IN ('succeeded', 'dead')",
+        )
+        .fetch_all(self.db()?)
+        .await
+        .map_err(backend)?;
+        for (handler, line) in &lines {
+            let mut tx = self.begin().await?;
+            lock_line(&mut tx, handler, line).await?;
+            promote_next(&mut tx, handler, line, now_ms).await?;
+            tx.commit().await.map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` stored items from `from` on: deliveries in key order with their pairs
+    /// and call journal, then the fingerprints kept past their delivery.
+    pub(super) async fn export_items(
+        &self,
+        from: &ExportPosition,
+        limit: usize,
+    ) -> Result<(Vec<StoredItem>, Option<ExportPosition>), StoreError> {
+        let after = from.after.as_deref().and_then(DeliveryKey::decode);
+        let (after_source, after_id) = match &after {
+            Some(k) => (Some(k.source.as_str()), k.id.as_str()),
+            None => (None, ""),
+        };
+        let mut items = Vec::new();
+        if from.phase == 0 {
+            let rows = sqlx::query(
+                "SELECT source, id, record, body FROM inbox_deliveries \
+                 WHERE $1::text IS NULL OR (source, id) > ($1, $2) \
+                 ORDER BY source, id LIMIT $3",
+            )
+            .bind(after_source)
+            .bind(after_id)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(self.db()?)
+            .await
+            .map_err(backend)?;
+            for row in &rows {
+                let record = decode_record(&row.try_get::<String, _>("record").map_err(backend)?)?;
+                let body: Vec<u8> = row.try_get("body").map_err(backend)?;
+                let key = record.key();
+                let mut jobs = Vec::with_capacity(record.handlers.len());
+                for handler in &record.handlers {
+                    jobs.push((handler.clone(), self.job(&key.job(handler)).await?));
+                }
+                let calls = self.journal_of(&key).await?;
+                items.push(StoredItem::Delivery {
+                    record: Box::new(record),
+                    body: body.into(),
+                    jobs,
+                    calls,
+                });
+            }
+            if rows.len() == limit
+                && let Some(StoredItem::Delivery { record, .. }) = items.last()
+            {
+                let next = ExportPosition {
+                    phase: 0,
+                    after: Some(record.key().encode()),
+                };
+                return Ok((items, Some(next)));
+            }
+            if !items.is_empty() {
+                // The fingerprints start on the next page.
+                let next = ExportPosition {
+                    phase: 1,
+                    after: None,
+                };
+                return Ok((items, Some(next)));
+            }
+            return Box::pin(self.export_items(
+                &ExportPosition {
+                    phase: 1,
+                    after: None,
+                },
+                limit,
+            ))
+            .await;
+        }
+        let rows = sqlx::query(
+            "SELECT source, fingerprint, id, received_at_ms, kept_response FROM inbox_fingerprints \
+             WHERE kept_response IS NOT NULL AND ($1::text IS NULL OR (source, fingerprint) > ($1, $2)) \
+             ORDER BY source, fingerprint LIMIT $3",
+        )
+        .bind(after_source)
+        .bind(after_id)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(self.db()?)
+        .await
+        .map_err(backend)?;
+        let mut last = None;
+        for row in &rows {
+            let source: String = row.try_get("source").map_err(backend)?;
+            let fingerprint: String = row.try_get("fingerprint").map_err(backend)?;
+            let response: String = row.try_get("kept_response").map_err(backend)?;
+            last = Some(DeliveryKey::new(&source, &fingerprint));
+            items.push(StoredItem::Fingerprint {
+                kept: KeptFingerprint {
+                    id: row.try_get("id").map_err(backend)?,
+                    received_at_ms: ms(row.try_get("received_at_ms").map_err(backend)?),
+                    response: from_json(&response)?,
+                },
+                source,
+                fingerprint,
+            });
+        }
+        let next = (rows.len() == limit).then(|| ExportPosition {
+            phase: 1,
+            after: last.map(|k| k.encode()),
+        });
+        Ok((items, next))
     }
 }

@@ -7,7 +7,7 @@ use sqlx::Row as _;
 
 use super::{PgStore, RETENTION_LOCK, backend, db_ms, decode_record, grace, to_json};
 use crate::store::Maintenance;
-use crate::store::{DeliveryRecord, Expired, StoreError};
+use crate::store::{DeliveryRecord, Expired, ExportPosition, StoreError, StoredItem};
 
 #[async_trait]
 impl Maintenance for PgStore {
@@ -158,5 +158,21 @@ impl Maintenance for PgStore {
     async fn flush(&self) -> Result<(), StoreError> {
         // Every acknowledged write was committed; there is nothing to flush.
         Ok(())
+    }
+
+    async fn export_page(
+        &self,
+        from: &ExportPosition,
+        limit: usize,
+    ) -> Result<(Vec<StoredItem>, Option<ExportPosition>), StoreError> {
+        self.export_items(from, limit).await
+    }
+
+    async fn import(&self, items: &[StoredItem], _now_ms: u64) -> Result<usize, StoreError> {
+        self.import_items(items).await
+    }
+
+    async fn finish_import(&self, now_ms: u64) -> Result<(), StoreError> {
+        self.promote_every_line(now_ms).await
     }
 }

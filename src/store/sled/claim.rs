@@ -238,7 +238,7 @@ impl SledInner {
 
     /// A new delivery's value: a body of [`BODY_LOG_MIN`] bytes or more is appended to the
     /// body log first (see [`bodies`]), and the value points at it.
-    fn new_delivery_value(
+    pub(super) fn new_delivery_value(
         &self,
         record: &DeliveryRecord,
         body: &[u8],

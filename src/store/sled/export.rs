@@ -1,17 +1,9 @@
 //! Reading a whole sled store out, page by page, for `store copy` (see
 //! [`crate::store::copy`]).
 
-use super::super::{DeliveryKey, StoreError, StoredItem};
 use super::SledInner;
 use super::encoding::{BodyEntry, backend, decode_delivery_key, split_delivery};
-
-/// Where an export goes on: deliveries first (phase 0), then fingerprints kept past their
-/// delivery (phase 1), each after the key last returned.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ExportPosition {
-    phase: u8,
-    after: Option<Vec<u8>>,
-}
+use crate::store::{DeliveryKey, ExportPosition, StoreError, StoredItem};
 
 impl SledInner {
     /// Up to `limit` stored items from `from` on, and where the next page starts (`None`

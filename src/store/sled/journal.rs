@@ -63,7 +63,7 @@ impl CallJournal for SledStore {
     }
 }
 
-fn journal_key(job: &JobKey, step: &str) -> Vec<u8> {
+pub(super) fn journal_key(job: &JobKey, step: &str) -> Vec<u8> {
     let mut key = journal_prefix(&job.encode());
     key.extend_from_slice(step.as_bytes());
     key

@@ -90,11 +90,10 @@ mod counted;
 mod disk;
 mod encoding;
 mod export;
+mod import;
 mod listing;
 mod order;
 mod starts;
-
-pub use export::ExportPosition;
 
 use bodies::BodyLog;
 use counted::CountedTree;

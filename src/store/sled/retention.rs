@@ -10,7 +10,8 @@ use super::order::line_entry;
 use super::{Op, SledInner, SledStore, journal_prefix};
 use crate::config::Durability;
 use crate::store::{
-    DeliveryKey, DeliveryRecord, Expired, KeptFingerprint, Maintenance, StoreError,
+    DeliveryKey, DeliveryRecord, Expired, ExportPosition, KeptFingerprint, Maintenance, StoreError,
+    StoredItem,
 };
 
 #[async_trait]
@@ -141,6 +142,22 @@ impl Maintenance for SledStore {
         self.advance_watermark(crate::clock::Clock::System.now_ms())?;
         self.close_starts()?;
         self.commit.wait().await
+    }
+
+    async fn export_page(
+        &self,
+        from: &ExportPosition,
+        limit: usize,
+    ) -> Result<(Vec<StoredItem>, Option<ExportPosition>), StoreError> {
+        SledInner::export_page(self, from, limit)
+    }
+
+    async fn import(&self, items: &[StoredItem], _now_ms: u64) -> Result<usize, StoreError> {
+        self.import_items(items)
+    }
+
+    async fn finish_import(&self, now_ms: u64) -> Result<(), StoreError> {
+        self.repair_lines(true, now_ms, &mut Vec::new())
     }
 }
 
