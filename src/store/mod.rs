@@ -33,6 +33,7 @@ pub mod lease;
 mod open;
 pub mod postgres;
 mod sled;
+pub mod transitions;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -287,6 +288,19 @@ pub struct JobState {
 }
 
 impl JobState {
+    /// A pair that has not run: pending, no attempt, not queued.
+    pub fn pending() -> JobState {
+        JobState {
+            status: JobStatus::Pending,
+            attempts: 0,
+            last_error: None,
+            queued_at_ms: None,
+            updated_ms: 0,
+            retry_base: 0,
+            lease: None,
+        }
+    }
+
     /// Succeeded or dead: never runs again unless an operator retries it.
     pub fn is_final(&self) -> bool {
         matches!(self.status, JobStatus::Succeeded | JobStatus::Dead)

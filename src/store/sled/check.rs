@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::super::{CheckReport, DeliveryRecord, JobKey, JobState, JobStatus, StoreError};
 use super::encoding::{
-    StoredBody, backend, decode_delivery_key, decode_record, job_queue_key, pending_job, queue_key,
+    StoredBody, backend, decode_delivery_key, decode_record, job_queue_key, queue_key,
     split_delivery, split_job_queue_key, split_time_key,
 };
 use super::{Op, SledInner};
@@ -107,7 +107,7 @@ impl SledInner {
                             self.enter_line(Op::Retry, record, handler, &mut s, now_ms)?;
                         }
                         None if !self.has_way_to_run(record, &jk, None, now_ms)? => {
-                            let mut s = pending_job();
+                            let mut s = JobState::pending();
                             s.updated_ms = now_ms;
                             self.enter_line(Op::Retry, record, handler, &mut s, now_ms)?;
                         }
@@ -134,7 +134,7 @@ impl SledInner {
                 "{job}: {what} with nothing queued to run it (invariants 1, 2)"
             ));
             if repair {
-                let mut s = state.unwrap_or_else(pending_job);
+                let mut s = state.unwrap_or_else(JobState::pending);
                 if s.status == JobStatus::Running {
                     // Interrupted by a crash: it runs again with attempt + 1.
                     s.status = JobStatus::Failed;

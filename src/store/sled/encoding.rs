@@ -1,7 +1,7 @@
 //! How sled holds a delivery: key layouts (big-endian times first, so key order is time
 //! order), the delivery value (record JSON, then the raw body), and the body index entry.
 
-use super::super::{DeliveryKey, DeliveryRecord, JobState, JobStatus, KeptFingerprint, StoreError};
+use super::super::{DeliveryKey, DeliveryRecord, KeptFingerprint, StoreError};
 use super::bodies::BodyRef;
 
 pub(super) fn backend(e: sled::Error) -> StoreError {
@@ -143,18 +143,6 @@ pub(super) fn decode_order_keys(
     Ok(serde_json::from_slice::<OrderKeys>(meta)
         .map_err(corrupt)?
         .order_keys)
-}
-
-pub(super) fn pending_job() -> JobState {
-    JobState {
-        status: JobStatus::Pending,
-        attempts: 0,
-        last_error: None,
-        queued_at_ms: None,
-        updated_ms: 0,
-        retry_base: 0,
-        lease: None,
-    }
 }
 
 pub(super) fn body_index_key(source: &str, fingerprint: &str) -> Vec<u8> {

@@ -653,14 +653,28 @@ impl SledInner {
         due_ms: u64,
     ) -> Result<(), StoreError> {
         let old = state.queued_at_ms.replace(due_ms);
+        self.move_entry(op, job_key, state, old, due_ms)
+    }
+
+    /// Writes `state` (whose entry is due at `to`) with its queue entry moved from `from`:
+    /// the new entry, then the state that names it, then removal of the old one (a crash in
+    /// between leaves an extra entry: at most one more run, with the same key).
+    fn move_entry(
+        &self,
+        op: Op,
+        job_key: &[u8],
+        state: &JobState,
+        from: Option<u64>,
+        to: u64,
+    ) -> Result<(), StoreError> {
         self.queue
-            .insert(job_queue_key(due_ms, job_key), &[])
+            .insert(job_queue_key(to, job_key), &[])
             .map_err(backend)?;
         self.step(op, "after-new-queue-entry");
         self.write_job(job_key, state)?;
         self.step(op, "after-job-state");
-        if let Some(old) = old
-            && old != due_ms
+        if let Some(old) = from
+            && old != to
         {
             self.queue
                 .remove(job_queue_key(old, job_key))

@@ -6,13 +6,13 @@ use std::collections::HashSet;
 use async_trait::async_trait;
 
 use super::encoding::{
-    backend, decode_delivery_key, handler_queue_prefix, pending_job, split_job_queue_key,
-    split_time_key,
+    backend, decode_delivery_key, handler_queue_prefix, split_job_queue_key, split_time_key,
 };
 use super::listing::{LIST_SCAN_LIMIT, cursor_before};
 use super::order::line_locks;
 use super::{Op, PAUSED, RETRY_BATCH, SledInner, SledStore};
 use crate::config::Durability;
+use crate::store::transitions::{self, Retry, RetryContext};
 use crate::store::{
     Binding, Cursor, DeliveryKey, DeliveryRecord, DeliveryStatus, JobKey, JobState, JobStatus,
     Operations, Page, Received, RetryFilter, StoreError,
@@ -339,57 +339,46 @@ impl SledInner {
             return Ok(false);
         }
         let jk = record.key().job(handler).encode();
-        let mut state = match self.read_job(&jk)? {
-            Some(s) if s.status == JobStatus::Succeeded => return Ok(false),
-            Some(s)
-                if s.status == JobStatus::Running
-                    && s.lease
-                        .is_some_and(|l| l.owner == self.instance && l.blocks_at(now_ms)) =>
-            {
-                return Ok(false);
-            }
-            Some(s) => s,
-            None => {
-                let mut s = pending_job();
-                // Its first entry, if there is one, is replaced by one due now.
-                if record.response.is_some() && record.alias_of.is_none() {
-                    s.queued_at_ms = Some(record.received_at_ms);
-                }
-                s
-            }
-        };
-        if only.is_some_and(|wanted| wanted != state.status) {
-            return Ok(false);
-        }
+        let stored = self.read_job(&jk)?;
+        let lease_is_live = stored
+            .as_ref()
+            .and_then(|s| s.lease)
+            .is_some_and(|l| l.owner == self.instance && l.blocks_at(now_ms));
         let ordered = record.order_keys.contains_key(handler);
-        let was_dead = state.status == JobStatus::Dead;
-        if ordered
-            && !was_dead
-            && self.in_line(record, handler)?
-            && !self.has_way_to_run(record, &jk, Some(&state), now_ms)?
-        {
-            // Parked: it runs in its turn; a retry must not let it overtake.
-            return Ok(false);
+        let queued_on_arrival = (record.response.is_some() && record.alias_of.is_none())
+            .then_some(record.received_at_ms);
+        // Parked: in its line with no way to run (a pair that never ran is looked at as its
+        // claim queued it).
+        let parked = ordered && self.in_line(record, handler)? && {
+            let as_queued = stored.clone().unwrap_or(JobState {
+                queued_at_ms: queued_on_arrival,
+                ..JobState::pending()
+            });
+            !self.has_way_to_run(record, &jk, Some(&as_queued), now_ms)?
+        };
+        let context = RetryContext {
+            lease_is_live,
+            only,
+            ordered,
+            parked,
+            queued_on_arrival,
+        };
+        match transitions::operator_retry(stored, context, now_ms) {
+            Retry::Untouched => Ok(false),
+            Retry::DueNow { mut state, revived } => {
+                if revived {
+                    self.dead.remove(jk.as_slice()).map_err(backend)?;
+                }
+                self.requeue(Op::Retry, &jk, &mut state, now_ms)?;
+                Ok(true)
+            }
+            Retry::BackInLine { mut state } => {
+                self.dead.remove(jk.as_slice()).map_err(backend)?;
+                // Now if nobody is in its line, else in turn.
+                self.enter_line(Op::Retry, record, handler, &mut state, now_ms)?;
+                Ok(true)
+            }
         }
-        if matches!(state.status, JobStatus::Dead | JobStatus::Failed) {
-            // A fresh `max_attempts` from here.
-            state.retry_base = state.attempts;
-        }
-        if state.status == JobStatus::Dead {
-            self.dead.remove(jk.as_slice()).map_err(backend)?;
-        }
-        if state.status != JobStatus::Pending {
-            state.status = JobStatus::Failed;
-        }
-        state.lease = None;
-        state.updated_ms = now_ms;
-        if ordered && was_dead {
-            // A dead pair goes back in its line: now if nobody is in it, else in turn.
-            self.enter_line(Op::Retry, record, handler, &mut state, now_ms)?;
-            return Ok(true);
-        }
-        self.requeue(Op::Retry, &jk, &mut state, now_ms)?;
-        Ok(true)
     }
 
     /// The lock keys of an operation on a delivery that may change its `order_by` lines:

@@ -5,10 +5,11 @@ use std::collections::HashSet;
 
 use async_trait::async_trait;
 
-use super::encoding::{backend, decode_order_keys, job_queue_key, pending_job};
+use super::encoding::{backend, decode_order_keys, job_queue_key};
 use super::{Op, PAUSED, SledInner, SledStore, order, starts};
 use crate::config::Durability;
 use crate::store::JobQueue;
+use crate::store::transitions::{self, QueueChange, Start};
 use crate::store::{
     AttemptContext, AttemptOutcome, Begin, JobKey, JobState, JobStatus, Lease, QueuedJob, SkipSet,
     StoreError,
@@ -139,49 +140,38 @@ impl JobQueue for SledStore {
                         Err(_) => 0,
                     },
                 );
-                let mut state = read.unwrap_or_else(pending_job);
-                if state.is_final() {
-                    self.drop_stale(queued_due, &job_key)?;
-                    return Ok((Begin::Skipped, false));
-                }
                 // A lease of another instance belongs to a process that died (sled is opened
                 // by one process at a time); one of this process is taken over only once past
                 // its end and the grace (invariant 6).
-                if state.status == JobStatus::Running
-                    && let Some(lease) = state.lease
-                    && lease.owner == self.instance
-                    && lease.blocks_at(now_ms)
-                {
-                    return Ok((
-                        Begin::Busy {
-                            until_ms: lease.taken_over_from(),
-                        },
-                        false,
-                    ));
-                }
+                let lease_is_live = read
+                    .as_ref()
+                    .and_then(|s| s.lease)
+                    .is_some_and(|lease| lease.owner == self.instance && lease.blocks_at(now_ms));
                 // A pause recorded before this check holds, whatever the caller read earlier.
-                if self
+                let paused = self
                     .meta
                     .contains_key([PAUSED, job.handler.as_bytes()].concat())
-                    .map_err(backend)?
-                {
-                    return Ok((
-                        Begin::Busy {
-                            until_ms: now_ms + crate::store::PAUSED_RETRY_MS,
-                        },
-                        false,
-                    ));
-                }
-                state.status = JobStatus::Running;
-                state.attempts = attempts_so_far + 1;
-                state.updated_ms = now_ms;
-                state.lease = Some(Lease {
+                    .map_err(backend)?;
+                let lease = Lease {
                     owner: self.instance,
                     until_ms: lease_until_ms,
-                });
-                if queued_due.is_some() {
-                    state.queued_at_ms = queued_due;
-                }
+                };
+                let state = match transitions::start(
+                    read,
+                    attempts_so_far,
+                    lease_is_live,
+                    paused,
+                    lease,
+                    queued_due,
+                    now_ms,
+                ) {
+                    Start::Skip => {
+                        self.drop_stale(queued_due, &job_key)?;
+                        return Ok((Begin::Skipped, false));
+                    }
+                    Start::Busy { until_ms } => return Ok((Begin::Busy { until_ms }, false)),
+                    Start::Run(state) => state,
+                };
                 // Kept in memory, not written: the run's outcome is its one write. Only the
                 // starts before the mark `open` is known durable wait for the disk.
                 let mark = self.starts.start(&self.meta, &job_key, state.clone())?;
@@ -274,36 +264,21 @@ impl JobQueue for SledStore {
         // The outcome is not waited for (see `locked_write_unsynced`): half the disk waits of
         // a run.
         self.locked_write_unsynced(Op::FinishAttempt, &lock_keys, || {
-            let Some(mut state) = self.read_job(&job_key)? else {
+            let Some(finish) =
+                transitions::finish(self.read_job(&job_key)?.as_ref(), attempt, &outcome, now_ms)
+            else {
                 return Ok(((), false));
             };
-            if state.status == JobStatus::Succeeded {
-                return Ok(((), false));
+            if finish.dead_letter {
+                self.dead.insert(job_key.as_slice(), &[]).map_err(backend)?;
+                self.step(Op::FinishAttempt, "after-dead-letter");
             }
-            let current = state.attempts == attempt;
-            if !current && outcome != AttemptOutcome::Succeeded {
-                // A superseded run's failure: the current run decides.
-                return Ok(((), false));
-            }
-            state.updated_ms = now_ms;
-            if current {
-                state.lease = None;
-            }
-            match &outcome {
-                AttemptOutcome::Succeeded | AttemptOutcome::Dead { .. } => {
-                    if let AttemptOutcome::Dead { error } = &outcome {
-                        self.dead.insert(job_key.as_slice(), &[]).map_err(backend)?;
-                        self.step(Op::FinishAttempt, "after-dead-letter");
-                        state.status = JobStatus::Dead;
-                        state.last_error = Some(error.clone());
-                    } else {
-                        state.status = JobStatus::Succeeded;
-                    }
-                    state.lease = None;
-                    let old = state.queued_at_ms.take();
-                    self.write_job(&job_key, &state)?;
+            match finish.queue {
+                QueueChange::Remove(old) => {
+                    self.write_job(&job_key, &finish.state)?;
                     self.step(Op::FinishAttempt, "after-job-state");
-                    if line.is_some()
+                    if finish.hands_on
+                        && line.is_some()
                         && let Some(record) = self.read_record(&dk)?
                     {
                         self.leave_line(Op::FinishAttempt, &record, &job.handler, now_ms)?;
@@ -311,18 +286,12 @@ impl JobQueue for SledStore {
                     // The way in goes last, once the outcome that makes it unneeded is written.
                     self.drop_stale(old, &job_key)?;
                 }
-                AttemptOutcome::RetryAt { due_ms, error } => {
-                    state.status = JobStatus::Failed;
-                    state.last_error = Some(error.clone());
-                    self.requeue(Op::FinishAttempt, &job_key, &mut state, *due_ms)?;
+                QueueChange::Move { from, to } => {
+                    self.move_entry(Op::FinishAttempt, &job_key, &finish.state, from, to)?;
                 }
-                AttemptOutcome::Failed { error } => {
-                    // Processed mode: the sender's retry runs it again. A queue entry an
-                    // operator retry added stays, and runs it in the background.
-                    state.status = JobStatus::Failed;
-                    state.last_error = Some(error.clone());
-                    self.write_job(&job_key, &state)?;
-                }
+                // Processed mode: the sender's retry runs it again. A queue entry an operator
+                // retry added stays, and runs it in the background.
+                QueueChange::Keep => self.write_job(&job_key, &finish.state)?,
             }
             Ok(((), true))
         })
