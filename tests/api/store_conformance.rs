@@ -7,6 +7,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use sqlx::Connection as _;
+
 use bytes::Bytes;
 use webhook_inbox::config::{Config, Durability};
 use webhook_inbox::store::{
@@ -1378,4 +1380,162 @@ async fn a_store_copy_keeps_order_by_lines_both_ways() {
             assert_eq!(due, next.into_iter().collect::<Vec<_>>(), "after {id}");
         }
     }
+}
+
+/// PostgreSQL records the end of a run in one statement per outcome, where sled applies
+/// [`webhook_inbox::store::transitions::finish`]: on random states of a started pair and
+/// random outcomes of current and superseded attempts, the statement leaves the row as the
+/// module says (or untouched where it says nothing changes).
+#[test]
+fn postgres_s_end_of_run_statements_agree_with_the_transitions_module() {
+    use proptest::prelude::*;
+    use webhook_inbox::store::transitions;
+    let Some(server) = crate::helpers::test_postgres_url("store: finish statements") else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (url, pg) = runtime.block_on(async {
+        let url = crate::helpers::fresh_postgres_schema(&server).await;
+        let pg = crate::helpers::postgres_store_at(&url).await;
+        pg.claim(new("fin", "{}", &["h"], false))
+            .await
+            .expect("claim");
+        (url, pg)
+    });
+    let job = key("fin").job("h");
+    let statuses = [
+        JobStatus::Running,
+        JobStatus::Failed,
+        JobStatus::Succeeded,
+        JobStatus::Dead,
+    ];
+    let outcomes = prop_oneof![
+        Just(AttemptOutcome::Succeeded),
+        Just(AttemptOutcome::Dead {
+            error: "dead".into()
+        }),
+        Just(AttemptOutcome::RetryAt {
+            due_ms: NOW + 700,
+            error: "again".into()
+        }),
+        Just(AttemptOutcome::Failed {
+            error: "processed".into()
+        }),
+    ];
+    let config = ProptestConfig {
+        cases: 48,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(
+        status in prop::sample::select(statuses.to_vec()),
+        attempts in 1u32..4,
+        attempt in 1u32..4,
+        queued in any::<bool>(),
+        outcome in outcomes,
+    )| {
+        runtime.block_on(async {
+            let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
+            let leased = status == JobStatus::Running;
+            sqlx::query(
+                "UPDATE inbox_jobs SET status = $1, attempts = $2, retry_base = 0, \
+                    last_error = 'before', due_ms = $3, updated_ms = $4, \
+                    lease_owner = $5, lease_until_ms = $6 WHERE id = 'fin'",
+            )
+            .bind(format!("{status:?}").to_lowercase())
+            .bind(attempts as i32)
+            .bind(queued.then_some((NOW - 50) as i64))
+            .bind((NOW - 50) as i64)
+            .bind(leased.then_some(9_i64))
+            .bind(leased.then_some((NOW + 30_000) as i64))
+            .execute(&mut db)
+            .await
+            .expect("set the state");
+            let before = pg.job(&job).await.expect("read").expect("a state");
+            pg.finish_attempt(&job, attempt, outcome.clone(), NOW)
+                .await
+                .expect("finish");
+            let after = pg.job(&job).await.expect("read").expect("a state");
+            let expected = transitions::finish(Some(&before), attempt, &outcome, NOW)
+                .map_or(before.clone(), |f| f.state);
+            assert_eq!(after, expected, "from {before:?}, attempt {attempt}, {outcome:?}");
+        });
+    });
+}
+
+/// The same for an operator retry: PostgreSQL's retry statement against
+/// [`webhook_inbox::store::transitions::operator_retry`], over every status, live and
+/// lapsed leases, queued or not (outside any `order_by` line).
+#[test]
+fn postgres_s_retry_statement_agrees_with_the_transitions_module() {
+    use proptest::prelude::*;
+    use webhook_inbox::store::transitions::{self, Retry, RetryContext};
+    use webhook_inbox::store::{JobState, Operations as _, TAKE_OVER_GRACE_MS};
+    let Some(server) = crate::helpers::test_postgres_url("store: retry statement") else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (url, pg) = runtime.block_on(async {
+        let url = crate::helpers::fresh_postgres_schema(&server).await;
+        let pg = crate::helpers::postgres_store_at(&url).await;
+        pg.claim(new("again", "{}", &["h"], false))
+            .await
+            .expect("claim");
+        (url, pg)
+    });
+    let statuses = [
+        JobStatus::Pending,
+        JobStatus::Running,
+        JobStatus::Failed,
+        JobStatus::Succeeded,
+        JobStatus::Dead,
+    ];
+    let config = ProptestConfig {
+        cases: 48,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(
+        status in prop::sample::select(statuses.to_vec()),
+        attempts in 0u32..4,
+        queued in any::<bool>(),
+        live in any::<bool>(),
+    )| {
+        runtime.block_on(async {
+            let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
+            let leased = status == JobStatus::Running;
+            let until = if live { NOW + 30_000 } else { NOW - TAKE_OVER_GRACE_MS - 1 };
+            sqlx::query(
+                "UPDATE inbox_jobs SET status = $1, attempts = $2, retry_base = 0, \
+                    last_error = NULL, due_ms = $3, updated_ms = $4, \
+                    lease_owner = $5, lease_until_ms = $6 WHERE id = 'again'",
+            )
+            .bind(format!("{status:?}").to_lowercase())
+            .bind(attempts as i32)
+            .bind(queued.then_some((NOW - 50) as i64))
+            .bind((NOW - 50) as i64)
+            .bind(leased.then_some(9_i64))
+            .bind(leased.then_some(until as i64))
+            .execute(&mut db)
+            .await
+            .expect("set the state");
+            let job = key("again").job("h");
+            let before = pg.job(&job).await.expect("read").expect("a state");
+            pg.retry(&key("again"), NOW).await.expect("retry");
+            let after = pg.job(&job).await.expect("read").expect("a state");
+            let context = RetryContext {
+                lease_is_live: before.lease.is_some_and(|l| l.blocks_at(NOW)),
+                only: None,
+                ordered: false,
+                parked: false,
+                queued_on_arrival: None,
+            };
+            let expected = match transitions::operator_retry(Some(before.clone()), context, NOW) {
+                Retry::Untouched => before.clone(),
+                Retry::DueNow { state, .. } | Retry::BackInLine { state } => JobState {
+                    queued_at_ms: Some(NOW),
+                    ..state
+                },
+            };
+            assert_eq!(after, expected, "from {before:?}");
+        });
+    });
 }
