@@ -42,7 +42,12 @@ use crate::domain::Headers;
 /// assert_eq!(json["data"]["application_id"], "app_1");
 /// assert_eq!(d.headers.get("Content-Type"), Some("application/json"));
 /// ```
+///
+/// `#[non_exhaustive]`: a plugin reads these fields, and gets one from
+/// [`crate::testing::delivery`] in its tests, so that later fields (trace context, sink
+/// metadata) do not break it.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Delivery {
     /// Source name.
     pub source: String,
@@ -78,7 +83,11 @@ impl Delivery {
 /// assert_eq!(ctx.idempotency_key.len(), 64);
 /// assert!(!ctx.shutdown.is_cancelled());
 /// ```
+///
+/// `#[non_exhaustive]` for the same reason as [`Delivery`]: plugins make one with
+/// [`crate::testing::context`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct HandlerContext {
     /// Deterministic per (source, delivery, handler), at most 64 characters: send it as
     /// `Idempotency-Key` to anything you call.
