@@ -1,7 +1,8 @@
 //! The crate's imports point one way: from the layers near the network and the command
 //! line down to the shared types, never back. This test reads `src/` and fails on any
 //! `crate::…` reference that runs against the order below (test modules excepted), and on
-//! a top-level module the table does not place.
+//! a top-level module the table does not place. Inside the store, each backend keeps to
+//! itself and only `store/open.rs` opens a store from the config.
 //!
 //! The order, lowest first (a module may use any module of a lower layer):
 //! ```text
@@ -186,4 +187,64 @@ fn a_store_that_imports_the_routes_is_caught() {
     let found = violations(&files);
     assert_eq!(found.len(), 1, "{found:?}");
     assert!(found[0].contains("crate::routes"), "{found:?}");
+}
+
+/// Inside the store: each backend keeps its storage details to itself (sled's files never
+/// name PostgreSQL's and the reverse), and a store is opened from the config in one place,
+/// `store/open.rs` — no other file of the crate calls a backend's constructor.
+fn store_violations(files: &[(String, String, String)]) -> Vec<String> {
+    let mut found = Vec::new();
+    for (_, path, text) in files {
+        let path_in = |dir: &str| {
+            path.replace('\\', "/")
+                .contains(&format!("src/store/{dir}/"))
+        };
+        let code = code(text);
+        for (dir, other) in [("sled", "postgres"), ("postgres", "sled")] {
+            if path_in(dir) && code.contains(&format!("{other}::")) {
+                found.push(format!("{path}: the {dir} backend names the {other} one"));
+            }
+        }
+        let opener = path.replace('\\', "/").ends_with("src/store/open.rs")
+            || path_in("sled")
+            || path_in("postgres");
+        for constructor in [
+            "SledStore::open",
+            "PgStore::from_config",
+            "PgStore::connect",
+        ] {
+            if !opener && code.contains(constructor) {
+                found.push(format!(
+                    "{path}: calls {constructor} (stores are opened by store::open)"
+                ));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn backends_keep_to_themselves_and_stores_are_opened_in_one_place() {
+    let mut files = Vec::new();
+    sources(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        None,
+        &mut files,
+    );
+    let found = store_violations(&files);
+    assert!(found.is_empty(), "{}", found.join("\n"));
+    // The check catches both.
+    let planted = vec![
+        (
+            "store".to_owned(),
+            "src/store/sled/queue.rs".to_owned(),
+            "use crate::store::postgres::PgStore;\n".to_owned(),
+        ),
+        (
+            "export".to_owned(),
+            "src/export.rs".to_owned(),
+            "let s = SledStore::open(path, d, 1);\n".to_owned(),
+        ),
+    ];
+    assert_eq!(store_violations(&planted).len(), 2);
 }
