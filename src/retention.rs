@@ -30,10 +30,11 @@ pub async fn sweep_once(
     retention: Duration,
     clock: &Clock,
 ) -> Result<usize, crate::store::StoreError> {
-    let cutoff = clock.now_ms().saturating_sub(retention.as_millis() as u64);
+    let now = clock.now_ms();
+    let cutoff = now.saturating_sub(retention.as_millis() as u64);
     let mut removed = 0;
     loop {
-        let pass = store.expire(cutoff, BATCH).await?;
+        let pass = store.expire(now, cutoff, BATCH).await?;
         removed += pass.removed;
         if pass.examined < BATCH {
             return Ok(removed);

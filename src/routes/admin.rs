@@ -431,7 +431,11 @@ pub(crate) async fn handler_views(
     state: &AppState,
     only: Option<&str>,
 ) -> Result<Vec<HandlerStatusView>, ApiError> {
-    let stats = state.store.handler_stats().await.map_err(storage)?;
+    let stats = state
+        .store
+        .handler_stats(state.clock.now_ms())
+        .await
+        .map_err(storage)?;
     let paused = state.store.paused_handlers().await.map_err(storage)?;
     Ok(state
         .ingest

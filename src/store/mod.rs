@@ -1041,7 +1041,9 @@ pub trait Operations: Send + Sync + 'static {
 
     /// Per handler with anything queued, running, failed or dead: those counts and the
     /// latest error.
-    async fn handler_stats(&self) -> Result<HashMap<String, HandlerStats>, StoreError>;
+    /// `now_ms`: the time the counts are taken at (a pair's lease is judged against it).
+    async fn handler_stats(&self, now_ms: u64)
+    -> Result<HashMap<String, HandlerStats>, StoreError>;
 
     /// Pauses or resumes a handler, durably (a pause survives restarts).
     async fn set_paused(&self, handler: &str, paused: bool, now_ms: u64) -> Result<(), StoreError>;
@@ -1078,7 +1080,13 @@ pub trait Maintenance: Send + Sync + 'static {
     /// and queue entries, oldest first. A delivery with a handler still due or running is
     /// kept until that handler is final (invariant 2); the sweep moves past it and comes
     /// back to it on a later pass.
-    async fn expire(&self, cutoff_ms: u64, limit: usize) -> Result<Expired, StoreError>;
+    /// `now_ms` is the time of the sweep (a lease is judged live against it).
+    async fn expire(
+        &self,
+        now_ms: u64,
+        cutoff_ms: u64,
+        limit: usize,
+    ) -> Result<Expired, StoreError>;
 
     /// Forgets up to `limit` body fingerprints kept past their delivery (body dedup) whose
     /// delivery was received before `cutoff_ms`. Returns how many were looked at.

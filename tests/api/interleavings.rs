@@ -269,7 +269,14 @@ async fn dispatch_pass(w: &World, end: RunEnd) -> usize {
 }
 
 async fn sweep(w: &World) {
-    while w.store.expire(NOW + 1, 2).await.expect("expire").examined == 2 {}
+    while w
+        .store
+        .expire(NOW + 1, NOW + 1, 2)
+        .await
+        .expect("expire")
+        .examined
+        == 2
+    {}
 }
 
 /// A backfill of handler `c` (configured later: no claim binds it) over every stored

@@ -353,7 +353,7 @@ async fn retention_keeps_what_is_due_and_forgets_what_is_final(store: Store) {
         .claim(new("e2", r#"{"n":2}"#, &["h"], false))
         .await
         .expect("claim");
-    let expired = store.expire(NOW, 100).await.expect("expire");
+    let expired = store.expire(NOW, NOW, 100).await.expect("expire");
     assert_eq!((expired.removed, expired.kept), (1, 1));
     assert!(store.record(&key("e1")).await.expect("read").is_none());
     assert!(store.record(&key("e2")).await.expect("read").is_some());
@@ -442,7 +442,10 @@ async fn the_call_journal_keeps_the_first_answer_and_goes_with_its_delivery(stor
     for _ in 0..2 {
         run_once(&store, "j1", AttemptOutcome::Succeeded).await;
     }
-    assert_eq!(store.expire(NOW, 100).await.expect("expire").removed, 1);
+    assert_eq!(
+        store.expire(NOW, NOW, 100).await.expect("expire").removed,
+        1
+    );
     assert!(store.journal_of(&key("j1")).await.expect("list").is_empty());
     assert_eq!(store.journal_get(&job, "open").await.expect("get"), None);
 }
@@ -452,7 +455,10 @@ async fn a_forgotten_body_is_still_a_replay_by_its_fingerprint(store: Store) {
         .claim(new("f1", r#"{"fp":1}"#, &[], true))
         .await
         .expect("claim");
-    assert_eq!(store.expire(NOW, 100).await.expect("expire").removed, 1);
+    assert_eq!(
+        store.expire(NOW, NOW, 100).await.expect("expire").removed,
+        1
+    );
     match store
         .claim(new("f1", r#"{"fp":1}"#, &[], true))
         .await
@@ -469,7 +475,7 @@ async fn a_forgotten_body_is_still_a_replay_by_its_fingerprint(store: Store) {
     ));
     // Past the fingerprint retention too, the body is new again.
     store.expire_fingerprints(NOW, 100).await.expect("expire");
-    store.expire(NOW, 100).await.expect("expire");
+    store.expire(NOW, NOW, 100).await.expect("expire");
     assert!(matches!(
         store
             .claim(new("f3", r#"{"fp":1}"#, &[], true))
@@ -804,7 +810,7 @@ async fn an_ordered_line_runs_one_pair_at_a_time_in_received_order(store: Store)
     // Only the first of each line (and the unordered one) is queued: the others wait
     // without a queue entry.
     assert_eq!(due_ids(&store, NOW).await, ["o1", "p1", "u1"]);
-    let stats = store.handler_stats().await.expect("stats")["h"].clone();
+    let stats = store.handler_stats(NOW).await.expect("stats")["h"].clone();
     assert_eq!((stats.queued, stats.waiting), (3, 2), "{stats:?}");
     // A failure keeps the line: o2 waits for o1's retry.
     let retry_at = NOW + 60_000;
@@ -829,7 +835,11 @@ async fn an_ordered_line_runs_one_pair_at_a_time_in_received_order(store: Store)
     assert_eq!(due_ids(&store, u64::MAX / 2).await, ["o1", "p1", "u1"]);
     // Retention keeps what waits in line.
     assert_eq!(
-        store.expire(NOW + 10, 100).await.expect("expire").removed,
+        store
+            .expire(NOW + 10, NOW + 10, 100)
+            .await
+            .expect("expire")
+            .removed,
         0,
         "everything here still runs"
     );
@@ -1260,14 +1270,17 @@ async fn one_replica_sweeps_retention_at_a_time() {
         .await
         .expect("lock");
     assert!(held);
-    let pass = store.expire(NOW, 100).await.expect("expire");
+    let pass = store.expire(NOW, NOW, 100).await.expect("expire");
     assert_eq!(
         (pass.removed, pass.examined),
         (0, 0),
         "another replica sweeps"
     );
     sweeping.rollback().await.expect("release");
-    assert_eq!(store.expire(NOW, 100).await.expect("expire").removed, 1);
+    assert_eq!(
+        store.expire(NOW, NOW, 100).await.expect("expire").removed,
+        1
+    );
 }
 
 /// `store copy` keeps `order_by` lines both ways, sled → PostgreSQL → sled, a page of one

@@ -212,6 +212,7 @@ impl Operations for PgStore {
 
     async fn handler_stats(
         &self,
+        _now_ms: u64,
     ) -> Result<HashMap<String, crate::store::HandlerStats>, StoreError> {
         let rows = sqlx::query(
             "SELECT handler, \

@@ -11,8 +11,13 @@ use crate::store::{DeliveryRecord, Expired, ExportPosition, StoreError, StoredIt
 
 #[async_trait]
 impl Maintenance for PgStore {
-    async fn expire(&self, cutoff_ms: u64, limit: usize) -> Result<Expired, StoreError> {
-        let now = db_ms(crate::clock::Clock::System.now_ms().max(cutoff_ms));
+    async fn expire(
+        &self,
+        now_ms: u64,
+        cutoff_ms: u64,
+        limit: usize,
+    ) -> Result<Expired, StoreError> {
+        let now = db_ms(now_ms.max(cutoff_ms));
         let mut tx = self.begin().await?;
         let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
             .bind(RETENTION_LOCK)

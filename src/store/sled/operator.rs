@@ -132,6 +132,7 @@ impl Operations for SledStore {
 
     async fn handler_stats(
         &self,
+        now_ms: u64,
     ) -> Result<std::collections::HashMap<String, crate::store::HandlerStats>, StoreError> {
         let mut stats: std::collections::HashMap<String, crate::store::HandlerStats> =
             Default::default();
@@ -178,7 +179,7 @@ impl Operations for SledStore {
                 note(&job, &state, stats.entry(job.handler.clone()).or_default());
             }
         }
-        for (handler, waiting) in self.waiting_in_lines(crate::clock::Clock::System.now_ms())? {
+        for (handler, waiting) in self.waiting_in_lines(now_ms)? {
             stats.entry(handler).or_default().waiting = waiting;
         }
         Ok(stats)

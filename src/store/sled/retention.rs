@@ -16,8 +16,13 @@ use crate::store::{
 
 #[async_trait]
 impl Maintenance for SledStore {
-    async fn expire(&self, cutoff_ms: u64, limit: usize) -> Result<Expired, StoreError> {
-        let now_ms = crate::clock::Clock::System.now_ms().max(cutoff_ms);
+    async fn expire(
+        &self,
+        now_ms: u64,
+        cutoff_ms: u64,
+        limit: usize,
+    ) -> Result<Expired, StoreError> {
+        let now_ms = now_ms.max(cutoff_ms);
         let from = self
             .sweep_from
             .lock()
