@@ -235,6 +235,29 @@ impl DeliveryRecord {
     pub fn key(&self) -> DeliveryKey {
         DeliveryKey::new(&self.source, &self.id)
     }
+
+    /// This delivery as an alias of `first`, the delivery its body first came with (body
+    /// dedup, invariant 4): no handlers and no line of its own, `first`'s answer replayed to
+    /// it, no lease.
+    pub fn as_alias_of(&self, first: &DeliveryRecord) -> DeliveryRecord {
+        let mut alias = self.clone();
+        alias.alias_of = Some(first.id.clone());
+        alias.handlers = Vec::new();
+        alias.response = first.response.clone();
+        alias.lease_until_ms = None;
+        alias.lease_owner = None;
+        alias.order_keys.clear();
+        alias
+    }
+
+    /// Backfill: lists `handler` among this delivery's handlers, in the `order_by` line of
+    /// `order_key` if it has one.
+    pub fn bind(&mut self, handler: &str, order_key: Option<&str>) {
+        self.handlers.push(handler.to_owned());
+        if let Some(value) = order_key {
+            self.order_keys.insert(handler.to_owned(), value.to_owned());
+        }
+    }
 }
 
 pub use crate::domain::fingerprint;

@@ -238,13 +238,7 @@ impl PgStore {
                 .await?
                 .ok_or_else(|| corrupt("a fingerprint names a delivery that is gone"))?,
         };
-        let mut alias = record.clone();
-        alias.alias_of = Some(first.id.clone());
-        alias.handlers = Vec::new();
-        alias.response = first.response.clone();
-        alias.lease_until_ms = None;
-        alias.lease_owner = None;
-        alias.order_keys.clear();
+        let alias = record.as_alias_of(&first);
         sqlx::query(
             "UPDATE inbox_deliveries SET record = $3, alias_of = $4, body = '' \
              WHERE source = $1 AND id = $2",

@@ -407,12 +407,7 @@ impl PgStore {
         if inserted == 0 {
             return Ok(Binding::Already);
         }
-        record.handlers.push(handler.to_owned());
-        if let Some(value) = order_key {
-            record
-                .order_keys
-                .insert(handler.to_owned(), value.to_owned());
-        }
+        record.bind(handler, order_key);
         sqlx::query("UPDATE inbox_deliveries SET record = $3 WHERE source = $1 AND id = $2")
             .bind(&key.source)
             .bind(&key.id)

@@ -70,12 +70,7 @@ impl SledInner {
         if record.handlers.iter().any(|h| h == handler) || self.read_job(&jk)?.is_some() {
             return Ok(Binding::Already);
         }
-        record.handlers.push(handler.to_owned());
-        if let Some(value) = order_key {
-            record
-                .order_keys
-                .insert(handler.to_owned(), value.to_owned());
-        }
+        record.bind(handler, order_key);
         let parked = match &line {
             Some(prefix) => self.line_occupied(handler, prefix, None)?,
             None => false,

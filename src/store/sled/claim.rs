@@ -64,13 +64,7 @@ impl Claims for SledStore {
                 if let Some(first) = first {
                     // The same body under a new id: recorded as an alias of the first
                     // (visible to operators, replayed to its own redeliveries), no jobs.
-                    let mut alias = record.clone();
-                    alias.alias_of = Some(first.id.clone());
-                    alias.handlers = Vec::new();
-                    alias.response = first.response.clone();
-                    alias.lease_until_ms = None;
-                    alias.lease_owner = None;
-                    alias.order_keys.clear();
+                    let alias = record.as_alias_of(&first);
                     self.received.insert(&received_key, &[]).map_err(backend)?;
                     self.step(Op::Claim, "after-alias-index");
                     self.deliveries
