@@ -40,26 +40,12 @@ use crate::metrics::Metrics;
 use crate::store::{AttemptOutcome, Begin, DeliveryStore, JobKey, QueuedJob, SkipSet, StoreError};
 
 pub mod hold;
+pub mod retry;
 pub mod turns;
 
 pub use hold::{Held, hold_lease};
+pub use retry::backoff;
 pub use turns::{Turn, Turns};
-
-/// The delay before retry number `attempt` (1 after the first failure): doubling from
-/// `initial`, capped at `max`, plus up to half again of random jitter so that a burst of
-/// failures does not retry in lock-step. Each delay is at least the previous one's maximum
-/// until the cap, so delays grow.
-pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
-    let exp = attempt.saturating_sub(1).min(32);
-    let base = initial.saturating_mul(1u32 << exp.min(31)).min(max);
-    let jitter_ms = (base.as_millis() as u64) / 2;
-    let jitter = if jitter_ms == 0 {
-        0
-    } else {
-        rand::random::<u64>() % jitter_ms
-    };
-    (base + Duration::from_millis(jitter)).min(max)
-}
 
 /// With a store of this process alone: how many due entries of a handler one queue read
 /// takes, kept in memory and started as slots free up. The entries being run stay at the
@@ -331,33 +317,14 @@ impl Runner {
         };
 
         let now = self.clock.now_ms();
-        let outcome = match &result {
-            Ok(()) => AttemptOutcome::Succeeded,
-            Err(e) if !queued => AttemptOutcome::Failed {
-                error: e.to_string(),
-            },
-            Err(HandlerError::Permanent(m)) => AttemptOutcome::Dead {
-                error: format!("permanent: {m}"),
-            },
-            Err(e @ HandlerError::Retryable(_))
-                if attempt.attempts_in_round >= self.config.max_attempts =>
-            {
-                AttemptOutcome::Dead {
-                    error: format!("{e} (gave up after {} attempts)", attempt.attempt),
-                }
-            }
-            Err(e) => {
-                let delay = backoff(
-                    attempt.attempt,
-                    self.config.initial_backoff,
-                    self.config.max_backoff,
-                );
-                AttemptOutcome::RetryAt {
-                    due_ms: now + delay.as_millis() as u64,
-                    error: e.to_string(),
-                }
-            }
-        };
+        let outcome = retry::outcome(
+            &result,
+            queued,
+            attempt.attempt,
+            attempt.attempts_in_round,
+            &self.config,
+            now,
+        );
         let label = match &outcome {
             AttemptOutcome::Succeeded => "succeeded",
             AttemptOutcome::RetryAt { .. } | AttemptOutcome::Failed { .. } => "failed",
@@ -773,29 +740,5 @@ impl Dispatcher {
         })
         .await;
         running.abort_all();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_within_bounds() {
-        let initial = Duration::from_secs(1);
-        let max = Duration::from_secs(600);
-        for _ in 0..100 {
-            let mut previous = Duration::ZERO;
-            for attempt in 1..=12 {
-                let d = backoff(attempt, initial, max);
-                assert!(d >= initial && d <= max, "attempt {attempt}: {d:?}");
-                assert!(
-                    d >= previous || d == max,
-                    "attempt {attempt}: {d:?} < {previous:?}"
-                );
-                previous = d;
-            }
-        }
-        assert_eq!(backoff(40, initial, max), max);
     }
 }
