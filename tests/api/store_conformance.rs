@@ -1500,3 +1500,101 @@ fn postgres_s_retry_statement_agrees_with_the_transitions_module() {
         });
     });
 }
+
+/// And for the start of a run: PostgreSQL's conditional `UPDATE … RETURNING` against
+/// [`webhook_inbox::store::transitions::start`], over every status, live and lapsed leases,
+/// a paused handler or not, a run from the queue or inline: the same answer (started, busy
+/// or skipped) and the same state after.
+#[test]
+fn postgres_s_start_statement_agrees_with_the_transitions_module() {
+    use proptest::prelude::*;
+    use webhook_inbox::store::transitions::{self, Start};
+    use webhook_inbox::store::{Lease, Operations as _, TAKE_OVER_GRACE_MS};
+    let Some(server) = crate::helpers::test_postgres_url("store: start statement") else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (url, pg) = runtime.block_on(async {
+        let url = crate::helpers::fresh_postgres_schema(&server).await;
+        let pg = crate::helpers::postgres_store_at(&url).await;
+        pg.claim(new("go", "{}", &["h"], false))
+            .await
+            .expect("claim");
+        (url, pg)
+    });
+    let statuses = [
+        JobStatus::Pending,
+        JobStatus::Running,
+        JobStatus::Failed,
+        JobStatus::Succeeded,
+        JobStatus::Dead,
+    ];
+    let config = ProptestConfig {
+        cases: 48,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(
+        status in prop::sample::select(statuses.to_vec()),
+        attempts in 0u32..4,
+        live in any::<bool>(),
+        paused in any::<bool>(),
+        from_queue in any::<bool>(),
+    )| {
+        runtime.block_on(async {
+            let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
+            let leased = status == JobStatus::Running;
+            let until = if live { NOW + 30_000 } else { NOW - TAKE_OVER_GRACE_MS - 1 };
+            sqlx::query(
+                "UPDATE inbox_jobs SET status = $1, attempts = $2, retry_base = 0, \
+                    last_error = NULL, due_ms = $3, updated_ms = $3, \
+                    lease_owner = $4, lease_until_ms = $5, \
+                    reserved_by = NULL, reserved_until_ms = NULL WHERE id = 'go'",
+            )
+            .bind(format!("{status:?}").to_lowercase())
+            .bind(attempts as i32)
+            .bind((NOW - 50) as i64)
+            .bind(leased.then_some(9_i64))
+            .bind(leased.then_some(until as i64))
+            .execute(&mut db)
+            .await
+            .expect("set the state");
+            pg.set_paused("h", paused, NOW).await.expect("pause");
+            let job = key("go").job("h");
+            let before = pg.job(&job).await.expect("read").expect("a state");
+            let queued_due = from_queue.then_some(NOW - 50);
+            let begun = pg
+                .begin_attempt(&job, queued_due, NOW, LEASE)
+                .await
+                .expect("begin");
+            let after = pg.job(&job).await.expect("read").expect("a state");
+            let expected = transitions::start(
+                Some(before.clone()),
+                before.attempts,
+                before.lease.is_some_and(|l| l.blocks_at(NOW)),
+                paused,
+                Lease {
+                    // The runner's id is the store's own.
+                    owner: after.lease.map_or(0, |l| l.owner),
+                    until_ms: LEASE,
+                },
+                queued_due,
+                NOW,
+            );
+            match expected {
+                Start::Run(state) => {
+                    assert!(matches!(begun, Begin::Started(_)), "{before:?}: {begun:?}");
+                    assert_eq!(after, state, "from {before:?}");
+                }
+                Start::Busy { .. } => {
+                    assert!(matches!(begun, Begin::Busy { .. }), "{before:?}: {begun:?}");
+                    assert_eq!(after, before);
+                }
+                Start::Skip => {
+                    assert!(matches!(begun, Begin::Skipped), "{before:?}: {begun:?}");
+                    assert_eq!(after.status, before.status);
+                    assert_eq!(after.attempts, before.attempts);
+                }
+            }
+        });
+    });
+}
