@@ -1,5 +1,6 @@
-//! The life of a (delivery, handler) pair as pure functions: what a start, the end of a
-//! run and an operator retry make of its [`JobState`], and what that asks of the queue.
+//! The life of a (delivery, handler) pair as pure functions: what a start, a lease renewal,
+//! the end of a run and an operator retry make of its [`JobState`], and what that asks of
+//! the queue.
 //!
 //! Why here: the rules — a final pair never runs again, a superseded run's failure is
 //! ignored but its success is kept, a retry gives a fresh `max_attempts`, a live lease
@@ -66,6 +67,21 @@ pub fn start(
         state.queued_at_ms = queued_due;
     }
     Start::Run(state)
+}
+
+/// A running attempt's lease extended to `lease.until_ms`, fenced: only the runner that
+/// holds it (`lease.owner`) renews it, and only for the attempt it runs — the attempt number
+/// only grows, so a runner that was taken over can never extend the new runner's lease.
+/// `None`: not renewed (the runner must stop: its lease is not proven held).
+pub fn renew(stored: Option<&JobState>, attempt: u32, lease: Lease) -> Option<JobState> {
+    let state = stored?;
+    let holds = state.status == JobStatus::Running
+        && state.attempts == attempt
+        && state.lease.is_some_and(|held| held.owner == lease.owner);
+    holds.then(|| JobState {
+        lease: Some(lease),
+        ..state.clone()
+    })
 }
 
 /// What the end of a run asks of the queue.
@@ -339,6 +355,31 @@ mod tests {
                 until_ms: NOW + PAUSED_RETRY_MS
             }
         );
+    }
+
+    #[test]
+    fn only_the_runner_of_the_current_attempt_renews_its_lease() {
+        let held = running(2);
+        let renewed = renew(Some(&held), 2, lease(NOW + 60_000)).expect("renewed");
+        assert_eq!(renewed.lease, Some(lease(NOW + 60_000)));
+        assert_eq!(
+            JobState {
+                lease: held.lease,
+                ..renewed
+            },
+            held,
+            "nothing else changes"
+        );
+        // Taken over (attempt 3 runs now), another owner, not running, gone: not renewed.
+        assert_eq!(renew(Some(&running(3)), 2, lease(NOW + 60_000)), None);
+        let other = Lease {
+            owner: 8,
+            until_ms: NOW + 60_000,
+        };
+        assert_eq!(renew(Some(&held), 2, other), None);
+        let failed = state(JobStatus::Failed, 2);
+        assert_eq!(renew(Some(&failed), 2, lease(NOW + 60_000)), None);
+        assert_eq!(renew(None, 2, lease(NOW + 60_000)), None);
     }
 
     #[test]

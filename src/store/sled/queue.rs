@@ -11,8 +11,7 @@ use crate::config::Durability;
 use crate::store::JobQueue;
 use crate::store::transitions::{self, QueueChange, Start};
 use crate::store::{
-    AttemptContext, AttemptOutcome, Begin, JobKey, JobState, JobStatus, Lease, QueuedJob, SkipSet,
-    StoreError,
+    AttemptContext, AttemptOutcome, Begin, JobKey, JobState, Lease, QueuedJob, SkipSet, StoreError,
 };
 
 #[async_trait]
@@ -211,20 +210,14 @@ impl JobQueue for SledStore {
     ) -> Result<bool, StoreError> {
         let job_key = job.encode();
         let _locks = self.lock(Op::BeginAttempt, &[&job.delivery.encode()]);
-        let Some(mut state) = self.read_job(&job_key)? else {
-            return Ok(false);
-        };
-        // Fenced: the attempt number only grows, and the owner is in the condition.
-        if state.status != JobStatus::Running
-            || state.attempts != attempt
-            || state.lease.is_none_or(|l| l.owner != self.instance)
-        {
-            return Ok(false);
-        }
-        state.lease = Some(Lease {
+        let lease = Lease {
             owner: self.instance,
             until_ms: lease_until_ms,
-        });
+        };
+        let Some(state) = transitions::renew(self.read_job(&job_key)?.as_ref(), attempt, lease)
+        else {
+            return Ok(false);
+        };
         // A start in memory is renewed there; one written (by a flush while it ran) is
         // rewritten, not waited for: a renewal lost in a crash only shortens a lease that
         // died with the process anyway.
