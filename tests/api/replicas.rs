@@ -663,6 +663,24 @@ async fn postgres_stopped_and_started_under_load_loses_nothing() {
     drop(pg);
 }
 
+/// Runs `webhook-inbox store copy --from FROM --to TO`, which must succeed; its output.
+fn store_copy(from: &Path, to: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
+        .args(["store", "copy", "--from"])
+        .arg(from)
+        .arg("--to")
+        .arg(to)
+        .output()
+        .expect("store copy runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// `store copy` from a stopped sled server into PostgreSQL, and from there back into a new
 /// sled store: a redelivery of a copied id is answered byte for byte as before and runs
 /// nothing; a kept fingerprint (body dedup) is still a replay.
@@ -718,19 +736,7 @@ async fn store_copy_moves_the_dedup_window_from_sled_to_postgres_and_back() {
         .status();
     assert!(sled.child.wait().expect("wait").success());
 
-    let out = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
-        .args(["store", "copy", "--from"])
-        .arg(&old)
-        .arg("--to")
-        .arg(&new)
-        .output()
-        .expect("store copy runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = store_copy(&old, &new);
     assert!(stdout.contains("copied 5 deliveries"), "{stdout}");
 
     // On PostgreSQL: every redelivery is the replay it is.
@@ -776,19 +782,7 @@ async fn store_copy_moves_the_dedup_window_from_sled_to_postgres_and_back() {
         ),
     )
     .expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
-        .args(["store", "copy", "--from"])
-        .arg(&new)
-        .arg("--to")
-        .arg(&back)
-        .output()
-        .expect("store copy runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = store_copy(&new, &back);
     assert!(stdout.contains("copied 6 deliveries"), "{stdout}");
     let mut sled = try_spawn_serve(&back).unwrap_or_else(|e| panic!("{e}"));
     for (source, id, body, first) in &answers {

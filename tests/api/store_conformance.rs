@@ -1343,6 +1343,69 @@ async fn a_store_copy_keeps_order_by_lines_both_ways() {
     }
 }
 
+/// Every status a pair can be in, for the property tests.
+const EVERY_STATUS: [JobStatus; 5] = [
+    JobStatus::Pending,
+    JobStatus::Running,
+    JobStatus::Failed,
+    JobStatus::Succeeded,
+    JobStatus::Dead,
+];
+
+/// Random states per property test of a PostgreSQL statement (each is a few round trips).
+const PROPERTY_CASES: u32 = 48;
+
+/// For the property tests of PostgreSQL's statements: a fresh store holding delivery `id`
+/// with one pair (handler `h`), and a runtime to drive it; `None` without a test database.
+fn one_pair_on_postgres(
+    what: &str,
+    id: &str,
+) -> Option<(
+    tokio::runtime::Runtime,
+    String,
+    Arc<webhook_inbox::store::PgStore>,
+)> {
+    let server = crate::helpers::test_postgres_url(what)?;
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (url, pg) = runtime.block_on(async {
+        let url = crate::helpers::fresh_postgres_schema(&server).await;
+        let pg = crate::helpers::postgres_store_at(&url).await;
+        pg.claim(new(id, "{}", &["h"], false)).await.expect("claim");
+        (url, pg)
+    });
+    Some((runtime, url, pg))
+}
+
+/// Puts the pair of delivery `id` in a state written straight into its row: `status` after
+/// `attempts` runs, its queue entry due at `due` (none: not queued), changed 50 ms ago, and,
+/// if running, leased to runner 9 until `lease_until`.
+async fn set_pair(
+    url: &str,
+    id: &str,
+    status: JobStatus,
+    attempts: u32,
+    due: Option<u64>,
+    lease_until: u64,
+) {
+    let mut db = sqlx::PgConnection::connect(url).await.expect("connect");
+    let leased = status == JobStatus::Running;
+    sqlx::query(
+        "UPDATE inbox_jobs SET status = $1, attempts = $2, retry_base = 0, last_error = NULL, \
+            due_ms = $3, updated_ms = $4, lease_owner = $5, lease_until_ms = $6, \
+            reserved_by = NULL, reserved_until_ms = NULL WHERE id = $7",
+    )
+    .bind(format!("{status:?}").to_lowercase())
+    .bind(attempts as i32)
+    .bind(due.map(|ms| ms as i64))
+    .bind((NOW - 50) as i64)
+    .bind(leased.then_some(9_i64))
+    .bind(leased.then_some(lease_until as i64))
+    .bind(id)
+    .execute(&mut db)
+    .await
+    .expect("set the state");
+}
+
 /// PostgreSQL records the end of a run in one statement per outcome, where sled applies
 /// [`webhook_inbox::store::transitions::finish`]: on random states of a started pair and
 /// random outcomes of current and superseded attempts, the statement leaves the row as the
@@ -1351,18 +1414,9 @@ async fn a_store_copy_keeps_order_by_lines_both_ways() {
 fn postgres_s_end_of_run_statements_agree_with_the_transitions_module() {
     use proptest::prelude::*;
     use webhook_inbox::store::transitions;
-    let Some(server) = crate::helpers::test_postgres_url("store: finish statements") else {
+    let Some((runtime, url, pg)) = one_pair_on_postgres("store: finish statements", "fin") else {
         return;
     };
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let (url, pg) = runtime.block_on(async {
-        let url = crate::helpers::fresh_postgres_schema(&server).await;
-        let pg = crate::helpers::postgres_store_at(&url).await;
-        pg.claim(new("fin", "{}", &["h"], false))
-            .await
-            .expect("claim");
-        (url, pg)
-    });
     let job = key("fin").job("h");
     let statuses = [
         JobStatus::Running,
@@ -1383,10 +1437,7 @@ fn postgres_s_end_of_run_statements_agree_with_the_transitions_module() {
             error: "processed".into()
         }),
     ];
-    let config = ProptestConfig {
-        cases: 48,
-        ..ProptestConfig::default()
-    };
+    let config = ProptestConfig::with_cases(PROPERTY_CASES);
     proptest!(config, |(
         status in prop::sample::select(statuses.to_vec()),
         attempts in 1u32..4,
@@ -1395,22 +1446,7 @@ fn postgres_s_end_of_run_statements_agree_with_the_transitions_module() {
         outcome in outcomes,
     )| {
         runtime.block_on(async {
-            let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
-            let leased = status == JobStatus::Running;
-            sqlx::query(
-                "UPDATE inbox_jobs SET status = $1, attempts = $2, retry_base = 0, \
-                    last_error = 'before', due_ms = $3, updated_ms = $4, \
-                    lease_owner = $5, lease_until_ms = $6 WHERE id = 'fin'",
-            )
-            .bind(format!("{status:?}").to_lowercase())
-            .bind(attempts as i32)
-            .bind(queued.then_some((NOW - 50) as i64))
-            .bind((NOW - 50) as i64)
-            .bind(leased.then_some(9_i64))
-            .bind(leased.then_some((NOW + 30_000) as i64))
-            .execute(&mut db)
-            .await
-            .expect("set the state");
+            set_pair(&url, "fin", status, attempts, queued.then_some(NOW - 50), NOW + 30_000).await;
             let before = pg.job(&job).await.expect("read").expect("a state");
             pg.finish_attempt(&job, attempt, outcome.clone(), NOW)
                 .await
@@ -1431,29 +1467,11 @@ fn postgres_s_retry_statement_agrees_with_the_transitions_module() {
     use proptest::prelude::*;
     use webhook_inbox::store::transitions::{self, Retry, RetryContext};
     use webhook_inbox::store::{JobState, Operations as _, TAKE_OVER_GRACE_MS};
-    let Some(server) = crate::helpers::test_postgres_url("store: retry statement") else {
+    let Some((runtime, url, pg)) = one_pair_on_postgres("store: retry statement", "again") else {
         return;
     };
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let (url, pg) = runtime.block_on(async {
-        let url = crate::helpers::fresh_postgres_schema(&server).await;
-        let pg = crate::helpers::postgres_store_at(&url).await;
-        pg.claim(new("again", "{}", &["h"], false))
-            .await
-            .expect("claim");
-        (url, pg)
-    });
-    let statuses = [
-        JobStatus::Pending,
-        JobStatus::Running,
-        JobStatus::Failed,
-        JobStatus::Succeeded,
-        JobStatus::Dead,
-    ];
-    let config = ProptestConfig {
-        cases: 48,
-        ..ProptestConfig::default()
-    };
+    let statuses = EVERY_STATUS;
+    let config = ProptestConfig::with_cases(PROPERTY_CASES);
     proptest!(config, |(
         status in prop::sample::select(statuses.to_vec()),
         attempts in 0u32..4,
@@ -1461,23 +1479,8 @@ fn postgres_s_retry_statement_agrees_with_the_transitions_module() {
         live in any::<bool>(),
     )| {
         runtime.block_on(async {
-            let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
-            let leased = status == JobStatus::Running;
             let until = if live { NOW + 30_000 } else { NOW - TAKE_OVER_GRACE_MS - 1 };
-            sqlx::query(
-                "UPDATE inbox_jobs SET status = $1, attempts = $2, retry_base = 0, \
-                    last_error = NULL, due_ms = $3, updated_ms = $4, \
-                    lease_owner = $5, lease_until_ms = $6 WHERE id = 'again'",
-            )
-            .bind(format!("{status:?}").to_lowercase())
-            .bind(attempts as i32)
-            .bind(queued.then_some((NOW - 50) as i64))
-            .bind((NOW - 50) as i64)
-            .bind(leased.then_some(9_i64))
-            .bind(leased.then_some(until as i64))
-            .execute(&mut db)
-            .await
-            .expect("set the state");
+            set_pair(&url, "again", status, attempts, queued.then_some(NOW - 50), until).await;
             let job = key("again").job("h");
             let before = pg.job(&job).await.expect("read").expect("a state");
             pg.retry(&key("again"), NOW).await.expect("retry");
@@ -1510,29 +1513,11 @@ fn postgres_s_start_statement_agrees_with_the_transitions_module() {
     use proptest::prelude::*;
     use webhook_inbox::store::transitions::{self, Start};
     use webhook_inbox::store::{Lease, Operations as _, TAKE_OVER_GRACE_MS};
-    let Some(server) = crate::helpers::test_postgres_url("store: start statement") else {
+    let Some((runtime, url, pg)) = one_pair_on_postgres("store: start statement", "go") else {
         return;
     };
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let (url, pg) = runtime.block_on(async {
-        let url = crate::helpers::fresh_postgres_schema(&server).await;
-        let pg = crate::helpers::postgres_store_at(&url).await;
-        pg.claim(new("go", "{}", &["h"], false))
-            .await
-            .expect("claim");
-        (url, pg)
-    });
-    let statuses = [
-        JobStatus::Pending,
-        JobStatus::Running,
-        JobStatus::Failed,
-        JobStatus::Succeeded,
-        JobStatus::Dead,
-    ];
-    let config = ProptestConfig {
-        cases: 48,
-        ..ProptestConfig::default()
-    };
+    let statuses = EVERY_STATUS;
+    let config = ProptestConfig::with_cases(PROPERTY_CASES);
     proptest!(config, |(
         status in prop::sample::select(statuses.to_vec()),
         attempts in 0u32..4,
@@ -1541,23 +1526,8 @@ fn postgres_s_start_statement_agrees_with_the_transitions_module() {
         from_queue in any::<bool>(),
     )| {
         runtime.block_on(async {
-            let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
-            let leased = status == JobStatus::Running;
             let until = if live { NOW + 30_000 } else { NOW - TAKE_OVER_GRACE_MS - 1 };
-            sqlx::query(
-                "UPDATE inbox_jobs SET status = $1, attempts = $2, retry_base = 0, \
-                    last_error = NULL, due_ms = $3, updated_ms = $3, \
-                    lease_owner = $4, lease_until_ms = $5, \
-                    reserved_by = NULL, reserved_until_ms = NULL WHERE id = 'go'",
-            )
-            .bind(format!("{status:?}").to_lowercase())
-            .bind(attempts as i32)
-            .bind((NOW - 50) as i64)
-            .bind(leased.then_some(9_i64))
-            .bind(leased.then_some(until as i64))
-            .execute(&mut db)
-            .await
-            .expect("set the state");
+            set_pair(&url, "go", status, attempts, Some(NOW - 50), until).await;
             pg.set_paused("h", paused, NOW).await.expect("pause");
             let job = key("go").job("h");
             let before = pg.job(&job).await.expect("read").expect("a state");
