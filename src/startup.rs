@@ -419,6 +419,7 @@ impl Application {
         if let Err(e) = self.store.flush().await {
             tracing::error!(error = %e, "final flush failed");
         }
+        self.store.close().await;
         tracing::info!("stopped");
         served.map_err(std::io::Error::other)?
     }

@@ -1121,6 +1121,12 @@ pub trait Maintenance: Send + Sync + 'static {
     /// Flushes everything to disk (at shutdown).
     async fn flush(&self) -> Result<(), StoreError>;
 
+    /// Ends the store's background tasks (PostgreSQL: the migrations retry and the LISTEN
+    /// task): the last step of the shutdown sequence, after [`Maintenance::flush`], so that
+    /// none outlives the service that started it. The store still answers calls after it,
+    /// without them. The default has none to end.
+    async fn close(&self) {}
+
     /// `store copy`: up to `limit` stored items from `from` on, and where the next page
     /// starts (`None` once everything was read). Each delivery comes with every handler's
     /// state and its call journal. The store should not be written meanwhile.

@@ -112,3 +112,25 @@ fn sigterm_right_after_the_serving_line_is_a_clean_exit() {
         assert!(status.success(), "{status:?}\n{logs}");
     }
 }
+
+/// The store's background tasks end in the shutdown sequence, not whenever the last handle
+/// to the store is dropped: after a graceful stop, a PostgreSQL store that is still held
+/// elsewhere runs none (its LISTEN task and migrations retry were running while it served).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_ends_the_store_s_background_tasks() {
+    let Some(server) = crate::helpers::test_postgres_url("shutdown: store tasks") else {
+        return;
+    };
+    let pg = crate::helpers::postgres_store(&server).await;
+    assert!(
+        pg.running_tasks() > 0,
+        "the LISTEN task runs while it serves"
+    );
+    let app = crate::helpers::spawn_with(Options {
+        store: Some(pg.clone()),
+        ..Options::default()
+    })
+    .await;
+    app.stop().await;
+    assert_eq!(pg.running_tasks(), 0);
+}

@@ -136,7 +136,7 @@ pub struct PgStore {
     /// not kept as the latest.
     pauses_changed: std::sync::atomic::AtomicU64,
     /// Background tasks (migrations, LISTEN), stopped with the store.
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 fn backend(e: sqlx::Error) -> StoreError {

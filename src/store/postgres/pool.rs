@@ -58,7 +58,7 @@ impl PgStore {
             sweep_from: std::sync::Mutex::new(None),
             pauses: std::sync::Mutex::new(None),
             pauses_changed: std::sync::atomic::AtomicU64::new(0),
-            tasks,
+            tasks: std::sync::Mutex::new(tasks),
         })
     }
 
@@ -154,9 +154,38 @@ pub(super) const WORK_CHANNEL: &str = "webhook_inbox_work";
 /// better than a request that hangs while the database is away.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 
+impl PgStore {
+    /// How many of the store's background tasks are still running.
+    pub fn running_tasks(&self) -> usize {
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|task| !task.is_finished())
+            .count()
+    }
+
+    /// Ends the background tasks and waits until they have (see `Maintenance::close`).
+    pub(super) async fn end_tasks(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            task.abort();
+            // An aborted task ends with a cancellation error: that is the point.
+            let _ = task.await;
+        }
+    }
+}
+
+/// A store dropped without the shutdown sequence (a command, a test) still stops its
+/// tasks.
 impl Drop for PgStore {
     fn drop(&mut self) {
-        for task in &self.tasks {
+        for task in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             task.abort();
         }
     }

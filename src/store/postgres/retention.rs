@@ -180,4 +180,8 @@ impl Maintenance for PgStore {
     async fn finish_import(&self, now_ms: u64) -> Result<(), StoreError> {
         self.promote_every_line(now_ms).await
     }
+
+    async fn close(&self) {
+        self.end_tasks().await;
+    }
 }
