@@ -107,10 +107,18 @@ pub struct Finish {
     pub state: JobState,
     /// What becomes of its queue entry.
     pub queue: QueueChange,
+}
+
+impl Finish {
     /// It died: into the dead letters.
-    pub dead_letter: bool,
+    pub fn dead_letter(&self) -> bool {
+        self.state.status == JobStatus::Dead
+    }
+
     /// It is final: its `order_by` line, if it is in one, is handed on to the next pair.
-    pub hands_on: bool,
+    pub fn hands_on(&self) -> bool {
+        self.state.is_final()
+    }
 }
 
 /// Attempt `attempt` of the pair ended with `outcome`. `None`: nothing changes — the pair
@@ -135,40 +143,30 @@ pub fn finish(
     if current {
         state.lease = None;
     }
-    let finish = |state: JobState, queue, dead_letter, hands_on| Finish {
-        state,
-        queue,
-        dead_letter,
-        hands_on,
-    };
+    let finish = |state: JobState, queue| Finish { state, queue };
     Some(match outcome {
         AttemptOutcome::Succeeded | AttemptOutcome::Dead { .. } => {
-            let dead = match outcome {
-                AttemptOutcome::Dead { error } => {
-                    state.status = JobStatus::Dead;
-                    state.last_error = Some(error.clone());
-                    true
-                }
-                _ => {
-                    state.status = JobStatus::Succeeded;
-                    false
-                }
-            };
+            if let AttemptOutcome::Dead { error } = outcome {
+                state.status = JobStatus::Dead;
+                state.last_error = Some(error.clone());
+            } else {
+                state.status = JobStatus::Succeeded;
+            }
             state.lease = None;
             let old = state.queued_at_ms.take();
-            finish(state, QueueChange::Remove(old), dead, true)
+            finish(state, QueueChange::Remove(old))
         }
         AttemptOutcome::RetryAt { due_ms, error } => {
             state.status = JobStatus::Failed;
             state.last_error = Some(error.clone());
             let from = state.queued_at_ms.replace(*due_ms);
             let queue = QueueChange::Move { from, to: *due_ms };
-            finish(state, queue, false, false)
+            finish(state, queue)
         }
         AttemptOutcome::Failed { error } => {
             state.status = JobStatus::Failed;
             state.last_error = Some(error.clone());
-            finish(state, QueueChange::Keep, false, false)
+            finish(state, QueueChange::Keep)
         }
     })
 }
@@ -389,7 +387,7 @@ mod tests {
         assert_eq!(f.state.lease, None);
         assert_eq!(f.state.queued_at_ms, None);
         assert_eq!(f.queue, QueueChange::Remove(Some(NOW - 10)));
-        assert!(f.hands_on && !f.dead_letter);
+        assert!(f.hands_on() && !f.dead_letter());
     }
 
     #[test]
@@ -400,7 +398,7 @@ mod tests {
         let f = finish(Some(&running(3)), 3, &dead, NOW).expect("change");
         assert_eq!(f.state.status, JobStatus::Dead);
         assert_eq!(f.state.last_error.as_deref(), Some("gave up"));
-        assert!(f.dead_letter && f.hands_on);
+        assert!(f.dead_letter() && f.hands_on());
         assert_eq!(f.queue, QueueChange::Remove(Some(NOW - 10)));
     }
 
@@ -417,7 +415,7 @@ mod tests {
                 to: NOW + 500
             }
         );
-        assert!(!f.hands_on && !f.dead_letter);
+        assert!(!f.hands_on() && !f.dead_letter());
         assert_eq!(f.state.lease, None);
     }
 

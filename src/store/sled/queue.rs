@@ -262,7 +262,7 @@ impl JobQueue for SledStore {
             else {
                 return Ok(((), false));
             };
-            if finish.dead_letter {
+            if finish.dead_letter() {
                 self.dead.insert(job_key.as_slice(), &[]).map_err(backend)?;
                 self.step(Op::FinishAttempt, "after-dead-letter");
             }
@@ -270,7 +270,7 @@ impl JobQueue for SledStore {
                 QueueChange::Remove(old) => {
                     self.write_job(&job_key, &finish.state)?;
                     self.step(Op::FinishAttempt, "after-job-state");
-                    if finish.hands_on
+                    if finish.hands_on()
                         && line.is_some()
                         && let Some(record) = self.read_record(&dk)?
                     {
