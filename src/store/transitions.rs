@@ -107,12 +107,20 @@ pub struct Finish {
     pub state: JobState,
     /// What becomes of its queue entry.
     pub queue: QueueChange,
+    /// The pair was dead before this outcome (a superseded run's success can still come in).
+    was_dead: bool,
 }
 
 impl Finish {
     /// It died: into the dead letters.
     pub fn dead_letter(&self) -> bool {
         self.state.status == JobStatus::Dead
+    }
+
+    /// It was dead and is not any more (a superseded run succeeded after the current one
+    /// died): out of the dead letters.
+    pub fn leaves_dead_letters(&self) -> bool {
+        self.was_dead && !self.dead_letter()
     }
 
     /// It is final: its `order_by` line, if it is in one, is handed on to the next pair.
@@ -135,6 +143,7 @@ pub fn finish(
     if state.status == JobStatus::Succeeded {
         return None;
     }
+    let was_dead = state.status == JobStatus::Dead;
     let current = state.attempts == attempt;
     if !current && *outcome != AttemptOutcome::Succeeded {
         return None;
@@ -143,7 +152,11 @@ pub fn finish(
     if current {
         state.lease = None;
     }
-    let finish = |state: JobState, queue| Finish { state, queue };
+    let finish = |state: JobState, queue| Finish {
+        state,
+        queue,
+        was_dead,
+    };
     Some(match outcome {
         AttemptOutcome::Succeeded | AttemptOutcome::Dead { .. } => {
             if let AttemptOutcome::Dead { error } = outcome {
@@ -398,8 +411,24 @@ mod tests {
         let f = finish(Some(&running(3)), 3, &dead, NOW).expect("change");
         assert_eq!(f.state.status, JobStatus::Dead);
         assert_eq!(f.state.last_error.as_deref(), Some("gave up"));
-        assert!(f.dead_letter() && f.hands_on());
+        assert!(f.dead_letter() && f.hands_on() && !f.leaves_dead_letters());
         assert_eq!(f.queue, QueueChange::Remove(Some(NOW - 10)));
+    }
+
+    #[test]
+    fn a_superseded_success_after_the_current_run_died_takes_the_pair_out_of_the_dead_letters() {
+        let mut dead = running(3);
+        dead.status = JobStatus::Dead;
+        dead.lease = None;
+        dead.queued_at_ms = None;
+        let f = finish(Some(&dead), 2, &AttemptOutcome::Succeeded, NOW).expect("change");
+        assert_eq!(f.state.status, JobStatus::Succeeded);
+        assert!(f.leaves_dead_letters() && !f.dead_letter());
+        // Its line was handed on when it died; handing on again finds the next one active.
+        assert!(f.hands_on());
+        assert_eq!(f.queue, QueueChange::Remove(None));
+        // The superseded run's failure changes nothing.
+        assert_eq!(finish(Some(&dead), 2, &failed("503"), NOW), None);
     }
 
     #[test]

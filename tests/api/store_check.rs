@@ -105,6 +105,12 @@ async fn damaged_store(dir: &std::path::Path) {
         .expect("journal")
         .insert(b"credicorp\0msg_expired\0recorder\0open", b"{}".to_vec())
         .expect("insert");
+    // A dead-letter entry of a pair that is not dead (a crash between a superseded run's
+    // success and the entry's removal).
+    db.open_tree("dead")
+        .expect("dead letters")
+        .insert(b"credicorp\0msg_lost\0recorder", &[])
+        .expect("insert");
     db.flush().expect("flush");
 }
 
@@ -151,6 +157,10 @@ async fn store_check_lists_a_lost_delivery_and_repair_puts_it_back() {
     assert!(
         text.contains("call journal step of credicorp/msg_expired without its delivery"),
         "journal leftovers listed: {text}"
+    );
+    assert!(
+        text.contains("credicorp/msg_lost#recorder: in the dead letters but not dead"),
+        "dead-letter leftovers listed: {text}"
     );
     assert!(text.contains("1 violation(s)"), "{text}");
 

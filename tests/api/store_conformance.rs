@@ -713,6 +713,75 @@ async fn a_run_whose_lease_lapsed_is_started_again_with_the_next_attempt(store: 
     );
 }
 
+/// A run taken over past its grace, whose successor dies, can still report success: the
+/// work was done, so the pair is succeeded — and out of the dead letters (their count and
+/// their listing), not just out of the dead status.
+async fn a_superseded_success_after_a_death_takes_the_pair_out_of_the_dead_letters(store: Store) {
+    store
+        .claim(new("sd", "{}", &["h"], false))
+        .await
+        .expect("claim");
+    let entry = due_now(&store, NOW).await[0].clone();
+    let Begin::Started(first) = store
+        .begin_attempt(&entry.job, Some(entry.due_ms), NOW, LEASE)
+        .await
+        .expect("begin")
+    else {
+        panic!("runnable")
+    };
+    let past = LEASE + TAKE_OVER_GRACE_MS;
+    let due = due_now(&store, past).await;
+    let Begin::Started(second) = store
+        .begin_attempt(&due[0].job, Some(due[0].due_ms), past, past + 30_000)
+        .await
+        .expect("begin")
+    else {
+        panic!("taken over")
+    };
+    store
+        .finish_attempt(
+            &entry.job,
+            second.attempt,
+            AttemptOutcome::Dead { error: "no".into() },
+            past,
+        )
+        .await
+        .expect("finish");
+    assert_eq!(store.dead_letters().await.expect("count"), 1);
+    store
+        .finish_attempt(
+            &entry.job,
+            first.attempt,
+            AttemptOutcome::Succeeded,
+            past + 1,
+        )
+        .await
+        .expect("finish");
+    let state = store.job(&entry.job).await.expect("read").expect("state");
+    assert_eq!(state.status, JobStatus::Succeeded);
+    assert_eq!(
+        store.dead_letters().await.expect("count"),
+        0,
+        "a succeeded pair is not a dead letter"
+    );
+    let dead = webhook_inbox::store::RetryFilter {
+        source: None,
+        handler: None,
+        status: JobStatus::Dead,
+        since_ms: None,
+        until_ms: None,
+    };
+    assert_eq!(
+        store.retry_all(&dead, past + 2).await.expect("retry"),
+        0,
+        "nothing dead is left to retry"
+    );
+    assert_eq!(
+        store.job(&entry.job).await.expect("read").map(|s| s.status),
+        Some(JobStatus::Succeeded)
+    );
+}
+
 async fn no_run_of_a_paused_handler_starts(store: Store) {
     store
         .claim(new("pz", "{}", &["h"], false))
@@ -1168,6 +1237,7 @@ conformance_cases!(
     a_bulk_retry_larger_than_a_batch_requeues_every_selected_pair_once,
     renew_or_release_by_a_non_owner_changes_nothing,
     a_processed_lease_is_taken_over_only_past_its_grace,
+    a_superseded_success_after_a_death_takes_the_pair_out_of_the_dead_letters,
 );
 
 /// Two replicas on one database: reading the queue at once they take different pairs, and a

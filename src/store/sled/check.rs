@@ -307,6 +307,23 @@ impl SledInner {
                 }
             }
         }
+        // A dead-letter entry of a pair that is no longer dead (a crash between a superseded
+        // run's success and the entry's removal) would be counted and listed: a leftover.
+        for entry in self.dead.iter().keys() {
+            let k = entry.map_err(backend)?;
+            if !self
+                .read_job(&k)?
+                .is_some_and(|state| state.status == JobStatus::Dead)
+            {
+                let job = JobKey::decode(&k).map_or_else(|| "a job".to_owned(), |j| j.to_string());
+                report
+                    .leftovers
+                    .push(format!("{job}: in the dead letters but not dead"));
+                if repair {
+                    self.dead.remove(&k).map_err(backend)?;
+                }
+            }
+        }
         // The call journal: a step of a pair whose delivery is gone (a run that wrote it
         // after retention took the delivery) is a leftover.
         for entry in self.calls.iter().keys() {

@@ -270,6 +270,11 @@ impl JobQueue for SledStore {
                 QueueChange::Remove(old) => {
                     self.write_job(&job_key, &finish.state)?;
                     self.step(Op::FinishAttempt, "after-job-state");
+                    // After the state: a crash between the two leaves an entry `store check`
+                    // finds stale and removes, never a dead pair missing from the list.
+                    if finish.leaves_dead_letters() {
+                        self.dead.remove(job_key.as_slice()).map_err(backend)?;
+                    }
                     if finish.hands_on()
                         && line.is_some()
                         && let Some(record) = self.read_record(&dk)?
