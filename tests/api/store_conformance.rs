@@ -1638,3 +1638,156 @@ fn postgres_s_start_statement_agrees_with_the_transitions_module() {
         });
     });
 }
+
+/// PostgreSQL's start under a cross-replica `concurrency` (`begin_limited_attempt`): with as
+/// many of the handler's pairs running under leases that block a take-over as the limit,
+/// nothing starts and nothing changes ([`Begin::AtLimit`]); below it, the same answer and
+/// state as [`webhook_inbox::store::transitions::start`]. Random states of the pair to start
+/// and of two others of the same handler, random limits.
+#[test]
+fn postgres_s_limited_start_agrees_with_the_transitions_module_and_counts_live_leases() {
+    use proptest::prelude::*;
+    use webhook_inbox::store::transitions::{self, Start};
+    use webhook_inbox::store::{Lease, TAKE_OVER_GRACE_MS};
+    let Some((runtime, url, pg)) = one_pair_on_postgres("store: limited start", "lim") else {
+        return;
+    };
+    let others = ["lim-1", "lim-2"];
+    runtime.block_on(async {
+        for id in others {
+            pg.claim(new(id, "{}", &["h"], false)).await.expect("claim");
+        }
+    });
+    let pair = || {
+        (
+            prop::sample::select(EVERY_STATUS.to_vec()),
+            0u32..4,
+            any::<bool>(),
+        )
+    };
+    let config = ProptestConfig::with_cases(PROPERTY_CASES);
+    proptest!(config, |(
+        (status, attempts, live) in pair(),
+        other_pairs in [pair(), pair()],
+        limit in 1usize..4,
+    )| {
+        runtime.block_on(async {
+            let until = |live| if live { NOW + 30_000 } else { NOW - TAKE_OVER_GRACE_MS - 1 };
+            set_pair(&url, "lim", status, attempts, Some(NOW - 50), until(live)).await;
+            for (id, (status, attempts, live)) in others.iter().zip(&other_pairs) {
+                set_pair(&url, id, *status, *attempts, Some(NOW - 50), until(*live)).await;
+            }
+            let mut running = 0;
+            for id in std::iter::once("lim").chain(others) {
+                let state = pg.job(&key(id).job("h")).await.expect("read").expect("a state");
+                if state.status == JobStatus::Running
+                    && state.lease.is_some_and(|l| l.blocks_at(NOW))
+                {
+                    running += 1;
+                }
+            }
+            let job = key("lim").job("h");
+            let before = pg.job(&job).await.expect("read").expect("a state");
+            let begun = pg
+                .begin_limited_attempt(&job, Some(NOW - 50), NOW, LEASE, Some(limit))
+                .await
+                .expect("begin");
+            let after = pg.job(&job).await.expect("read").expect("a state");
+            if running >= limit {
+                assert!(matches!(begun, Begin::AtLimit { .. }), "{running} running: {begun:?}");
+                assert_eq!(after, before);
+                return;
+            }
+            let expected = transitions::start(
+                Some(before.clone()),
+                before.attempts,
+                before.lease.is_some_and(|l| l.blocks_at(NOW)),
+                false,
+                Lease {
+                    owner: after.lease.map_or(0, |l| l.owner),
+                    until_ms: LEASE,
+                },
+                Some(NOW - 50),
+                NOW,
+            );
+            match expected {
+                Start::Run(state) => {
+                    assert!(matches!(begun, Begin::Started(_)), "{before:?}: {begun:?}");
+                    assert_eq!(after, state, "from {before:?}");
+                }
+                Start::Busy { .. } => {
+                    assert!(matches!(begun, Begin::Busy { .. }), "{before:?}: {begun:?}");
+                    assert_eq!(after, before);
+                }
+                Start::Skip => {
+                    assert!(matches!(begun, Begin::Skipped), "{before:?}: {begun:?}");
+                    assert_eq!((after.status, after.attempts), (before.status, before.attempts));
+                }
+            }
+        });
+    });
+}
+
+/// PostgreSQL's lease renewal against [`webhook_inbox::store::transitions::renew`]: over
+/// every status, current and superseded attempts, and a lease held by this store or by
+/// another runner, the statement renews exactly when the module does — the fencing of a
+/// runner that was taken over — and leaves the row as the module says.
+#[test]
+fn postgres_s_renewal_statement_agrees_with_the_transitions_module() {
+    use proptest::prelude::*;
+    use webhook_inbox::store::{Lease, transitions};
+    let Some((runtime, url, pg)) = one_pair_on_postgres("store: renewal statement", "ren") else {
+        return;
+    };
+    // This store's runner id: the owner of a lease it takes.
+    let me = runtime.block_on(async {
+        pg.claim(new("mine", "{}", &["h"], false))
+            .await
+            .expect("claim");
+        let job = key("mine").job("h");
+        pg.begin_attempt(&job, None, NOW, LEASE)
+            .await
+            .expect("begin");
+        pg.job(&job)
+            .await
+            .expect("read")
+            .and_then(|s| s.lease)
+            .expect("leased")
+            .owner
+    });
+    let config = ProptestConfig::with_cases(PROPERTY_CASES);
+    // Mostly running pairs leased by this store: the states where the fencing decides.
+    let statuses = prop_oneof![
+        3 => Just(JobStatus::Running),
+        1 => prop::sample::select(EVERY_STATUS.to_vec()),
+    ];
+    proptest!(config, |(
+        status in statuses,
+        attempts in 1u32..4,
+        attempt in 1u32..4,
+        mine in prop::bool::weighted(0.75),
+    )| {
+        runtime.block_on(async {
+            set_pair(&url, "ren", status, attempts, Some(NOW - 50), NOW + 30_000).await;
+            if mine && status == JobStatus::Running {
+                let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
+                sqlx::query("UPDATE inbox_jobs SET lease_owner = $1 WHERE id = 'ren'")
+                    .bind(me as i64)
+                    .execute(&mut db)
+                    .await
+                    .expect("own the lease");
+            }
+            let job = key("ren").job("h");
+            let before = pg.job(&job).await.expect("read").expect("a state");
+            let renewed = pg
+                .renew_job_lease(&job, attempt, NOW + 60_000)
+                .await
+                .expect("renew");
+            let after = pg.job(&job).await.expect("read").expect("a state");
+            let lease = Lease { owner: me, until_ms: NOW + 60_000 };
+            let expected = transitions::renew(Some(&before), attempt, lease);
+            assert_eq!(renewed, expected.is_some(), "from {before:?}, attempt {attempt}");
+            assert_eq!(after, expected.unwrap_or(before.clone()), "from {before:?}");
+        });
+    });
+}
