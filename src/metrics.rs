@@ -95,6 +95,8 @@ pub struct Metrics {
     handlers: Vec<String>,
     /// The last hour, per source and minute.
     activity: RecentActivity,
+    /// Where the activity's minutes come from.
+    clock: crate::clock::Clock,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -178,6 +180,7 @@ impl Metrics {
             handler_queue_depth,
             handler_paused,
             handlers: Vec::new(),
+            clock: crate::clock::Clock::System,
             activity: RecentActivity::default(),
         }
     }
@@ -185,6 +188,12 @@ impl Metrics {
     /// The last hour of deliveries, per source and minute.
     pub fn activity(&self) -> &RecentActivity {
         &self.activity
+    }
+
+    /// Reads time from `clock` (the last hour's activity): the server's, so that a test
+    /// on tokio's paused clock sees the minutes it moves through.
+    pub fn set_clock(&mut self, clock: crate::clock::Clock) {
+        self.clock = clock;
     }
 
     /// The configured handlers: each gets its per-handler gauges, even at zero.
@@ -195,8 +204,7 @@ impl Metrics {
     /// Counts one answered delivery.
     pub fn delivery(&self, source: &str, outcome: &str, reason: &str) {
         if let Some(kind) = ActivityKind::of(outcome) {
-            self.activity
-                .record(source, kind, crate::clock::Clock::System.now_ms());
+            self.activity.record(source, kind, self.clock.now_ms());
         }
         self.deliveries
             .get_or_create(&DeliveryLabels {

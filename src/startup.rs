@@ -171,6 +171,7 @@ impl ApplicationBuilder {
         let registry = Arc::new(self.registry()?);
         let config = self.config;
         let mut metrics = crate::metrics::Metrics::new();
+        metrics.set_clock(self.clock);
         metrics.set_handlers(registry.limits().map(|(name, _)| name.to_owned()));
         if let Some(writes) = self.store_writes {
             metrics.register(STORE_WRITES, STORE_WRITES_HELP, writes);
