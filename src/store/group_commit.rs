@@ -10,6 +10,11 @@
 //! "fsyncgate" lesson), so it refuses every later write until the process restarts, and the
 //! senders, who got 503, retry against a restarted process.
 //!
+//! The thread ends in the shutdown sequence ([`GroupCommit::close`], from the store's
+//! `Maintenance::close`), once it has served every waiter already queued; a store still
+//! used after that (a test reusing it, a tool) syncs in the caller, on tokio's blocking
+//! pool, one at a time.
+//!
 //! Readers use [`GroupCommit::writes_in_flight`]: a record read while a write is in flight
 //! may not be durable yet, so the reader joins the next batch before answering from it.
 
@@ -55,7 +60,10 @@ pub struct GroupCommit {
     in_flight: Arc<AtomicUsize>,
     poisoned: Arc<AtomicBool>,
     stats: Arc<CommitStats>,
-    thread: Mutex<Option<thread::JoinHandle<()>>>,
+    /// The committer; it hands the sync step back when it ends.
+    thread: Mutex<Option<thread::JoinHandle<SyncFn>>>,
+    /// The sync step once the thread has ended: run by each waiter in turn.
+    after_close: Arc<Mutex<Option<SyncFn>>>,
 }
 
 /// Held by a writer from before its write until its write is durable.
@@ -79,7 +87,8 @@ impl GroupCommit {
             thread::Builder::new()
                 .name("group-commit".into())
                 .spawn(move || {
-                    // Ends when every sender is gone (the store was closed).
+                    // Ends when every sender is gone (the store was closed), after the
+                    // waiters already queued.
                     while let Ok(first) = rx.recv() {
                         let mut batch = vec![first];
                         batch.extend(rx.try_iter());
@@ -101,6 +110,7 @@ impl GroupCommit {
                             let _ = waiter.send(result.clone());
                         }
                     }
+                    sync
                 })
                 .expect("spawning the group-commit thread")
         };
@@ -110,6 +120,7 @@ impl GroupCommit {
             poisoned,
             stats,
             thread: Mutex::new(Some(thread)),
+            after_close: Arc::default(),
         }
     }
 
@@ -132,14 +143,20 @@ impl GroupCommit {
     /// Waits until everything written before this call is on disk.
     pub async fn wait(&self) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
+        let sent = match self
+            .sender
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
         {
-            let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(sender) = sender.as_ref() else {
-                return Err(StoreError::Flush("store is closed".into()));
-            };
-            sender
-                .send(tx)
-                .map_err(|_| StoreError::Flush("group-commit thread is gone".into()))?;
+            Some(sender) => Some(sender.send(tx)),
+            None => None,
+        };
+        match sent {
+            Some(sent) => {
+                sent.map_err(|_| StoreError::Flush("group-commit thread is gone".into()))?;
+            }
+            None => return self.sync_after_close().await,
         }
         rx.await
             .map_err(|_| StoreError::Flush("group-commit thread is gone".into()))?
@@ -155,12 +172,47 @@ impl GroupCommit {
         &self.stats
     }
 
-    /// Stops the thread after it has served every waiter already queued.
+    /// Stops the thread after it has served every waiter already queued; later waits run
+    /// the sync step themselves.
     pub fn close(&self) {
+        // Held throughout, so that a wait that finds no sender finds the sync step once the
+        // thread has handed it back.
+        let mut after_close = self.after_close.lock().unwrap_or_else(|p| p.into_inner());
         self.sender.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = t.join();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take()
+            && let Ok(sync) = t.join()
+        {
+            *after_close = Some(sync);
         }
+    }
+
+    /// Whether the committer thread still runs (it ends at [`GroupCommit::close`]).
+    pub fn is_running(&self) -> bool {
+        self.thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// A wait once the thread has ended: the sync step, run here (one caller at a time).
+    async fn sync_after_close(&self) -> Result<(), StoreError> {
+        let after_close = self.after_close.clone();
+        let poisoned = self.poisoned.clone();
+        let synced = tokio::task::spawn_blocking(move || {
+            let mut sync = after_close.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(sync) = sync.as_mut() else {
+                return Err(StoreError::Flush("group-commit thread is gone".into()));
+            };
+            if poisoned.load(Ordering::SeqCst) {
+                return Err(StoreError::Flush("an earlier flush failed".into()));
+            }
+            sync().map_err(|e| {
+                poisoned.store(true, Ordering::SeqCst);
+                StoreError::Flush(e.to_string())
+            })
+        })
+        .await;
+        synced.map_err(|e| StoreError::Flush(format!("sync task failed: {e}")))?
     }
 }
 
@@ -212,5 +264,28 @@ mod tests {
         assert!(gc.wait().await.is_err());
         assert!(gc.is_poisoned());
         assert!(gc.begin_write().is_err());
+    }
+
+    /// The thread ends at `close`, after the waiters already queued; a wait after that
+    /// still syncs (in the caller), so a store used after its server stopped stays durable.
+    #[tokio::test]
+    async fn after_close_the_thread_is_gone_and_a_wait_still_syncs() {
+        let syncs = Arc::new(AtomicUsize::new(0));
+        let counted = syncs.clone();
+        let commit = GroupCommit::start(Box::new(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }));
+        commit.wait().await.expect("sync");
+        assert!(commit.is_running());
+        commit.close();
+        assert!(!commit.is_running());
+        assert_eq!(syncs.load(Ordering::SeqCst), 1);
+        commit.wait().await.expect("sync after close");
+        assert_eq!(
+            syncs.load(Ordering::SeqCst),
+            2,
+            "the wait ran the sync itself"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! SIGTERM against the real binary: stop accepting, finish the request in flight, exit 0.
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use webhook_inbox::config::Config;
@@ -133,4 +134,57 @@ async fn a_graceful_stop_ends_the_store_s_background_tasks() {
     .await;
     app.stop().await;
     assert_eq!(pg.running_tasks(), 0);
+}
+
+/// The same for sled: the group-commit thread ends in the shutdown sequence, and a store
+/// still held afterwards (a test, a tool) keeps its durability: a claim waits for a sync
+/// run in its caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_ends_sled_s_group_commit_and_the_store_stays_durable() {
+    use webhook_inbox::store::{Claim, Claims as _, NewDelivery, StoredResponse};
+    let dir = tempfile::TempDir::new().expect("dir");
+    let sled = Arc::new(
+        webhook_inbox::store::SledStore::open(
+            &dir.path().join("data"),
+            webhook_inbox::config::Durability::Fsync,
+            8 << 20,
+        )
+        .expect("store"),
+    );
+    assert!(sled.group_commit().is_running());
+    let app = crate::helpers::spawn_with(Options {
+        store: Some(sled.clone()),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(app.deliver("msg_before_stop", "{}").await.status(), 202);
+    let config = app.config.clone();
+    app.stop().await;
+    assert!(!sled.group_commit().is_running(), "ended by the shutdown");
+    let batches = sled
+        .group_commit()
+        .stats()
+        .batches
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let source = webhook_inbox::verify::Source::named(&config, "credicorp").expect("source");
+    let delivery = webhook_inbox::testing::authenticated(
+        &source,
+        "msg_after_stop",
+        b"{}",
+        std::time::SystemTime::now(),
+    )
+    .expect("signed");
+    let new = NewDelivery::new(delivery, 1, Vec::new(), false).acknowledged(StoredResponse {
+        status: 202,
+        body: "{}".into(),
+    });
+    assert!(matches!(sled.claim(new).await.expect("claim"), Claim::New));
+    assert_eq!(
+        sled.group_commit()
+            .stats()
+            .batches
+            .load(std::sync::atomic::Ordering::SeqCst),
+        batches,
+        "the thread's counters stand still: the sync ran in the caller"
+    );
 }

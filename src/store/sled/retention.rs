@@ -164,6 +164,19 @@ impl Maintenance for SledStore {
     async fn finish_import(&self, now_ms: u64) -> Result<(), StoreError> {
         self.repair_lines(true, now_ms, &mut Vec::new())
     }
+
+    async fn close(&self) {
+        // Starts still in memory are written as they stand and made durable (the final
+        // flush did it; a close without one does it here), then the group-commit thread
+        // ends. A store still used after this syncs in its callers.
+        if let Err(e) = self.close_starts() {
+            tracing::warn!(error = %e, "writing the run starts at close failed");
+        }
+        if let Err(e) = self.commit.wait().await {
+            tracing::warn!(error = %e, "the sync at close failed");
+        }
+        self.commit.close();
+    }
 }
 
 impl SledInner {
