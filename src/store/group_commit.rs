@@ -143,15 +143,12 @@ impl GroupCommit {
     /// Waits until everything written before this call is on disk.
     pub async fn wait(&self) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
-        let sent = match self
+        let sent = self
             .sender
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-        {
-            Some(sender) => Some(sender.send(tx)),
-            None => None,
-        };
+            .map(|sender| sender.send(tx));
         match sent {
             Some(sent) => {
                 sent.map_err(|_| StoreError::Flush("group-commit thread is gone".into()))?;
