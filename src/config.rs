@@ -697,39 +697,74 @@ fn default_tolerance() -> Duration {
     Duration::from_secs(300)
 }
 
-/// Which deliveries a handler is bound to.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Binding {
-    /// Unique handler name; part of the idempotency key.
-    pub name: String,
-    /// A source name, or absent / `"*"` for every source.
-    pub source: Option<String>,
-    /// Event-type patterns: `*`, `prefix.*` or exact.
-    #[serde(default = "default_events")]
-    pub events: Vec<String>,
-    /// `match`: JSON pointer -> allowed values; a delivery whose body does not hold one of
-    /// the values at every pointer is not bound to the handler (decided at claim time).
-    #[serde(default, rename = "match")]
-    pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
-    /// At most this many runs of the handler at once (on top of `dispatch.concurrency`);
-    /// signed, so that a negative value is refused by the check that names the key.
-    #[serde(default)]
-    pub concurrency: Option<i64>,
-    /// At most this many run starts per second, minute or hour.
-    #[serde(default)]
-    pub rate: Option<crate::domain::Rate>,
-    /// `order_by`: a JSON pointer into the body; deliveries with the same value there run
-    /// one at a time, in received order (those without it run unordered).
-    #[serde(default)]
-    pub order_by: Option<String>,
-    /// `calls`: this handler's own `[calls]` keys.
-    #[serde(default)]
-    pub calls: CallsOverride,
+/// Declares a `[[handlers]]` kind: the binding keys every kind shares, written here once,
+/// then the kind's own keys; and its [`Binding`]. (Not `#[serde(flatten)]`: serde cannot
+/// deny unknown keys through a flattened struct, and a misspelt key must be refused.)
+macro_rules! handler_kind {
+    (
+        $(#[$meta:meta])*
+        $name:ident { $( $(#[$field_meta:meta])* $field:ident : $ty:ty ),* $(,)? }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            /// Unique handler name; part of the idempotency key.
+            pub name: String,
+            /// A source name, or absent / `"*"` for every source.
+            pub source: Option<String>,
+            /// Event-type patterns: `*`, `prefix.*` or exact; parsed as the file is read, so
+            /// an invalid one is refused with its line.
+            #[serde(default = "default_events")]
+            pub events: Vec<crate::domain::EventPattern>,
+            /// `match`: JSON pointer -> allowed values; a delivery whose body does not hold
+            /// one of the values at every pointer is not bound to the handler (decided at
+            /// claim time).
+            #[serde(default, rename = "match")]
+            pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
+            /// At most this many runs of the handler at once (on top of
+            /// `dispatch.concurrency`); signed, so that a negative value is refused by the
+            /// check that names the key.
+            #[serde(default)]
+            pub concurrency: Option<i64>,
+            /// At most this many run starts per second, minute or hour.
+            #[serde(default)]
+            pub rate: Option<crate::domain::Rate>,
+            /// `order_by`: a JSON pointer into the body; deliveries with the same value there
+            /// run one at a time, in received order (those without it run unordered).
+            #[serde(default)]
+            pub order_by: Option<String>,
+            /// `calls`: this handler's own `[calls]` keys.
+            #[serde(default)]
+            pub calls: CallsOverride,
+            $( $(#[$field_meta])* pub $field: $ty, )*
+        }
+
+        impl $name {
+            /// The binding part of this handler's config.
+            pub fn binding(&self) -> Binding {
+                Binding {
+                    name: self.name.clone(),
+                    source: self.source.clone(),
+                    events: self.events.clone(),
+                    body_match: self.body_match.clone(),
+                    concurrency: self.concurrency,
+                    rate: self.rate,
+                    order_by: self.order_by.clone(),
+                    calls: self.calls,
+                }
+            }
+        }
+    };
 }
 
-fn default_events() -> Vec<String> {
-    vec!["*".into()]
+handler_kind! {
+    /// Which deliveries a handler is bound to: the keys every kind shares.
+    Binding {}
+}
+
+fn default_events() -> Vec<crate::domain::EventPattern> {
+    vec![crate::domain::EventPattern::Any]
 }
 
 /// `[[handlers]]`: a built-in handler, by `kind`.
@@ -764,241 +799,80 @@ impl HandlerConfig {
     }
 }
 
-/// `kind = "log"`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogHandlerConfig {
-    /// See [`Binding::name`].
-    pub name: String,
-    /// See [`Binding::source`].
-    pub source: Option<String>,
-    /// See [`Binding::events`].
-    #[serde(default = "default_events")]
-    pub events: Vec<String>,
-    /// See [`Binding::body_match`].
-    #[serde(default, rename = "match")]
-    pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
-    /// See [`Binding::concurrency`].
-    #[serde(default)]
-    pub concurrency: Option<i64>,
-    /// See [`Binding::rate`].
-    #[serde(default)]
-    pub rate: Option<crate::domain::Rate>,
-    /// See [`Binding::order_by`].
-    #[serde(default)]
-    pub order_by: Option<String>,
-    /// See [`Binding::calls`].
-    #[serde(default)]
-    pub calls: CallsOverride,
+handler_kind! {
+    /// `kind = "log"`
+    LogHandlerConfig {}
 }
 
-/// `kind = "command"`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CommandHandlerConfig {
-    /// See [`Binding::name`].
-    pub name: String,
-    /// See [`Binding::source`].
-    pub source: Option<String>,
-    /// See [`Binding::events`].
-    #[serde(default = "default_events")]
-    pub events: Vec<String>,
-    /// See [`Binding::body_match`].
-    #[serde(default, rename = "match")]
-    pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
-    /// See [`Binding::concurrency`].
-    #[serde(default)]
-    pub concurrency: Option<i64>,
-    /// See [`Binding::rate`].
-    #[serde(default)]
-    pub rate: Option<crate::domain::Rate>,
-    /// See [`Binding::order_by`].
-    #[serde(default)]
-    pub order_by: Option<String>,
-    /// See [`Binding::calls`].
-    #[serde(default)]
-    pub calls: CallsOverride,
-    /// Program and arguments; run directly, no shell.
-    pub command: Vec<String>,
-    /// Variables of the service's environment to pass on, beyond `PATH`, `HOME` and
-    /// `LANG` (the program's environment is otherwise clean).
-    #[serde(default)]
-    pub env: Vec<String>,
-    /// Kill the program and retry after this long.
-    #[serde(default = "default_handler_timeout", with = "humantime_duration")]
-    pub timeout: Duration,
+handler_kind! {
+    /// `kind = "command"`
+    CommandHandlerConfig {
+        /// Program and arguments; run directly, no shell.
+        command: Vec<String>,
+        /// Variables of the service's environment to pass on, beyond `PATH`, `HOME` and
+        /// `LANG` (the program's environment is otherwise clean).
+        #[serde(default)]
+        env: Vec<String>,
+        /// Kill the program and retry after this long.
+        #[serde(default = "default_handler_timeout", with = "humantime_duration")]
+        timeout: Duration,
+    }
 }
 
-/// `kind = "http"`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpHandlerConfig {
-    /// See [`Binding::name`].
-    pub name: String,
-    /// See [`Binding::source`].
-    pub source: Option<String>,
-    /// See [`Binding::events`].
-    #[serde(default = "default_events")]
-    pub events: Vec<String>,
-    /// See [`Binding::body_match`].
-    #[serde(default, rename = "match")]
-    pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
-    /// See [`Binding::concurrency`].
-    #[serde(default)]
-    pub concurrency: Option<i64>,
-    /// See [`Binding::rate`].
-    #[serde(default)]
-    pub rate: Option<crate::domain::Rate>,
-    /// See [`Binding::order_by`].
-    #[serde(default)]
-    pub order_by: Option<String>,
-    /// See [`Binding::calls`].
-    #[serde(default)]
-    pub calls: CallsOverride,
-    /// Where to POST the raw body.
-    pub url: String,
-    /// Give up on one request (and retry) after this long.
-    #[serde(default = "default_handler_timeout", with = "humantime_duration")]
-    pub timeout: Duration,
+handler_kind! {
+    /// `kind = "http"`
+    HttpHandlerConfig {
+        /// Where to POST the raw body.
+        url: String,
+        /// Give up on one request (and retry) after this long.
+        #[serde(default = "default_handler_timeout", with = "humantime_duration")]
+        timeout: Duration,
+    }
 }
 
-/// `kind = "nats"`: a JetStream publish per delivery.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NatsHandlerConfig {
-    /// See [`Binding::name`].
-    pub name: String,
-    /// See [`Binding::source`].
-    pub source: Option<String>,
-    /// See [`Binding::events`].
-    #[serde(default = "default_events")]
-    pub events: Vec<String>,
-    /// See [`Binding::body_match`].
-    #[serde(default, rename = "match")]
-    pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
-    /// See [`Binding::concurrency`].
-    #[serde(default)]
-    pub concurrency: Option<i64>,
-    /// See [`Binding::rate`].
-    #[serde(default)]
-    pub rate: Option<crate::domain::Rate>,
-    /// See [`Binding::order_by`].
-    #[serde(default)]
-    pub order_by: Option<String>,
-    /// See [`Binding::calls`].
-    #[serde(default)]
-    pub calls: CallsOverride,
-    /// The broker's URL (credentials allowed: never shown).
-    pub url: Option<String>,
-    /// Or the environment variable holding it, read at start.
-    pub url_env: Option<String>,
-    /// The subject, a template of `{source}`, `{event_type}`, `{handler}`.
-    pub subject: String,
+handler_kind! {
+    /// `kind = "nats"`: a JetStream publish per delivery.
+    NatsHandlerConfig {
+        /// The broker's URL (credentials allowed: never shown).
+        url: Option<String>,
+        /// Or the environment variable holding it, read at start.
+        url_env: Option<String>,
+        /// The subject, a template of `{source}`, `{event_type}`, `{handler}`.
+        subject: String,
+    }
 }
 
-/// `kind = "amqp"`: a RabbitMQ publish per delivery.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AmqpHandlerConfig {
-    /// See [`Binding::name`].
-    pub name: String,
-    /// See [`Binding::source`].
-    pub source: Option<String>,
-    /// See [`Binding::events`].
-    #[serde(default = "default_events")]
-    pub events: Vec<String>,
-    /// See [`Binding::body_match`].
-    #[serde(default, rename = "match")]
-    pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
-    /// See [`Binding::concurrency`].
-    #[serde(default)]
-    pub concurrency: Option<i64>,
-    /// See [`Binding::rate`].
-    #[serde(default)]
-    pub rate: Option<crate::domain::Rate>,
-    /// See [`Binding::order_by`].
-    #[serde(default)]
-    pub order_by: Option<String>,
-    /// See [`Binding::calls`].
-    #[serde(default)]
-    pub calls: CallsOverride,
-    /// The broker's URL, `amqp://user:pass@host:5672/vhost` (credentials never shown).
-    pub url: Option<String>,
-    /// Or the environment variable holding it, read at start.
-    pub url_env: Option<String>,
-    /// The exchange (`""` is the default exchange, which routes by queue name).
-    pub exchange: String,
-    /// The routing key, a template of `{source}`, `{event_type}`, `{handler}`.
-    pub routing_key: String,
+handler_kind! {
+    /// `kind = "amqp"`: a RabbitMQ publish per delivery.
+    AmqpHandlerConfig {
+        /// The broker's URL, `amqp://user:pass@host:5672/vhost` (credentials never shown).
+        url: Option<String>,
+        /// Or the environment variable holding it, read at start.
+        url_env: Option<String>,
+        /// The exchange (`""` is the default exchange, which routes by queue name).
+        exchange: String,
+        /// The routing key, a template of `{source}`, `{event_type}`, `{handler}`.
+        routing_key: String,
+    }
 }
 
-/// `kind = "redis"`: an entry of a Redis stream per delivery.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedisHandlerConfig {
-    /// See [`Binding::name`].
-    pub name: String,
-    /// See [`Binding::source`].
-    pub source: Option<String>,
-    /// See [`Binding::events`].
-    #[serde(default = "default_events")]
-    pub events: Vec<String>,
-    /// See [`Binding::body_match`].
-    #[serde(default, rename = "match")]
-    pub body_match: BTreeMap<String, Vec<serde_json::Value>>,
-    /// See [`Binding::concurrency`].
-    #[serde(default)]
-    pub concurrency: Option<i64>,
-    /// See [`Binding::rate`].
-    #[serde(default)]
-    pub rate: Option<crate::domain::Rate>,
-    /// See [`Binding::order_by`].
-    #[serde(default)]
-    pub order_by: Option<String>,
-    /// See [`Binding::calls`].
-    #[serde(default)]
-    pub calls: CallsOverride,
-    /// The broker's URL (credentials allowed: never shown).
-    pub url: Option<String>,
-    /// Or the environment variable holding it, read at start.
-    pub url_env: Option<String>,
-    /// The stream's key, a template of `{source}`, `{event_type}`, `{handler}`.
-    pub stream: String,
-    /// Trim the stream to about this many entries (`XADD MAXLEN ~`).
-    pub max_len: Option<u64>,
+handler_kind! {
+    /// `kind = "redis"`: an entry of a Redis stream per delivery.
+    RedisHandlerConfig {
+        /// The broker's URL (credentials allowed: never shown).
+        url: Option<String>,
+        /// Or the environment variable holding it, read at start.
+        url_env: Option<String>,
+        /// The stream's key, a template of `{source}`, `{event_type}`, `{handler}`.
+        stream: String,
+        /// Trim the stream to about this many entries (`XADD MAXLEN ~`).
+        max_len: Option<u64>,
+    }
 }
 
 fn default_handler_timeout() -> Duration {
     Duration::from_secs(30)
 }
-
-macro_rules! binding_of {
-    ($($t:ty),*) => {$(
-        impl $t {
-            /// The binding part of this handler's config.
-            pub fn binding(&self) -> Binding {
-                Binding {
-                    name: self.name.clone(),
-                    source: self.source.clone(),
-                    events: self.events.clone(),
-                    body_match: self.body_match.clone(),
-                    concurrency: self.concurrency,
-                    rate: self.rate,
-                    order_by: self.order_by.clone(),
-                    calls: self.calls,
-                }
-            }
-        }
-    )*};
-}
-binding_of!(
-    LogHandlerConfig,
-    CommandHandlerConfig,
-    HttpHandlerConfig,
-    NatsHandlerConfig,
-    AmqpHandlerConfig,
-    RedisHandlerConfig
-);
 
 impl Config {
     /// The key the PostgreSQL URL comes from, as error messages name it.
@@ -1293,11 +1167,6 @@ impl Config {
                     b.name
                 ));
             }
-            for pattern in &b.events {
-                if let Err(e) = crate::domain::EventPattern::parse(pattern) {
-                    return err(format!("handlers[{i}] `{}`: events: {e}", b.name));
-                }
-            }
             if let HandlerConfig::Command(c) = handler
                 && c.command.first().is_none_or(|p| p.is_empty())
             {
@@ -1411,5 +1280,40 @@ mod tests {
         assert_eq!(c.sources["acme"].tolerance, Duration::from_secs(300));
         assert_eq!(c.sources["acme"].ack, AckMode::Durable);
         assert_eq!(c.dispatch.max_attempts, 8);
+    }
+
+    /// Event patterns are parsed as the file is read: a handler's binding holds them
+    /// parsed, and a bad one is refused with the line of its `[[handlers]]` table (the
+    /// `kind` tag makes serde read the table whole) and what is wrong; nothing parses them
+    /// again later.
+    #[test]
+    fn event_patterns_are_parsed_once_at_load_and_a_bad_one_names_its_line() {
+        let with = |events: &str| {
+            Config::parse(
+                &format!(
+                    "{MINIMAL}
+[[handlers]]
+name = \"h\"\nkind = \"log\"\nevents = {events}\n"
+                ),
+                "t.toml",
+            )
+        };
+        let c = with(r#"["*", "application.*", "payment_link.paid"]"#).expect("valid");
+        assert_eq!(
+            c.handlers[0].binding().events,
+            vec![
+                crate::domain::EventPattern::Any,
+                crate::domain::EventPattern::Prefix("application.".into()),
+                crate::domain::EventPattern::Exact("payment_link.paid".into()),
+            ]
+        );
+        let e = with(r#"["app*.created"]"#).expect_err("a misplaced wildcard");
+        let text = e.to_string();
+        assert!(
+            text.contains("line 5") && text.contains("pattern `app*.created`: `*` may only"),
+            "{text}"
+        );
+        let e = with(r#"[""]"#).expect_err("an empty pattern");
+        assert!(e.to_string().contains("line 5"), "{e}");
     }
 }

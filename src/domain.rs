@@ -132,6 +132,13 @@ impl EventPattern {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for EventPattern {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<EventPattern, D::Error> {
+        let text = String::deserialize(d)?;
+        EventPattern::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A handler's `match`: for every JSON pointer, the values the body may hold there. Empty
 /// matches every delivery.
 #[derive(Debug, Clone, Default, PartialEq)]

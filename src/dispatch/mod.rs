@@ -19,7 +19,7 @@
 //! between is caught by `begin_attempt`, under the delivery's lock.
 //!
 //! Failures back off exponentially with jitter ([`backoff`]); after `max_attempts`, or a
-//! [`HandlerError::Permanent`], the pair is dead-lettered and kept.
+//! [`HandlerError::Permanent`](crate::handlers::HandlerError::Permanent), the pair is dead-lettered and kept.
 //!
 //! Where things are: [`runner`] runs one pair once (its turn, its start, the handler under
 //! a fenced lease, the outcome); [`turns`] is each handler's `concurrency` and `rate`, the

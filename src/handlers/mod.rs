@@ -300,15 +300,7 @@ impl Registration {
         binding: Binding,
         handler: Arc<dyn Handler>,
     ) -> Result<Registration, RegistryError> {
-        let events = binding
-            .events
-            .iter()
-            .map(|p| EventPattern::parse(p))
-            .collect::<Result<_, _>>()
-            .map_err(|source| RegistryError::Pattern {
-                handler: binding.name.clone(),
-                source,
-            })?;
+        let events = binding.events;
         Ok(Registration {
             name: binding.name,
             source: binding.source.filter(|s| s != "*"),
@@ -361,14 +353,6 @@ pub enum RegistryError {
         handler: String,
         /// The source it names.
         source_name: String,
-    },
-    /// An event pattern is invalid.
-    #[error("handler `{handler}`: {source}")]
-    Pattern {
-        /// The handler.
-        handler: String,
-        /// What is wrong.
-        source: crate::domain::PatternError,
     },
     /// An `http` handler's URL is unusable.
     #[error("handler `{handler}`: {source}")]
