@@ -1,5 +1,7 @@
 //! The one table from a failure to an HTTP status and the contract's JSON error body
-//! `{"error":"<code>","message":"<one human sentence>"}`.
+//! `{"error":"<code>","message":"<one human sentence>"}`: every error of the layers below
+//! the routes ([`crate::ingest`], [`crate::operations`], the store) is mapped here, and so
+//! are the outcome labels a webhook request is counted and traced under.
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
@@ -102,6 +104,53 @@ impl From<crate::ingest::IngestError> for ApiError {
             IngestError::HandlerFailed => ApiError::HandlerFailed,
             IngestError::Storage(_) => ApiError::StorageUnavailable,
         }
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    /// The store failed: logged here, once, and answered as unavailable (the sender, or the
+    /// operator, retries); what failed is never in the answer.
+    fn from(e: crate::store::StoreError) -> ApiError {
+        tracing::error!(error = %e, "store failure");
+        ApiError::StorageUnavailable
+    }
+}
+
+impl From<crate::operations::OperationError> for ApiError {
+    fn from(e: crate::operations::OperationError) -> ApiError {
+        use crate::operations::OperationError;
+        match e {
+            OperationError::NotFound => ApiError::NotFound,
+            OperationError::UnknownHandler => ApiError::UnknownHandler,
+            OperationError::Invalid(_) => ApiError::InvalidQuery,
+            OperationError::Storage(e) => e.into(),
+            OperationError::Interrupted => {
+                tracing::error!("an operator action's task ended without an answer");
+                ApiError::StorageUnavailable
+            }
+        }
+    }
+}
+
+/// How a webhook request ended, as it is counted (`webhook_inbox_deliveries_total`'s
+/// `outcome` and `reason`) and traced: the outcome of an answered delivery, or of an error
+/// that is not the sender's fault; `rejected` with the error's code for the rest.
+pub fn outcome_labels(
+    result: &Result<crate::ingest::Outcome, ApiError>,
+) -> (&'static str, &'static str) {
+    use crate::ingest::Outcome;
+    match result {
+        Ok(Outcome::Accepted(_)) => ("accepted", ""),
+        Ok(Outcome::Processed(_)) => ("processed", ""),
+        Ok(Outcome::Replayed(_)) => ("replayed", ""),
+        Ok(Outcome::BodyDuplicate(_)) => ("body_duplicate", ""),
+        Ok(Outcome::Handshake(_)) => ("handshake", ""),
+        Err(ApiError::DeliveryIdConflict) => ("conflict", ""),
+        Err(ApiError::DeliveryInProgress { .. }) => ("in_progress", ""),
+        Err(ApiError::StorageUnavailable) => ("unavailable", ""),
+        Err(ApiError::ServerBusy) => ("busy", ""),
+        Err(ApiError::HandlerFailed) => ("handler_failed", ""),
+        Err(e) => ("rejected", e.code()),
     }
 }
 

@@ -44,6 +44,7 @@ pub mod fixture;
 pub mod handlers;
 pub mod ingest;
 pub mod metrics;
+pub mod operations;
 pub mod replay;
 pub mod retention;
 pub mod routes;

@@ -249,6 +249,12 @@ impl ApplicationBuilder {
         )
         .with_alerts(alerts.clone());
         let dispatcher = Dispatcher::new(runner.clone());
+        let operator = crate::operations::Operator::new(
+            store.clone(),
+            registry.clone(),
+            dispatcher.waker(),
+            self.clock,
+        );
         let ingest = Ingest {
             sources,
             store: store.clone(),
@@ -273,6 +279,7 @@ impl ApplicationBuilder {
             )),
             stopping: stopping.clone(),
             console: Default::default(),
+            operator,
             calls,
             alerts,
         });

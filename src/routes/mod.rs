@@ -1,6 +1,6 @@
 //! HTTP routes: the public webhook endpoint and the admin listener (health, metrics,
-//! admin API, web console). Thin: extract, call [`crate::ingest`] or the store, map errors in
-//! [`crate::error`].
+//! admin API, web console). Thin: extract, call [`crate::ingest`] or
+//! [`crate::operations`], map errors in [`crate::error`].
 
 pub mod admin;
 pub mod calls;
@@ -48,4 +48,6 @@ pub struct AppState {
     pub alerts: Arc<crate::alerts::Alerts>,
     /// The web console's sessions and sign-in throttle.
     pub console: console::ConsoleState,
+    /// The operator's actions, for the admin API and the console.
+    pub operator: crate::operations::Operator,
 }

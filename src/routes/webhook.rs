@@ -201,19 +201,7 @@ pub async fn receive(
     let result = handle(&req, &source, payload, &state, &span)
         .instrument(span.clone())
         .await;
-    let (outcome, reason) = match &result {
-        Ok(Outcome::Accepted(_)) => ("accepted", ""),
-        Ok(Outcome::Processed(_)) => ("processed", ""),
-        Ok(Outcome::Replayed(_)) => ("replayed", ""),
-        Ok(Outcome::BodyDuplicate(_)) => ("body_duplicate", ""),
-        Ok(Outcome::Handshake(_)) => ("handshake", ""),
-        Err(ApiError::DeliveryIdConflict) => ("conflict", ""),
-        Err(ApiError::DeliveryInProgress { .. }) => ("in_progress", ""),
-        Err(ApiError::StorageUnavailable) => ("unavailable", ""),
-        Err(ApiError::ServerBusy) => ("busy", ""),
-        Err(ApiError::HandlerFailed) => ("handler_failed", ""),
-        Err(e) => ("rejected", e.code()),
-    };
+    let (outcome, reason) = crate::error::outcome_labels(&result);
     span.record("outcome", if reason.is_empty() { outcome } else { reason });
     state.metrics.delivery(source_label, outcome, reason);
     if source_label != "_unknown"

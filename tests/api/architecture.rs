@@ -2,7 +2,9 @@
 //! line down to the shared types, never back. This test reads `src/` and fails on any
 //! `crate::…` reference that runs against the order below (test modules excepted), and on
 //! a top-level module the table does not place. Inside the store, each backend keeps to
-//! itself and only `store/open.rs` opens a store from the config.
+//! itself and only `store/open.rs` opens a store from the config. Below the routes, nothing
+//! knows HTTP; in the routes, only `/metrics` and `/readyz` read the store (the rest goes through
+//! `ingest` and `operations`).
 //!
 //! The order, lowest first (a module may use any module of a lower layer):
 //! ```text
@@ -14,7 +16,8 @@
 //!                                      operational webhooks
 //! 5  handlers, metrics, fixture        the Handler trait and built-ins; metrics; fixtures
 //! 6  dispatch, retention, export, replay, admin_client, testing, backfill
-//! 7  ingest                            HTTP-free: authenticate, claim, ack policy
+//! 7  ingest, operations                HTTP-free: authenticate, claim, ack policy; the
+//!                                      operator's actions (admin API and console)
 //! 8  error                             the one table from errors to HTTP
 //! 9  routes                            thin HTTP endpoints
 //! 10 startup                           builds and runs the service
@@ -44,6 +47,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("testing", 6),
     ("backfill", 6),
     ("ingest", 7),
+    ("operations", 7),
     ("error", 8),
     ("routes", 9),
     ("startup", 10),
@@ -247,4 +251,57 @@ fn backends_keep_to_themselves_and_stores_are_opened_in_one_place() {
         ),
     ];
     assert_eq!(store_violations(&planted).len(), 2);
+}
+
+/// HTTP stays in the routes: the layers below them never name actix-web, and the routes
+/// reach the store only to render `/metrics` and answer `/readyz` — everything else goes through `ingest` or
+/// `operations`, so that the admin API and the console cannot drift apart.
+fn http_violations(files: &[(String, String, String)]) -> Vec<String> {
+    let mut found = Vec::new();
+    for (module, path, text) in files {
+        let code = code(text);
+        // `error` (layer 8) is the table from errors to HTTP answers: it may.
+        let below_routes = layer(module).is_some_and(|l| l < 8);
+        if below_routes && (code.contains("actix_web") || code.contains("HttpResponse")) {
+            found.push(format!("{path}: `{module}` knows HTTP"));
+        }
+        if module == "routes" {
+            let store_uses = code.matches("state.store").count();
+            let path = path.replace('\\', "/");
+            let allowed = usize::from(
+                path.ends_with("src/routes/admin.rs") || path.ends_with("src/routes/health.rs"),
+            );
+            if store_uses > allowed {
+                found.push(format!(
+                    "{path}: a route reads the store itself ({store_uses} times)"
+                ));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn http_stays_in_the_routes_and_the_routes_go_through_ingest_and_operations() {
+    let mut files = Vec::new();
+    sources(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        None,
+        &mut files,
+    );
+    let found = http_violations(&files);
+    assert!(found.is_empty(), "{}", found.join("\n"));
+    let planted = vec![
+        (
+            "operations".to_owned(),
+            "src/operations.rs".to_owned(),
+            "fn f() -> actix_web::HttpResponse { todo!() }\n".to_owned(),
+        ),
+        (
+            "routes".to_owned(),
+            "src/routes/console/mod.rs".to_owned(),
+            "let n = state.store.dead_letters().await?;\n".to_owned(),
+        ),
+    ];
+    assert_eq!(http_violations(&planted).len(), 2);
 }

@@ -23,10 +23,8 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 
 use super::AppState;
-use super::admin::{
-    delivery_detail, handler_views, pause_handler, retry_delivery, retry_matching, rfc3339_ms,
-    tokens_match,
-};
+use super::admin::tokens_match;
+use crate::operations::{BackfillFields, OperationError, filter_time};
 use crate::store::{Cursor, DeliveryKey, DeliveryStatus, JobStatus, RetryFilter};
 pub use sessions::{
     MAX_SESSIONS, SESSION_TTL_MS, SIGN_IN_BURST, SIGN_IN_INTERVAL_MS, Session, Sessions,
@@ -123,25 +121,25 @@ enum Refusal {
     Page(StatusCode, maud::Markup),
 }
 
-impl From<crate::store::StoreError> for Refusal {
-    fn from(e: crate::store::StoreError) -> Refusal {
-        tracing::error!(error = %e, "store failure in the console");
-        Refusal::Page(
-            StatusCode::SERVICE_UNAVAILABLE,
-            pages::message(
+/// The console's page for an error of the contract's table ([`crate::error`]): its status,
+/// and its sentence (a storage failure says the store cannot be read, not that a delivery
+/// could not be recorded).
+impl From<crate::error::ApiError> for Refusal {
+    fn from(e: crate::error::ApiError) -> Refusal {
+        let page = match e {
+            crate::error::ApiError::StorageUnavailable => pages::message(
                 "Storage unavailable",
                 "The store cannot be read right now; try again in a moment.",
             ),
-        )
+            _ => pages::message("Cannot do that", &e.to_string()),
+        };
+        Refusal::Page(actix_web::ResponseError::status_code(&e), page)
     }
 }
 
-impl From<crate::error::ApiError> for Refusal {
-    fn from(e: crate::error::ApiError) -> Refusal {
-        Refusal::Page(
-            actix_web::ResponseError::status_code(&e),
-            pages::message("Cannot do that", &e.to_string()),
-        )
+impl From<OperationError> for Refusal {
+    fn from(e: OperationError) -> Refusal {
+        crate::error::ApiError::from(e).into()
     }
 }
 
@@ -305,15 +303,9 @@ async fn overview(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse 
 async fn overview_page(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, Refusal> {
     let session = signed_in(req, state)?;
     let activity = state.metrics.activity().last_hour(state.clock.now_ms());
-    let depth: usize = state
-        .store
-        .queue_depths()
-        .await?
-        .iter()
-        .map(|(_, n)| n)
-        .sum();
-    let dead = state.store.dead_letters().await?;
-    let handlers = handler_views(state, None).await?;
+    let depth = state.operator.queued().await?;
+    let dead = state.operator.dead_letters().await?;
+    let handlers = state.operator.handlers(None).await?;
     let sources: Vec<&str> = state.config.sources.keys().map(String::as_str).collect();
     Ok(html(
         StatusCode::OK,
@@ -418,12 +410,10 @@ async fn list(
     status: Option<DeliveryStatus>,
     cursor: Option<Cursor>,
 ) -> Result<crate::store::Page, Refusal> {
-    super::admin::list_off_the_workers(state, source.map(str::to_owned), status, PAGE_SIZE, cursor)
-        .await
-        .map_err(|e| match e {
-            Some(e) => e.into(),
-            None => crate::error::ApiError::StorageUnavailable.into(),
-        })
+    Ok(state
+        .operator
+        .list(source.map(str::to_owned), status, PAGE_SIZE, cursor)
+        .await?)
 }
 
 /// A console path: `/console/`, then `segments` (each percent-encoded, so an id with `/`
@@ -461,7 +451,7 @@ async fn delivery_page(
     id: &str,
 ) -> Result<HttpResponse, Refusal> {
     let session = signed_in(req, state)?;
-    let detail = delivery_detail(state, &DeliveryKey::new(source, id)).await?;
+    let detail = state.operator.detail(&DeliveryKey::new(source, id)).await?;
     Ok(html(
         StatusCode::OK,
         pages::delivery(&session.csrf, &detail),
@@ -477,7 +467,10 @@ async fn retry(
     answer(
         async {
             authorized_post(&req, &state, csrf_of(&form))?;
-            retry_delivery(&state, &DeliveryKey::new(&path.0, &path.1)).await?;
+            state
+                .operator
+                .retry(&DeliveryKey::new(&path.0, &path.1))
+                .await?;
             Ok(see_other(&console_url(
                 &["deliveries", &path.0, &path.1],
                 &[],
@@ -495,9 +488,10 @@ async fn fixture(
     answer(
         async {
             signed_in(&req, &state)?;
-            let fixture = crate::export::fixture_of(&*state.store, &state.config, &path.0, &path.1)
-                .await?
-                .ok_or(crate::error::ApiError::NotFound)?;
+            let fixture = state
+                .operator
+                .fixture(&state.config, &DeliveryKey::new(&path.0, &path.1))
+                .await?;
             // A file name of safe characters only, whatever the id holds.
             let name: String = path
                 .1
@@ -550,8 +544,8 @@ async fn dead_letters(
             let session = signed_in(&req, &state)?;
             let source = (!filter.source.is_empty()).then_some(filter.source.as_str());
             let (since, until) = (
-                rfc3339_ms(Some(&filter.since))?,
-                rfc3339_ms(Some(&filter.until))?,
+                filter_time(Some(&filter.since))?,
+                filter_time(Some(&filter.until))?,
             );
             let mut shown = Vec::new();
             let mut cursor = None;
@@ -569,7 +563,7 @@ async fn dead_letters(
                 }
             }
             let sources: Vec<&str> = state.config.sources.keys().map(String::as_str).collect();
-            let handlers: Vec<&str> = state.ingest.registry.limits().map(|(n, _)| n).collect();
+            let handlers = state.operator.handler_names();
             Ok(html(
                 StatusCode::OK,
                 pages::dead_letters(
@@ -606,10 +600,10 @@ async fn retry_all(
                 source: (!form.source.is_empty()).then(|| form.source.clone()),
                 handler: (!form.handler.is_empty()).then(|| form.handler.clone()),
                 status: JobStatus::Dead,
-                since_ms: rfc3339_ms(Some(&form.since))?,
-                until_ms: rfc3339_ms(Some(&form.until))?,
+                since_ms: filter_time(Some(&form.since))?,
+                until_ms: filter_time(Some(&form.until))?,
             };
-            let retried = retry_matching(&state, &filter).await?;
+            let retried = state.operator.retry_matching(&filter).await?;
             Ok(see_other(&console_url(
                 &["dead"],
                 &[
@@ -646,7 +640,7 @@ async fn handlers(
     answer(
         async {
             let session = signed_in(&req, &state)?;
-            let views = handler_views(&state, None).await?;
+            let views = state.operator.handlers(None).await?;
             let sources: Vec<&str> = state.config.sources.keys().map(String::as_str).collect();
             let result = match (&done.backfilled, done.bound, done.already) {
                 (Some(handler), Some(bound), Some(already)) => Some(pages::BackfillResult {
@@ -697,17 +691,15 @@ async fn backfill(
             authorized_post(&req, &state, &form.csrf)?;
             let form = form.into_inner();
             let dry_run = form.dry_run.is_some();
-            let request = crate::routes::admin::backfill_request(
-                form.handler.clone(),
-                crate::routes::admin::BackfillBody {
-                    since: Some(form.since),
-                    until: Some(form.until),
-                    source: Some(form.source),
-                    events: Some(form.events),
-                    dry_run,
-                },
-            )?;
-            let report = crate::routes::admin::run_backfill(&state, request, |_| {}).await?;
+            let fields = BackfillFields {
+                since: Some(form.since),
+                until: Some(form.until),
+                source: Some(form.source),
+                events: Some(form.events),
+                dry_run,
+            };
+            let request = fields.request(form.handler.clone())?;
+            let report = state.operator.backfill(request, |_| {}).await?;
             Ok(see_other(&console_url(
                 &["handlers"],
                 &[
@@ -737,7 +729,7 @@ async fn pause_or_resume(
                 "resume" => false,
                 _ => return Err(crate::error::ApiError::NotFound.into()),
             };
-            pause_handler(&state, &name, paused).await?;
+            state.operator.set_paused(&name, paused).await?;
             Ok(see_other("/console/handlers"))
         }
         .await,

@@ -7,7 +7,7 @@ use maud::{DOCTYPE, Markup, html};
 use super::console_url;
 use crate::domain::fingerprint;
 use crate::metrics::{ACTIVITY_MINUTES, ActivityKind};
-use crate::routes::admin::{DeliveryDetail, HandlerStatusView};
+use crate::operations::{DeliveryDetail, HandlerStatusView};
 use crate::store::{DeliveryRecord, DeliveryStatus, DeliverySummary, JobState, JobStatus};
 
 /// The statuses a delivery can be filtered by, as the API names them.
