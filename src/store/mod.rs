@@ -35,8 +35,10 @@ pub mod postgres;
 mod sled;
 pub mod transitions;
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::hash::{Hash, Hasher};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -123,12 +125,57 @@ impl fmt::Display for DeliveryKey {
 }
 
 /// `(source, delivery id, handler)`: one unit of dispatch.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobKey {
     /// The delivery.
     pub delivery: DeliveryKey,
     /// The handler name.
     pub handler: String,
+}
+
+/// A pair by its three parts, borrowed: what lets a [`SkipSet`] be asked about a pair a
+/// store holds only as text, without building a [`JobKey`] for each entry it walks past.
+trait PairParts {
+    fn parts(&self) -> (&str, &str, &str);
+}
+
+impl PairParts for JobKey {
+    fn parts(&self) -> (&str, &str, &str) {
+        (&self.delivery.source, &self.delivery.id, &self.handler)
+    }
+}
+
+impl PairParts for (&str, &str, &str) {
+    fn parts(&self) -> (&str, &str, &str) {
+        *self
+    }
+}
+
+impl Hash for dyn PairParts + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.parts().hash(state);
+    }
+}
+
+impl PartialEq for dyn PairParts + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn PairParts + '_ {}
+
+/// Hashed as its parts, so that a borrowed [`PairParts`] finds it in a set.
+impl Hash for JobKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.parts().hash(state);
+    }
+}
+
+impl<'a> Borrow<dyn PairParts + 'a> for JobKey {
+    fn borrow(&self) -> &(dyn PairParts + 'a) {
+        self
+    }
 }
 
 impl JobKey {
@@ -656,26 +703,23 @@ pub struct QueuedJob {
     pub job: JobKey,
 }
 
-/// The pairs a queue read passes over (those running here, or held by another runner),
-/// each kept with its encoded key as well, so that a store can test its raw queue entries
-/// without decoding them: the entries being run stay at the front of the queue until their
-/// outcome is written, and every read walks past them.
+/// The pairs a queue read passes over (those running here, or held by another runner). A
+/// store asks about the entries it walks past by their parts
+/// ([`SkipSet::contains_pair`]), without building a key for each: the entries being run stay
+/// at the front of the queue until their outcome is written, and every read walks past them.
 #[derive(Debug, Clone, Default)]
 pub struct SkipSet {
     keys: HashSet<JobKey>,
-    encoded: HashSet<Vec<u8>>,
 }
 
 impl SkipSet {
     /// Adds `job`; false if it was there.
     pub fn insert(&mut self, job: JobKey) -> bool {
-        self.encoded.insert(job.encode());
         self.keys.insert(job)
     }
 
     /// Removes `job`; false if it was not there.
     pub fn remove(&mut self, job: &JobKey) -> bool {
-        self.encoded.remove(&job.encode());
         self.keys.remove(job)
     }
 
@@ -684,9 +728,9 @@ impl SkipSet {
         self.keys.contains(job)
     }
 
-    /// Whether the job whose [`JobKey::encode`] is `encoded` is passed over.
-    pub fn contains_encoded(&self, encoded: &[u8]) -> bool {
-        !self.encoded.is_empty() && self.encoded.contains(encoded)
+    /// Whether the pair (`source`, `id`, `handler`) is passed over.
+    pub fn contains_pair(&self, source: &str, id: &str, handler: &str) -> bool {
+        !self.keys.is_empty() && self.keys.contains(&(source, id, handler) as &dyn PairParts)
     }
 
     /// How many pairs are passed over.
@@ -1176,5 +1220,23 @@ mod tests {
         assert_ne!(a.idempotency_key(), b.idempotency_key());
         assert_ne!(a.idempotency_key(), c.idempotency_key());
         assert!(a.idempotency_key().len() <= 64);
+    }
+
+    /// A skip set answers for a pair given by its borrowed parts exactly as for its key,
+    /// and parts that only concatenate alike are different pairs.
+    #[test]
+    fn a_skip_set_knows_a_pair_by_its_parts() {
+        let mut skip = SkipSet::default();
+        assert!(!skip.contains_pair("s", "a", "h"));
+        skip.insert(DeliveryKey::new("s", "a").job("h"));
+        skip.insert(DeliveryKey::new("s", "b\u{1}").job("h"));
+        assert!(skip.contains_pair("s", "a", "h"));
+        assert!(skip.contains_pair("s", "b\u{1}", "h"));
+        assert!(!skip.contains_pair("s", "a", "h2"));
+        assert!(!skip.contains_pair("s", "ah", ""));
+        assert!(!skip.contains_pair("sa", "", "h"));
+        skip.remove(&DeliveryKey::new("s", "a").job("h"));
+        assert!(!skip.contains_pair("s", "a", "h"));
+        assert_eq!(skip.len(), 1);
     }
 }

@@ -52,6 +52,13 @@ pub(super) fn split_job_queue_key(k: &[u8]) -> Option<(u64, &[u8])> {
     split_time_key(&k[at + 1..])
 }
 
+/// A job key's three parts (`source \0 id \0 handler`), borrowed from the key.
+pub(super) fn job_parts(job: &[u8]) -> Option<(&str, &str, &str)> {
+    let text = std::str::from_utf8(job).ok()?;
+    let mut parts = text.splitn(3, '\0');
+    Some((parts.next()?, parts.next()?, parts.next()?))
+}
+
 pub(super) fn split_time_key(k: &[u8]) -> Option<(u64, &[u8])> {
     let (t, rest) = k.split_first_chunk::<8>()?;
     Some((u64::from_be_bytes(*t), rest))
