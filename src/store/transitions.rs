@@ -1,6 +1,6 @@
 //! The life of a (delivery, handler) pair as pure functions: what a start, a lease renewal,
-//! the end of a run and an operator retry make of its [`JobState`], and what that asks of
-//! the queue.
+//! the end of a run and an operator retry make of its [`JobState`], what that asks of the
+//! queue, and whether the pair still holds its delivery against retention.
 //!
 //! Why here: the rules — a final pair never runs again, a superseded run's failure is
 //! ignored but its success is kept, a retry gives a fresh `max_attempts`, a live lease
@@ -182,6 +182,25 @@ pub fn finish(
             finish(state, QueueChange::Keep)
         }
     })
+}
+
+/// Retention's rule (design.md, invariant 2): a pair keeps its delivery stored while it is
+/// not final and still has a way to run — its queue entry (`queued`), its place in its
+/// `order_by` line (`in_line`: the pair ahead hands it a way when it is final), or a run
+/// under a lease that still fences other runners (`lease_is_live`). A pair that is not
+/// final but has none of these (a processed-mode failure: the sender's retry runs it)
+/// does not keep it.
+pub fn keeps_its_delivery(
+    state: Option<&JobState>,
+    queued: bool,
+    in_line: bool,
+    lease_is_live: bool,
+) -> bool {
+    if state.is_some_and(JobState::is_final) {
+        return false;
+    }
+    let running = state.is_some_and(|s| s.status == JobStatus::Running && s.lease.is_some());
+    (running && lease_is_live) || queued || in_line
 }
 
 /// What an operator retry makes of a pair.
@@ -581,6 +600,44 @@ mod tests {
         assert!(matches!(
             operator_retry(Some(state(JobStatus::Failed, 1)), active, NOW),
             Retry::DueNow { .. }
+        ));
+    }
+
+    #[test]
+    fn a_pair_keeps_its_delivery_while_it_has_a_way_to_run() {
+        let keeps = |state: Option<&JobState>, queued, in_line, live| {
+            keeps_its_delivery(state, queued, in_line, live)
+        };
+        // Final: never, whatever is left behind.
+        for status in [JobStatus::Succeeded, JobStatus::Dead] {
+            assert!(!keeps(Some(&state(status, 1)), true, true, true));
+        }
+        // Never ran: its arrival entry.
+        assert!(keeps(None, true, false, false));
+        assert!(!keeps(None, false, false, false));
+        // Waiting in its line.
+        assert!(keeps(
+            Some(&state(JobStatus::Pending, 0)),
+            false,
+            true,
+            false
+        ));
+        // Running: while its lease fences, even with its entry gone.
+        assert!(keeps(Some(&running(1)), false, false, true));
+        assert!(!keeps(Some(&running(1)), false, false, false));
+        // Failed, waiting for its retry.
+        assert!(keeps(
+            Some(&state(JobStatus::Failed, 2)),
+            true,
+            false,
+            false
+        ));
+        // Failed with no way to run (processed mode: the sender's retry runs it).
+        assert!(!keeps(
+            Some(&state(JobStatus::Failed, 2)),
+            false,
+            false,
+            false
         ));
     }
 }

@@ -1791,3 +1791,50 @@ fn postgres_s_renewal_statement_agrees_with_the_transitions_module() {
         });
     });
 }
+
+/// PostgreSQL decides in one query which deliveries retention keeps; sled asks
+/// [`webhook_inbox::store::transitions::keeps_its_delivery`] pair by pair. Over every
+/// status, queued or not, in an `order_by` line or not, live and lapsed leases, a sweep
+/// past the delivery's age removes it exactly when the module says its pair does not keep
+/// it.
+#[test]
+fn postgres_s_retention_query_agrees_with_the_transitions_module() {
+    use proptest::prelude::*;
+    use webhook_inbox::store::{TAKE_OVER_GRACE_MS, transitions};
+    let Some((runtime, url, pg)) = one_pair_on_postgres("store: retention query", "old") else {
+        return;
+    };
+    let config = ProptestConfig::with_cases(PROPERTY_CASES);
+    proptest!(config, |(
+        status in prop::sample::select(EVERY_STATUS.to_vec()),
+        attempts in 0u32..3,
+        queued in any::<bool>(),
+        in_line in any::<bool>(),
+        live in any::<bool>(),
+    )| {
+        runtime.block_on(async {
+            if pg.record(&key("old")).await.expect("read").is_none() {
+                pg.claim(new("old", "{}", &["h"], false)).await.expect("claim");
+            }
+            let until = if live { NOW + 30_000 } else { NOW - TAKE_OVER_GRACE_MS - 1 };
+            set_pair(&url, "old", status, attempts, queued.then_some(NOW - 50), until).await;
+            let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
+            sqlx::query("UPDATE inbox_jobs SET order_key = $1 WHERE id = 'old'")
+                .bind(in_line.then_some("line-1"))
+                .execute(&mut db)
+                .await
+                .expect("line");
+            let job = key("old").job("h");
+            let before = pg.job(&job).await.expect("read").expect("a state");
+            let keeps = transitions::keeps_its_delivery(
+                Some(&before),
+                queued,
+                in_line,
+                before.lease.is_some_and(|l| l.blocks_at(NOW)),
+            );
+            pg.expire(NOW, NOW, 10).await.expect("expire");
+            let kept = pg.record(&key("old")).await.expect("read").is_some();
+            assert_eq!(kept, keeps, "{before:?}, queued {queued}, in line {in_line}");
+        });
+    });
+}

@@ -3,7 +3,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::super::{CheckReport, DeliveryRecord, JobKey, JobState, JobStatus, StoreError};
+use super::super::{
+    CheckReport, DeliveryRecord, JobKey, JobState, JobStatus, StoreError, transitions,
+};
 use super::encoding::{
     StoredBody, backend, decode_delivery_key, decode_record, job_queue_key, queue_key,
     split_delivery, split_job_queue_key, split_time_key,
@@ -25,20 +27,28 @@ impl SledInner {
         state: Option<&JobState>,
         now_ms: u64,
     ) -> Result<bool, StoreError> {
-        let entry = match state {
+        let queued = self.has_queue_entry(record, job_key, state)?;
+        Ok(transitions::keeps_its_delivery(
+            state,
+            queued,
+            false,
+            self.lease_is_live(state, now_ms),
+        ))
+    }
+
+    /// Whether the queue entry `state` names (for a pair that never ran, the one its claim
+    /// wrote, at its arrival) is there.
+    fn has_queue_entry(
+        &self,
+        record: &DeliveryRecord,
+        job_key: &[u8],
+        state: Option<&JobState>,
+    ) -> Result<bool, StoreError> {
+        let due = match state {
             None => Some(record.received_at_ms),
-            Some(s) if s.is_final() => return Ok(false),
-            Some(s) => {
-                if s.status == JobStatus::Running
-                    && s.lease
-                        .is_some_and(|l| l.owner == self.instance && l.blocks_at(now_ms))
-                {
-                    return Ok(true);
-                }
-                s.queued_at_ms
-            }
+            Some(s) => s.queued_at_ms,
         };
-        match entry {
+        match due {
             Some(due) => self
                 .queue
                 .contains_key(job_queue_key(due, job_key))
@@ -47,8 +57,17 @@ impl SledInner {
         }
     }
 
+    /// Whether the run lease in `state` still fences other runners: only a lease of this
+    /// process can be live (sled is one process's store).
+    fn lease_is_live(&self, state: Option<&JobState>, now_ms: u64) -> bool {
+        state
+            .and_then(|s| s.lease)
+            .is_some_and(|l| l.owner == self.instance && l.blocks_at(now_ms))
+    }
+
     /// Whether a pair that is not final will still run: it has a way to run, or it waits
-    /// in its `order_by` line (the pair ahead of it hands it one when it is final).
+    /// in its `order_by` line (the pair ahead of it hands it one when it is final) —
+    /// [`transitions::keeps_its_delivery`].
     pub(super) fn still_due(
         &self,
         record: &DeliveryRecord,
@@ -60,7 +79,12 @@ impl SledInner {
             return Ok(false);
         }
         let jk = record.key().job(handler).encode();
-        Ok(self.has_way_to_run(record, &jk, state, now_ms)? || self.in_line(record, handler)?)
+        Ok(transitions::keeps_its_delivery(
+            state,
+            self.has_queue_entry(record, &jk, state)?,
+            self.in_line(record, handler)?,
+            self.lease_is_live(state, now_ms),
+        ))
     }
 
     /// The invariant check of one delivery (1 and 2: every handler of an answered
