@@ -19,11 +19,20 @@
 //!   [`store::CallJournal`], [`store::Operations`], [`store::Maintenance`]; a
 //!   [`store::DeliveryStore`] is all five), [`store::open()`], `store copy`, group commit;
 //!   the sled and PostgreSQL backends, a file per role each.
-//! - [`dispatch`]: the worker pool over the durable queue; retries, back-off, dead letters.
+//!   The rules of a pair's life (start, renewal, end of a run, retry, retention) are pure
+//!   functions in `store::transitions`, which sled applies and PostgreSQL's statements
+//!   are property-tested against.
+//! - [`dispatch`]: the loop over the durable queue ([`dispatch::dispatcher`]), one run of a
+//!   pair ([`dispatch::runner`]), each handler's `concurrency` and `rate` (one gate,
+//!   [`dispatch::turns`]), the retry decision ([`dispatch::retry`]), fenced leases
+//!   ([`dispatch::hold`]).
 //! - [`retention`]: forgets deliveries older than `storage.retention`.
 //! - [`handlers`]: the [`handlers::Handler`] trait, the registry, the built-ins.
 //! - [`ingest`]: HTTP-free: authenticate → claim → ack policy → processed mode.
-//! - [`routes`]: the HTTP endpoints, thin; [`error`]: the one error → HTTP table.
+//! - [`operations`]: HTTP-free: the operator's actions, shared by the admin API and the
+//!   console.
+//! - [`routes`]: the HTTP endpoints, thin; [`error`]: the one error → HTTP table, and the
+//!   outcome labels of a webhook request.
 //! - [`startup`]: builds and runs the service (the same code for `serve` and tests).
 //! - [`fixture`]: fixture files, signed like a sender would.
 //! - [`metrics`]: Prometheus metrics; [`testing`]: the kit for handler authors.

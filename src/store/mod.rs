@@ -165,7 +165,7 @@ impl PartialEq for dyn PairParts + '_ {
 
 impl Eq for dyn PairParts + '_ {}
 
-/// Hashed as its parts, so that a borrowed [`PairParts`] finds it in a set.
+/// Hashed as its parts, so that a pair given by its borrowed parts finds it in a set.
 impl Hash for JobKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.parts().hash(state);
