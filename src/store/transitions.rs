@@ -203,6 +203,18 @@ pub fn keeps_its_delivery(
     (running && lease_is_live) || queued || in_line
 }
 
+/// An `order_by` line's hand-on: once no pair of the line has a way to run (one at a time),
+/// the first pair that is not final, in received order, is given one — a queue entry due
+/// at this time: its arrival if it never ran (the entry its claim would have written), now
+/// if it ran before and an operator put it back in line.
+pub fn next_in_line_due(state: Option<&JobState>, received_at_ms: u64, now_ms: u64) -> u64 {
+    if state.is_none_or(|s| s.status == JobStatus::Pending) {
+        received_at_ms
+    } else {
+        now_ms
+    }
+}
+
 /// What an operator retry makes of a pair.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Retry {
@@ -639,5 +651,18 @@ mod tests {
             false,
             false
         ));
+    }
+
+    #[test]
+    fn the_next_pair_of_a_line_is_due_at_its_arrival_unless_it_ran_before() {
+        assert_eq!(next_in_line_due(None, 5, NOW), 5);
+        assert_eq!(
+            next_in_line_due(Some(&state(JobStatus::Pending, 0)), 5, NOW),
+            5
+        );
+        // Put back in line by an operator retry (it died, or failed): due now.
+        for status in [JobStatus::Failed, JobStatus::Dead] {
+            assert_eq!(next_in_line_due(Some(&state(status, 2)), 5, NOW), NOW);
+        }
     }
 }

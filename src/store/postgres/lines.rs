@@ -50,7 +50,8 @@ pub(super) async fn lock_line(
 }
 
 /// Gives the first pair of a line that waits a way to run, unless a pair of the line has
-/// one already (the caller holds the line's lock). A pair never run is due at its
+/// one already (the caller holds the line's lock), due as
+/// [`crate::store::transitions::next_in_line_due`] says: a pair never run at its
 /// received_at, one put back in line by an operator retry now.
 pub(super) async fn promote_next(
     tx: &mut Transaction<'static, Postgres>,

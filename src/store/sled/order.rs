@@ -24,7 +24,7 @@
 //! has no queue entry, so no run of it can begin before the promotion's last write, and every
 //! other write to a parked pair happens under the line's lock.
 
-use super::super::{DeliveryKey, DeliveryRecord, JobState, StoreError, line_id};
+use super::super::{DeliveryKey, DeliveryRecord, JobState, StoreError, line_id, transitions};
 use super::encoding::{backend, decode_delivery_key, job_queue_key, split_time_key};
 use super::{Op, SledInner};
 
@@ -189,22 +189,24 @@ impl SledInner {
             return Ok(false);
         };
         let jk = record.key().job(handler).encode();
+        let due = transitions::next_in_line_due(state.as_ref(), record.received_at_ms, now_ms);
         match state {
             // Never run: its queue entry is the one a claim writes, at received_at.
             None => {
                 self.queue
-                    .insert(job_queue_key(record.received_at_ms, &jk), &[])
+                    .insert(job_queue_key(due, &jk), &[])
                     .map_err(backend)?;
             }
-            // Put back in line by an operator retry: due now. The state that names the
-            // entry first, so that no run can begin before both are written.
+            // With a state (put back in line by an operator retry, or bound by a
+            // backfill): the state that names the entry first, so that no run can begin
+            // before both are written.
             Some(mut state) => {
-                state.queued_at_ms = Some(now_ms);
+                state.queued_at_ms = Some(due);
                 state.updated_ms = now_ms;
                 self.write_job(&jk, &state)?;
                 self.step(op, "after-promoted-state");
                 self.queue
-                    .insert(job_queue_key(now_ms, &jk), &[])
+                    .insert(job_queue_key(due, &jk), &[])
                     .map_err(backend)?;
             }
         }
