@@ -329,8 +329,9 @@ fn a_store_exported_after_a_crash_counts_the_run_it_cut() {
     let dir = tempfile::TempDir::new().expect("dir");
     let log = dir.path().join("runs.log");
     let release = dir.path().join("release");
-    // Records its start, then waits until the test releases it (no stray sleeper left).
-    let script = r#"echo "start $WEBHOOK_ID $WEBHOOK_ATTEMPT" >> "$1"; cat > /dev/null; while [ ! -e "$2" ]; do sleep 0.05; done"#;
+    // Records its start, then waits until the test releases it, or its temp dir is gone
+    // (the test may end within the loop's 50 ms): no stray sleeper is left either way.
+    let script = r#"echo "start $WEBHOOK_ID $WEBHOOK_ATTEMPT" >> "$1"; cat > /dev/null; while [ ! -e "$2" ] && [ -e "$1" ]; do sleep 0.05; done"#;
     let (config_path, config) = write_config(dir.path(), "", script, &[&log, &release]);
     let (mut child, port) = start(&config_path);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");

@@ -14,8 +14,7 @@ fn sigterm_finishes_the_request_in_flight_and_exits_zero() {
     let dir = tempfile::TempDir::new().expect("dir");
     // `ack = "processed"` with a handler that waits for a file: the request is provably in
     // flight (the handler has started) when the signal arrives.
-    let script =
-        r#"touch "$1/started"; while [ ! -e "$1/release" ]; do sleep 0.01; done; cat > /dev/null"#;
+    let script = r#"touch "$1/started"; while [ ! -e "$1/release" ] && [ -e "$1" ]; do sleep 0.01; done; cat > /dev/null"#;
     let extra = format!(
         "\n[[handlers]]\nname = \"slow\"\nkind = \"command\"\nsource = \"credicorp\"\ncommand = [\"sh\", \"-c\", {script:?}, \"sh\", \"{}\"]\n",
         dir.path().display()
