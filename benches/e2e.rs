@@ -61,6 +61,8 @@ struct BenchOptions {
     baselines: Vec<PathBuf>,
     /// TOML appended to this build's config, each a further variant in the same rounds.
     variants: Vec<String>,
+    /// The rounds replay stored deliveries (100 % duplicates) instead of sending new ones.
+    rounds_replay: bool,
 }
 
 /// One case's figures.
@@ -1129,7 +1131,7 @@ async fn rounds(options: &BenchOptions, source: Arc<Source>) -> Result<(), Strin
     let load = || Load {
         body_size: 1024,
         duplicate_every: None,
-        replay_only: false,
+        replay_only: options.rounds_replay,
     };
     let client = reqwest::Client::new();
     for round in 1..=options.rounds {
@@ -1144,13 +1146,33 @@ async fn rounds(options: &BenchOptions, source: Arc<Source>) -> Result<(), Strin
             let text = config_text(dir.path(), "fsync", port, admin, options.workers);
             std::fs::write(&config, format!("{text}\n{extra}\n")).map_err(|e| e.to_string())?;
             let (server, _) = start_binary(binary, &config, port, admin).await?;
-            let (r, _) = drive(server.port, source.clone(), load(), options, 0).await;
+            if options.rounds_replay {
+                // Record the ids first and let their handlers finish: the measured window
+                // replays the first 10 000 of them.
+                let quick = BenchOptions {
+                    seconds: 2,
+                    ..options.clone()
+                };
+                let unique = Load {
+                    replay_only: false,
+                    ..load()
+                };
+                drive(server.port, source.clone(), unique, &quick, 0).await;
+                wait_queue_drained(admin, Duration::from_secs(120)).await?;
+            }
+            let (r, sent) = drive(server.port, source.clone(), load(), options, 0).await;
             let (runs, accepted) = runs_and_accepted(&client, admin).await;
             let processed_share = if accepted > 0.0 { runs / accepted } else { 0.0 };
             // Then every accepted delivery run, and the server's CPU time per delivery
             // (start-up included): steadier than a rate on a shared machine.
             wait_queue_drained(admin, Duration::from_secs(300)).await?;
-            let cpu_us = cpu_seconds(server.child.id()) * 1e6 / accepted.max(1.0);
+            // Replaying, per request answered (the recorded ones and the replays).
+            let answered = if options.rounds_replay {
+                accepted + sent as f64
+            } else {
+                accepted
+            };
+            let cpu_us = cpu_seconds(server.child.id()) * 1e6 / answered.max(1.0);
             let ratio = r.rate / b.rate.max(1.0);
             let p99 = r.p99.as_secs_f64() * 1000.0;
             eprintln!(
@@ -1463,6 +1485,10 @@ struct Args {
     /// as a further variant in the same rounds; repeatable.
     #[arg(long = "variant")]
     variants: Vec<String>,
+    /// The rounds replay stored deliveries (the replay path, 100 % duplicates) instead of
+    /// sending new ones.
+    #[arg(long)]
+    rounds_replay: bool,
     /// Serve the bare endpoint at `--listen` instead (the benchmark starts itself so).
     #[arg(long, hide = true)]
     bare: bool,
@@ -1509,6 +1535,7 @@ fn main() -> std::process::ExitCode {
         rounds: args.rounds,
         baselines: args.baselines,
         variants: args.variants,
+        rounds_replay: args.rounds_replay,
     };
     match runtime.block_on(run(&options)) {
         Ok(results) => {
