@@ -290,10 +290,9 @@ impl ApplicationBuilder {
         };
         let public_state = state.clone();
         let server = HttpServer::new(move || {
-            App::new().app_data(public_state.clone()).route(
-                "/webhooks/{source}",
-                web::post().to(routes::webhook::receive),
-            )
+            App::new()
+                .app_data(public_state.clone())
+                .default_service(web::to(routes::webhook::route))
         })
         .workers(workers)
         .disable_signals()
