@@ -1574,6 +1574,49 @@ fn postgres_s_retry_statement_agrees_with_the_transitions_module() {
     });
 }
 
+/// A start on PostgreSQL (`begun`, taking the pair from `before` to `after`) as
+/// [`webhook_inbox::store::transitions::start`] says it goes: the same answer (started, busy
+/// or skipped) and the same state after (untouched unless started; the lease's owner is the
+/// store's own runner id).
+fn assert_start_agrees(
+    before: &webhook_inbox::store::JobState,
+    after: &webhook_inbox::store::JobState,
+    begun: &Begin,
+    paused: bool,
+    queued_due: Option<u64>,
+) {
+    use webhook_inbox::store::transitions::{self, Start};
+    let expected = transitions::start(
+        Some(before.clone()),
+        before.attempts,
+        before.lease.is_some_and(|l| l.blocks_at(NOW)),
+        paused,
+        Lease {
+            owner: after.lease.map_or(0, |l| l.owner),
+            until_ms: LEASE,
+        },
+        queued_due,
+        NOW,
+    );
+    match expected {
+        Start::Run(state) => {
+            assert!(matches!(begun, Begin::Started(_)), "{before:?}: {begun:?}");
+            assert_eq!(*after, state, "from {before:?}");
+        }
+        Start::Busy { .. } => {
+            assert!(matches!(begun, Begin::Busy { .. }), "{before:?}: {begun:?}");
+            assert_eq!(after, before);
+        }
+        Start::Skip => {
+            assert!(matches!(begun, Begin::Skipped), "{before:?}: {begun:?}");
+            assert_eq!(
+                (after.status, after.attempts),
+                (before.status, before.attempts)
+            );
+        }
+    }
+}
+
 /// And for the start of a run: PostgreSQL's conditional `UPDATE … RETURNING` against
 /// [`webhook_inbox::store::transitions::start`], over every status, live and lapsed leases,
 /// a paused handler or not, a run from the queue or inline: the same answer (started, busy
@@ -1581,8 +1624,7 @@ fn postgres_s_retry_statement_agrees_with_the_transitions_module() {
 #[test]
 fn postgres_s_start_statement_agrees_with_the_transitions_module() {
     use proptest::prelude::*;
-    use webhook_inbox::store::transitions::{self, Start};
-    use webhook_inbox::store::{Lease, Operations as _, TAKE_OVER_GRACE_MS};
+    use webhook_inbox::store::{Operations as _, TAKE_OVER_GRACE_MS};
     let Some((runtime, url, pg)) = one_pair_on_postgres("store: start statement", "go") else {
         return;
     };
@@ -1607,34 +1649,7 @@ fn postgres_s_start_statement_agrees_with_the_transitions_module() {
                 .await
                 .expect("begin");
             let after = pg.job(&job).await.expect("read").expect("a state");
-            let expected = transitions::start(
-                Some(before.clone()),
-                before.attempts,
-                before.lease.is_some_and(|l| l.blocks_at(NOW)),
-                paused,
-                Lease {
-                    // The runner's id is the store's own.
-                    owner: after.lease.map_or(0, |l| l.owner),
-                    until_ms: LEASE,
-                },
-                queued_due,
-                NOW,
-            );
-            match expected {
-                Start::Run(state) => {
-                    assert!(matches!(begun, Begin::Started(_)), "{before:?}: {begun:?}");
-                    assert_eq!(after, state, "from {before:?}");
-                }
-                Start::Busy { .. } => {
-                    assert!(matches!(begun, Begin::Busy { .. }), "{before:?}: {begun:?}");
-                    assert_eq!(after, before);
-                }
-                Start::Skip => {
-                    assert!(matches!(begun, Begin::Skipped), "{before:?}: {begun:?}");
-                    assert_eq!(after.status, before.status);
-                    assert_eq!(after.attempts, before.attempts);
-                }
-            }
+            assert_start_agrees(&before, &after, &begun, paused, queued_due);
         });
     });
 }
@@ -1647,8 +1662,7 @@ fn postgres_s_start_statement_agrees_with_the_transitions_module() {
 #[test]
 fn postgres_s_limited_start_agrees_with_the_transitions_module_and_counts_live_leases() {
     use proptest::prelude::*;
-    use webhook_inbox::store::transitions::{self, Start};
-    use webhook_inbox::store::{Lease, TAKE_OVER_GRACE_MS};
+    use webhook_inbox::store::TAKE_OVER_GRACE_MS;
     let Some((runtime, url, pg)) = one_pair_on_postgres("store: limited start", "lim") else {
         return;
     };
@@ -1698,32 +1712,7 @@ fn postgres_s_limited_start_agrees_with_the_transitions_module_and_counts_live_l
                 assert_eq!(after, before);
                 return;
             }
-            let expected = transitions::start(
-                Some(before.clone()),
-                before.attempts,
-                before.lease.is_some_and(|l| l.blocks_at(NOW)),
-                false,
-                Lease {
-                    owner: after.lease.map_or(0, |l| l.owner),
-                    until_ms: LEASE,
-                },
-                Some(NOW - 50),
-                NOW,
-            );
-            match expected {
-                Start::Run(state) => {
-                    assert!(matches!(begun, Begin::Started(_)), "{before:?}: {begun:?}");
-                    assert_eq!(after, state, "from {before:?}");
-                }
-                Start::Busy { .. } => {
-                    assert!(matches!(begun, Begin::Busy { .. }), "{before:?}: {begun:?}");
-                    assert_eq!(after, before);
-                }
-                Start::Skip => {
-                    assert!(matches!(begun, Begin::Skipped), "{before:?}: {begun:?}");
-                    assert_eq!((after.status, after.attempts), (before.status, before.attempts));
-                }
-            }
+            assert_start_agrees(&before, &after, &begun, false, Some(NOW - 50));
         });
     });
 }
