@@ -26,6 +26,47 @@ async fn unknown_source_is_404() {
     assert_accepted_as_new(&app, "msg_unknown_source").await;
 }
 
+/// The public listener has one route, matched by hand (`routes::webhook::route`): a POST to
+/// `/webhooks/` and one segment, percent-decoded as actix's router did; anything else is a
+/// bare 404 that reaches no source and stores nothing.
+#[tokio::test]
+async fn only_a_post_to_one_source_segment_is_routed() {
+    let app = spawn_app().await;
+    let body = event("application.created", 1);
+    let headers = app.sign("msg_routed", body.as_bytes());
+    let send = |method: reqwest::Method, path: &str| {
+        let mut request = app
+            .client
+            .request(method, format!("{}{path}", app.address))
+            .body(body.clone());
+        for (k, v) in &headers {
+            request = request.header(k.as_str(), v.as_str());
+        }
+        request.send()
+    };
+    for (method, path) in [
+        (reqwest::Method::GET, "/webhooks/credicorp"),
+        (reqwest::Method::PUT, "/webhooks/credicorp"),
+        (reqwest::Method::POST, "/webhooks/credicorp/extra"),
+        (reqwest::Method::POST, "/webhooks/"),
+        (reqwest::Method::POST, "/hooks/credicorp"),
+    ] {
+        let response = send(method.clone(), path).await.expect("answered");
+        assert_eq!(response.status().as_u16(), 404, "{method} {path}");
+        assert!(
+            response.text().await.expect("body").is_empty(),
+            "{method} {path}: the router's bare 404, not a source's error"
+        );
+    }
+    assert_accepted_as_new(&app, "msg_routed").await;
+    // The segment is percent-decoded: `cred%69corp` is `credicorp`.
+    let response = send(reqwest::Method::POST, "/webhooks/cred%69corp")
+        .await
+        .expect("answered");
+    assert_eq!(response.status().as_u16(), 202);
+    assert!(response.headers().get("idempotent-replayed").is_some());
+}
+
 #[tokio::test]
 async fn body_over_the_limit_is_413_declared_or_streamed() {
     let app = spawn_with(Options {

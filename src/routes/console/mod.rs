@@ -24,7 +24,7 @@ use serde::Deserialize;
 
 use super::AppState;
 use super::admin::tokens_match;
-use crate::operations::{BackfillFields, OperationError, filter_time};
+use crate::operations::{BackfillFields, OperationError, filter_time, parse_status};
 use crate::store::{Cursor, DeliveryKey, DeliveryStatus, JobStatus, RetryFilter};
 pub use sessions::{
     MAX_SESSIONS, SESSION_TTL_MS, SIGN_IN_BURST, SIGN_IN_INTERVAL_MS, Session, Sessions,
@@ -356,10 +356,7 @@ async fn deliveries_page(
     let session = signed_in(req, state)?;
     let status: Option<DeliveryStatus> = match filter.status.as_str() {
         "" => None,
-        s => Some(
-            serde_json::from_value(serde_json::Value::String(s.to_owned()))
-                .map_err(|_| crate::error::ApiError::InvalidQuery)?,
-        ),
+        s => Some(parse_status(s)?),
     };
     let source = (!filter.source.is_empty()).then_some(filter.source.as_str());
     let mut cursor = match filter.cursor.as_str() {
