@@ -391,3 +391,87 @@ fn a_store_exported_after_a_crash_counts_the_run_it_cut() {
     assert_eq!(state.attempts, 1, "{state:?}");
     assert!(!state.is_final(), "{state:?}");
 }
+
+/// sled keeps a first run's queue entry in memory while the process lives (`first_runs`):
+/// a kill -9 loses the entries of deliveries acknowledged but not yet run (here four wait
+/// behind a run that blocks, `concurrency = 1`). `store check` lists each as what a crash
+/// left, not as a breach of invariant 1, and the next process runs every one of them.
+#[test]
+fn first_runs_queued_in_memory_all_run_after_a_kill_dash_nine() {
+    const N: usize = 5;
+    let dir = tempfile::TempDir::new().expect("dir");
+    let log = dir.path().join("runs.log");
+    let gate = dir.path().join("gate");
+    // Blocks until the gate exists (or the test's directory is gone: no stray loop).
+    let script = r#"echo "start $WEBHOOK_ID $PPID" >> "$1"; cat > /dev/null; while [ ! -e "$2" ] && [ -d "$(dirname "$1")" ]; do sleep 0.05; done; echo "end $WEBHOOK_ID $PPID" >> "$1""#;
+    let extra = format!(
+        "[[handlers]]\nname = \"effect\"\nkind = \"command\"\nsource = \"credicorp\"\nconcurrency = 1\ncommand = [\"sh\", \"-c\", {script:?}, \"sh\", \"{}\", \"{}\"]\n",
+        log.display(),
+        gate.display()
+    );
+    let text = config_text(
+        dir.path(),
+        &Options {
+            extra_toml: extra,
+            sled_only: true,
+            ..Options::default()
+        },
+    );
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, &text).expect("write config");
+    let config = Config::parse(&text, "t.toml").expect("config");
+    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
+    let wait_for = |what: &str, done: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done(&lines()) {
+            assert!(Instant::now() < deadline, "{what}: {}", lines());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    let (mut child, port) = start(&config_path);
+    let port = AtomicU16::new(port);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let client = reqwest::Client::new();
+    for n in 0..N {
+        let body = format!(r#"{{"type":"application.created","data":{{"n":{n}}}}}"#);
+        runtime.block_on(send_until_acknowledged(
+            &client,
+            &port,
+            &config.sources["credicorp"],
+            &format!("msg_mem_{n}"),
+            &body,
+        ));
+    }
+    wait_for("one run started", &|l| l.contains("start "));
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
+        .args(["store", "check", "--config"])
+        .arg(&config_path)
+        .output()
+        .expect("store check runs");
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && report.contains("0 violation(s)"),
+        "store check after the kill: {report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        report.matches("first run queued in memory").count(),
+        N,
+        "each pair that had not run is listed as the crash's: {report}"
+    );
+
+    std::fs::write(&gate, b"").expect("open the gate");
+    let (mut child, _) = start(&config_path);
+    let survivor = child.id().to_string();
+    wait_for("every delivery run by the next process", &|l| {
+        (0..N).all(|n| l.contains(&format!("end msg_mem_{n} {survivor}")))
+    });
+    let _ = Command::new("kill").args(["-TERM", &survivor]).status();
+    assert!(child.wait().expect("exit").success());
+    let report = assert_store_check_clean(&config_path);
+    assert!(!report.contains("first run queued in memory"), "{report}");
+}

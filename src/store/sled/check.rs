@@ -49,10 +49,7 @@ impl SledInner {
             Some(s) => s.queued_at_ms,
         };
         match due {
-            Some(due) => self
-                .queue
-                .contains_key(job_queue_key(due, job_key))
-                .map_err(backend),
+            Some(due) => self.has_queue_entry_key(&job_queue_key(due, job_key)),
             None => Ok(false),
         }
     }
@@ -147,6 +144,22 @@ impl SledInner {
             if state.as_ref().is_some_and(JobState::is_final) {
                 continue;
             }
+            if state.is_none()
+                && !record.order_keys.contains_key(handler)
+                && self.starts.unclean_after(record.received_at_ms) > 0
+            {
+                // Its first run's entry was kept in memory (see `first_runs`) by a process
+                // that died after the delivery arrived: put back where the claim had it.
+                report.leftovers.push(format!(
+                    "{job}: first run queued in memory when the process stopped: queued again"
+                ));
+                if repair {
+                    self.queue
+                        .insert(job_queue_key(record.received_at_ms, &jk), &[])
+                        .map_err(backend)?;
+                }
+                continue;
+            }
             let what = state
                 .as_ref()
                 .map_or("pending (no state)", |s| match s.status {
@@ -181,12 +194,7 @@ impl SledInner {
     /// and moves the watermark to now less [`WATERMARK_LAG_MS`].
     pub(super) fn repair_recent(&self) -> Result<(), StoreError> {
         let now = crate::clock::Clock::System.now_ms();
-        let since = self
-            .meta
-            .get(WATERMARK)
-            .map_err(backend)?
-            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0);
+        let since = self.watermark()?;
         let mut report = CheckReport::default();
         for index_key in self.received.range(since.to_be_bytes().to_vec()..).keys() {
             let index_key = index_key.map_err(backend)?;
@@ -204,13 +212,35 @@ impl SledInner {
         for line in &report.violations {
             tracing::warn!(repair = %line, "repaired on start");
         }
+        if !report.leftovers.is_empty() {
+            tracing::info!(
+                put_back = report.leftovers.len(),
+                "queue entries and index entries a stop without a close left, put right"
+            );
+        }
         self.advance_watermark(now)
+    }
+
+    /// The start-up repair's watermark (0 on a store that has none).
+    pub(super) fn watermark(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .meta
+            .get(WATERMARK)
+            .map_err(backend)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0))
     }
 
     /// Records that every delivery received before `now - lag` has been checked. Called
     /// on start and by the retention sweep.
+    ///
+    /// Never past the oldest first-run entry kept in memory: a crash loses those, and the
+    /// next opening finds their pairs again only among the deliveries after the watermark.
     pub(super) fn advance_watermark(&self, now_ms: u64) -> Result<(), StoreError> {
-        let mark = now_ms.saturating_sub(WATERMARK_LAG_MS);
+        let mut mark = now_ms.saturating_sub(WATERMARK_LAG_MS);
+        if let Some(oldest) = self.first_runs.oldest_due() {
+            mark = mark.min(oldest);
+        }
         self.meta
             .insert(WATERMARK, &mark.to_be_bytes())
             .map_err(backend)?;

@@ -73,6 +73,7 @@ impl Claims for SledStore {
                     return Ok((Claim::BodyDuplicate(first), true));
                 }
                 // An ordered handler whose line has someone in it waits there, unqueued.
+                // (queue key, whether it may be kept in memory: see `first_runs`)
                 let mut queue_keys = Vec::new();
                 if new.enqueue() {
                     for handler in &record.handlers {
@@ -85,10 +86,9 @@ impl Claims for SledStore {
                             None => false,
                         };
                         if !parked {
-                            queue_keys.push(job_queue_key(
-                                received_at,
-                                &record.key().job(handler).encode(),
-                            ));
+                            let key =
+                                job_queue_key(received_at, &record.key().job(handler).encode());
+                            queue_keys.push((key, !record.order_keys.contains_key(handler)));
                         }
                     }
                 }
@@ -96,8 +96,18 @@ impl Claims for SledStore {
                 // they point at nothing and are dropped when dispatch or retention meet them.
                 self.received.insert(&received_key, &[]).map_err(backend)?;
                 self.step(Op::Claim, "after-received-index");
-                for q in &queue_keys {
-                    self.queue.insert(q.as_slice(), &[]).map_err(backend)?;
+                for (q, in_memory) in queue_keys {
+                    // In memory while there is room; the tree otherwise (and for a line's).
+                    let durable = if in_memory {
+                        // Kept in memory only: a crash from now on must be counted.
+                        self.starts.mark_open(&self.meta)?;
+                        self.first_runs.insert(q).err()
+                    } else {
+                        Some(q)
+                    };
+                    if let Some(q) = durable {
+                        self.queue.insert(q, &[]).map_err(backend)?;
+                    }
                     self.step(Op::Claim, "after-queue-entry");
                 }
                 if record.body_dedup {

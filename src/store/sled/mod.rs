@@ -90,6 +90,7 @@ mod counted;
 mod disk;
 mod encoding;
 mod export;
+mod first_runs;
 mod import;
 mod listing;
 mod order;
@@ -227,6 +228,8 @@ pub struct SledInner {
     sweep_from: Mutex<Option<Vec<u8>>>,
     /// The starts of this process's runs, kept in memory (see `starts`).
     starts: starts::RunStarts,
+    /// First runs' queue entries kept in memory (see `first_runs`).
+    first_runs: first_runs::FirstRuns,
 }
 
 fn stripe_of(key: &[u8]) -> usize {
@@ -386,6 +389,7 @@ impl SledStore {
             instance: rand::random(),
             sweep_from: Mutex::new(None),
             starts,
+            first_runs: first_runs::FirstRuns::new(first_runs::FIRST_RUNS_KEPT),
         })))
     }
 }
@@ -581,7 +585,8 @@ impl SledInner {
         if let Some(last) = end.last_mut() {
             *last = 1;
         }
-        self.queue.range(start..end).keys().filter_map(move |k| {
+        let memory = self.first_runs.range(start.clone(), end.clone());
+        first_runs::merge(self.queue.range(start..end).keys(), memory).filter_map(move |k| {
             let k = match k {
                 Ok(k) => k,
                 Err(e) => return Some(Err(backend(e))),
@@ -605,6 +610,18 @@ impl SledInner {
 
     /// The handlers with queue entries: one seek per handler, not a walk of the queue.
     fn queued_handlers(&self) -> Result<Vec<String>, StoreError> {
+        let mut handlers = self.durably_queued_handlers()?;
+        for handler in self.first_runs.handlers() {
+            let handler = String::from_utf8_lossy(&handler).into_owned();
+            if !handlers.contains(&handler) {
+                handlers.push(handler);
+            }
+        }
+        Ok(handlers)
+    }
+
+    /// The handlers with queue entries in the tree.
+    fn durably_queued_handlers(&self) -> Result<Vec<String>, StoreError> {
         let mut handlers = Vec::new();
         let mut from: Vec<u8> = Vec::new();
         while let Some(entry) = self.queue.range(from.clone()..).keys().next() {
@@ -679,17 +696,42 @@ impl SledInner {
         if let Some(old) = from
             && old != to
         {
-            self.queue
-                .remove(job_queue_key(old, job_key))
-                .map_err(backend)?;
+            self.remove_queue_entry(&job_queue_key(old, job_key))?;
         }
         Ok(())
+    }
+
+    /// Whether the queue holds the entry `key` (`handler_queue` layout), in memory or in
+    /// the tree.
+    fn has_queue_entry_key(&self, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.first_runs.contains(key) || self.queue.contains_key(key).map_err(backend)?)
+    }
+
+    /// Removes the queue entry `key` wherever it is: from memory, or else from the tree
+    /// (an entry kept in memory costs no write to remove).
+    fn remove_queue_entry(&self, key: &[u8]) -> Result<(), StoreError> {
+        if !self.first_runs.remove(key) {
+            self.queue.remove(key).map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the first-run entries kept in memory to the tree (a clean close: the next
+    /// opening then has nothing to put back). Returns whether it wrote any.
+    fn persist_first_runs(&self) -> Result<bool, StoreError> {
+        let entries = self.first_runs.take_all();
+        for key in &entries {
+            self.queue.insert(key.as_slice(), &[]).map_err(backend)?;
+        }
+        Ok(!entries.is_empty())
     }
 }
 
 impl Drop for SledInner {
     fn drop(&mut self) {
-        // No run of this process goes on past this: its starts are written as they stand.
+        // No run of this process goes on past this: its starts are written as they stand,
+        // and the queue entries kept in memory.
+        let _ = self.persist_first_runs();
         let _ = self.close_starts();
         self.commit.close();
         // Best effort: the group commit already made every acknowledged write durable.

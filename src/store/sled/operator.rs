@@ -121,10 +121,9 @@ impl Operations for SledStore {
         SledInner::queued_handlers(self)?
             .into_iter()
             .map(|h| {
-                let n = self
-                    .queue
-                    .scan_prefix(handler_queue_prefix(h.as_bytes()))
-                    .count();
+                let prefix = handler_queue_prefix(h.as_bytes());
+                let n = self.queue.scan_prefix(&prefix).count()
+                    + self.first_runs.count_with_prefix(&prefix);
                 Ok((h, n))
             })
             .collect()
@@ -157,7 +156,9 @@ impl Operations for SledStore {
         };
         // Running and failed pairs are queued; dead ones are in their own tree: neither
         // read walks the job states of everything stored.
-        for entry in self.queue.iter().keys() {
+        let in_memory = self.first_runs.snapshot();
+        let durable = self.queue.iter().keys();
+        for entry in durable.chain(in_memory.into_iter().map(|k| Ok(k.into()))) {
             let k = entry.map_err(backend)?;
             let Some(job) = split_job_queue_key(&k).and_then(|(_, j)| JobKey::decode(j)) else {
                 continue;

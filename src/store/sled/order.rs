@@ -237,9 +237,7 @@ impl SledInner {
             // Parked: no queue entry; promotion gives it one in its turn.
             if let Some(old) = state.queued_at_ms.take() {
                 self.write_job(&jk, state)?;
-                self.queue
-                    .remove(job_queue_key(old, &jk))
-                    .map_err(backend)?;
+                self.remove_queue_entry(&job_queue_key(old, &jk))?;
             } else {
                 self.write_job(&jk, state)?;
             }

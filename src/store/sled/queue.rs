@@ -108,10 +108,7 @@ impl JobQueue for SledStore {
                     Err(e) => return Err(e),
                 };
                 if let Some(due) = queued_due
-                    && !self
-                        .queue
-                        .contains_key(job_queue_key(due, &job_key))
-                        .map_err(backend)?
+                    && !self.has_queue_entry_key(&job_queue_key(due, &job_key))?
                 {
                     // Read before an operator retry moved it, or a run finished: stale.
                     return Ok((Begin::Skipped, false));
@@ -316,9 +313,7 @@ impl SledInner {
     /// delivery expired or never landed).
     fn drop_stale(&self, queued_due: Option<u64>, job_key: &[u8]) -> Result<(), StoreError> {
         if let Some(due) = queued_due {
-            self.queue
-                .remove(job_queue_key(due, job_key))
-                .map_err(backend)?;
+            self.remove_queue_entry(&job_queue_key(due, job_key))?;
         }
         Ok(())
     }

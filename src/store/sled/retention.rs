@@ -144,6 +144,7 @@ impl Maintenance for SledStore {
         if self.commit.is_poisoned() {
             return Err(StoreError::Flush("an earlier flush failed".into()));
         }
+        self.persist_first_runs()?;
         self.advance_watermark(crate::clock::Clock::System.now_ms())?;
         self.close_starts()?;
         self.commit.wait().await
@@ -166,9 +167,12 @@ impl Maintenance for SledStore {
     }
 
     async fn close(&self) {
-        // Starts still in memory are written as they stand and made durable (the final
-        // flush did it; a close without one does it here), then the group-commit thread
-        // ends. A store still used after this syncs in its callers.
+        // Starts and first-run queue entries still in memory are written as they stand and
+        // made durable (the final flush did it; a close without one does it here), then the
+        // group-commit thread ends. A store still used after this syncs in its callers.
+        if let Err(e) = self.persist_first_runs() {
+            tracing::warn!(error = %e, "writing the queue entries at close failed");
+        }
         if let Err(e) = self.close_starts() {
             tracing::warn!(error = %e, "writing the run starts at close failed");
         }
@@ -224,11 +228,9 @@ impl SledInner {
         }
         for (jk, state) in &states {
             // Its first queue entry (due on arrival) and its current one.
-            self.queue
-                .remove(job_queue_key(record.received_at_ms, jk))
-                .map_err(backend)?;
+            self.remove_queue_entry(&job_queue_key(record.received_at_ms, jk))?;
             if let Some(due) = state.as_ref().and_then(|s| s.queued_at_ms) {
-                self.queue.remove(job_queue_key(due, jk)).map_err(backend)?;
+                self.remove_queue_entry(&job_queue_key(due, jk))?;
             }
             self.jobs.remove(jk.as_slice()).map_err(backend)?;
             self.starts.forget(jk);

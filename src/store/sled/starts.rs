@@ -14,7 +14,9 @@
 //!   of that state (`SledInner::write_job`) replaces it. The outcome of the run is thus its
 //!   only write.
 //! - While any start may be unwritten, `meta` holds the mark `open`: set by the first start
-//!   after the store was opened or closed cleanly, and every start waits for the disk until
+//!   (or first queue entry kept in memory, see `first_runs`, which `store check` tells from
+//!   a lost entry by these same unclean starts) after the store was opened or closed
+//!   cleanly, and every start waits for the disk until
 //!   one such wait has ended after it was set ([`RunStarts::start`]); removed by
 //!   [`SledInner::close_starts`] (the final flush) once every start in memory is written as
 //!   it stands.
@@ -138,6 +140,21 @@ impl RunStarts {
         }
     }
 
+    /// Sets the mark `open` if it is not set: something of this process (a first run's
+    /// queue entry, see `first_runs`) now lives in memory only. Not waited for here: the
+    /// caller's own wait for the disk covers it (sled keeps a prefix of its log), and a
+    /// start still waits until the mark is known durable.
+    pub(super) fn mark_open(&self, meta: &CountedTree) -> Result<(), StoreError> {
+        let mut started = self.lock();
+        if !started.marked {
+            meta.insert(OPEN_MARK, &[]).map_err(backend)?;
+            started.marked = true;
+            started.mark_synced = false;
+            started.mark_generation += 1;
+        }
+        Ok(())
+    }
+
     /// Records a start. Returns the mark's generation when the mark `open` is not known
     /// to be on disk yet: the caller then waits for the disk before the handler begins, and
     /// reports it with [`RunStarts::mark_synced`].
@@ -147,13 +164,8 @@ impl RunStarts {
         job_key: &[u8],
         state: JobState,
     ) -> Result<Option<u64>, StoreError> {
+        self.mark_open(meta)?;
         let mut started = self.lock();
-        if !started.marked {
-            meta.insert(OPEN_MARK, &[]).map_err(backend)?;
-            started.marked = true;
-            started.mark_synced = false;
-            started.mark_generation += 1;
-        }
         started.states.insert(job_key.to_vec(), state);
         Ok((!started.mark_synced).then_some(started.mark_generation))
     }
@@ -168,7 +180,7 @@ impl RunStarts {
     }
 
     /// How many unclean starts came after `since_ms`.
-    fn unclean_after(&self, since_ms: u64) -> u32 {
+    pub(super) fn unclean_after(&self, since_ms: u64) -> u32 {
         let first_after = self.unclean.partition_point(|t| *t <= since_ms);
         (self.unclean.len() - first_after) as u32
     }

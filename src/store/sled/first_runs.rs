@@ -1,0 +1,314 @@
+//! The queue entries of first runs, kept in memory while dispatch keeps up.
+//!
+//! Why: a delivery used to cost five sled writes, two of them its handler's queue entry —
+//! written by the claim, removed by the run that succeeded a few milliseconds later
+//! (BENCHMARKS.md, session 12). sled is opened by one process at a time, so an entry only
+//! this process reads need not be on disk while the process lives; what must survive is
+//! the pair's way to run after a crash, and the store already has one for that: the
+//! start-up repair (`check.rs`) re-reads every delivery received since its watermark and
+//! puts back the entry of an acknowledged pair that has none.
+//!
+//! How:
+//! - A claim puts the first-run entry of each handler bound without `order_by` here, not
+//!   in the `handler_queue` tree (same key layout). Every read of the queue (dispatch's
+//!   scan, the stale check of a start, `store check`'s and retention's "has a way to run",
+//!   the queue depths) sees both; every removal removes from here first and touches the
+//!   tree only when the entry was not here. A run that succeeds thus writes only its
+//!   outcome; one that fails moves its entry to the tree as before (a retry is durable).
+//! - The watermark never passes the oldest entry held here (`SledInner::advance_watermark`),
+//!   so every entry a crash loses lies after it, and the next opening puts it back in the
+//!   tree. A clean close writes what is here to the tree first ([`FirstRuns::take_all`]),
+//!   so a restart repairs nothing.
+//! - At most [`FIRST_RUNS_KEPT`] entries: past that, a claim writes its entry to the tree
+//!   as before, so a backlog costs disk, not memory.
+//!
+//! Entries of pairs in an `order_by` line stay in the tree: their starts wait for the disk
+//! anyway, and the line's repair has its own rules (`order.rs`).
+
+use std::collections::{BTreeSet, VecDeque};
+use std::ops::Bound;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use super::encoding::split_job_queue_key;
+
+/// How many first-run entries are kept in memory at most (~100 bytes each).
+pub(super) const FIRST_RUNS_KEPT: usize = 65_536;
+
+/// Keys read from memory per lock taken by a scan.
+const CHUNK: usize = 128;
+
+/// The in-memory part of the queue: `handler_queue` keys (handler `\0` due ms job key).
+pub(super) struct FirstRuns {
+    entries: Mutex<BTreeSet<Vec<u8>>>,
+    capacity: usize,
+}
+
+impl FirstRuns {
+    pub(super) fn new(capacity: usize) -> Self {
+        FirstRuns {
+            entries: Mutex::new(BTreeSet::new()),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeSet<Vec<u8>>> {
+        // A panic while holding this lock leaves a set that is still consistent.
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps `key` here; gives it back when the set is full (the caller writes it to the
+    /// tree instead).
+    pub(super) fn insert(&self, key: Vec<u8>) -> Result<(), Vec<u8>> {
+        let mut entries = self.lock();
+        if entries.len() >= self.capacity {
+            return Err(key);
+        }
+        entries.insert(key);
+        Ok(())
+    }
+
+    pub(super) fn contains(&self, key: &[u8]) -> bool {
+        self.lock().contains(key)
+    }
+
+    /// Removes `key`; whether it was here.
+    pub(super) fn remove(&self, key: &[u8]) -> bool {
+        self.lock().remove(key)
+    }
+
+    /// The keys in `[start, end)`, in order, read a chunk at a time (no lock is held
+    /// between two calls of `next`' refills).
+    pub(super) fn range(&self, start: Vec<u8>, end: Vec<u8>) -> MemoryRange<'_> {
+        MemoryRange {
+            runs: self,
+            from: Bound::Included(start),
+            end,
+            buffered: VecDeque::new(),
+            exhausted: false,
+        }
+    }
+
+    /// Every key here, in order (the admin's handler statistics).
+    pub(super) fn snapshot(&self) -> Vec<Vec<u8>> {
+        self.lock().iter().cloned().collect()
+    }
+
+    /// Empties the set, returning what it held (a clean close writes it to the tree).
+    pub(super) fn take_all(&self) -> BTreeSet<Vec<u8>> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// The handlers with an entry here.
+    pub(super) fn handlers(&self) -> Vec<Vec<u8>> {
+        let entries = self.lock();
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        let mut from: Bound<Vec<u8>> = Bound::Unbounded;
+        while let Some(k) = entries
+            .range::<Vec<u8>, _>((from.clone(), Bound::Unbounded))
+            .next()
+        {
+            let Some(end) = k.iter().position(|b| *b == 0) else {
+                break;
+            };
+            let handler = k[..end].to_vec();
+            // Past every key of this handler: `handler \x01` sorts after `handler \0 …`.
+            let mut next = handler.clone();
+            next.push(1);
+            from = Bound::Included(next);
+            out.push(handler);
+        }
+        out
+    }
+
+    /// The earliest due time of an entry here: each handler's first key holds its least.
+    pub(super) fn oldest_due(&self) -> Option<u64> {
+        let entries = self.lock();
+        let mut oldest: Option<u64> = None;
+        let mut from: Bound<Vec<u8>> = Bound::Unbounded;
+        while let Some(k) = entries
+            .range::<Vec<u8>, _>((from.clone(), Bound::Unbounded))
+            .next()
+        {
+            let Some(end) = k.iter().position(|b| *b == 0) else {
+                break;
+            };
+            if let Some((due, _)) = split_job_queue_key(k) {
+                oldest = Some(oldest.map_or(due, |o| o.min(due)));
+            }
+            let mut next = k[..end].to_vec();
+            next.push(1);
+            from = Bound::Included(next);
+        }
+        oldest
+    }
+
+    /// How many entries `prefix` (a handler's) has here.
+    pub(super) fn count_with_prefix(&self, prefix: &[u8]) -> usize {
+        self.lock()
+            .range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|k| k.starts_with(prefix))
+            .count()
+    }
+}
+
+/// A scan of [`FirstRuns`] that takes the lock once per [`CHUNK`] keys.
+pub(super) struct MemoryRange<'a> {
+    runs: &'a FirstRuns,
+    from: Bound<Vec<u8>>,
+    end: Vec<u8>,
+    buffered: VecDeque<Vec<u8>>,
+    exhausted: bool,
+}
+
+impl Iterator for MemoryRange<'_> {
+    type Item = Vec<u8>;
+
+    fn next(&mut self) -> Option<Vec<u8>> {
+        if self.buffered.is_empty() && !self.exhausted {
+            let entries = self.runs.lock();
+            let bounds = (self.from.clone(), Bound::Excluded(self.end.clone()));
+            self.buffered
+                .extend(entries.range(bounds).take(CHUNK).cloned());
+            self.exhausted = self.buffered.len() < CHUNK;
+            if let Some(last) = self.buffered.back() {
+                self.from = Bound::Excluded(last.clone());
+            }
+        }
+        self.buffered.pop_front()
+    }
+}
+
+/// A key of the merged queue: from the tree or from memory.
+pub(super) enum QueueKey {
+    Durable(sled::IVec),
+    Memory(Vec<u8>),
+}
+
+impl std::ops::Deref for QueueKey {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            QueueKey::Durable(k) => k,
+            QueueKey::Memory(k) => k,
+        }
+    }
+}
+
+/// The tree's keys and memory's, merged in key order (a key in both, as while a close
+/// writes memory to the tree, comes once).
+pub(super) fn merge<'a>(
+    durable: impl Iterator<Item = sled::Result<sled::IVec>> + 'a,
+    memory: MemoryRange<'a>,
+) -> impl Iterator<Item = sled::Result<QueueKey>> + 'a {
+    let mut durable = durable.peekable();
+    let mut memory = memory.peekable();
+    std::iter::from_fn(move || {
+        let take_memory = match (durable.peek(), memory.peek()) {
+            (None, None) => return None,
+            (Some(Err(_)), _) | (Some(Ok(_)), None) => false,
+            (None, Some(_)) => true,
+            (Some(Ok(d)), Some(m)) => {
+                if d.as_ref() == m.as_slice() {
+                    memory.next();
+                    false
+                } else {
+                    m.as_slice() < d.as_ref()
+                }
+            }
+        };
+        if take_memory {
+            memory.next().map(|k| Ok(QueueKey::Memory(k)))
+        } else {
+            durable.next().map(|k| k.map(QueueKey::Durable))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sled::encoding::job_queue_key;
+
+    fn key(handler: &str, due: u64, id: &str) -> Vec<u8> {
+        job_queue_key(due, format!("src\0{id}\0{handler}").as_bytes())
+    }
+
+    #[test]
+    fn a_full_set_gives_the_key_back() {
+        let runs = FirstRuns::new(2);
+        assert!(runs.insert(key("a", 1, "x")).is_ok());
+        assert!(runs.insert(key("a", 2, "y")).is_ok());
+        assert_eq!(runs.insert(key("a", 3, "z")), Err(key("a", 3, "z")));
+        assert!(runs.remove(&key("a", 1, "x")));
+        assert!(!runs.remove(&key("a", 1, "x")));
+        assert!(runs.insert(key("a", 3, "z")).is_ok());
+    }
+
+    #[test]
+    fn a_range_reads_past_one_chunk_in_order() {
+        let runs = FirstRuns::new(10_000);
+        for n in 0..(CHUNK as u64 * 3 + 5) {
+            runs.insert(key("a", 1000 + n, "x")).expect("room");
+            runs.insert(key("b", n, "y")).expect("room");
+        }
+        let start = b"a\0".to_vec();
+        let end = b"a\x01".to_vec();
+        let got: Vec<Vec<u8>> = runs.range(start, end).collect();
+        assert_eq!(got.len(), CHUNK * 3 + 5);
+        assert!(got.windows(2).all(|w| w[0] < w[1]));
+        assert!(got.iter().all(|k| k.starts_with(b"a\0")));
+        assert_eq!(runs.handlers(), vec![b"a".to_vec(), b"b".to_vec()]);
+        assert_eq!(runs.oldest_due(), Some(0));
+        assert_eq!(runs.count_with_prefix(b"b\0"), CHUNK * 3 + 5);
+    }
+
+    #[test]
+    fn the_merge_is_ordered_and_yields_a_shared_key_once() {
+        let runs = FirstRuns::new(100);
+        for k in [
+            b"a\0\x01".to_vec(),
+            b"a\0\x03".to_vec(),
+            b"a\0\x05".to_vec(),
+        ] {
+            runs.insert(k).expect("room");
+        }
+        let durable: Vec<sled::Result<sled::IVec>> = [&b"a\0\x02"[..], b"a\0\x03", b"a\0\x06"]
+            .iter()
+            .map(|k| Ok(sled::IVec::from(*k)))
+            .collect();
+        let merged: Vec<Vec<u8>> = merge(
+            durable.into_iter(),
+            runs.range(b"a\0".to_vec(), b"a\x01".to_vec()),
+        )
+        .map(|k| k.expect("ok").to_vec())
+        .collect();
+        let expected: Vec<Vec<u8>> = [1u8, 2, 3, 5, 6]
+            .iter()
+            .map(|n| vec![b'a', 0, *n])
+            .collect();
+        assert_eq!(merged, expected);
+    }
+}
+
+#[cfg(test)]
+mod watermark_tests {
+    use crate::config::Durability;
+    use crate::store::sled::SledStore;
+    use crate::store::sled::check::WATERMARK_LAG_MS;
+    use crate::store::sled::encoding::job_queue_key;
+
+    #[test]
+    fn the_watermark_never_passes_a_first_run_kept_in_memory() {
+        let dir = tempfile::TempDir::new().expect("dir");
+        let store =
+            SledStore::open(&dir.path().join("data"), Durability::Buffered, 1 << 20).expect("open");
+        let now = 10_000_000;
+        let entry = job_queue_key(1_000, b"src\0id\0h");
+        store.first_runs.insert(entry.clone()).expect("room");
+        store.advance_watermark(now).expect("advance");
+        assert_eq!(store.watermark().expect("read"), 1_000);
+        assert!(store.first_runs.remove(&entry));
+        store.advance_watermark(now).expect("advance");
+        assert_eq!(store.watermark().expect("read"), now - WATERMARK_LAG_MS);
+    }
+}
