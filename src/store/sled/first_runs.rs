@@ -17,10 +17,14 @@
 //!   outcome; one that fails moves its entry to the tree as before (a retry is durable).
 //! - The watermark never passes the oldest entry held here (`SledInner::advance_watermark`),
 //!   so every entry a crash loses lies after it, and the next opening puts it back in the
-//!   tree. A clean close writes what is here to the tree first ([`FirstRuns::take_all`]),
+//!   tree. A clean close writes what is here to the tree first (`SledInner::persist_first_runs`),
 //!   so a restart repairs nothing.
 //! - At most [`FIRST_RUNS_KEPT`] entries: past that, a claim writes its entry to the tree
 //!   as before, so a backlog costs disk, not memory.
+//!
+//! A pair whose entry is here has no job state written: every operation that writes one
+//! (a run's outcome, an operator retry, retention) moves or removes the entry in the same
+//! locked step, so a start of such a pair skips the read of `jobs` (checked in debug builds).
 //!
 //! Entries of pairs in an `order_by` line stay in the tree: their starts wait for the disk
 //! anyway, and the line's repair has its own rules (`order.rs`).
@@ -88,14 +92,9 @@ impl FirstRuns {
         }
     }
 
-    /// Every key here, in order (the admin's handler statistics).
+    /// Every key here, in order (the admin's handler statistics, a clean close).
     pub(super) fn snapshot(&self) -> Vec<Vec<u8>> {
         self.lock().iter().cloned().collect()
-    }
-
-    /// Empties the set, returning what it held (a clean close writes it to the tree).
-    pub(super) fn take_all(&self) -> BTreeSet<Vec<u8>> {
-        std::mem::take(&mut *self.lock())
     }
 
     /// The handlers with an entry here.

@@ -4,6 +4,7 @@
 //! role of the store — `claim`, `queue` (dispatch), `journal` (call journal), `operator`,
 //! `retention` — and `encoding` (key and value layouts), `disk` (what a flush to disk is),
 //! `bodies` (the body log: bodies of 256 bytes or more, in segment files beside sled's),
+//! `first_runs` (first runs' queue entries, kept in memory),
 //! `check` (invariant check and start-up repair), `export` (`store copy`), `listing` (admin
 //! listings), `backfill`, `order` (the `order_by` lines), `starts` (run starts kept in
 //! memory, and the count of unclean starts that keeps `attempt + 1` across a crash).
@@ -12,7 +13,7 @@
 //! |--------------|----------------------------------|-----------------------------------------|
 //! | `deliveries` | `source \0 id`                   | u32 BE length, [`DeliveryRecord`] JSON, then the raw body, or (length's top bit set) where it lies in the body log |
 //! | `jobs`       | `source \0 id \0 handler`        | [`JobState`], JSON (absent: pending)    |
-//! | `handler_queue` | handler `\0` due ms (u64 BE) ++ job key | empty (the queue, per handler; a store of the older layout, one tree `queue` keyed by due ms first, is moved here when opened) |
+//! | `handler_queue` | handler `\0` due ms (u64 BE) ++ job key | empty (the queue, per handler, less the first runs kept in memory: see `first_runs`; a store of the older layout, one tree `queue` keyed by due ms first, is moved here when opened) |
 //! | `received`   | received ms (u64 BE) ++ `source \0 id` | empty                            |
 //! | `body_index` | `source \0 fingerprint`          | delivery id (body dedup); once that delivery expired: 0x01 ++ JSON of its id, received_at and answer |
 //! | `fp_expiry`  | received ms (u64 BE) ++ body index key | empty: fingerprints kept past their delivery |
@@ -45,7 +46,8 @@
 //! sled recovers a prefix of its log, so within an operation the order of writes is the
 //! order a crash can cut. Each operation writes the ways in before what they lead to and
 //! removes old ways in last:
-//! - claim: received_at index, queue entries, body index, the body appended to the body
+//! - claim: received_at index, queue entries (a first run's in memory, see `first_runs`:
+//!   a crash loses it and the start-up repair puts it back), body index, the body appended to the body
 //!   log (and its segment's bound raised, when needed), then the record (a crash before
 //!   the record leaves entries that point at nothing: dispatch and retention drop them),
 //!   then its `order_by` line entries (a crash before them leaves a pair outside its line:
@@ -687,9 +689,11 @@ impl SledInner {
         from: Option<u64>,
         to: u64,
     ) -> Result<(), StoreError> {
-        self.queue
-            .insert(job_queue_key(to, job_key), &[])
-            .map_err(backend)?;
+        let entry = job_queue_key(to, job_key);
+        self.queue.insert(entry.as_slice(), &[]).map_err(backend)?;
+        // The same key kept in memory (a move to the very ms it was due at) is now on disk:
+        // an entry in memory says its pair has no state written, and this one is about to.
+        self.first_runs.remove(&entry);
         self.step(op, "after-new-queue-entry");
         self.write_job(job_key, state)?;
         self.step(op, "after-job-state");
@@ -719,9 +723,11 @@ impl SledInner {
     /// Writes the first-run entries kept in memory to the tree (a clean close: the next
     /// opening then has nothing to put back). Returns whether it wrote any.
     fn persist_first_runs(&self) -> Result<bool, StoreError> {
-        let entries = self.first_runs.take_all();
+        // Written before they leave memory: a reader in between sees the entry somewhere.
+        let entries = self.first_runs.snapshot();
         for key in &entries {
             self.queue.insert(key.as_slice(), &[]).map_err(backend)?;
+            self.first_runs.remove(key);
         }
         Ok(!entries.is_empty())
     }

@@ -107,11 +107,14 @@ impl JobQueue for SledStore {
                     Err(StoreError::Corrupt(e)) => Err(e),
                     Err(e) => return Err(e),
                 };
-                if let Some(due) = queued_due
-                    && !self.has_queue_entry_key(&job_queue_key(due, &job_key))?
-                {
-                    // Read before an operator retry moved it, or a run finished: stale.
-                    return Ok((Begin::Skipped, false));
+                let mut entry_in_memory = false;
+                if let Some(due) = queued_due {
+                    let entry = job_queue_key(due, &job_key);
+                    entry_in_memory = self.first_runs.contains(&entry);
+                    if !entry_in_memory && !self.queue.contains_key(&entry).map_err(backend)? {
+                        // Read before an operator retry moved it, or a run finished: stale.
+                        return Ok((Begin::Skipped, false));
+                    }
                 }
                 let listed = match &delivery {
                     Ok((record, _)) => record.handlers.contains(&job.handler),
@@ -124,6 +127,13 @@ impl JobQueue for SledStore {
                 }
                 let (read, from_memory) = match self.starts.get(&job_key) {
                     Some(state) => (Some(state), true),
+                    // A pair whose entry is kept in memory has no state written: whatever
+                    // writes one moves or removes that entry under this same lock (see
+                    // `first_runs`). One read of `jobs` fewer per first run.
+                    None if entry_in_memory => {
+                        debug_assert!(self.read_written_job(&job_key)?.is_none());
+                        (None, false)
+                    }
                     None => (self.read_written_job(&job_key)?, false),
                 };
                 // Runs a crash interrupted count too (see `starts`).
