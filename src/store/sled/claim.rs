@@ -4,11 +4,14 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use std::sync::Arc;
+
 use super::bodies::BODY_LOG_MIN;
 use super::encoding::{
     BodyEntry, backend, body_index_key, encode_delivery, encode_logged_delivery, job_queue_key,
     queue_key,
 };
+use super::first_runs::Claimed;
 use super::order::{line_entry, line_locks};
 use super::{Op, SledInner, SledStore, order};
 use crate::config::Durability;
@@ -96,12 +99,31 @@ impl Claims for SledStore {
                 // they point at nothing and are dropped when dispatch or retention meet them.
                 self.received.insert(&received_key, &[]).map_err(backend)?;
                 self.step(Op::Claim, "after-received-index");
+                let mut claimed = None;
+                // Until the record is written: should the claim fail (or panic) before it,
+                // an entry left in memory would hand a start a delivery never stored.
+                let mut unrecorded = Unrecorded {
+                    runs: &self.first_runs,
+                    keys: Vec::new(),
+                };
                 for (q, in_memory) in queue_keys {
-                    // In memory while there is room; the tree otherwise (and for a line's).
+                    // In memory while there is room; the tree otherwise (and a line's).
                     let durable = if in_memory {
                         // Kept in memory only: a crash from now on must be counted.
                         self.starts.mark_open(&self.meta)?;
-                        self.first_runs.insert(q).err()
+                        let claimed = claimed.get_or_insert_with(|| {
+                            Arc::new(Claimed {
+                                record: record.clone(),
+                                body: new.body().clone(),
+                            })
+                        });
+                        match self.first_runs.insert(q.clone(), claimed) {
+                            Ok(()) => {
+                                unrecorded.keys.push(q);
+                                None
+                            }
+                            Err(q) => Some(q),
+                        }
                     } else {
                         Some(q)
                     };
@@ -118,6 +140,7 @@ impl Claims for SledStore {
                 }
                 let value = self.new_delivery_value(record, new.body())?;
                 self.deliveries.insert(&key, value).map_err(backend)?;
+                unrecorded.keys.clear();
                 // Line entries after the record: one a crash left without its record would
                 // hold up its line (the start-up repair puts a missing one back).
                 for handler in record.order_keys.keys() {
@@ -204,6 +227,22 @@ impl Claims for SledStore {
             Ok((true, true))
         })
         .await
+    }
+}
+
+/// The first-run entries a claim put in memory before its record: taken out again when the
+/// claim ends without the record (an error, a panic). One on disk is dropped as stale by
+/// the start that meets it; one in memory carries the delivery, so it must not stay.
+struct Unrecorded<'a> {
+    runs: &'a super::first_runs::FirstRuns,
+    keys: Vec<Vec<u8>>,
+}
+
+impl Drop for Unrecorded<'_> {
+    fn drop(&mut self) {
+        for key in &self.keys {
+            self.runs.remove(key);
+        }
     }
 }
 

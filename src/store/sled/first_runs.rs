@@ -29,55 +29,114 @@
 //! Entries of pairs in an `order_by` line stay in the tree: their starts wait for the disk
 //! anyway, and the line's repair has its own rules (`order.rs`).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
 
 use super::encoding::split_job_queue_key;
+use crate::store::DeliveryRecord;
 
 /// How many first-run entries are kept in memory at most (~100 bytes each).
 pub(super) const FIRST_RUNS_KEPT: usize = 65_536;
 
+/// How many bytes of claimed deliveries (record and body) are kept beside their entries
+/// at most; entries past it keep only their key, and their start reads the delivery.
+pub(super) const CLAIMED_BYTES_KEPT: usize = 16 << 20;
+
 /// Keys read from memory per lock taken by a scan.
 const CHUNK: usize = 128;
 
-/// The in-memory part of the queue: `handler_queue` keys (handler `\0` due ms job key).
+/// A delivery as its claim wrote it, kept beside its first runs' entries so that their
+/// starts need not read it back and decode it: the body never changes, nor the record's
+/// fields a run reads (handlers are only added, by a backfill, for other pairs).
+pub(super) struct Claimed {
+    pub(super) record: DeliveryRecord,
+    pub(super) body: Bytes,
+}
+
+impl Claimed {
+    /// What it costs to keep, roughly.
+    fn size(&self) -> usize {
+        let headers: usize = self
+            .record
+            .headers
+            .0
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        self.body.len() + headers + 256
+    }
+}
+
+/// The in-memory part of the queue: `handler_queue` keys (handler `\0` due ms job key),
+/// each with its claimed delivery while [`CLAIMED_BYTES_KEPT`] allows.
 pub(super) struct FirstRuns {
-    entries: Mutex<BTreeSet<Vec<u8>>>,
+    entries: Mutex<Entries>,
     capacity: usize,
+    claimed_budget: usize,
+}
+
+#[derive(Default)]
+struct Entries {
+    keys: BTreeMap<Vec<u8>, Option<Arc<Claimed>>>,
+    claimed_bytes: usize,
 }
 
 impl FirstRuns {
-    pub(super) fn new(capacity: usize) -> Self {
+    pub(super) fn new(capacity: usize, claimed_budget: usize) -> Self {
         FirstRuns {
-            entries: Mutex::new(BTreeSet::new()),
+            entries: Mutex::new(Entries::default()),
             capacity,
+            claimed_budget,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeSet<Vec<u8>>> {
-        // A panic while holding this lock leaves a set that is still consistent.
+    fn lock(&self) -> MutexGuard<'_, Entries> {
+        // A panic while holding this lock leaves a map that is still consistent.
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Keeps `key` here; gives it back when the set is full (the caller writes it to the
-    /// tree instead).
-    pub(super) fn insert(&self, key: Vec<u8>) -> Result<(), Vec<u8>> {
+    /// Keeps `key` here, with `claimed` while the budget allows; gives the key back when
+    /// the set is full (the caller writes it to the tree instead).
+    pub(super) fn insert(&self, key: Vec<u8>, claimed: &Arc<Claimed>) -> Result<(), Vec<u8>> {
         let mut entries = self.lock();
-        if entries.len() >= self.capacity {
+        if entries.keys.len() >= self.capacity {
             return Err(key);
         }
-        entries.insert(key);
+        let size = claimed.size();
+        let kept = (entries.claimed_bytes + size <= self.claimed_budget).then(|| {
+            entries.claimed_bytes += size;
+            claimed.clone()
+        });
+        if let Some(Some(old)) = entries.keys.insert(key, kept) {
+            entries.claimed_bytes -= old.size();
+        }
         Ok(())
     }
 
     pub(super) fn contains(&self, key: &[u8]) -> bool {
-        self.lock().contains(key)
+        self.lock().keys.contains_key(key)
+    }
+
+    /// `None` when `key` is not here; else its claimed delivery, if kept.
+    pub(super) fn get(&self, key: &[u8]) -> Option<Option<Arc<Claimed>>> {
+        self.lock().keys.get(key).cloned()
     }
 
     /// Removes `key`; whether it was here.
     pub(super) fn remove(&self, key: &[u8]) -> bool {
-        self.lock().remove(key)
+        let mut entries = self.lock();
+        match entries.keys.remove(key) {
+            Some(kept) => {
+                if let Some(claimed) = kept {
+                    entries.claimed_bytes -= claimed.size();
+                }
+                true
+            }
+            None => false,
+        }
     }
 
     /// The keys in `[start, end)`, in order, read a chunk at a time (no lock is held
@@ -94,7 +153,7 @@ impl FirstRuns {
 
     /// Every key here, in order (the admin's handler statistics, a clean close).
     pub(super) fn snapshot(&self) -> Vec<Vec<u8>> {
-        self.lock().iter().cloned().collect()
+        self.lock().keys.keys().cloned().collect()
     }
 
     /// The handlers with an entry here.
@@ -103,7 +162,9 @@ impl FirstRuns {
         let mut out: Vec<Vec<u8>> = Vec::new();
         let mut from: Bound<Vec<u8>> = Bound::Unbounded;
         while let Some(k) = entries
+            .keys
             .range::<Vec<u8>, _>((from.clone(), Bound::Unbounded))
+            .map(|(k, _)| k)
             .next()
         {
             let Some(end) = k.iter().position(|b| *b == 0) else {
@@ -125,7 +186,9 @@ impl FirstRuns {
         let mut oldest: Option<u64> = None;
         let mut from: Bound<Vec<u8>> = Bound::Unbounded;
         while let Some(k) = entries
+            .keys
             .range::<Vec<u8>, _>((from.clone(), Bound::Unbounded))
+            .map(|(k, _)| k)
             .next()
         {
             let Some(end) = k.iter().position(|b| *b == 0) else {
@@ -144,8 +207,9 @@ impl FirstRuns {
     /// How many entries `prefix` (a handler's) has here.
     pub(super) fn count_with_prefix(&self, prefix: &[u8]) -> usize {
         self.lock()
+            .keys
             .range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
-            .take_while(|k| k.starts_with(prefix))
+            .take_while(|(k, _)| k.starts_with(prefix))
             .count()
     }
 }
@@ -166,8 +230,13 @@ impl Iterator for MemoryRange<'_> {
         if self.buffered.is_empty() && !self.exhausted {
             let entries = self.runs.lock();
             let bounds = (self.from.clone(), Bound::Excluded(self.end.clone()));
-            self.buffered
-                .extend(entries.range(bounds).take(CHUNK).cloned());
+            self.buffered.extend(
+                entries
+                    .keys
+                    .range::<Vec<u8>, _>(bounds)
+                    .take(CHUNK)
+                    .map(|(k, _)| k.clone()),
+            );
             self.exhausted = self.buffered.len() < CHUNK;
             if let Some(last) = self.buffered.back() {
                 self.from = Bound::Excluded(last.clone());
@@ -224,7 +293,7 @@ pub(super) fn merge<'a>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::store::sled::encoding::job_queue_key;
 
@@ -232,23 +301,56 @@ mod tests {
         job_queue_key(due, format!("src\0{id}\0{handler}").as_bytes())
     }
 
+    /// A claimed delivery of `body_len` bytes.
+    pub(super) fn claimed(body_len: usize) -> Arc<Claimed> {
+        let record: DeliveryRecord = serde_json::from_value(serde_json::json!({
+            "source": "src", "id": "x", "fingerprint": "f", "received_at_ms": 1,
+            "event_type": null, "headers": [], "response": null, "handlers": ["a"]
+        }))
+        .expect("record");
+        Arc::new(Claimed {
+            record,
+            body: Bytes::from(vec![b'x'; body_len]),
+        })
+    }
+
     #[test]
     fn a_full_set_gives_the_key_back() {
-        let runs = FirstRuns::new(2);
-        assert!(runs.insert(key("a", 1, "x")).is_ok());
-        assert!(runs.insert(key("a", 2, "y")).is_ok());
-        assert_eq!(runs.insert(key("a", 3, "z")), Err(key("a", 3, "z")));
+        let runs = FirstRuns::new(2, 1 << 20);
+        let c = claimed(10);
+        assert!(runs.insert(key("a", 1, "x"), &c).is_ok());
+        assert!(runs.insert(key("a", 2, "y"), &c).is_ok());
+        assert_eq!(runs.insert(key("a", 3, "z"), &c), Err(key("a", 3, "z")));
         assert!(runs.remove(&key("a", 1, "x")));
         assert!(!runs.remove(&key("a", 1, "x")));
-        assert!(runs.insert(key("a", 3, "z")).is_ok());
+        assert!(runs.insert(key("a", 3, "z"), &c).is_ok());
+    }
+
+    #[test]
+    fn claimed_deliveries_are_kept_within_their_budget_only() {
+        let big = claimed(1000);
+        let runs = FirstRuns::new(100, 2 * big.size());
+        for n in 0..3 {
+            runs.insert(key("a", n, "x"), &big).expect("room");
+        }
+        // The third is queued all the same, without its delivery.
+        assert!(runs.get(&key("a", 0, "x")).expect("here").is_some());
+        assert!(runs.get(&key("a", 1, "x")).expect("here").is_some());
+        assert!(runs.get(&key("a", 2, "x")).expect("here").is_none());
+        assert!(runs.get(&key("a", 9, "x")).is_none());
+        // Removing one gives its bytes back.
+        assert!(runs.remove(&key("a", 0, "x")));
+        runs.insert(key("a", 3, "x"), &big).expect("room");
+        assert!(runs.get(&key("a", 3, "x")).expect("here").is_some());
     }
 
     #[test]
     fn a_range_reads_past_one_chunk_in_order() {
-        let runs = FirstRuns::new(10_000);
+        let runs = FirstRuns::new(10_000, 0);
+        let c = claimed(0);
         for n in 0..(CHUNK as u64 * 3 + 5) {
-            runs.insert(key("a", 1000 + n, "x")).expect("room");
-            runs.insert(key("b", n, "y")).expect("room");
+            runs.insert(key("a", 1000 + n, "x"), &c).expect("room");
+            runs.insert(key("b", n, "y"), &c).expect("room");
         }
         let start = b"a\0".to_vec();
         let end = b"a\x01".to_vec();
@@ -263,13 +365,14 @@ mod tests {
 
     #[test]
     fn the_merge_is_ordered_and_yields_a_shared_key_once() {
-        let runs = FirstRuns::new(100);
+        let runs = FirstRuns::new(100, 0);
+        let c = claimed(0);
         for k in [
             b"a\0\x01".to_vec(),
             b"a\0\x03".to_vec(),
             b"a\0\x05".to_vec(),
         ] {
-            runs.insert(k).expect("room");
+            runs.insert(k, &c).expect("room");
         }
         let durable: Vec<sled::Result<sled::IVec>> = [&b"a\0\x02"[..], b"a\0\x03", b"a\0\x06"]
             .iter()
@@ -290,11 +393,89 @@ mod tests {
 }
 
 #[cfg(test)]
-mod watermark_tests {
-    use crate::config::Durability;
-    use crate::store::sled::SledStore;
+mod store_tests {
+    use std::panic::AssertUnwindSafe;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::SystemTime;
+
+    use futures_util::FutureExt as _;
+
+    use crate::config::{Config, Durability};
     use crate::store::sled::check::WATERMARK_LAG_MS;
     use crate::store::sled::encoding::job_queue_key;
+    use crate::store::sled::first_runs::tests::claimed;
+    use crate::store::sled::{Op, SledOptions, SledStore, StoreProbe};
+    use crate::store::{
+        Claim, Claims as _, DeliveryKey, JobQueue as _, NewDelivery, SkipSet, StoredResponse,
+    };
+    use crate::verify::Source;
+
+    /// Panics once, when a claim reaches `step`.
+    struct PanicAt(&'static str, AtomicBool);
+
+    impl StoreProbe for PanicAt {
+        fn at(&self, op: Op, step: &'static str) {
+            if op == Op::Claim && step == self.0 && !self.1.swap(true, Ordering::SeqCst) {
+                panic!("injected: the claim is cut at {step}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claim_cut_before_its_record_leaves_no_first_run_in_memory() {
+        let dir = tempfile::TempDir::new().expect("dir");
+        let options = SledOptions {
+            probe: Some(Arc::new(PanicAt(
+                "after-queue-entry",
+                AtomicBool::new(false),
+            ))),
+            ..SledOptions::default()
+        };
+        let store = SledStore::open_with(
+            &dir.path().join("data"),
+            Durability::Buffered,
+            1 << 20,
+            options,
+        )
+        .expect("open");
+        let config = Config::parse(
+            "[sources.s]\nsecrets = [\"whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"]\n",
+            "t.toml",
+        )
+        .expect("config");
+        let source = Source::named(&config, "s").expect("source");
+        let new = || {
+            let delivery =
+                crate::testing::authenticated(&source, "msg_1", b"{}", SystemTime::now())
+                    .expect("signed");
+            NewDelivery::new(delivery, 1_000, vec!["h".into()], false).acknowledged(
+                StoredResponse {
+                    status: 202,
+                    body: "{}".into(),
+                },
+            )
+        };
+        let cut = AssertUnwindSafe(store.claim(new())).catch_unwind().await;
+        assert!(cut.is_err(), "the probe cut the claim");
+        let key = DeliveryKey::new("s", "msg_1");
+        assert!(store.record(&key).await.expect("read").is_none());
+        let due = store
+            .due_jobs(u64::MAX, 10, &SkipSet::default())
+            .await
+            .expect("due");
+        assert!(due.is_empty(), "a run of a delivery never stored: {due:?}");
+        // The sender's retry claims it, and its one entry leads to it.
+        assert!(matches!(
+            store.claim(new()).await.expect("claim"),
+            Claim::New
+        ));
+        let due = store
+            .due_jobs(u64::MAX, 10, &SkipSet::default())
+            .await
+            .expect("due");
+        assert_eq!(due.len(), 1);
+    }
 
     #[test]
     fn the_watermark_never_passes_a_first_run_kept_in_memory() {
@@ -303,7 +484,10 @@ mod watermark_tests {
             SledStore::open(&dir.path().join("data"), Durability::Buffered, 1 << 20).expect("open");
         let now = 10_000_000;
         let entry = job_queue_key(1_000, b"src\0id\0h");
-        store.first_runs.insert(entry.clone()).expect("room");
+        store
+            .first_runs
+            .insert(entry.clone(), &claimed(0))
+            .expect("room");
         store.advance_watermark(now).expect("advance");
         assert_eq!(store.watermark().expect("read"), 1_000);
         assert!(store.first_runs.remove(&entry));

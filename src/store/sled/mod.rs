@@ -391,7 +391,10 @@ impl SledStore {
             instance: rand::random(),
             sweep_from: Mutex::new(None),
             starts,
-            first_runs: first_runs::FirstRuns::new(first_runs::FIRST_RUNS_KEPT),
+            first_runs: first_runs::FirstRuns::new(
+                first_runs::FIRST_RUNS_KEPT,
+                first_runs::CLAIMED_BYTES_KEPT,
+            ),
         })))
     }
 }

@@ -95,26 +95,36 @@ impl JobQueue for SledStore {
         let mut mark_to_sync = None;
         let begun = self
             .locked_write(Op::BeginAttempt, &[&dk], || {
+                // The entry kept in memory of a first run, with the delivery as claimed.
+                let in_memory =
+                    queued_due.and_then(|due| self.first_runs.get(&job_queue_key(due, &job_key)));
+                let entry_in_memory = in_memory.is_some();
                 // A delivery that cannot be read back intact is started all the same (the attempt
                 // counted, under a lease), so that the runner dead-letters it through the one
                 // path that records a final outcome and hands its line on (invariant 8).
-                let delivery = match self.read_delivery(&dk) {
-                    Ok(None) => {
-                        self.drop_stale(queued_due, &job_key)?;
-                        return Ok((Begin::Skipped, false));
-                    }
-                    Ok(Some(delivery)) => Ok(delivery),
-                    Err(StoreError::Corrupt(e)) => Err(e),
-                    Err(e) => return Err(e),
+                let delivery = match in_memory.flatten() {
+                    // Its record is stored (a claim that failed before it took its entries
+                    // out of memory) and neither it nor the body has changed since.
+                    Some(claimed) => Ok((claimed.record.clone(), claimed.body.clone())),
+                    None => match self.read_delivery(&dk) {
+                        Ok(None) => {
+                            self.drop_stale(queued_due, &job_key)?;
+                            return Ok((Begin::Skipped, false));
+                        }
+                        Ok(Some(delivery)) => Ok(delivery),
+                        Err(StoreError::Corrupt(e)) => Err(e),
+                        Err(e) => return Err(e),
+                    },
                 };
-                let mut entry_in_memory = false;
-                if let Some(due) = queued_due {
-                    let entry = job_queue_key(due, &job_key);
-                    entry_in_memory = self.first_runs.contains(&entry);
-                    if !entry_in_memory && !self.queue.contains_key(&entry).map_err(backend)? {
-                        // Read before an operator retry moved it, or a run finished: stale.
-                        return Ok((Begin::Skipped, false));
-                    }
+                if let Some(due) = queued_due
+                    && !entry_in_memory
+                    && !self
+                        .queue
+                        .contains_key(job_queue_key(due, &job_key))
+                        .map_err(backend)?
+                {
+                    // Read before an operator retry moved it, or a run finished: stale.
+                    return Ok((Begin::Skipped, false));
                 }
                 let listed = match &delivery {
                     Ok((record, _)) => record.handlers.contains(&job.handler),
@@ -246,6 +256,13 @@ impl JobQueue for SledStore {
         // A final outcome hands an ordered handler's line on to the next delivery: the
         // line's lock too (its key is in the record, which does not change).
         let line = match outcome {
+            // A first run queued in memory is of a handler without `order_by` (see
+            // `first_runs`): no record to read for a line it has not.
+            AttemptOutcome::Succeeded | AttemptOutcome::Dead { .. }
+                if self.first_run_in_memory(&job_key) =>
+            {
+                None
+            }
             AttemptOutcome::Succeeded | AttemptOutcome::Dead { .. } => {
                 match self.deliveries.get(&dk).map_err(backend)? {
                     // A record that does not decode has no line this can find (its pair is
@@ -319,6 +336,15 @@ impl JobQueue for SledStore {
 }
 
 impl SledInner {
+    /// Whether the run of `job_key` this process started came from a first-run entry kept
+    /// in memory.
+    fn first_run_in_memory(&self, job_key: &[u8]) -> bool {
+        self.starts
+            .get(job_key)
+            .and_then(|state| state.queued_at_ms)
+            .is_some_and(|due| self.first_runs.contains(&job_queue_key(due, job_key)))
+    }
+
     /// Removes a queue entry that no longer leads anywhere (its job finished, or its
     /// delivery expired or never landed).
     fn drop_stale(&self, queued_due: Option<u64>, job_key: &[u8]) -> Result<(), StoreError> {
