@@ -447,17 +447,7 @@ fn first_runs_queued_in_memory_all_run_after_a_kill_dash_nine() {
     child.kill().expect("SIGKILL");
     child.wait().expect("reaped");
 
-    let out = Command::new(env!("CARGO_BIN_EXE_webhook-inbox"))
-        .args(["store", "check", "--config"])
-        .arg(&config_path)
-        .output()
-        .expect("store check runs");
-    let report = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success() && report.contains("0 violation(s)"),
-        "store check after the kill: {report}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let report = assert_store_check_clean(&config_path);
     assert_eq!(
         report.matches("first run queued in memory").count(),
         N,

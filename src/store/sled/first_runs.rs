@@ -161,50 +161,43 @@ impl FirstRuns {
 
     /// The handlers with an entry here.
     pub(super) fn handlers(&self) -> Vec<Vec<u8>> {
-        let entries = self.lock();
-        let mut out: Vec<Vec<u8>> = Vec::new();
-        let mut from: Bound<Vec<u8>> = Bound::Unbounded;
-        while let Some(k) = entries
-            .keys
-            .range::<Vec<u8>, _>((from.clone(), Bound::Unbounded))
-            .map(|(k, _)| k)
-            .next()
-        {
-            let Some(end) = k.iter().position(|b| *b == 0) else {
-                break;
-            };
-            let handler = k[..end].to_vec();
-            // Past every key of this handler: `handler \x01` sorts after `handler \0 …`.
-            let mut next = handler.clone();
-            next.push(1);
-            from = Bound::Included(next);
-            out.push(handler);
-        }
-        out
+        self.handler_fronts()
+            .into_iter()
+            .filter_map(|k| {
+                let end = k.iter().position(|b| *b == 0)?;
+                Some(k[..end].to_vec())
+            })
+            .collect()
     }
 
     /// The earliest due time of an entry here: each handler's first key holds its least.
     pub(super) fn oldest_due(&self) -> Option<u64> {
+        self.handler_fronts()
+            .iter()
+            .filter_map(|k| split_job_queue_key(k).map(|(due, _)| due))
+            .min()
+    }
+
+    /// The first key of each handler: one seek per handler, not a walk of every entry.
+    fn handler_fronts(&self) -> Vec<Vec<u8>> {
         let entries = self.lock();
-        let mut oldest: Option<u64> = None;
+        let mut fronts: Vec<Vec<u8>> = Vec::new();
         let mut from: Bound<Vec<u8>> = Bound::Unbounded;
-        while let Some(k) = entries
+        while let Some((k, _)) = entries
             .keys
             .range::<Vec<u8>, _>((from.clone(), Bound::Unbounded))
-            .map(|(k, _)| k)
             .next()
         {
             let Some(end) = k.iter().position(|b| *b == 0) else {
                 break;
             };
-            if let Some((due, _)) = split_job_queue_key(k) {
-                oldest = Some(oldest.map_or(due, |o| o.min(due)));
-            }
+            // Past every key of this handler: `handler \x01` sorts after `handler \0 …`.
             let mut next = k[..end].to_vec();
             next.push(1);
             from = Bound::Included(next);
+            fronts.push(k.clone());
         }
-        oldest
+        fronts
     }
 
     /// How many entries `prefix` (a handler's) has here.
