@@ -97,6 +97,15 @@ async fn alerts_reach_a_second_inbox_signed_and_once_each() {
             .status(),
         202
     );
+    // The success only once bad_2 is dead: run beside bad_2's, it could come between its
+    // two failures and make them a second "failing" after a "recovered".
+    assert!(
+        crate::helpers::eventually_async(Duration::from_secs(30), || async {
+            crate::helpers::dead_letters(&app).await == 2.0
+        })
+        .await,
+        "bad_2 dead-lettered"
+    );
     assert_eq!(
         app.deliver("good_1", &event("application.created", 3))
             .await

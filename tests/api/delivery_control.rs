@@ -338,22 +338,6 @@ match = { "/data/application/product" = ["mortgage"] }
     }
 }
 
-async fn dead_letters(app: &crate::helpers::TestApp) -> f64 {
-    let text = app
-        .client
-        .get(format!("{}/metrics", app.admin_address))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix("webhook_inbox_dead_letters "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(-1.0)
-}
-
 /// Bulk retry: 100 deliveries whose two handlers both died; `deliveries retry --all
 /// --handler ha` (the real binary, through the admin API) requeues exactly ha's 100 pairs,
 /// which run once more with the same idempotency keys and attempt numbers continuing; hb's
@@ -390,7 +374,7 @@ async fn a_bulk_retry_requeues_exactly_the_filtered_dead_pairs() {
     // max_attempts = 3 in the test config: three failures each, then dead.
     assert!(
         crate::helpers::eventually_async(Duration::from_secs(60), || async {
-            dead_letters(&app).await == 200.0
+            crate::helpers::dead_letters(&app).await == 200.0
         })
         .await,
         "every pair dead"
@@ -430,7 +414,7 @@ async fn a_bulk_retry_requeues_exactly_the_filtered_dead_pairs() {
     assert!(eventually(Duration::from_secs(30), || ha.runs().len() == 400).await);
     assert!(
         crate::helpers::eventually_async(Duration::from_secs(30), || async {
-            dead_letters(&app).await == 100.0
+            crate::helpers::dead_letters(&app).await == 100.0
         })
         .await
     );
@@ -465,7 +449,7 @@ async fn a_bulk_retry_requeues_exactly_the_filtered_dead_pairs() {
     assert!(eventually(Duration::from_secs(30), || hb.runs().len() == 400).await);
     assert!(
         crate::helpers::eventually_async(Duration::from_secs(30), || async {
-            dead_letters(&app).await == 0.0
+            crate::helpers::dead_letters(&app).await == 0.0
         })
         .await
     );

@@ -666,3 +666,20 @@ pub async fn postgres_store_at(url: &str) -> Arc<webhook_inbox::store::PgStore> 
         .expect("migrations run");
     Arc::new(store)
 }
+
+/// The `dead_letters` gauge of `app`'s metrics (-1 when it cannot be read).
+pub async fn dead_letters(app: &TestApp) -> f64 {
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.admin_address))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix("webhook_inbox_dead_letters "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(-1.0)
+}
