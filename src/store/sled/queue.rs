@@ -103,8 +103,9 @@ impl JobQueue for SledStore {
                 // counted, under a lease), so that the runner dead-letters it through the one
                 // path that records a final outcome and hands its line on (invariant 8).
                 let delivery = match in_memory.flatten() {
-                    // Its record is stored (a claim that failed before it took its entries
-                    // out of memory) and neither it nor the body has changed since.
+                    // Its record is stored (a claim cut before writing it takes its entries
+                    // back out of memory), and neither its body nor a field a run reads has
+                    // changed since.
                     Some(claimed) => Ok((claimed.record.clone(), claimed.body.clone())),
                     None => match self.read_delivery(&dk) {
                         Ok(None) => {

@@ -14,9 +14,9 @@
 //!   of that state (`SledInner::write_job`) replaces it. The outcome of the run is thus its
 //!   only write.
 //! - While any start may be unwritten, `meta` holds the mark `open`: set by the first start
-//!   (or first queue entry kept in memory, see `first_runs`, which `store check` tells from
-//!   a lost entry by these same unclean starts) after the store was opened or closed
-//!   cleanly, and every start waits for the disk until
+//!   after the store was opened or closed cleanly (or by the first queue entry kept in
+//!   memory, see `first_runs`: the unclean starts this mark leads to are how `store check`
+//!   tells an entry a crash lost from a breach), and every start waits for the disk until
 //!   one such wait has ended after it was set ([`RunStarts::start`]); removed by
 //!   [`SledInner::close_starts`] (the final flush) once every start in memory is written as
 //!   it stands.
