@@ -236,8 +236,13 @@ impl SledInner {
     ///
     /// Never past the oldest first-run entry kept in memory: a crash loses those, and the
     /// next opening finds their pairs again only among the deliveries after the watermark.
+    ///
+    /// Those held longer than the lag are written to the tree first (see `first_runs`), and
+    /// before the watermark (sled keeps a prefix of its log): a paused handler's entries do
+    /// not hold it back.
     pub(super) fn advance_watermark(&self, now_ms: u64) -> Result<(), StoreError> {
         let mut mark = now_ms.saturating_sub(WATERMARK_LAG_MS);
+        self.persist_first_runs_due_before(mark)?;
         if let Some(oldest) = self.first_runs.oldest_due() {
             mark = mark.min(oldest);
         }

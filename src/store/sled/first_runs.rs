@@ -17,7 +17,9 @@
 //!   outcome; one that fails moves its entry to the tree as before (a retry is durable).
 //! - The watermark never passes the oldest entry held here (`SledInner::advance_watermark`),
 //!   so every entry a crash loses lies after it, and the next opening puts it back in the
-//!   tree. A clean close writes what is here to the tree first (`SledInner::persist_first_runs`),
+//!   tree. An entry held longer than the watermark's lag (a paused handler's, a backlog's)
+//!   is written to the tree when the watermark advances, so that it does not hold the
+//!   watermark back: the start-up repair's scan stays as short as it was. A clean close writes what is here to the tree first (`SledInner::persist_first_runs`),
 //!   so a restart repairs nothing.
 //! - At most [`FIRST_RUNS_KEPT`] entries: past that, a claim writes its entry to the tree
 //!   as before, so a backlog costs disk, not memory.
@@ -152,6 +154,16 @@ impl FirstRuns {
             buffered: VecDeque::new(),
             exhausted: false,
         }
+    }
+
+    /// The keys here due before `cutoff` (ms), in order.
+    pub(super) fn due_before(&self, cutoff: u64) -> Vec<Vec<u8>> {
+        self.lock()
+            .keys
+            .keys()
+            .filter(|k| split_job_queue_key(k).is_some_and(|(due, _)| due < cutoff))
+            .cloned()
+            .collect()
     }
 
     /// Every key here, in order (the admin's handler statistics, a clean close).
@@ -474,20 +486,38 @@ mod store_tests {
     }
 
     #[test]
-    fn the_watermark_never_passes_a_first_run_kept_in_memory() {
+    fn a_recent_first_run_stays_in_memory_behind_the_watermark() {
         let dir = tempfile::TempDir::new().expect("dir");
         let store =
             SledStore::open(&dir.path().join("data"), Durability::Buffered, 1 << 20).expect("open");
         let now = 10_000_000;
-        let entry = job_queue_key(1_000, b"src\0id\0h");
+        let recent = now - 1_000;
+        let entry = job_queue_key(recent, b"src\0id\0h");
         store
             .first_runs
             .insert(entry.clone(), &claimed(0))
             .expect("room");
         store.advance_watermark(now).expect("advance");
-        assert_eq!(store.watermark().expect("read"), 1_000);
-        assert!(store.first_runs.remove(&entry));
+        assert_eq!(store.watermark().expect("read"), now - WATERMARK_LAG_MS);
+        // A recent entry stays in memory, and the watermark is not past it.
+        assert!(store.first_runs.contains(&entry));
+        assert!(store.watermark().expect("read") <= recent);
+    }
+
+    #[test]
+    fn an_entry_held_past_the_lag_goes_to_disk_and_frees_the_watermark() {
+        let dir = tempfile::TempDir::new().expect("dir");
+        let store =
+            SledStore::open(&dir.path().join("data"), Durability::Buffered, 1 << 20).expect("open");
+        let now = 10_000_000;
+        let old = job_queue_key(1_000, b"src\0old\0h");
+        store
+            .first_runs
+            .insert(old.clone(), &claimed(0))
+            .expect("room");
         store.advance_watermark(now).expect("advance");
         assert_eq!(store.watermark().expect("read"), now - WATERMARK_LAG_MS);
+        assert!(!store.first_runs.contains(&old));
+        assert!(store.queue.contains_key(&old).expect("read"), "on disk now");
     }
 }

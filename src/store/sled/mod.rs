@@ -726,8 +726,17 @@ impl SledInner {
     /// Writes the first-run entries kept in memory to the tree (a clean close: the next
     /// opening then has nothing to put back). Returns whether it wrote any.
     fn persist_first_runs(&self) -> Result<bool, StoreError> {
+        self.persist_entries(self.first_runs.snapshot())
+    }
+
+    /// Writes the first-run entries kept in memory that were due before `cutoff` to the
+    /// tree (see `first_runs`: they would hold the watermark back).
+    fn persist_first_runs_due_before(&self, cutoff: u64) -> Result<bool, StoreError> {
+        self.persist_entries(self.first_runs.due_before(cutoff))
+    }
+
+    fn persist_entries(&self, entries: Vec<Vec<u8>>) -> Result<bool, StoreError> {
         // Written before they leave memory: a reader in between sees the entry somewhere.
-        let entries = self.first_runs.snapshot();
         for key in &entries {
             self.queue.insert(key.as_slice(), &[]).map_err(backend)?;
             self.first_runs.remove(key);
