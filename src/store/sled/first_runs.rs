@@ -19,10 +19,14 @@
 //!   so every entry a crash loses lies after it, and the next opening puts it back in the
 //!   tree. An entry held longer than the watermark's lag (a paused handler's, a backlog's)
 //!   is written to the tree when the watermark advances, so that it does not hold the
-//!   watermark back: the start-up repair's scan stays as short as it was. A clean close writes what is here to the tree first (`SledInner::persist_first_runs`),
-//!   so a restart repairs nothing.
+//!   watermark back: the start-up repair's scan stays as short as it was. A clean close
+//!   writes what is here to the tree first (`SledInner::persist_first_runs`), so a restart
+//!   repairs nothing.
 //! - At most [`FIRST_RUNS_KEPT`] entries: past that, a claim writes its entry to the tree
-//!   as before, so a backlog costs disk, not memory.
+//!   as before, so a backlog costs disk, not memory. Each entry carries its delivery as
+//!   claimed ([`Claimed`]) while [`CLAIMED_BYTES_KEPT`] allows, so that the start of its run
+//!   reads nothing back; a claim cut before its record takes its entries out again
+//!   (`claim.rs`), so no start is handed a delivery that was never stored.
 //!
 //! A pair whose entry is here has no job state written: every operation that writes one
 //! (a run's outcome, an operator retry, retention) moves or removes the entry in the same
