@@ -158,15 +158,7 @@ async fn alerts_reach_a_second_inbox_signed_and_once_each() {
         n,
         "nothing sent twice"
     );
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.admin_address))
-        .send()
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains(r#"webhook_inbox_alerts_total{event="delivery.dead",result="sent"} 2"#),
         "{metrics}"
@@ -300,14 +292,8 @@ async fn a_refused_alert_is_retried_with_the_same_id() {
             .all(|(_, signature)| signature.starts_with("v1,"))
     );
     let sent = crate::helpers::eventually_async(Duration::from_secs(10), || async {
-        app.client
-            .get(format!("{}/metrics", app.admin_address))
-            .send()
+        app.metrics()
             .await
-            .expect("scrape")
-            .text()
-            .await
-            .expect("text")
             .contains(r#"webhook_inbox_alerts_total{event="delivery.dead",result="sent"} 1"#)
     })
     .await;

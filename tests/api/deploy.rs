@@ -134,16 +134,7 @@ async fn the_grafana_dashboard_names_only_metrics_the_binary_exports() {
     );
     // Scraped once its run is counted (the per-handler families appear with their first
     // sample, which lands just after the handler returns).
-    let scrape = || async {
-        app.client
-            .get(format!("{}/metrics", app.admin_address))
-            .send()
-            .await
-            .expect("scrape")
-            .text()
-            .await
-            .expect("text")
-    };
+    let scrape = || async { app.metrics().await };
     let counted = crate::helpers::eventually_async(std::time::Duration::from_secs(30), || async {
         scrape().await.contains(
             r#"webhook_inbox_handler_runs_total{handler="recorder",result="succeeded"} 1"#,

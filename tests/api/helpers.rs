@@ -313,6 +313,18 @@ pub async fn open_store_at(
 }
 
 impl TestApp {
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.admin_address))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
     /// Headers a sender signing with `secret` would attach.
     pub fn sign_with(
         &self,
@@ -669,15 +681,7 @@ pub async fn postgres_store_at(url: &str) -> Arc<webhook_inbox::store::PgStore> 
 
 /// The `dead_letters` gauge of `app`'s metrics (-1 when it cannot be read).
 pub async fn dead_letters(app: &TestApp) -> f64 {
-    let text = app
-        .client
-        .get(format!("{}/metrics", app.admin_address))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = app.metrics().await;
     text.lines()
         .find_map(|l| l.strip_prefix("webhook_inbox_dead_letters "))
         .and_then(|v| v.trim().parse().ok())

@@ -157,15 +157,7 @@ async fn one_body_under_many_ids_runs_once_and_each_id_leaves_a_trace() {
     let again = app.post("github", &headers, body.clone()).await;
     assert_replayed(&again);
     assert_eq!(&again.bytes().await.expect("body"), first_body);
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.admin_address))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     assert!(
         metrics
             .lines()
