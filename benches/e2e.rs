@@ -63,6 +63,9 @@ struct BenchOptions {
     variants: Vec<String>,
     /// The rounds replay stored deliveries (100 % duplicates) instead of sending new ones.
     rounds_replay: bool,
+    /// Where the large-store case keeps its pre-filled store between runs (none: a
+    /// temporary directory, filled every run).
+    prefill_dir: Option<PathBuf>,
 }
 
 /// One case's figures.
@@ -148,6 +151,27 @@ fn config_text(dir: &Path, durability: &str, port: u16, admin: u16, workers: usi
 
 fn config_with_storage(storage: &str, port: u16, admin: u16, workers: usize) -> String {
     config_with_handler(storage, port, admin, workers, "kind = \"log\"")
+}
+
+/// `base` with the TOML of a `--variant` merged in, table by table (so that a variant may
+/// set `[storage]` keys beside the ones the benchmark writes).
+fn with_variant(base: &str, variant: &str) -> Result<String, String> {
+    fn merge(into: &mut toml::Table, from: toml::Table) {
+        for (key, value) in from {
+            match (into.get_mut(&key), value) {
+                (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+                (_, value) => {
+                    into.insert(key, value);
+                }
+            }
+        }
+    }
+    let mut config: toml::Table = base.parse().map_err(|e| format!("bench config: {e}"))?;
+    let variant: toml::Table = variant
+        .parse()
+        .map_err(|e| format!("--variant {variant:?}: {e}"))?;
+    merge(&mut config, variant);
+    toml::to_string(&config).map_err(|e| e.to_string())
 }
 
 /// The bench config with the handler `noop` of `kind_keys` (its kind and the kind's keys).
@@ -975,7 +999,7 @@ async fn postgres(
         let (port, admin) = (free_port(), free_port());
         let config = dir.path().join(format!("replica{n}.toml"));
         let text = config_with_storage(&storage, port, admin, options.workers);
-        std::fs::write(&config, format!("{text}\n{extra_config}\n")).map_err(|e| e.to_string())?;
+        std::fs::write(&config, with_variant(&text, extra_config)?).map_err(|e| e.to_string())?;
         servers.push(start_with(&config, port, admin).await?.0);
     }
     let sampler = RunSampler::start(servers.iter().map(|s| s.admin).collect());
@@ -1144,7 +1168,7 @@ async fn rounds(options: &BenchOptions, source: Arc<Source>) -> Result<(), Strin
             let (port, admin) = (free_port(), free_port());
             let config = dir.path().join("bench.toml");
             let text = config_text(dir.path(), "fsync", port, admin, options.workers);
-            std::fs::write(&config, format!("{text}\n{extra}\n")).map_err(|e| e.to_string())?;
+            std::fs::write(&config, with_variant(&text, extra)?).map_err(|e| e.to_string())?;
             let (server, _) = start_binary(binary, &config, port, admin).await?;
             if options.rounds_replay {
                 // Record the ids first and let their handlers finish: the measured window
@@ -1340,74 +1364,122 @@ async fn backfill_case(
     Ok(vec![alone, during])
 }
 
-/// Pre-fills `options.prefill` deliveries through the store API, then measures start-up,
-/// RSS and throughput against an empty store in the same conditions.
+/// Pre-fills `options.prefill` deliveries through the store API (or reuses a store kept by
+/// `--prefill-dir`), then measures, for this build, every `--variant` and every
+/// `--baseline`, each on its own copy of the pre-filled store: start-up, idle RSS, RSS and
+/// throughput under load, and the data directory against the body bytes it holds.
 async fn large_store(
     options: &BenchOptions,
     source: Arc<Source>,
     bare: f64,
 ) -> Result<Vec<CaseResult>, String> {
-    let dir = tempfile::TempDir::new().map_err(|e| e.to_string())?;
-    {
-        let store = SledStore::open(&dir.path().join("data"), Durability::Buffered, 64 << 20)
-            .map_err(|e| e.to_string())?;
-        let started = Instant::now();
-        // Received an hour ago, as a store that grew over time was: the start-up repair
-        // re-checks only what arrived in the last minute before the previous stop, and a
-        // prefill that took longer than that would be re-checked whole.
-        let now = webhook_inbox::clock::to_ms(SystemTime::now()) - 3_600_000;
-        for n in 0..options.prefill as u64 {
-            let b = Bytes::from(body(n + 10_000_000, 1024));
-            let delivery = webhook_inbox::testing::authenticated(
-                &source,
-                &format!("msg_prefill_{n}"),
-                &b,
-                SystemTime::now(),
-            )
-            .map_err(|e| e.to_string())?;
-            let new = NewDelivery::new(delivery, now, vec!["noop".into()], false).acknowledged(
-                webhook_inbox::store::StoredResponse {
-                    status: 202,
-                    body: "{}".into(),
-                },
-            );
-            store.claim(new).await.map_err(|e| e.to_string())?;
-        }
-        store.flush().await.map_err(|e| e.to_string())?;
-        eprintln!(
-            "pre-filled {} deliveries in {:.1?}",
-            options.prefill,
-            started.elapsed()
-        );
+    let scratch = tempfile::TempDir::new().map_err(|e| e.to_string())?;
+    let prefilled = match &options.prefill_dir {
+        Some(dir) => dir.join(format!("prefilled-{}", options.prefill)),
+        None => scratch.path().join("prefilled"),
+    };
+    if !prefilled.join("complete").exists() {
+        prefill(&prefilled.join("data"), options.prefill, &source).await?;
+        std::fs::write(prefilled.join("complete"), b"").map_err(|e| e.to_string())?;
     }
+    let body_bytes = |deliveries: f64| deliveries * 1024.0;
+    let fresh = dir_size(&prefilled.join("data")) as f64 / body_bytes(options.prefill as f64);
+    eprintln!(
+        "fresh store of {} deliveries: disk {fresh:.2}x body bytes",
+        options.prefill
+    );
+    let mut builds = vec![("this build".to_owned(), exe()?, String::new())];
+    for extra in &options.variants {
+        builds.push((
+            format!("this build with `{}`", extra.replace('\n', "; ")),
+            exe()?,
+            extra.clone(),
+        ));
+    }
+    for path in &options.baselines {
+        builds.push((path.display().to_string(), path.clone(), String::new()));
+    }
+    let client = reqwest::Client::new();
     let mut results = Vec::new();
-    let (server, startup) = start_inbox(dir.path(), "fsync", options.workers).await?;
-    let idle_rss = rss_bytes(server.child.id());
-    let (mut r, _) = drive(
-        server.port,
-        source,
-        Load {
+    for (name, binary, extra) in builds {
+        let dir = tempfile::TempDir::new().map_err(|e| e.to_string())?;
+        copy_dir(&prefilled.join("data"), &dir.path().join("data"))?;
+        let (port, admin) = (free_port(), free_port());
+        let config = dir.path().join("bench.toml");
+        let text = config_text(dir.path(), "fsync", port, admin, options.workers);
+        std::fs::write(&config, with_variant(&text, &extra)?).map_err(|e| e.to_string())?;
+        let (server, startup) = start_binary(&binary, &config, port, admin).await?;
+        let idle_rss = rss_bytes(server.child.id());
+        let load = Load {
             body_size: 1024,
             duplicate_every: None,
             replay_only: false,
-        },
-        options,
-        0,
-    )
-    .await;
-    r.name = format!(
-        "fsync, unique, 1 KiB, {} stored (start-up {} ms, idle RSS {} MiB)",
-        options.prefill,
-        startup.as_millis(),
-        idle_rss >> 20
-    );
-    r.rss = rss_bytes(server.child.id());
-    r.vs_bare = r.rate / bare;
-    drop(server);
-    r.disk_ratio = dir_size(&dir.path().join("data")) as f64 / (options.prefill as f64 * 1024.0);
-    eprintln!("{}: {:.0}/s", r.name, r.rate);
-    results.push(r);
+        };
+        let (mut r, _) = drive(server.port, source.clone(), load, options, 0).await;
+        r.rss = rss_bytes(server.child.id());
+        // The window's deliveries (its warm-up's too) are stored beside the pre-filled ones.
+        let (_, accepted) = runs_and_accepted(&client, admin).await;
+        drop(server);
+        r.name = format!(
+            "{name}: fsync, unique, 1 KiB, {} stored (start-up {} ms, idle RSS {} MiB, \
+             fresh store {fresh:.2}x)",
+            options.prefill,
+            startup.as_millis(),
+            idle_rss >> 20
+        );
+        r.vs_bare = r.rate / bare;
+        r.disk_ratio = dir_size(&dir.path().join("data")) as f64
+            / body_bytes(options.prefill as f64 + accepted);
+        eprintln!("{}: {:.0}/s", r.name, r.rate);
+        results.push(r);
+    }
     Ok(results)
+}
+
+/// Stores `count` acknowledged deliveries of 1 KiB, each with a first run of `noop` queued,
+/// at `data`.
+async fn prefill(data: &Path, count: usize, source: &Source) -> Result<(), String> {
+    let store = SledStore::open(data, Durability::Buffered, 64 << 20).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    // Received an hour ago, as a store that grew over time was: the start-up repair
+    // re-checks only what arrived in the last minute before the previous stop, and a
+    // prefill that took longer than that would be re-checked whole.
+    let now = webhook_inbox::clock::to_ms(SystemTime::now()) - 3_600_000;
+    for n in 0..count as u64 {
+        let b = Bytes::from(body(n + 10_000_000, 1024));
+        let delivery = webhook_inbox::testing::authenticated(
+            source,
+            &format!("msg_prefill_{n}"),
+            &b,
+            SystemTime::now(),
+        )
+        .map_err(|e| e.to_string())?;
+        let new = NewDelivery::new(delivery, now, vec!["noop".into()], false).acknowledged(
+            webhook_inbox::store::StoredResponse {
+                status: 202,
+                body: "{}".into(),
+            },
+        );
+        store.claim(new).await.map_err(|e| e.to_string())?;
+    }
+    store.flush().await.map_err(|e| e.to_string())?;
+    eprintln!("pre-filled {count} deliveries in {:.1?}", started.elapsed());
+    Ok(())
+}
+
+/// Copies the directory `from` (files and subdirectories) to `to`.
+fn copy_dir(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(to).map_err(|e| e.to_string())?;
+    for entry in std::fs::read_dir(from).map_err(|e| e.to_string())? {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let target = to.join(entry.file_name());
+        if entry.file_type().map_err(|e| e.to_string())?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
 }
 
 /// The results as a Markdown table.
@@ -1489,6 +1561,10 @@ struct Args {
     /// sending new ones.
     #[arg(long)]
     rounds_replay: bool,
+    /// Keep the large-store case's pre-filled store here and reuse it in later runs (each
+    /// build still runs on a copy of its own).
+    #[arg(long)]
+    prefill_dir: Option<PathBuf>,
     /// Serve the bare endpoint at `--listen` instead (the benchmark starts itself so).
     #[arg(long, hide = true)]
     bare: bool,
@@ -1536,6 +1612,7 @@ fn main() -> std::process::ExitCode {
         baselines: args.baselines,
         variants: args.variants,
         rounds_replay: args.rounds_replay,
+        prefill_dir: args.prefill_dir,
     };
     match runtime.block_on(run(&options)) {
         Ok(results) => {
