@@ -27,7 +27,7 @@ use crate::dispatch::{Held, RunResult, Runner, hold_lease};
 use crate::domain::Headers;
 use crate::handlers::HandlerRegistry;
 use crate::store::{
-    Claim, DeliveryRecord, DeliveryStore, JobStatus, Lease, NewDelivery, StoreError,
+    Claim, DeliveryRecord, DeliveryStore, JobStatus, Lease, NewDelivery, StoreError, StoredFirst,
     StoredResponse, TakeOver,
 };
 use crate::verify::{AuthError, Authenticated, AuthenticatedDelivery, Source};
@@ -217,7 +217,7 @@ impl Ingest {
                     .map(|(response, _)| response)
             }
             Claim::BodyDuplicate(first) => {
-                self.answer_existing(source, first)
+                self.answer_existing(source, first.into())
                     .await
                     .map(|(response, replayed)| {
                         if replayed {
@@ -257,7 +257,7 @@ impl Ingest {
     async fn answer_existing(
         &self,
         source: &Source,
-        existing: DeliveryRecord,
+        existing: StoredFirst,
     ) -> Result<(Outcome, bool), IngestError> {
         if let Some(stored) = existing.response {
             return Ok((Outcome::Replayed(stored), true));

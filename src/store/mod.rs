@@ -307,6 +307,44 @@ impl DeliveryRecord {
     }
 }
 
+/// What a later copy of a delivery is checked against and answered from: the stored
+/// record's key, body fingerprint and first answer. A redelivery needs nothing else, so the
+/// sled store reads only these fields of the record (its headers, handlers and lines are
+/// skipped, not built: the replay path's largest cost was decoding them).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct StoredFirst {
+    /// Source name.
+    pub source: String,
+    /// Delivery id.
+    pub id: String,
+    /// Lower-case hex SHA-256 of the raw body.
+    pub fingerprint: String,
+    /// The first response, once final (see [`DeliveryRecord::response`]).
+    pub response: Option<StoredResponse>,
+    /// The delivery this one is an alias of (body dedup), if any.
+    #[serde(default)]
+    pub alias_of: Option<String>,
+}
+
+impl StoredFirst {
+    /// The key of the stored record.
+    pub fn key(&self) -> DeliveryKey {
+        DeliveryKey::new(&self.source, &self.id)
+    }
+}
+
+impl From<DeliveryRecord> for StoredFirst {
+    fn from(record: DeliveryRecord) -> Self {
+        StoredFirst {
+            source: record.source,
+            id: record.id,
+            fingerprint: record.fingerprint,
+            response: record.response,
+            alias_of: record.alias_of,
+        }
+    }
+}
+
 pub use crate::domain::fingerprint;
 
 /// The line of an `order_by` value: the first 16 bytes of its SHA-256, so a line's key is
@@ -498,9 +536,9 @@ impl NewDelivery {
 pub enum Claim {
     /// The key was free: this request owns the delivery, and it is recorded.
     New,
-    /// The key was taken: the stored record (the first delivery's, where the key is an
-    /// alias made by body dedup).
-    Existing(DeliveryRecord),
+    /// The key was taken: what the stored record (the first delivery's, where the key is
+    /// an alias made by body dedup) answers a later copy with.
+    Existing(StoredFirst),
     /// The key was free but the body was already recorded under another id (body dedup):
     /// the new id is recorded as an alias of that delivery, which is returned; nothing runs.
     BodyDuplicate(DeliveryRecord),

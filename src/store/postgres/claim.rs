@@ -33,7 +33,7 @@ impl Claims for PgStore {
                 Attempt::Again => continue,
                 Attempt::KeyTaken => {
                     if let Some(existing) = self.resolved(self.db()?, &key).await? {
-                        return Ok(Claim::Existing(existing));
+                        return Ok(Claim::Existing(existing.into()));
                     }
                 }
             }
@@ -229,7 +229,7 @@ impl PgStore {
                 if first_id == record.id {
                     // This very delivery, expired but remembered by its body: a replay.
                     tx.rollback().await.map_err(backend)?;
-                    return Ok(Attempt::Decided(Box::new(Claim::Existing(first))));
+                    return Ok(Attempt::Decided(Box::new(Claim::Existing(first.into()))));
                 }
                 first
             }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use super::bodies::BODY_LOG_MIN;
 use super::encoding::{
-    BodyEntry, backend, body_index_key, encode_delivery, encode_logged_delivery, job_queue_key,
-    queue_key,
+    BodyEntry, backend, body_index_key, decode_stored_first, encode_delivery,
+    encode_logged_delivery, job_queue_key, queue_key,
 };
 use super::first_runs::Claimed;
 use super::order::{line_entry, line_locks};
@@ -17,7 +17,8 @@ use super::{Op, SledInner, SledStore, order};
 use crate::config::Durability;
 use crate::store::Claims;
 use crate::store::{
-    Claim, DeliveryKey, DeliveryRecord, Lease, NewDelivery, StoreError, StoredResponse, TakeOver,
+    Claim, DeliveryKey, DeliveryRecord, Lease, NewDelivery, StoreError, StoredFirst,
+    StoredResponse, TakeOver,
 };
 
 #[async_trait]
@@ -57,7 +58,7 @@ impl Claims for SledStore {
                         BodyEntry::Kept(kept) => {
                             let first = kept.as_record(&record.source, &record.fingerprint);
                             if kept.id == record.id {
-                                return Ok((Claim::Existing(first), false));
+                                return Ok((Claim::Existing(first.into()), false));
                             }
                             Some(first)
                         }
@@ -264,19 +265,25 @@ impl SledInner {
         Ok(())
     }
 
-    /// The record under `key`, or, for an alias made by body dedup, the first delivery's
-    /// while it is still stored.
-    fn read_resolved(&self, key: &[u8]) -> Result<Option<DeliveryRecord>, StoreError> {
-        let Some(record) = self.read_record(key)? else {
+    /// What the record under `key` answers a later copy with, or, for an alias made by
+    /// body dedup, the first delivery's while it is still stored.
+    fn read_resolved(&self, key: &[u8]) -> Result<Option<StoredFirst>, StoreError> {
+        let read = |key: &[u8]| {
+            self.deliveries
+                .get(key)
+                .map_err(backend)?
+                .map(|value| decode_stored_first(&value))
+                .transpose()
+        };
+        let Some(stored) = read(key)? else {
             return Ok(None);
         };
-        if let Some(first) = &record.alias_of
-            && let Some(first) =
-                self.read_record(&DeliveryKey::new(&record.source, first).encode())?
+        if let Some(first) = &stored.alias_of
+            && let Some(first) = read(&DeliveryKey::new(&stored.source, first).encode())?
         {
             return Ok(Some(first));
         }
-        Ok(Some(record))
+        Ok(Some(stored))
     }
 
     /// A new delivery's value: a body of [`BODY_LOG_MIN`] bytes or more is appended to the

@@ -1,7 +1,7 @@
 //! How sled holds a delivery: key layouts (big-endian times first, so key order is time
 //! order), the delivery value (record JSON, then the raw body), and the body index entry.
 
-use super::super::{DeliveryKey, DeliveryRecord, KeptFingerprint, StoreError};
+use super::super::{DeliveryKey, DeliveryRecord, KeptFingerprint, StoreError, StoredFirst};
 use super::bodies::BodyRef;
 
 pub(super) fn backend(e: sled::Error) -> StoreError {
@@ -132,6 +132,13 @@ pub(super) fn split_delivery(value: &[u8]) -> Result<(&[u8], StoredBody<'_>), St
 }
 
 pub(super) fn decode_record(value: &[u8]) -> Result<DeliveryRecord, StoreError> {
+    let (meta, _) = split_delivery(value)?;
+    serde_json::from_slice(meta).map_err(corrupt)
+}
+
+/// What a later copy is answered from ([`StoredFirst`]), read from a delivery value
+/// without building the rest of the record: the replay path's read.
+pub(super) fn decode_stored_first(value: &[u8]) -> Result<StoredFirst, StoreError> {
     let (meta, _) = split_delivery(value)?;
     serde_json::from_slice(meta).map_err(corrupt)
 }
