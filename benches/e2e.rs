@@ -1437,7 +1437,7 @@ async fn large_store(
 }
 
 /// Stores `count` acknowledged deliveries of 1 KiB, each with a first run of `noop` queued,
-/// at `data`.
+/// at `data`, as the server would have recorded them from the load generator's requests.
 async fn prefill(data: &Path, count: usize, source: &Source) -> Result<(), String> {
     let store = SledStore::open(data, Durability::Buffered, 64 << 20).map_err(|e| e.to_string())?;
     let started = Instant::now();
@@ -1447,20 +1447,34 @@ async fn prefill(data: &Path, count: usize, source: &Source) -> Result<(), Strin
     let now = webhook_inbox::clock::to_ms(SystemTime::now()) - 3_600_000;
     for n in 0..count as u64 {
         let b = Bytes::from(body(n + 10_000_000, 1024));
-        let delivery = webhook_inbox::testing::authenticated(
-            source,
-            &format!("msg_prefill_{n}"),
-            &b,
-            SystemTime::now(),
-        )
-        .map_err(|e| e.to_string())?;
-        let new = NewDelivery::new(delivery, now, vec!["noop".into()], false).acknowledged(
-            webhook_inbox::store::StoredResponse {
-                status: 202,
-                body: "{}".into(),
-            },
-        );
-        store.claim(new).await.map_err(|e| e.to_string())?;
+        // The headers the load generator's requests arrive with (its own, hyper's, the
+        // signature's), and the answer the server stores: records the size of real ones.
+        let mut headers = vec![
+            ("host".to_owned(), "127.0.0.1".to_owned()),
+            ("content-type".to_owned(), "application/json".to_owned()),
+            ("content-length".to_owned(), b.len().to_string()),
+        ];
+        headers.extend(source.sign(&format!("msg_prefill_{n}"), &b, SystemTime::now()));
+        let delivery = match source
+            .authenticate(
+                webhook_inbox::domain::Headers::from_pairs(headers),
+                &[],
+                b,
+                SystemTime::now(),
+            )
+            .map_err(|e| e.to_string())?
+        {
+            webhook_inbox::verify::Authenticated::Delivery(d) => d,
+            webhook_inbox::verify::Authenticated::Handshake(_) => {
+                return Err("a handshake in the pre-fill".into());
+            }
+        };
+        let new = NewDelivery::new(delivery, now, vec!["noop".into()], false);
+        let response = webhook_inbox::ingest::first_response(new.record(), false);
+        store
+            .claim(new.acknowledged(response))
+            .await
+            .map_err(|e| e.to_string())?;
     }
     store.flush().await.map_err(|e| e.to_string())?;
     eprintln!("pre-filled {count} deliveries in {:.1?}", started.elapsed());
