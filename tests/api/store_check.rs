@@ -415,3 +415,75 @@ async fn store_check_reports_a_body_log_entry_that_no_longer_matches() {
         "{text}"
     );
 }
+
+/// A store written before records were binary (each delivery value's record as JSON, as
+/// the first versions wrote it) is read as it was: a redelivery gets the stored first answer
+/// byte for byte, another body under its id is a conflict, and the record is shown whole.
+#[tokio::test]
+async fn records_written_as_json_by_earlier_versions_are_still_read() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let body = r#"{"type":"application.created","written":"as json"}"#;
+    let answer = r#"{"status":"accepted","written":"by an earlier version"}"#;
+    {
+        let source = credicorp();
+        let delivery = webhook_inbox::testing::authenticated(
+            &source,
+            "msg_json",
+            body.as_bytes(),
+            SystemTime::now(),
+        )
+        .expect("signed");
+        let now = webhook_inbox::clock::Clock::System.now_ms();
+        let new = NewDelivery::new(delivery, now, vec![], false).acknowledged(StoredResponse {
+            status: 202,
+            body: answer.into(),
+        });
+        let record = new.record();
+        // The value's layout then: the JSON's length (u32 BE, no flag), the JSON, the body.
+        let json = serde_json::to_vec(record).expect("json");
+        let mut value = (json.len() as u32).to_be_bytes().to_vec();
+        value.extend_from_slice(&json);
+        value.extend_from_slice(body.as_bytes());
+        let key = record.key().encode();
+        let mut received = record.received_at_ms.to_be_bytes().to_vec();
+        received.extend_from_slice(&key);
+        let db = open_sled(&dir.path().join("data"));
+        db.open_tree("deliveries")
+            .expect("deliveries")
+            .insert(key, value)
+            .expect("insert");
+        db.open_tree("received")
+            .expect("received")
+            .insert(received, &[])
+            .expect("insert");
+        db.flush().expect("flush");
+    }
+    let app = spawn_with(Options {
+        sled_only: true,
+        admin_token: Some("admin-token"),
+        dir: Some(std::sync::Arc::new(dir)),
+        ..Options::default()
+    })
+    .await;
+    let replay = app.deliver("msg_json", body).await;
+    assert_eq!(replay.status(), 202);
+    assert_eq!(replay.text().await.expect("body"), answer);
+    let other = app
+        .deliver("msg_json", r#"{"type":"application.created"}"#)
+        .await;
+    assert_eq!(other.status(), 422);
+    assert!(
+        other
+            .text()
+            .await
+            .expect("body")
+            .contains("delivery_id_conflict")
+    );
+    let shown = app.admin_show("credicorp", "msg_json").await;
+    assert_eq!(shown["record"]["id"], "msg_json", "{shown}");
+    assert_eq!(shown["body"], body, "{shown}");
+    assert!(
+        shown.to_string().contains("webhook-timestamp"),
+        "its headers: {shown}"
+    );
+}

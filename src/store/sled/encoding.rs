@@ -1,7 +1,11 @@
 //! How sled holds a delivery: key layouts (big-endian times first, so key order is time
-//! order), the delivery value (record JSON, then the raw body), and the body index entry.
+//! order), the delivery value (the record, binary or JSON, then the raw body or where it
+//! lies in the body log), and the body index entry.
+
+use std::collections::BTreeMap;
 
 use super::super::{DeliveryKey, DeliveryRecord, KeptFingerprint, StoreError, StoredFirst};
+use super::binary;
 use super::bodies::BodyRef;
 
 pub(super) fn backend(e: sled::Error) -> StoreError {
@@ -65,19 +69,25 @@ pub(super) fn split_time_key(k: &[u8]) -> Option<(u64, &[u8])> {
 }
 
 /// Set in a delivery value's length word when the body is in the body log: the tail is then
-/// a [`BodyRef`], not the body. A record's JSON is far below 2 GiB, so stores written
+/// a [`BodyRef`], not the body. A record's JSON is far below 1 GiB, so stores written
 /// before the body log never have it set.
 const LOGGED: u32 = 1 << 31;
 
-/// A delivery's value: the record's JSON length (u32 BE), the JSON, then the raw body, so
-/// a replay parses the small record and never copies the body around.
+/// Set in a delivery value's length word when the record is in the binary form
+/// ([`super::binary`]) rather than JSON; values written before it never have it set.
+const BINARY: u32 = 1 << 30;
+
+/// A delivery's value: the length of its record (u32 BE, with the flags above), the record,
+/// then the raw body, so a replay parses the small record and never copies the body around.
 pub(super) fn encode_delivery(record: &DeliveryRecord, body: &[u8]) -> Vec<u8> {
-    encode_value(&to_json(record), 0, body)
+    let (meta, form) = encode_meta(record);
+    encode_value(&meta, form, body)
 }
 
 /// A delivery's value whose body is in the body log at `at`.
 pub(super) fn encode_logged_delivery(record: &DeliveryRecord, at: &BodyRef) -> Vec<u8> {
-    encode_value(&to_json(record), LOGGED, &at.encode())
+    let (meta, form) = encode_meta(record);
+    encode_value(&meta, form | LOGGED, &at.encode())
 }
 
 /// `value` with its record replaced by `record`, its body (or body reference) kept.
@@ -85,13 +95,22 @@ pub(super) fn reencode_delivery(
     record: &DeliveryRecord,
     value: &[u8],
 ) -> Result<Vec<u8>, StoreError> {
-    let (flag, _, tail) = split_value(value)?;
-    Ok(encode_value(&to_json(record), flag, tail))
+    let (flags, _, tail) = split_value(value)?;
+    let (meta, form) = encode_meta(record);
+    Ok(encode_value(&meta, form | (flags & LOGGED), tail))
 }
 
-fn encode_value(meta: &[u8], flag: u32, tail: &[u8]) -> Vec<u8> {
+/// The record in the binary form where it can be held exactly, else as JSON; with its flag.
+fn encode_meta(record: &DeliveryRecord) -> (Vec<u8>, u32) {
+    match binary::encode(record) {
+        Some(bytes) => (bytes, BINARY),
+        None => (to_json(record), 0),
+    }
+}
+
+fn encode_value(meta: &[u8], flags: u32, tail: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(4 + meta.len() + tail.len());
-    v.extend_from_slice(&(meta.len() as u32 | flag).to_be_bytes());
+    v.extend_from_slice(&(meta.len() as u32 | flags).to_be_bytes());
     v.extend_from_slice(meta);
     v.extend_from_slice(tail);
     v
@@ -102,12 +121,12 @@ fn split_value(value: &[u8]) -> Result<(u32, &[u8], &[u8]), StoreError> {
         .split_first_chunk::<4>()
         .ok_or_else(|| StoreError::Corrupt("short delivery value".into()))?;
     let word = u32::from_be_bytes(*word);
-    let len = (word & !LOGGED) as usize;
+    let len = (word & !(LOGGED | BINARY)) as usize;
     if rest.len() < len {
         return Err(StoreError::Corrupt("truncated delivery value".into()));
     }
     let (meta, tail) = rest.split_at(len);
-    Ok((word & LOGGED, meta, tail))
+    Ok((word & (LOGGED | BINARY), meta, tail))
 }
 
 /// Where a delivery value's body is.
@@ -118,45 +137,79 @@ pub(super) enum StoredBody<'a> {
     Logged(BodyRef),
 }
 
-/// A delivery value's record JSON and where its body is.
-pub(super) fn split_delivery(value: &[u8]) -> Result<(&[u8], StoredBody<'_>), StoreError> {
-    let (flag, meta, tail) = split_value(value)?;
-    let body = if flag == LOGGED {
+/// A delivery value's record, in whichever form it was written.
+pub(super) struct StoredMeta<'a> {
+    binary: bool,
+    bytes: &'a [u8],
+}
+
+impl StoredMeta<'_> {
+    /// The whole record.
+    pub(super) fn record(&self) -> Result<DeliveryRecord, StoreError> {
+        if self.binary {
+            binary::decode_record(self.bytes)
+        } else {
+            serde_json::from_slice(self.bytes).map_err(corrupt)
+        }
+    }
+
+    /// What a later copy is answered from ([`StoredFirst`]), without building the rest of
+    /// the record: the replay path's read.
+    pub(super) fn stored_first(&self) -> Result<StoredFirst, StoreError> {
+        if self.binary {
+            binary::decode_stored_first(self.bytes)
+        } else {
+            serde_json::from_slice(self.bytes).map_err(corrupt)
+        }
+    }
+
+    /// The record's `order_keys` alone (the rest is skipped, not built): what the end of
+    /// every run reads to know whether it hands a line on.
+    pub(super) fn order_keys(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct OrderKeys {
+            #[serde(default)]
+            order_keys: BTreeMap<String, String>,
+        }
+        if self.binary {
+            binary::decode_order_keys(self.bytes)
+        } else {
+            Ok(serde_json::from_slice::<OrderKeys>(self.bytes)
+                .map_err(corrupt)?
+                .order_keys)
+        }
+    }
+}
+
+/// A delivery value's record and where its body is.
+pub(super) fn split_delivery(value: &[u8]) -> Result<(StoredMeta<'_>, StoredBody<'_>), StoreError> {
+    let (flags, bytes, tail) = split_value(value)?;
+    let body = if flags & LOGGED != 0 {
         StoredBody::Logged(
             BodyRef::decode(tail).ok_or_else(|| StoreError::Corrupt("body reference".into()))?,
         )
     } else {
         StoredBody::Inline(tail)
     };
+    let meta = StoredMeta {
+        binary: flags & BINARY != 0,
+        bytes,
+    };
     Ok((meta, body))
 }
 
 pub(super) fn decode_record(value: &[u8]) -> Result<DeliveryRecord, StoreError> {
-    let (meta, _) = split_delivery(value)?;
-    serde_json::from_slice(meta).map_err(corrupt)
+    split_delivery(value)?.0.record()
 }
 
-/// What a later copy is answered from ([`StoredFirst`]), read from a delivery value
-/// without building the rest of the record: the replay path's read.
+/// See [`StoredMeta::stored_first`].
 pub(super) fn decode_stored_first(value: &[u8]) -> Result<StoredFirst, StoreError> {
-    let (meta, _) = split_delivery(value)?;
-    serde_json::from_slice(meta).map_err(corrupt)
+    split_delivery(value)?.0.stored_first()
 }
 
-/// The `order_keys` of a delivery value alone (the rest of the record is skipped, not
-/// built): what the end of every run reads to know whether it hands a line on.
-pub(super) fn decode_order_keys(
-    value: &[u8],
-) -> Result<std::collections::BTreeMap<String, String>, StoreError> {
-    #[derive(serde::Deserialize)]
-    struct OrderKeys {
-        #[serde(default)]
-        order_keys: std::collections::BTreeMap<String, String>,
-    }
-    let (meta, _) = split_delivery(value)?;
-    Ok(serde_json::from_slice::<OrderKeys>(meta)
-        .map_err(corrupt)?
-        .order_keys)
+/// See [`StoredMeta::order_keys`].
+pub(super) fn decode_order_keys(value: &[u8]) -> Result<BTreeMap<String, String>, StoreError> {
+    split_delivery(value)?.0.order_keys()
 }
 
 pub(super) fn body_index_key(source: &str, fingerprint: &str) -> Vec<u8> {

@@ -30,8 +30,7 @@ impl SledInner {
                     continue;
                 };
                 let (meta, body) = split_delivery(&value)?;
-                let record: super::super::DeliveryRecord =
-                    serde_json::from_slice(meta).map_err(super::encoding::corrupt)?;
+                let record = meta.record()?;
                 let jobs = record
                     .handlers
                     .iter()

@@ -80,6 +80,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 mod backfill;
+mod binary;
 mod bodies;
 mod claim;
 mod journal;
@@ -512,10 +513,7 @@ impl SledInner {
             return Ok(None);
         };
         let (meta, body) = split_delivery(&value)?;
-        Ok(Some((
-            serde_json::from_slice(meta).map_err(corrupt)?,
-            self.body_of(body)?,
-        )))
+        Ok(Some((meta.record()?, self.body_of(body)?)))
     }
 
     fn body_of(&self, body: StoredBody<'_>) -> Result<Bytes, StoreError> {
