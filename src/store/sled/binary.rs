@@ -283,6 +283,68 @@ mod tests {
         }
     }
 
+    use proptest::prelude::*;
+
+    fn any_record() -> impl Strategy<Value = DeliveryRecord> {
+        let text = || ".{0,12}";
+        let optional = || proptest::option::of(".{0,12}");
+        (
+            (text(), text(), any::<[u8; 32]>(), any::<u64>(), optional()),
+            (
+                prop::collection::vec((text(), text()), 0..4),
+                proptest::option::of((any::<u16>(), text())),
+                proptest::option::of(any::<u64>()),
+                proptest::option::of(any::<u64>()),
+            ),
+            (
+                prop::collection::vec(text(), 0..3),
+                any::<bool>(),
+                optional(),
+                prop::collection::btree_map(text(), text(), 0..3),
+                optional(),
+            ),
+        )
+            .prop_map(
+                |(
+                    (source, id, fingerprint, received_at_ms, event_type),
+                    (headers, response, lease_until_ms, lease_owner),
+                    (handlers, body_dedup, alias_of, order_keys, trace_parent),
+                )| DeliveryRecord {
+                    source,
+                    id,
+                    fingerprint: hex::encode(fingerprint),
+                    received_at_ms,
+                    event_type,
+                    headers: Headers(headers),
+                    response: response.map(|(status, body)| StoredResponse { status, body }),
+                    lease_until_ms,
+                    lease_owner,
+                    handlers,
+                    body_dedup,
+                    alias_of,
+                    order_keys,
+                    trace_parent,
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn any_record_comes_back_whole_and_its_prefixes_agree(record in any_record()) {
+            let bytes = encode(&record).expect("binary");
+            prop_assert_eq!(decode_record(&bytes).expect("record"), record.clone());
+            prop_assert_eq!(decode_order_keys(&bytes).expect("lines"), record.order_keys.clone());
+            prop_assert_eq!(decode_stored_first(&bytes).expect("first"), StoredFirst::from(record));
+        }
+
+        #[test]
+        fn any_bytes_decode_to_a_record_or_an_error(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_record(&bytes);
+            let _ = decode_stored_first(&bytes);
+            let _ = decode_order_keys(&bytes);
+        }
+    }
+
     #[test]
     fn a_truncated_or_unknown_form_is_corrupt_not_a_panic() {
         let bytes = encode(&record()).expect("binary");
