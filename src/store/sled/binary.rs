@@ -218,10 +218,10 @@ fn fingerprint_bytes(fingerprint: &str) -> Option<[u8; 32]> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn record() -> DeliveryRecord {
+    pub(in crate::store::sled) fn record() -> DeliveryRecord {
         DeliveryRecord {
             source: "stripe".into(),
             id: "evt_1".into(),

@@ -244,3 +244,64 @@ pub(super) fn decode_delivery_key(bytes: &[u8]) -> Option<DeliveryKey> {
     let (source, id) = text.split_once('\0')?;
     Some(DeliveryKey::new(source, id))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A value as versions before the binary record wrote it: the JSON's length word (with
+    /// `LOGGED` when the body is in the body log), the JSON, the tail.
+    fn json_value(record: &DeliveryRecord, logged: bool, tail: &[u8]) -> Vec<u8> {
+        encode_value(&to_json(record), if logged { LOGGED } else { 0 }, tail)
+    }
+
+    #[test]
+    fn a_json_value_of_an_earlier_version_is_read_by_every_reader() {
+        let record = binary::tests::record();
+        let value = json_value(&record, false, b"{}");
+        assert_eq!(decode_record(&value).expect("record"), record);
+        assert_eq!(
+            decode_stored_first(&value).expect("first"),
+            StoredFirst::from(record.clone())
+        );
+        assert_eq!(decode_order_keys(&value).expect("lines"), record.order_keys);
+        assert!(matches!(
+            split_delivery(&value).expect("split").1,
+            StoredBody::Inline(b"{}")
+        ));
+    }
+
+    #[test]
+    fn rewriting_a_json_value_makes_it_binary_and_keeps_its_body_where_it_was() {
+        let mut record = binary::tests::record();
+        let at = BodyRef {
+            segment: 3,
+            offset: 4096,
+            len: 1024,
+            crc: 7,
+        };
+        let old = json_value(&record, true, &at.encode());
+        record.lease_until_ms = None;
+        let new = reencode_delivery(&record, &old).expect("rewrite");
+        let (meta, body) = split_delivery(&new).expect("split");
+        assert!(meta.binary, "a rewritten record is binary");
+        assert_eq!(meta.record().expect("record"), record);
+        assert!(matches!(body, StoredBody::Logged(b) if b == at));
+        // And a binary value with its body inline stays inline when rewritten.
+        let inline = encode_delivery(&record, b"body");
+        let again = reencode_delivery(&record, &inline).expect("rewrite");
+        assert!(matches!(
+            split_delivery(&again).expect("split").1,
+            StoredBody::Inline(b"body")
+        ));
+    }
+
+    #[test]
+    fn a_record_binary_cannot_hold_is_written_and_read_as_json() {
+        let mut record = binary::tests::record();
+        record.fingerprint = "not a sha-256".into();
+        let value = encode_delivery(&record, b"");
+        assert!(!split_delivery(&value).expect("split").0.binary);
+        assert_eq!(decode_record(&value).expect("record"), record);
+    }
+}
