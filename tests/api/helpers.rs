@@ -68,6 +68,17 @@ impl Handler for Recorder {
     }
 }
 
+/// The HTTP client of a test: it drops a pooled connection idle for a second, well before
+/// the server's keep-alive (actix's 5 s) closes it, so a request after a long wait never
+/// goes out on a connection the server is closing at that moment (hyper then fails it
+/// with `IncompleteMessage`, a race of the test's client, not of the server).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(1))
+        .build()
+        .expect("client")
+}
+
 /// What to vary between tests.
 pub struct Options {
     pub durability: &'static str,
@@ -261,7 +272,7 @@ async fn spawn_config_with_token(
     TestApp {
         address,
         admin_address,
-        client: reqwest::Client::new(),
+        client: client(),
         dir,
         config,
         recorder,
