@@ -438,7 +438,7 @@ if [ "$WEBHOOK_ATTEMPT" = 1 ]; then touch "$1/waiting"; sleep 60; fi
     let (mut child, port) = crate::crash::start(&config_path);
     let config = webhook_inbox::config::Config::load(&config_path).expect("config");
     let source = config.sources["credicorp"].clone();
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     let port = std::sync::atomic::AtomicU16::new(port);
     let body = event("application.created", 7);
     crate::crash::send_until_acknowledged(&client, &port, &source, "msg_cmd_calls", &body).await;
@@ -650,7 +650,7 @@ timeout = "90s"
     let mut replicas: Vec<crate::helpers::Serving> = (0..2)
         .map(|_| crate::helpers::try_spawn_serve(&config_path).unwrap_or_else(|e| panic!("{e}")))
         .collect();
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     let source = webhook_inbox::config::Config::parse(&config, "t.toml")
         .expect("config")
         .sources["credicorp"]

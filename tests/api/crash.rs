@@ -336,7 +336,7 @@ fn a_store_exported_after_a_crash_counts_the_run_it_cut() {
     let (mut child, port) = start(&config_path);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
-        let client = reqwest::Client::new();
+        let client = crate::helpers::client();
         send_until_acknowledged(
             &client,
             &AtomicU16::new(port),
@@ -432,7 +432,7 @@ fn first_runs_queued_in_memory_all_run_after_a_kill_dash_nine() {
     let (mut child, port) = start(&config_path);
     let port = AtomicU16::new(port);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     for n in 0..N {
         let body = format!(r#"{{"type":"application.created","data":{{"n":{n}}}}}"#);
         runtime.block_on(send_until_acknowledged(

@@ -136,7 +136,7 @@ type SignedDelivery = (String, String, Vec<(String, String)>);
 /// Sends every delivery: `SENDERS` at once, in the shuffled order, each key's next one only
 /// once its previous one is acknowledged (so received order per key is the send order).
 async fn send_all(address: String, sign: impl Fn(&str, &[u8]) -> Vec<(String, String)>) {
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     let sends = shuffled_sends();
     let keys: Arc<Vec<tokio::sync::Mutex<usize>>> =
         Arc::new((0..KEYS).map(|_| tokio::sync::Mutex::new(0)).collect());

@@ -213,7 +213,7 @@ impl Cluster {
 
     /// Waits until every replica says it is ready (its database reachable, migrated).
     async fn ready(&self) {
-        let client = reqwest::Client::new();
+        let client = crate::helpers::client();
         for replica in &self.replicas {
             let port = replica.admin_port;
             assert!(
@@ -265,7 +265,7 @@ async fn three_replicas_run_each_delivery_once_and_each_body_once() {
         return;
     };
     let cluster = Cluster::start(&server, 3, false).await;
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     const IDS: usize = 40;
     const BODIES: usize = 15;
     let ports: Vec<u16> = cluster.replicas.iter().map(|r| r.port).collect();
@@ -345,7 +345,7 @@ async fn a_killed_replica_s_running_pair_is_taken_over_with_the_same_key() {
         return;
     };
     let mut cluster = Cluster::start(&server, 2, true).await;
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     const IDS: usize = 6;
     for i in 0..IDS {
         let id = format!("msg_takeover_{i}");
@@ -708,7 +708,7 @@ async fn store_copy_moves_the_dedup_window_from_sled_to_postgres_and_back() {
             .expect("source")
             .sign(id, body, SystemTime::now())
     };
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
 
     // On sled: deliveries arrive and run.
     let mut sled = try_spawn_serve(&old).unwrap_or_else(|e| panic!("{e}"));
@@ -888,7 +888,7 @@ async fn a_pause_holds_on_every_replica() {
         return;
     };
     let cluster = Cluster::start(&server, 2, false).await;
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     let admin = |replica: usize, verb: &str| {
         client
             .post(format!(
@@ -959,7 +959,7 @@ async fn store_check_on_postgres_lists_and_repairs_a_stranded_pair() {
         return;
     };
     let mut cluster = Cluster::start(&server, 1, false).await;
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     let body = br#"{"type":"application.created"}"#;
     let headers = cluster.sign("credicorp", "msg_check", body);
     let (status, _) = post(
@@ -1026,7 +1026,7 @@ async fn an_order_by_line_holds_across_replicas() {
     const PER_KEY: usize = 10;
     let cluster = Cluster::start(&server, 2, false).await;
     let ports: Vec<u16> = cluster.replicas.iter().map(|r| r.port).collect();
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     let sends = (0..KEYS).map(|key| {
         let (client, ports) = (client.clone(), ports.clone());
         let cluster = &cluster;
@@ -1133,7 +1133,7 @@ pool_size = 4
     let serving: Vec<Serving> = (0..replicas)
         .map(|_| try_spawn_serve(&config_path).unwrap_or_else(|e| panic!("{e}")))
         .collect();
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     for r in &serving {
         let admin = r.admin_port;
         assert!(
@@ -1315,7 +1315,7 @@ command = ["sh", "-c", {TIMED_SCRIPT:?}, "sh", "{paced}", "0"]
         paced = paced.display(),
     );
     let (config, mut replicas) = ready_replicas(dir.path(), &url, &rest, 3).await;
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     const DELIVERIES: usize = 30;
     let source = Source::from_config("credicorp", &config.sources["credicorp"], "t", &|_| None)
         .expect("source");

@@ -1298,7 +1298,7 @@ async fn killed_after_the_broker_acknowledged(mut broker: Broker) {
     .expect("config");
     let config = webhook_inbox::config::Config::load(&config_path).expect("config");
     let source = config.sources["credicorp"].clone();
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
 
     let mut serving =
         crate::helpers::try_spawn_serve(&config_path).unwrap_or_else(|e| panic!("{e}"));

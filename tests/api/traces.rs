@@ -148,7 +148,7 @@ async fn a_delivery_s_trace_runs_from_the_sender_through_every_attempt_to_the_pa
     let config = webhook_inbox::config::Config::load(&config_path).expect("config");
     let source = webhook_inbox::verify::Source::named(&config, "credicorp").expect("source");
     let body = event("application.created", 1);
-    let mut request = reqwest::Client::new()
+    let mut request = crate::helpers::client()
         .post(format!(
             "http://127.0.0.1:{}/webhooks/credicorp",
             serving.port
