@@ -24,11 +24,11 @@ use tracing::Instrument as _;
 use crate::clock::Clock;
 use crate::config::AckMode;
 use crate::dispatch::{Held, RunResult, Runner, hold_lease};
-use crate::domain::Headers;
+use crate::domain::{Headers, fingerprint};
 use crate::handlers::HandlerRegistry;
 use crate::store::{
-    Claim, DeliveryRecord, DeliveryStore, JobStatus, Lease, NewDelivery, StoreError, StoredFirst,
-    StoredResponse, TakeOver,
+    Claim, DeliveryKey, DeliveryRecord, DeliveryStore, JobStatus, Lease, NewDelivery, StoreError,
+    StoredFirst, StoredResponse, TakeOver,
 };
 use crate::verify::{AuthError, Authenticated, AuthenticatedDelivery, Source};
 
@@ -193,28 +193,33 @@ impl Ingest {
             span.record("event_type", t);
         }
 
+        // A redelivery is answered from what is stored before anything is built for it.
+        let key = DeliveryKey::new(delivery.source(), delivery.id().as_str());
+        if let Some(existing) = self.store.stored_first(&key).await? {
+            return self
+                .answer_redelivery(source, existing, &fingerprint(delivery.body()))
+                .await;
+        }
+
         let received_at_ms = self.clock.now_ms();
         let new = self.new_delivery(source, delivery, received_at_ms);
-        let record = new.record().clone();
+        let fingerprint = new.record().fingerprint.clone();
+        // Built into the record before the claim (durable mode), so it is on disk with it.
+        let answer = new.record().response.clone();
+        let inline = (source.ack == AckMode::Processed).then(|| new.record().clone());
         match self.store.claim(new).await? {
-            Claim::New => match source.ack {
-                AckMode::Durable => {
+            Claim::New => match inline {
+                None => {
                     self.dispatch_waker.notify_one();
-                    // Built into the record before the claim, so it is on disk with it.
-                    let stored = record.response.clone().ok_or_else(|| {
+                    let stored = answer.ok_or_else(|| {
                         StoreError::Corrupt("a durable claim without its answer".into())
                     })?;
                     Ok(Outcome::Accepted(stored))
                 }
-                AckMode::Processed => self.process_inline(source, record).await,
+                Some(record) => self.process_inline(source, record).await,
             },
             Claim::Existing(existing) => {
-                if existing.fingerprint != record.fingerprint {
-                    return Err(IngestError::DeliveryIdConflict);
-                }
-                self.answer_existing(source, existing)
-                    .await
-                    .map(|(response, _)| response)
+                self.answer_redelivery(source, existing, &fingerprint).await
             }
             Claim::BodyDuplicate(first) => {
                 self.answer_existing(source, first.into())
@@ -228,6 +233,22 @@ impl Ingest {
                     })
             }
         }
+    }
+
+    /// A delivery id seen before: its stored answer if the body is the one first received
+    /// (`fingerprint`), else a conflict.
+    async fn answer_redelivery(
+        &self,
+        source: &Source,
+        existing: StoredFirst,
+        fingerprint: &str,
+    ) -> Result<Outcome, IngestError> {
+        if existing.fingerprint != fingerprint {
+            return Err(IngestError::DeliveryIdConflict);
+        }
+        self.answer_existing(source, existing)
+            .await
+            .map(|(response, _)| response)
     }
 
     fn new_delivery(

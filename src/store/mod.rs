@@ -914,6 +914,18 @@ pub trait Claims: Send + Sync + 'static {
     /// claims of one key yield exactly one [`Claim::New`]. A returned record is durable.
     async fn claim(&self, new: NewDelivery) -> Result<Claim, StoreError>;
 
+    /// What a redelivery of `key` is answered from, when the store can tell without a
+    /// write or a round trip: ingest asks before it builds the new delivery's record, so
+    /// a redelivery costs one read. `None` means "not stored, or not known here" — the
+    /// claim decides either way. A returned answer is durable, as the claim's is.
+    ///
+    /// The default knows nothing (PostgreSQL: a probe would be a second round trip for
+    /// every new delivery); sled reads its tree.
+    async fn stored_first(&self, key: &DeliveryKey) -> Result<Option<StoredFirst>, StoreError> {
+        let _ = key;
+        Ok(None)
+    }
+
     /// Reads a record.
     async fn record(&self, key: &DeliveryKey) -> Result<Option<DeliveryRecord>, StoreError>;
 

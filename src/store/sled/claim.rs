@@ -26,12 +26,8 @@ impl Claims for SledStore {
     async fn claim(&self, new: NewDelivery) -> Result<Claim, StoreError> {
         let record = new.record();
         let key = record.key().encode();
-        // Fast path for redeliveries, without the lock: a record is written last, so once
-        // it is visible, everything its claim wrote is too.
-        if let Some(existing) = self.read_resolved(&key)? {
-            self.settle_read().await?;
-            return Ok(Claim::Existing(existing));
-        }
+        // No lock-free read first: ingest asked `stored_first` just before, so a second
+        // read would only cost every new delivery a miss.
         let fp_key = body_index_key(&record.source, &record.fingerprint);
         let lines = line_locks(record);
         let mut lock_keys: Vec<&[u8]> = vec![&key];
@@ -154,6 +150,16 @@ impl Claims for SledStore {
             })
             .await?;
         Ok(claim)
+    }
+
+    async fn stored_first(&self, key: &DeliveryKey) -> Result<Option<StoredFirst>, StoreError> {
+        // Without the lock: a record is written last, so once it is visible, everything
+        // its claim wrote is too.
+        let Some(existing) = self.read_resolved(&key.encode())? else {
+            return Ok(None);
+        };
+        self.settle_read().await?;
+        Ok(Some(existing))
     }
 
     async fn record(&self, key: &DeliveryKey) -> Result<Option<DeliveryRecord>, StoreError> {
