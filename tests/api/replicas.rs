@@ -1378,3 +1378,45 @@ command = ["sh", "-c", {TIMED_SCRIPT:?}, "sh", "{paced}", "0"]
         let _ = r.child.wait();
     }
 }
+
+/// A claim on one replica wakes another's dispatcher at once, not at its next poll. The
+/// notice goes out after the claim commits: sent inside the claim's transaction,
+/// PostgreSQL ran every notifying commit one at a time (BENCHMARKS.md, session 14).
+#[tokio::test]
+async fn a_claim_on_one_replica_wakes_the_other_replicas_dispatcher() {
+    use webhook_inbox::store::{Claim, Claims as _, JobQueue as _, NewDelivery, StoredResponse};
+    let Some(server) = test_postgres_url("replicas: work notice") else {
+        return;
+    };
+    let url = fresh_postgres_schema(&server).await;
+    let claimant = crate::helpers::postgres_store_at(&url).await;
+    let other = crate::helpers::postgres_store_at(&url).await;
+    let signal = other.work_signal().expect("PostgreSQL announces work");
+    // The listener wakes the dispatcher once it listens: after that, only a notice does.
+    tokio::time::timeout(Duration::from_secs(30), signal.notified())
+        .await
+        .expect("the other replica listens");
+
+    let config = Config::parse(
+        &format!("[sources.credicorp]\nsecrets = [\"{SECRET}\"]\n"),
+        "t.toml",
+    )
+    .expect("config");
+    let source = Source::named(&config, "credicorp").expect("source");
+    let body = bytes::Bytes::from_static(br#"{"type":"application.created"}"#);
+    let delivery =
+        webhook_inbox::testing::authenticated(&source, "msg_notice", &body, SystemTime::now())
+            .expect("signed");
+    let now = webhook_inbox::clock::Clock::System.now_ms();
+    let new = NewDelivery::new(delivery, now, vec!["log".into()], false).acknowledged(
+        StoredResponse {
+            status: 202,
+            body: "{}".into(),
+        },
+    );
+    let woken = signal.notified();
+    assert!(matches!(claimant.claim(new).await.expect("claim"), Claim::New));
+    tokio::time::timeout(Duration::from_secs(10), woken)
+        .await
+        .expect("the other replica is told of the new work");
+}

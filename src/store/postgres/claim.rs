@@ -6,8 +6,8 @@ use bytes::Bytes;
 use sqlx::Row as _;
 
 use super::{
-    Attempt, PgStore, WORK_CHANNEL, backend, corrupt, db_ms, decode_record, insert_delivery,
-    insert_jobs, lock_lines, locked_record, ms, take_fingerprint, to_json,
+    Attempt, PgStore, backend, corrupt, db_ms, decode_record, insert_delivery, insert_jobs,
+    lock_lines, locked_record, ms, take_fingerprint, to_json,
 };
 use crate::store::{
     Claim, Claims, DeliveryKey, DeliveryRecord, KeptFingerprint, Lease, NewDelivery, StoreError,
@@ -29,7 +29,16 @@ impl Claims for PgStore {
                 Attempt::KeyTaken
             };
             match attempt {
-                Attempt::Decided(claim) => return Ok(*claim),
+                Attempt::Decided(claim) => {
+                    if matches!(*claim, Claim::New)
+                        && new.enqueue()
+                        && !new.record().handlers.is_empty()
+                    {
+                        // After the commit, so whoever wakes finds the rows (see `announce`).
+                        self.announce_work();
+                    }
+                    return Ok(*claim);
+                }
                 Attempt::Again => continue,
                 Attempt::KeyTaken => {
                     if let Some(existing) = self.resolved(self.db()?, &key).await? {
@@ -153,8 +162,8 @@ impl PgStore {
         decode_record(first.as_deref().unwrap_or(&own)).map(Some)
     }
 
-    /// A plain claim (no body dedup): one statement inserts the record and its job rows and
-    /// announces the work; `None` when the key was taken.
+    /// A plain claim (no body dedup): one statement inserts the record and its job rows;
+    /// `None` when the key was taken.
     async fn claim_plain(&self, new: &NewDelivery) -> Result<bool, StoreError> {
         let record = new.record();
         let due = new.enqueue().then(|| db_ms(record.received_at_ms));
@@ -166,10 +175,8 @@ impl PgStore {
                 INSERT INTO inbox_jobs (source, id, handler, status, due_ms) \
                 SELECT d.source, d.id, h, 'pending', $7 FROM d, unnest($6::text[]) AS h \
                 RETURNING due_ms \
-             ), n AS ( \
-                SELECT pg_notify($8, '') FROM (SELECT 1 FROM j WHERE due_ms IS NOT NULL LIMIT 1) AS any_due \
              ) \
-             SELECT (SELECT count(*) FROM d) AS inserted, (SELECT count(*) FROM n) AS notified",
+             SELECT (SELECT count(*) FROM d) AS inserted, (SELECT count(*) FROM j) AS jobs",
         )
         .bind(&record.source)
         .bind(&record.id)
@@ -178,7 +185,6 @@ impl PgStore {
         .bind(new.body().as_ref())
         .bind(&record.handlers)
         .bind(due)
-        .bind(WORK_CHANNEL)
         .fetch_one(self.db()?)
         .await
         .map_err(backend)?;

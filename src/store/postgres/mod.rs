@@ -48,8 +48,13 @@
 //!   retry locks the delivery it requeues, so the two never cross; only one replica sweeps
 //!   at a time (a transaction-scoped advisory lock).
 //!
-//! New work wakes the other replicas' dispatchers through `NOTIFY` (sent on commit); they
-//! also poll every few seconds in case a notification is lost while reconnecting.
+//! New work wakes the other replicas' dispatchers through `NOTIFY`; they also poll every
+//! few seconds in case a notification is lost while reconnecting. Claims do not notify in
+//! their own transaction: PostgreSQL serializes the commits of every transaction that
+//! notified (a database-wide lock held through the WAL flush), which held the whole ack
+//! path to one commit at a time. A claim that queued work wakes a task that sends one
+//! `NOTIFY` for every claim since its last ([`PgStore::announce_work`]); the rarer writers
+//! (operator retries, a line handed on) still notify on commit.
 //!
 //! The database may be unreachable at start or go away later: the pool connects lazily,
 //! migrations are retried in the background, every operation fails fast with a
@@ -80,7 +85,7 @@ use tokio::sync::Notify;
 pub use schema::migrate;
 
 use lines::{line_key, lock_line, lock_lines, promote_next};
-use pool::{WORK_CHANNEL, notify_work};
+use pool::notify_work;
 
 use super::{
     AttemptContext, Begin, Claim, DeliveryKey, DeliveryRecord, JobKey, JobState, JobStatus, Lease,
@@ -122,6 +127,9 @@ pub struct PgStore {
     ready: Arc<AtomicBool>,
     /// Notified when another replica (or this one) announces new work.
     work: Arc<Notify>,
+    /// Wakes the task that announces this replica's new claims to the others
+    /// ([`PgStore::announce_work`]).
+    announce: Arc<Notify>,
     /// How long a dispatcher's reservation of a due pair holds before another replica may
     /// take it (the reserving replica starts it at once; this only matters if it dies
     /// first): `dispatch.run_lease`.
@@ -365,8 +373,8 @@ async fn take_fingerprint(
     Ok(took == 1)
 }
 
-/// Writes a new delivery's job rows (queued on arrival when acknowledged) and announces
-/// them on commit. The pair of an ordered handler whose line has anyone in it that is not
+/// Writes a new delivery's job rows (queued on arrival when acknowledged; the claim
+/// announces them once committed, [`PgStore::announce_work`]). The pair of an ordered handler whose line has anyone in it that is not
 /// final waits there unqueued (the caller holds the line's lock).
 async fn insert_jobs(
     tx: &mut Transaction<'static, Postgres>,
@@ -411,9 +419,6 @@ async fn insert_jobs(
     .execute(&mut **tx)
     .await
     .map_err(backend)?;
-    if enqueue {
-        notify_work(tx).await?;
-    }
     Ok(())
 }
 

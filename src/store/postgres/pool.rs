@@ -43,9 +43,11 @@ impl PgStore {
             .connect_lazy_with(options);
         let ready = Arc::new(AtomicBool::new(false));
         let work = Arc::new(Notify::new());
+        let announce = Arc::new(Notify::new());
         let tasks = vec![
             tokio::spawn(schema::migrate_until_done(pool.clone(), ready.clone())),
             tokio::spawn(listen_for_work(pool.clone(), work.clone())),
+            tokio::spawn(announce_claims(relaxed.clone(), announce.clone())),
         ];
         Ok(PgStore {
             pool,
@@ -54,6 +56,7 @@ impl PgStore {
             instance: rand::random::<i64>() & i64::MAX,
             ready,
             work,
+            announce,
             reservation,
             sweep_from: std::sync::Mutex::new(None),
             pauses: std::sync::Mutex::new(None),
@@ -199,6 +202,31 @@ pub(super) async fn notify_work(tx: &mut Transaction<'static, Postgres>) -> Resu
         .await
         .map_err(backend)?;
     Ok(())
+}
+
+impl PgStore {
+    /// Tells the other replicas (and this one's listener) that a committed claim queued
+    /// work: wakes [`announce_claims`], which sends one `NOTIFY` at a time, each covering
+    /// every claim made since the last was sent.
+    pub(super) fn announce_work(&self) {
+        self.announce.notify_one();
+    }
+}
+
+/// Sends `NOTIFY` on [`WORK_CHANNEL`] whenever [`PgStore::announce_work`] asked since the
+/// last one: claims made while one is being sent are covered by the next (`Notify` keeps a
+/// single permit). A notice that cannot be sent is not retried: the other replicas poll.
+async fn announce_claims(pool: PgPool, wanted: Arc<Notify>) {
+    loop {
+        wanted.notified().await;
+        if let Err(e) = sqlx::query("SELECT pg_notify($1, '')")
+            .bind(WORK_CHANNEL)
+            .execute(&pool)
+            .await
+        {
+            tracing::debug!(error = %redact(&e), "announcing new work failed; the other replicas poll");
+        }
+    }
 }
 
 /// Keeps a `LISTEN` open on [`WORK_CHANNEL`] and wakes the dispatcher on every
