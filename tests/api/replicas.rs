@@ -1408,14 +1408,16 @@ async fn a_claim_on_one_replica_wakes_the_other_replicas_dispatcher() {
         webhook_inbox::testing::authenticated(&source, "msg_notice", &body, SystemTime::now())
             .expect("signed");
     let now = webhook_inbox::clock::Clock::System.now_ms();
-    let new = NewDelivery::new(delivery, now, vec!["log".into()], false).acknowledged(
-        StoredResponse {
+    let new =
+        NewDelivery::new(delivery, now, vec!["log".into()], false).acknowledged(StoredResponse {
             status: 202,
             body: "{}".into(),
-        },
-    );
+        });
     let woken = signal.notified();
-    assert!(matches!(claimant.claim(new).await.expect("claim"), Claim::New));
+    assert!(matches!(
+        claimant.claim(new).await.expect("claim"),
+        Claim::New
+    ));
     tokio::time::timeout(Duration::from_secs(10), woken)
         .await
         .expect("the other replica is told of the new work");
