@@ -53,7 +53,7 @@
 //! their own transaction: PostgreSQL serializes the commits of every transaction that
 //! notified (a database-wide lock held through the WAL flush), which held the whole ack
 //! path to one commit at a time. A claim that queued work wakes a task that sends one
-//! `NOTIFY` for every claim since its last ([`PgStore::announce_work`]); the rarer writers
+//! `NOTIFY` for every claim since its last (`PgStore::announce_work`); the rarer writers
 //! (operator retries, a line handed on) still notify on commit.
 //!
 //! The database may be unreachable at start or go away later: the pool connects lazily,
