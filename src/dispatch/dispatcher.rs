@@ -212,11 +212,7 @@ impl Dispatcher {
         if due.len() >= want {
             return Ok((due, Some(now_ms)));
         }
-        let mut past = skip.clone();
-        for q in &due {
-            past.insert(q.job.clone());
-        }
-        let next = store.next_due_of(handler, &past).await?;
+        let next = store.next_due_past(handler, skip, &due).await?;
         Ok((due, next))
     }
 

@@ -1006,12 +1006,22 @@ pub trait JobQueue: Send + Sync + 'static {
     ) -> Result<(Vec<QueuedJob>, Option<u64>), StoreError> {
         let _ = after;
         let due = self.due_jobs_of(handler, now_ms, limit, skip).await?;
+        let next = self.next_due_past(handler, skip, &due).await?;
+        Ok((due, next))
+    }
+
+    /// [`JobQueue::next_due_of`] past `skip` and the entries `due` just read.
+    async fn next_due_past(
+        &self,
+        handler: &str,
+        skip: &SkipSet,
+        due: &[QueuedJob],
+    ) -> Result<Option<u64>, StoreError> {
         let mut past = skip.clone();
-        for q in &due {
+        for q in due {
             past.insert(q.job.clone());
         }
-        let next = self.next_due_of(handler, &past).await?;
-        Ok((due, next))
+        self.next_due_of(handler, &past).await
     }
 
     /// Starts a run of `job`: marks it running under a lease until `lease_until_ms` and

@@ -34,7 +34,7 @@ impl Claims for PgStore {
                         && new.enqueue()
                         && !new.record().handlers.is_empty()
                     {
-                        // After the commit, so whoever wakes finds the rows (see `announce`).
+                        // After the commit, so whoever wakes finds the rows.
                         self.announce_work();
                     }
                     return Ok(*claim);
@@ -174,9 +174,8 @@ impl PgStore {
              ), j AS ( \
                 INSERT INTO inbox_jobs (source, id, handler, status, due_ms) \
                 SELECT d.source, d.id, h, 'pending', $7 FROM d, unnest($6::text[]) AS h \
-                RETURNING due_ms \
              ) \
-             SELECT (SELECT count(*) FROM d) AS inserted, (SELECT count(*) FROM j) AS jobs",
+             SELECT (SELECT count(*) FROM d) AS inserted",
         )
         .bind(&record.source)
         .bind(&record.id)

@@ -374,8 +374,9 @@ async fn take_fingerprint(
 }
 
 /// Writes a new delivery's job rows (queued on arrival when acknowledged; the claim
-/// announces them once committed, [`PgStore::announce_work`]). The pair of an ordered handler whose line has anyone in it that is not
-/// final waits there unqueued (the caller holds the line's lock).
+/// announces them once committed, [`PgStore::announce_work`]). The pair of an ordered
+/// handler whose line has anyone in it that is not final waits there unqueued (the caller
+/// holds the line's lock).
 async fn insert_jobs(
     tx: &mut Transaction<'static, Postgres>,
     record: &DeliveryRecord,
