@@ -9,7 +9,9 @@
 //! The load generator is light on purpose (a hyper HTTP/1.1 client on one runtime thread of
 //! its own): a heavier one takes more of the two cores from both servers and flatters the
 //! ratio. The sustained case offers 80 % of the measured fsync ack ceiling at a steady pace
-//! and reports handler runs per second beside acks per second, and the largest queue depth.
+//! and reports handler runs per second beside acks per second, and the largest queue depth;
+//! with `--postgres-url`, each PostgreSQL case (1 and 3 replicas) is followed by its own
+//! sustained case at 80 % of the acks it just measured.
 //!
 //! Each case starts a server process (`webhook-inbox serve` on a temp data dir, or this
 //! benchmark itself as the bare endpoint, `--bare`), drives
@@ -776,7 +778,17 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
         for extra in std::iter::once("").chain(options.variants.iter().map(String::as_str)) {
             for replicas in [1, 3] {
                 let bare = bare_rate[&1024];
-                results.push(postgres(options, source.clone(), url, replicas, bare, extra).await?);
+                let full =
+                    postgres(options, source.clone(), url, replicas, bare, extra, None).await?;
+                let ceiling = full.rate;
+                results.push(full);
+                if options.sustain_seconds > 0 {
+                    let offered = Some(ceiling * 0.8);
+                    results.push(
+                        postgres(options, source.clone(), url, replicas, bare, extra, offered)
+                            .await?,
+                    );
+                }
             }
         }
     } else {
@@ -971,8 +983,10 @@ async fn prepare_amqp(url: &str, prefix: &str) -> Result<(), String> {
 }
 
 /// `replicas` servers on one PostgreSQL database (a fresh schema), the connections spread
-/// over them, as fast as answers come: acks per second and handler runs per second (all
-/// replicas together) over the same window, and the largest queue depth seen.
+/// over them, as fast as answers come (`offered: None`, for `options.seconds`) or at a
+/// steady `offered` rate (the sustained case, for `options.sustain_seconds`): acks per
+/// second and handler runs per second (all replicas together) over the same window, and the
+/// largest queue depth seen.
 async fn postgres(
     options: &BenchOptions,
     source: Arc<Source>,
@@ -980,6 +994,7 @@ async fn postgres(
     replicas: usize,
     bare: f64,
     extra_config: &str,
+    offered: Option<f64>,
 ) -> Result<CaseResult, String> {
     use sqlx::Connection as _;
     let schema = format!("bench_{}", rand::random::<u32>());
@@ -1013,22 +1028,24 @@ async fn postgres(
             replay_only: false,
         },
         options.concurrency,
-        options.seconds,
-        None,
+        offered.map_or(options.seconds, |_| options.sustain_seconds),
+        offered,
         0,
     )
     .await;
     let (processed, max_depth) = sampler.finish().await?;
     r.processed = Some(processed);
     r.max_queue_depth = Some(max_depth);
-    r.name = if extra_config.is_empty() {
-        format!("postgres, {replicas} replica(s), unique, 1 KiB")
-    } else {
-        format!(
-            "postgres, {replicas} replica(s), unique, 1 KiB, with `{}`",
-            extra_config.replace('\n', "; ")
-        )
+    r.name = match offered {
+        None => format!("postgres, {replicas} replica(s), unique, 1 KiB"),
+        Some(rate) => format!(
+            "postgres, {replicas} replica(s), sustained {rate:.0}/s offered (80 % of its ack \
+             ceiling), 1 KiB"
+        ),
     };
+    if !extra_config.is_empty() {
+        r.name = format!("{}, with `{}`", r.name, extra_config.replace('\n', "; "));
+    }
     r.rss = servers.iter().map(|s| rss_bytes(s.child.id())).sum();
     r.vs_bare = r.rate / bare;
     drop(servers);
@@ -1036,11 +1053,8 @@ async fn postgres(
         .execute(&mut db)
         .await;
     eprintln!(
-        "{}: accepted {:.0}/s ({:.2}x bare), processed {:.0}/s",
-        r.name,
-        r.rate,
-        r.vs_bare,
-        r.processed.unwrap_or_default()
+        "{}: accepted {:.0}/s ({:.2}x bare), processed {:.0}/s, queue depth at most {:.0}",
+        r.name, r.rate, r.vs_bare, processed, max_depth
     );
     Ok(r)
 }

@@ -401,12 +401,23 @@ impl Dispatcher {
                 () = self.wake.notified() => {}
                 () = announced() => {}
                 () = turns.turn_taken() => {}
-                Some(done) = running.join_next_with_id(), if !running.is_empty() => {
-                    let (id, busy) = match done {
-                        Ok((id, busy)) => (id, busy),
-                        Err(e) => (e.id(), None),
-                    };
-                    if let Some(job) = in_flight.remove(&id) {
+                Some(first) = running.join_next_with_id(), if !running.is_empty() => {
+                    // Every run that has ended, not only the first: the next pass then fills
+                    // all their slots with one queue read. Reaping one run per pass made a
+                    // queue read per run, and the loop, not the runs, the limit
+                    // (BENCHMARKS.md, session 15).
+                    let mut ended = vec![first];
+                    while let Some(done) = running.try_join_next_with_id() {
+                        ended.push(done);
+                    }
+                    for done in ended {
+                        let (id, busy) = match done {
+                            Ok((id, busy)) => (id, busy),
+                            Err(e) => (e.id(), None),
+                        };
+                        let Some(job) = in_flight.remove(&id) else {
+                            continue;
+                        };
                         if let Some(n) = running_of.get_mut(&job.handler) {
                             *n = n.saturating_sub(1);
                         }

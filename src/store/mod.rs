@@ -771,6 +771,11 @@ impl SkipSet {
         !self.keys.is_empty() && self.keys.contains(&(source, id, handler) as &dyn PairParts)
     }
 
+    /// The pairs passed over, in no order.
+    pub fn iter(&self) -> impl Iterator<Item = &JobKey> {
+        self.keys.iter()
+    }
+
     /// How many pairs are passed over.
     pub fn len(&self) -> usize {
         self.keys.len()

@@ -252,6 +252,93 @@ async fn a_run_has_one_runner_and_a_success_is_final(store: Store) {
     );
 }
 
+/// Starts and successes asked for at once (a dispatcher hands out many runs together; the
+/// PostgreSQL store writes them many to a statement): every pair starts once, however many
+/// ask for it, and every success is recorded.
+async fn many_runs_started_and_finished_at_once_each_start_once(store: Store) {
+    for i in 0..24 {
+        store
+            .claim(new(&format!("m{i}"), "{}", &["h"], false))
+            .await
+            .expect("claim");
+    }
+    let due = due_now(&store, u64::MAX).await;
+    assert_eq!(due.len(), 24);
+    // Each pair asked for three times at once: by its entry twice, and inline once.
+    let starts = due.iter().flat_map(|entry| {
+        let store = store.clone();
+        [Some(entry.due_ms), Some(entry.due_ms), None].map(move |queued| {
+            let (store, job) = (store.clone(), entry.job.clone());
+            async move {
+                let begin = store.begin_attempt(&job, queued, NOW, LEASE).await;
+                (job, begin.expect("begin"))
+            }
+        })
+    });
+    let begun = futures_util::future::join_all(starts).await;
+    for entry in &due {
+        let of_pair: Vec<&Begin> = begun
+            .iter()
+            .filter(|(job, _)| *job == entry.job)
+            .map(|(_, begin)| begin)
+            .collect();
+        let started = of_pair
+            .iter()
+            .filter(|b| matches!(b, Begin::Started(a) if a.attempt == 1))
+            .count();
+        assert_eq!(started, 1, "{}: {of_pair:?}", entry.job);
+        assert!(
+            of_pair
+                .iter()
+                .all(|b| matches!(b, Begin::Started(_) | Begin::Busy { .. })),
+            "{}: {of_pair:?}",
+            entry.job
+        );
+    }
+    let finishes = due.iter().map(|entry| {
+        let (store, job) = (store.clone(), entry.job.clone());
+        async move {
+            store
+                .finish_attempt(&job, 1, AttemptOutcome::Succeeded, NOW)
+                .await
+        }
+    });
+    for finished in futures_util::future::join_all(finishes).await {
+        finished.expect("finish");
+    }
+    for entry in &due {
+        let state = store.job(&entry.job).await.expect("job").expect("state");
+        assert_eq!(state.status, JobStatus::Succeeded, "{}", entry.job);
+        assert_eq!(state.attempts, 1, "{}", entry.job);
+    }
+    assert!(due_now(&store, u64::MAX).await.is_empty());
+}
+
+/// A queue read passes over the pairs it is told to (those this process is running) without
+/// their taking the places of its batch: asked for four past four it holds, it returns four
+/// others. (On PostgreSQL the four stay reserved by this replica until their starts commit;
+/// a read that filtered them out after the statement returned none.)
+async fn a_queue_read_fills_its_batch_past_the_pairs_it_passes_over(store: Store) {
+    for i in 0..10 {
+        store
+            .claim(new(&format!("s{i}"), "{}", &["h"], false))
+            .await
+            .expect("claim");
+    }
+    let held = store
+        .due_jobs(NOW, 4, &Default::default())
+        .await
+        .expect("queue");
+    assert_eq!(held.len(), 4);
+    let skip: webhook_inbox::store::SkipSet = held.iter().map(|q| q.job.clone()).collect();
+    let next = store.due_jobs(NOW, 4, &skip).await.expect("queue");
+    assert_eq!(next.len(), 4, "{next:?}");
+    assert!(next.iter().all(|q| !skip.contains(&q.job)), "{next:?}");
+    let of_handler = store.due_jobs_of("h", NOW, 4, &skip).await.expect("queue");
+    assert_eq!(of_handler.len(), 4, "{of_handler:?}");
+    assert!(of_handler.iter().all(|q| !skip.contains(&q.job)));
+}
+
 async fn a_failure_moves_the_entry_and_a_stale_entry_runs_nothing(store: Store) {
     store
         .claim(new("r2", "{}", &["h"], false))
@@ -1219,6 +1306,8 @@ macro_rules! conformance_cases {
 }
 
 conformance_cases!(
+    many_runs_started_and_finished_at_once_each_start_once,
+    a_queue_read_fills_its_batch_past_the_pairs_it_passes_over,
     a_backfill_binds_a_stored_delivery_once_and_never_resets_a_pair,
     a_queue_read_tells_when_the_next_entry_is_due,
     an_ordered_line_runs_one_pair_at_a_time_in_received_order,

@@ -61,6 +61,7 @@
 //! [`StoreError`] (503 `storage_unavailable`) until the database is back, and nothing
 //! needs a restart.
 
+mod batches;
 mod check;
 mod claim;
 mod import;
@@ -130,6 +131,10 @@ pub struct PgStore {
     /// Wakes the task that announces this replica's new claims to the others
     /// ([`PgStore::announce_work`]).
     announce: Arc<Notify>,
+    /// Where run starts go to be written many to a commit (see `batches`).
+    starts: tokio::sync::mpsc::UnboundedSender<batches::StartRequest>,
+    /// Where runs' successes go to be written many to a statement (see `batches`).
+    successes: tokio::sync::mpsc::UnboundedSender<batches::SuccessRequest>,
     /// How long a dispatcher's reservation of a due pair holds before another replica may
     /// take it (the reserving replica starts it at once; this only matters if it dies
     /// first): `dispatch.run_lease`.
@@ -240,42 +245,6 @@ fn job_from_row(row: &PgRow) -> Result<Option<JobState>, StoreError> {
 }
 
 impl PgStore {
-    /// The start of a run as one check-and-set: started only if not final, still queued
-    /// where the caller found it, not running under a lease that blocks a take-over
-    /// (whoever's), not reserved by another replica, and its handler not paused (a pause
-    /// committed before this statement holds, whatever the dispatcher read earlier).
-    fn start_query<'q>(
-        &self,
-        job: &'q JobKey,
-        queued_due: Option<u64>,
-        now_ms: u64,
-        lease_until_ms: u64,
-    ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
-        sqlx::query(concat!(
-            "UPDATE inbox_jobs j SET status = 'running', attempts = j.attempts + 1, \
-                updated_ms = $4, lease_owner = $6, lease_until_ms = $7, \
-                reserved_by = NULL, reserved_until_ms = NULL \
-             FROM inbox_deliveries d \
-             WHERE j.source = $1 AND j.id = $2 AND j.handler = $3 \
-               AND d.source = j.source AND d.id = j.id \
-               AND j.status NOT IN ('succeeded', 'dead') \
-               AND ($5::bigint IS NULL OR j.due_ms = $5) \
-               AND NOT (j.status = 'running' AND COALESCE(j.lease_until_ms, 0) + ",
-            grace!(),
-            " > $4) \
-               AND NOT (COALESCE(j.reserved_until_ms, 0) > $4 AND j.reserved_by <> $6) \
-               AND NOT EXISTS (SELECT 1 FROM inbox_handlers h WHERE h.name = j.handler AND h.paused) \
-             RETURNING j.attempts, j.retry_base, d.record, d.body",
-        ))
-        .bind(&job.delivery.source)
-        .bind(&job.delivery.id)
-        .bind(&job.handler)
-        .bind(db_ms(now_ms))
-        .bind(queued_due.map(db_ms))
-        .bind(self.instance)
-        .bind(db_ms(lease_until_ms))
-    }
-
     /// The number a `SELECT count(*) …` returns.
     async fn count(&self, sql: &'static str) -> Result<usize, StoreError> {
         let n: i64 = sqlx::query_scalar(sql)
@@ -288,7 +257,7 @@ impl PgStore {
 
 /// A delivery's record read under a row lock (`FOR UPDATE` or `FOR SHARE`) held until `tx`
 /// ends.
-/// The run a [`PgStore::start_query`] row started.
+/// The run a row of `batches::START_BATCH_SQL` started.
 fn started(row: &PgRow) -> Result<Begin, StoreError> {
     let attempt = row.try_get::<i32, _>("attempts").map_err(backend)?.max(0) as u32;
     let base = row.try_get::<i32, _>("retry_base").map_err(backend)?.max(0) as u32;

@@ -10,7 +10,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 use tokio::sync::Notify;
 
-use super::{PgConfigError, PgStore, backend, schema};
+use super::{PgConfigError, PgStore, backend, batches, schema};
 use crate::config::Durability;
 use crate::store::StoreError;
 
@@ -44,19 +44,42 @@ impl PgStore {
         let ready = Arc::new(AtomicBool::new(false));
         let work = Arc::new(Notify::new());
         let announce = Arc::new(Notify::new());
+        let instance = rand::random::<i64>() & i64::MAX;
+        let (starts, start_requests) = tokio::sync::mpsc::unbounded_channel();
+        let (successes, success_requests) = tokio::sync::mpsc::unbounded_channel();
         let tasks = vec![
             tokio::spawn(schema::migrate_until_done(pool.clone(), ready.clone())),
             tokio::spawn(listen_for_work(pool.clone(), work.clone())),
             tokio::spawn(announce_claims(relaxed.clone(), announce.clone())),
+            // As many starts in flight as durable connections; successes on at most half of
+            // the relaxed connections, leaving the rest to queue reads.
+            tokio::spawn(batches::write_in_batches(
+                start_requests,
+                dispatch_size as usize,
+                {
+                    let pool = dispatch.clone();
+                    move |batch| batches::write_starts(pool.clone(), instance, batch)
+                },
+            )),
+            tokio::spawn(batches::write_in_batches(
+                success_requests,
+                (dispatch_size as usize / 2).max(1),
+                {
+                    let pool = relaxed.clone();
+                    move |batch| batches::write_successes(pool.clone(), batch)
+                },
+            )),
         ];
         Ok(PgStore {
             pool,
             relaxed,
             dispatch,
-            instance: rand::random::<i64>() & i64::MAX,
+            instance,
             ready,
             work,
             announce,
+            starts,
+            successes,
             reservation,
             sweep_from: std::sync::Mutex::new(None),
             pauses: std::sync::Mutex::new(None),
