@@ -43,6 +43,14 @@ pub async fn hold_lease<'a, T>(
     mut renew: impl FnMut(u64) -> BoxFuture<'a, Result<bool, StoreError>>,
 ) -> Held<T> {
     let margin = lease_margin(lease);
+    // The proof of the lease may already be spent before the work begins: a start that
+    // took longer than the lease to commit (the database stalled, the start waited for its
+    // batch). Then the work never begins: polled once, it may already have acted.
+    if Instant::now() + margin >= held_until {
+        let why = String::from("the lease could not be proven held when the work was to begin");
+        tracing::warn!("{why}: not starting the work");
+        return Held::Lost(why);
+    }
     let every = lease / 3;
     let lease_ms = lease.as_millis() as u64;
     tokio::pin!(work);
@@ -200,6 +208,28 @@ mod tests {
         assert!(matches!(out, Held::Lost(_)), "{out:?}");
         assert!(cancelled);
         assert_eq!(took, LEASE / 3, "at the first renewal");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn work_whose_lease_is_spent_before_it_begins_never_begins() {
+        let token = CancellationToken::new();
+        let began = std::sync::atomic::AtomicBool::new(false);
+        // The start was issued a lease ago less half the margin: not provable any more.
+        let held_until = Instant::now() + lease_margin(LEASE) / 2;
+        let out = hold_lease(
+            async {
+                began.store(true, Ordering::SeqCst);
+                "done"
+            },
+            LEASE,
+            held_until,
+            Clock::tokio(),
+            &token,
+            |_| Box::pin(async { Ok(true) }),
+        )
+        .await;
+        assert!(matches!(out, Held::Lost(_)), "{out:?}");
+        assert!(!began.load(Ordering::SeqCst), "the work was polled");
     }
 
     #[tokio::test(start_paused = true)]

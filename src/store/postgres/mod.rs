@@ -11,7 +11,7 @@
 //! Files: this one (connecting, the pools, the statements several operations share), one per
 //! role of the store — `claim`, `queue` (dispatch), `journal` (call journal), `operator`,
 //! `retention` — and `schema.rs` (migrations), `check.rs` (`store check`), `import.rs`
-//! (`store copy`).
+//! (`store copy`), `batches.rs` (run starts and successes written many to a statement).
 //!
 //! Three pools: `pool_size` connections for requests (claims, admin), and two of a quarter
 //! of that for the dispatcher — its reads and the writes that need not wait for the WAL
@@ -31,7 +31,8 @@
 //! - Dispatch: a replica reserves due rows with `FOR UPDATE SKIP LOCKED` (so replicas take
 //!   different work) and starts one with a conditional `UPDATE` that succeeds only if the
 //!   pair is not running under a live lease and not reserved by another replica: one runner
-//!   per pair at a time. The run lease and the reservation are separate columns, so that a
+//!   per pair at a time. (The starts asked for at once share one such statement, each row
+//!   under its own conditions: `batches`.) The run lease and the reservation are separate columns, so that a
 //!   reservation of a pair whose runner died can never pass for a live run. A replica that dies
 //!   leaves a lease that lapses; another then starts the pair with `attempt + 1` (the count
 //!   is durable at start) and the same idempotency key.
