@@ -133,9 +133,9 @@ const START_BATCH_SQL: &str = concat!(
      RETURNING j.source, j.id, j.handler, j.attempts, j.retry_base, d.record, d.body",
 );
 
-/// A run's success, for each row: recorded
-/// whichever attempt it came from, never over a success, and only outside `order_by`
-/// lines (whose final outcomes also hand the line on).
+/// A run's success, for each row: recorded whichever attempt it came from, never over a
+/// success, and only outside `order_by` lines (whose final outcomes also hand the line on:
+/// `PgStore::finish_in_line`).
 const SUCCESS_BATCH_SQL: &str = "WITH r AS ( \
         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) \
             AS r(source, id, handler, now_ms) \

@@ -32,10 +32,10 @@
 //!   different work) and starts one with a conditional `UPDATE` that succeeds only if the
 //!   pair is not running under a live lease and not reserved by another replica: one runner
 //!   per pair at a time. (The starts asked for at once share one such statement, each row
-//!   under its own conditions: `batches`.) The run lease and the reservation are separate columns, so that a
-//!   reservation of a pair whose runner died can never pass for a live run. A replica that dies
-//!   leaves a lease that lapses; another then starts the pair with `attempt + 1` (the count
-//!   is durable at start) and the same idempotency key.
+//!   under its own conditions: `batches`.) The run lease and the reservation are separate
+//!   columns, so that a reservation of a pair whose runner died can never pass for a live
+//!   run. A replica that dies leaves a lease that lapses; another then starts the pair with
+//!   `attempt + 1` (the count is durable at start) and the same idempotency key.
 //! - A pause (`inbox_handlers.paused`) is checked in that same update: once committed, no
 //!   run of the handler starts on any replica.
 //! - `order_by` lines (`order_key`, `order_at_ms`, schema version 3): a line's pairs that
