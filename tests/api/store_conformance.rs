@@ -1384,6 +1384,75 @@ async fn replicas_reading_the_queue_at_once_take_different_pairs() {
     );
 }
 
+/// A batch of starts or successes whose statement fails (here: the table is away) answers
+/// every request in it with the error and writes nothing: no attempt is counted, no pair
+/// starts or succeeds; once the table is back, the same requests go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_batch_fails_every_request_in_it_and_writes_nothing() {
+    let Some(server) = crate::helpers::test_postgres_url("store: a failed batch") else {
+        return;
+    };
+    let url = crate::helpers::fresh_postgres_schema(&server).await;
+    let store: Store = crate::helpers::postgres_store_at(&url).await;
+    for i in 0..3 {
+        store
+            .claim(new(&format!("f{i}"), "{}", &["h"], false))
+            .await
+            .expect("claim");
+    }
+    let mut due = due_now(&store, NOW).await;
+    due.sort_by(|a, b| a.job.delivery.id.cmp(&b.job.delivery.id));
+    assert_eq!(due.len(), 3);
+    assert!(matches!(
+        store
+            .begin_attempt(&due[0].job, Some(due[0].due_ms), NOW, LEASE)
+            .await
+            .expect("begin"),
+        Begin::Started(_)
+    ));
+    let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let rename = |from: &str, to: &str| format!("ALTER TABLE {from} RENAME TO {to}");
+    sqlx::query(&rename("inbox_jobs", "inbox_jobs_away"))
+        .execute(&mut db)
+        .await
+        .expect("rename");
+    let (first, second, success) = tokio::join!(
+        store.begin_attempt(&due[1].job, Some(due[1].due_ms), NOW, LEASE),
+        store.begin_attempt(&due[2].job, Some(due[2].due_ms), NOW, LEASE),
+        store.finish_attempt(&due[0].job, 1, AttemptOutcome::Succeeded, NOW),
+    );
+    assert!(first.is_err(), "{first:?}");
+    assert!(second.is_err(), "{second:?}");
+    assert!(success.is_err(), "{success:?}");
+    sqlx::query(&rename("inbox_jobs_away", "inbox_jobs"))
+        .execute(&mut db)
+        .await
+        .expect("rename back");
+    let state = |n: usize| {
+        let (store, job) = (store.clone(), due[n].job.clone());
+        async move { store.job(&job).await.expect("job").expect("state") }
+    };
+    let running = state(0).await;
+    assert_eq!((running.status, running.attempts), (JobStatus::Running, 1));
+    for n in [1, 2] {
+        // Never started: no state yet.
+        let untouched = store.job(&due[n].job).await.expect("job");
+        assert!(untouched.is_none(), "{untouched:?}");
+    }
+    assert!(matches!(
+        store
+            .begin_attempt(&due[1].job, Some(due[1].due_ms), NOW, LEASE)
+            .await
+            .expect("begin"),
+        Begin::Started(attempt) if attempt.attempt == 1
+    ));
+    store
+        .finish_attempt(&due[0].job, 1, AttemptOutcome::Succeeded, NOW)
+        .await
+        .expect("finish");
+    assert_eq!(state(0).await.status, JobStatus::Succeeded);
+}
+
 /// New work on one replica wakes the others' dispatchers (LISTEN/NOTIFY), without polling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_work_on_one_replica_is_announced_to_the_others() {

@@ -32,12 +32,11 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
-use sqlx::Row as _;
 use sqlx::postgres::{PgPool, PgRow};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::{backend, db_ms, grace, started};
-use crate::store::{Begin, DeliveryKey, JobKey, StoreError};
+use super::{backend, db_ms, grace, job_key_of, started};
+use crate::store::{Begin, JobKey, StoreError};
 
 /// The most rows one statement carries.
 const MAX_BATCH: usize = 256;
@@ -150,11 +149,9 @@ const SUCCESS_BATCH_SQL: &str = "WITH r AS ( \
 /// [`START_BATCH_SQL`] for `starts`, by the replica `instance`.
 pub(super) fn start_query<'q>(
     instance: i64,
-    starts: &[(&JobKey, &Start)],
+    starts: &[(&'q JobKey, &Start)],
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    let column = |f: &dyn Fn(&JobKey) -> &String| -> Vec<String> {
-        starts.iter().map(|(job, _)| f(job).clone()).collect()
-    };
+    let (sources, ids, handlers) = key_arrays(starts.iter().map(|(job, _)| *job));
     let dues: Vec<Option<i64>> = starts
         .iter()
         .map(|(_, s)| s.queued_due.map(db_ms))
@@ -165,9 +162,9 @@ pub(super) fn start_query<'q>(
         .map(|(_, s)| db_ms(s.lease_until_ms))
         .collect();
     sqlx::query(START_BATCH_SQL)
-        .bind(column(&|job| &job.delivery.source))
-        .bind(column(&|job| &job.delivery.id))
-        .bind(column(&|job| &job.handler))
+        .bind(sources)
+        .bind(ids)
+        .bind(handlers)
         .bind(dues)
         .bind(nows)
         .bind(leases)
@@ -183,14 +180,12 @@ pub(super) async fn write_starts(pool: PgPool, instance: i64, batch: Vec<StartRe
 
 /// One statement for a batch of successes (`pool`: commits that do not wait for the WAL).
 pub(super) async fn write_successes(pool: PgPool, batch: Vec<SuccessRequest>) {
-    let column = |f: &dyn Fn(&JobKey) -> &String| -> Vec<String> {
-        batch.iter().map(|r| f(&r.job).clone()).collect()
-    };
+    let (sources, ids, handlers) = key_arrays(batch.iter().map(|r| &r.job));
     let nows: Vec<i64> = batch.iter().map(|r| db_ms(r.row)).collect();
     let rows = sqlx::query(SUCCESS_BATCH_SQL)
-        .bind(column(&|job| &job.delivery.source))
-        .bind(column(&|job| &job.delivery.id))
-        .bind(column(&|job| &job.handler))
+        .bind(sources)
+        .bind(ids)
+        .bind(handlers)
         .bind(nows)
         .fetch_all(&pool)
         .await;
@@ -208,7 +203,7 @@ fn answer<T, A>(
 ) {
     let rows = rows.map_err(backend).and_then(|rows| {
         rows.into_iter()
-            .map(|row| Ok((key_of(&row)?, row)))
+            .map(|row| Ok((job_key_of(&row)?, row)))
             .collect::<Result<HashMap<JobKey, PgRow>, StoreError>>()
     });
     let mut rows = match rows {
@@ -229,12 +224,18 @@ fn answer<T, A>(
     }
 }
 
-fn key_of(row: &PgRow) -> Result<JobKey, StoreError> {
-    let get = |name: &str| row.try_get::<String, _>(name).map_err(backend);
-    Ok(JobKey {
-        delivery: DeliveryKey::new(get("source")?, get("id")?),
-        handler: get("handler")?,
-    })
+/// The sources, ids and handlers of `jobs`, as the three text arrays the statements here
+/// (and the queue's reservation) take their pairs in.
+pub(super) fn key_arrays<'a>(
+    jobs: impl IntoIterator<Item = &'a JobKey>,
+) -> (Vec<&'a str>, Vec<&'a str>, Vec<&'a str>) {
+    let (mut sources, mut ids, mut handlers) = (Vec::new(), Vec::new(), Vec::new());
+    for job in jobs {
+        sources.push(job.delivery.source.as_str());
+        ids.push(job.delivery.id.as_str());
+        handlers.push(job.handler.as_str());
+    }
+    (sources, ids, handlers)
 }
 
 /// Sends `request` to its batch writer and waits for the answer.

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use sqlx::Row as _;
 use tokio::sync::Notify;
 
-use super::batches::{Start, start_query, submit};
+use super::batches::{Start, key_arrays, start_query, submit};
 use super::{
     JOB_COLUMNS, PAUSES_READ_EVERY, PgStore, backend, db_ms, grace, job_from_row, job_key_of,
     lock_line, ms, parse_status, promote_next, started,
@@ -249,12 +249,8 @@ impl JobQueue for PgStore {
             .await
             .map_err(backend)?
             .rows_affected();
-        if updated == 0
-            && matches!(
-                outcome,
-                AttemptOutcome::Succeeded | AttemptOutcome::Dead { .. }
-            )
-        {
+        // (A success went to `finish_in_line` above when its batch passed it over.)
+        if updated == 0 && matches!(outcome, AttemptOutcome::Dead { .. }) {
             self.finish_in_line(job, attempt, &outcome, now_ms).await?;
         }
         Ok(())
@@ -346,8 +342,8 @@ impl PgStore {
         Ok(())
     }
 
-    /// Why a start (`batches::START_BATCH_SQL`) started nothing: busy (someone holds it) or nothing to
-    /// run.
+    /// Why a start (`batches::START_BATCH_SQL`) started nothing: busy (someone holds it) or
+    /// nothing to run.
     async fn not_started(
         &self,
         job: &JobKey,
@@ -421,10 +417,10 @@ impl PgStore {
         // its start commits, and those in-flight pairs sit at the front of the queue. Left
         // to the filter below they took the batch's places, so that a read asked for n
         // pairs returned one (BENCHMARKS.md, session 15).
-        let passed: Vec<&JobKey> = skip
-            .iter()
-            .filter(|job| handler.is_none_or(|h| job.handler == h))
-            .collect();
+        let (passed_sources, passed_ids, passed_handlers) = key_arrays(
+            skip.iter()
+                .filter(|job| handler.is_none_or(|h| job.handler == h)),
+        );
         let rows = sqlx::query(&format!(
             "WITH c AS ( \
                 SELECT source, id, handler FROM inbox_jobs j \
@@ -446,34 +442,15 @@ impl PgStore {
         .bind(self.instance)
         .bind(now.saturating_add(self.reservation.as_millis() as i64))
         .bind(handler)
-        .bind(
-            passed
-                .iter()
-                .map(|j| j.delivery.source.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            passed
-                .iter()
-                .map(|j| j.delivery.id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            passed
-                .iter()
-                .map(|j| j.handler.as_str())
-                .collect::<Vec<_>>(),
-        )
+        .bind(passed_sources)
+        .bind(passed_ids)
+        .bind(passed_handlers)
         .fetch_all(self.relaxed()?)
         .await
         .map_err(backend)?;
         let mut due = Vec::with_capacity(rows.len());
         for row in rows {
             let job = job_key_of(&row)?;
-            // The statement passed these by already; kept as a guard.
-            if skip.contains(&job) {
-                continue;
-            }
             due.push(QueuedJob {
                 due_ms: ms(row.try_get("due_ms").map_err(backend)?),
                 job,

@@ -44,8 +44,8 @@ impl Claims for SledStore {
                     // hold the lock) but maybe not durable: wait for them (`true`).
                     return Ok((Claim::Existing(existing), true));
                 }
-                // Without body dedup the body index is not asked at all (a read of a key
-                // that is not there was half the claim's reads).
+                // Without body dedup the body index is not asked at all (its answer would
+                // not be used).
                 let indexed = if record.body_dedup {
                     self.body_index.get(&fp_key).map_err(backend)?
                 } else {
