@@ -173,15 +173,15 @@ pub(super) fn start_query<'q>(
 
 /// One statement for a batch of starts (durable `pool`) of the replica `instance`.
 pub(super) async fn write_starts(pool: PgPool, instance: i64, batch: Vec<StartRequest>) {
-    let starts: Vec<(&JobKey, &Start)> = batch.iter().map(|r| (&r.job, &r.row)).collect();
+    let starts: Vec<(&JobKey, &Start)> = firsts(&batch).map(|r| (&r.job, &r.row)).collect();
     let rows = start_query(instance, &starts).fetch_all(&pool).await;
     answer(batch, rows, |row| started(row).map(Some), || None);
 }
 
 /// One statement for a batch of successes (`pool`: commits that do not wait for the WAL).
 pub(super) async fn write_successes(pool: PgPool, batch: Vec<SuccessRequest>) {
-    let (sources, ids, handlers) = key_arrays(batch.iter().map(|r| &r.job));
-    let nows: Vec<i64> = batch.iter().map(|r| db_ms(r.row)).collect();
+    let (sources, ids, handlers) = key_arrays(firsts(&batch).map(|r| &r.job));
+    let nows: Vec<i64> = firsts(&batch).map(|r| db_ms(r.row)).collect();
     let rows = sqlx::query(SUCCESS_BATCH_SQL)
         .bind(sources)
         .bind(ids)
@@ -192,9 +192,22 @@ pub(super) async fn write_successes(pool: PgPool, batch: Vec<SuccessRequest>) {
     answer(batch, rows, |_| Ok(true), || false);
 }
 
+/// The requests of `batch` (sorted by key) that its statement carries: the first for each
+/// pair. A pair asked for twice must be written with the values (due time, clock, lease) of
+/// the request that [`answer`] gives its row to, or a start would be told it holds a lease
+/// until a time other than the one written; the later requests are answered as passed over.
+fn firsts<T, A>(batch: &[Request<T, A>]) -> impl Iterator<Item = &Request<T, A>> {
+    batch
+        .iter()
+        .enumerate()
+        .filter(|(i, request)| *i == 0 || batch[i - 1].job != request.job)
+        .map(|(_, request)| request)
+}
+
 /// Answers every request of `batch` from the rows its statement returned: a request whose
 /// pair came back gets `found` of the row, the others `passed`. A pair asked for twice in
-/// one batch is written once: the first request gets the row, the other is passed over.
+/// one batch is written once, from its first request ([`firsts`]), which gets the row; the
+/// others are passed over.
 fn answer<T, A>(
     batch: Vec<Request<T, A>>,
     rows: Result<Vec<PgRow>, sqlx::Error>,
@@ -254,4 +267,39 @@ pub(super) async fn submit<T, A>(
         })
         .map_err(|_| closed())?;
     answer.await.map_err(|_| closed())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::DeliveryKey;
+
+    fn request(id: &str, lease_until_ms: u64) -> StartRequest {
+        StartRequest {
+            job: DeliveryKey::new("s", id).job("h"),
+            row: Start {
+                queued_due: None,
+                now_ms: 0,
+                lease_until_ms,
+            },
+            reply: oneshot::channel().0,
+        }
+    }
+
+    /// A pair asked for twice in one (sorted) batch goes into the statement once, with the
+    /// values of its first request: the one `answer` gives the row to.
+    #[test]
+    fn a_pair_asked_for_twice_is_written_from_its_first_request() {
+        let batch = vec![
+            request("a", 1),
+            request("b", 2),
+            request("b", 3),
+            request("b", 4),
+            request("c", 5),
+        ];
+        let written: Vec<(String, u64)> = firsts(&batch)
+            .map(|r| (r.job.delivery.id.to_string(), r.row.lease_until_ms))
+            .collect();
+        assert_eq!(written, [("a".into(), 1), ("b".into(), 2), ("c".into(), 5)]);
+    }
 }
