@@ -83,7 +83,11 @@
 #![doc(
     html_logo_url = "https://raw.githubusercontent.com/spacejam/sled/master/art/tree_face_anti-transphobia.png"
 )]
-#![deny(
+// webhook-inbox: built as a path dependency, whose lints cargo does not cap as it does a
+// registry crate's; these were `deny` upstream, and newer compilers find what they deny
+// (see vendor/README.md).
+#![allow(warnings)]
+#![allow(
     missing_docs,
     future_incompatible,
     nonstandard_style,
@@ -94,7 +98,7 @@
     unsafe_code,
     unused_qualifications
 )]
-#![deny(
+#![allow(
     // over time, consider enabling the commented-out lints below
     clippy::cast_lossless,
     clippy::cast_possible_truncation,

@@ -68,7 +68,9 @@ impl Queue {
         // with the notify below.
         drop(queue);
 
-        self.cv.notify_all();
+        // webhook-inbox: one job, one waiter woken (was `notify_all`, which woke all seven
+        // idle threads for every buffer written; see vendor/README.md).
+        self.cv.notify_one();
 
         len
     }
