@@ -180,8 +180,9 @@ pub(super) async fn write_starts(pool: PgPool, instance: i64, batch: Vec<StartRe
 
 /// One statement for a batch of successes (`pool`: commits that do not wait for the WAL).
 pub(super) async fn write_successes(pool: PgPool, batch: Vec<SuccessRequest>) {
-    let (sources, ids, handlers) = key_arrays(firsts(&batch).map(|r| &r.job));
-    let nows: Vec<i64> = firsts(&batch).map(|r| db_ms(r.row)).collect();
+    let written: Vec<&SuccessRequest> = firsts(&batch).collect();
+    let (sources, ids, handlers) = key_arrays(written.iter().map(|r| &r.job));
+    let nows: Vec<i64> = written.iter().map(|r| db_ms(r.row)).collect();
     let rows = sqlx::query(SUCCESS_BATCH_SQL)
         .bind(sources)
         .bind(ids)

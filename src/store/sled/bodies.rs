@@ -4,10 +4,10 @@
 //! Why: sled 0.34 keeps values inside its leaf nodes, copies a whole leaf on every write to
 //! it, splits leaves every ~8 inserts (~16 with `vendor/sled`'s leaves of 32) and rewrites
 //! whole nodes into its log when it splits or consolidates one. With the body in the value,
-//! every one of those costs the bodies of ~16 deliveries (the profile in BENCHMARKS.md: node splits 9 % of the server's CPU,
-//! zeroed allocations 5 %, and 3x the body bytes on disk). Here a body is written once, to
-//! the end of a file, and the record in sled holds a [`BodyRef`]: segment, offset, length,
-//! CRC-32.
+//! every one of those costs the bodies of ~16 deliveries (the profile in BENCHMARKS.md:
+//! node splits 9 % of the server's CPU, zeroed allocations 5 %, and 3x the body bytes on
+//! disk). Here a body is written once, to the end of a file, and the record in sled holds a
+//! [`BodyRef`]: segment, offset, length, CRC-32.
 //!
 //! # Durability and crashes
 //!
