@@ -1,8 +1,10 @@
 //! Ingest: from a received request to the sender's answer, without HTTP.
 //!
 //! The route ([`crate::routes::webhook`]) reads the body within its limits and hands the
-//! rest here: authenticate ([`Source::authenticate`]), claim `(source, delivery id)`
-//! atomically ([`Claims::claim`](crate::store::Claims::claim)), then apply the source's ack policy:
+//! rest here: authenticate ([`Source::authenticate_signed`], then
+//! [`Source::read_event_type`] unless the store already holds this body under this id),
+//! claim `(source, delivery id)` atomically
+//! ([`Claims::claim`](crate::store::Claims::claim)), then apply the source's ack policy:
 //! - `ack = "durable"`: the first answer (202) is built into the record before the claim, so
 //!   it is on disk with it; the handlers run in the background from the durable queue;
 //! - `ack = "processed"`: the handlers run before the answer, under a lease on the delivery
@@ -183,22 +185,35 @@ impl Ingest {
         body: Bytes,
         span: &tracing::Span,
     ) -> Result<Outcome, IngestError> {
-        let delivery = match source.authenticate(headers, not_utf8, body, self.clock.now())? {
+        let signed = match source.authenticate_signed(headers, not_utf8, body, self.clock.now())? {
             Authenticated::Delivery(d) => d,
             Authenticated::Handshake(answer) => return Ok(Outcome::Handshake(answer)),
         };
-        let delivery = delivery.without_headers(|name| unstored(name, &self.unstored_headers));
-        span.record("delivery_id", delivery.id().as_str());
+        span.record("delivery_id", signed.id().as_str());
+
+        // A redelivery is answered from what is stored before anything is built for it.
+        // Its body, when it is the one stored, passed the event-type check (and JSON, where
+        // the type is read from the body) when it was first received: not read again.
+        let key = DeliveryKey::new(signed.source(), signed.id().as_str());
+        let redelivery = match self.store.stored_first(&key).await? {
+            Some(existing) => {
+                let fingerprint = fingerprint(signed.body());
+                if existing.fingerprint == fingerprint {
+                    return self.answer_redelivery(source, existing, &fingerprint).await;
+                }
+                Some((existing, fingerprint))
+            }
+            None => None,
+        };
+        let delivery = source
+            .read_event_type(signed)?
+            .without_headers(|name| unstored(name, &self.unstored_headers));
         if let Some(t) = delivery.event_type() {
             span.record("event_type", t);
         }
-
-        // A redelivery is answered from what is stored before anything is built for it.
-        let key = DeliveryKey::new(delivery.source(), delivery.id().as_str());
-        if let Some(existing) = self.store.stored_first(&key).await? {
-            return self
-                .answer_redelivery(source, existing, &fingerprint(delivery.body()))
-                .await;
+        if let Some((existing, fingerprint)) = redelivery {
+            // Another body under a stored id: a conflict, once the checks have passed.
+            return self.answer_redelivery(source, existing, &fingerprint).await;
         }
 
         let received_at_ms = self.clock.now_ms();

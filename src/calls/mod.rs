@@ -80,7 +80,7 @@ pub fn fingerprint(method: &Method, url: &reqwest::Url, body: &[u8]) -> String {
     h.update(bare.as_str().as_bytes());
     h.update(b"\n");
     h.update(Sha256::digest(body));
-    hex::encode(h.finalize())
+    crate::domain::lower_hex(&h.finalize())
 }
 
 /// Whether an answer is retried inside the call (with the same key).

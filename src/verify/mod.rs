@@ -282,11 +282,51 @@ impl AuthenticatedDelivery {
     }
 }
 
-/// What an authenticated request is.
+/// A delivery whose signature and id have been checked, its event type not yet read:
+/// made by [`Source::authenticate_signed`], and made an [`AuthenticatedDelivery`] only by
+/// [`Source::read_event_type`]. Enough to recognise a redelivery, not to claim one.
 #[derive(Debug, Clone)]
-pub enum Authenticated {
+pub struct SignedDelivery {
+    source: String,
+    id: DeliveryId,
+    event_type: PendingEventType,
+    headers: Headers,
+    body: Bytes,
+}
+
+/// A [`SignedDelivery`]'s event type: read (from a header) and checked, or still in the
+/// body.
+#[derive(Debug, Clone)]
+pub(crate) enum PendingEventType {
+    /// Read and checked.
+    Read(Option<String>),
+    /// To be read from the body by [`Source::read_event_type`].
+    InBody,
+}
+
+impl SignedDelivery {
+    /// The source name.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The delivery id: the signed one where the scheme signs it.
+    pub fn id(&self) -> &DeliveryId {
+        &self.id
+    }
+
+    /// The raw body, byte for byte.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+}
+
+/// What an authenticated request is: a delivery (by default fully checked, an
+/// [`AuthenticatedDelivery`]), or a handshake.
+#[derive(Debug, Clone)]
+pub enum Authenticated<D = AuthenticatedDelivery> {
     /// A delivery to claim.
-    Delivery(AuthenticatedDelivery),
+    Delivery(D),
     /// A provider handshake, answered 200 with this JSON and not recorded.
     Handshake(String),
 }

@@ -8,8 +8,8 @@ use bytes::Bytes;
 
 use super::{
     AuthError, Authenticated, AuthenticatedDelivery, DeliveryId, Field, FieldError, Headers,
-    MAX_EVENT_TYPE_LEN, SchemeError, SignatureScheme, StandardWebhooks, hmac_generic, presets,
-    stripe,
+    MAX_EVENT_TYPE_LEN, PendingEventType, SchemeError, SignatureScheme, SignedDelivery,
+    StandardWebhooks, hmac_generic, presets, stripe,
 };
 use crate::config::{AckMode, ConfigError, SchemeConfig, SourceConfig};
 
@@ -204,6 +204,27 @@ impl Source {
         body: Bytes,
         now: SystemTime,
     ) -> Result<Authenticated, AuthError> {
+        match self.authenticate_signed(headers, not_text, body, now)? {
+            Authenticated::Delivery(signed) => {
+                Ok(Authenticated::Delivery(self.read_event_type(signed)?))
+            }
+            Authenticated::Handshake(answer) => Ok(Authenticated::Handshake(answer)),
+        }
+    }
+
+    /// The checks of [`Source::authenticate`] but the event type read from the body (and
+    /// the JSON check that comes with it), which is left to [`Source::read_event_type`]:
+    /// a redelivery whose body is the one already stored passed that check when it was
+    /// first received, and is answered without its body being read again
+    /// (`crate::ingest`). An event type read from a header is checked here, since another
+    /// copy may carry another header.
+    pub fn authenticate_signed(
+        &self,
+        headers: Headers,
+        not_text: &[String],
+        body: Bytes,
+        now: SystemTime,
+    ) -> Result<Authenticated<SignedDelivery>, AuthError> {
         let is_not_text = |name: &str| not_text.iter().any(|n| n.eq_ignore_ascii_case(name));
         let is_id_header = |name: &str| {
             self.scheme.signs_header(name)
@@ -227,24 +248,11 @@ impl Source {
             return Ok(Authenticated::Handshake(answer));
         }
 
-        let read = |field: &Field| -> Result<Option<String>, AuthError> {
-            match field {
-                Field::Header(h) => Ok(headers.get(h).map(str::to_owned)),
-                Field::Derived(f, _) => {
-                    f(&body).map_err(|FieldError::NotJson| AuthError::InvalidJson)
-                }
-                // Read straight from the bytes, without building the document: this runs
-                // on every request, redeliveries included.
-                Field::Pointer(p) => {
-                    crate::domain::json_string_at(&body, p).map_err(|_| AuthError::InvalidJson)
-                }
-            }
-        };
         // Invariant 3: where the signature covered the id, the claimed id is the one it
         // covered, never a second read of some header (a replayer could add another).
         let raw_id = match (&self.id_field, verified.signed_id) {
             (Field::Header(h), Some(signed)) if self.scheme.signs_header(h) => Some(signed),
-            _ => read(&self.id_field)?,
+            _ => read_field(&self.id_field, &headers, &body)?,
         };
         if not_text.iter().any(|n| is_id_header(n)) {
             return Err(AuthError::InvalidDeliveryId);
@@ -253,32 +261,57 @@ impl Source {
             .as_deref()
             .and_then(DeliveryId::parse)
             .ok_or(AuthError::InvalidDeliveryId)?;
-        if self.event_type_header().is_some_and(is_not_text) {
-            return Err(AuthError::InvalidEventType);
-        }
-        let event_type = read(&self.event_type_field)?;
-        if event_type
-            .as_deref()
-            .is_some_and(|t| t.len() > MAX_EVENT_TYPE_LEN || t.chars().any(char::is_control))
-        {
-            return Err(AuthError::InvalidEventType);
-        }
-        // Signature headers were needed for the check only: they are not kept.
-        let signature_headers = self.scheme.signature_headers();
-        let mut headers = headers;
-        headers.0.retain(|(name, _)| {
-            !signature_headers
-                .iter()
-                .any(|s| s.eq_ignore_ascii_case(name))
-        });
-
-        Ok(Authenticated::Delivery(AuthenticatedDelivery {
+        // An event type in a header is checked here, at once: it may differ from one copy
+        // of a delivery to the next. One in the body is the same for the same body.
+        let event_type = match &self.event_type_field {
+            Field::Header(h) if is_not_text(h) => return Err(AuthError::InvalidEventType),
+            field @ Field::Header(_) => {
+                PendingEventType::Read(checked_event_type(read_field(field, &headers, &body)?)?)
+            }
+            Field::Pointer(_) | Field::Derived(..) => PendingEventType::InBody,
+        };
+        Ok(Authenticated::Delivery(SignedDelivery {
             source: self.name.clone(),
             id,
             event_type,
             headers,
             body,
         }))
+    }
+
+    /// The last check of [`Source::authenticate`]: the event type where it is read from the
+    /// body (and so that the body is JSON). Signature headers, needed for the checks only,
+    /// are not kept.
+    pub fn read_event_type(
+        &self,
+        signed: SignedDelivery,
+    ) -> Result<AuthenticatedDelivery, AuthError> {
+        let SignedDelivery {
+            source,
+            id,
+            event_type,
+            mut headers,
+            body,
+        } = signed;
+        let event_type = match event_type {
+            PendingEventType::Read(event_type) => event_type,
+            PendingEventType::InBody => {
+                checked_event_type(read_field(&self.event_type_field, &headers, &body)?)?
+            }
+        };
+        let signature_headers = self.scheme.signature_headers();
+        headers.0.retain(|(name, _)| {
+            !signature_headers
+                .iter()
+                .any(|s| s.eq_ignore_ascii_case(name))
+        });
+        Ok(AuthenticatedDelivery {
+            source,
+            id,
+            event_type,
+            headers,
+            body,
+        })
     }
 
     /// The headers carrying this source's signatures (every alternative name).
@@ -325,6 +358,30 @@ impl Source {
             Field::Pointer(p) => Some(p),
             Field::Derived(_, p) => *p,
             Field::Header(_) => None,
+        }
+    }
+}
+
+/// An event type as read, if it is one: at most [`MAX_EVENT_TYPE_LEN`] bytes, no control
+/// characters.
+fn checked_event_type(event_type: Option<String>) -> Result<Option<String>, AuthError> {
+    if event_type
+        .as_deref()
+        .is_some_and(|t| t.len() > MAX_EVENT_TYPE_LEN || t.chars().any(char::is_control))
+    {
+        return Err(AuthError::InvalidEventType);
+    }
+    Ok(event_type)
+}
+
+/// A header's value, or a body's field (a JSON pointer read straight from the bytes,
+/// without building the document: this runs on every request, redeliveries included).
+fn read_field(field: &Field, headers: &Headers, body: &[u8]) -> Result<Option<String>, AuthError> {
+    match field {
+        Field::Header(h) => Ok(headers.get(h).map(str::to_owned)),
+        Field::Derived(f, _) => f(body).map_err(|FieldError::NotJson| AuthError::InvalidJson),
+        Field::Pointer(p) => {
+            crate::domain::json_string_at(body, p).map_err(|_| AuthError::InvalidJson)
         }
     }
 }

@@ -256,6 +256,28 @@ async fn a_signed_body_that_is_not_json_is_400_invalid_json() {
     assert_accepted_as_new(&app, "msg_not_json").await;
 }
 
+/// The checks come before the claim for a stored id too: another body under it that is
+/// not JSON is `invalid_json`, not a conflict, and the stored record still answers its own
+/// body.
+#[tokio::test]
+async fn a_stored_id_with_a_body_that_is_not_json_is_400_invalid_json() {
+    let app = spawn_app().await;
+    let body = event("application.created", 1);
+    let first = app.deliver("msg_then_not_json", &body).await;
+    assert_eq!(first.status(), 202);
+    let not_json = b"type=application.created".to_vec();
+    let headers = app.sign("msg_then_not_json", &not_json);
+    assert_error(
+        app.post("credicorp", &headers, not_json).await,
+        400,
+        "invalid_json",
+    )
+    .await;
+    let again = app.deliver("msg_then_not_json", &body).await;
+    assert_eq!(again.status(), 202);
+    assert!(again.headers().get("idempotent-replayed").is_some());
+}
+
 #[tokio::test]
 async fn checks_run_in_the_contract_order() {
     let app = spawn_with(Options {

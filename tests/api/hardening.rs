@@ -292,6 +292,45 @@ async fn ids_and_event_types_that_are_not_text_are_refused() {
     );
 }
 
+/// A redelivery meets the same checks as a first delivery on either backend: sled answers
+/// a redelivery of the stored body without reading its body's fields again, but an event
+/// type read from a header is checked on every copy, since a copy may carry another one.
+#[tokio::test]
+async fn a_redelivery_still_meets_the_event_type_header_check() {
+    let app = spawn_with(Options {
+        extra_toml: GITHUB.into(),
+        ..Options::default()
+    })
+    .await;
+    let body = br#"{"action":"opened"}"#;
+    let first = post_github(&app, b"gh-9", b"push", body).await;
+    assert_eq!(first.status(), 202);
+    let first_answer = first.bytes().await.expect("body");
+
+    assert_error(
+        post_github(&app, b"gh-9", b"pu\xffsh", body).await,
+        400,
+        "invalid_event_type",
+    )
+    .await;
+    let again = post_github(&app, b"gh-9", b"push", body).await;
+    assert_eq!(again.status(), 202);
+    assert_eq!(
+        again
+            .headers()
+            .get("idempotent-replayed")
+            .and_then(|v| v.to_str().ok()),
+        Some("true")
+    );
+    assert_eq!(again.bytes().await.expect("body"), first_answer);
+    assert_error(
+        post_github(&app, b"gh-9", b"push", br#"{"action":"closed"}"#).await,
+        422,
+        "delivery_id_conflict",
+    )
+    .await;
+}
+
 /// Issue 22, item 6: every header a scheme reads must be text. A `svix-id` that is not
 /// UTF-8 was read lossily and checked against a signature over its lossy form (202); now it
 /// is 400 `invalid_delivery_id`, and a signature or timestamp header that is not text is 401.

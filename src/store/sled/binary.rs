@@ -149,7 +149,7 @@ pub(super) fn decode_record(bytes: &[u8]) -> Result<DeliveryRecord, StoreError> 
     Ok(DeliveryRecord {
         source: r.source,
         id: r.id,
-        fingerprint: hex::encode(r.fingerprint),
+        fingerprint: crate::domain::lower_hex(&r.fingerprint),
         received_at_ms: r.received_at_ms,
         event_type: r.event_type,
         headers: r.headers,
@@ -171,7 +171,7 @@ pub(super) fn decode_stored_first(bytes: &[u8]) -> Result<StoredFirst, StoreErro
     Ok(StoredFirst {
         source: r.source,
         id: r.id,
-        fingerprint: hex::encode(r.fingerprint),
+        fingerprint: crate::domain::lower_hex(&r.fingerprint),
         response: r.response,
         alias_of: r.alias_of,
     })
@@ -312,7 +312,7 @@ pub(super) mod tests {
                 )| DeliveryRecord {
                     source,
                     id,
-                    fingerprint: hex::encode(fingerprint),
+                    fingerprint: crate::domain::lower_hex(&fingerprint),
                     received_at_ms,
                     event_type,
                     headers: Headers(headers),

@@ -6,14 +6,75 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::PathBuf;
+use std::sync::{Arc, mpsc};
 
 use super::FlushHook;
+use super::bodies::BodyLog;
+
+/// Syncs the body log on a thread of its own, beside the group commit's sync of sled:
+/// started once, instead of a thread spawned for every batch (a `clone3` and a stack per
+/// batch: ~1.5 % of the server's CPU at ~750 batches a second in session 18's profile).
+pub(super) struct BodySyncThread {
+    /// `None` once dropping: the thread then ends.
+    request: Option<mpsc::SyncSender<()>>,
+    done: mpsc::Receiver<std::io::Result<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Waits for the thread to end: it holds the body log, and through it a tree of sled's, so
+/// the store's directory is not free to open again until it has.
+impl Drop for BodySyncThread {
+    fn drop(&mut self) {
+        self.request = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl BodySyncThread {
+    /// Starts the thread for `bodies`; it ends when this handle is dropped.
+    pub(super) fn start(bodies: Arc<BodyLog>) -> std::io::Result<BodySyncThread> {
+        let (request, requests) = mpsc::sync_channel::<()>(1);
+        let (finished, done) = mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("body-log-sync".into())
+            .spawn(move || {
+                for () in requests {
+                    if finished.send(bodies.sync()).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(BodySyncThread {
+            request: Some(request),
+            done,
+            thread: Some(thread),
+        })
+    }
+
+    /// Starts a sync of the body log; [`BodySyncThread::finish`] waits for it.
+    fn begin(&self) -> std::io::Result<()> {
+        self.request
+            .as_ref()
+            .and_then(|request| request.send(()).ok())
+            .ok_or_else(|| std::io::Error::other("the body log's sync thread has ended"))
+    }
+
+    fn finish(&self) -> std::io::Result<()> {
+        self.done
+            .recv()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the body log's sync thread ended")))
+    }
+}
 
 /// `db.flush()` then a real fsync of what sled wrote: its log file `db` and any blob files
 /// (sled keeps pages over a quarter of a segment in `blobs/`, written without fsync).
 pub(super) struct DiskSync {
     /// Synced first: no record may reach the disk ahead of its body.
-    pub(super) bodies: std::sync::Arc<super::bodies::BodyLog>,
+    pub(super) bodies: Arc<BodyLog>,
+    /// Syncs `bodies` beside sled's sync.
+    pub(super) body_sync: BodySyncThread,
     pub(super) db: sled::Db,
     pub(super) data_file: File,
     pub(super) blobs_dir: PathBuf,
@@ -31,14 +92,9 @@ impl DiskSync {
         // the wait of every batch. (Should the power fail between the two, a record whose
         // body did not make it is one nobody was told of; see `bodies`.)
         let (bodies, sled) = if self.bodies.has_unsynced() {
-            std::thread::scope(|scope| {
-                let bodies = scope.spawn(|| self.bodies.sync());
-                let sled = self.sync_sled();
-                let bodies = bodies
-                    .join()
-                    .unwrap_or_else(|_| Err(std::io::Error::other("body log sync panicked")));
-                (bodies, sled)
-            })
+            self.body_sync.begin()?;
+            let sled = self.sync_sled();
+            (self.body_sync.finish(), sled)
         } else {
             (Ok(()), self.sync_sled())
         };

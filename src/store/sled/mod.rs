@@ -229,6 +229,11 @@ pub struct SledInner {
     instance: u64,
     /// Where the retention sweep goes on from (past deliveries it had to keep).
     sweep_from: Mutex<Option<Vec<u8>>>,
+    /// The paused handlers, as `meta` holds them: read at open, changed with `meta` by
+    /// [`Operations::set_paused`](crate::store::Operations::set_paused) (sled is opened by
+    /// one process), so that the dispatcher's every pass and every run's start do not
+    /// scan `meta` for them.
+    paused: std::sync::RwLock<HashSet<String>>,
     /// The starts of this process's runs, kept in memory (see `starts`).
     starts: starts::RunStarts,
     /// First runs' queue entries kept in memory (see `first_runs`).
@@ -362,6 +367,8 @@ impl SledStore {
             options.repair_on_open,
         )?);
         let mut disk = DiskSync {
+            body_sync: disk::BodySyncThread::start(bodies.clone())
+                .map_err(|e| StoreError::Backend(format!("starting the body log's sync: {e}")))?,
             bodies: bodies.clone(),
             db: db.clone(),
             data_file,
@@ -371,6 +378,14 @@ impl SledStore {
         };
         let sync: SyncFn = Box::new(move || disk.sync());
         let starts = starts::RunStarts::open(&db, &meta, crate::clock::Clock::System.now_ms())?;
+        let paused = meta
+            .scan_prefix(PAUSED)
+            .keys()
+            .map(|k| {
+                let k = k.map_err(backend)?;
+                Ok(String::from_utf8_lossy(&k[PAUSED.len()..]).into_owned())
+            })
+            .collect::<Result<HashSet<_>, StoreError>>()?;
         Ok(SledStore(Arc::new(SledInner {
             writes,
             db,
@@ -391,6 +406,7 @@ impl SledStore {
             probe: options.probe,
             instance: rand::random(),
             sweep_from: Mutex::new(None),
+            paused: std::sync::RwLock::new(paused),
             starts,
             first_runs: first_runs::FirstRuns::new(
                 first_runs::FIRST_RUNS_KEPT,

@@ -199,10 +199,16 @@ impl Operations for SledStore {
             None
         };
         let key = [PAUSED, handler.as_bytes()].concat();
-        if paused {
-            self.meta.insert(key, &[]).map_err(backend)?;
-        } else {
-            self.meta.remove(key).map_err(backend)?;
+        {
+            // Under the lock of the in-memory set, so that it and `meta` change together.
+            let mut in_memory = self.paused.write().unwrap_or_else(|p| p.into_inner());
+            if paused {
+                self.meta.insert(key, &[]).map_err(backend)?;
+                in_memory.insert(handler.to_owned());
+            } else {
+                self.meta.remove(key).map_err(backend)?;
+                in_memory.remove(handler);
+            }
         }
         if fsync {
             self.commit.wait().await?;

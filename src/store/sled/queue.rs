@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use async_trait::async_trait;
 
 use super::encoding::{backend, decode_order_keys, job_queue_key};
-use super::{Op, PAUSED, SledInner, SledStore, order, starts};
+use super::{Op, SledInner, SledStore, order, starts};
 use crate::config::Durability;
 use crate::store::JobQueue;
 use crate::store::transitions::{self, QueueChange, Start};
@@ -165,10 +165,7 @@ impl JobQueue for SledStore {
                     .and_then(|s| s.lease)
                     .is_some_and(|lease| lease.owner == self.instance && lease.blocks_at(now_ms));
                 // A pause recorded before this check holds, whatever the caller read earlier.
-                let paused = self
-                    .meta
-                    .contains_key([PAUSED, job.handler.as_bytes()].concat())
-                    .map_err(backend)?;
+                let paused = self.is_paused(&job.handler);
                 let lease = Lease {
                     owner: self.instance,
                     until_ms: lease_until_ms,
@@ -325,18 +322,23 @@ impl JobQueue for SledStore {
     }
 
     async fn paused_handlers(&self) -> Result<HashSet<String>, StoreError> {
-        self.meta
-            .scan_prefix(PAUSED)
-            .keys()
-            .map(|k| {
-                let k = k.map_err(backend)?;
-                Ok(String::from_utf8_lossy(&k[PAUSED.len()..]).into_owned())
-            })
-            .collect()
+        Ok(self
+            .paused
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone())
     }
 }
 
 impl SledInner {
+    /// Whether `handler` is paused (see `SledInner::paused`).
+    fn is_paused(&self, handler: &str) -> bool {
+        self.paused
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(handler)
+    }
+
     /// Whether the run of `job_key` this process started came from a first-run entry kept
     /// in memory.
     fn first_run_in_memory(&self, job_key: &[u8]) -> bool {
