@@ -8,6 +8,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use actix_web::http::StatusCode;
+use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::BytesMut;
 use futures_util::StreamExt as _;
@@ -24,7 +25,11 @@ fn answer(stored: &StoredResponse, replayed: bool) -> HttpResponse {
     let mut response = HttpResponse::build(status);
     response.content_type("application/json");
     if replayed {
-        response.insert_header(("Idempotent-Replayed", "true"));
+        // Static: a name given as text is parsed and copied on every replay.
+        response.insert_header((
+            HeaderName::from_static("idempotent-replayed"),
+            HeaderValue::from_static("true"),
+        ));
     }
     response.body(stored.body.clone())
 }
