@@ -224,9 +224,10 @@ pub enum Field {
 
 /// A delivery whose signature, id and (where read from the body) JSON have been checked.
 ///
-/// Only [`Source::authenticate`] makes one (its fields are private to this module), and
-/// only one of these can become a claim ([`crate::store::NewDelivery::new`]): a route, a
-/// test or a plugin cannot assemble a claimable delivery from headers it read itself.
+/// Only [`Source::authenticate`] (or [`Source::read_event_type`], its last step) makes one
+/// (its fields are private to this module), and only one of these can become a claim
+/// ([`crate::store::NewDelivery::new`]): a route, a test or a plugin cannot assemble a
+/// claimable delivery from headers it read itself.
 /// Where the scheme signs the delivery id, [`AuthenticatedDelivery::id`] is that signed id.
 #[derive(Debug, Clone)]
 pub struct AuthenticatedDelivery {

@@ -137,3 +137,47 @@ impl DiskSync {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use crate::config::{Config, Durability};
+    use crate::store::{Claim, Claims as _, NewDelivery, SledStore, StoredResponse};
+    use crate::verify::Source;
+
+    /// The body log's sync thread holds the body log, and through it a tree of sled's: a
+    /// store dropped must not leave it running, or the directory stays locked for a moment
+    /// and opening it again (a restart in the same process, `store` tools) fails.
+    #[tokio::test]
+    async fn a_store_whose_body_log_was_synced_opens_again_at_once_after_it_is_dropped() {
+        let dir = tempfile::TempDir::new().expect("dir");
+        let path = dir.path().join("data");
+        let config = Config::parse(
+            "[sources.s]\nsecrets = [\"whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"]\n",
+            "t.toml",
+        )
+        .expect("config");
+        let source = Source::named(&config, "s").expect("source");
+        // Over the body log's threshold, so that every fsync'd claim syncs a segment.
+        let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(1024));
+        for round in 0..20 {
+            let store = SledStore::open(&path, Durability::Fsync, 1 << 20)
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            let delivery = crate::testing::authenticated(
+                &source,
+                &format!("msg_{round}"),
+                body.as_bytes(),
+                SystemTime::now(),
+            )
+            .expect("signed");
+            let new = NewDelivery::new(delivery, 1_000 + round, vec![], false).acknowledged(
+                StoredResponse {
+                    status: 202,
+                    body: "{}".into(),
+                },
+            );
+            assert!(matches!(store.claim(new).await.expect("claim"), Claim::New));
+        }
+    }
+}
