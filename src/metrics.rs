@@ -26,6 +26,8 @@
 //! Beside the counters, [`RecentActivity`] keeps the last hour of deliveries per source and
 //! minute, for the console's overview chart (Prometheus keeps no history itself).
 
+use std::collections::HashMap;
+use std::sync::RwLock;
 use std::sync::atomic::AtomicI64;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -80,6 +82,15 @@ fn answer_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 17))
 }
 
+/// One source label's handles on the per-request series (see `Metrics::request_series`).
+#[derive(Default)]
+struct RequestSeries {
+    /// `deliveries_total`, by (outcome, reason).
+    deliveries: HashMap<(&'static str, &'static str), Counter>,
+    /// `answer_duration_seconds`.
+    answer_duration: Option<Histogram>,
+}
+
 /// Every metric of the service.
 pub struct Metrics {
     registry: Registry,
@@ -95,6 +106,11 @@ pub struct Metrics {
     handlers: Vec<String>,
     /// The last hour, per source and minute.
     activity: RecentActivity,
+    /// Handles on every request's series, by source label (configured sources and
+    /// `_unknown`, so a bounded map): a request then costs a lookup by `&str` instead of
+    /// three label strings built for the family's own lookup (~2 % of a redelivery's CPU in
+    /// session 18's profile). The handles share their values with the families.
+    request_series: RwLock<HashMap<String, RequestSeries>>,
     /// Where the activity's minutes come from.
     clock: crate::clock::Clock,
 }
@@ -182,6 +198,7 @@ impl Metrics {
             handlers: Vec::new(),
             clock: crate::clock::Clock::System,
             activity: RecentActivity::default(),
+            request_series: RwLock::default(),
         }
     }
 
@@ -202,26 +219,68 @@ impl Metrics {
     }
 
     /// Counts one answered delivery.
-    pub fn delivery(&self, source: &str, outcome: &str, reason: &str) {
+    pub fn delivery(&self, source: &str, outcome: &'static str, reason: &'static str) {
         if let Some(kind) = ActivityKind::of(outcome) {
             self.activity.record(source, kind, self.clock.now_ms());
         }
-        self.deliveries
-            .get_or_create(&DeliveryLabels {
-                source: source.to_owned(),
-                outcome: outcome.to_owned(),
-                reason: reason.to_owned(),
-            })
-            .inc();
+        let known = |series: &HashMap<String, RequestSeries>| {
+            series
+                .get(source)
+                .and_then(|s| s.deliveries.get(&(outcome, reason)).cloned())
+        };
+        let counter = self.read_series(known).unwrap_or_else(|| {
+            let counter = self
+                .deliveries
+                .get_or_create(&DeliveryLabels {
+                    source: source.to_owned(),
+                    outcome: outcome.to_owned(),
+                    reason: reason.to_owned(),
+                })
+                .clone();
+            self.write_series(source, |s| {
+                s.deliveries.insert((outcome, reason), counter.clone());
+            });
+            counter
+        });
+        counter.inc();
     }
 
     /// How long a request of `source` took to answer.
     pub fn answered_in(&self, source: &str, seconds: f64) {
-        self.answer_duration
-            .get_or_create(&SourceLabels {
-                source: source.to_owned(),
-            })
-            .observe(seconds);
+        let known = |series: &HashMap<String, RequestSeries>| {
+            series.get(source).and_then(|s| s.answer_duration.clone())
+        };
+        let histogram = self.read_series(known).unwrap_or_else(|| {
+            let histogram = self
+                .answer_duration
+                .get_or_create(&SourceLabels {
+                    source: source.to_owned(),
+                })
+                .clone();
+            self.write_series(source, |s| s.answer_duration = Some(histogram.clone()));
+            histogram
+        });
+        histogram.observe(seconds);
+    }
+
+    fn read_series<T>(
+        &self,
+        read: impl Fn(&HashMap<String, RequestSeries>) -> Option<T>,
+    ) -> Option<T> {
+        read(
+            &self
+                .request_series
+                .read()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
+    }
+
+    fn write_series(&self, source: &str, write: impl FnOnce(&mut RequestSeries)) {
+        let mut series = self
+            .request_series
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        write(series.entry(source.to_owned()).or_default());
     }
 
     /// Registers the call service's step counts as `calls_total`.

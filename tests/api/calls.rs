@@ -463,9 +463,12 @@ if [ "$WEBHOOK_ATTEMPT" = 1 ]; then touch "$1/waiting"; sleep 60; fi
 
     let (mut child, new_port) = crate::crash::start(&config_path);
     port.store(new_port, std::sync::atomic::Ordering::SeqCst);
+    // `url.2` is written last, and exists (empty) before its line is in it: the run is
+    // over once that line is whole.
     assert!(
-        eventually(Duration::from_secs(60), || marks.join("two.2").exists()
-            && marks.join("url.2").exists())
+        eventually(Duration::from_secs(60), || {
+            std::fs::read_to_string(marks.join("url.2")).is_ok_and(|url| url.ends_with('\n'))
+        })
         .await,
         "attempt 2 ran"
     );
