@@ -190,6 +190,10 @@ impl Ingest {
             Authenticated::Handshake(answer) => return Ok(Outcome::Handshake(answer)),
         };
         span.record("delivery_id", signed.id().as_str());
+        // A replay's span names its event type where that costs no read of the body.
+        if let Some(t) = signed.header_event_type() {
+            span.record("event_type", t);
+        }
 
         // A redelivery is answered from what is stored before anything is built for it.
         // Its body, when it is the one stored, passed the event-type check (and JSON, where

@@ -532,3 +532,47 @@ mod activity_tests {
         assert_eq!(hour.len(), 2);
     }
 }
+
+#[cfg(test)]
+mod request_series_tests {
+    use super::Metrics;
+
+    /// The per-source handles count into the families the registry exports: every request
+    /// counted, by whichever thread first created a series (several may race to) or found
+    /// it made.
+    #[test]
+    fn concurrent_requests_are_all_exported_through_the_cached_handles() {
+        let metrics = std::sync::Arc::new(Metrics::new());
+        let threads: Vec<_> = (0..8)
+            .map(|n| {
+                let metrics = metrics.clone();
+                std::thread::spawn(move || {
+                    for i in 0..500 {
+                        let source = if (n + i) % 2 == 0 { "a" } else { "b" };
+                        metrics.delivery(source, "replayed", "");
+                        metrics.delivery(source, "rejected", "invalid_signature");
+                        metrics.answered_in(source, 0.001);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &metrics.registry).expect("encode");
+        for source in ["a", "b"] {
+            for line in [
+                format!(
+                    "webhook_inbox_deliveries_total{{source=\"{source}\",outcome=\"replayed\",reason=\"\"}} 2000"
+                ),
+                format!(
+                    "webhook_inbox_deliveries_total{{source=\"{source}\",outcome=\"rejected\",reason=\"invalid_signature\"}} 2000"
+                ),
+                format!("webhook_inbox_answer_duration_seconds_count{{source=\"{source}\"}} 2000"),
+            ] {
+                assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+            }
+        }
+    }
+}

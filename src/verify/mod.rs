@@ -320,6 +320,15 @@ impl SignedDelivery {
     pub fn body(&self) -> &Bytes {
         &self.body
     }
+
+    /// The event type, when it is read from a header (and so already checked); one in the
+    /// body is read by [`Source::read_event_type`].
+    pub fn header_event_type(&self) -> Option<&str> {
+        match &self.event_type {
+            PendingEventType::Read(event_type) => event_type.as_deref(),
+            PendingEventType::InBody => None,
+        }
+    }
 }
 
 /// What an authenticated request is: a delivery (by default fully checked, an
