@@ -11,8 +11,8 @@
 //!
 //! | tree         | key                              | value                                   |
 //! |--------------|----------------------------------|-----------------------------------------|
-//! | `deliveries` | `source \0 id`                   | u32 BE length, [`DeliveryRecord`] JSON, then the raw body, or (length's top bit set) where it lies in the body log |
-//! | `jobs`       | `source \0 id \0 handler`        | [`JobState`], JSON (absent: pending)    |
+//! | `deliveries` | `source \0 id`                   | u32 BE length, [`DeliveryRecord`] (binary, see `binary`; JSON in stores written before), then the raw body, or (length's top bit set) where it lies in the body log |
+//! | `jobs`       | `source \0 id \0 handler`        | [`JobState`], binary (see `job_value`; JSON in stores written before) (absent: pending) |
 //! | `handler_queue` | handler `\0` due ms (u64 BE) ++ job key | empty (the queue, per handler, less the first runs kept in memory: see `first_runs`; a store of the older layout, one tree `queue` keyed by due ms first, is moved here when opened) |
 //! | `received`   | received ms (u64 BE) ++ `source \0 id` | empty                            |
 //! | `body_index` | `source \0 fingerprint`          | delivery id (body dedup); once that delivery expired: 0x01 ++ JSON of its id, received_at and answer |
@@ -22,8 +22,10 @@
 //! | `meta`       | name                             | the start-up repair's watermark; `paused\0` ++ handler: a paused handler; `body-segment\0` ++ segment (u64 BE): its bound (see `bodies`); `open` while run starts may be in memory only, `unclean-starts` (see `starts`) |
 //!
 //! Big-endian times make sled's key order the time order, so "what is due" and "what has
-//! expired" are range scans from the front. JSON keeps records readable and lets later
-//! fields arrive with `#[serde(default)]` instead of a migration.
+//! expired" are range scans from the front. The two values written once per delivery (its
+//! record, its outcome) are binary (`binary`, `job_value`), and a store written as JSON
+//! before stays readable; the rest are JSON, readable and letting
+//! later fields arrive with `#[serde(default)]` instead of a migration.
 //!
 //! # Why the writes of one operation cannot be seen half done
 //!
@@ -95,6 +97,7 @@ mod encoding;
 mod export;
 mod first_runs;
 mod import;
+mod job_value;
 mod listing;
 mod order;
 mod starts;
@@ -105,7 +108,7 @@ pub use counted::WriteCounts;
 use disk::DiskSync;
 use encoding::{
     StoredBody, backend, corrupt, decode_record, handler_queue_prefix, job_parts, job_queue_key,
-    reencode_delivery, split_delivery, split_job_queue_key, split_time_key, to_json,
+    reencode_delivery, split_delivery, split_job_queue_key, split_time_key,
 };
 
 use bytes::Bytes;
@@ -562,13 +565,15 @@ impl SledInner {
         self.jobs
             .get(key)
             .map_err(backend)?
-            .map(|v| serde_json::from_slice(&v).map_err(corrupt))
+            .map(|v| job_value::decode(&v))
             .transpose()
     }
 
     /// Writes a job's state; it replaces a start of this process's kept in memory.
     fn write_job(&self, key: &[u8], state: &JobState) -> Result<(), StoreError> {
-        self.jobs.insert(key, to_json(state)).map_err(backend)?;
+        self.jobs
+            .insert(key, job_value::encode(state))
+            .map_err(backend)?;
         self.starts.forget(key);
         Ok(())
     }

@@ -299,8 +299,7 @@ impl SledInner {
             if let Some(job) = JobKey::decode(&key)
                 && wanted(&job)
                 && (filter.status == JobStatus::Dead
-                    || serde_json::from_slice::<JobState>(&value)
-                        .is_ok_and(|s| s.status == filter.status))
+                    || super::job_value::decode(&value).is_ok_and(|s| s.status == filter.status))
             {
                 candidates.push(job);
             }

@@ -240,7 +240,7 @@ impl SledInner {
         let pending: Vec<(Vec<u8>, JobState)> = started.states.drain().collect();
         for (key, state) in &pending {
             self.jobs
-                .insert(key.as_slice(), super::encoding::to_json(state))
+                .insert(key.as_slice(), super::job_value::encode(state))
                 .map_err(backend)?;
         }
         let unmark = started.marked;
