@@ -1149,10 +1149,14 @@ async fn runs_and_accepted(client: &reqwest::Client, admin: u16) -> (f64, f64) {
 }
 
 /// Alternated rounds of the fsync, unique, 1 KiB case with a `log` handler bound: in each
-/// round the bare endpoint, this build, then every `--baseline` build, so that a change is
-/// compared with the code before it under the same machine's moment (issue 26). Prints, per
-/// round and as medians, acks per second as a ratio to bare, p99, and the share of what was
-/// accepted that the dispatcher had already run when the window closed.
+/// round the bare endpoint, then this build and every `--baseline` build, so that a change is
+/// compared with the code before it under the same machine's moment (issue 26). The builds'
+/// order turns by one each round (round 2 starts with the second), so that none is always
+/// the first after the bare endpoint: two copies of one binary, always in the same order,
+/// read 15 % apart here (BENCHMARKS.md, session 19). Prints, per round and as medians, acks
+/// per second as a ratio to bare, p99, and the share of what was accepted that the
+/// dispatcher had already run when the window closed; then, per other build, in how many
+/// rounds this build used less CPU per delivery than it.
 async fn rounds(options: &BenchOptions, source: Arc<Source>) -> Result<(), String> {
     // (name, binary, TOML appended to its config)
     let mut binaries = vec![("this build".to_owned(), exe()?, String::new())];
@@ -1177,7 +1181,9 @@ async fn rounds(options: &BenchOptions, source: Arc<Source>) -> Result<(), Strin
         let (b, _) = drive(bare.port, source.clone(), load(), options, 0).await;
         drop(bare);
         eprintln!("round {round}: bare {:.0}/s", b.rate);
-        for (i, (name, binary, extra)) in binaries.iter().enumerate() {
+        let turn = (round - 1) % binaries.len();
+        let order = (turn..binaries.len()).chain(0..turn);
+        for (i, (name, binary, extra)) in order.map(|i| (i, &binaries[i])) {
             let dir = tempfile::TempDir::new().map_err(|e| e.to_string())?;
             let (port, admin) = (free_port(), free_port());
             let config = dir.path().join("bench.toml");
@@ -1228,7 +1234,7 @@ async fn rounds(options: &BenchOptions, source: Arc<Source>) -> Result<(), Strin
         v.get(v.len() / 2).copied().unwrap_or(0.0)
     };
     eprintln!("medians over {} rounds:", options.rounds);
-    for ((name, _, _), runs) in binaries.iter().zip(figures) {
+    for ((name, _, _), runs) in binaries.iter().zip(&figures) {
         eprintln!(
             "  {name}: {:.2}x bare, p99 {:.1} ms, {:.0} % run by the window's end, {:.0} µs CPU per delivery",
             median(runs.iter().map(|f| f.0).collect()),
@@ -1236,6 +1242,15 @@ async fn rounds(options: &BenchOptions, source: Arc<Source>) -> Result<(), Strin
             median(runs.iter().map(|f| f.2).collect()) * 100.0,
             median(runs.iter().map(|f| f.3).collect())
         );
+    }
+    if let Some((this, others)) = figures.split_first() {
+        for ((name, _, _), runs) in binaries.iter().skip(1).zip(others) {
+            let less = this.iter().zip(runs).filter(|(a, b)| a.3 < b.3).count();
+            eprintln!(
+                "  this build used less CPU per delivery than {name} in {less} of {} rounds",
+                runs.len()
+            );
+        }
     }
     Ok(())
 }
