@@ -20,20 +20,9 @@ use crate::store::{JobState, JobStatus, Lease, StoreError};
 /// The form written by [`encode`]. Never `b'{'`: that byte marks a JSON value.
 const VERSION: u8 = 1;
 
-#[derive(Serialize)]
-struct StateOut<'a> {
-    version: u8,
-    status: u8,
-    attempts: u32,
-    retry_base: u32,
-    updated_ms: u64,
-    queued_at_ms: Option<u64>,
-    lease: Option<(u64, u64)>,
-    last_error: Option<&'a str>,
-}
-
-#[derive(Deserialize)]
-struct StateIn<'a> {
+/// The written form, read back borrowing its error text from the stored bytes.
+#[derive(Serialize, Deserialize)]
+struct StateForm<'a> {
     version: u8,
     status: u8,
     attempts: u32,
@@ -81,7 +70,7 @@ pub(super) fn encode(state: &JobState) -> Vec<u8> {
         retry_base,
         lease,
     } = state;
-    let out = StateOut {
+    let out = StateForm {
         version: VERSION,
         status: status_code(*status),
         attempts: *attempts,
@@ -100,7 +89,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<JobState, StoreError> {
     if bytes.first() == Some(&b'{') {
         return serde_json::from_slice(bytes).map_err(corrupt);
     }
-    let state: StateIn<'_> = postcard::from_bytes(bytes)
+    let state: StateForm<'_> = postcard::from_bytes(bytes)
         .map_err(|e| StoreError::Corrupt(format!("a job state: {e}")))?;
     if state.version != VERSION {
         return Err(StoreError::Corrupt(format!(
