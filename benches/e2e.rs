@@ -95,12 +95,24 @@ struct CaseResult {
     processed: Option<f64>,
     /// The largest queue depth sampled (sustained case).
     max_queue_depth: Option<f64>,
+    /// p50 and p99 of the copies alone (cases with a share of duplicates).
+    copies: Option<(Duration, Duration)>,
 }
 
 struct Load {
     body_size: usize,
-    duplicate_every: Option<u64>,
+    duplicates: Option<Duplicates>,
     replay_only: bool,
+}
+
+/// Every `every`-th request (`n % every == 1`) repeats the delivery sent `behind` requests
+/// before it: `behind = 1` races the copy with its first (still in flight, often in the
+/// same group commit); a larger odd `behind` repeats one acknowledged a while ago, as a
+/// sender's retry does.
+#[derive(Clone, Copy)]
+struct Duplicates {
+    every: u64,
+    behind: u64,
 }
 
 fn body(n: u64, size: usize) -> String {
@@ -428,15 +440,16 @@ async fn load_generator(
         );
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
+            let mut copies = Vec::new();
             let mut errors = 0u64;
             let Ok(stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-                return (latencies, 1);
+                return (latencies, copies, 1);
             };
             let _ = stream.set_nodelay(true);
             let Ok((mut sender, connection)) =
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await
             else {
-                return (latencies, 1);
+                return (latencies, copies, 1);
             };
             tokio::spawn(connection);
             let mut slot = tokio::time::Instant::now();
@@ -449,8 +462,8 @@ async fn load_generator(
                 let id_n = if load.replay_only {
                     n % 10_000
                 } else {
-                    match load.duplicate_every {
-                        Some(k) if n % k == 1 => n - 1,
+                    match load.duplicates {
+                        Some(d) if n % d.every == 1 => n.checked_sub(d.behind).unwrap_or(n - 1),
                         _ => n,
                     }
                 };
@@ -480,7 +493,11 @@ async fn load_generator(
                     Err(_) => false,
                 };
                 if measuring.load(Ordering::Relaxed) {
-                    latencies.push(started.elapsed().as_micros() as u64);
+                    let us = started.elapsed().as_micros() as u64;
+                    latencies.push(us);
+                    if id_n != n && !load.replay_only {
+                        copies.push(us);
+                    }
                     if !ok {
                         errors += 1;
                     }
@@ -489,7 +506,7 @@ async fn load_generator(
                     break;
                 }
             }
-            (latencies, errors)
+            (latencies, copies, errors)
         }));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -500,26 +517,30 @@ async fn load_generator(
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     let mut latencies = Vec::new();
+    let mut copies = Vec::new();
     let mut errors = 0;
     for w in workers {
-        if let Ok((l, e)) = w.await {
+        if let Ok((l, c, e)) = w.await {
             latencies.extend(l);
+            copies.extend(c);
             errors += e;
         }
     }
     latencies.sort_unstable();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 - 1.0) * p).round().max(0.0) as usize)
+    copies.sort_unstable();
+    let pct = |sorted: &[u64], p: f64| {
+        sorted
+            .get(((sorted.len() as f64 - 1.0) * p).round().max(0.0) as usize)
             .map(|us| Duration::from_micros(*us))
             .unwrap_or_default()
     };
     CaseResult {
         rate: latencies.len() as f64 / elapsed.as_secs_f64(),
-        p50: pct(0.5),
-        p99: pct(0.99),
-        p999: pct(0.999),
+        p50: pct(&latencies, 0.5),
+        p99: pct(&latencies, 0.99),
+        p999: pct(&latencies, 0.999),
         errors,
+        copies: (!copies.is_empty()).then(|| (pct(&copies, 0.5), pct(&copies, 0.99))),
         ..CaseResult::default()
     }
 }
@@ -614,7 +635,7 @@ async fn sustained(
         source,
         Load {
             body_size: 1024,
-            duplicate_every: None,
+            duplicates: None,
             replay_only: false,
         },
         options.concurrency,
@@ -662,7 +683,7 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
             source.clone(),
             Load {
                 body_size: size,
-                duplicate_every: None,
+                duplicates: None,
                 replay_only: false,
             },
             options,
@@ -677,14 +698,27 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
         results.push(r);
     }
 
-    let cases: [(&str, &str, usize, Option<u64>, bool); 6] = [
+    let cases: [(&str, &str, usize, Option<Duplicates>, bool); 7] = [
         ("fsync, unique, 1 KiB", "fsync", 1024, None, false),
         ("buffered, unique, 1 KiB", "buffered", 1024, None, false),
         (
             "fsync, 50% duplicates, 1 KiB",
             "fsync",
             1024,
-            Some(2),
+            Some(Duplicates {
+                every: 2,
+                behind: 1,
+            }),
+            false,
+        ),
+        (
+            "fsync, 50% retries of earlier deliveries, 1 KiB",
+            "fsync",
+            1024,
+            Some(Duplicates {
+                every: 2,
+                behind: 2001,
+            }),
             false,
         ),
         (
@@ -705,7 +739,7 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
     let wanted = |name: &str| {
         options.only.is_empty() || options.only.iter().any(|o| name.contains(o.as_str()))
     };
-    for &(name, durability, size, duplicate_every, replay_only) in cases {
+    for &(name, durability, size, duplicates, replay_only) in cases {
         if !wanted(name) {
             continue;
         }
@@ -724,7 +758,7 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
                 source.clone(),
                 Load {
                     body_size: size,
-                    duplicate_every: None,
+                    duplicates: None,
                     replay_only: false,
                 },
                 &quick,
@@ -739,7 +773,7 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
             source.clone(),
             Load {
                 body_size: size,
-                duplicate_every,
+                duplicates,
                 replay_only,
             },
             options,
@@ -751,7 +785,7 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
         drop(server);
         let stored = if replay_only {
             recorded
-        } else if duplicate_every.is_some() {
+        } else if duplicates.is_some() {
             sent / 2
         } else {
             sent
@@ -760,6 +794,13 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
             dir_size(&dir.path().join("data")) as f64 / (stored.max(1) as f64 * size as f64);
         r.vs_bare = r.rate / bare_rate[&size];
         eprintln!("{}: {:.0}/s ({:.2}x bare)", r.name, r.rate, r.vs_bare);
+        if let Some((p50, p99)) = r.copies {
+            eprintln!(
+                "  the copies alone: p50 {:.2} ms, p99 {:.2} ms",
+                p50.as_secs_f64() * 1e3,
+                p99.as_secs_f64() * 1e3
+            );
+        }
         results.push(r);
     }
 
@@ -877,7 +918,7 @@ async fn sinks(
             source.clone(),
             Load {
                 body_size: 1024,
-                duplicate_every: None,
+                duplicates: None,
                 replay_only: false,
             },
             options,
@@ -1024,7 +1065,7 @@ async fn postgres(
         source,
         Load {
             body_size: 1024,
-            duplicate_every: None,
+            duplicates: None,
             replay_only: false,
         },
         options.concurrency,
@@ -1067,7 +1108,7 @@ async fn writes_per_delivery(options: &BenchOptions, source: Arc<Source>) -> Res
     let (server, _) = start_inbox(dir.path(), "fsync", options.workers).await?;
     let load = Load {
         body_size: 1024,
-        duplicate_every: None,
+        duplicates: None,
         replay_only: false,
     };
     let _ = drive(server.port, source, load, options, 0).await;
@@ -1172,7 +1213,7 @@ async fn rounds(options: &BenchOptions, source: Arc<Source>) -> Result<(), Strin
     let mut figures: Vec<Vec<(f64, f64, f64, f64)>> = vec![Vec::new(); binaries.len()];
     let load = || Load {
         body_size: 1024,
-        duplicate_every: None,
+        duplicates: None,
         replay_only: options.rounds_replay,
     };
     let client = reqwest::Client::new();
@@ -1345,7 +1386,7 @@ async fn backfill_case(
     wait_queue_drained(admin, Duration::from_secs(300)).await?;
     let load = || Load {
         body_size: 1024,
-        duplicate_every: None,
+        duplicates: None,
         replay_only: false,
     };
     let (mut alone, sent) = drive(port, source.clone(), load(), options, 0).await;
@@ -1441,7 +1482,7 @@ async fn large_store(
         let idle_rss = rss_bytes(server.child.id());
         let load = Load {
             body_size: 1024,
-            duplicate_every: None,
+            duplicates: None,
             replay_only: false,
         };
         let (mut r, _) = drive(server.port, source.clone(), load, options, 0).await;

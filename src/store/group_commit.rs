@@ -15,10 +15,16 @@
 //! used after that (a test reusing it, a tool) syncs in the caller, on tokio's blocking
 //! pool, one at a time.
 //!
-//! Readers use [`GroupCommit::writes_in_flight`]: a record read while a write is in flight
-//! may not be durable yet, so the reader joins the next batch before answering from it.
+//! Readers ask [`GroupCommit::is_settled`] about the key they read: a writer registers its
+//! keys ([`GroupCommit::begin_write`]) before its write can be seen and holds them until its
+//! wait for the disk has returned, so a record whose key is registered may not be durable
+//! yet, and the reader joins the next batch before answering from it. A record whose key is
+//! not registered is on disk, however many other writes are in flight: a redelivery among
+//! new deliveries is answered without waiting for their batch (BENCHMARKS.md, session 20).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 
@@ -57,7 +63,7 @@ impl Default for CommitStats {
 /// Handle to the group-commit thread.
 pub struct GroupCommit {
     sender: Mutex<Option<mpsc::Sender<Waiter>>>,
-    in_flight: Arc<AtomicUsize>,
+    unsettled: Arc<Unsettled>,
     poisoned: Arc<AtomicBool>,
     stats: Arc<CommitStats>,
     /// The committer; it hands the sync step back when it ends.
@@ -66,12 +72,45 @@ pub struct GroupCommit {
     after_close: Arc<Mutex<Option<SyncFn>>>,
 }
 
-/// Held by a writer from before its write until its write is durable.
-pub struct WriteGuard(Arc<AtomicUsize>);
+/// The keys of writes not known to be durable yet, as hashes with a count of writers (two
+/// keys of one hash only make a reader wait when it need not).
+#[derive(Default)]
+struct Unsettled {
+    writers: Mutex<HashMap<u64, usize>>,
+    hasher: RandomState,
+}
+
+impl Unsettled {
+    fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn writers(&self) -> std::sync::MutexGuard<'_, HashMap<u64, usize>> {
+        self.writers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Held by a writer from before its write until its write is durable: its keys count as
+/// unsettled until it is dropped.
+pub struct WriteGuard {
+    unsettled: Arc<Unsettled>,
+    hashes: Vec<u64>,
+}
 
 impl Drop for WriteGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        if self.hashes.is_empty() {
+            return;
+        }
+        let mut writers = self.unsettled.writers();
+        for hash in &self.hashes {
+            if let Some(n) = writers.get_mut(hash) {
+                *n -= 1;
+                if *n == 0 {
+                    writers.remove(hash);
+                }
+            }
+        }
     }
 }
 
@@ -116,7 +155,7 @@ impl GroupCommit {
         };
         GroupCommit {
             sender: Mutex::new(Some(tx)),
-            in_flight: Arc::new(AtomicUsize::new(0)),
+            unsettled: Arc::default(),
             poisoned,
             stats,
             thread: Mutex::new(Some(thread)),
@@ -124,20 +163,33 @@ impl GroupCommit {
         }
     }
 
-    /// Announces a write; hold the guard until [`GroupCommit::wait`] returns.
-    pub fn begin_write(&self) -> Result<WriteGuard, StoreError> {
+    /// Announces a write to `keys` (the keys a redelivery's read may find it under; none
+    /// for a write that changes nothing a redelivery is answered from). Call before the
+    /// write can be seen, and hold the guard until [`GroupCommit::wait`] has returned.
+    pub fn begin_write(&self, keys: &[&[u8]]) -> Result<WriteGuard, StoreError> {
         if self.is_poisoned() {
             return Err(StoreError::Flush(
                 "an earlier flush failed; restart to recover".into(),
             ));
         }
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        Ok(WriteGuard(self.in_flight.clone()))
+        let hashes: Vec<u64> = keys.iter().map(|k| self.unsettled.hash(k)).collect();
+        if !hashes.is_empty() {
+            let mut writers = self.unsettled.writers();
+            for hash in &hashes {
+                *writers.entry(*hash).or_default() += 1;
+            }
+        }
+        Ok(WriteGuard {
+            unsettled: self.unsettled.clone(),
+            hashes,
+        })
     }
 
-    /// Whether some write may not be durable yet.
-    pub fn writes_in_flight(&self) -> bool {
-        self.in_flight.load(Ordering::SeqCst) > 0
+    /// Whether what a reader found under `key` is surely durable: no write to `key` is
+    /// between its [`GroupCommit::begin_write`] and the end of its wait for the disk.
+    pub fn is_settled(&self, key: &[u8]) -> bool {
+        let hash = self.unsettled.hash(key);
+        !self.unsettled.writers().contains_key(&hash)
     }
 
     /// Waits until everything written before this call is on disk.
@@ -222,7 +274,32 @@ impl Drop for GroupCommit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
     use std::sync::mpsc as std_mpsc;
+
+    /// A key is unsettled from its writer's `begin_write` until the last of its writers'
+    /// guards is dropped; other keys are settled throughout.
+    #[test]
+    fn a_key_is_unsettled_while_a_write_to_it_is_held() {
+        let gc = GroupCommit::start(Box::new(|| Ok(())));
+        assert!(gc.is_settled(b"a"));
+        let first = gc.begin_write(&[b"a", b"b"]).expect("write");
+        let second = gc.begin_write(&[b"a"]).expect("write");
+        assert!(!gc.is_settled(b"a"));
+        assert!(!gc.is_settled(b"b"));
+        assert!(gc.is_settled(b"c"), "a write to other keys holds no reader");
+        drop(first);
+        assert!(
+            !gc.is_settled(b"a"),
+            "the second writer of `a` still holds it"
+        );
+        assert!(gc.is_settled(b"b"));
+        drop(second);
+        assert!(gc.is_settled(b"a"));
+        let none = gc.begin_write(&[]).expect("write");
+        assert!(gc.is_settled(b"a"));
+        drop(none);
+    }
 
     /// Waiters that arrive while a sync runs share the next one: a gated sync holds the
     /// first batch while ten more requests queue up; all ten are served by one more sync.
@@ -260,7 +337,7 @@ mod tests {
         let gc = GroupCommit::start(Box::new(|| Err(std::io::Error::other("disk on fire"))));
         assert!(gc.wait().await.is_err());
         assert!(gc.is_poisoned());
-        assert!(gc.begin_write().is_err());
+        assert!(gc.begin_write(&[]).is_err());
     }
 
     /// The thread ends at `close`, after the waiters already queued; a wait after that

@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use webhook_inbox::config::Durability;
 
+use webhook_inbox::store::{Claims, DeliveryKey};
+
 use crate::helpers::{
-    Options, assert_error, assert_replayed, event, eventually, open_store, spawn_app, spawn_with,
+    Options, SyncGate, assert_error, assert_replayed, event, eventually, eventually_async,
+    open_store, spawn_app, spawn_with,
 };
 
 #[tokio::test]
@@ -312,6 +315,78 @@ async fn an_fsync_ack_waits_until_the_record_is_on_disk() {
     assert_eq!(request.await.expect("join").as_u16(), 202);
     // Later syncs (the dispatcher's) pass straight through.
     drop(release_tx);
+}
+
+/// A redelivery waits for the disk only when the record it read may not be there yet: while
+/// a new delivery's sync is held shut, a copy of a delivery acknowledged before is answered
+/// at once (it waited for the whole batch before), and a copy of the held delivery is not
+/// answered until its record is on disk.
+#[tokio::test]
+async fn a_redelivery_waits_for_the_disk_only_for_a_write_to_its_own_record() {
+    let dir = Arc::new(tempfile::TempDir::new().expect("dir"));
+    let gate = SyncGate::default();
+    let _open_at_the_end = gate.opened_on_drop();
+    let store = open_store(dir.path(), Durability::Fsync, Some(gate.hook())).await;
+    let app = Arc::new(
+        spawn_with(Options {
+            dir: Some(dir),
+            store: Some(store.clone()),
+            ..Options::default()
+        })
+        .await,
+    );
+    let earlier_body = event("application.created", 1);
+    let earlier = app.deliver("msg_earlier", &earlier_body).await;
+    assert_eq!(earlier.status().as_u16(), 202);
+    let earlier = earlier.bytes().await.expect("body");
+
+    gate.set(true);
+    let held_body = event("application.created", 2);
+    let held = tokio::spawn({
+        let (app, body) = (app.clone(), held_body.clone());
+        async move { app.deliver("msg_held", &body).await.status() }
+    });
+    // Its record is written (and its claim waits at the gate).
+    let held_key = DeliveryKey::new("credicorp", "msg_held");
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            store.record(&held_key).await.expect("read").is_some()
+        })
+        .await,
+        "the held delivery's record is written"
+    );
+
+    let again = tokio::time::timeout(
+        Duration::from_secs(10),
+        app.deliver("msg_earlier", &earlier_body),
+    )
+    .await
+    .expect("a copy of a delivery on disk is answered while another write waits for the disk");
+    assert_eq!(again.status().as_u16(), 202);
+    assert_replayed(&again);
+    assert_eq!(again.bytes().await.expect("body"), earlier);
+
+    let copy = tokio::spawn({
+        let app = app.clone();
+        async move { app.deliver("msg_held", &held_body).await }
+    });
+    // The held record is not on disk: no answer may arrive from it, however long we look.
+    let early = tokio::time::timeout(Duration::from_millis(300), async {
+        while !copy.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        early.is_err(),
+        "a copy was answered before the record was on disk"
+    );
+    assert!(!held.is_finished(), "the held delivery was answered");
+    gate.set(false);
+    assert_eq!(held.await.expect("join").as_u16(), 202);
+    let copy = copy.await.expect("join");
+    assert_eq!(copy.status().as_u16(), 202);
+    assert_replayed(&copy);
 }
 
 /// With `durability = "buffered"` the ack does not wait for any flush. (The `quiet` source

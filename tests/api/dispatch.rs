@@ -385,43 +385,16 @@ async fn a_clean_close_counts_the_runs_it_cut_and_no_others() {
 /// 16). The group commit's fsync is held shut, and the second start must still be waiting.
 #[tokio::test]
 async fn starts_beside_the_one_that_set_the_open_mark_wait_for_it_too() {
-    /// The fsync held shut while `shut`; opened when dropped, so that a failing assertion
-    /// does not leave the group commit (and the store's drop) waiting forever.
-    #[derive(Clone, Default)]
-    struct Gate(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
-    impl Gate {
-        fn set(&self, shut: bool) {
-            *self.0.0.lock().expect("gate") = shut;
-            self.0.1.notify_all();
-        }
-        fn pass(&self) {
-            let mut shut = self.0.0.lock().expect("gate");
-            while *shut {
-                shut = self.0.1.wait(shut).expect("gate");
-            }
-        }
-    }
-    struct OpenOnDrop(Gate);
-    impl Drop for OpenOnDrop {
-        fn drop(&mut self) {
-            self.0.set(false);
-        }
-    }
     let dir = tempfile::TempDir::new().expect("dir");
-    let gate = Gate::default();
-    let hook_gate = gate.clone();
-    let hook: webhook_inbox::store::FlushHook = Box::new(move || {
-        hook_gate.pass();
-        Ok(())
-    });
+    let gate = crate::helpers::SyncGate::default();
     let store = SledStore::open_with_hook(
         &dir.path().join("data"),
         Durability::Fsync,
         8 << 20,
-        Some(hook),
+        Some(gate.hook()),
     )
     .expect("open");
-    let _open_at_the_end = OpenOnDrop(gate.clone());
+    let _open_at_the_end = gate.opened_on_drop();
     let now = Clock::System.now_ms();
     claim(&store, "msg_first", &["worker"], now).await;
     claim(&store, "msg_beside", &["worker"], now).await;

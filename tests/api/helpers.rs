@@ -292,6 +292,43 @@ pub fn shipped_config(dir: &std::path::Path) -> Config {
     config
 }
 
+/// The group commit's sync held shut while `shut`: a store opened with [`SyncGate::hook`]
+/// makes nothing durable until the gate is opened again.
+#[derive(Clone, Default)]
+pub struct SyncGate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl SyncGate {
+    /// Shuts (`true`) or opens the gate.
+    pub fn set(&self, shut: bool) {
+        *self.0.0.lock().expect("gate") = shut;
+        self.0.1.notify_all();
+    }
+
+    /// The flush hook that waits at this gate.
+    pub fn hook(&self) -> FlushHook {
+        let gate = self.clone();
+        Box::new(move || {
+            let mut shut = gate.0.0.lock().expect("gate");
+            while *shut {
+                shut = gate.0.1.wait(shut).expect("gate");
+            }
+            Ok(())
+        })
+    }
+
+    /// Opens the gate when dropped, so that a failing assertion does not leave the group
+    /// commit (and the store's drop) waiting forever.
+    pub fn opened_on_drop(&self) -> impl Drop + use<> {
+        struct OpenOnDrop(SyncGate);
+        impl Drop for OpenOnDrop {
+            fn drop(&mut self) {
+                self.0.set(false);
+            }
+        }
+        OpenOnDrop(self.clone())
+    }
+}
+
 /// Opens the sled store at `dir/data`. sled releases its file lock when the previous
 /// app of a restart test has dropped its last handle, which can be a moment after it
 /// stopped: retry until a deadline.

@@ -38,7 +38,7 @@ impl Claims for SledStore {
         let received_at = record.received_at_ms;
         let received_key = queue_key(received_at, &key);
         let claim = self
-            .locked_write(Op::Claim, &lock_keys, || {
+            .locked_write(Op::Claim, &lock_keys, Some(&key), || {
                 if let Some(existing) = self.read_resolved(&key)? {
                     // Lost the race to a concurrent copy; its writes are complete (we
                     // hold the lock) but maybe not durable: wait for them (`true`).
@@ -162,10 +162,13 @@ impl Claims for SledStore {
     async fn stored_first(&self, key: &DeliveryKey) -> Result<Option<StoredFirst>, StoreError> {
         // Without the lock: a record is written last, so once it is visible, everything
         // its claim wrote is too.
-        let Some(existing) = self.read_resolved(&key.encode())? else {
+        let encoded = key.encode();
+        let Some(existing) = self.read_resolved(&encoded)? else {
             return Ok(None);
         };
-        self.settle_read().await?;
+        // An alias answers with its first delivery's record: that one must be durable too.
+        let first = (existing.id != key.id).then(|| existing.key().encode());
+        self.settle_read(&encoded, first.as_deref()).await?;
         Ok(Some(existing))
     }
 
@@ -194,7 +197,7 @@ impl Claims for SledStore {
         lease: Lease,
     ) -> Result<TakeOver, StoreError> {
         let k = key.encode();
-        self.locked_write(Op::TakeOver, &[&k], || {
+        self.locked_write(Op::TakeOver, &[&k], Some(&k), || {
             let Some(mut record) = self.read_record(&k)? else {
                 return Err(StoreError::Corrupt(
                     "record vanished during take-over".into(),
@@ -230,7 +233,7 @@ impl Claims for SledStore {
         response: Option<StoredResponse>,
     ) -> Result<bool, StoreError> {
         let k = key.encode();
-        self.locked_write(Op::Release, &[&k], || {
+        self.locked_write(Op::Release, &[&k], Some(&k), || {
             let Some(mut record) = self.read_record(&k)? else {
                 return Ok((false, false));
             };
@@ -261,18 +264,25 @@ impl Drop for Unrecorded<'_> {
 }
 
 impl SledInner {
-    /// A record read while writes are in flight may not be on disk yet: join the next
-    /// group commit before answering from it.
+    /// A record read while a write to it is in flight may not be on disk yet: join the next
+    /// group commit before answering from it. `key` is the record read, `first` the first
+    /// delivery's an alias resolved to. A record no write holds is on disk: answered at
+    /// once, however many other writes are in flight (see `group_commit`).
     ///
     /// After a failed flush nothing read can be vouched for: what is in memory may never
     /// reach the disk, so replaying it could acknowledge a delivery that a crash then loses.
-    async fn settle_read(&self) -> Result<(), StoreError> {
-        if self.durability == Durability::Fsync && self.commit.is_poisoned() {
+    async fn settle_read(&self, key: &[u8], first: Option<&[u8]>) -> Result<(), StoreError> {
+        if self.durability != Durability::Fsync {
+            return Ok(());
+        }
+        if self.commit.is_poisoned() {
             return Err(StoreError::Flush(
                 "an earlier flush failed; restart to recover".into(),
             ));
         }
-        if self.durability == Durability::Fsync && self.commit.writes_in_flight() {
+        let settled =
+            self.commit.is_settled(key) && first.is_none_or(|first| self.commit.is_settled(first));
+        if !settled {
             self.commit.wait().await?;
         }
         Ok(())

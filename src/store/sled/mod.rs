@@ -494,16 +494,21 @@ impl SledInner {
 
     /// Runs `write` under the locks of `keys`, then, if it wrote (`.1`), returns once the
     /// writes are as durable as configured. The locks are released before the wait.
+    /// `record` names the delivery record the write may change: a redelivery that reads it
+    /// meanwhile waits for the same disk (`settle_read`); `None` for writes that change
+    /// nothing a redelivery is answered from.
     async fn locked_write<T>(
         &self,
         op: Op,
         keys: &[&[u8]],
+        record: Option<&[u8]>,
         write: impl FnOnce() -> Result<(T, bool), StoreError>,
     ) -> Result<T, StoreError> {
         self.step(op, "start");
         let fsync = self.durability == Durability::Fsync;
         let guard = if fsync {
-            Some(self.commit.begin_write()?)
+            // Before the write can be seen.
+            Some(self.commit.begin_write(record.as_slice())?)
         } else {
             None
         };

@@ -68,7 +68,7 @@ impl Operations for SledStore {
         let dk = key.encode();
         let locks = self.delivery_and_line_locks(&dk)?;
         let lock_keys: Vec<&[u8]> = locks.iter().map(Vec::as_slice).collect();
-        self.locked_write(Op::Retry, &lock_keys, || {
+        self.locked_write(Op::Retry, &lock_keys, None, || {
             let Some(record) = self.read_record(&dk)? else {
                 return Ok((Vec::new(), false));
             };
@@ -90,7 +90,9 @@ impl Operations for SledStore {
         // more than one batch of candidates in memory.
         let fsync = self.durability == Durability::Fsync;
         let guard = if fsync {
-            Some(self.commit.begin_write()?)
+            // Job states, pauses and handler lists: nothing a redelivery is answered from,
+            // so no key holds its readers.
+            Some(self.commit.begin_write(&[])?)
         } else {
             None
         };
@@ -194,7 +196,9 @@ impl Operations for SledStore {
     ) -> Result<(), StoreError> {
         let fsync = self.durability == Durability::Fsync;
         let guard = if fsync {
-            Some(self.commit.begin_write()?)
+            // Job states, pauses and handler lists: nothing a redelivery is answered from,
+            // so no key holds its readers.
+            Some(self.commit.begin_write(&[])?)
         } else {
             None
         };
@@ -240,7 +244,9 @@ impl Operations for SledStore {
         // async worker; then one wait for the disk covers the whole batch.
         let fsync = self.durability == Durability::Fsync;
         let guard = if fsync {
-            Some(self.commit.begin_write()?)
+            // Job states, pauses and handler lists: nothing a redelivery is answered from,
+            // so no key holds its readers.
+            Some(self.commit.begin_write(&[])?)
         } else {
             None
         };

@@ -94,7 +94,7 @@ impl JobQueue for SledStore {
         let dk = job.delivery.encode();
         let mut mark_to_sync = None;
         let begun = self
-            .locked_write(Op::BeginAttempt, &[&dk], || {
+            .locked_write(Op::BeginAttempt, &[&dk], None, || {
                 // The entry kept in memory of a first run, with the delivery as claimed.
                 let in_memory =
                     queued_due.and_then(|due| self.first_runs.get(&job_queue_key(due, &job_key)));
