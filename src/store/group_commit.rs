@@ -15,9 +15,9 @@
 //! used after that (a test reusing it, a tool) syncs in the caller, on tokio's blocking
 //! pool, one at a time.
 //!
-//! Readers ask [`GroupCommit::is_settled`] about the key they read: a writer registers its
-//! keys ([`GroupCommit::begin_write`]) before its write can be seen and holds them until its
-//! wait for the disk has returned, so a record whose key is registered may not be durable
+//! Readers ask [`GroupCommit::is_settled`] about the key they read: a writer registers the
+//! key of the record it changes ([`GroupCommit::begin_write`]) before its write can be seen
+//! and holds it until its wait for the disk has returned, so a record whose key is registered may not be durable
 //! yet, and the reader joins the next batch before answering from it. A record whose key is
 //! not registered is on disk, however many other writes are in flight: a redelivery among
 //! new deliveries is answered without waiting for their batch (BENCHMARKS.md, session 20).
@@ -90,25 +90,23 @@ impl Unsettled {
     }
 }
 
-/// Held by a writer from before its write until its write is durable: its keys count as
+/// Held by a writer from before its write until its write is durable: its key counts as
 /// unsettled until it is dropped.
 pub struct WriteGuard {
     unsettled: Arc<Unsettled>,
-    hashes: Vec<u64>,
+    hash: Option<u64>,
 }
 
 impl Drop for WriteGuard {
     fn drop(&mut self) {
-        if self.hashes.is_empty() {
+        let Some(hash) = self.hash else {
             return;
-        }
+        };
         let mut writers = self.unsettled.writers();
-        for hash in &self.hashes {
-            if let Some(n) = writers.get_mut(hash) {
-                *n -= 1;
-                if *n == 0 {
-                    writers.remove(hash);
-                }
+        if let Some(n) = writers.get_mut(&hash) {
+            *n -= 1;
+            if *n == 0 {
+                writers.remove(&hash);
             }
         }
     }
@@ -163,25 +161,23 @@ impl GroupCommit {
         }
     }
 
-    /// Announces a write to `keys` (the keys a redelivery's read may find it under; none
-    /// for a write that changes nothing a redelivery is answered from). Call before the
-    /// write can be seen, and hold the guard until [`GroupCommit::wait`] has returned.
-    pub fn begin_write(&self, keys: &[&[u8]]) -> Result<WriteGuard, StoreError> {
+    /// Announces a write to the record under `key` (the key a redelivery's read finds it
+    /// under; `None` for a write that changes nothing a redelivery is answered from). Call
+    /// before the write can be seen, and hold the guard until [`GroupCommit::wait`] has
+    /// returned.
+    pub fn begin_write(&self, key: Option<&[u8]>) -> Result<WriteGuard, StoreError> {
         if self.is_poisoned() {
             return Err(StoreError::Flush(
                 "an earlier flush failed; restart to recover".into(),
             ));
         }
-        let hashes: Vec<u64> = keys.iter().map(|k| self.unsettled.hash(k)).collect();
-        if !hashes.is_empty() {
-            let mut writers = self.unsettled.writers();
-            for hash in &hashes {
-                *writers.entry(*hash).or_default() += 1;
-            }
+        let hash = key.map(|k| self.unsettled.hash(k));
+        if let Some(hash) = hash {
+            *self.unsettled.writers().entry(hash).or_default() += 1;
         }
         Ok(WriteGuard {
             unsettled: self.unsettled.clone(),
-            hashes,
+            hash,
         })
     }
 
@@ -283,12 +279,14 @@ mod tests {
     fn a_key_is_unsettled_while_a_write_to_it_is_held() {
         let gc = GroupCommit::start(Box::new(|| Ok(())));
         assert!(gc.is_settled(b"a"));
-        let first = gc.begin_write(&[b"a", b"b"]).expect("write");
-        let second = gc.begin_write(&[b"a"]).expect("write");
+        let first = gc.begin_write(Some(&b"a"[..])).expect("write");
+        let of_b = gc.begin_write(Some(&b"b"[..])).expect("write");
+        let second = gc.begin_write(Some(&b"a"[..])).expect("write");
         assert!(!gc.is_settled(b"a"));
         assert!(!gc.is_settled(b"b"));
         assert!(gc.is_settled(b"c"), "a write to other keys holds no reader");
         drop(first);
+        drop(of_b);
         assert!(
             !gc.is_settled(b"a"),
             "the second writer of `a` still holds it"
@@ -296,7 +294,7 @@ mod tests {
         assert!(gc.is_settled(b"b"));
         drop(second);
         assert!(gc.is_settled(b"a"));
-        let none = gc.begin_write(&[]).expect("write");
+        let none = gc.begin_write(None).expect("write");
         assert!(gc.is_settled(b"a"));
         drop(none);
     }
@@ -337,7 +335,7 @@ mod tests {
         let gc = GroupCommit::start(Box::new(|| Err(std::io::Error::other("disk on fire"))));
         assert!(gc.wait().await.is_err());
         assert!(gc.is_poisoned());
-        assert!(gc.begin_write(&[]).is_err());
+        assert!(gc.begin_write(None).is_err());
     }
 
     /// The thread ends at `close`, after the waiters already queued; a wait after that

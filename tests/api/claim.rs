@@ -318,9 +318,9 @@ async fn an_fsync_ack_waits_until_the_record_is_on_disk() {
 }
 
 /// A redelivery waits for the disk only when the record it read may not be there yet: while
-/// a new delivery's sync is held shut, a copy of a delivery acknowledged before is answered
-/// at once (it waited for the whole batch before), and a copy of the held delivery is not
-/// answered until its record is on disk.
+/// a new delivery's sync is held shut, sixteen concurrent copies of a delivery acknowledged
+/// before are answered at once (they waited for the whole batch before), and sixteen of the
+/// held delivery are not answered until its record is on disk.
 #[tokio::test]
 async fn a_redelivery_waits_for_the_disk_only_for_a_write_to_its_own_record() {
     let dir = Arc::new(tempfile::TempDir::new().expect("dir"));
@@ -356,23 +356,31 @@ async fn a_redelivery_waits_for_the_disk_only_for_a_write_to_its_own_record() {
         "the held delivery's record is written"
     );
 
-    let again = tokio::time::timeout(
-        Duration::from_secs(10),
-        app.deliver("msg_earlier", &earlier_body),
-    )
-    .await
-    .expect("a copy of a delivery on disk is answered while another write waits for the disk");
-    assert_eq!(again.status().as_u16(), 202);
-    assert_replayed(&again);
-    assert_eq!(again.bytes().await.expect("body"), earlier);
+    // Sixteen copies at once of each: none of the earlier one's waits, all of the held one's do.
+    let copies_of = |id: &'static str, body: &str| {
+        (0..16)
+            .map(|_| {
+                let (app, body) = (app.clone(), body.to_owned());
+                tokio::spawn(async move { app.deliver(id, &body).await })
+            })
+            .collect::<Vec<_>>()
+    };
+    for again in copies_of("msg_earlier", &earlier_body) {
+        let again = tokio::time::timeout(Duration::from_secs(10), again)
+            .await
+            .expect(
+                "a copy of a delivery on disk is answered while another write waits for the disk",
+            )
+            .expect("join");
+        assert_eq!(again.status().as_u16(), 202);
+        assert_replayed(&again);
+        assert_eq!(again.bytes().await.expect("body"), earlier);
+    }
 
-    let copy = tokio::spawn({
-        let app = app.clone();
-        async move { app.deliver("msg_held", &held_body).await }
-    });
+    let copies = copies_of("msg_held", &held_body);
     // The held record is not on disk: no answer may arrive from it, however long we look.
     let early = tokio::time::timeout(Duration::from_millis(300), async {
-        while !copy.is_finished() {
+        while !copies.iter().any(|copy| copy.is_finished()) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
@@ -384,9 +392,11 @@ async fn a_redelivery_waits_for_the_disk_only_for_a_write_to_its_own_record() {
     assert!(!held.is_finished(), "the held delivery was answered");
     gate.set(false);
     assert_eq!(held.await.expect("join").as_u16(), 202);
-    let copy = copy.await.expect("join");
-    assert_eq!(copy.status().as_u16(), 202);
-    assert_replayed(&copy);
+    for copy in copies {
+        let copy = copy.await.expect("join");
+        assert_eq!(copy.status().as_u16(), 202);
+        assert_replayed(&copy);
+    }
 }
 
 /// With `durability = "buffered"` the ack does not wait for any flush. (The `quiet` source

@@ -508,7 +508,7 @@ impl SledInner {
         let fsync = self.durability == Durability::Fsync;
         let guard = if fsync {
             // Before the write can be seen.
-            Some(self.commit.begin_write(record.as_slice())?)
+            Some(self.commit.begin_write(record)?)
         } else {
             None
         };
