@@ -150,17 +150,25 @@ async fn shutdown_does_not_wait_for_a_stalled_body() {
     })
     .await;
     let body = event("application.created", 3);
-    let stalled = send_head(
-        &app,
-        &app.sign("msg_stuck", body.as_bytes()),
-        64 * 1024,
-        &body.as_bytes()[..5],
-    );
-    // The stalled request is in the handler once it holds the whole budget.
-    let holding = eventually_async(Duration::from_secs(20), || async {
-        app.deliver("msg_probe", &body).await.status().as_u16() == 503
-    })
-    .await;
+    // The stalled request is in the handler once it holds the whole budget. A probe the
+    // server reads first holds a little of it, and the stalled request is then refused
+    // (it needs all of it): it is sent again. Every stream is kept open to the end, so
+    // that one which did get in is never let go.
+    let mut stalled = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut holding = false;
+    while !holding && std::time::Instant::now() < deadline {
+        stalled.push(send_head(
+            &app,
+            &app.sign("msg_stuck", body.as_bytes()),
+            64 * 1024,
+            &body.as_bytes()[..5],
+        ));
+        holding = eventually_async(Duration::from_secs(2), || async {
+            app.deliver("msg_probe", &body).await.status().as_u16() == 503
+        })
+        .await;
+    }
     assert!(holding, "the stalled request reached the handler");
     let stopped = tokio::time::timeout(Duration::from_secs(20), app.stop()).await;
     drop(stalled);
