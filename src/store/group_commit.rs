@@ -21,18 +21,32 @@
 //! yet, and the reader joins the next batch before answering from it. A record whose key is
 //! not registered is on disk, however many other writes are in flight: a redelivery among
 //! new deliveries is answered without waiting for their batch (BENCHMARKS.md, session 20).
+//!
+//! A batch waits a little for writers already writing: a short write
+//! ([`GroupCommit::begin_write`]) counts as *writing* until it joins a batch
+//! ([`GroupCommit::wait_for`]) or gives up its guard, and the committer, once it has the
+//! writers already waiting, takes in those still writing for up to [`GATHER`] before it
+//! syncs (PostgreSQL's `commit_delay` with `commit_siblings`, but only while someone is
+//! actually writing). Every batch costs the same syncs and thread wake-ups whatever its
+//! size, so fewer, fuller batches leave more of the CPU to requests (BENCHMARKS.md,
+//! session 21). Long writes (retention, an operator's bulk retry) are not waited for
+//! ([`GroupCommit::begin_long_write`]).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 use super::StoreError;
 
 type Waiter = oneshot::Sender<Result<(), StoreError>>;
+
+/// How long a batch waits, at most, for writers still writing to join it.
+pub const GATHER: Duration = Duration::from_micros(200);
 
 /// The sync step run once per batch.
 pub type SyncFn = Box<dyn FnMut() -> std::io::Result<()> + Send>;
@@ -78,6 +92,8 @@ pub struct GroupCommit {
 struct Unsettled {
     writers: Mutex<HashMap<u64, usize>>,
     hasher: RandomState,
+    /// Short writes begun and not yet joined to a batch (nor given up).
+    writing: AtomicUsize,
 }
 
 impl Unsettled {
@@ -95,10 +111,22 @@ impl Unsettled {
 pub struct WriteGuard {
     unsettled: Arc<Unsettled>,
     hash: Option<u64>,
+    /// Counted in [`Unsettled::writing`] until it joins a batch.
+    writing: bool,
+}
+
+impl WriteGuard {
+    /// No longer counted as writing: joined a batch, or done.
+    fn joined(&mut self) {
+        if std::mem::take(&mut self.writing) {
+            self.unsettled.writing.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl Drop for WriteGuard {
     fn drop(&mut self) {
+        self.joined();
         let Some(hash) = self.hash else {
             return;
         };
@@ -114,13 +142,20 @@ impl Drop for WriteGuard {
 
 impl GroupCommit {
     /// Starts the committer thread around `sync`.
-    pub fn start(mut sync: SyncFn) -> GroupCommit {
+    pub fn start(sync: SyncFn) -> GroupCommit {
+        Self::start_gathering(sync, GATHER)
+    }
+
+    /// [`GroupCommit::start`] with a batch waiting up to `gather` for writers still writing.
+    pub fn start_gathering(mut sync: SyncFn, gather: Duration) -> GroupCommit {
         let (tx, rx) = mpsc::channel::<Waiter>();
         let poisoned = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(CommitStats::default());
+        let unsettled = Arc::new(Unsettled::default());
         let thread = {
             let poisoned = poisoned.clone();
             let stats = stats.clone();
+            let unsettled = unsettled.clone();
             thread::Builder::new()
                 .name("group-commit".into())
                 .spawn(move || {
@@ -129,6 +164,7 @@ impl GroupCommit {
                     while let Ok(first) = rx.recv() {
                         let mut batch = vec![first];
                         batch.extend(rx.try_iter());
+                        gather_writing(&rx, &mut batch, &unsettled, gather);
                         let started = std::time::Instant::now();
                         let result = if poisoned.load(Ordering::SeqCst) {
                             Err(StoreError::Flush("an earlier flush failed".into()))
@@ -153,7 +189,7 @@ impl GroupCommit {
         };
         GroupCommit {
             sender: Mutex::new(Some(tx)),
-            unsettled: Arc::default(),
+            unsettled,
             poisoned,
             stats,
             thread: Mutex::new(Some(thread)),
@@ -165,7 +201,21 @@ impl GroupCommit {
     /// under; `None` for a write that changes nothing a redelivery is answered from). Call
     /// before the write can be seen, and hold the guard until [`GroupCommit::wait`] has
     /// returned.
+    ///
+    /// The write counts as writing until [`GroupCommit::wait_for`] or the guard's drop: a
+    /// batch being formed meanwhile waits for it (up to [`GATHER`]), so the write should be
+    /// short (a claim, a run's start or outcome).
     pub fn begin_write(&self, key: Option<&[u8]>) -> Result<WriteGuard, StoreError> {
+        self.begin(key, true)
+    }
+
+    /// Like [`GroupCommit::begin_write`] with no key, for a write that may take long (a
+    /// retention pass, an operator's bulk change): no batch waits for it.
+    pub fn begin_long_write(&self) -> Result<WriteGuard, StoreError> {
+        self.begin(None, false)
+    }
+
+    fn begin(&self, key: Option<&[u8]>, short: bool) -> Result<WriteGuard, StoreError> {
         if self.is_poisoned() {
             return Err(StoreError::Flush(
                 "an earlier flush failed; restart to recover".into(),
@@ -175,9 +225,13 @@ impl GroupCommit {
         if let Some(hash) = hash {
             *self.unsettled.writers().entry(hash).or_default() += 1;
         }
+        if short {
+            self.unsettled.writing.fetch_add(1, Ordering::AcqRel);
+        }
         Ok(WriteGuard {
             unsettled: self.unsettled.clone(),
             hash,
+            writing: short,
         })
     }
 
@@ -188,23 +242,47 @@ impl GroupCommit {
         !self.unsettled.writers().contains_key(&hash)
     }
 
+    /// [`GroupCommit::wait`] for the write `guard` announced; the guard no longer counts as
+    /// writing once it has joined a batch. Hold it until this returns.
+    pub async fn wait_for(&self, guard: &mut WriteGuard) -> Result<(), StoreError> {
+        // Before the join: a batch that looks in between misses this writer (it joins the
+        // next), where the other order could hold that batch for a writer already in it.
+        guard.joined();
+        let joined = self.join();
+        self.wait_joined(joined).await
+    }
+
     /// Waits until everything written before this call is on disk.
     pub async fn wait(&self) -> Result<(), StoreError> {
+        let joined = self.join();
+        self.wait_joined(joined).await
+    }
+
+    /// Queues a waiter for the next batch: its answer, or `None` once the thread has ended.
+    fn join(&self) -> Result<Option<oneshot::Receiver<Result<(), StoreError>>>, StoreError> {
         let (tx, rx) = oneshot::channel();
-        let sent = self
-            .sender
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|sender| sender.send(tx));
-        match sent {
-            Some(sent) => {
-                sent.map_err(|_| StoreError::Flush("group-commit thread is gone".into()))?;
+        let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
+        match sender.as_ref() {
+            Some(sender) => {
+                sender
+                    .send(tx)
+                    .map_err(|_| StoreError::Flush("group-commit thread is gone".into()))?;
+                Ok(Some(rx))
             }
-            None => return self.sync_after_close().await,
+            None => Ok(None),
         }
-        rx.await
-            .map_err(|_| StoreError::Flush("group-commit thread is gone".into()))?
+    }
+
+    async fn wait_joined(
+        &self,
+        joined: Result<Option<oneshot::Receiver<Result<(), StoreError>>>, StoreError>,
+    ) -> Result<(), StoreError> {
+        match joined? {
+            Some(rx) => rx
+                .await
+                .map_err(|_| StoreError::Flush("group-commit thread is gone".into()))?,
+            None => self.sync_after_close().await,
+        }
     }
 
     /// True after a failed sync.
@@ -258,6 +336,29 @@ impl GroupCommit {
         })
         .await;
         synced.map_err(|e| StoreError::Flush(format!("sync task failed: {e}")))?
+    }
+}
+
+/// Adds to `batch` the writers still writing as it formed, as they join, until none is
+/// left writing or `gather` has passed.
+fn gather_writing(
+    rx: &mpsc::Receiver<Waiter>,
+    batch: &mut Vec<Waiter>,
+    unsettled: &Unsettled,
+    gather: Duration,
+) {
+    let until = Instant::now() + gather;
+    while unsettled.writing.load(Ordering::Acquire) > 0 {
+        let Some(left) = until.checked_duration_since(Instant::now()) else {
+            return;
+        };
+        match rx.recv_timeout(left) {
+            Ok(waiter) => {
+                batch.push(waiter);
+                batch.extend(rx.try_iter());
+            }
+            Err(_) => return,
+        }
     }
 }
 
@@ -359,5 +460,49 @@ mod tests {
             2,
             "the wait ran the sync itself"
         );
+    }
+
+    /// A batch takes in the writers still writing when it formed: it waits while one is
+    /// writing, and goes as soon as none is (here with a gather long enough that only the
+    /// writer's join can end it).
+    #[tokio::test]
+    async fn a_batch_waits_for_a_writer_still_writing() {
+        let gc = GroupCommit::start_gathering(Box::new(|| Ok(())), Duration::from_secs(600));
+        let mut writing = gc.begin_write(Some(&b"a"[..])).expect("write");
+        let mut other = Box::pin(gc.wait());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), other.as_mut())
+                .await
+                .is_err(),
+            "the batch went while a writer was still writing"
+        );
+        gc.wait_for(&mut writing).await.expect("the writer's wait");
+        other.await.expect("the other wait");
+        drop(writing);
+        assert_eq!(gc.stats().batches.load(Ordering::Relaxed), 1);
+        assert_eq!(gc.stats().waiters.load(Ordering::Relaxed), 2);
+    }
+
+    /// Nothing else holds a batch: a short write given up without a wait (it wrote
+    /// nothing), a long write, or a writer that never comes (the gather's end).
+    #[tokio::test]
+    async fn only_a_short_write_in_progress_holds_a_batch_and_only_for_the_gather() {
+        let long = Duration::from_secs(600);
+        let gc = GroupCommit::start_gathering(Box::new(|| Ok(())), long);
+        drop(gc.begin_write(Some(&b"a"[..])).expect("write"));
+        let bulk = gc.begin_long_write().expect("long write");
+        tokio::time::timeout(Duration::from_secs(60), gc.wait())
+            .await
+            .expect("a long write or a dropped guard held the batch")
+            .expect("sync");
+        drop(bulk);
+
+        let short = GroupCommit::start_gathering(Box::new(|| Ok(())), Duration::from_millis(20));
+        let never_joins = short.begin_write(None).expect("write");
+        tokio::time::timeout(Duration::from_secs(60), short.wait())
+            .await
+            .expect("the batch waited past its gather")
+            .expect("sync");
+        drop(never_joins);
     }
 }

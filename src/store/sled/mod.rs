@@ -506,7 +506,7 @@ impl SledInner {
     ) -> Result<T, StoreError> {
         self.step(op, "start");
         let fsync = self.durability == Durability::Fsync;
-        let guard = if fsync {
+        let mut guard = if fsync {
             // Before the write can be seen.
             Some(self.commit.begin_write(record)?)
         } else {
@@ -517,8 +517,8 @@ impl SledInner {
             self.step(op, "locked");
             write()?
         };
-        if fsync && wrote {
-            self.commit.wait().await?;
+        if let Some(guard) = guard.as_mut().filter(|_| wrote) {
+            self.commit.wait_for(guard).await?;
         }
         drop(guard);
         Ok(out)

@@ -92,7 +92,7 @@ impl Operations for SledStore {
         let guard = if fsync {
             // Job states, pauses and handler lists: nothing a redelivery is answered from,
             // so no key holds its readers.
-            Some(self.commit.begin_write(None)?)
+            Some(self.commit.begin_long_write()?)
         } else {
             None
         };
@@ -198,7 +198,7 @@ impl Operations for SledStore {
         let guard = if fsync {
             // Job states, pauses and handler lists: nothing a redelivery is answered from,
             // so no key holds its readers.
-            Some(self.commit.begin_write(None)?)
+            Some(self.commit.begin_long_write()?)
         } else {
             None
         };
@@ -246,7 +246,7 @@ impl Operations for SledStore {
         let guard = if fsync {
             // Job states, pauses and handler lists: nothing a redelivery is answered from,
             // so no key holds its readers.
-            Some(self.commit.begin_write(None)?)
+            Some(self.commit.begin_long_write()?)
         } else {
             None
         };

@@ -44,7 +44,7 @@ impl Maintenance for SledStore {
         let guard = if fsync {
             // Removals, and fingerprints kept with answers already on disk: nothing a
             // redelivery must wait for, so no key holds its readers.
-            Some(self.commit.begin_write(None)?)
+            Some(self.commit.begin_long_write()?)
         } else {
             None
         };
