@@ -768,6 +768,9 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
             recorded = sent;
             wait_queue_drained(server.admin, Duration::from_secs(120)).await?;
         }
+        // Runs are sampled while new deliveries arrive (the case is a burst at the ack
+        // ceiling), and the backlog it leaves is timed until it has drained.
+        let sampler = (!replay_only).then(|| RunSampler::start(vec![server.admin]));
         let (mut r, sent) = drive(
             server.port,
             source.clone(),
@@ -782,6 +785,20 @@ async fn run(options: &BenchOptions) -> Result<Vec<CaseResult>, String> {
         .await;
         r.name = name.to_owned();
         r.rss = rss_bytes(server.child.id());
+        if let Some(sampler) = sampler {
+            let client = reqwest::Client::new();
+            let backlog = scrape(&client, server.admin).await.map_or(0.0, |(_, d)| d);
+            let started = Instant::now();
+            wait_queue_drained(server.admin, Duration::from_secs(120)).await?;
+            let (processed, max_depth) = sampler.finish().await?;
+            r.processed = Some(processed);
+            r.max_queue_depth = Some(max_depth);
+            eprintln!(
+                "  runs {processed:.0}/s against {:.0} acks/s during the burst; it left {backlog:.0} queued, drained in {:.2} s",
+                r.rate,
+                started.elapsed().as_secs_f64()
+            );
+        }
         drop(server);
         let stored = if replay_only {
             recorded

@@ -30,7 +30,9 @@ pub const READ_AHEAD: usize = 64;
 /// With read-ahead, a handler's queue is read from past the last entry read, not from its
 /// front (past every entry being run, again); but entries queued before that one (a
 /// delivery whose request began earlier, a retry due earlier) are then only seen by a read
-/// from the front, which comes at least this often while the handler has work.
+/// from the front, which comes at least this often while the handler has work, and at once
+/// when a read past the position finds nothing while none of the handler's runs is in
+/// flight (the front then has nothing to walk past).
 const FRONT_READ_EVERY_MS: u64 = 500;
 
 /// Where the next read of a handler's queue starts.
@@ -292,7 +294,7 @@ impl Dispatcher {
                 if buffered.is_empty() {
                     let want = cap.max(read_ahead);
                     let position = positions.entry(handler.clone()).or_default();
-                    let from_front = read_ahead == 0
+                    let mut from_front = read_ahead == 0
                         || position.after.is_none()
                         || now >= position.front_read_ms + FRONT_READ_EVERY_MS;
                     let after = if from_front {
@@ -300,7 +302,7 @@ impl Dispatcher {
                     } else {
                         position.after.as_ref()
                     };
-                    let read = if read_ahead == 0 {
+                    let mut read = if read_ahead == 0 {
                         self.read_shared_queue(&handler, now, want, &skip).await
                     } else {
                         self.runner
@@ -308,6 +310,19 @@ impl Dispatcher {
                             .due_jobs_and_next_of(&handler, now, want, &skip, after)
                             .await
                     };
+                    // Past the position there is nothing, and none of this handler's runs
+                    // is in flight: a read from the front has nothing to walk past, and
+                    // finds at once what was queued behind the position (the tail of a
+                    // burst) instead of at the next periodic front read.
+                    let idle = running_of.get(&handler).copied().unwrap_or(0) == 0;
+                    if !from_front && idle && matches!(&read, Ok((due, _)) if due.is_empty()) {
+                        from_front = true;
+                        read = self
+                            .runner
+                            .store
+                            .due_jobs_and_next_of(&handler, now, want, &skip, None)
+                            .await;
+                    }
                     match read {
                         Ok((due, next)) => {
                             if from_front {

@@ -14,7 +14,8 @@
 //! run stay at the front of the queue: with a store of this process alone the dispatcher
 //! reads [`READ_AHEAD`] due entries at once and starts them as slots free up, the next
 //! read starts past the last entry read (and from the front at least every
-//! half a second), the same read tells when to look next, and skipped entries
+//! half a second, and at once when nothing of the handler is in flight), the same read
+//! tells when to look next, and skipped entries
 //! are recognised by their raw keys ([`crate::store::SkipSet`]). Whatever went stale in
 //! between is caught by `begin_attempt`, under the delivery's lock.
 //!

@@ -128,6 +128,20 @@ fn start(
     clock: Clock,
     handlers: Vec<Registration>,
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let (stop, task, _) = start_with_waker(store, clock, handlers);
+    (stop, task)
+}
+
+/// [`start`], with the notice ingest gives the dispatcher after each claim.
+fn start_with_waker(
+    store: Arc<dyn DeliveryStore>,
+    clock: Clock,
+    handlers: Vec<Registration>,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+    Arc<tokio::sync::Notify>,
+) {
     let registry = HandlerRegistry::build(&config(), handlers).expect("registry");
     let metrics = Arc::new(webhook_inbox::metrics::Metrics::new());
     let calls = webhook_inbox::calls::CallService::new(
@@ -145,9 +159,10 @@ fn start(
         metrics,
         calls,
     ));
+    let waker = dispatcher.waker();
     let stop = CancellationToken::new();
     let task = tokio::spawn(dispatcher.run(stop.clone()));
-    (stop, task)
+    (stop, task, waker)
 }
 
 /// Polls in virtual time (each sleep lets the paused clock jump ahead).
@@ -575,4 +590,50 @@ async fn entries_queued_behind_the_read_position_still_run() {
         steady.runs().into_iter().map(|(_, key, _)| key).collect();
     assert_eq!(keys.len(), 120, "each delivery ran once");
     assert_eq!(steady.runs().len(), 120);
+}
+
+/// The tail of a burst: entries queued behind the read position once the handler has
+/// nothing left in flight are run at once (the read past the position finds nothing, so the
+/// dispatcher reads from the front then, which skips nothing), not half a second later.
+#[tokio::test(start_paused = true)]
+async fn entries_behind_the_read_position_run_at_once_once_the_handler_is_idle() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let store = open(dir.path());
+    let clock = Clock::tokio();
+    let steady = Timed::new(clock, 0);
+    let now = clock.now_ms();
+    for i in 0..100 {
+        claim(&*store, &format!("msg_now_{i}"), &["steady"], now).await;
+    }
+    let (stop, task, waker) = start_with_waker(
+        store.clone(),
+        clock,
+        vec![Registration::new("steady", steady.clone())],
+    );
+    until(async || steady.runs().len() >= 100).await;
+    let claimed_at = clock.now_ms();
+    for i in 0..20 {
+        claim(
+            &*store,
+            &format!("msg_earlier_{i}"),
+            &["steady"],
+            now - 60_000,
+        )
+        .await;
+        waker.notify_one();
+    }
+    until(async || steady.runs().len() >= 120).await;
+    stop.cancel();
+    task.await.expect("dispatcher stops");
+    // The first hundred had all run before the earlier ones were claimed.
+    let last_earlier = steady.runs()[100..]
+        .iter()
+        .map(|(_, _, at)| *at)
+        .max()
+        .expect("the earlier entries ran");
+    assert!(
+        last_earlier < claimed_at + 250,
+        "an entry behind the read position waited {} ms with the handler idle",
+        last_earlier - claimed_at
+    );
 }
