@@ -24,7 +24,14 @@ use crate::store::{
 #[async_trait]
 impl Claims for SledStore {
     async fn claim(&self, new: NewDelivery) -> Result<Claim, StoreError> {
-        let record = new.record();
+        let enqueue = new.enqueue();
+        // The delivery as a first run kept in memory holds it: moved there once, and
+        // shared by every handler's entry (no copy of the record per claim).
+        let claimed = Arc::new(Claimed {
+            record: new.record,
+            body: new.body,
+        });
+        let record = &claimed.record;
         let key = record.key().encode();
         // No lock-free read first: ingest asked `stored_first` just before, so a second
         // read would only cost every new delivery a miss.
@@ -82,7 +89,7 @@ impl Claims for SledStore {
                 // An ordered handler whose line has someone in it waits there, unqueued.
                 // (queue key, whether it may be kept in memory: see `first_runs`)
                 let mut queue_keys = Vec::new();
-                if new.enqueue() {
+                if enqueue {
                     for handler in &record.handlers {
                         let parked = match record.order_keys.get(handler) {
                             Some(value) => self.line_occupied(
@@ -103,7 +110,6 @@ impl Claims for SledStore {
                 // they point at nothing and are dropped when dispatch or retention meet them.
                 self.received.insert(&received_key, &[]).map_err(backend)?;
                 self.step(Op::Claim, "after-received-index");
-                let mut claimed = None;
                 // Until the record is written: should the claim fail (or panic) before it,
                 // an entry left in memory would hand a start a delivery never stored.
                 let mut unrecorded = Unrecorded {
@@ -115,13 +121,7 @@ impl Claims for SledStore {
                     let durable = if in_memory {
                         // Kept in memory only: a crash from now on must be counted.
                         self.starts.mark_open(&self.meta)?;
-                        let claimed = claimed.get_or_insert_with(|| {
-                            Arc::new(Claimed {
-                                record: record.clone(),
-                                body: new.body().clone(),
-                            })
-                        });
-                        match self.first_runs.insert(q.clone(), claimed) {
+                        match self.first_runs.insert(q.clone(), &claimed) {
                             Ok(()) => {
                                 unrecorded.keys.push(q);
                                 None
@@ -142,7 +142,7 @@ impl Claims for SledStore {
                         .map_err(backend)?;
                     self.step(Op::Claim, "after-body-index");
                 }
-                let value = self.new_delivery_value(record, new.body())?;
+                let value = self.new_delivery_value(record, &claimed.body)?;
                 self.deliveries.insert(&key, value).map_err(backend)?;
                 unrecorded.keys.clear();
                 // Line entries after the record: one a crash left without its record would
