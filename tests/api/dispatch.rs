@@ -554,49 +554,10 @@ async fn retention_forgets_expired_ids_and_keeps_the_rest() {
     );
 }
 
-/// The dispatcher reads a handler's queue from past the last entry it read; entries queued
-/// behind that point (a request that began earlier, a retry due earlier) are still run, by
-/// the read from the front that comes at least every half second.
-#[tokio::test(start_paused = true)]
-async fn entries_queued_behind_the_read_position_still_run() {
-    let dir = tempfile::TempDir::new().expect("dir");
-    let store = open(dir.path());
-    let clock = Clock::tokio();
-    let steady = Timed::new(clock, 0);
-    let now = clock.now_ms();
-    for i in 0..100 {
-        claim(&*store, &format!("msg_now_{i}"), &["steady"], now).await;
-    }
-    let (stop, task) = start(
-        store.clone(),
-        clock,
-        vec![Registration::new("steady", steady.clone())],
-    );
-    until(async || steady.runs().len() >= 100).await;
-    // Received a minute before everything already read: queued ahead of the read position.
-    for i in 0..20 {
-        claim(
-            &*store,
-            &format!("msg_earlier_{i}"),
-            &["steady"],
-            now - 60_000,
-        )
-        .await;
-    }
-    until(async || steady.runs().len() >= 120).await;
-    stop.cancel();
-    task.await.expect("dispatcher stops");
-    let keys: std::collections::HashSet<String> =
-        steady.runs().into_iter().map(|(_, key, _)| key).collect();
-    assert_eq!(keys.len(), 120, "each delivery ran once");
-    assert_eq!(steady.runs().len(), 120);
-}
-
-/// The tail of a burst: entries queued behind the read position once the handler has
-/// nothing left in flight are run at once (the read past the position finds nothing, so the
-/// dispatcher reads from the front then, which skips nothing), not half a second later.
-#[tokio::test(start_paused = true)]
-async fn entries_behind_the_read_position_run_at_once_once_the_handler_is_idle() {
+/// A hundred deliveries run, then twenty received a minute before them are claimed: queued
+/// behind the dispatcher's read position. With `notify`, each claim wakes the dispatcher as
+/// ingest does. Returns every run (attempt, key, when) and when the twenty were claimed.
+async fn twenty_entries_behind_the_read_position(notify: bool) -> (Vec<(u32, String, u64)>, u64) {
     let dir = tempfile::TempDir::new().expect("dir");
     let store = open(dir.path());
     let clock = Clock::tokio();
@@ -620,13 +581,36 @@ async fn entries_behind_the_read_position_run_at_once_once_the_handler_is_idle()
             now - 60_000,
         )
         .await;
-        waker.notify_one();
+        if notify {
+            waker.notify_one();
+        }
     }
     until(async || steady.runs().len() >= 120).await;
     stop.cancel();
     task.await.expect("dispatcher stops");
+    (steady.runs(), claimed_at)
+}
+
+/// The dispatcher reads a handler's queue from past the last entry it read; entries queued
+/// behind that point (a request that began earlier, a retry due earlier) are still run, by
+/// the read from the front that comes at least every half second, even unannounced.
+#[tokio::test(start_paused = true)]
+async fn entries_queued_behind_the_read_position_still_run() {
+    let (runs, _) = twenty_entries_behind_the_read_position(false).await;
+    let keys: std::collections::HashSet<&String> = runs.iter().map(|(_, key, _)| key).collect();
+    assert_eq!(keys.len(), 120, "each delivery ran once");
+    assert_eq!(runs.len(), 120);
+}
+
+/// The tail of a burst: entries queued behind the read position once the handler has
+/// nothing left in flight are run at once (the read past the position finds nothing, so the
+/// dispatcher reads from the front then, which skips nothing), not half a second later.
+#[tokio::test(start_paused = true)]
+async fn entries_behind_the_read_position_run_at_once_once_the_handler_is_idle() {
+    let (runs, claimed_at) = twenty_entries_behind_the_read_position(true).await;
+    assert_eq!(runs.len(), 120);
     // The first hundred had all run before the earlier ones were claimed.
-    let last_earlier = steady.runs()[100..]
+    let last_earlier = runs[100..]
         .iter()
         .map(|(_, _, at)| *at)
         .max()
