@@ -800,8 +800,8 @@ impl FromIterator<JobKey> for SkipSet {
 /// Everything a handler run needs, read at the start of an attempt.
 #[derive(Debug, Clone)]
 pub struct AttemptContext {
-    /// The delivery record.
-    pub record: DeliveryRecord,
+    /// The delivery record (shared with the copy a first run keeps in memory).
+    pub record: std::sync::Arc<DeliveryRecord>,
     /// The raw body.
     pub body: Bytes,
     /// The attempt number of this run (1 for the first).

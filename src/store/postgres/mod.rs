@@ -273,7 +273,7 @@ fn started(row: &PgRow) -> Result<Begin, StoreError> {
         }
     };
     Ok(Begin::Started(Box::new(AttemptContext {
-        record,
+        record: std::sync::Arc::new(record),
         body: Bytes::from(row.try_get::<Vec<u8>, _>("body").map_err(backend)?),
         attempt,
         attempts_in_round: attempt.saturating_sub(base),

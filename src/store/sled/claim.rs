@@ -28,7 +28,7 @@ impl Claims for SledStore {
         // The delivery as a first run kept in memory holds it: moved there once, and
         // shared by every handler's entry (no copy of the record per claim).
         let claimed = Arc::new(Claimed {
-            record: new.record,
+            record: Arc::new(new.record),
             body: new.body,
         });
         let record = &claimed.record;

@@ -61,7 +61,7 @@ const CHUNK: usize = 128;
 /// starts need not read it back and decode it: the body never changes, nor the record's
 /// fields a run reads (handlers are only added, by a backfill, for other pairs).
 pub(super) struct Claimed {
-    pub(super) record: DeliveryRecord,
+    pub(super) record: Arc<DeliveryRecord>,
     pub(super) body: Bytes,
 }
 
@@ -321,7 +321,7 @@ pub(super) mod tests {
         }))
         .expect("record");
         Arc::new(Claimed {
-            record,
+            record: Arc::new(record),
             body: Bytes::from(vec![b'x'; body_len]),
         })
     }

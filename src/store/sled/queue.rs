@@ -2,6 +2,7 @@
 //! ([`crate::store::JobQueue`]).
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
@@ -112,7 +113,7 @@ impl JobQueue for SledStore {
                             self.drop_stale(queued_due, &job_key)?;
                             return Ok((Begin::Skipped, false));
                         }
-                        Ok(Some(delivery)) => Ok(delivery),
+                        Ok(Some((record, body))) => Ok((Arc::new(record), body)),
                         Err(StoreError::Corrupt(e)) => Err(e),
                         Err(e) => return Err(e),
                     },
