@@ -199,8 +199,8 @@ impl GroupCommit {
 
     /// Announces a write to the record under `key` (the key a redelivery's read finds it
     /// under; `None` for a write that changes nothing a redelivery is answered from). Call
-    /// before the write can be seen, and hold the guard until [`GroupCommit::wait`] has
-    /// returned.
+    /// before the write can be seen, and hold the guard until its [`GroupCommit::wait_for`]
+    /// has returned.
     ///
     /// The write counts as writing until [`GroupCommit::wait_for`] or the guard's drop: a
     /// batch being formed meanwhile waits for it (up to [`GATHER`]), so the write should be
