@@ -146,8 +146,9 @@ impl GroupCommit {
         Self::start_gathering(sync, GATHER)
     }
 
-    /// [`GroupCommit::start`] with a batch waiting up to `gather` for writers still writing.
-    pub fn start_gathering(mut sync: SyncFn, gather: Duration) -> GroupCommit {
+    /// [`GroupCommit::start`] with a batch waiting up to `gather` for writers still writing
+    /// (the tests' own gather).
+    fn start_gathering(mut sync: SyncFn, gather: Duration) -> GroupCommit {
         let (tx, rx) = mpsc::channel::<Waiter>();
         let poisoned = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(CommitStats::default());
@@ -248,41 +249,26 @@ impl GroupCommit {
         // Before the join: a batch that looks in between misses this writer (it joins the
         // next), where the other order could hold that batch for a writer already in it.
         guard.joined();
-        let joined = self.join();
-        self.wait_joined(joined).await
+        self.wait().await
     }
 
     /// Waits until everything written before this call is on disk.
     pub async fn wait(&self) -> Result<(), StoreError> {
-        let joined = self.join();
-        self.wait_joined(joined).await
-    }
-
-    /// Queues a waiter for the next batch: its answer, or `None` once the thread has ended.
-    fn join(&self) -> Result<Option<oneshot::Receiver<Result<(), StoreError>>>, StoreError> {
         let (tx, rx) = oneshot::channel();
-        let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
-        match sender.as_ref() {
-            Some(sender) => {
-                sender
-                    .send(tx)
-                    .map_err(|_| StoreError::Flush("group-commit thread is gone".into()))?;
-                Ok(Some(rx))
+        let sent = self
+            .sender
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|sender| sender.send(tx));
+        match sent {
+            Some(sent) => {
+                sent.map_err(|_| StoreError::Flush("group-commit thread is gone".into()))?;
             }
-            None => Ok(None),
+            None => return self.sync_after_close().await,
         }
-    }
-
-    async fn wait_joined(
-        &self,
-        joined: Result<Option<oneshot::Receiver<Result<(), StoreError>>>, StoreError>,
-    ) -> Result<(), StoreError> {
-        match joined? {
-            Some(rx) => rx
-                .await
-                .map_err(|_| StoreError::Flush("group-commit thread is gone".into()))?,
-            None => self.sync_after_close().await,
-        }
+        rx.await
+            .map_err(|_| StoreError::Flush("group-commit thread is gone".into()))?
     }
 
     /// True after a failed sync.
