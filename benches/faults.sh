@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Page faults and CPU time per delivery, read from the server's /proc/<pid>/stat: a measure of
+# what the allocator's purging costs (each page given back to the OS is faulted in, zeroed,
+# when it is next used), which the wall-clock rounds cannot resolve and callgrind's user-space
+# count does not see (BENCHMARKS.md, session 22).
+#
+#   benches/faults.sh ['[VAR=VALUE ...] BINARY' ...]   # default: target/release/webhook-inbox
+#
+# Each argument is a binary, optionally preceded by environment assignments for it (quoted as
+# one argument), e.g. 'MIMALLOC_PURGE_DELAY=100 target/release/webhook-inbox'. Each serves a
+# fresh sled store (fsync, one `log` handler); `webhook-inbox replay --new-ids` sends WARMUP
+# deliveries, then N more at CONCURRENCY, and the script prints, for those N: minor page
+# faults, and user and system CPU time, per delivery (claim to run, every thread of the
+# server). The minor-fault count repeats within a few per cent for a binary and its
+# environment; the CPU times move with the machine, so compare them within one invocation.
+#
+# Environment: N (default 20000), WARMUP (default 2000), CONCURRENCY (default 32), FIXTURE
+# (default the credicorp `application.created` fixture).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+N=${N:-20000}
+WARMUP=${WARMUP:-2000}
+CONCURRENCY=${CONCURRENCY:-32}
+FIXTURE=${FIXTURE:-fixtures/credicorp/application.created.json}
+runs=("$@")
+[ ${#runs[@]} -gt 0 ] || runs=(target/release/webhook-inbox)
+ticks=$(getconf CLK_TCK)
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# wait_until CMD...: polls (every 100 ms, at most 60 s) until the command succeeds.
+wait_until() {
+  for _ in $(seq 600); do "$@" && return 0; sleep 0.1; done
+  echo "timed out: $*" >&2; return 1
+}
+
+# counters PID: minor faults, user ticks, system ticks (fields 10, 14 and 15 of stat; the
+# command name, field 2, is in parentheses and has no spaces here).
+counters() { awk '{ print $10, $14, $15 }' "/proc/$1/stat"; }
+
+printf '%s\t%s\t%s\t%s\n' "run" "minor faults" "user µs" "system µs"
+for run in "${runs[@]}"; do
+  read -r -a words <<< "$run"
+  bin=${words[${#words[@]}-1]}
+  assignments=("${words[@]:0:${#words[@]}-1}")
+  dir=$(mktemp -d)
+  port=$(free_port); admin=$(free_port)
+  cat > "$dir/config.toml" <<EOF
+[server]
+listen = "127.0.0.1:$port"
+admin_listen = "127.0.0.1:$admin"
+workers = 2
+
+[storage]
+path = "$dir/data"
+durability = "fsync"
+
+[sources.credicorp]
+scheme = "standard-webhooks"
+secrets = ["whsec_ZGV2LW9ubHktc2VjcmV0LWZvci1jcmVkaWNvcnAtZGVtbw=="]
+
+[[handlers]]
+name = "log"
+source = "credicorp"
+kind = "log"
+EOF
+  env "${assignments[@]}" RUST_LOG=warn "$bin" serve --config "$dir/config.toml" > "$dir/server.log" 2>&1 &
+  pid=$!
+  wait_until curl -sf "http://127.0.0.1:$admin/readyz" -o /dev/null
+  runs_done() {
+    [ "$(curl -s "http://127.0.0.1:$admin/metrics" \
+      | awk 'index($0, "webhook_inbox_handler_runs_total{handler=\"log\"") == 1 { s += $NF } END { print s + 0 }')" -ge "$1" ]
+  }
+  send() { "$bin" replay --config "$dir/config.toml" --concurrency "$CONCURRENCY" --new-ids --times "$1" "$FIXTURE" > /dev/null; }
+
+  send "$WARMUP"
+  wait_until runs_done "$WARMUP"
+  read -r faults0 user0 system0 < <(counters "$pid")
+  send "$N"
+  wait_until runs_done "$((WARMUP + N))"
+  read -r faults1 user1 system1 < <(counters "$pid")
+  kill "$pid"; wait "$pid" || true
+  rm -rf "$dir"
+  awk -v r="$run" -v n="$N" -v t="$ticks" -v f=$((faults1 - faults0)) -v u=$((user1 - user0)) -v s=$((system1 - system0)) \
+    'BEGIN { printf "%s\t%.2f\t%.0f\t%.0f\n", r, f / n, u / t * 1e6 / n, s / t * 1e6 / n }'
+done
