@@ -14,7 +14,6 @@
 //! another id, with body dedup, gets the first delivery's ([`Outcome::BodyDuplicate`]). The
 //! route maps [`IngestError`] to the contract's status codes (`error.rs`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +23,7 @@ use tokio::sync::Notify;
 use tracing::Instrument as _;
 
 use crate::clock::Clock;
+use crate::collections::FastHashMap;
 use crate::config::AckMode;
 use crate::dispatch::{Held, RunResult, Runner, hold_lease};
 use crate::domain::{Headers, fingerprint};
@@ -80,7 +80,7 @@ pub enum IngestError {
 /// Everything ingest needs, built once at start-up.
 pub struct Ingest {
     /// Configured sources by name.
-    pub sources: HashMap<String, Source>,
+    pub sources: FastHashMap<String, Source>,
     /// The store.
     pub store: Arc<dyn DeliveryStore>,
     /// Which handlers a delivery binds.

@@ -36,7 +36,8 @@
 //! - [`startup`]: builds and runs the service (the same code for `serve` and tests).
 //! - [`fixture`]: fixture files, signed like a sender would.
 //! - [`metrics`]: Prometheus metrics; [`testing`]: the kit for handler authors.
-//! - [`cli`], [`telemetry`], [`clock`]: the command line, logs, time.
+//! - [`cli`], [`telemetry`], [`clock`]: the command line, logs, time; [`collections`]: the
+//!   hash maps of the per-delivery paths.
 
 pub mod admin_client;
 pub mod alerts;
@@ -44,6 +45,7 @@ pub mod backfill;
 pub mod calls;
 pub mod cli;
 pub mod clock;
+pub mod collections;
 pub mod config;
 pub mod dispatch;
 pub mod domain;

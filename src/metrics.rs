@@ -26,10 +26,10 @@
 //! Beside the counters, [`RecentActivity`] keeps the last hour of deliveries per source and
 //! minute, for the console's overview chart (Prometheus keeps no history itself).
 
-use std::collections::HashMap;
 use std::sync::RwLock;
 use std::sync::atomic::AtomicI64;
 
+use crate::collections::FastHashMap;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -86,7 +86,7 @@ fn answer_histogram() -> Histogram {
 #[derive(Default)]
 struct RequestSeries {
     /// `deliveries_total`, by (outcome, reason).
-    deliveries: HashMap<(&'static str, &'static str), Counter>,
+    deliveries: FastHashMap<(&'static str, &'static str), Counter>,
     /// `answer_duration_seconds`.
     answer_duration: Option<Histogram>,
 }
@@ -110,7 +110,7 @@ pub struct Metrics {
     /// `_unknown`, so a bounded map): a request then costs a lookup by `&str` instead of
     /// three label strings built for the family's own lookup (~2 % of a redelivery's CPU in
     /// session 18's profile). The handles share their values with the families.
-    request_series: RwLock<HashMap<String, RequestSeries>>,
+    request_series: RwLock<FastHashMap<String, RequestSeries>>,
     /// Where the activity's minutes come from.
     clock: crate::clock::Clock,
 }
@@ -223,7 +223,7 @@ impl Metrics {
         if let Some(kind) = ActivityKind::of(outcome) {
             self.activity.record(source, kind, self.clock.now_ms());
         }
-        let known = |series: &HashMap<String, RequestSeries>| {
+        let known = |series: &FastHashMap<String, RequestSeries>| {
             series
                 .get(source)
                 .and_then(|s| s.deliveries.get(&(outcome, reason)).cloned())
@@ -247,7 +247,7 @@ impl Metrics {
 
     /// How long a request of `source` took to answer.
     pub fn answered_in(&self, source: &str, seconds: f64) {
-        let known = |series: &HashMap<String, RequestSeries>| {
+        let known = |series: &FastHashMap<String, RequestSeries>| {
             series.get(source).and_then(|s| s.answer_duration.clone())
         };
         let histogram = self.read_series(known).unwrap_or_else(|| {
@@ -265,7 +265,7 @@ impl Metrics {
 
     fn read_series<T>(
         &self,
-        read: impl Fn(&HashMap<String, RequestSeries>) -> Option<T>,
+        read: impl Fn(&FastHashMap<String, RequestSeries>) -> Option<T>,
     ) -> Option<T> {
         read(
             &self

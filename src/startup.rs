@@ -7,7 +7,7 @@
 //! resolves, then stops accepting, lets in-flight requests and running handlers finish,
 //! flushes and returns.
 
-use std::collections::HashMap;
+use crate::collections::FastHashMap;
 use std::future::Future;
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -149,7 +149,7 @@ impl ApplicationBuilder {
         Ok(())
     }
 
-    fn sources(&self) -> Result<HashMap<String, Source>, ConfigError> {
+    fn sources(&self) -> Result<FastHashMap<String, Source>, ConfigError> {
         self.config
             .sources
             .iter()

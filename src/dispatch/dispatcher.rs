@@ -3,7 +3,7 @@
 //! `dispatch.concurrency` allows; passes over pairs in flight or held by another runner;
 //! sleeps until the next entry is due, new work is announced, or a run ends.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::runner::{RunResult, Runner};
 use super::turns::{RateTurn, Turns};
+use crate::collections::FastHashMap;
 use crate::handlers::HandlerRegistry;
 use crate::store::{DeliveryStore, JobKey, QueuedJob, SkipSet, StoreError};
 
@@ -58,11 +59,11 @@ const UNCONFIGURED_SCAN: Duration = Duration::from_secs(60);
 /// `rate`, whose spacing is [`Turns`]' alone.
 struct HandlerTurns {
     names: Vec<String>,
-    concurrency: HashMap<String, usize>,
+    concurrency: FastHashMap<String, usize>,
     paused: HashSet<String>,
     /// Handlers at their `concurrency` on every replica together: not before this time
     /// (ms since the epoch).
-    held_until: HashMap<String, u64>,
+    held_until: FastHashMap<String, u64>,
     /// Which handler goes first this pass, so that none is always served last.
     turn: usize,
     scanned_at: Option<std::time::Instant>,
@@ -77,7 +78,7 @@ impl HandlerTurns {
                 .filter_map(|(name, limits)| Some((name.to_owned(), limits.concurrency?)))
                 .collect(),
             paused: HashSet::new(),
-            held_until: HashMap::new(),
+            held_until: FastHashMap::default(),
             turn: 0,
             scanned_at: None,
         }
@@ -118,7 +119,7 @@ impl HandlerTurns {
         &self,
         handler: &str,
         free: usize,
-        running_of: &HashMap<String, usize>,
+        running_of: &FastHashMap<String, usize>,
         turns: &Turns,
         now: u64,
     ) -> usize {
@@ -160,7 +161,7 @@ impl HandlerTurns {
 
     /// The handlers that could start a run once one is due (not paused, under their
     /// `concurrency`).
-    fn runnable(&self, running_of: &HashMap<String, usize>) -> Vec<String> {
+    fn runnable(&self, running_of: &FastHashMap<String, usize>) -> Vec<String> {
         self.names
             .iter()
             .filter(|h| !self.paused.contains(*h))
@@ -233,11 +234,11 @@ impl Dispatcher {
         // A run that did not start ends with the pair and until when it is held (`.2`: the
         // handler is at its `concurrency` on every replica together).
         let mut running: JoinSet<Option<(JobKey, u64, bool)>> = JoinSet::new();
-        let mut in_flight: HashMap<tokio::task::Id, JobKey> = HashMap::new();
+        let mut in_flight: FastHashMap<tokio::task::Id, JobKey> = FastHashMap::default();
         // Pairs another runner holds (an inline processed-mode run, another replica), left
         // alone until their lease ends: their queue entry stays, so nothing is lost by
         // waiting.
-        let mut deferred: HashMap<JobKey, u64> = HashMap::new();
+        let mut deferred: FastHashMap<JobKey, u64> = FastHashMap::default();
         // The pairs the queue reads pass over: those in flight and those deferred. Kept as
         // they change, not rebuilt each pass (a pass per finished run).
         let mut skip = SkipSet::default();
@@ -255,10 +256,10 @@ impl Dispatcher {
         };
         let read_ahead = if shared.is_some() { 0 } else { READ_AHEAD };
         // Due entries read ahead, per handler, not yet started.
-        let mut ready: HashMap<String, VecDeque<QueuedJob>> = HashMap::new();
-        let mut positions: HashMap<String, ReadPosition> = HashMap::new();
+        let mut ready: FastHashMap<String, VecDeque<QueuedJob>> = FastHashMap::default();
+        let mut positions: FastHashMap<String, ReadPosition> = FastHashMap::default();
         // Runs in flight per handler, kept as runs start and end.
-        let mut running_of: HashMap<String, usize> = HashMap::new();
+        let mut running_of: FastHashMap<String, usize> = FastHashMap::default();
         let mut handlers = HandlerTurns::new(&self.runner.registry);
         let turns = self.runner.turns.clone();
         loop {
@@ -279,7 +280,7 @@ impl Dispatcher {
             let mut more_due = false;
             // What this pass's queue reads found next, per handler: spares a second read
             // to know when to look again.
-            let mut next_found: HashMap<String, Option<u64>> = HashMap::new();
+            let mut next_found: FastHashMap<String, Option<u64>> = FastHashMap::default();
             // Each handler's own queue, only of the handlers that may start a run now: a
             // paused or limited handler's backlog is not read at all.
             for handler in handlers.in_turn() {

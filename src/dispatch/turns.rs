@@ -15,7 +15,6 @@
 //! ([`Turns::enter`]) from that moment, before its task first runs, so that the loop hands
 //! out one run per rate turn and no more.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -24,20 +23,21 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::clock::Clock;
+use crate::collections::FastHashMap;
 use crate::handlers::HandlerRegistry;
 use crate::store::{JobQueue, StoreError};
 
 /// Every handler's gate.
 pub struct Turns {
-    slots: HashMap<String, Arc<Semaphore>>,
-    concurrency: HashMap<String, usize>,
-    intervals: HashMap<String, Duration>,
+    slots: FastHashMap<String, Arc<Semaphore>>,
+    concurrency: FastHashMap<String, usize>,
+    intervals: FastHashMap<String, Duration>,
     /// Per rate-limited handler, when its next start may be: this process's own spacing,
     /// or, where the store keeps the spacing for every process, the slot after the last one
     /// this process reserved (no start of this process comes earlier).
-    next_start: std::sync::Mutex<HashMap<String, Instant>>,
+    next_start: std::sync::Mutex<FastHashMap<String, Instant>>,
     /// Per rate-limited handler, the runs handed out that have not had their rate turn yet.
-    waiting: HashMap<String, Arc<AtomicUsize>>,
+    waiting: FastHashMap<String, Arc<AtomicUsize>>,
     /// Fired when a run handed out got its rate turn or gave up waiting for it: the next
     /// one may be handed out.
     turn_taken: Arc<Notify>,
@@ -84,10 +84,10 @@ pub struct Turn {
 impl Turns {
     /// The gates of every handler in `registry`.
     pub fn new(registry: &HandlerRegistry, store: Arc<dyn JobQueue>, clock: Clock) -> Turns {
-        let mut slots = HashMap::new();
-        let mut concurrency = HashMap::new();
-        let mut intervals = HashMap::new();
-        let mut waiting = HashMap::new();
+        let mut slots = FastHashMap::default();
+        let mut concurrency = FastHashMap::default();
+        let mut intervals = FastHashMap::default();
+        let mut waiting = FastHashMap::default();
         for (name, limits) in registry.limits() {
             if let Some(n) = limits.concurrency {
                 slots.insert(name.to_owned(), Arc::new(Semaphore::new(n)));

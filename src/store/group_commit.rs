@@ -32,8 +32,7 @@
 //! session 21). Long writes (retention, an operator's bulk retry) are not waited for
 //! ([`GroupCommit::begin_long_write`]).
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
@@ -42,6 +41,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::StoreError;
+use crate::collections::FastHashMap;
 
 type Waiter = oneshot::Sender<Result<(), StoreError>>;
 
@@ -90,8 +90,8 @@ pub struct GroupCommit {
 /// keys of one hash only make a reader wait when it need not).
 #[derive(Default)]
 struct Unsettled {
-    writers: Mutex<HashMap<u64, usize>>,
-    hasher: RandomState,
+    writers: Mutex<FastHashMap<u64, usize>>,
+    hasher: foldhash::fast::RandomState,
     /// Short writes begun and not yet joined to a batch (nor given up).
     writing: AtomicUsize,
 }
@@ -101,7 +101,7 @@ impl Unsettled {
         self.hasher.hash_one(key)
     }
 
-    fn writers(&self) -> std::sync::MutexGuard<'_, HashMap<u64, usize>> {
+    fn writers(&self) -> std::sync::MutexGuard<'_, FastHashMap<u64, usize>> {
         self.writers.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

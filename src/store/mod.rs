@@ -747,7 +747,7 @@ pub struct QueuedJob {
 /// at the front of the queue until their outcome is written, and every read walks past them.
 #[derive(Debug, Clone, Default)]
 pub struct SkipSet {
-    keys: HashSet<JobKey>,
+    keys: crate::collections::FastHashSet<JobKey>,
 }
 
 impl SkipSet {

@@ -31,6 +31,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("domain", 0),
     ("clock", 0),
     ("telemetry", 0),
+    ("collections", 0),
     ("config", 1),
     ("verify", 2),
     ("store", 3),

@@ -77,7 +77,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::hash::{Hash as _, Hasher as _};
+use std::hash::BuildHasher as _;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
@@ -243,10 +243,13 @@ pub struct SledInner {
     first_runs: first_runs::FirstRuns,
 }
 
+/// The hasher that picks a key's stripe: one for the process (a key must always map to the
+/// same lock), seeded at random (so keys a sender chooses cannot all land on one).
+static STRIPE_HASHER: std::sync::LazyLock<foldhash::fast::RandomState> =
+    std::sync::LazyLock::new(foldhash::fast::RandomState::default);
+
 fn stripe_of(key: &[u8]) -> usize {
-    let mut h = std::hash::DefaultHasher::new();
-    key.hash(&mut h);
-    (h.finish() % STRIPES as u64) as usize
+    (STRIPE_HASHER.hash_one(key) % STRIPES as u64) as usize
 }
 
 /// The locks of one operation, released together when dropped.

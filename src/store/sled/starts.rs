@@ -38,11 +38,11 @@
 //! The times compared are the wall clock's: a clock set back across a crash by more than
 //! the time the restart took could hide one bump (said in docs/leases.md).
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use super::encoding::backend;
 use super::{CountedTree, SledInner};
+use crate::collections::FastHashMap;
 use crate::store::{JobState, StoreError};
 
 /// `meta` key: present while starts of runs may exist only in memory.
@@ -65,7 +65,7 @@ pub(super) struct RunStarts {
 
 #[derive(Default)]
 struct Started {
-    states: HashMap<Vec<u8>, JobState>,
+    states: FastHashMap<Vec<u8>, JobState>,
     /// Whether `meta` holds [`OPEN_MARK`] (set by this process, or its removal pending).
     marked: bool,
     /// Whether that mark is known to be on disk: until then every start waits for the
