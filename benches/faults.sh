@@ -27,13 +27,8 @@ runs=("$@")
 [ ${#runs[@]} -gt 0 ] || runs=(target/release/webhook-inbox)
 ticks=$(getconf CLK_TCK)
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-# wait_until CMD...: polls (every 100 ms, at most 60 s) until the command succeeds.
-wait_until() {
-  for _ in $(seq 600); do "$@" && return 0; sleep 0.1; done
-  echo "timed out: $*" >&2; return 1
-}
+# shellcheck source=benches/common.sh
+. benches/common.sh
 
 # counters PID: minor faults, user ticks, system ticks (fields 10, 14 and 15 of stat; the
 # command name, field 2, is in parentheses and has no spaces here).
@@ -46,39 +41,17 @@ for run in "${runs[@]}"; do
   assignments=("${words[@]:0:${#words[@]}-1}")
   dir=$(mktemp -d)
   port=$(free_port); admin=$(free_port)
-  cat > "$dir/config.toml" <<EOF
-[server]
-listen = "127.0.0.1:$port"
-admin_listen = "127.0.0.1:$admin"
-workers = 2
-
-[storage]
-path = "$dir/data"
-durability = "fsync"
-
-[sources.credicorp]
-scheme = "standard-webhooks"
-secrets = ["whsec_ZGV2LW9ubHktc2VjcmV0LWZvci1jcmVkaWNvcnAtZGVtbw=="]
-
-[[handlers]]
-name = "log"
-source = "credicorp"
-kind = "log"
-EOF
+  write_config "$dir" "$port" "$admin"
   env "${assignments[@]}" RUST_LOG=warn "$bin" serve --config "$dir/config.toml" > "$dir/server.log" 2>&1 &
   pid=$!
-  wait_until curl -sf "http://127.0.0.1:$admin/readyz" -o /dev/null
-  runs_done() {
-    [ "$(curl -s "http://127.0.0.1:$admin/metrics" \
-      | awk 'index($0, "webhook_inbox_handler_runs_total{handler=\"log\"") == 1 { s += $NF } END { print s + 0 }')" -ge "$1" ]
-  }
+  wait_until ready "$admin"
   send() { "$bin" replay --config "$dir/config.toml" --concurrency "$CONCURRENCY" --new-ids --times "$1" "$FIXTURE" > /dev/null; }
 
   send "$WARMUP"
-  wait_until runs_done "$WARMUP"
+  wait_until runs_done "$WARMUP" "$admin"
   read -r faults0 user0 system0 < <(counters "$pid")
   send "$N"
-  wait_until runs_done "$((WARMUP + N))"
+  wait_until runs_done "$((WARMUP + N))" "$admin"
   read -r faults1 user1 system1 < <(counters "$pid")
   kill "$pid"; wait "$pid" || true
   rm -rf "$dir"

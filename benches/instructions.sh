@@ -27,21 +27,8 @@ binaries=("$@")
 [ ${#binaries[@]} -gt 0 ] || binaries=(target/release/webhook-inbox)
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 1; }
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-# metric NAME PORT: the sum of a metric's samples on the admin listener.
-metric() {
-  curl -s "http://127.0.0.1:$2/metrics" | awk -v m="$1" 'index($0, m) == 1 { s += $NF } END { print s + 0 }'
-}
-
-# wait_until CMD...: polls (every 100 ms, at most 600 s) until the command succeeds.
-wait_until() {
-  for _ in $(seq 6000); do "$@" && return 0; sleep 0.1; done
-  echo "timed out: $*" >&2; return 1
-}
-
-runs_done() { [ "$(metric 'webhook_inbox_handler_runs_total{handler="log"' "$admin")" -ge "$1" ]; }
-ready() { curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null; }
+# shellcheck source=benches/common.sh
+. benches/common.sh
 
 # total OUT: the instruction count of a callgrind dump.
 total() { awk '/^(summary|totals):/ { print $2; exit }' "$1"; }
@@ -49,30 +36,12 @@ total() { awk '/^(summary|totals):/ { print $2; exit }' "$1"; }
 for bin in "${binaries[@]}"; do
   dir=$(mktemp -d)
   port=$(free_port); admin=$(free_port)
-  cat > "$dir/config.toml" <<EOF
-[server]
-listen = "127.0.0.1:$port"
-admin_listen = "127.0.0.1:$admin"
-workers = 2
-
-[storage]
-path = "$dir/data"
-durability = "fsync"
-
-[sources.credicorp]
-scheme = "standard-webhooks"
-secrets = ["whsec_ZGV2LW9ubHktc2VjcmV0LWZvci1jcmVkaWNvcnAtZGVtbw=="]
-
-[[handlers]]
-name = "log"
-source = "credicorp"
-kind = "log"
-EOF
+  write_config "$dir" "$port" "$admin"
   RUST_LOG=warn WEBHOOK_INBOX_ADMIN_TOKEN=instructions \
     valgrind --tool=callgrind --callgrind-out-file="$dir/cg.%p" --dump-instr=no \
     "$bin" serve --config "$dir/config.toml" > "$dir/server.log" 2>&1 &
   pid=$!
-  wait_until ready
+  wait_until ready "$admin"
   cg() { callgrind_control "$@" "$pid" > /dev/null 2>&1; }
   line() {
     local before after
@@ -86,11 +55,11 @@ EOF
 
   cg -z
   send --times "$N" --new-ids
-  wait_until runs_done "$N"
+  wait_until runs_done "$N" "$admin"
   line "new deliveries (instructions per delivery, claim to run)"
 
   send --times 1                       # the delivery the redeliveries repeat
-  wait_until runs_done "$((N + 1))"
+  wait_until runs_done "$((N + 1))" "$admin"
   cg -z
   send --times "$N"
   line "redeliveries (instructions per request)"
