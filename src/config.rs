@@ -263,7 +263,7 @@ pub struct StorageConfig {
     pub retention: Duration,
     /// sled's page cache, in bytes (sled's own default is 1 GiB). The process holds about
     /// 1.4 bytes per byte of it under load, beside sled's page table (which grows with the
-    /// store, not with this): docs/memory.md.
+    /// store, not with this): docs/sizing.md.
     pub cache_capacity: u64,
     /// With `body_dedup`: how long a body's fingerprint (and the first answer) is kept after
     /// its delivery expired, so a captured request of a scheme without a signed timestamp

@@ -29,7 +29,6 @@
 use std::sync::RwLock;
 use std::sync::atomic::AtomicI64;
 
-use crate::collections::FastHashMap;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -37,6 +36,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::collections::FastHashMap;
 use crate::store::DeliveryStore;
 
 /// Labels of `deliveries_total`.
