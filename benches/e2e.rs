@@ -1209,12 +1209,28 @@ async fn runs_and_accepted(client: &reqwest::Client, admin: u16) -> (f64, f64) {
 /// Alternated rounds of the fsync, unique, 1 KiB case with a `log` handler bound: in each
 /// round the bare endpoint, then this build and every `--baseline` build, so that a change is
 /// compared with the code before it under the same machine's moment (issue 26). The builds'
-/// order turns by one each round (round 2 starts with the second), so that none is always
-/// the first after the bare endpoint: two copies of one binary, always in the same order,
-/// read 15 % apart here (BENCHMARKS.md, session 19). Prints, per round and as medians, acks
+/// order changes each round ([`round_order`]), so that none is always the first after the
+/// bare endpoint nor always after the same build: two copies of one binary, always in the
+/// same order, read 15 % apart here (BENCHMARKS.md, session 19). Prints, per round and as medians, acks
 /// per second as a ratio to bare, p99, and the share of what was accepted that the
 /// dispatcher had already run when the window closed; then, per other build, in how many
 /// rounds this build used less CPU per delivery than it.
+/// The order the `n` builds run in, in round `round` (from 1): rotations of the list, each
+/// followed by its reverse (rotation k in rounds 2k + 1, its reverse in 2k + 2). Over 2n
+/// rounds each build comes first after the bare endpoint equally often and, for two or three
+/// builds, follows each other build equally often (with three, turning by one alone put
+/// each build after the same neighbour in two rounds of three; session 22). Use 2n rounds,
+/// or a multiple, for the balance.
+fn round_order(round: usize, n: usize) -> Vec<usize> {
+    let index = round.saturating_sub(1);
+    let turn = (index / 2) % n.max(1);
+    let mut order: Vec<usize> = (turn..n).chain(0..turn).collect();
+    if index % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
 async fn rounds(options: &BenchOptions, source: Arc<Source>) -> Result<(), String> {
     // (name, binary, TOML appended to its config)
     let mut binaries = vec![("this build".to_owned(), exe()?, String::new())];
@@ -1239,9 +1255,10 @@ async fn rounds(options: &BenchOptions, source: Arc<Source>) -> Result<(), Strin
         let (b, _) = drive(bare.port, source.clone(), load(), options, 0).await;
         drop(bare);
         eprintln!("round {round}: bare {:.0}/s", b.rate);
-        let turn = (round - 1) % binaries.len();
-        let order = (turn..binaries.len()).chain(0..turn);
-        for (i, (name, binary, extra)) in order.map(|i| (i, &binaries[i])) {
+        for (i, (name, binary, extra)) in round_order(round, binaries.len())
+            .into_iter()
+            .map(|i| (i, &binaries[i]))
+        {
             let dir = tempfile::TempDir::new().map_err(|e| e.to_string())?;
             let (port, admin) = (free_port(), free_port());
             let config = dir.path().join("bench.toml");
