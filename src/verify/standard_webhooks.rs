@@ -90,20 +90,20 @@ type Signatures = Vec<Vec<u8>>;
 /// specification's libraries split it), read in one pass. Entries of another version, or
 /// whose base64 does not decode, are passed over; more than
 /// [`MAX_SIGNATURE_ENTRIES`](super::MAX_SIGNATURE_ENTRIES) entries of any kind is refused
-/// before anything is computed.
+/// before any signature is checked (at most that many are decoded first).
 fn signature_entries(signatures: &str) -> Result<(Signatures, Signatures), VerifyError> {
     let (mut v1, mut v1a) = (Vec::new(), Vec::new());
     for (n, entry) in signatures.split_ascii_whitespace().enumerate() {
         if n >= super::MAX_SIGNATURE_ENTRIES {
             return Err(VerifyError::Invalid);
         }
-        let into = match entry.split_once(',') {
+        let (list, b64) = match entry.split_once(',') {
             Some(("v1", b64)) => (&mut v1, b64),
             Some(("v1a", b64)) => (&mut v1a, b64),
             _ => continue,
         };
-        if let Ok(signature) = BASE64.decode(into.1) {
-            into.0.push(signature);
+        if let Ok(signature) = BASE64.decode(b64) {
+            list.push(signature);
         }
     }
     Ok((v1, v1a))
