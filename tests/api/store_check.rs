@@ -203,6 +203,75 @@ async fn a_starting_server_puts_back_what_the_store_lost() {
     );
 }
 
+/// With `fsync`, a claim's `received` index item waits in memory for its batch's entry,
+/// written just before the flush its ack waits for: a kill -9 between the claim's record
+/// reaching sled's log and that entry leaves a record no entry lists (a delivery not yet
+/// acknowledged, whose sender retries and is answered from the record) and its first run's
+/// queue entry lost with the memory. This is that disk, made by hand: the next start finds
+/// the record by the mark the claim left, indexes it and runs its handler; the listing shows
+/// it and `store check` then finds nothing to repair.
+#[tokio::test]
+async fn a_record_whose_batch_index_entry_a_crash_lost_is_indexed_and_run_on_start() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let path = dir.path().join("data");
+    {
+        let store = open_raw(&path, true);
+        let source = credicorp();
+        let body = Bytes::from_static(br#"{"type":"application.created"}"#);
+        let delivery = webhook_inbox::testing::authenticated(
+            &source,
+            "msg_unindexed",
+            &body,
+            SystemTime::now(),
+        )
+        .expect("signed");
+        let now = webhook_inbox::clock::Clock::System.now_ms();
+        let new = NewDelivery::new(delivery, now, vec!["recorder".into()], false).acknowledged(
+            StoredResponse {
+                status: 202,
+                body: "{}".into(),
+            },
+        );
+        assert!(matches!(store.claim(new).await.expect("claim"), Claim::New));
+        store.flush().await.expect("flush");
+    }
+    let db = open_sled(&path);
+    for tree in ["handler_queue", "received"] {
+        db.open_tree(tree).expect("tree").clear().expect("clear");
+    }
+    db.open_tree("meta")
+        .expect("meta")
+        .insert(b"received-pending", &[])
+        .expect("mark");
+    db.flush().expect("flush");
+    drop(db);
+    let app = spawn_with(Options {
+        sled_only: true,
+        admin_token: Some("admin-token"),
+        dir: Some(std::sync::Arc::new(dir)),
+        ..Options::default()
+    })
+    .await;
+    assert!(
+        eventually(Duration::from_secs(20), || app
+            .recorder
+            .runs_of("msg_unindexed")
+            == 1)
+        .await
+    );
+    let listed = app
+        .admin_get("/admin/deliveries")
+        .await
+        .text()
+        .await
+        .expect("listing");
+    assert!(listed.contains("msg_unindexed"), "listed again: {listed}");
+    let dir = app.stop().await;
+    let (code, text) = store_check(&config_file(dir.path()), false);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("0 violation(s), 0 leftover(s)"), "{text}");
+}
+
 /// An operator retry requeues a pair that has no state yet (invariant-1 damage), not only
 /// failed and dead ones.
 #[tokio::test]

@@ -28,8 +28,8 @@ impl SledInner {
         };
         let to = std::ops::Bound::Excluded(until_ms.to_be_bytes().to_vec());
         let mut out = Vec::new();
-        for k in self.received.range::<Vec<u8>, _>((from, to)).keys() {
-            let k = k.map_err(backend)?;
+        for k in self.received.range((from, to)) {
+            let k = k?;
             if let Some((received_at_ms, dk)) = split_time_key(&k)
                 && let Some(key) = decode_delivery_key(dk)
             {

@@ -196,8 +196,11 @@ impl SledInner {
         let now = crate::clock::Clock::System.now_ms();
         let since = self.watermark()?;
         let mut report = CheckReport::default();
-        for index_key in self.received.range(since.to_be_bytes().to_vec()..).keys() {
-            let index_key = index_key.map_err(backend)?;
+        if self.received.was_unclean() {
+            self.index_unindexed_since(since, &mut report)?;
+        }
+        for index_key in self.received.range(since.to_be_bytes().to_vec()..) {
+            let index_key = index_key?;
             let Some(key) = split_time_key(&index_key).and_then(|(_, k)| decode_delivery_key(k))
             else {
                 continue;
@@ -219,6 +222,32 @@ impl SledInner {
             );
         }
         self.advance_watermark(now)
+    }
+
+    /// After a process died holding index items in memory (`received`): indexes every
+    /// record received since `since_ms` that no entry lists — a claim whose record reached
+    /// the disk and whose batch entry did not. Reads every record once.
+    fn index_unindexed_since(
+        &self,
+        since_ms: u64,
+        report: &mut CheckReport,
+    ) -> Result<(), StoreError> {
+        let mut recent = Vec::new();
+        for entry in self.deliveries.iter() {
+            let (k, v) = entry.map_err(backend)?;
+            let received_at_ms = decode_record(&v)?.received_at_ms;
+            if received_at_ms >= since_ms {
+                recent.push(queue_key(received_at_ms, &k));
+            }
+        }
+        for item in self.received.unindexed_since(since_ms, recent)? {
+            report.leftovers.push(format!(
+                "{}: missing from the received_at index",
+                String::from_utf8_lossy(&item[8..]).replace('\0', "/")
+            ));
+            self.received.insert(&item)?;
+        }
+        self.received.clear_unclean(&self.meta)
     }
 
     /// The start-up repair's watermark (0 on a store that has none).
@@ -263,8 +292,9 @@ impl SledInner {
         };
         let mut by_body: HashMap<(String, String), Vec<String>> = HashMap::new();
         let mut indexed: HashSet<Vec<u8>> = HashSet::new();
-        for entry in self.received.iter().keys() {
-            let k = entry.map_err(backend)?;
+        let mut pointing_at_nothing = Vec::new();
+        for entry in self.received.range(..) {
+            let k = entry?;
             if let Some((t, dk)) = split_time_key(&k) {
                 let dk = dk.to_vec();
                 match self.read_record(&dk)? {
@@ -276,12 +306,13 @@ impl SledInner {
                             "received_at index entry for {} points at nothing",
                             String::from_utf8_lossy(&dk).replace('\0', "/")
                         ));
-                        if repair {
-                            self.received.remove(&k).map_err(backend)?;
-                        }
+                        pointing_at_nothing.push(k.clone());
                     }
                 }
             }
+        }
+        if repair {
+            self.received.remove(&pointing_at_nothing)?;
         }
         for entry in self.deliveries.iter() {
             let (k, v) = entry.map_err(backend)?;
@@ -303,8 +334,7 @@ impl SledInner {
                 ));
                 if repair {
                     self.received
-                        .insert(queue_key(record.received_at_ms, &k), &[])
-                        .map_err(backend)?;
+                        .insert(&queue_key(record.received_at_ms, &k))?;
                 }
             }
             self.check_delivery(&record, repair, now_ms, &mut report)?;

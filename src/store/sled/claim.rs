@@ -79,7 +79,7 @@ impl Claims for SledStore {
                     // The same body under a new id: recorded as an alias of the first
                     // (visible to operators, replayed to its own redeliveries), no jobs.
                     let alias = record.as_alias_of(&first);
-                    self.received.insert(&received_key, &[]).map_err(backend)?;
+                    self.received.add(&self.meta, received_key)?;
                     self.step(Op::Claim, "after-alias-index");
                     self.deliveries
                         .insert(&key, encode_delivery(&alias, &[]))
@@ -108,7 +108,8 @@ impl Claims for SledStore {
                 }
                 // Index entries first: should the process die before the record lands,
                 // they point at nothing and are dropped when dispatch or retention meet them.
-                self.received.insert(&received_key, &[]).map_err(backend)?;
+                // (The received_at item is held for its batch's entry: see `received`.)
+                self.received.add(&self.meta, received_key)?;
                 self.step(Op::Claim, "after-received-index");
                 // Until the record is written: should the claim fail (or panic) before it,
                 // an entry left in memory would hand a start a delivery never stored.

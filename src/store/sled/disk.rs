@@ -1,7 +1,7 @@
 //! What "on disk" means for sled 0.34: the body log's segments synced, then `db.flush()`,
 //! then a real `fsync` of its data file and of every blob file it wrote (sled writes those
-//! without one). Run by the group
-//! commit thread, once per batch of waiting writers.
+//! without one). Run by the group commit thread, once per batch of waiting writers, after
+//! it has written the batch's `received` index entries (see `received`).
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -10,6 +10,7 @@ use std::sync::{Arc, mpsc};
 
 use super::FlushHook;
 use super::bodies::BodyLog;
+use super::received::ReceivedIndex;
 
 /// Syncs the body log on a thread of its own, beside the group commit's sync of sled:
 /// started once, instead of a thread spawned for every batch (a `clone3` and a stack per
@@ -76,6 +77,8 @@ pub(super) struct DiskSync {
     /// Syncs `bodies` beside sled's sync.
     pub(super) body_sync: BodySyncThread,
     pub(super) db: sled::Db,
+    /// Its held items are written as the batch's entries before sled's flush.
+    pub(super) received: Arc<ReceivedIndex>,
     pub(super) data_file: File,
     pub(super) blobs_dir: PathBuf,
     pub(super) synced_blobs: HashSet<std::ffi::OsString>,
@@ -87,6 +90,9 @@ impl DiskSync {
         if let Some(hook) = &self.hook {
             hook()?;
         }
+        self.received
+            .write_pending()
+            .map_err(std::io::Error::other)?;
         // The body log and sled's log are synced side by side, not one after the other: an
         // acknowledgement waits for both either way, and two fsyncs in a row would double
         // the wait of every batch. (Should the power fail between the two, a record whose

@@ -35,8 +35,7 @@ impl SledInner {
                         continue;
                     }
                     self.received
-                        .insert(queue_key(record.received_at_ms, &key), &[])
-                        .map_err(backend)?;
+                        .insert(&queue_key(record.received_at_ms, &key))?;
                     for (handler, state) in jobs {
                         self.import_pair(record, handler, state.clone())?;
                     }

@@ -4,7 +4,8 @@
 //! role of the store — `claim`, `queue` (dispatch), `journal` (call journal), `operator`,
 //! `retention` — and `encoding` (key and value layouts), `disk` (what a flush to disk is),
 //! `bodies` (the body log: bodies of 256 bytes or more, in segment files beside sled's),
-//! `first_runs` (first runs' queue entries, kept in memory),
+//! `first_runs` (first runs' queue entries, kept in memory), `received` (the received-time
+//! index, written once per batch),
 //! `check` (invariant check and start-up repair), `export` (`store copy`), `listing` (admin
 //! listings), `backfill`, `order` (the `order_by` lines), `starts` (run starts kept in
 //! memory, and the count of unclean starts that keeps `attempt + 1` across a crash).
@@ -14,7 +15,7 @@
 //! | `deliveries` | `source \0 id`                   | u32 BE length, [`DeliveryRecord`] (binary, see `binary`; JSON in stores written before), then the raw body, or (length's top bit set) where it lies in the body log |
 //! | `jobs`       | `source \0 id \0 handler`        | [`JobState`], binary (see `job_value`; JSON in stores written before) (absent: pending) |
 //! | `handler_queue` | handler `\0` due ms (u64 BE) ++ job key | empty (the queue, per handler, less the first runs kept in memory: see `first_runs`; a store of the older layout, one tree `queue` keyed by due ms first, is moved here when opened) |
-//! | `received`   | received ms (u64 BE) ++ `source \0 id` | empty                            |
+//! | `received`   | received ms (u64 BE) ++ `source \0 id`; or, one per group commit's batch and bucket of received time, bucket start (u64 BE) `0xFF` sequence (u64 BE) | empty; for a batch entry, its items (see `received`) |
 //! | `body_index` | `source \0 fingerprint`          | delivery id (body dedup); once that delivery expired: 0x01 ++ JSON of its id, received_at and answer |
 //! | `fp_expiry`  | received ms (u64 BE) ++ body index key | empty: fingerprints kept past their delivery |
 //! | `dead`       | job key                          | empty (dead letters)                    |
@@ -48,20 +49,22 @@
 //! sled recovers a prefix of its log, so within an operation the order of writes is the
 //! order a crash can cut. Each operation writes the ways in before what they lead to and
 //! removes old ways in last:
-//! - claim: received_at index, queue entries (a first run's in memory, see `first_runs`:
-//!   a crash loses it and the start-up repair puts it back), body index, the body appended to the body
-//!   log (and its segment's bound raised, when needed), then the record (a crash before
-//!   the record leaves entries that point at nothing: dispatch and retention drop them),
-//!   then its `order_by` line entries (a crash before them leaves a pair outside its line:
-//!   the start-up repair puts it back);
+//! - claim: received_at index item (held in memory until its batch's entry is written
+//!   before the flush, see `received`: a crash before that entry leaves a record no entry
+//!   lists, which the start-up repair finds by the mark the item set), queue entries (a
+//!   first run's in memory, see `first_runs`: a crash loses it and the start-up repair puts
+//!   it back), body index, the body appended to the body log (and its segment's bound
+//!   raised, when needed), then the record (a crash before the record leaves entries that
+//!   point at nothing: dispatch and retention drop them), then its `order_by` line entries
+//!   (a crash before them leaves a pair outside its line: the start-up repair puts it back);
 //! - the final outcome of a run in an `order_by` line: the state, the hand-on to the next
 //!   pair of the line, then removal of its line entry and its queue entry (a crash before
 //!   the hand-on leaves a line nobody runs: the start-up repair hands it on);
 //! - end of a run, operator retry: the new queue entry, then the job state, then removal of
 //!   the old entry (a crash in between leaves an extra entry: at most one more run, with the
 //!   same idempotency key);
-//! - retention: queue entries, jobs, body index, record, and the received_at entry last (a
-//!   sweep cut short finds the rest next time).
+//! - retention: queue entries, jobs, body index, record, and the received_at items last,
+//!   those of a whole pass together (a sweep cut short finds the rest next time).
 //!
 //! With `durability = "fsync"` nothing is acknowledged before the group commit
 //! ([`super::group_commit`]), so what an ack promises is on disk whole. On start the store
@@ -100,6 +103,7 @@ mod import;
 mod job_value;
 mod listing;
 mod order;
+mod received;
 mod starts;
 
 use bodies::BodyLog;
@@ -110,6 +114,7 @@ use encoding::{
     StoredBody, backend, corrupt, decode_record, handler_queue_prefix, job_parts, job_queue_key,
     reencode_delivery, split_delivery, split_job_queue_key, split_time_key,
 };
+use received::ReceivedIndex;
 
 use bytes::Bytes;
 
@@ -214,7 +219,8 @@ pub struct SledInner {
     deliveries: CountedTree,
     jobs: CountedTree,
     queue: CountedTree,
-    received: CountedTree,
+    /// The `received` tree, with the items of claims its next batch entry will hold.
+    received: Arc<ReceivedIndex>,
     body_index: CountedTree,
     dead: CountedTree,
     meta: CountedTree,
@@ -360,6 +366,11 @@ impl SledStore {
             (calls, "calls"),
         ]
         .map(|(tree, name)| CountedTree::new(tree, name, &writes));
+        let received = Arc::new(ReceivedIndex::open(
+            received,
+            &meta,
+            durability == Durability::Fsync,
+        )?);
         let data_file = File::open(path.join("db"))
             .map_err(|e| StoreError::Backend(format!("opening sled's data file: {e}")))?;
         // Make the directory entries of a new store durable too.
@@ -377,6 +388,7 @@ impl SledStore {
                 .map_err(|e| StoreError::Backend(format!("starting the body log's sync: {e}")))?,
             bodies: bodies.clone(),
             db: db.clone(),
+            received: received.clone(),
             data_file,
             blobs_dir: path.join("blobs"),
             synced_blobs: HashSet::new(),

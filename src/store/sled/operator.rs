@@ -37,8 +37,8 @@ impl Operations for SledStore {
         let mut deliveries = Vec::new();
         let mut next = None;
         let mut examined = 0;
-        for index_key in self.received.range(..end).keys().rev() {
-            let index_key = index_key.map_err(backend)?;
+        for index_key in self.received.range_rev(..end) {
+            let index_key = index_key?;
             // A page may stop short of `limit` (with a cursor to go on) rather than read
             // the whole store for a filter that matches little.
             examined += 1;

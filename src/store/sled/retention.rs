@@ -29,13 +29,11 @@ impl Maintenance for SledStore {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .unwrap_or_default();
-        let candidates: Vec<sled::IVec> = self
+        let candidates: Vec<Vec<u8>> = self
             .received
             .range(from..cutoff_ms.to_be_bytes().to_vec())
-            .keys()
             .take(limit)
-            .collect::<Result<_, _>>()
-            .map_err(backend)?;
+            .collect::<Result<_, _>>()?;
         let mut done = Expired {
             examined: candidates.len(),
             ..Expired::default()
@@ -48,12 +46,16 @@ impl Maintenance for SledStore {
         } else {
             None
         };
+        // The index items of the deliveries removed (or gone): taken out of the index
+        // together at the end of the pass, after their records (a pass cut short leaves
+        // items that point at nothing, which the next one drops).
+        let mut unindexed = Vec::new();
         for index_key in &candidates {
             self.step(Op::Expire, "start");
             let Some((t, key)) =
                 split_time_key(index_key).and_then(|(t, k)| Some((t, decode_delivery_key(k)?)))
             else {
-                self.received.remove(index_key).map_err(backend)?;
+                unindexed.push(index_key.clone());
                 continue;
             };
             let dk = key.encode();
@@ -90,13 +92,15 @@ impl Maintenance for SledStore {
                 // Nothing there any more, or a newer delivery under the same key.
                 _ => {}
             }
-            self.received.remove(index_key).map_err(backend)?;
+            unindexed.push(index_key.clone());
         }
+        self.received.remove(&unindexed)?;
+        self.step(Op::Expire, "after-index");
         {
             let mut from = self.sweep_from.lock().unwrap_or_else(|p| p.into_inner());
             *from = match candidates.last() {
                 Some(last) if candidates.len() == limit => {
-                    let mut next = last.to_vec();
+                    let mut next = last.clone();
                     next.push(0);
                     Some(next)
                 }
@@ -149,6 +153,7 @@ impl Maintenance for SledStore {
         self.persist_first_runs()?;
         self.advance_watermark(crate::clock::Clock::System.now_ms())?;
         self.close_starts()?;
+        self.received.close(&self.meta)?;
         self.commit.wait().await
     }
 
@@ -178,6 +183,9 @@ impl Maintenance for SledStore {
         if let Err(e) = self.close_starts() {
             tracing::warn!(error = %e, "writing the run starts at close failed");
         }
+        if let Err(e) = self.received.close(&self.meta) {
+            tracing::warn!(error = %e, "writing the received index at close failed");
+        }
         if let Err(e) = self.commit.wait().await {
             tracing::warn!(error = %e, "the sync at close failed");
         }
@@ -189,13 +197,7 @@ impl SledInner {
     /// Deletes the body log's segments that no stored delivery points into any more, once
     /// the removals that freed them are durable (see [`bodies`]).
     async fn reclaim_bodies(&self) -> Result<(), StoreError> {
-        let segments = self.bodies.reclaimable(|| {
-            Ok(self
-                .received
-                .first()
-                .map_err(backend)?
-                .and_then(|(k, _)| split_time_key(&k).map(|(t, _)| t)))
-        })?;
+        let segments = self.bodies.reclaimable(|| self.received.oldest_ms())?;
         if !segments.is_empty() {
             self.commit.wait().await?;
             self.step(Op::Expire, "before-body-reclaim");

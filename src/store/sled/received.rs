@@ -1,0 +1,662 @@
+//! The `received` index: every stored delivery by the time it was received — what retention
+//! walks from its oldest end, the admin listing from its newest, backfill and the start-up
+//! repair from a time on.
+//!
+//! # Why one entry per batch
+//!
+//! One index entry per delivery was one of the claim's three sled writes, and a third of the
+//! nodes sled keeps in its page table for a store full of deliveries (BENCHMARKS.md,
+//! sessions 21 and 22). With `durability = "fsync"` a claim now only adds its *item* (its
+//! received time and key) to a list in memory, and the group commit writes the list as one
+//! entry per [`BUCKET_MS`] of received time, just before the flush that every claim in the
+//! batch waits for ([`ReceivedIndex::write_pending`], from `disk`). So an acknowledged
+//! delivery is always indexed on disk; and since a batch spans a few milliseconds, one
+//! write serves the whole batch. With `durability = "buffered"` (no group commit) and for
+//! the entries `store check --repair` and `import` write, an item is written at once as an
+//! entry of its own.
+//!
+//! # Layout
+//!
+//! Two kinds of entries in one tree, told apart by their key:
+//! - *single*: `received ms (u64 BE) ++ source \0 id`, empty value — the item is the key (as
+//!   every entry was in stores written before);
+//! - *batch*: `bucket start ms (u64 BE) ++ 0xFF ++ sequence (u64 BE)`; the value is its
+//!   items, each `received ms (u64 BE) ++ key length (u32 BE) ++ source \0 id`, all received
+//!   in `[start, start + BUCKET_MS)`. No delivery key begins with 0xFF (a source name is
+//!   UTF-8, where that byte never occurs).
+//!
+//! Readers see items, never entries: [`ReceivedIndex::range`] yields *item keys* (`received
+//! ms (u64 BE) ++ source \0 id`, the single entry's layout) in their byte order, which is
+//! time order, exactly as a scan of one entry per delivery did. It reads one bucket's
+//! entries at a time, sorts their items, and merges the items still waiting in memory, so a
+//! claim is visible to readers from the moment it added its item, as it was when the item
+//! was a write of its own.
+//!
+//! # Crashes
+//!
+//! A claim adds its item before its record (the order of the writes it replaces), but the
+//! item reaches the log only with the batch's entry, after the record. A process that dies
+//! between the two leaves a record no entry indexes: a delivery that was never
+//! acknowledged (the ack waits for the batch), but whose sender will retry and be answered
+//! from that record, so the start-up repair must still find it to put its handlers' lost
+//! first runs back. That is what the `meta` mark [`PENDING_MARK`] is for: set (in the log
+//! before the first record it covers) when the first item is held in memory after an
+//! opening or a clean close, removed by [`ReceivedIndex::close`] once every item is written.
+//! An opening that finds it reads every record once and indexes those received since the
+//! repair's watermark that no entry lists ([`ReceivedIndex::unindexed_since`]), before the
+//! repair walks the index. A clean stop costs nothing at the next start.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use super::CountedTree;
+use super::encoding::{backend, split_time_key};
+use crate::store::StoreError;
+
+/// The span of received time one batch entry covers.
+pub(super) const BUCKET_MS: u64 = 100;
+
+/// The byte after the bucket's start that makes a key a batch entry's.
+const BATCH: u8 = 0xFF;
+
+/// `meta` key: present while items may be held in memory only (see the module docs).
+const PENDING_MARK: &[u8] = b"received-pending";
+
+/// The `received` tree, and the items claims added that the next batch entry will hold.
+pub(super) struct ReceivedIndex {
+    tree: CountedTree,
+    /// Whether items wait for the group commit (`fsync`) or are written at once.
+    batched: bool,
+    pending: Mutex<Pending>,
+    /// The next batch entry's sequence number (random start: a restart within a bucket
+    /// must not reuse a key).
+    next_sequence: AtomicU64,
+    /// Batch entries are rewritten (items removed) by one caller at a time.
+    rewrite: Mutex<()>,
+    /// Whether the mark was found at opening: the process before died holding items.
+    unclean: bool,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// Item keys, in the order they were added.
+    items: Vec<Vec<u8>>,
+    /// Whether `meta` holds [`PENDING_MARK`] (set by this process).
+    marked: bool,
+}
+
+/// The start of the bucket `ms` falls in.
+fn bucket_of(ms: u64) -> u64 {
+    ms - ms % BUCKET_MS
+}
+
+/// The received time an entry's or an item's key begins with (a key shorter than that is
+/// padded with `pad`).
+fn time_of(key: &[u8], pad: u8) -> u64 {
+    let mut time = [pad; 8];
+    let n = key.len().min(8);
+    time[..n].copy_from_slice(&key[..n]);
+    u64::from_be_bytes(time)
+}
+
+fn is_batch_key(key: &[u8]) -> bool {
+    key.len() == 17 && key[8] == BATCH
+}
+
+/// Appends `item` (an item key) to a batch entry's value.
+fn encode_item(value: &mut Vec<u8>, item: &[u8]) {
+    let (time, key) = item.split_at(8);
+    value.extend_from_slice(time);
+    value.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    value.extend_from_slice(key);
+}
+
+fn truncated() -> StoreError {
+    StoreError::Corrupt("received index: a truncated batch entry".into())
+}
+
+/// The item keys of a batch entry's value.
+fn decode_items(mut value: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+    let mut items = Vec::new();
+    while !value.is_empty() {
+        let Some((time, rest)) = value.split_first_chunk::<8>() else {
+            return Err(truncated());
+        };
+        let Some((len, rest)) = rest.split_first_chunk::<4>() else {
+            return Err(truncated());
+        };
+        let len = u32::from_be_bytes(*len) as usize;
+        if rest.len() < len {
+            return Err(truncated());
+        }
+        let (key, rest) = rest.split_at(len);
+        let mut item = Vec::with_capacity(8 + len);
+        item.extend_from_slice(time);
+        item.extend_from_slice(key);
+        items.push(item);
+        value = rest;
+    }
+    Ok(items)
+}
+
+/// The items an entry holds: itself for a single one, its value's for a batch.
+fn items_of(key: &[u8], value: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+    if is_batch_key(key) {
+        decode_items(value)
+    } else if key.len() > 8 {
+        Ok(vec![key.to_vec()])
+    } else {
+        // Not an entry either layout writes: nothing to read from it.
+        Ok(Vec::new())
+    }
+}
+
+fn within(item: &[u8], lower: &Bound<Vec<u8>>, upper: &Bound<Vec<u8>>) -> bool {
+    let above = match lower {
+        Bound::Included(l) => item >= l.as_slice(),
+        Bound::Excluded(l) => item > l.as_slice(),
+        Bound::Unbounded => true,
+    };
+    let below = match upper {
+        Bound::Included(u) => item <= u.as_slice(),
+        Bound::Excluded(u) => item < u.as_slice(),
+        Bound::Unbounded => true,
+    };
+    above && below
+}
+
+impl ReceivedIndex {
+    /// The index over `tree`; `batched` with `durability = "fsync"`. Reads whether the
+    /// process before died holding items (see the module docs).
+    pub(super) fn open(
+        tree: CountedTree,
+        meta: &CountedTree,
+        batched: bool,
+    ) -> Result<ReceivedIndex, StoreError> {
+        Ok(ReceivedIndex {
+            tree,
+            batched,
+            pending: Mutex::new(Pending::default()),
+            next_sequence: AtomicU64::new(rand::random::<u64>() >> 1),
+            rewrite: Mutex::new(()),
+            unclean: meta.contains_key(PENDING_MARK).map_err(backend)?,
+        })
+    }
+
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        // A panic while holding this lock leaves a list that is still whole.
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Indexes a claim's delivery: `item` is `received ms (u64 BE) ++ source \0 id`. Held in
+    /// memory for the next batch entry when batched (the first such item since the opening
+    /// or the last close sets the mark first), written as an entry of its own otherwise.
+    pub(super) fn add(&self, meta: &CountedTree, item: Vec<u8>) -> Result<(), StoreError> {
+        if !self.batched {
+            return self.insert(&item);
+        }
+        let mut pending = self.pending();
+        if !pending.marked {
+            meta.insert(PENDING_MARK, &[]).map_err(backend)?;
+            pending.marked = true;
+        }
+        pending.items.push(item);
+        Ok(())
+    }
+
+    /// Writes `item` as an entry of its own, at once.
+    pub(super) fn insert(&self, item: &[u8]) -> Result<(), StoreError> {
+        self.tree.insert(item, &[]).map_err(backend)?;
+        Ok(())
+    }
+
+    /// Writes the items held in memory as one entry per bucket they fall in. Called by the
+    /// group commit before its flush: every claim waiting in the batch added its item
+    /// before it joined, so its item is on disk when its wait ends.
+    pub(super) fn write_pending(&self) -> Result<(), StoreError> {
+        let mut pending = self.pending();
+        self.write_locked(&mut pending)
+    }
+
+    fn write_locked(&self, pending: &mut Pending) -> Result<(), StoreError> {
+        if pending.items.is_empty() {
+            return Ok(());
+        }
+        // Written before they leave the list (under its lock): a reader sees each item in
+        // one place or the other, never in neither.
+        let mut by_bucket: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        for item in &pending.items {
+            let value = by_bucket.entry(bucket_of(time_of(item, 0))).or_default();
+            encode_item(value, item);
+        }
+        for (bucket, value) in by_bucket {
+            let sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
+            let mut key = Vec::with_capacity(17);
+            key.extend_from_slice(&bucket.to_be_bytes());
+            key.push(BATCH);
+            key.extend_from_slice(&sequence.to_be_bytes());
+            self.tree.insert(key, value).map_err(backend)?;
+        }
+        pending.items.clear();
+        Ok(())
+    }
+
+    /// At a clean stop: writes what is held and removes the mark, so that the next opening
+    /// does not look for records the index lacks. The caller makes it durable.
+    pub(super) fn close(&self, meta: &CountedTree) -> Result<(), StoreError> {
+        let mut pending = self.pending();
+        self.write_locked(&mut pending)?;
+        if pending.marked {
+            meta.remove(PENDING_MARK).map_err(backend)?;
+            pending.marked = false;
+        }
+        Ok(())
+    }
+
+    /// Whether the process before died holding items in memory (the mark was found at
+    /// opening): the start-up repair then looks for records no entry lists.
+    pub(super) fn was_unclean(&self) -> bool {
+        self.unclean
+    }
+
+    /// Removes the mark an unclean stop left, once the repair has indexed what it lacked.
+    pub(super) fn clear_unclean(&self, meta: &CountedTree) -> Result<(), StoreError> {
+        let pending = self.pending();
+        if !pending.marked {
+            meta.remove(PENDING_MARK).map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    /// The item keys within `bounds` (bounds on item keys), in key order: time, then
+    /// delivery key.
+    pub(super) fn range(&self, bounds: impl RangeBounds<Vec<u8>>) -> Items {
+        self.walk(bounds, false)
+    }
+
+    /// [`ReceivedIndex::range`] newest first.
+    pub(super) fn range_rev(&self, bounds: impl RangeBounds<Vec<u8>>) -> Items {
+        self.walk(bounds, true)
+    }
+
+    fn walk(&self, bounds: impl RangeBounds<Vec<u8>>, reverse: bool) -> Items {
+        let lower = bounds.start_bound().cloned();
+        let upper = bounds.end_bound().cloned();
+        // The entries of every bucket an item within the bounds can be in.
+        let from = match &lower {
+            Bound::Included(k) | Bound::Excluded(k) => {
+                Bound::Included(bucket_of(time_of(k, 0)).to_be_bytes().to_vec())
+            }
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let to = match &upper {
+            Bound::Included(k) | Bound::Excluded(k) => {
+                match bucket_of(time_of(k, 0xFF)).checked_add(BUCKET_MS) {
+                    Some(end) => Bound::Excluded(end.to_be_bytes().to_vec()),
+                    None => Bound::Unbounded,
+                }
+            }
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let entries = self.tree.range::<Vec<u8>, _>((from, to));
+        let entries: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if reverse {
+            Box::new(entries.rev())
+        } else {
+            Box::new(entries)
+        };
+        let mut held: Vec<Vec<u8>> = self
+            .pending()
+            .items
+            .iter()
+            .filter(|item| within(item, &lower, &upper))
+            .cloned()
+            .collect();
+        held.sort();
+        if reverse {
+            held.reverse();
+        }
+        Items {
+            entries: entries.peekable(),
+            held: held.into(),
+            lower,
+            upper,
+            reverse,
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// The received time of the oldest item (of its bucket, for a batch entry: never
+    /// later than the item's), counting those held in memory.
+    pub(super) fn oldest_ms(&self) -> Result<Option<u64>, StoreError> {
+        // Held items first: one written meanwhile is then in the tree.
+        let held = self.pending().items.iter().map(|i| time_of(i, 0)).min();
+        let stored = self
+            .tree
+            .first()
+            .map_err(backend)?
+            .and_then(|(k, _)| split_time_key(&k).map(|(t, _)| t));
+        Ok(match (held, stored) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
+    }
+
+    /// Removes `items` (item keys) from the index: a single entry is removed, a batch entry
+    /// rewritten without them (removed once empty); one held in memory is dropped.
+    pub(super) fn remove(&self, items: &[Vec<u8>]) -> Result<(), StoreError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let _rewrite = self
+            .rewrite
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let gone: HashSet<&[u8]> = items.iter().map(Vec::as_slice).collect();
+        self.pending()
+            .items
+            .retain(|item| !gone.contains(item.as_slice()));
+        let buckets: std::collections::BTreeSet<u64> =
+            items.iter().map(|i| bucket_of(time_of(i, 0))).collect();
+        for bucket in buckets {
+            let mut prefix = bucket.to_be_bytes().to_vec();
+            prefix.push(BATCH);
+            for entry in self.tree.scan_prefix(&prefix) {
+                let (key, value) = entry.map_err(backend)?;
+                if !is_batch_key(&key) {
+                    continue;
+                }
+                let held = decode_items(&value)?;
+                let kept: Vec<&Vec<u8>> = held
+                    .iter()
+                    .filter(|item| !gone.contains(item.as_slice()))
+                    .collect();
+                if kept.len() == held.len() {
+                    continue;
+                }
+                if kept.is_empty() {
+                    self.tree.remove(&key).map_err(backend)?;
+                } else {
+                    let mut rewritten = Vec::with_capacity(value.len());
+                    for item in kept {
+                        encode_item(&mut rewritten, item);
+                    }
+                    self.tree.insert(&key, rewritten).map_err(backend)?;
+                }
+            }
+        }
+        for item in items {
+            if !is_batch_key(item) && self.tree.contains_key(item).map_err(backend)? {
+                self.tree.remove(item).map_err(backend)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The records in `records` (item keys of every stored delivery received at or after
+    /// `since_ms`) that no entry lists, for the repair after an unclean stop.
+    pub(super) fn unindexed_since(
+        &self,
+        since_ms: u64,
+        mut records: Vec<Vec<u8>>,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut indexed = HashSet::new();
+        for item in self.range(since_ms.to_be_bytes().to_vec()..) {
+            indexed.insert(item?);
+        }
+        records.retain(|item| !indexed.contains(item));
+        Ok(records)
+    }
+}
+
+/// The tree's entries in the walk's order.
+type Entries = Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>>;
+
+/// Item keys in order, one bucket's entries read at a time (see [`ReceivedIndex::range`]).
+pub(super) struct Items {
+    entries: std::iter::Peekable<Entries>,
+    /// Items held in memory within the bounds, in the walk's order.
+    held: VecDeque<Vec<u8>>,
+    lower: Bound<Vec<u8>>,
+    upper: Bound<Vec<u8>>,
+    reverse: bool,
+    /// The current bucket's items still to yield.
+    ready: VecDeque<Vec<u8>>,
+}
+
+impl Items {
+    /// Reads the next bucket in the walk's order into `ready`; false at the end.
+    fn fill(&mut self) -> Result<bool, StoreError> {
+        let stored = match self.entries.peek() {
+            Some(Ok((key, _))) => Some(bucket_of(time_of(key, 0))),
+            Some(Err(_)) => {
+                return match self.entries.next() {
+                    Some(Err(e)) => Err(backend(e)),
+                    _ => Ok(true),
+                };
+            }
+            None => None,
+        };
+        let held = self.held.front().map(|item| bucket_of(time_of(item, 0)));
+        let bucket = match (stored, held) {
+            (Some(a), Some(b)) if self.reverse => a.max(b),
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => return Ok(false),
+        };
+        let mut items = Vec::new();
+        while let Some(Ok((key, _))) = self.entries.peek() {
+            if bucket_of(time_of(key, 0)) != bucket {
+                break;
+            }
+            if let Some(entry) = self.entries.next() {
+                let (key, value) = entry.map_err(backend)?;
+                items.extend(items_of(&key, &value)?);
+            }
+        }
+        while self
+            .held
+            .front()
+            .is_some_and(|item| bucket_of(time_of(item, 0)) == bucket)
+        {
+            items.extend(self.held.pop_front());
+        }
+        items.sort();
+        // Held items written to the tree since the walk began are read twice.
+        items.dedup();
+        if self.reverse {
+            items.reverse();
+        }
+        self.ready.extend(
+            items
+                .into_iter()
+                .filter(|item| within(item, &self.lower, &self.upper)),
+        );
+        Ok(true)
+    }
+}
+
+impl Iterator for Items {
+    type Item = Result<Vec<u8>, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(item) = self.ready.pop_front() {
+                return Some(Ok(item));
+            }
+            match self.fill() {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sled::counted::WriteCounts;
+
+    struct Index {
+        _db: sled::Db,
+        meta: CountedTree,
+        index: ReceivedIndex,
+    }
+
+    fn index(batched: bool) -> Index {
+        let db = sled::Config::new().temporary(true).open().expect("sled");
+        let counts = WriteCounts::default();
+        let tree =
+            |name: &'static str| CountedTree::new(db.open_tree(name).expect("tree"), name, &counts);
+        let meta = tree("meta");
+        let index = ReceivedIndex::open(tree("received"), &meta, batched).expect("open");
+        Index {
+            _db: db,
+            meta,
+            index,
+        }
+    }
+
+    fn item(ms: u64, id: &str) -> Vec<u8> {
+        let mut item = ms.to_be_bytes().to_vec();
+        item.extend_from_slice(b"src\0");
+        item.extend_from_slice(id.as_bytes());
+        item
+    }
+
+    fn all(items: Items) -> Vec<Vec<u8>> {
+        items.collect::<Result<_, _>>().expect("read")
+    }
+
+    /// Items in single entries, in batch entries (one bucket, two buckets) and still held
+    /// in memory read back as one sequence in item-key order, both ways, and within bounds
+    /// that fall inside a bucket.
+    #[test]
+    fn singles_batches_and_held_items_read_as_one_ordered_sequence() {
+        let Index { meta, index, .. } = index(true);
+        // A store written before: single entries.
+        index.insert(&item(1_050, "old-b")).expect("insert");
+        index.insert(&item(1_010, "old-a")).expect("insert");
+        // A batch whose items span two buckets, added out of time order.
+        for (ms, id) in [(1_099, "b2"), (1_020, "b1"), (1_100, "b3"), (1_020, "b0")] {
+            index.add(&meta, item(ms, id)).expect("add");
+        }
+        index.write_pending().expect("write");
+        // Held in memory: in the middle of what is written.
+        index.add(&meta, item(1_030, "held")).expect("add");
+        let expected = vec![
+            item(1_010, "old-a"),
+            item(1_020, "b0"),
+            item(1_020, "b1"),
+            item(1_030, "held"),
+            item(1_050, "old-b"),
+            item(1_099, "b2"),
+            item(1_100, "b3"),
+        ];
+        assert_eq!(all(index.range(..)), expected);
+        let mut reversed = expected.clone();
+        reversed.reverse();
+        assert_eq!(all(index.range_rev(..)), reversed);
+        // Bounds inside a bucket, on item keys (a cursor: excluded).
+        assert_eq!(
+            all(index.range((
+                Bound::Excluded(item(1_020, "b0")),
+                Bound::Excluded(1_099u64.to_be_bytes().to_vec())
+            ))),
+            expected[2..5]
+        );
+        assert_eq!(all(index.range_rev(..item(1_030, "held"))), {
+            let mut v = expected[..3].to_vec();
+            v.reverse();
+            v
+        });
+        assert_eq!(
+            all(index.range(1_100u64.to_be_bytes().to_vec()..)),
+            expected[6..]
+        );
+        // Written now, the held item is read once.
+        index.write_pending().expect("write");
+        assert_eq!(all(index.range(..)), expected);
+        assert_eq!(index.oldest_ms().expect("oldest"), Some(1_000));
+    }
+
+    /// Removing items rewrites the batch entry that holds them, removes it once empty, and
+    /// removes single entries and held items.
+    #[test]
+    fn removed_items_leave_their_batch_entry_and_an_empty_one_goes() {
+        let Index { meta, index, .. } = index(true);
+        index.insert(&item(500, "single")).expect("insert");
+        for id in ["a", "b", "c"] {
+            index.add(&meta, item(2_000, id)).expect("add");
+        }
+        index.write_pending().expect("write");
+        index.add(&meta, item(2_001, "held")).expect("add");
+        index
+            .remove(&[item(500, "single"), item(2_000, "b"), item(2_001, "held")])
+            .expect("remove");
+        assert_eq!(
+            all(index.range(..)),
+            vec![item(2_000, "a"), item(2_000, "c")]
+        );
+        assert_eq!(index.tree.len(), 1);
+        index
+            .remove(&[item(2_000, "a"), item(2_000, "c")])
+            .expect("remove");
+        assert!(all(index.range(..)).is_empty());
+        assert!(index.tree.is_empty());
+        assert_eq!(index.oldest_ms().expect("oldest"), None);
+    }
+
+    /// Not batched (`buffered`), an item is an entry of its own at once and no mark is set;
+    /// batched, the first held item sets the mark and a close writes the items and removes
+    /// it.
+    #[test]
+    fn the_mark_covers_exactly_the_time_items_are_held() {
+        let Index { meta, index, .. } = index(false);
+        index.add(&meta, item(7_000, "now")).expect("add");
+        assert_eq!(index.tree.len(), 1);
+        assert!(!meta.contains_key(PENDING_MARK).expect("meta"));
+
+        let Index { meta, index, .. } = self::index(true);
+        index.add(&meta, item(7_000, "held")).expect("add");
+        assert!(index.tree.is_empty());
+        assert!(meta.contains_key(PENDING_MARK).expect("meta"));
+        index.close(&meta).expect("close");
+        assert_eq!(all(index.range(..)), vec![item(7_000, "held")]);
+        assert!(!meta.contains_key(PENDING_MARK).expect("meta"));
+    }
+
+    /// The records an unclean stop left unindexed are those since the watermark that no
+    /// entry lists, wherever the others are (single entries, batches).
+    #[test]
+    fn unindexed_records_are_found_among_the_recent_ones() {
+        let Index { meta, index, .. } = index(true);
+        index.insert(&item(9_000, "single")).expect("insert");
+        index.add(&meta, item(9_050, "batched")).expect("add");
+        index.write_pending().expect("write");
+        let records = vec![
+            item(9_000, "single"),
+            item(9_050, "batched"),
+            item(9_060, "lost"),
+        ];
+        assert_eq!(
+            index.unindexed_since(9_000, records).expect("scan"),
+            vec![item(9_060, "lost")]
+        );
+    }
+
+    /// A batch entry's value cut short is an error, not a panic or a wrong item.
+    #[test]
+    fn a_truncated_batch_entry_is_corrupt() {
+        let mut value = Vec::new();
+        encode_item(&mut value, &item(1, "x"));
+        assert_eq!(decode_items(&value).expect("whole"), vec![item(1, "x")]);
+        for cut in 1..value.len() {
+            assert!(decode_items(&value[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+}
