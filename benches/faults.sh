@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Page faults and CPU time per delivery, read from the server's /proc/<pid>/stat: a measure of
+# Page faults, CPU time and sled writes per delivery, read from the server's /proc/<pid>/stat: a measure of
 # what the allocator's purging costs (each page given back to the OS is faulted in, zeroed,
 # when it is next used), which the wall-clock rounds cannot resolve and callgrind's user-space
 # count does not see (BENCHMARKS.md, session 22).
@@ -10,8 +10,8 @@
 # one argument), e.g. 'MIMALLOC_PURGE_DELAY=100 target/release/webhook-inbox'. Each serves a
 # fresh sled store (fsync, one `log` handler); `webhook-inbox replay --new-ids` sends WARMUP
 # deliveries, then N more at CONCURRENCY, and the script prints, for those N: minor page
-# faults, and user and system CPU time, per delivery (claim to run, every thread of the
-# server). The minor-fault count repeats within a few per cent for a binary and its
+# faults, user and system CPU time, and sled writes (`store_writes_total`, every tree), per
+# delivery (claim to run, every thread of the server). The minor-fault count repeats within a few per cent for a binary and its
 # environment; the CPU times move with the machine, so compare them within one invocation.
 #
 # Environment: N (default 20000), WARMUP (default 2000), CONCURRENCY (default 32), FIXTURE
@@ -34,7 +34,7 @@ ticks=$(getconf CLK_TCK)
 # command name, field 2, is in parentheses and has no spaces here).
 counters() { awk '{ print $10, $14, $15 }' "/proc/$1/stat"; }
 
-printf '%s\t%s\t%s\t%s\n' "run" "minor faults" "user µs" "system µs"
+printf '%s\t%s\t%s\t%s\t%s\n' "run" "minor faults" "user µs" "system µs" "sled writes"
 for run in "${runs[@]}"; do
   read -r -a words <<< "$run"
   bin=${words[${#words[@]}-1]}
@@ -50,11 +50,13 @@ for run in "${runs[@]}"; do
   send "$WARMUP"
   wait_until runs_done "$WARMUP" "$admin"
   read -r faults0 user0 system0 < <(counters "$pid")
+  writes0=$(metric webhook_inbox_store_writes_total "$admin")
   send "$N"
   wait_until runs_done "$((WARMUP + N))" "$admin"
   read -r faults1 user1 system1 < <(counters "$pid")
+  writes1=$(metric webhook_inbox_store_writes_total "$admin")
   kill "$pid"; wait "$pid" || true
   rm -rf "$dir"
-  awk -v r="$run" -v n="$N" -v t="$ticks" -v f=$((faults1 - faults0)) -v u=$((user1 - user0)) -v s=$((system1 - system0)) \
-    'BEGIN { printf "%s\t%.2f\t%.0f\t%.0f\n", r, f / n, u / t * 1e6 / n, s / t * 1e6 / n }'
+  awk -v r="$run" -v n="$N" -v t="$ticks" -v f=$((faults1 - faults0)) -v u=$((user1 - user0)) -v s=$((system1 - system0)) -v w=$((writes1 - writes0)) \
+    'BEGIN { printf "%s\t%.2f\t%.0f\t%.0f\t%.2f\n", r, f / n, u / t * 1e6 / n, s / t * 1e6 / n, w / n }'
 done
