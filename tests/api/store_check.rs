@@ -65,28 +65,31 @@ fn open_sled(path: &std::path::Path) -> sled::Db {
     }
 }
 
+/// Claims one acknowledged delivery `id` of `credicorp`, bound to handler `recorder`, in the
+/// sled store at `path`, and closes the store with a final flush.
+async fn store_one_acknowledged(path: &std::path::Path, id: &str) {
+    let store = open_raw(path, true);
+    let source = credicorp();
+    let body = Bytes::from_static(br#"{"type":"application.created"}"#);
+    let delivery = webhook_inbox::testing::authenticated(&source, id, &body, SystemTime::now())
+        .expect("signed");
+    let now = webhook_inbox::clock::Clock::System.now_ms();
+    let new = NewDelivery::new(delivery, now, vec!["recorder".into()], false).acknowledged(
+        StoredResponse {
+            status: 202,
+            body: "{}".into(),
+        },
+    );
+    assert!(matches!(store.claim(new).await.expect("claim"), Claim::New));
+    store.flush().await.expect("flush");
+}
+
 /// An acknowledged delivery `msg_lost` bound to handler `recorder`, whose queue entry is
 /// then deleted behind the store's back (what the first version's race left), plus a queue
 /// entry that leads nowhere (what a crash mid-claim leaves).
 async fn damaged_store(dir: &std::path::Path) {
     let path = dir.join("data");
-    {
-        let store = open_raw(&path, true);
-        let source = credicorp();
-        let body = Bytes::from_static(br#"{"type":"application.created"}"#);
-        let delivery =
-            webhook_inbox::testing::authenticated(&source, "msg_lost", &body, SystemTime::now())
-                .expect("signed");
-        let now = webhook_inbox::clock::Clock::System.now_ms();
-        let new = NewDelivery::new(delivery, now, vec!["recorder".into()], false).acknowledged(
-            StoredResponse {
-                status: 202,
-                body: "{}".into(),
-            },
-        );
-        assert!(matches!(store.claim(new).await.expect("claim"), Claim::New));
-        store.flush().await.expect("flush");
-    }
+    store_one_acknowledged(&path, "msg_lost").await;
     let db = open_sled(&path);
     db.open_tree("handler_queue")
         .expect("queue")
@@ -214,27 +217,7 @@ async fn a_starting_server_puts_back_what_the_store_lost() {
 async fn a_record_whose_batch_index_entry_a_crash_lost_is_indexed_and_run_on_start() {
     let dir = tempfile::TempDir::new().expect("dir");
     let path = dir.path().join("data");
-    {
-        let store = open_raw(&path, true);
-        let source = credicorp();
-        let body = Bytes::from_static(br#"{"type":"application.created"}"#);
-        let delivery = webhook_inbox::testing::authenticated(
-            &source,
-            "msg_unindexed",
-            &body,
-            SystemTime::now(),
-        )
-        .expect("signed");
-        let now = webhook_inbox::clock::Clock::System.now_ms();
-        let new = NewDelivery::new(delivery, now, vec!["recorder".into()], false).acknowledged(
-            StoredResponse {
-                status: 202,
-                body: "{}".into(),
-            },
-        );
-        assert!(matches!(store.claim(new).await.expect("claim"), Claim::New));
-        store.flush().await.expect("flush");
-    }
+    store_one_acknowledged(&path, "msg_unindexed").await;
     let db = open_sled(&path);
     for tree in ["handler_queue", "received"] {
         db.open_tree(tree).expect("tree").clear().expect("clear");
