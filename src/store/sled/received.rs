@@ -500,6 +500,7 @@ impl Iterator for Items {
 mod tests {
     use super::*;
     use crate::store::sled::counted::WriteCounts;
+    use proptest::prelude::*;
 
     struct Index {
         _db: sled::Db,
@@ -647,6 +648,103 @@ mod tests {
             index.unindexed_since(9_000, records).expect("scan"),
             vec![item(9_060, "lost")]
         );
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// An entry of its own (an older store, a repair).
+        Insert(u64, u8),
+        /// A claim's item, held until the next `Write`.
+        Add(u64, u8),
+        /// The group commit's write of what is held.
+        Write,
+        /// Retention: removes the items at these positions of the model (modulo its size).
+        Remove(Vec<usize>),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0u64..1_000, 0u8..5).prop_map(|(ms, id)| Step::Insert(ms, id)),
+            (0u64..1_000, 0u8..5).prop_map(|(ms, id)| Step::Add(ms, id)),
+            (0u64..1_000, 0u8..5).prop_map(|(ms, id)| Step::Add(ms, id)),
+            Just(Step::Write),
+            proptest::collection::vec(0usize..64, 0..4).prop_map(Step::Remove),
+        ]
+    }
+
+    fn bound() -> impl Strategy<Value = Bound<Vec<u8>>> {
+        let key = (0u64..1_100, proptest::option::of(0u8..5)).prop_map(|(ms, id)| match id {
+            Some(id) => item(ms, &id.to_string()),
+            None => ms.to_be_bytes().to_vec(),
+        });
+        prop_oneof![
+            key.clone().prop_map(Bound::Included),
+            key.prop_map(Bound::Excluded),
+            Just(Bound::Unbounded),
+        ]
+    }
+
+    proptest! {
+        /// Whatever mix of single entries, batches, held items and removals, a range of the
+        /// index reads, both ways, exactly the items a sorted set of them holds in that range.
+        #[test]
+        fn the_index_reads_as_a_sorted_set_of_its_items(
+            steps in proptest::collection::vec(step(), 1..40),
+            lower in bound(),
+            upper in bound(),
+        ) {
+            let Index { meta, index, .. } = index(true);
+            let mut model = std::collections::BTreeSet::new();
+            for step in steps {
+                match step {
+                    Step::Insert(ms, id) => {
+                        index.insert(&item(ms, &id.to_string())).expect("insert");
+                        model.insert(item(ms, &id.to_string()));
+                    }
+                    Step::Add(ms, id) => {
+                        index.add(&meta, item(ms, &id.to_string())).expect("add");
+                        model.insert(item(ms, &id.to_string()));
+                    }
+                    Step::Write => index.write_pending().expect("write"),
+                    Step::Remove(at) => {
+                        let items: Vec<Vec<u8>> = model.iter().cloned().collect();
+                        let gone: Vec<Vec<u8>> = at
+                            .iter()
+                            .filter(|_| !items.is_empty())
+                            .map(|i| items[i % items.len()].clone())
+                            .collect();
+                        index.remove(&gone).expect("remove");
+                        for g in &gone {
+                            model.remove(g);
+                        }
+                    }
+                }
+            }
+            let bounds = (lower, upper);
+            let expected: Vec<Vec<u8>> = if matches!(
+                (&bounds.0, &bounds.1),
+                (Bound::Excluded(a), Bound::Excluded(b)) if a == b
+            ) {
+                // An empty range that `BTreeSet::range` refuses (it panics on it).
+                Vec::new()
+            } else if match (&bounds.0, &bounds.1) {
+                (Bound::Included(a) | Bound::Excluded(a), Bound::Included(b) | Bound::Excluded(b)) => a > b,
+                _ => false,
+            } {
+                Vec::new()
+            } else {
+                model.range(bounds.clone()).cloned().collect()
+            };
+            prop_assert_eq!(all(index.range(bounds.clone())), expected.clone());
+            let mut reversed = expected;
+            reversed.reverse();
+            prop_assert_eq!(all(index.range_rev(bounds)), reversed);
+            let oldest = index.oldest_ms().expect("oldest");
+            match model.first() {
+                Some(first) => prop_assert!(oldest.is_some_and(|t| t <= time_of(first, 0))),
+                None => prop_assert_eq!(oldest, None),
+            }
+        }
     }
 
     /// A batch entry's value cut short is an error, not a panic or a wrong item.
