@@ -96,6 +96,21 @@ struct OrderKeysIn<'a> {
     order_keys: BTreeMap<String, String>,
 }
 
+/// The prefix of [`RecordIn`] up to its received time, the fields before it borrowed and
+/// dropped.
+#[derive(Deserialize)]
+struct ReceivedAtIn<'a> {
+    version: u8,
+    _source: &'a str,
+    _id: &'a str,
+    _fingerprint: [u8; 32],
+    #[serde(borrow)]
+    _response: Option<ResponseRef<'a>>,
+    #[serde(borrow)]
+    _alias_of: Option<&'a str>,
+    received_at_ms: u64,
+}
+
 /// [`StoredResponse`] as it lies in the bytes (same fields, same order).
 #[derive(Deserialize)]
 struct ResponseRef<'a> {
@@ -182,6 +197,13 @@ pub(super) fn decode_order_keys(bytes: &[u8]) -> Result<BTreeMap<String, String>
     let r: OrderKeysIn<'_> = decode(bytes)?;
     check_version(r.version)?;
     Ok(r.order_keys)
+}
+
+/// The record's received time, the rest of `bytes` left unread.
+pub(super) fn decode_received_at(bytes: &[u8]) -> Result<u64, StoreError> {
+    let r: ReceivedAtIn<'_> = decode(bytes)?;
+    check_version(r.version)?;
+    Ok(r.received_at_ms)
 }
 
 /// A prefix of `bytes` as `T` (a whole record, or the first fields of one).
@@ -334,6 +356,7 @@ pub(super) mod tests {
             let bytes = encode(&record).expect("binary");
             prop_assert_eq!(decode_record(&bytes).expect("record"), record.clone());
             prop_assert_eq!(decode_order_keys(&bytes).expect("lines"), record.order_keys.clone());
+            prop_assert_eq!(decode_received_at(&bytes).expect("received"), record.received_at_ms);
             prop_assert_eq!(decode_stored_first(&bytes).expect("first"), StoredFirst::from(record));
         }
 
@@ -342,6 +365,7 @@ pub(super) mod tests {
             let _ = decode_record(&bytes);
             let _ = decode_stored_first(&bytes);
             let _ = decode_order_keys(&bytes);
+            let _ = decode_received_at(&bytes);
         }
     }
 

@@ -235,7 +235,7 @@ impl SledInner {
         let mut recent = Vec::new();
         for entry in self.deliveries.iter() {
             let (k, v) = entry.map_err(backend)?;
-            let received_at_ms = decode_record(&v)?.received_at_ms;
+            let received_at_ms = split_delivery(&v)?.0.received_at_ms()?;
             if received_at_ms >= since_ms {
                 recent.push(queue_key(received_at_ms, &k));
             }

@@ -179,6 +179,22 @@ impl StoredMeta<'_> {
                 .order_keys)
         }
     }
+
+    /// The record's received time alone (the rest is skipped, not built): what the repair
+    /// after an unclean stop reads of every record (`check`).
+    pub(super) fn received_at_ms(&self) -> Result<u64, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct ReceivedAt {
+            received_at_ms: u64,
+        }
+        if self.binary {
+            binary::decode_received_at(self.bytes)
+        } else {
+            Ok(serde_json::from_slice::<ReceivedAt>(self.bytes)
+                .map_err(corrupt)?
+                .received_at_ms)
+        }
+    }
 }
 
 /// A delivery value's record and where its body is.
