@@ -302,12 +302,9 @@ impl ReceivedIndex {
             }
             Bound::Unbounded => Bound::Unbounded,
         };
-        let entries = self.tree.range::<Vec<u8>, _>((from, to));
-        let entries: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if reverse {
-            Box::new(entries.rev())
-        } else {
-            Box::new(entries)
-        };
+        // The held items before the tree's iterator exists: one written to the tree after
+        // this copy is then there to be read however sled's iterator reads its nodes (at
+        // worst read twice, which `Items::fill` merges); never in neither.
         let mut held: Vec<Vec<u8>> = self
             .pending()
             .items
@@ -319,6 +316,12 @@ impl ReceivedIndex {
         if reverse {
             held.reverse();
         }
+        let entries = self.tree.range::<Vec<u8>, _>((from, to));
+        let entries: Entries = if reverse {
+            Box::new(entries.rev())
+        } else {
+            Box::new(entries)
+        };
         Items {
             entries: entries.peekable(),
             held: held.into(),
@@ -389,7 +392,8 @@ impl ReceivedIndex {
             }
         }
         for item in items {
-            if !is_batch_key(item) && self.tree.contains_key(item).map_err(backend)? {
+            // An item's own entry (a single one), when there is one.
+            if self.tree.contains_key(item).map_err(backend)? {
                 self.tree.remove(item).map_err(backend)?;
             }
         }
