@@ -65,12 +65,22 @@ fn open_sled(path: &std::path::Path) -> sled::Db {
     }
 }
 
+/// A body short enough to stay in its record (not the body log).
+const SMALL_BODY: &[u8] = br#"{"type":"application.created"}"#;
+
+/// A JSON body long enough for the body log.
+fn large_body() -> Bytes {
+    Bytes::from(format!(
+        r#"{{"type":"application.created","pad":"{}"}}"#,
+        "x".repeat(600)
+    ))
+}
+
 /// Claims one acknowledged delivery `id` of `credicorp`, bound to handler `recorder`, in the
-/// sled store at `path`, and closes the store with a final flush.
-async fn store_one_acknowledged(path: &std::path::Path, id: &str) {
+/// sled store at `path` (`fsync`), and closes the store with a final flush.
+async fn store_one_acknowledged(path: &std::path::Path, id: &str, body: Bytes) {
     let store = open_raw(path, true);
     let source = credicorp();
-    let body = Bytes::from_static(br#"{"type":"application.created"}"#);
     let delivery = webhook_inbox::testing::authenticated(&source, id, &body, SystemTime::now())
         .expect("signed");
     let now = webhook_inbox::clock::Clock::System.now_ms();
@@ -89,7 +99,7 @@ async fn store_one_acknowledged(path: &std::path::Path, id: &str) {
 /// entry that leads nowhere (what a crash mid-claim leaves).
 async fn damaged_store(dir: &std::path::Path) {
     let path = dir.join("data");
-    store_one_acknowledged(&path, "msg_lost").await;
+    store_one_acknowledged(&path, "msg_lost", Bytes::from_static(SMALL_BODY)).await;
     let db = open_sled(&path);
     db.open_tree("handler_queue")
         .expect("queue")
@@ -210,21 +220,44 @@ async fn a_starting_server_puts_back_what_the_store_lost() {
 /// written just before the flush its ack waits for: a kill -9 between the claim's record
 /// reaching sled's log and that entry leaves a record no entry lists (a delivery not yet
 /// acknowledged, whose sender retries and is answered from the record) and its first run's
-/// queue entry lost with the memory. This is that disk, made by hand: the next start finds
-/// the record by the mark the claim left, indexes it and runs its handler; the listing shows
-/// it and `store check` then finds nothing to repair.
-#[tokio::test]
-async fn a_record_whose_batch_index_entry_a_crash_lost_is_indexed_and_run_on_start() {
+/// queue entry lost with the memory. The claim journaled its key in the body log first, and
+/// the `received-pending` mark holds the log position from which keys may lack an entry.
+///
+/// This is that disk, made by hand from a real claim: its index entry and queue entry
+/// deleted, the mark put back with `mark` as its value. The next start either finds the
+/// record (`found`): indexes it, runs its handler, lists it, and `store check` then finds
+/// nothing; or does not look that far back, and `store check` names it as missing from the
+/// index.
+async fn a_lost_index_entry_on_start(body: Bytes, mark: Mark, found: bool) {
     let dir = tempfile::TempDir::new().expect("dir");
     let path = dir.path().join("data");
-    store_one_acknowledged(&path, "msg_unindexed").await;
+    store_one_acknowledged(&path, "msg_unindexed", body).await;
+    let segments: Vec<u64> = std::fs::read_dir(path.join("bodies"))
+        .expect("body log")
+        .filter_map(|e| {
+            let name = e.expect("entry").file_name();
+            u64::from_str_radix(name.to_str()?.strip_suffix(".log")?, 16).ok()
+        })
+        .collect();
+    let [segment] = segments[..] else {
+        panic!("one body segment: {segments:?}")
+    };
+    let segment_len = std::fs::metadata(path.join("bodies").join(format!("{segment:016x}.log")))
+        .expect("segment")
+        .len();
+    let position = |offset: u64| [segment.to_be_bytes(), offset.to_be_bytes()].concat();
     let db = open_sled(&path);
     for tree in ["handler_queue", "received"] {
         db.open_tree(tree).expect("tree").clear().expect("clear");
     }
+    let mark = match mark {
+        Mark::WithoutPosition => Vec::new(),
+        Mark::AtTheClaimsFrame => position(0),
+        Mark::PastTheClaimsFrame => position(segment_len),
+    };
     db.open_tree("meta")
         .expect("meta")
-        .insert(b"received-pending", &[])
+        .insert(b"received-pending", mark)
         .expect("mark");
     db.flush().expect("flush");
     drop(db);
@@ -235,24 +268,71 @@ async fn a_record_whose_batch_index_entry_a_crash_lost_is_indexed_and_run_on_sta
         ..Options::default()
     })
     .await;
-    assert!(
-        eventually(Duration::from_secs(20), || app
-            .recorder
-            .runs_of("msg_unindexed")
-            == 1)
-        .await
-    );
-    let listed = app
-        .admin_get("/admin/deliveries")
-        .await
-        .text()
-        .await
-        .expect("listing");
-    assert!(listed.contains("msg_unindexed"), "listed again: {listed}");
+    if found {
+        assert!(
+            eventually(Duration::from_secs(20), || app
+                .recorder
+                .runs_of("msg_unindexed")
+                == 1)
+            .await
+        );
+        let listed = app
+            .admin_get("/admin/deliveries")
+            .await
+            .text()
+            .await
+            .expect("listing");
+        assert!(listed.contains("msg_unindexed"), "listed again: {listed}");
+    }
     let dir = app.stop().await;
     let (code, text) = store_check(&config_file(dir.path()), false);
-    assert_eq!(code, 0, "{text}");
-    assert!(text.contains("0 violation(s), 0 leftover(s)"), "{text}");
+    if found {
+        assert_eq!(code, 0, "{text}");
+        assert!(text.contains("0 violation(s), 0 leftover(s)"), "{text}");
+    } else {
+        assert!(
+            text.contains("credicorp/msg_unindexed: missing from the received_at index"),
+            "{text}"
+        );
+    }
+}
+
+/// What the `received-pending` mark holds in [`a_lost_index_entry_on_start`].
+enum Mark {
+    /// As the version before the journal wrote it: every record is read.
+    WithoutPosition,
+    /// The body-log position of the claim's frame.
+    AtTheClaimsFrame,
+    /// The end of the body log: the claim is before it.
+    PastTheClaimsFrame,
+}
+
+/// A body kept in its record: the claim's key has a frame of its own.
+#[tokio::test]
+async fn a_record_whose_batch_index_entry_a_crash_lost_is_found_by_its_journaled_key() {
+    a_lost_index_entry_on_start(Bytes::from_static(SMALL_BODY), Mark::AtTheClaimsFrame, true).await;
+}
+
+/// A body in the body log: the key is in the body's frame.
+#[tokio::test]
+async fn a_logged_body_journals_its_key_in_its_own_frame() {
+    a_lost_index_entry_on_start(large_body(), Mark::AtTheClaimsFrame, true).await;
+}
+
+/// The start after a crash reads the journal from the mark's position, not the store: a
+/// record whose frame lies before it (its entry was written, as far as the mark says) is not
+/// looked for. (Deleting that entry by hand is the only way to get here; `store check` is
+/// what finds it.) This is what keeps the start's cost from growing with the store.
+#[tokio::test]
+async fn the_start_after_a_crash_reads_only_the_frames_after_the_mark() {
+    a_lost_index_entry_on_start(large_body(), Mark::PastTheClaimsFrame, false).await;
+}
+
+/// A store whose process died under the version before the journal (a mark without a
+/// position) is still repaired, by reading every record once.
+#[tokio::test]
+async fn a_mark_without_a_position_reads_every_record() {
+    a_lost_index_entry_on_start(Bytes::from_static(SMALL_BODY), Mark::WithoutPosition, true).await;
 }
 
 /// An operator retry requeues a pair that has no state yet (invariant-1 damage), not only

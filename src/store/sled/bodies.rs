@@ -1,5 +1,6 @@
 //! The body log: request bodies of [`BODY_LOG_MIN`] bytes or more, appended to segment
-//! files beside sled's own, instead of inside sled's tree nodes.
+//! files beside sled's own, instead of inside sled's tree nodes; and the journal of the
+//! delivery keys whose `received` index items wait for a group commit (see "Frames").
 //!
 //! Why: sled 0.34 keeps values inside its leaf nodes, copies a whole leaf on every write to
 //! it, splits leaves every ~8 inserts (~16 with `vendor/sled`'s leaves of 32) and rewrites
@@ -34,6 +35,22 @@
 //! segment's bound, nothing can point into that segment ([`BodyLog::reclaim`]). A segment
 //! with no bound at open was never pointed at by a record that reached the disk: deleted.
 //! Each process appends to a fresh segment, so a torn tail is never appended to.
+//!
+//! # Frames: the journal of held index items
+//!
+//! Every append is a *frame*: a header (the key's length, the body's length, a CRC-32 of
+//! both and the key), a delivery key, then the body (none for a delivery whose body stays in
+//! its record). The key is that of the delivery whose claim appended the frame, when its
+//! `received` index item is held in memory for the next group commit (see `received`); a
+//! [`BodyRef`] points at the body inside its frame, so reads are as before. A process that
+//! dies holding items leaves, in the frames appended after the last batch entry it wrote
+//! ([`BodyLog::position`], kept in `received`'s mark), the key of every claim whose record
+//! may have reached sled's log without its index item: the next opening reads those few
+//! frames ([`BodyLog::keys_from`]) instead of every record. A claim appends its frame before
+//! its record is inserted, so no record reaches the disk ahead of its frame (both are in the
+//! OS after a kill -9; after a power loss, see above). Segments written before frames
+//! existed hold bare bodies; no position a mark holds ever points into one, so they are only
+//! read through [`BodyRef`]s.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -113,6 +130,80 @@ impl BodyRef {
             len: u32::from_be_bytes(*len),
             crc: u32::from_be_bytes(crc.try_into().ok()?),
         })
+    }
+}
+
+/// Bytes before a frame's key: key length (u16 BE), body length (u32 BE), CRC-32 (u32 BE)
+/// of the lengths and the key.
+const FRAME_HEADER: usize = 10;
+
+/// A place in the log: a segment and an offset in it (see [`BodyLog::position`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LogPosition {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+impl LogPosition {
+    /// Encoded length.
+    pub const LEN: usize = 16;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        out[..8].copy_from_slice(&self.segment.to_be_bytes());
+        out[8..].copy_from_slice(&self.offset.to_be_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<LogPosition> {
+        let bytes: &[u8; Self::LEN] = bytes.try_into().ok()?;
+        let (segment, offset) = bytes.split_first_chunk::<8>()?;
+        Some(LogPosition {
+            segment: u64::from_be_bytes(*segment),
+            offset: u64::from_be_bytes(offset.try_into().ok()?),
+        })
+    }
+}
+
+/// The CRC a frame's header carries: over its two lengths and its key.
+fn frame_crc(lengths: &[u8], key: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(lengths);
+    hasher.update(key);
+    hasher.finalize()
+}
+
+/// The keys of the whole frames in `reader` (a segment from some frame's start on), in
+/// order. Stops at the first frame that is cut short or whose header does not check: the
+/// torn tail a crash leaves (nothing is appended after it: each process starts a segment).
+fn frame_keys(reader: &mut std::io::BufReader<File>) -> std::io::Result<Vec<Vec<u8>>> {
+    let mut keys = Vec::new();
+    loop {
+        let mut header = [0u8; FRAME_HEADER];
+        if read_whole(reader, &mut header)?.is_none() {
+            return Ok(keys);
+        }
+        let (lengths, crc) = header.split_at(6);
+        let key_len = u16::from_be_bytes([lengths[0], lengths[1]]) as usize;
+        let body_len = u32::from_be_bytes([lengths[2], lengths[3], lengths[4], lengths[5]]);
+        let mut key = vec![0u8; key_len];
+        if read_whole(reader, &mut key)?.is_none() || frame_crc(lengths, &key).to_be_bytes() != crc
+        {
+            return Ok(keys);
+        }
+        if !key.is_empty() {
+            keys.push(key);
+        }
+        reader.seek_relative(i64::from(body_len))?;
+    }
+}
+
+/// Fills `buf` from `reader`; `None` if the reader ends first.
+fn read_whole(reader: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<Option<()>> {
+    match reader.read_exact(buf) {
+        Ok(()) => Ok(Some(())),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -216,13 +307,29 @@ impl BodyLog {
         self.dir.join(format!("{segment:016x}.log"))
     }
 
-    /// Appends `body` of a delivery received at `received_at_ms`. Call before inserting the
-    /// record that will hold the returned reference.
-    pub fn append(&self, body: &[u8], received_at_ms: u64) -> Result<BodyRef, StoreError> {
-        let len =
-            u32::try_from(body.len()).map_err(|_| StoreError::Backend("body over 4 GiB".into()))?;
+    /// Appends `body` of a delivery received at `received_at_ms` as a frame naming `key`
+    /// (the delivery's key while its index item is held in memory, empty otherwise; see the
+    /// module docs). Call before inserting the record that will hold the returned
+    /// reference; with an empty `body`, the frame only journals `key`.
+    pub fn append(
+        &self,
+        key: &[u8],
+        body: &[u8],
+        received_at_ms: u64,
+    ) -> Result<BodyRef, StoreError> {
+        let too_long = |what| StoreError::Backend(format!("{what} too long for the body log"));
+        let len = u32::try_from(body.len()).map_err(|_| too_long("body"))?;
+        let key_len = u16::try_from(key.len()).map_err(|_| too_long("delivery key"))?;
+        let mut frame = Vec::with_capacity(FRAME_HEADER + key.len() + body.len());
+        frame.extend_from_slice(&key_len.to_be_bytes());
+        frame.extend_from_slice(&len.to_be_bytes());
+        let crc = frame_crc(&frame, key);
+        frame.extend_from_slice(&crc.to_be_bytes());
+        frame.extend_from_slice(key);
+        let body_at = frame.len() as u64;
+        frame.extend_from_slice(body);
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
-        if active.file.is_some() && active.len + body.len() as u64 > self.settings.segment_bytes {
+        if active.file.is_some() && active.len + frame.len() as u64 > self.settings.segment_bytes {
             self.seal(&mut active);
         }
         if received_at_ms > active.bound {
@@ -255,7 +362,7 @@ impl BodyLog {
                 f
             }
         };
-        if let Err(e) = (&*file).write_all(body) {
+        if let Err(e) = (&*file).write_all(&frame) {
             // Part of it may be in the file: nothing more goes after it, so that the
             // offsets of this segment stay right.
             self.seal(&mut active);
@@ -263,17 +370,49 @@ impl BodyLog {
         }
         let at = BodyRef {
             segment: active.segment,
-            offset: active.len,
+            offset: active.len + body_at,
             len,
             crc: crc32fast::hash(body),
         };
-        active.len += body.len() as u64;
+        active.len += frame.len() as u64;
         self.unsynced
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .files
             .insert(active.segment, file);
         Ok(at)
+    }
+
+    /// Where the next frame will begin: every frame appended so far lies before it.
+    pub fn position(&self) -> LogPosition {
+        let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        LogPosition {
+            segment: active.segment,
+            offset: active.len,
+        }
+    }
+
+    /// The keys journaled in the frames at or after `from` (a [`BodyLog::position`] of this
+    /// store's), in the order they were appended; a segment since deleted holds none.
+    pub fn keys_from(&self, from: LogPosition) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut keys = Vec::new();
+        for segment in self.segments()? {
+            if segment < from.segment {
+                continue;
+            }
+            let file = match File::open(self.path(segment)) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io(e)),
+            };
+            let mut reader = std::io::BufReader::with_capacity(64 * 1024, file);
+            if segment == from.segment {
+                std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(from.offset))
+                    .map_err(io)?;
+            }
+            keys.extend(frame_keys(&mut reader).map_err(io)?);
+        }
+        Ok(keys)
     }
 
     /// Seals the active segment (with the bound it has) and makes the next one active; its
@@ -423,9 +562,9 @@ mod tests {
         let refs: Vec<BodyRef> = bodies
             .iter()
             .enumerate()
-            .map(|(i, b)| log.append(b, 1_000 + i as u64).expect("append"))
+            .map(|(i, b)| log.append(&[], b, 1_000 + i as u64).expect("append"))
             .collect();
-        // 40-byte bodies in 100-byte segments: two a segment.
+        // 40-byte bodies in 10-byte frame headers, in 100-byte segments: two a segment.
         assert_eq!(refs.last().map(|r| r.segment), Some(5));
         for (body, at) in bodies.iter().zip(&refs) {
             assert_eq!(BodyRef::decode(&at.encode()), Some(*at));
@@ -445,9 +584,9 @@ mod tests {
     fn a_segment_is_reclaimable_once_the_oldest_stored_delivery_is_past_its_bound() {
         let dir = tempfile::TempDir::new().expect("dir");
         let log = BodyLog::open(dir.path(), meta(), small(), true).expect("open");
-        log.append(&[1; 60], 1_000).expect("append"); // segment 1, bound 1 010
-        log.append(&[2; 60], 2_000).expect("append"); // segment 2, bound 2 010
-        log.append(&[3; 60], 3_000).expect("append"); // segment 3, active
+        log.append(&[], &[1; 60], 1_000).expect("append"); // segment 1, bound 1 010
+        log.append(&[], &[2; 60], 2_000).expect("append"); // segment 2, bound 2 010
+        log.append(&[], &[3; 60], 3_000).expect("append"); // segment 3, active
         let reclaimable = |oldest| log.reclaimable(|| Ok(oldest)).expect("reclaimable");
         assert_eq!(reclaimable(Some(1_000)), Vec::<u64>::new());
         assert_eq!(reclaimable(Some(1_010)), Vec::<u64>::new());
@@ -465,7 +604,7 @@ mod tests {
         let meta = meta();
         let first = {
             let log = BodyLog::open(dir.path(), meta.clone(), small(), true).expect("open");
-            let at = log.append(&[7; 60], 1_000).expect("append");
+            let at = log.append(&[], &[7; 60], 1_000).expect("append");
             log.sync().expect("sync");
             at
         };
@@ -474,10 +613,54 @@ mod tests {
         let log = BodyLog::open(dir.path(), meta, small(), true).expect("reopen");
         assert_eq!(log.segments().expect("segments"), vec![first.segment]);
         assert_eq!(&log.read(&first).expect("read")[..], &[7; 60][..]);
-        let next = log.append(&[8; 10], 2_000).expect("append");
+        let next = log.append(&[], &[8; 10], 2_000).expect("append");
         assert_eq!(
             next.segment, 10,
             "after every segment seen, the orphan's number too"
+        );
+    }
+
+    /// The keys journaled after a position come back in order, across segments, with the
+    /// bodies around them still read through their references; a torn last frame (a crash
+    /// mid-write) ends the scan and loses nothing before it.
+    #[test]
+    fn keys_after_a_position_are_read_back_up_to_a_torn_frame() {
+        let dir = tempfile::TempDir::new().expect("dir");
+        let log = BodyLog::open(dir.path(), meta(), small(), true).expect("open");
+        log.append(b"src\0before", &[1; 30], 1_000).expect("append");
+        let from = log.position();
+        let body = log.append(b"src\0one", &[2; 30], 1_000).expect("append");
+        log.append(b"src\0two", &[], 1_000).expect("key only");
+        log.append(&[], &[3; 30], 1_000).expect("no key");
+        log.append(b"src\0three", &[4; 40], 1_000).expect("append");
+        let keys = |from| log.keys_from(from).expect("keys");
+        assert_eq!(
+            keys(from),
+            vec![
+                b"src\0one".to_vec(),
+                b"src\0two".to_vec(),
+                b"src\0three".to_vec()
+            ]
+        );
+        assert!(log.position().segment > from.segment, "crossed a segment");
+        assert_eq!(&log.read(&body).expect("read")[..], &[2; 30][..]);
+        // A frame cut short at the end of the active segment.
+        let tail = log.position();
+        let path = log.path(tail.segment);
+        let mut torn = std::fs::read(&path).expect("segment");
+        torn.extend_from_slice(&[0, 9, 0, 0, 0, 0, 1, 2, 3, 4, b's']);
+        std::fs::write(&path, torn).expect("write");
+        assert_eq!(keys(from).len(), 3);
+        assert_eq!(keys(tail), Vec::<Vec<u8>>::new());
+        // A header that does not check (a changed key byte) ends its segment's scan; the
+        // segments after it are read as before.
+        let mut changed = std::fs::read(log.path(from.segment)).expect("segment");
+        let key_at = from.offset as usize + FRAME_HEADER;
+        changed[key_at] ^= 0xff;
+        std::fs::write(log.path(from.segment), changed).expect("write");
+        assert_eq!(
+            keys(from),
+            vec![b"src\0two".to_vec(), b"src\0three".to_vec()]
         );
     }
 }

@@ -10,6 +10,7 @@ use super::encoding::{
     StoredBody, backend, decode_delivery_key, decode_record, job_queue_key, queue_key,
     split_delivery, split_job_queue_key, split_time_key,
 };
+use super::received::UncleanStop;
 use super::{Op, SledInner};
 
 /// The start-up repair's watermark: every delivery received before it has been checked.
@@ -196,8 +197,8 @@ impl SledInner {
         let now = crate::clock::Clock::System.now_ms();
         let since = self.watermark()?;
         let mut report = CheckReport::default();
-        if self.received.was_unclean() {
-            self.index_unindexed_since(since, &mut report)?;
+        if let Some(stop) = self.received.unclean_stop() {
+            self.index_unindexed(stop, since, &mut report)?;
         }
         for index_key in self.received.range(since.to_be_bytes().to_vec()..) {
             let index_key = index_key?;
@@ -224,30 +225,54 @@ impl SledInner {
         self.advance_watermark(now)
     }
 
-    /// After a process died holding index items in memory (`received`): indexes every
-    /// record received since `since_ms` that no entry lists — a claim whose record reached
-    /// the disk and whose batch entry did not. Reads every record once.
-    fn index_unindexed_since(
+    /// After a process died holding index items in memory (`received`): indexes the records
+    /// no entry lists — claims whose record reached the disk and whose batch entry did not.
+    /// Those are among the keys journaled in the body log after the mark's position (what
+    /// the last group commit or so appended, whatever the store holds); after a version
+    /// that journaled nothing, among every record received since `since_ms` (the
+    /// watermark), which reads every record once.
+    fn index_unindexed(
         &self,
+        stop: UncleanStop,
         since_ms: u64,
         report: &mut CheckReport,
     ) -> Result<(), StoreError> {
         let mut recent = Vec::new();
-        for entry in self.deliveries.iter() {
-            let (k, v) = entry.map_err(backend)?;
-            let received_at_ms = split_delivery(&v)?.0.received_at_ms()?;
-            if received_at_ms >= since_ms {
-                recent.push(queue_key(received_at_ms, &k));
+        let received_at = |value: &[u8]| split_delivery(value)?.0.received_at_ms();
+        match stop {
+            UncleanStop::JournaledFrom(from) => {
+                for key in self.bodies.keys_from(from)? {
+                    // A claim that died before its record, or lost its race, left only
+                    // its frame.
+                    if let Some(value) = self.deliveries.get(&key).map_err(backend)? {
+                        recent.push(queue_key(received_at(&value)?, &key));
+                    }
+                }
+            }
+            UncleanStop::Unjournaled => {
+                for entry in self.deliveries.iter() {
+                    let (key, value) = entry.map_err(backend)?;
+                    let received_at_ms = received_at(&value)?;
+                    if received_at_ms >= since_ms {
+                        recent.push(queue_key(received_at_ms, &key));
+                    }
+                }
             }
         }
-        for item in self.received.unindexed_since(since_ms, recent)? {
-            report.leftovers.push(format!(
-                "{}: missing from the received_at index",
-                String::from_utf8_lossy(&item[8..]).replace('\0', "/")
-            ));
-            self.received.insert(&item)?;
+        let oldest = recent
+            .iter()
+            .map(|item| split_time_key(item).map_or(0, |(t, _)| t))
+            .min();
+        if let Some(oldest) = oldest {
+            for item in self.received.unindexed_since(oldest, recent)? {
+                report.leftovers.push(format!(
+                    "{}: missing from the received_at index",
+                    String::from_utf8_lossy(&item[8..]).replace('\0', "/")
+                ));
+                self.received.insert(&item)?;
+            }
         }
-        self.received.clear_unclean(&self.meta)
+        self.received.clear_unclean()
     }
 
     /// The start-up repair's watermark (0 on a store that has none).

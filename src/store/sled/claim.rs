@@ -79,8 +79,12 @@ impl Claims for SledStore {
                     // The same body under a new id: recorded as an alias of the first
                     // (visible to operators, replayed to its own redeliveries), no jobs.
                     let alias = record.as_alias_of(&first);
-                    self.received.add(&self.meta, received_key)?;
+                    self.received.add(received_key)?;
                     self.step(Op::Claim, "after-alias-index");
+                    if self.received.journals() {
+                        self.bodies.append(&key, &[], received_at)?;
+                        self.step(Op::Claim, "after-journal");
+                    }
                     self.deliveries
                         .insert(&key, encode_delivery(&alias, &[]))
                         .map_err(backend)?;
@@ -109,7 +113,7 @@ impl Claims for SledStore {
                 // Index entries first: should the process die before the record lands,
                 // they point at nothing and are dropped when dispatch or retention meet them.
                 // (The received_at item is held for its batch's entry: see `received`.)
-                self.received.add(&self.meta, received_key)?;
+                self.received.add(received_key)?;
                 self.step(Op::Claim, "after-received-index");
                 // Until the record is written: should the claim fail (or panic) before it,
                 // an entry left in memory would hand a start a delivery never stored.
@@ -143,7 +147,8 @@ impl Claims for SledStore {
                         .map_err(backend)?;
                     self.step(Op::Claim, "after-body-index");
                 }
-                let value = self.new_delivery_value(record, &claimed.body)?;
+                let journaled = self.received.journals().then_some(key.as_slice());
+                let value = self.new_delivery_value(record, &claimed.body, journaled)?;
                 self.deliveries.insert(&key, value).map_err(backend)?;
                 unrecorded.keys.clear();
                 // Line entries after the record: one a crash left without its record would
@@ -311,17 +316,25 @@ impl SledInner {
     }
 
     /// A new delivery's value: a body of [`BODY_LOG_MIN`] bytes or more is appended to the
-    /// body log first (see [`bodies`]), and the value points at it.
+    /// body log first (see [`bodies`]), and the value points at it. `journaled`: the
+    /// delivery's key, when its `received` item is held for the group commit; it goes into
+    /// the body log before the record, in the body's frame or in one of its own.
     pub(super) fn new_delivery_value(
         &self,
         record: &DeliveryRecord,
         body: &[u8],
+        journaled: Option<&[u8]>,
     ) -> Result<Vec<u8>, StoreError> {
+        let key = journaled.unwrap_or_default();
         if body.len() >= BODY_LOG_MIN {
-            let at = self.bodies.append(body, record.received_at_ms)?;
+            let at = self.bodies.append(key, body, record.received_at_ms)?;
             self.step(Op::Claim, "after-body-log");
             Ok(encode_logged_delivery(record, &at))
         } else {
+            if !key.is_empty() {
+                self.bodies.append(key, &[], record.received_at_ms)?;
+                self.step(Op::Claim, "after-journal");
+            }
             Ok(encode_delivery(record, body))
         }
     }

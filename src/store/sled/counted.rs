@@ -19,6 +19,7 @@ pub struct TreeLabels {
 pub type WriteCounts = Family<TreeLabels, Counter>;
 
 /// A tree and its write counter.
+#[derive(Clone)]
 pub(super) struct CountedTree {
     tree: sled::Tree,
     writes: Counter,

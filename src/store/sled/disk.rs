@@ -167,7 +167,7 @@ mod tests {
                     .expect("open"),
             );
             let thread = BodySyncThread::start(bodies.clone()).expect("start");
-            bodies.append(&[round; 300], 1_000).expect("append");
+            bodies.append(&[], &[round; 300], 1_000).expect("append");
             thread.begin().expect("begin");
             thread.finish().expect("synced");
             assert!(!bodies.has_unsynced());

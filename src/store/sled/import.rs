@@ -47,7 +47,7 @@ impl SledInner {
                             .insert(&fp_key, record.id.as_bytes())
                             .map_err(backend)?;
                     }
-                    let value = self.new_delivery_value(record, body)?;
+                    let value = self.new_delivery_value(record, body, None)?;
                     self.deliveries.insert(&key, value).map_err(backend)?;
                     for entry in calls {
                         let job = record.key().job(&entry.handler);

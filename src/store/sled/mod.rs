@@ -20,7 +20,7 @@
 //! | `fp_expiry`  | received ms (u64 BE) ++ body index key | empty: fingerprints kept past their delivery |
 //! | `dead`       | job key                          | empty (dead letters)                    |
 //! | `order`      | handler `\0` value hash (16 bytes) received ms (u64 BE) `source \0 id` | empty: the `order_by` lines (see `order`) |
-//! | `meta`       | name                             | the start-up repair's watermark; `paused\0` ++ handler: a paused handler; `body-segment\0` ++ segment (u64 BE): its bound (see `bodies`); `open` while run starts may be in memory only, `unclean-starts` (see `starts`) |
+//! | `meta`       | name                             | the start-up repair's watermark; `paused\0` ++ handler: a paused handler; `body-segment\0` ++ segment (u64 BE): its bound (see `bodies`); `open` while run starts may be in memory only, `unclean-starts` (see `starts`); `received-pending`: the body-log position (u64 BE segment, offset) from which keys of claims whose index items may be held are journaled (see `received`) |
 //!
 //! Big-endian times make sled's key order the time order, so "what is due" and "what has
 //! expired" are range scans from the front. The two values written once per delivery (its
@@ -51,9 +51,10 @@
 //! removes old ways in last:
 //! - claim: received_at index item (held in memory until its batch's entry is written
 //!   before the flush, see `received`: a crash before that entry leaves a record no entry
-//!   lists, which the start-up repair finds by the mark the item set), queue entries (a
-//!   first run's in memory, see `first_runs`: a crash loses it and the start-up repair puts
-//!   it back), body index, the body appended to the body log (and its segment's bound
+//!   lists, which the start-up repair finds by its key journaled in the body log after the
+//!   mark's position), queue entries (a first run's in memory, see `first_runs`: a crash
+//!   loses it and the start-up repair puts it back), body index, the claim's frame appended
+//!   to the body log (its body and, when the item is held, its key; its segment's bound
 //!   raised, when needed), then the record (a crash before the record leaves entries that
 //!   point at nothing: dispatch and retention drop them), then its `order_by` line entries
 //!   (a crash before them leaves a pair outside its line: the start-up repair puts it back);
@@ -366,11 +367,6 @@ impl SledStore {
             (calls, "calls"),
         ]
         .map(|(tree, name)| CountedTree::new(tree, name, &writes));
-        let received = Arc::new(ReceivedIndex::open(
-            received,
-            &meta,
-            durability == Durability::Fsync,
-        )?);
         let data_file = File::open(path.join("db"))
             .map_err(|e| StoreError::Backend(format!("opening sled's data file: {e}")))?;
         // Make the directory entries of a new store durable too.
@@ -382,6 +378,15 @@ impl SledStore {
             body_log_meta,
             options.body_log,
             options.repair_on_open,
+        )?);
+        let received = Arc::new(ReceivedIndex::open(
+            received,
+            meta.clone(),
+            durability == Durability::Fsync,
+            {
+                let bodies = bodies.clone();
+                Box::new(move || bodies.position())
+            },
         )?);
         let mut disk = DiskSync {
             body_sync: disk::BodySyncThread::start(bodies.clone())

@@ -39,12 +39,23 @@
 //! between the two leaves a record no entry indexes: a delivery that was never
 //! acknowledged (the ack waits for the batch), but whose sender will retry and be answered
 //! from that record, so the start-up repair must still find it to put its handlers' lost
-//! first runs back. That is what the `meta` mark [`PENDING_MARK`] is for: set (in the log
-//! before the first record it covers) when the first item is held in memory after an
-//! opening or a clean close, removed by [`ReceivedIndex::close`] once every item is written.
-//! An opening that finds it reads every record once and indexes those received since the
-//! repair's watermark that no entry lists ([`ReceivedIndex::unindexed_since`]), before the
-//! repair walks the index. A clean stop costs nothing at the next start.
+//! first runs back — without reading every record, so that a start after a crash costs no
+//! more as the store grows. Two things make that possible:
+//! - each claim whose item is held journals its delivery key in the body log, in the frame
+//!   it appends before its record (with its body, or alone for a body kept in the record;
+//!   see `bodies`), so a record never reaches the disk ahead of its key;
+//! - the `meta` mark [`PENDING_MARK`] holds a body-log position before which every journaled
+//!   key is in a batch entry: set (in the log before the first record it covers) when the
+//!   first item is held after an opening or a clean close, moved on by every batch write
+//!   (the position is read, under the list's lock, *before* the items it writes: a frame
+//!   before it was appended after its item was added), removed by [`ReceivedIndex::close`]
+//!   once every item is written.
+//!
+//! An opening that finds the mark reads the frames after its position — what the last
+//! group commit or so appended — and indexes the records they name that no entry lists
+//! ([`ReceivedIndex::unindexed_since`]), before the repair walks the index. A mark without a
+//! position (written by the version before the journal) makes it read every record once,
+//! as that version did. A clean stop costs nothing at the next start.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::ops::{Bound, RangeBounds};
@@ -52,6 +63,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use super::CountedTree;
+use super::bodies::LogPosition;
 use super::encoding::{backend, split_time_key};
 use crate::store::StoreError;
 
@@ -61,12 +73,31 @@ pub(super) const BUCKET_MS: u64 = 100;
 /// The byte after the bucket's start that makes a key a batch entry's.
 const BATCH: u8 = 0xFF;
 
-/// `meta` key: present while items may be held in memory only (see the module docs).
+/// `meta` key: present while items may be held in memory only; its value is the body-log
+/// position from which the keys of the claims they belong to are journaled (empty in
+/// stores written before the journal). See the module docs.
 const PENDING_MARK: &[u8] = b"received-pending";
+
+/// Where the body log will append its next frame ([`super::bodies::BodyLog::position`]).
+pub(super) type JournalPosition = Box<dyn Fn() -> LogPosition + Send + Sync>;
+
+/// What an opening found of a process that died holding items in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum UncleanStop {
+    /// The keys of every claim whose item may be lost are journaled from this position on.
+    JournaledFrom(LogPosition),
+    /// A mark without a position (the version before the journal): any record since the
+    /// repair's watermark may be unindexed.
+    Unjournaled,
+}
 
 /// The `received` tree, and the items claims added that the next batch entry will hold.
 pub(super) struct ReceivedIndex {
     tree: CountedTree,
+    /// Where the mark is kept.
+    meta: CountedTree,
+    /// The body log's next position, for the mark.
+    journal: JournalPosition,
     /// Whether items wait for the group commit (`fsync`) or are written at once.
     batched: bool,
     pending: Mutex<Pending>,
@@ -75,8 +106,8 @@ pub(super) struct ReceivedIndex {
     next_sequence: AtomicU64,
     /// Batch entries are rewritten (items removed) by one caller at a time.
     rewrite: Mutex<()>,
-    /// Whether the mark was found at opening: the process before died holding items.
-    unclean: bool,
+    /// The mark found at opening: the process before died holding items.
+    unclean: Option<UncleanStop>,
 }
 
 #[derive(Default)]
@@ -168,21 +199,34 @@ fn within(item: &[u8], lower: &Bound<Vec<u8>>, upper: &Bound<Vec<u8>>) -> bool {
 }
 
 impl ReceivedIndex {
-    /// The index over `tree`; `batched` with `durability = "fsync"`. Reads whether the
-    /// process before died holding items (see the module docs).
+    /// The index over `tree`, its mark in `meta`; `batched` with `durability = "fsync"`,
+    /// when claims journal their keys at `journal`. Reads whether the process before died
+    /// holding items (see the module docs).
     pub(super) fn open(
         tree: CountedTree,
-        meta: &CountedTree,
+        meta: CountedTree,
         batched: bool,
+        journal: JournalPosition,
     ) -> Result<ReceivedIndex, StoreError> {
+        let unclean = meta.get(PENDING_MARK).map_err(backend)?.map(|mark| {
+            LogPosition::decode(&mark).map_or(UncleanStop::Unjournaled, UncleanStop::JournaledFrom)
+        });
         Ok(ReceivedIndex {
             tree,
+            meta,
+            journal,
             batched,
             pending: Mutex::new(Pending::default()),
             next_sequence: AtomicU64::new(rand::random::<u64>() >> 1),
             rewrite: Mutex::new(()),
-            unclean: meta.contains_key(PENDING_MARK).map_err(backend)?,
+            unclean,
         })
+    }
+
+    /// Whether a claim's item is held for the group commit: its key must then be journaled
+    /// in the body log before its record is inserted (see the module docs).
+    pub(super) fn journals(&self) -> bool {
+        self.batched
     }
 
     fn pending(&self) -> MutexGuard<'_, Pending> {
@@ -195,13 +239,18 @@ impl ReceivedIndex {
     /// Indexes a claim's delivery: `item` is `received ms (u64 BE) ++ source \0 id`. Held in
     /// memory for the next batch entry when batched (the first such item since the opening
     /// or the last close sets the mark first), written as an entry of its own otherwise.
-    pub(super) fn add(&self, meta: &CountedTree, item: Vec<u8>) -> Result<(), StoreError> {
+    /// When held, the claim journals its key in the body log next, before its record.
+    pub(super) fn add(&self, item: Vec<u8>) -> Result<(), StoreError> {
         if !self.batched {
             return self.insert(&item);
         }
         let mut pending = self.pending();
         if !pending.marked {
-            meta.insert(PENDING_MARK, &[]).map_err(backend)?;
+            // The claim's frame comes after this position: it is read if the process dies.
+            let from = (self.journal)();
+            self.meta
+                .insert(PENDING_MARK, &from.encode())
+                .map_err(backend)?;
             pending.marked = true;
         }
         pending.items.push(item);
@@ -226,6 +275,10 @@ impl ReceivedIndex {
         if pending.items.is_empty() {
             return Ok(());
         }
+        // Read before the items are written, under the list's lock: every frame before it
+        // belongs to a claim that added its item before now, so to one of these items or
+        // to one an earlier batch wrote.
+        let journaled_from = (self.journal)();
         // Written before they leave the list (under its lock): a reader sees each item in
         // one place or the other, never in neither.
         let mut by_bucket: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
@@ -242,32 +295,39 @@ impl ReceivedIndex {
             self.tree.insert(key, value).map_err(backend)?;
         }
         pending.items.clear();
+        // After the entries in sled's log (which keeps a prefix): a mark moved on means
+        // the entries it vouches for are there.
+        if pending.marked {
+            self.meta
+                .insert(PENDING_MARK, &journaled_from.encode())
+                .map_err(backend)?;
+        }
         Ok(())
     }
 
     /// At a clean stop: writes what is held and removes the mark, so that the next opening
     /// does not look for records the index lacks. The caller makes it durable.
-    pub(super) fn close(&self, meta: &CountedTree) -> Result<(), StoreError> {
+    pub(super) fn close(&self) -> Result<(), StoreError> {
         let mut pending = self.pending();
         self.write_locked(&mut pending)?;
         if pending.marked {
-            meta.remove(PENDING_MARK).map_err(backend)?;
+            self.meta.remove(PENDING_MARK).map_err(backend)?;
             pending.marked = false;
         }
         Ok(())
     }
 
-    /// Whether the process before died holding items in memory (the mark was found at
-    /// opening): the start-up repair then looks for records no entry lists.
-    pub(super) fn was_unclean(&self) -> bool {
+    /// What the opening found of a process that died holding items in memory (the mark):
+    /// the start-up repair then looks for the records no entry lists.
+    pub(super) fn unclean_stop(&self) -> Option<UncleanStop> {
         self.unclean
     }
 
     /// Removes the mark an unclean stop left, once the repair has indexed what it lacked.
-    pub(super) fn clear_unclean(&self, meta: &CountedTree) -> Result<(), StoreError> {
+    pub(super) fn clear_unclean(&self) -> Result<(), StoreError> {
         let pending = self.pending();
         if !pending.marked {
-            meta.remove(PENDING_MARK).map_err(backend)?;
+            self.meta.remove(PENDING_MARK).map_err(backend)?;
         }
         Ok(())
     }
@@ -505,11 +565,14 @@ mod tests {
     use super::*;
     use crate::store::sled::counted::WriteCounts;
     use proptest::prelude::*;
+    use std::sync::Arc;
 
     struct Index {
         _db: sled::Db,
         meta: CountedTree,
         index: ReceivedIndex,
+        /// The journal's offset the index reads (segment 1).
+        position: Arc<AtomicU64>,
     }
 
     fn index(batched: bool) -> Index {
@@ -518,11 +581,21 @@ mod tests {
         let tree =
             |name: &'static str| CountedTree::new(db.open_tree(name).expect("tree"), name, &counts);
         let meta = tree("meta");
-        let index = ReceivedIndex::open(tree("received"), &meta, batched).expect("open");
+        let position = Arc::new(AtomicU64::new(0));
+        let journal = {
+            let position = position.clone();
+            Box::new(move || LogPosition {
+                segment: 1,
+                offset: position.load(Ordering::SeqCst),
+            })
+        };
+        let index =
+            ReceivedIndex::open(tree("received"), meta.clone(), batched, journal).expect("open");
         Index {
             _db: db,
             meta,
             index,
+            position,
         }
     }
 
@@ -542,17 +615,17 @@ mod tests {
     /// that fall inside a bucket.
     #[test]
     fn singles_batches_and_held_items_read_as_one_ordered_sequence() {
-        let Index { meta, index, .. } = index(true);
+        let Index { index, .. } = index(true);
         // A store written before: single entries.
         index.insert(&item(1_050, "old-b")).expect("insert");
         index.insert(&item(1_010, "old-a")).expect("insert");
         // A batch whose items span two buckets, added out of time order.
         for (ms, id) in [(1_099, "b2"), (1_020, "b1"), (1_100, "b3"), (1_020, "b0")] {
-            index.add(&meta, item(ms, id)).expect("add");
+            index.add(item(ms, id)).expect("add");
         }
         index.write_pending().expect("write");
         // Held in memory: in the middle of what is written.
-        index.add(&meta, item(1_030, "held")).expect("add");
+        index.add(item(1_030, "held")).expect("add");
         let expected = vec![
             item(1_010, "old-a"),
             item(1_020, "b0"),
@@ -593,13 +666,13 @@ mod tests {
     /// removes single entries and held items.
     #[test]
     fn removed_items_leave_their_batch_entry_and_an_empty_one_goes() {
-        let Index { meta, index, .. } = index(true);
+        let Index { index, .. } = index(true);
         index.insert(&item(500, "single")).expect("insert");
         for id in ["a", "b", "c"] {
-            index.add(&meta, item(2_000, id)).expect("add");
+            index.add(item(2_000, id)).expect("add");
         }
         index.write_pending().expect("write");
-        index.add(&meta, item(2_001, "held")).expect("add");
+        index.add(item(2_001, "held")).expect("add");
         index
             .remove(&[item(500, "single"), item(2_000, "b"), item(2_001, "held")])
             .expect("remove");
@@ -617,31 +690,72 @@ mod tests {
     }
 
     /// Not batched (`buffered`), an item is an entry of its own at once and no mark is set;
-    /// batched, the first held item sets the mark and a close writes the items and removes
-    /// it.
+    /// batched, the first held item sets the mark at the journal's position then, each
+    /// batch write moves it to the position read before the items it writes, and a close
+    /// writes the items and removes it. An opening reads what the mark says.
     #[test]
     fn the_mark_covers_exactly_the_time_items_are_held() {
         let Index { meta, index, .. } = index(false);
-        index.add(&meta, item(7_000, "now")).expect("add");
+        index.add(item(7_000, "now")).expect("add");
         assert_eq!(index.tree.len(), 1);
         assert!(!meta.contains_key(PENDING_MARK).expect("meta"));
 
-        let Index { meta, index, .. } = self::index(true);
-        index.add(&meta, item(7_000, "held")).expect("add");
+        let Index {
+            meta,
+            index,
+            position,
+            ..
+        } = self::index(true);
+        let mark = || {
+            meta.get(PENDING_MARK)
+                .expect("meta")
+                .map(|m| LogPosition::decode(&m).expect("a position"))
+        };
+        let at = |offset| LogPosition { segment: 1, offset };
+        position.store(40, Ordering::SeqCst);
+        index.add(item(7_000, "held")).expect("add");
         assert!(index.tree.is_empty());
-        assert!(meta.contains_key(PENDING_MARK).expect("meta"));
-        index.close(&meta).expect("close");
-        assert_eq!(all(index.range(..)), vec![item(7_000, "held")]);
-        assert!(!meta.contains_key(PENDING_MARK).expect("meta"));
+        assert_eq!(mark(), Some(at(40)));
+        // The claim's frame, then a second claim's item.
+        position.store(90, Ordering::SeqCst);
+        index.add(item(7_001, "next")).expect("add");
+        assert_eq!(mark(), Some(at(40)), "set once");
+        index.write_pending().expect("write");
+        assert_eq!(mark(), Some(at(90)));
+        // Nothing held: a batch write leaves it where it is.
+        position.store(150, Ordering::SeqCst);
+        index.write_pending().expect("write");
+        assert_eq!(mark(), Some(at(90)));
+        let reopened = |index: &ReceivedIndex| {
+            ReceivedIndex::open(
+                index.tree.clone(),
+                meta.clone(),
+                true,
+                Box::new(LogPosition::default),
+            )
+            .expect("open")
+            .unclean_stop()
+        };
+        assert_eq!(reopened(&index), Some(UncleanStop::JournaledFrom(at(90))));
+        index.close().expect("close");
+        assert_eq!(
+            all(index.range(..)),
+            vec![item(7_000, "held"), item(7_001, "next")]
+        );
+        assert_eq!(mark(), None);
+        assert_eq!(reopened(&index), None);
+        // The version before the journal set the mark without a position.
+        meta.insert(PENDING_MARK, &[]).expect("mark");
+        assert_eq!(reopened(&index), Some(UncleanStop::Unjournaled));
     }
 
     /// The records an unclean stop left unindexed are those since the watermark that no
     /// entry lists, wherever the others are (single entries, batches).
     #[test]
     fn unindexed_records_are_found_among_the_recent_ones() {
-        let Index { meta, index, .. } = index(true);
+        let Index { index, .. } = index(true);
         index.insert(&item(9_000, "single")).expect("insert");
-        index.add(&meta, item(9_050, "batched")).expect("add");
+        index.add(item(9_050, "batched")).expect("add");
         index.write_pending().expect("write");
         let records = vec![
             item(9_000, "single"),
@@ -697,7 +811,7 @@ mod tests {
             lower in bound(),
             upper in bound(),
         ) {
-            let Index { meta, index, .. } = index(true);
+            let Index { index, .. } = index(true);
             let mut model = std::collections::BTreeSet::new();
             for step in steps {
                 match step {
@@ -706,7 +820,7 @@ mod tests {
                         model.insert(item(ms, &id.to_string()));
                     }
                     Step::Add(ms, id) => {
-                        index.add(&meta, item(ms, &id.to_string())).expect("add");
+                        index.add(item(ms, &id.to_string())).expect("add");
                         model.insert(item(ms, &id.to_string()));
                     }
                     Step::Write => index.write_pending().expect("write"),

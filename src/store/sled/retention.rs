@@ -153,7 +153,7 @@ impl Maintenance for SledStore {
         self.persist_first_runs()?;
         self.advance_watermark(crate::clock::Clock::System.now_ms())?;
         self.close_starts()?;
-        self.received.close(&self.meta)?;
+        self.received.close()?;
         self.commit.wait().await
     }
 
@@ -183,7 +183,7 @@ impl Maintenance for SledStore {
         if let Err(e) = self.close_starts() {
             tracing::warn!(error = %e, "writing the run starts at close failed");
         }
-        if let Err(e) = self.received.close(&self.meta) {
+        if let Err(e) = self.received.close() {
             tracing::warn!(error = %e, "writing the received index at close failed");
         }
         if let Err(e) = self.commit.wait().await {
