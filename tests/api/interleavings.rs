@@ -736,9 +736,15 @@ fn every_gap(ordered: bool) {
         }
     }
     assert!(scenarios > 100, "only {scenarios} scenarios");
-    // The body log's append, the deletion of a reclaimed segment and retention's removal
-    // of the index items of a pass have their gaps tried.
-    for step in ["after-body-log", "before-body-reclaim", "after-index"] {
+    // The body log's append (a body's frame, and the journal frame of a claim whose body
+    // stays in its record), the deletion of a reclaimed segment and retention's removal of
+    // the index items of a pass have their gaps tried.
+    for step in [
+        "after-body-log",
+        "after-journal",
+        "before-body-reclaim",
+        "after-index",
+    ] {
         assert!(seen.contains(step), "no scenario reaches {step}");
     }
     if ordered {

@@ -43,10 +43,10 @@
 //! its record). The key is that of the delivery whose claim appended the frame, when its
 //! `received` index item is held in memory for the next group commit (see `received`); a
 //! [`BodyRef`] points at the body inside its frame, so reads are as before. A process that
-//! dies holding items leaves, in the frames appended after the last batch entry it wrote
-//! ([`BodyLog::position`], kept in `received`'s mark), the key of every claim whose record
-//! may have reached sled's log without its index item: the next opening reads those few
-//! frames ([`BodyLog::keys_from`]) instead of every record. A claim appends its frame before
+//! dies holding items leaves, in the frames appended after the position `received`'s mark
+//! holds (a [`BodyLog::position`] at most about a megabyte before its last batch entry), the
+//! key of every claim whose record may have reached sled's log without its index item: the
+//! next opening reads those frames ([`BodyLog::keys_from`]) instead of every record. A claim appends its frame before
 //! its record is inserted, so no record reaches the disk ahead of its frame (both are in the
 //! OS after a kill -9; after a power loss, see above). Segments written before frames
 //! existed hold bare bodies; no position a mark holds ever points into one, so they are only

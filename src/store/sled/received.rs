@@ -46,13 +46,13 @@
 //!   see `bodies`), so a record never reaches the disk ahead of its key;
 //! - the `meta` mark [`PENDING_MARK`] holds a body-log position before which every journaled
 //!   key is in a batch entry: set (in the log before the first record it covers) when the
-//!   first item is held after an opening or a clean close, moved on by every batch write
-//!   (the position is read, under the list's lock, *before* the items it writes: a frame
-//!   before it was appended after its item was added), removed by [`ReceivedIndex::close`]
-//!   once every item is written.
+//!   first item is held after an opening or a clean close, moved on by a batch write once
+//!   the journal has grown [`MARK_STEP_BYTES`] past it (the position is read, under the
+//!   list's lock, *before* the items it writes: a frame before it was appended after its
+//!   item was added), removed by [`ReceivedIndex::close`] once every item is written.
 //!
-//! An opening that finds the mark reads the frames after its position — what the last
-//! group commit or so appended — and indexes the records they name that no entry lists
+//! An opening that finds the mark reads the frames after its position — at most about a
+//! megabyte more than the last group commit appended — and indexes the records they name that no entry lists
 //! ([`ReceivedIndex::unindexed_since`]), before the repair walks the index. A mark without a
 //! position (written by the version before the journal) makes it read every record once,
 //! as that version did. A clean stop costs nothing at the next start.
@@ -77,6 +77,12 @@ const BATCH: u8 = 0xFF;
 /// position from which the keys of the claims they belong to are journaled (empty in
 /// stores written before the journal). See the module docs.
 const PENDING_MARK: &[u8] = b"received-pending";
+
+/// How far the journal must have grown past the mark's position before a batch write moves
+/// the mark: a mark behind costs the next unclean opening a longer read (at most about
+/// this much more), never a record missed, and moving it on every batch would cost a sled
+/// write per group commit.
+pub(super) const MARK_STEP_BYTES: u64 = 1 << 20;
 
 /// Where the body log will append its next frame ([`super::bodies::BodyLog::position`]).
 pub(super) type JournalPosition = Box<dyn Fn() -> LogPosition + Send + Sync>;
@@ -116,6 +122,8 @@ struct Pending {
     items: Vec<Vec<u8>>,
     /// Whether `meta` holds [`PENDING_MARK`] (set by this process).
     marked: bool,
+    /// The position the mark holds, while `marked`.
+    mark_at: LogPosition,
 }
 
 /// The start of the bucket `ms` falls in.
@@ -252,6 +260,7 @@ impl ReceivedIndex {
                 .insert(PENDING_MARK, &from.encode())
                 .map_err(backend)?;
             pending.marked = true;
+            pending.mark_at = from;
         }
         pending.items.push(item);
         Ok(())
@@ -296,11 +305,16 @@ impl ReceivedIndex {
         }
         pending.items.clear();
         // After the entries in sled's log (which keeps a prefix): a mark moved on means
-        // the entries it vouches for are there.
-        if pending.marked {
+        // the entries it vouches for are there. Moved once the journal has grown
+        // [`MARK_STEP_BYTES`] past it (or into a new segment), not at every batch.
+        let at = pending.mark_at;
+        let grown = journaled_from.segment != at.segment
+            || journaled_from.offset.saturating_sub(at.offset) >= MARK_STEP_BYTES;
+        if pending.marked && grown {
             self.meta
                 .insert(PENDING_MARK, &journaled_from.encode())
                 .map_err(backend)?;
+            pending.mark_at = journaled_from;
         }
         Ok(())
     }
@@ -690,8 +704,9 @@ mod tests {
     }
 
     /// Not batched (`buffered`), an item is an entry of its own at once and no mark is set;
-    /// batched, the first held item sets the mark at the journal's position then, each
-    /// batch write moves it to the position read before the items it writes, and a close
+    /// batched, the first held item sets the mark at the journal's position then, a batch
+    /// write moves it to the position read before the items it writes once the journal has
+    /// grown [`MARK_STEP_BYTES`] past it, and a close
     /// writes the items and removes it. An opening reads what the mark says.
     #[test]
     fn the_mark_covers_exactly_the_time_items_are_held() {
@@ -721,11 +736,16 @@ mod tests {
         index.add(item(7_001, "next")).expect("add");
         assert_eq!(mark(), Some(at(40)), "set once");
         index.write_pending().expect("write");
-        assert_eq!(mark(), Some(at(90)));
-        // Nothing held: a batch write leaves it where it is.
-        position.store(150, Ordering::SeqCst);
+        assert_eq!(mark(), Some(at(40)), "not moved for a few bytes");
+        let far = 40 + MARK_STEP_BYTES;
+        position.store(far, Ordering::SeqCst);
+        index.add(item(7_002, "later")).expect("add");
         index.write_pending().expect("write");
-        assert_eq!(mark(), Some(at(90)));
+        assert_eq!(mark(), Some(at(far)), "moved once the journal has grown");
+        // Nothing held: a batch write leaves it where it is.
+        position.store(far + 2 * MARK_STEP_BYTES, Ordering::SeqCst);
+        index.write_pending().expect("write");
+        assert_eq!(mark(), Some(at(far)));
         let reopened = |index: &ReceivedIndex| {
             ReceivedIndex::open(
                 index.tree.clone(),
@@ -736,11 +756,15 @@ mod tests {
             .expect("open")
             .unclean_stop()
         };
-        assert_eq!(reopened(&index), Some(UncleanStop::JournaledFrom(at(90))));
+        assert_eq!(reopened(&index), Some(UncleanStop::JournaledFrom(at(far))));
         index.close().expect("close");
         assert_eq!(
             all(index.range(..)),
-            vec![item(7_000, "held"), item(7_001, "next")]
+            vec![
+                item(7_000, "held"),
+                item(7_001, "next"),
+                item(7_002, "later")
+            ]
         );
         assert_eq!(mark(), None);
         assert_eq!(reopened(&index), None);
