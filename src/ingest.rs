@@ -201,6 +201,9 @@ impl Ingest {
         let key = DeliveryKey::new(signed.source(), signed.id().as_str());
         let redelivery = match self.store.stored_first(&key).await? {
             Some(existing) => {
+                if self.store.take_requeued_by_reads() {
+                    self.dispatch_waker.notify_one();
+                }
                 let fingerprint = fingerprint(signed.body());
                 if existing.fingerprint == fingerprint {
                     return self.answer_redelivery(source, existing, &fingerprint).await;

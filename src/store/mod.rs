@@ -931,6 +931,14 @@ pub trait Claims: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Whether a [`Claims::stored_first`] since the last call put a pair back in the queue
+    /// (sled, after an unclean stop: the record of a redelivery that the start-up repair
+    /// could not find; see its `check`): the caller then wakes the dispatcher. The default
+    /// never does.
+    fn take_requeued_by_reads(&self) -> bool {
+        false
+    }
+
     /// Reads a record.
     async fn record(&self, key: &DeliveryKey) -> Result<Option<DeliveryRecord>, StoreError>;
 

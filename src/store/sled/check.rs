@@ -12,6 +12,7 @@ use super::encoding::{
 };
 use super::received::UncleanStop;
 use super::{Op, SledInner};
+use crate::config::Durability;
 
 /// The start-up repair's watermark: every delivery received before it has been checked.
 pub(super) const WATERMARK: &[u8] = b"checked_through_ms";
@@ -199,6 +200,9 @@ impl SledInner {
         let mut report = CheckReport::default();
         if let Some(stop) = self.received.unclean_stop() {
             self.index_unindexed(stop, since, &mut report)?;
+            // What the journal cannot vouch for after a power loss: see
+            // `repair_if_unindexed`.
+            let _ = self.unindexed_window.set(since..now);
         }
         for index_key in self.received.range(since.to_be_bytes().to_vec()..) {
             let index_key = index_key?;
@@ -273,6 +277,63 @@ impl SledInner {
             }
         }
         self.received.clear_unclean()
+    }
+
+    /// A redelivery's check, after an unclean opening, that its record is indexed. A kill -9
+    /// leaves the key of every claim whose record may lack its index item in the journal the
+    /// opening read; a power loss may not: the OS may have written sled's log, holding an
+    /// unacknowledged claim's record, back to the disk ahead of the body log's page holding
+    /// its key. Such a record is found when its sender retries, before it is answered: a
+    /// record received within the window the opening could not vouch for (from the
+    /// watermark to the opening), and not in the index, is indexed here and its handlers'
+    /// lost first runs put back (as the start-up repair does), durably, before the answer
+    /// that promises them. One never retried stays until `store check --repair` finds it:
+    /// nobody was told of it.
+    pub(super) async fn repair_if_unindexed(&self, key: &[u8]) -> Result<(), StoreError> {
+        let Some(window) = self.unindexed_window.get() else {
+            return Ok(());
+        };
+        let Some(value) = self.deliveries.get(key).map_err(backend)? else {
+            return Ok(());
+        };
+        let received_at_ms = split_delivery(&value)?.0.received_at_ms()?;
+        if !window.contains(&received_at_ms) {
+            return Ok(());
+        }
+        let item = queue_key(received_at_ms, key);
+        if self.received.contains(&item)? {
+            return Ok(());
+        }
+        {
+            let _locks = self.lock(Op::Retry, &[key]);
+            let Some(record) = self.read_record(key)? else {
+                return Ok(());
+            };
+            if self.received.contains(&item)? {
+                return Ok(());
+            }
+            let mut report = CheckReport::default();
+            self.received.insert(&item)?;
+            self.check_delivery(
+                &record,
+                true,
+                crate::clock::Clock::System.now_ms(),
+                &mut report,
+            )?;
+            if !(report.violations.is_empty() && report.leftovers.is_empty()) {
+                self.requeued_by_read
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            tracing::warn!(
+                delivery = %String::from_utf8_lossy(key).replace('\0', "/"),
+                repaired = report.violations.len(),
+                "a redelivery found its record unindexed after an unclean stop: indexed, its runs put back"
+            );
+        }
+        if self.durability == Durability::Fsync {
+            self.commit.wait().await?;
+        }
+        Ok(())
     }
 
     /// The start-up repair's watermark (0 on a store that has none).

@@ -172,10 +172,17 @@ impl Claims for SledStore {
         let Some(existing) = self.read_resolved(&encoded)? else {
             return Ok(None);
         };
+        self.repair_if_unindexed(&encoded).await?;
         // An alias answers with its first delivery's record: that one must be durable too.
         let first = (existing.id != key.id).then(|| existing.key().encode());
         self.settle_read(&encoded, first.as_deref()).await?;
         Ok(Some(existing))
+    }
+
+    fn take_requeued_by_reads(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        // Read before the swap: a redelivery does not write a line every other one reads.
+        self.requeued_by_read.load(Relaxed) && self.requeued_by_read.swap(false, Relaxed)
     }
 
     async fn record(&self, key: &DeliveryKey) -> Result<Option<DeliveryRecord>, StoreError> {

@@ -239,6 +239,13 @@ pub struct SledInner {
     instance: u64,
     /// Where the retention sweep goes on from (past deliveries it had to keep).
     sweep_from: Mutex<Option<Vec<u8>>>,
+    /// After an opening that found the process before had died holding `received` items:
+    /// the received times (watermark to opening) within which a record may still lack its
+    /// index item, which a redelivery of it then checks (see `check`).
+    unindexed_window: std::sync::OnceLock<std::ops::Range<u64>>,
+    /// Set when a read put a pair back in the queue (`check::repair_if_unindexed`), until
+    /// [`crate::store::Claims::take_requeued_by_reads`] tells the caller.
+    requeued_by_read: std::sync::atomic::AtomicBool,
     /// The paused handlers, as `meta` holds them: read at open, changed with `meta` by
     /// [`Operations::set_paused`](crate::store::Operations::set_paused) (sled is opened by
     /// one process), so that the dispatcher's every pass and every run's start do not
@@ -429,6 +436,8 @@ impl SledStore {
             probe: options.probe,
             instance: rand::random(),
             sweep_from: Mutex::new(None),
+            unindexed_window: std::sync::OnceLock::new(),
+            requeued_by_read: std::sync::atomic::AtomicBool::new(false),
             paused: std::sync::RwLock::new(paused),
             starts,
             first_runs: first_runs::FirstRuns::new(
