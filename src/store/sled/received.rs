@@ -162,28 +162,34 @@ fn truncated() -> StoreError {
     StoreError::Corrupt("received index: a truncated batch entry".into())
 }
 
-/// The item keys of a batch entry's value.
-fn decode_items(mut value: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
-    let mut items = Vec::new();
-    while !value.is_empty() {
-        let Some((time, rest)) = value.split_first_chunk::<8>() else {
-            return Err(truncated());
-        };
-        let Some((len, rest)) = rest.split_first_chunk::<4>() else {
-            return Err(truncated());
-        };
-        let len = u32::from_be_bytes(*len) as usize;
-        if rest.len() < len {
-            return Err(truncated());
+/// The items of a batch entry's value, each as (received time, delivery key), borrowed.
+fn batch_items(mut value: &[u8]) -> impl Iterator<Item = Result<(&[u8], &[u8]), StoreError>> {
+    std::iter::from_fn(move || {
+        if value.is_empty() {
+            return None;
         }
-        let (key, rest) = rest.split_at(len);
-        let mut item = Vec::with_capacity(8 + len);
-        item.extend_from_slice(time);
-        item.extend_from_slice(key);
-        items.push(item);
-        value = rest;
-    }
-    Ok(items)
+        let item = (|| {
+            let (time, rest) = value.split_first_chunk::<8>().ok_or_else(truncated)?;
+            let (len, rest) = rest.split_first_chunk::<4>().ok_or_else(truncated)?;
+            let (key, rest) = rest
+                .split_at_checked(u32::from_be_bytes(*len) as usize)
+                .ok_or_else(truncated)?;
+            value = rest;
+            Ok((&time[..], key))
+        })();
+        if item.is_err() {
+            // Nothing after a truncated item can be read.
+            value = &[];
+        }
+        Some(item)
+    })
+}
+
+/// The item keys of a batch entry's value.
+fn decode_items(value: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+    batch_items(value)
+        .map(|item| item.map(|(time, key)| [time, key].concat()))
+        .collect()
 }
 
 /// The items an entry holds: itself for a single one, its value's for a batch.
@@ -444,22 +450,14 @@ impl ReceivedIndex {
             if !is_batch_key(&key) {
                 continue;
             }
-            let mut rest: &[u8] = &value;
-            while !rest.is_empty() {
-                let Some((time, after)) = rest.split_first_chunk::<8>() else {
-                    return Err(truncated());
-                };
-                let Some((len, after)) = after.split_first_chunk::<4>() else {
-                    return Err(truncated());
-                };
-                let len = u32::from_be_bytes(*len) as usize;
-                let Some((key, after)) = after.split_at_checked(len) else {
-                    return Err(truncated());
-                };
-                if item.len() == 8 + len && item[..8] == time[..] && item[8..] == *key {
+            for batched in batch_items(&value) {
+                let (time, key) = batched?;
+                if item.len() == time.len() + key.len()
+                    && item.starts_with(time)
+                    && item.ends_with(key)
+                {
                     return Ok(true);
                 }
-                rest = after;
             }
         }
         Ok(false)
