@@ -46,11 +46,12 @@
 //! dies holding items leaves, in the frames appended after the position `received`'s mark
 //! holds (a [`BodyLog::position`] at most about a megabyte before its last batch entry), the
 //! key of every claim whose record may have reached sled's log without its index item: the
-//! next opening reads those frames ([`BodyLog::keys_from`]) instead of every record. A claim appends its frame before
-//! its record is inserted, so no record reaches the disk ahead of its frame (both are in the
-//! OS after a kill -9; after a power loss, see above). Segments written before frames
-//! existed hold bare bodies; no position a mark holds ever points into one, so they are only
-//! read through [`BodyRef`]s.
+//! next opening reads those frames ([`BodyLog::keys_from`]) instead of every record. A claim
+//! appends its frame before its record is inserted, so after a kill -9 the OS holds the
+//! frame of every record it holds. After a power loss it may not have written a frame back
+//! whose record it did (as with a body, above): `received` says how such a record is found.
+//! Segments written before frames existed hold bare bodies; no position a mark holds ever
+//! points into one, so they are only read through [`BodyRef`]s.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};

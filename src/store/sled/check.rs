@@ -231,10 +231,10 @@ impl SledInner {
 
     /// After a process died holding index items in memory (`received`): indexes the records
     /// no entry lists — claims whose record reached the disk and whose batch entry did not.
-    /// Those are among the keys journaled in the body log after the mark's position (what
-    /// the last group commit or so appended, whatever the store holds); after a version
-    /// that journaled nothing, among every record received since `since_ms` (the
-    /// watermark), which reads every record once.
+    /// Those are among the keys journaled in the body log after the mark's position (about
+    /// a megabyte of frames at most, whatever the store holds); after a version that
+    /// journaled nothing, among every record received since `since_ms` (the watermark),
+    /// which reads every record once.
     fn index_unindexed(
         &self,
         stop: UncleanStop,
@@ -312,14 +312,17 @@ impl SledInner {
             if self.received.contains(&item)? {
                 return Ok(());
             }
+            // The runs back first, the item after: a crash between them leaves a record
+            // that will run but that the index lacks (for `store check --repair`), never
+            // an indexed one whose runs a later opening, past its window, would not look for.
             let mut report = CheckReport::default();
-            self.received.insert(&item)?;
             self.check_delivery(
                 &record,
                 true,
                 crate::clock::Clock::System.now_ms(),
                 &mut report,
             )?;
+            self.received.insert(&item)?;
             if !(report.violations.is_empty() && report.leftovers.is_empty()) {
                 self.requeued_by_read
                     .store(true, std::sync::atomic::Ordering::Relaxed);
