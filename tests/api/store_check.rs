@@ -297,10 +297,17 @@ async fn a_lost_index_entry_on_start(body: Bytes, mark: Mark, found_at_start: bo
         assert!(listed().await, "listed again on start");
     } else {
         assert!(!listed().await, "the start read only the journal's tail");
+        // Two retries at once (a sender's retry and its proxy's): one repairs, the other
+        // waits for that repair's disk; both are answered as replays, the handler runs once.
         let headers = app.sign("msg_unindexed", &body);
-        let retried = app.post("credicorp", &headers, body.to_vec()).await;
-        assert_eq!(retried.status(), 202);
-        assert_replayed(&retried);
+        let (first, second) = tokio::join!(
+            app.post("credicorp", &headers, body.to_vec()),
+            app.post("credicorp", &headers, body.to_vec())
+        );
+        for retried in [first, second] {
+            assert_eq!(retried.status(), 202);
+            assert_replayed(&retried);
+        }
         assert!(listed().await, "indexed by the retry");
     }
     assert!(
@@ -310,7 +317,9 @@ async fn a_lost_index_entry_on_start(body: Bytes, mark: Mark, found_at_start: bo
             == 1)
         .await
     );
+    let recorder = app.recorder.clone();
     let dir = app.stop().await;
+    assert_eq!(recorder.runs_of("msg_unindexed"), 1, "once, by the stop");
     let (code, text) = store_check(&config_file(dir.path()), false);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("0 violation(s), 0 leftover(s)"), "{text}");

@@ -12,7 +12,6 @@ use super::encoding::{
 };
 use super::received::UncleanStop;
 use super::{Op, SledInner};
-use crate::config::Durability;
 
 /// The start-up repair's watermark: every delivery received before it has been checked.
 pub(super) const WATERMARK: &[u8] = b"checked_through_ms";
@@ -289,14 +288,14 @@ impl SledInner {
     /// lost first runs put back (as the start-up repair does), durably, before the answer
     /// that promises them. One never retried stays until `store check --repair` finds it:
     /// nobody was told of it.
-    pub(super) async fn repair_if_unindexed(&self, key: &[u8]) -> Result<(), StoreError> {
+    pub(super) async fn repair_if_unindexed(
+        &self,
+        key: &[u8],
+        received_at_ms: u64,
+    ) -> Result<(), StoreError> {
         let Some(window) = self.unindexed_window.get() else {
             return Ok(());
         };
-        let Some(value) = self.deliveries.get(key).map_err(backend)? else {
-            return Ok(());
-        };
-        let received_at_ms = split_delivery(&value)?.0.received_at_ms()?;
         if !window.contains(&received_at_ms) {
             return Ok(());
         }
@@ -304,13 +303,14 @@ impl SledInner {
         if self.received.contains(&item)? {
             return Ok(());
         }
-        {
-            let _locks = self.lock(Op::Retry, &[key]);
+        // As every write: a concurrent redelivery that finds the item meanwhile waits for
+        // the same disk before it answers (`settle_read`).
+        self.locked_write(Op::Retry, &[key], Some(key), || {
             let Some(record) = self.read_record(key)? else {
-                return Ok(());
+                return Ok(((), false));
             };
-            if self.received.contains(&item)? {
-                return Ok(());
+            if record.received_at_ms != received_at_ms || self.received.contains(&item)? {
+                return Ok(((), false));
             }
             // The runs back first, the item after: a crash between them leaves a record
             // that will run but that the index lacks (for `store check --repair`), never
@@ -322,6 +322,7 @@ impl SledInner {
                 crate::clock::Clock::System.now_ms(),
                 &mut report,
             )?;
+            self.step(Op::Retry, "after-retry-repair-runs");
             self.received.insert(&item)?;
             if !(report.violations.is_empty() && report.leftovers.is_empty()) {
                 self.requeued_by_read
@@ -329,14 +330,12 @@ impl SledInner {
             }
             tracing::warn!(
                 delivery = %String::from_utf8_lossy(key).replace('\0', "/"),
-                repaired = report.violations.len(),
+                repaired = report.violations.len() + report.leftovers.len(),
                 "a redelivery found its record unindexed after an unclean stop: indexed, its runs put back"
             );
-        }
-        if self.durability == Durability::Fsync {
-            self.commit.wait().await?;
-        }
-        Ok(())
+            Ok(((), true))
+        })
+        .await
     }
 
     /// The start-up repair's watermark (0 on a store that has none).

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::bodies::BODY_LOG_MIN;
 use super::encoding::{
     BodyEntry, backend, body_index_key, decode_stored_first, encode_delivery,
-    encode_logged_delivery, job_queue_key, queue_key,
+    encode_logged_delivery, job_queue_key, queue_key, split_delivery,
 };
 use super::first_runs::Claimed;
 use super::order::{line_entry, line_locks};
@@ -169,10 +169,14 @@ impl Claims for SledStore {
         // Without the lock: a record is written last, so once it is visible, everything
         // its claim wrote is too.
         let encoded = key.encode();
-        let Some(existing) = self.read_resolved(&encoded)? else {
+        // The received time only after an unclean opening (see `repair_if_unindexed`).
+        let unclean = self.unindexed_window.get().is_some();
+        let Some((existing, received_at_ms)) = self.read_resolved_at(&encoded, unclean)? else {
             return Ok(None);
         };
-        self.repair_if_unindexed(&encoded).await?;
+        if let Some(received_at_ms) = received_at_ms {
+            self.repair_if_unindexed(&encoded, received_at_ms).await?;
+        }
         // An alias answers with its first delivery's record: that one must be durable too.
         let first = (existing.id != key.id).then(|| existing.key().encode());
         self.settle_read(&encoded, first.as_deref()).await?;
@@ -304,22 +308,31 @@ impl SledInner {
     /// What the record under `key` answers a later copy with, or, for an alias made by
     /// body dedup, the first delivery's while it is still stored.
     fn read_resolved(&self, key: &[u8]) -> Result<Option<StoredFirst>, StoreError> {
-        let read = |key: &[u8]| {
-            self.deliveries
-                .get(key)
-                .map_err(backend)?
-                .map(|value| decode_stored_first(&value))
-                .transpose()
-        };
-        let Some(stored) = read(key)? else {
+        Ok(self.read_resolved_at(key, false)?.map(|(stored, _)| stored))
+    }
+
+    /// [`SledInner::read_resolved`], with (`received_at`) the received time of the record
+    /// under `key` itself, from the same read.
+    fn read_resolved_at(
+        &self,
+        key: &[u8],
+        received_at: bool,
+    ) -> Result<Option<(StoredFirst, Option<u64>)>, StoreError> {
+        let Some(value) = self.deliveries.get(key).map_err(backend)? else {
             return Ok(None);
         };
+        let (meta, _) = split_delivery(&value)?;
+        let stored = meta.stored_first()?;
+        let received_at_ms = received_at.then(|| meta.received_at_ms()).transpose()?;
         if let Some(first) = &stored.alias_of
-            && let Some(first) = read(&DeliveryKey::new(&stored.source, first).encode())?
+            && let Some(value) = self
+                .deliveries
+                .get(DeliveryKey::new(&stored.source, first).encode())
+                .map_err(backend)?
         {
-            return Ok(Some(first));
+            return Ok(Some((decode_stored_first(&value)?, received_at_ms)));
         }
-        Ok(Some(stored))
+        Ok(Some((stored, received_at_ms)))
     }
 
     /// A new delivery's value: a body of [`BODY_LOG_MIN`] bytes or more is appended to the
