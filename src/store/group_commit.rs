@@ -32,13 +32,15 @@
 //! session 21). Long writes (retention, an operator's bulk retry) are not waited for
 //! ([`GroupCommit::begin_long_write`]).
 //!
-//! For the same reason batches are spaced: one starts no sooner than [`SPACING`] after the
-//! previous one started, so the committer runs at most ~500 syncs a second however fast
-//! the disk answers. A sync costs CPU by the flush, not by the byte (two device flushes,
-//! the thread hand-offs, sled's flush), and on a small machine that CPU is what requests
-//! need: capping the rate took the server's system time per delivery from ~70 to ~45 µs
-//! and the fsync acks from 0.20x to 0.23x bare (BENCHMARKS.md, session 25). A write waits
-//! at most [`SPACING`] more; the first batch after a quiet spell is not held at all.
+//! For the same reason batches are spaced while they are shared: after a batch that served
+//! more than one waiter, the next starts no sooner than [`SPACING`] after it started, so
+//! under load the committer runs at most ~500 syncs a second however fast the disk answers.
+//! A sync costs CPU by the flush, not by the byte (two device flushes, the thread hand-offs,
+//! sled's flush), and on a small machine that CPU is what requests need: capping the rate
+//! took the server's system time per delivery from ~70 to ~45 µs and the fsync acks from
+//! 0.20x to 0.23x bare (BENCHMARKS.md, session 25). A write waits at most [`SPACING`] more.
+//! A batch of one is not followed by a wait: a lone sender (a sequential replay, a quiet
+//! hour) has nobody to share with, and would only be slowed (1 ms to 2 ms a delivery).
 
 use std::hash::BuildHasher as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -56,7 +58,8 @@ type Waiter = oneshot::Sender<Result<(), StoreError>>;
 /// How long a batch waits, at most, for writers still writing to join it.
 pub const GATHER: Duration = Duration::from_micros(200);
 
-/// The least time from one batch's start to the next one's.
+/// The least time from the start of a batch that served more than one waiter to the next
+/// batch's start.
 pub const SPACING: Duration = Duration::from_millis(2);
 
 /// When the committer takes a batch in: [`GATHER`] and [`SPACING`] in the server, others
@@ -190,16 +193,17 @@ impl GroupCommit {
                 .spawn(move || {
                     // Ends when every sender is gone (the store was closed), after the
                     // waiters already queued.
-                    let mut last_start: Option<Instant> = None;
+                    // The start of the last batch, if it was shared.
+                    let mut shared_start: Option<Instant> = None;
                     while let Ok(first) = rx.recv() {
-                        if let Some(at) = last_start {
+                        if let Some(at) = shared_start {
                             wait_out_spacing(at + pacing.spacing, &closing);
                         }
                         let mut batch = vec![first];
                         batch.extend(rx.try_iter());
                         gather_writing(&rx, &mut batch, &unsettled, pacing.gather);
                         let started = Instant::now();
-                        last_start = Some(started);
+                        shared_start = (batch.len() > 1).then_some(started);
                         let result = if poisoned.load(Ordering::SeqCst) {
                             Err(StoreError::Flush("an earlier flush failed".into()))
                         } else {
@@ -416,35 +420,50 @@ mod tests {
         }
     }
 
-    /// A batch right after another waits for the spacing; the first after a quiet spell
-    /// does not, nor one queued when the store closes (here with a spacing so long that
-    /// only those can go).
+    /// Runs one batch of two waiters: a writer still writing holds the batch another wait
+    /// started (the pacing's gather must outlast the test) until it joins.
+    async fn a_shared_batch(gc: &GroupCommit) {
+        let before = gc.stats().batches.load(Ordering::Relaxed);
+        let mut writing = gc.begin_write(Some(&b"a"[..])).expect("write");
+        let mut other = Box::pin(gc.wait());
+        assert!(futures_util::poll!(other.as_mut()).is_pending());
+        gc.wait_for(&mut writing).await.expect("the writer's wait");
+        other.await.expect("the other wait");
+        assert_eq!(gc.stats().batches.load(Ordering::Relaxed), before + 1);
+    }
+
+    /// After a batch shared by several waiters, the next waits for the spacing; after a
+    /// batch of one (a lone sender, a quiet spell) it does not, nor does one queued when
+    /// the store closes (here with a spacing so long that only those can go).
     #[tokio::test]
-    async fn a_batch_waits_for_the_spacing_after_the_previous_batch_only() {
-        let spacing = Duration::from_secs(600);
+    async fn a_batch_waits_for_the_spacing_after_a_shared_batch_only() {
+        let long = Duration::from_secs(600);
         let gc = GroupCommit::start_paced(
             Box::new(|| Ok(())),
             Pacing {
-                gather: GATHER,
-                spacing,
+                gather: long,
+                spacing: long,
             },
         );
-        tokio::time::timeout(Duration::from_secs(60), gc.wait())
-            .await
-            .expect("the first batch was held")
-            .expect("sync");
-        let mut second = Box::pin(gc.wait());
+        for _ in 0..3 {
+            tokio::time::timeout(Duration::from_secs(60), gc.wait())
+                .await
+                .expect("a lone waiter's batch was held")
+                .expect("sync");
+        }
+        a_shared_batch(&gc).await;
+        let mut next = Box::pin(gc.wait());
         assert!(
-            tokio::time::timeout(Duration::from_millis(50), second.as_mut())
+            tokio::time::timeout(Duration::from_millis(50), next.as_mut())
                 .await
                 .is_err(),
             "a batch went before the spacing had passed"
         );
-        assert_eq!(gc.stats().batches.load(Ordering::Relaxed), 1);
+        assert_eq!(gc.stats().batches.load(Ordering::Relaxed), 4);
         // A close does not wait out the spacing: the waiter queued is served at once.
         gc.close();
-        second.await.expect("served at the close");
-        assert_eq!(gc.stats().batches.load(Ordering::Relaxed), 2);
+        next.await.expect("served at the close");
+        assert_eq!(gc.stats().batches.load(Ordering::Relaxed), 5);
     }
 
     /// Spacing batches makes them fuller: the waiters who come while the committer waits
@@ -461,11 +480,11 @@ mod tests {
                 Ok(())
             }),
             Pacing {
-                gather: GATHER,
+                gather: Duration::from_secs(600),
                 spacing,
             },
         );
-        gc.wait().await.expect("first");
+        a_shared_batch(&gc).await;
         let waits = futures_util::future::join_all((0..10).map(|_| gc.wait())).await;
         assert!(waits.iter().all(Result::is_ok));
         let starts = starts.lock().expect("lock").clone();
