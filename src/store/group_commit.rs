@@ -191,10 +191,10 @@ impl GroupCommit {
             thread::Builder::new()
                 .name("group-commit".into())
                 .spawn(move || {
+                    // The start of the last batch, if it served more than one waiter.
+                    let mut shared_start: Option<Instant> = None;
                     // Ends when every sender is gone (the store was closed), after the
                     // waiters already queued.
-                    // The start of the last batch, if it was shared.
-                    let mut shared_start: Option<Instant> = None;
                     while let Ok(first) = rx.recv() {
                         if let Some(at) = shared_start {
                             wait_out_spacing(at + pacing.spacing, &closing);
