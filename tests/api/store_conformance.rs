@@ -1477,7 +1477,8 @@ async fn new_work_on_one_replica_is_announced_to_the_others() {
 }
 
 /// Retention runs on one replica at a time: while another holds the sweep's advisory lock,
-/// a sweep does nothing (and says it reached the end, so it does not spin).
+/// a sweep does nothing (and says it reached the end, so it does not spin). The lock is
+/// the schema's, not the database's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_replica_sweeps_retention_at_a_time() {
     use sqlx::Connection as _;
@@ -1492,8 +1493,7 @@ async fn one_replica_sweeps_retention_at_a_time() {
         .expect("claim");
     let mut other = sqlx::PgConnection::connect(&url).await.expect("connect");
     let mut sweeping = other.begin().await.expect("tx");
-    let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-        .bind(webhook_inbox::store::postgres::RETENTION_LOCK)
+    let held: bool = sqlx::query_scalar(webhook_inbox::store::postgres::TRY_RETENTION_LOCK)
         .fetch_one(&mut *sweeping)
         .await
         .expect("lock");
@@ -1503,6 +1503,24 @@ async fn one_replica_sweeps_retention_at_a_time() {
         (pass.removed, pass.examined),
         (0, 0),
         "another replica sweeps"
+    );
+    // The lock is this schema's: a deployment in another schema of the same database
+    // sweeps its own retention meanwhile.
+    let neighbour =
+        crate::helpers::postgres_store_at(&crate::helpers::fresh_postgres_schema(&server).await)
+            .await;
+    neighbour
+        .claim(new("old", "{}", &[], false))
+        .await
+        .expect("claim");
+    assert_eq!(
+        neighbour
+            .expire(NOW, NOW, 100)
+            .await
+            .expect("expire")
+            .removed,
+        1,
+        "a sweep in another schema is not held up"
     );
     sweeping.rollback().await.expect("release");
     assert_eq!(

@@ -3,7 +3,7 @@
 
 use sqlx::{Postgres, Transaction};
 
-use super::{backend, db_ms, notify_work};
+use super::{backend, db_ms, lock_key, notify_work};
 use crate::store::StoreError;
 
 /// The `order_key` column of a line: hex of [`crate::store::line_id`].
@@ -24,10 +24,11 @@ pub(super) async fn lock_lines<'a>(
         return Ok(());
     }
     names.sort();
-    sqlx::query(
-        "SELECT pg_advisory_xact_lock(hashtextextended(n, 0)) \
-         FROM unnest($1::text[]) WITH ORDINALITY AS t(n, i) ORDER BY i",
-    )
+    sqlx::query(concat!(
+        "SELECT pg_advisory_xact_lock(",
+        lock_key!("n"),
+        ") FROM unnest($1::text[]) WITH ORDINALITY AS t(n, i) ORDER BY i"
+    ))
     .bind(&names)
     .execute(&mut **tx)
     .await
@@ -41,11 +42,15 @@ pub(super) async fn lock_line(
     handler: &str,
     line: &str,
 ) -> Result<(), StoreError> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(format!("{handler}/{line}"))
-        .execute(&mut **tx)
-        .await
-        .map_err(backend)?;
+    sqlx::query(concat!(
+        "SELECT pg_advisory_xact_lock(",
+        lock_key!("$1"),
+        ")"
+    ))
+    .bind(format!("{handler}/{line}"))
+    .execute(&mut **tx)
+    .await
+    .map_err(backend)?;
     Ok(())
 }
 

@@ -97,8 +97,28 @@ use super::{
 /// How often the paused handlers are read from the database (see `PgStore::pauses`).
 pub const PAUSES_READ_EVERY: Duration = Duration::from_millis(250);
 
-/// The advisory lock that lets one replica at a time sweep retention.
-pub const RETENTION_LOCK: i64 = 0x7765_6268_6f6f_6b31; // "webhook1"
+/// The key of a named advisory lock as SQL text, `$name` being the SQL of the name: the
+/// name within this store's schema. Advisory locks are database-wide, so a bare name would
+/// let deployments (and test stores) in schemas of their own share a database and still
+/// hold each other's locks: one's retention sweep skipped while another's ran.
+macro_rules! lock_key {
+    ($name:literal) => {
+        concat!(
+            "hashtextextended(current_schema() || '/' || ",
+            $name,
+            ", 0)"
+        )
+    };
+}
+use lock_key;
+
+/// Takes the transaction-scoped lock that lets one replica at a time sweep this schema's
+/// retention (`true`: this transaction holds it; `false`: another sweeps).
+pub const TRY_RETENTION_LOCK: &str = concat!(
+    "SELECT pg_try_advisory_xact_lock(",
+    lock_key!("'retention'"),
+    ")"
+);
 
 /// How one try of a claim ended.
 enum Attempt {

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use super::batches::{Start, key_arrays, start_query, submit};
 use super::{
     JOB_COLUMNS, PAUSES_READ_EVERY, PgStore, backend, db_ms, grace, job_from_row, job_key_of,
-    lock_line, ms, parse_status, promote_next, started,
+    lock_key, lock_line, ms, parse_status, promote_next, started,
 };
 use crate::store::{
     AttemptOutcome, Begin, JobKey, JobQueue, JobState, JobStatus, QueuedJob, SkipSet, StoreError,
@@ -101,11 +101,15 @@ impl JobQueue for PgStore {
         // counted and taken under the handler's transaction-scoped lock, so that replicas
         // starting runs at once count each other (`concurrency` across every replica).
         let mut tx = self.dispatch()?.begin().await.map_err(backend)?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-            .bind(format!("slots/{}", job.handler))
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
+        sqlx::query(concat!(
+            "SELECT pg_advisory_xact_lock(",
+            lock_key!("$1"),
+            ")"
+        ))
+        .bind(format!("slots/{}", job.handler))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
         let running: i64 = sqlx::query_scalar(concat!(
             "SELECT count(*) FROM inbox_jobs WHERE handler = $1 AND status = 'running' \
                AND COALESCE(lease_until_ms, 0) + ",

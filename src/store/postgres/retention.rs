@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use async_trait::async_trait;
 use sqlx::Row as _;
 
-use super::{PgStore, RETENTION_LOCK, backend, db_ms, decode_record, grace, to_json};
+use super::{PgStore, TRY_RETENTION_LOCK, backend, db_ms, decode_record, grace, to_json};
 use crate::store::Maintenance;
 use crate::store::{DeliveryRecord, Expired, ExportPosition, StoreError, StoredItem};
 
@@ -19,8 +19,7 @@ impl Maintenance for PgStore {
     ) -> Result<Expired, StoreError> {
         let now = db_ms(now_ms.max(cutoff_ms));
         let mut tx = self.begin().await?;
-        let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(RETENTION_LOCK)
+        let mine: bool = sqlx::query_scalar(TRY_RETENTION_LOCK)
             .fetch_one(&mut *tx)
             .await
             .map_err(backend)?;
