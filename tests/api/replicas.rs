@@ -1406,12 +1406,87 @@ command = ["sh", "-c", {TIMED_SCRIPT:?}, "sh", "{paced}", "0"]
     }
 }
 
+/// A new delivery `id` that queues a `log` run, acknowledged 202.
+fn queued_delivery(id: &str) -> webhook_inbox::store::NewDelivery {
+    use webhook_inbox::store::{NewDelivery, StoredResponse};
+    let config = Config::parse(
+        &format!("[sources.credicorp]\nsecrets = [\"{SECRET}\"]\n"),
+        "t.toml",
+    )
+    .expect("config");
+    let source = Source::named(&config, "credicorp").expect("source");
+    let body = bytes::Bytes::from_static(br#"{"type":"application.created"}"#);
+    let delivery = webhook_inbox::testing::authenticated(&source, id, &body, SystemTime::now())
+        .expect("signed");
+    let now = webhook_inbox::clock::Clock::System.now_ms();
+    NewDelivery::new(delivery, now, vec!["log".into()], false).acknowledged(StoredResponse {
+        status: 202,
+        body: "{}".into(),
+    })
+}
+
+/// Work notices are the schema's: a claim in another schema of the same database announces
+/// nothing on this one's channel. (PostgreSQL delivers notices in commit order, so had the
+/// other schema's notice been sent here, it would come before the marker sent after it.)
+#[tokio::test]
+async fn a_claim_in_another_schema_announces_nothing_here() {
+    use sqlx::postgres::PgListener;
+    use webhook_inbox::store::postgres::WORK_CHANNEL_QUERY;
+    use webhook_inbox::store::{Claim, Claims as _};
+    let Some(server) = test_postgres_url("replicas: work notice per schema") else {
+        return;
+    };
+    let there_url = fresh_postgres_schema(&server).await;
+    let here_url = fresh_postgres_schema(&server).await;
+    let there = crate::helpers::postgres_store_at(&there_url).await;
+    let here = sqlx::PgPool::connect(&here_url).await.expect("connect");
+    let channel = |pool: sqlx::PgPool| async move {
+        let name: String = sqlx::query_scalar(WORK_CHANNEL_QUERY)
+            .fetch_one(&pool)
+            .await
+            .expect("channel");
+        let mut listener = PgListener::connect_with(&pool).await.expect("listener");
+        listener.listen(&name).await.expect("listen");
+        (name, listener)
+    };
+    let there_pool = sqlx::PgPool::connect(&there_url).await.expect("connect");
+    let (there_channel, mut there_listener) = channel(there_pool).await;
+    let (here_channel, mut here_listener) = channel(here.clone()).await;
+    assert_ne!(there_channel, here_channel);
+
+    assert!(matches!(
+        there
+            .claim(queued_delivery("msg_elsewhere"))
+            .await
+            .expect("claim"),
+        Claim::New
+    ));
+    tokio::time::timeout(Duration::from_secs(30), there_listener.recv())
+        .await
+        .expect("the other schema announces its claim")
+        .expect("notice");
+    sqlx::query("SELECT pg_notify($1, 'marker')")
+        .bind(&here_channel)
+        .execute(&here)
+        .await
+        .expect("notify");
+    let first = tokio::time::timeout(Duration::from_secs(30), here_listener.recv())
+        .await
+        .expect("the marker arrives")
+        .expect("notice");
+    assert_eq!(
+        first.payload(),
+        "marker",
+        "only this schema's notices arrive here"
+    );
+}
+
 /// A claim on one replica wakes another's dispatcher at once, not at its next poll. The
 /// notice goes out after the claim commits: sent inside the claim's transaction,
 /// PostgreSQL ran every notifying commit one at a time (BENCHMARKS.md, session 14).
 #[tokio::test]
 async fn a_claim_on_one_replica_wakes_the_other_replicas_dispatcher() {
-    use webhook_inbox::store::{Claim, Claims as _, JobQueue as _, NewDelivery, StoredResponse};
+    use webhook_inbox::store::{Claim, Claims as _, JobQueue as _};
     let Some(server) = test_postgres_url("replicas: work notice") else {
         return;
     };
@@ -1424,22 +1499,7 @@ async fn a_claim_on_one_replica_wakes_the_other_replicas_dispatcher() {
         .await
         .expect("the other replica listens");
 
-    let config = Config::parse(
-        &format!("[sources.credicorp]\nsecrets = [\"{SECRET}\"]\n"),
-        "t.toml",
-    )
-    .expect("config");
-    let source = Source::named(&config, "credicorp").expect("source");
-    let body = bytes::Bytes::from_static(br#"{"type":"application.created"}"#);
-    let delivery =
-        webhook_inbox::testing::authenticated(&source, "msg_notice", &body, SystemTime::now())
-            .expect("signed");
-    let now = webhook_inbox::clock::Clock::System.now_ms();
-    let new =
-        NewDelivery::new(delivery, now, vec!["log".into()], false).acknowledged(StoredResponse {
-            status: 202,
-            body: "{}".into(),
-        });
+    let new = queued_delivery("msg_notice");
     let woken = signal.notified();
     assert!(matches!(
         claimant.claim(new).await.expect("claim"),

@@ -87,6 +87,7 @@ use tokio::sync::Notify;
 pub use schema::migrate;
 
 use lines::{line_key, lock_line, lock_lines, promote_next};
+pub use pool::WORK_CHANNEL_QUERY;
 use pool::notify_work;
 
 use super::{

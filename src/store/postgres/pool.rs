@@ -173,8 +173,21 @@ impl PgStore {
     }
 }
 
-/// The channel new work is announced on.
-pub(super) const WORK_CHANNEL: &str = "webhook_inbox_work";
+/// The SQL of the channel new work is announced on: one per schema (`LISTEN`/`NOTIFY`
+/// channels are database-wide, so deployments in schemas of their own would otherwise wake
+/// each other's dispatchers for work they cannot see). Hashed, as a channel name is at most
+/// 63 bytes and a schema's name may be that long itself.
+macro_rules! work_channel {
+    () => {
+        "'webhook_inbox_work_' || left(md5(current_schema()), 16)"
+    };
+}
+
+/// Reads the name of this schema's work channel (see `work_channel!`).
+pub const WORK_CHANNEL_QUERY: &str = concat!("SELECT ", work_channel!());
+
+/// Announces work on this schema's channel.
+const NOTIFY_WORK: &str = concat!("SELECT pg_notify(", work_channel!(), ", '')");
 
 /// How long an operation waits for a connection before answering 503: a client's retry is
 /// better than a request that hangs while the database is away.
@@ -219,8 +232,7 @@ impl Drop for PgStore {
 
 /// Announces new due work to every replica's dispatcher (delivered on commit).
 pub(super) async fn notify_work(tx: &mut Transaction<'static, Postgres>) -> Result<(), StoreError> {
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(WORK_CHANNEL)
+    sqlx::query(NOTIFY_WORK)
         .execute(&mut **tx)
         .await
         .map_err(backend)?;
@@ -236,29 +248,28 @@ impl PgStore {
     }
 }
 
-/// Sends `NOTIFY` on [`WORK_CHANNEL`] whenever [`PgStore::announce_work`] asked since the
+/// Sends `NOTIFY` on this schema's work channel whenever [`PgStore::announce_work`] asked since the
 /// last one: claims made while one is being sent are covered by the next (`Notify` keeps a
 /// single permit). A notice that cannot be sent is not retried: the other replicas poll.
 async fn announce_claims(pool: PgPool, wanted: Arc<Notify>) {
     loop {
         wanted.notified().await;
-        if let Err(e) = sqlx::query("SELECT pg_notify($1, '')")
-            .bind(WORK_CHANNEL)
-            .execute(&pool)
-            .await
-        {
+        if let Err(e) = sqlx::query(NOTIFY_WORK).execute(&pool).await {
             tracing::debug!(error = %redact(&e), "announcing new work failed; the other replicas poll");
         }
     }
 }
 
-/// Keeps a `LISTEN` open on [`WORK_CHANNEL`] and wakes the dispatcher on every
+/// Keeps a `LISTEN` open on this schema's work channel and wakes the dispatcher on every
 /// notification; reconnects (after a pause) when the database goes away.
 async fn listen_for_work(pool: PgPool, work: Arc<Notify>) {
     loop {
         let listener = async {
+            let channel: String = sqlx::query_scalar(WORK_CHANNEL_QUERY)
+                .fetch_one(&pool)
+                .await?;
             let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen(WORK_CHANNEL).await?;
+            listener.listen(&channel).await?;
             // Anything announced while we were not listening: look now.
             work.notify_one();
             loop {
