@@ -279,8 +279,8 @@ async fn post_until_answered(
 
 /// The same delivery sent to three replicas at once, twice each, over many ids: one run
 /// per delivery, and every copy gets the first answer byte for byte (a copy answered 503
-/// because its replica's connections were busy is sent again, as a sender would). One body under three
-/// ids sent to the three replicas at once (body dedup): one run per body.
+/// because its replica's connections were busy is sent again, as a sender would). One body
+/// under three ids sent to the three replicas at once (body dedup): one run per body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_run_each_delivery_once_and_each_body_once() {
     let Some(server) = test_postgres_url("replicas: three replicas, one database") else {
@@ -1308,7 +1308,8 @@ fn timed_events(path: &Path) -> Vec<(u128, bool)> {
 /// replicas together. Three replicas share 30 deliveries; `slots` (`concurrency = 2`) never
 /// runs more than twice at once anywhere, and `paced` (`rate = "5/s"`) takes its turns at
 /// 5/s across them all (ten turns never in less than 1.5 s: the slack is a program's spawn
-/// delay on a loaded machine).
+/// delay on a loaded machine; the exact spacing is the store's, checked by
+/// `store_conformance::replicas_reserving_starts_at_once_get_one_interval_each`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency_and_rate_hold_across_three_replicas() {
     let Some(server) = test_postgres_url("replicas: global concurrency and rate") else {

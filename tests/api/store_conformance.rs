@@ -1476,6 +1476,54 @@ async fn new_work_on_one_replica_is_announced_to_the_others() {
         .expect("the claim on A is announced to B");
 }
 
+/// `rate` across replicas is the store's reservation: three stores on one schema reserving
+/// 30 starts of a handler at once, all at the same instant, get 30 distinct slots exactly
+/// one interval apart (a burst of one), so no two replicas ever start in the same turn. A
+/// handler in another schema of the same database has a line of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_reserving_starts_at_once_get_one_interval_each() {
+    use webhook_inbox::store::JobQueue as _;
+    let Some(server) = crate::helpers::test_postgres_url("store: rate reservations") else {
+        return;
+    };
+    let url = crate::helpers::fresh_postgres_schema(&server).await;
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(crate::helpers::postgres_store_at(&url).await);
+    }
+    const INTERVAL: u64 = 200;
+    let reservations = (0..30).map(|i| {
+        let store = replicas[i % 3].clone();
+        tokio::spawn(async move { store.reserve_start("paced", INTERVAL, NOW).await })
+    });
+    let mut slots: Vec<u64> = futures_util::future::join_all(reservations)
+        .await
+        .into_iter()
+        .map(|r| {
+            r.expect("task")
+                .expect("reserve")
+                .expect("PostgreSQL keeps the spacing")
+        })
+        .collect();
+    slots.sort_unstable();
+    assert_eq!(
+        slots,
+        (0..30).map(|i| NOW + i * INTERVAL).collect::<Vec<_>>(),
+        "one slot per start, an interval apart"
+    );
+    let neighbour =
+        crate::helpers::postgres_store_at(&crate::helpers::fresh_postgres_schema(&server).await)
+            .await;
+    assert_eq!(
+        neighbour
+            .reserve_start("paced", INTERVAL, NOW)
+            .await
+            .expect("reserve"),
+        Some(NOW),
+        "another schema's handler of the same name is not behind this one"
+    );
+}
+
 /// Retention runs on one replica at a time: while another holds the sweep's advisory lock,
 /// a sweep does nothing (and says it reached the end, so it does not spin). The lock is
 /// the schema's, not the database's.
