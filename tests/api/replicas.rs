@@ -1510,3 +1510,55 @@ async fn a_claim_on_one_replica_wakes_the_other_replicas_dispatcher() {
         .await
         .expect("the other replica is told of the new work");
 }
+
+/// The store's connections plan a prepared statement for the table as it is when it runs,
+/// not from a generic plan PostgreSQL cached while the table was small (the run-start batch
+/// went on reading a grown `inbox_jobs` whole: BENCHMARKS.md, session 27). A join of
+/// `unnest` over keys, as the store's batches are, is run six times on a ten-row table
+/// (where a sequential scan is the cheaper plan, and PostgreSQL's default keeps it),
+/// then the table grows to 50 000 rows without an ANALYZE (which would drop cached plans):
+/// the next execution must look the keys up by index.
+#[tokio::test]
+async fn the_store_s_connections_plan_statements_for_the_table_as_it_is_now() {
+    use webhook_inbox::config::Durability;
+    use webhook_inbox::store::postgres::PgStore;
+    let Some(server) = test_postgres_url("replicas: plans follow the table") else {
+        return;
+    };
+    let url = fresh_postgres_schema(&server).await;
+    let options = PgStore::options(&url, Durability::Fsync).expect("options");
+    let mut db = sqlx::PgConnection::connect_with(&options)
+        .await
+        .expect("connect");
+    for statement in [
+        "CREATE TABLE t (k text PRIMARY KEY, v bigint NOT NULL)",
+        "INSERT INTO t SELECT 'k' || n, n FROM generate_series(1, 10) AS n",
+        "PREPARE lookup(text[]) AS \
+         SELECT t.v FROM t JOIN unnest($1::text[]) AS r(k) ON t.k = r.k",
+    ] {
+        sqlx::query(statement)
+            .execute(&mut db)
+            .await
+            .expect(statement);
+    }
+    // Batches of 64 keys: costed per execution, dearer than the generic plan's guess of
+    // ten rows, which PostgreSQL's default then keeps.
+    let keys: Vec<String> = (1..=64).map(|n| format!("'k{n}'")).collect();
+    let batch = format!("EXECUTE lookup(ARRAY[{}])", keys.join(", "));
+    for _ in 0..6 {
+        sqlx::query(&batch).execute(&mut db).await.expect("execute");
+    }
+    sqlx::query("INSERT INTO t SELECT 'k' || n, n FROM generate_series(11, 50000) AS n")
+        .execute(&mut db)
+        .await
+        .expect("grow");
+    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE lookup(ARRAY['k1', 'k2'])")
+        .fetch_all(&mut db)
+        .await
+        .expect("explain");
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("Index") && !plan.contains("Seq Scan on t"),
+        "a plan from when the table held 10 rows:\n{plan}"
+    );
+}

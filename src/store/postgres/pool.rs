@@ -14,6 +14,19 @@ use super::{PgConfigError, PgStore, backend, batches, schema};
 use crate::config::Durability;
 use crate::store::StoreError;
 
+/// Prepared statements are planned anew at every execution, never from a cached generic
+/// plan. sqlx prepares each statement once per connection, and after five executions
+/// PostgreSQL may keep a generic plan, costed on the tables as they were then: on a fresh
+/// store's near-empty `inbox_jobs`, the run-start batch (a join of `unnest` over the
+/// batch's keys) was planned as a sequential scan and hash join, and kept so while the
+/// table grew (until an ANALYZE, which autovacuum runs at most once a minute and only once
+/// a tenth of the table has changed), so that every batch read the whole table, dead rows
+/// and all. Its latency climbed from 8 to 74 ms in 30 s of load and one replica's runs fell
+/// behind its acks (BENCHMARKS.md, session 27). A custom plan costs a planning per
+/// statement (a fraction of a millisecond) and follows the table as it grows. A
+/// `plan_cache_mode` in the URL's `options` is overridden.
+const PLAN_CACHE_MODE: &str = "force_custom_plan";
+
 impl PgStore {
     /// A store on the database at `url` (not connected yet: the pool connects on first use,
     /// migrations run in the background until they succeed, and [`Maintenance::is_healthy`](crate::store::Maintenance::is_healthy)
@@ -113,7 +126,9 @@ impl PgStore {
     pub fn options(url: &str, durability: Durability) -> Result<PgConnectOptions, PgConfigError> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| PgConfigError(format!("not a PostgreSQL URL ({})", redact(&e))))?
-            .application_name("webhook-inbox");
+            .application_name("webhook-inbox")
+            // Every statement planned for the tables as they are now (see `PLAN_CACHE_MODE`).
+            .options([("plan_cache_mode", PLAN_CACHE_MODE)]);
         Ok(match durability {
             Durability::Fsync => options,
             // Commits return before the WAL is flushed: the same trade as sled's buffered.
